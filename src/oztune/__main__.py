@@ -1,0 +1,5 @@
+import sys
+
+from oztune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The Python face of a saved model: ``Classifier.from_pretrained(dir).predict(texts)``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from oztune.data.dataset import EncodedData
+from oztune.data.load import Columns, encode_examples, read_labelled
+from oztune.models.hub import load_classifier
+from oztune.models.transformer import SequenceClassifier
+from oztune.data.tokenize import TextEncoder
+from oztune.train.loop import evaluate as evaluate_encoded, predict_logits
+
+
+class Classifier:
+    """A fine-tuned (possibly compressed) text classifier with its tokenizer and label names.
+
+    Args:
+        model: the network.
+        encoder: its tokenizer.
+        id2label: label name of each output.
+        batch_size: examples per forward pass in :meth:`predict`.
+    """
+
+    def __init__(self, model: SequenceClassifier, encoder: TextEncoder, id2label: dict[int, str], batch_size: int = 64):
+        self.model, self.encoder, self.batch_size = model.eval(), encoder, batch_size
+        self.id2label = id2label
+        self.label2id = {v: k for k, v in id2label.items()}
+        self.problem_type = model.head_cfg.problem_type
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, batch_size: int = 64, max_length: int = 512) -> "Classifier":
+        """Load a directory written by ``oztune finetune`` (or any HF-format sequence classifier)."""
+        model, enc, meta = load_classifier(path, max_length=max_length)
+        return cls(model, enc, meta["id2label"], batch_size)
+
+    def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
+        """Raw outputs (N, num_labels), in input order."""
+        data = EncodedData(self.encoder.encode(list(texts), text_pairs), None, self.encoder.pad_id)
+        return predict_logits(self.model, data, self.batch_size)
+
+    def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:
+        """One dict per text: ``label`` and ``score`` (and ``scores`` for every label with ``all_scores``).
+
+        Single-label: the most likely label and its probability. Multi-label: the list of labels with
+        probability >= 0.5 and the list of their probabilities. Regression: label None, score the value.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not len(texts):
+            return []
+        logits = torch.from_numpy(self.logits(texts, text_pairs))
+        probs = self.model.scores(logits).numpy()
+        out = []
+        for p in probs:
+            if self.problem_type == "single_label":
+                i = int(p.argmax())
+                r = {"label": self.id2label.get(i, str(i)), "score": float(p[i])}
+            elif self.problem_type == "multi_label":
+                on = [i for i in range(len(p)) if p[i] >= 0.5]
+                r = {"label": [self.id2label[i] for i in on], "score": [float(p[i]) for i in on]}
+            else:
+                r = {"label": None, "score": float(p[0])}
+            if all_scores and self.problem_type != "regression":
+                r["scores"] = {self.id2label[i]: float(v) for i, v in enumerate(p)}
+            out.append(r)
+        return out
+
+    def evaluate(self, path: str, columns: Columns | None = None) -> dict:
+        """Metrics on a labelled file (a label the model does not know is a DataError)."""
+        examples = read_labelled(path, columns or Columns())
+        label2id = None if self.problem_type == "regression" else self.label2id
+        data = encode_examples(examples, self.encoder, label2id, self.problem_type, path)
+        return {**evaluate_encoded(self.model, data, self.batch_size), "examples": len(examples)}

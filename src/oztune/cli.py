@@ -1,0 +1,147 @@
+"""The ``oztune`` command line, generated from the typed argument dataclasses of each command.
+
+Each command is a dataclass (its fields are the options, its docstring's Args the help) and a
+function taking it. ``--config FILE.yaml`` supplies defaults by field name; flags given on the
+command line win. Errors a user can fix print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+import types
+import typing
+from typing import Any, Callable
+
+from oztune.errors import OztuneError
+
+COMMANDS: dict[str, tuple[type, Callable, str]] = {}
+
+
+def command(name: str, args_cls: type, help: str):
+    """Register ``fn(args_cls) -> int`` as the subcommand ``name``."""
+
+    def register(fn):
+        COMMANDS[name] = (args_cls, fn, help)
+        return fn
+
+    return register
+
+
+def _arg_help(cls: type) -> dict[str, str]:
+    """Field help parsed from the 'Args:' section of the dataclass docstring."""
+    doc = inspect.getdoc(cls) or ""
+    out, current = {}, None
+    for line in doc.split("Args:", 1)[-1].splitlines():
+        m = re.match(r"\s{4}(\w+): (.*)", line)
+        if m:
+            current = m.group(1)
+            out[current] = m.group(2)
+        elif current and line.startswith(" " * 8):
+            out[current] += " " + line.strip()
+    return out
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(type without Optional, whether it was Optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def _list_of(item: type) -> Callable[[str], list]:
+    def parse(s: str) -> list:
+        try:
+            return [item(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__} values, got {s!r}") from None
+
+    parse.__name__ = f"list of {item.__name__}"
+    return parse
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field: --kebab-case, typed, with help; fields with metadata positional=True are positional."""
+    helps = _arg_help(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _base_type(hints[f.name])
+        kw: dict[str, Any] = {"help": helps.get(f.name, ""), "default": argparse.SUPPRESS}
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="*", **kw)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, type=_list_of(typing.get_args(tp)[0]), **kw)
+        else:
+            parser.add_argument(flag, type=tp, **kw)
+
+
+def build_args(cls: type, ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The dataclass instance from YAML defaults (--config) overridden by the flags given."""
+    values: dict[str, Any] = {}
+    if getattr(ns, "config", None):
+        values.update(_read_yaml(ns.config, cls))
+    values.update({k: v for k, v in vars(ns).items() if k not in ("command", "config")})
+    try:
+        return cls(**values)
+    except TypeError as e:
+        parser.error(str(e))
+
+
+def _read_yaml(path: str, cls: type) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise OztuneError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise OztuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise OztuneError(f"{path}: expected a mapping of option names to values")
+    names = {f.name for f in dataclasses.fields(cls)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise OztuneError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return data
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from oztune import commands  # noqa: F401  (registers the commands)
+
+    parser = argparse.ArgumentParser(prog="oztune", description="Fine-tune, compress and serve transformer classifiers on CPU.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (cls, _, help) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=(inspect.getdoc(cls) or "").split("\n\n")[0])
+        add_dataclass_args(p, cls)
+        p.add_argument("--config", help="YAML file of option defaults (keys are option names)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    ns = parser.parse_args(argv)
+    cls, fn, _ = COMMANDS[ns.command]
+    try:
+        args = build_args(cls, ns, parser)
+        return int(fn(args) or 0)
+    except OztuneError as e:
+        print(f"oztune {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"oztune {ns.command}: interrupted; nothing was saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The core commands: finetune, evaluate, predict. Other packages register theirs on import (see the end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from oztune.api import Classifier
+from oztune.cli import command
+from oztune.data.load import Columns, read_labelled
+from oztune.errors import DataError, OztuneError
+from oztune.train.finetune import FinetuneArgs, finetune
+
+
+def _show_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+@command("finetune", FinetuneArgs, "fine-tune a pre-trained model with a task head on labelled text")
+def finetune_cmd(a: FinetuneArgs) -> int:
+    if not a.train:
+        raise OztuneError("--train is required")
+    run = finetune(a)
+    print(f"\nfine-tuned {a.model} on {run['train_examples']:,} examples in {run['train_seconds']:.0f} s "
+          f"({run['train_examples_per_s']:.0f} examples/s); saved to {a.output}")
+    if run["metrics"]:
+        epoch = run["metrics"].get("epoch", "?")
+        print(f"{'eval' if a.eval else 'train'} metrics (best epoch {epoch}): {_show_metrics(run['metrics'])}")
+    if a.eval:
+        clf = Classifier.from_pretrained(a.output)
+        examples = read_labelled(a.eval, Columns(a.text_column, a.text_pair_column, a.label_column))[:5]
+        preds = clf.predict([e.text for e in examples],
+                            [e.text_pair for e in examples] if examples and examples[0].text_pair else None)
+        print("\nsome predictions on the eval file (reloaded from disk):")
+        for e, p in zip(examples, preds):
+            score = f"{p['score']:.3f}" if isinstance(p["score"], float) else p["score"]
+            print(f"  {str(p['label']):>8} ({score})  gold {str(e.label):>8}  {e.text[:70]}")
+    return 0
+
+
+@dataclass
+class EvaluateArgs:
+    """Evaluate a saved model on a labelled file.
+
+    Args:
+        model: model directory (from oztune finetune, quantize, prune, distill or compress).
+        data: labelled file (.csv, .tsv or .jsonl).
+        json: print one JSON object instead of a table.
+        batch_size: examples per forward pass.
+        text_column: column holding the text.
+        text_pair_column: column holding the second text of a pair.
+        label_column: column holding the label.
+    """
+
+    model: str = ""
+    data: str = ""
+    json: bool = False
+    batch_size: int = 64
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+
+
+@command("evaluate", EvaluateArgs, "metrics of a saved model on a labelled file")
+def evaluate_cmd(a: EvaluateArgs) -> int:
+    if not a.model or not a.data:
+        raise OztuneError("--model and --data are required")
+    clf = Classifier.from_pretrained(a.model, batch_size=a.batch_size)
+    metrics = clf.evaluate(a.data, Columns(a.text_column, a.text_pair_column, a.label_column))
+    if a.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{a.model} on {a.data} ({metrics['examples']:,} examples)")
+        for k, v in metrics.items():
+            if isinstance(v, float):
+                print(f"  {k:<16} {v:.4f}")
+    return 0
+
+
+@dataclass
+class PredictArgs:
+    """Predict labels for texts given on the command line or in a file; one JSON object per line.
+
+    Args:
+        texts: texts to classify.
+        model: model directory.
+        input: file of texts (.csv, .tsv, .jsonl; labels not needed) or '-' for one text per line on stdin.
+        output: write the JSON lines here instead of stdout.
+        all_scores: add the score of every label.
+        batch_size: examples per forward pass.
+        text_column: column holding the text in --input.
+        text_pair_column: column holding the second text in --input.
+    """
+
+    texts: list[str] = field(default_factory=list, metadata={"positional": True})
+    model: str = ""
+    input: str | None = None
+    output: str | None = None
+    all_scores: bool = False
+    batch_size: int = 64
+    text_column: str | None = None
+    text_pair_column: str | None = None
+
+
+@command("predict", PredictArgs, "predict labels for texts, one JSON object per line")
+def predict_cmd(a: PredictArgs) -> int:
+    if not a.model:
+        raise OztuneError("--model is required")
+    texts, pairs = list(a.texts), None
+    if a.input == "-":
+        texts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    elif a.input:
+        ex = read_labelled(a.input, Columns(a.text_column, a.text_pair_column, None), require_label=False)
+        texts += [e.text for e in ex]
+        pairs = [e.text_pair or "" for e in ex] if any(e.text_pair for e in ex) else None
+    if not texts:
+        raise OztuneError("no texts: give them as arguments or with --input FILE")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise DataError(f"text {i + 1} is empty")
+    clf = Classifier.from_pretrained(a.model, batch_size=a.batch_size)
+    lines = [json.dumps(p) for p in clf.predict(texts, pairs, all_scores=a.all_scores)]
+    if a.output:
+        tmp = Path(a.output + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, a.output)
+    else:
+        print("\n".join(lines))
+    return 0

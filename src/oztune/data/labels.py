@@ -1,0 +1,212 @@
+"""Turn raw labels (as read by :mod:`oztune.data.readers`) into model targets.
+
+Label *names* are always strings (a Hugging Face ``id2label`` maps int -> str). Integer labels are
+named by their decimal form, so ``1``, ``"1"`` and ``"1.0"`` are all the label ``"1"``.
+
+Multi-label values may be JSON lists (``["a", "b"]``), strings holding a JSON list
+(``'["a", "b"]'``) or strings with ``|`` between names (``"a|b"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from oztune.errors import DataError
+
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+
+_MAX_LISTED = 20  # how many known labels an error message lists
+
+
+def _as_number(raw: object) -> int | float | None:
+    """``raw`` as a finite number if it is one (or a string spelling one), else None. Booleans are not numbers."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = int(raw)
+        except ValueError:
+            try:
+                raw = float(raw)
+            except ValueError:
+                return None
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float) and math.isfinite(raw):
+        return raw
+    return None
+
+
+def _is_integer(number: int | float | None) -> bool:
+    return number is not None and (isinstance(number, int) or number.is_integer())
+
+
+def _label_name(raw: object) -> str:
+    """The string name of one single label: integers (``1``, ``"1"``, ``1.0``) become ``"1"``."""
+    number = _as_number(raw)
+    if _is_integer(number):
+        return str(int(number))
+    return raw.strip() if isinstance(raw, str) else str(raw)
+
+
+def _looks_multi(raw: object) -> bool:
+    """True for a list, a string holding a JSON list, or a string with ``|`` separators."""
+    if isinstance(raw, list):
+        return True
+    if not isinstance(raw, str):
+        return False
+    if "|" in raw:
+        return True
+    try:
+        return raw.strip().startswith("[") and isinstance(json.loads(raw), list)
+    except ValueError:
+        return False
+
+
+def infer_problem_type(raw_labels: list) -> str:
+    """Guess the problem type from the raw labels of a data set.
+
+    Args:
+        raw_labels: One raw label per example; None values are ignored.
+
+    Returns:
+        ``"multi_label"`` if any label is a list (or a string holding a JSON list or ``|``),
+        ``"regression"`` if all labels are numbers and at least one is not an integer,
+        else ``"single_label"``.
+    """
+    labels = [lab for lab in raw_labels if lab is not None]
+    if any(_looks_multi(lab) for lab in labels):
+        return "multi_label"
+    numbers = [_as_number(lab) for lab in labels]
+    if numbers and all(n is not None for n in numbers) and not all(map(_is_integer, numbers)):
+        return "regression"
+    return "single_label"
+
+
+def parse_multi_label(raw: object, *, where: str) -> list[str]:
+    """Split one multi-label value into its label names.
+
+    Args:
+        raw: A list, a JSON-list string (``'["a","b"]'``), a ``|``-separated string (``"a|b"``),
+            a single name (``"a"`` or ``3``), or an empty string / None (no labels).
+        where: Prefix for error messages, e.g. ``"train.csv: line 4"``.
+
+    Returns:
+        The label names, duplicates removed, in order of appearance.
+
+    Raises:
+        DataError: ``raw`` is a malformed JSON list or holds nested lists/objects.
+    """
+    if raw is None:
+        return []
+    if isinstance(raw, str) and raw.strip().startswith("["):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise DataError(f"{where}: label {raw!r} looks like a JSON list but is not valid JSON") from None
+    if isinstance(raw, str):
+        raw = raw.split("|")
+    if not isinstance(raw, list):
+        raw = [raw]
+    names = []
+    for item in raw:
+        if isinstance(item, (list, dict)):
+            raise DataError(f"{where}: a multi-label value must list label names, found {item!r}")
+        name = _label_name(item)
+        if name:
+            names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def build_label_map(raw_labels: list, problem_type: str) -> dict[str, int] | None:
+    """Build ``label2id`` from the raw labels of the training set.
+
+    Args:
+        raw_labels: One raw label per example; None values are ignored.
+        problem_type: One of :data:`PROBLEM_TYPES`.
+
+    Returns:
+        ``{name: id}`` with ids 0..n-1: integer names sorted numerically, other names
+        alphabetically (for multi-label, the union of all names). None for regression.
+
+    Raises:
+        DataError: Unknown ``problem_type``, a list label for a single-label task, or a
+            malformed multi-label value.
+    """
+    _check_problem_type(problem_type)
+    if problem_type == "regression":
+        return None
+    labels = [lab for lab in raw_labels if lab is not None and lab != ""]
+    if problem_type == "multi_label":
+        names = {n for i, lab in enumerate(labels) for n in parse_multi_label(lab, where=f"label {i + 1}")}
+    else:
+        for lab in labels:
+            if isinstance(lab, (list, dict)):
+                raise DataError(f"label {lab!r} is a list, but the problem type is single_label")
+        names = {_label_name(lab) for lab in labels}
+    if names and all(_is_integer(_as_number(n)) for n in names):
+        ordered = sorted(names, key=int)
+    else:
+        ordered = sorted(names)
+    return {name: i for i, name in enumerate(ordered)}
+
+
+def encode_labels(examples_labels: list, label2id: dict | None, problem_type: str, *,
+                  path: str, lines: list[int]) -> list:
+    """Encode raw labels as training targets.
+
+    Args:
+        examples_labels: One raw label per example.
+        label2id: The map from :func:`build_label_map` (None for regression).
+        problem_type: One of :data:`PROBLEM_TYPES`.
+        path: The data file, for error messages.
+        lines: The line of each example in ``path``, for error messages.
+
+    Returns:
+        single_label: ``list[int]`` ids; multi_label: ``list[list[float]]`` multi-hot vectors of
+        length ``len(label2id)``; regression: ``list[float]``.
+
+    Raises:
+        DataError: A label the map does not know, a missing label, or a regression label that is
+            not a number.
+    """
+    _check_problem_type(problem_type)
+    if len(examples_labels) != len(lines):
+        raise ValueError(f"got {len(examples_labels)} labels but {len(lines)} line numbers")
+    encoded = []
+    for raw, line in zip(examples_labels, lines):
+        where = f"{path}: line {line}"
+        if problem_type == "regression":
+            number = _as_number(raw)
+            if number is None:
+                raise DataError(f"{where}: label {raw!r} is not a number (regression needs numeric labels)")
+            encoded.append(float(number))
+        elif problem_type == "multi_label":
+            vector = [0.0] * len(label2id)
+            for name in parse_multi_label(raw, where=where):
+                vector[_label_id(name, label2id, where)] = 1.0
+            encoded.append(vector)
+        else:
+            if raw is None or raw == "":
+                raise DataError(f"{where}: missing label")
+            if isinstance(raw, (list, dict)):
+                raise DataError(f"{where}: label {raw!r} is a list, but the problem type is single_label")
+            encoded.append(_label_id(_label_name(raw), label2id, where))
+    return encoded
+
+
+def _label_id(name: str, label2id: dict, where: str) -> int:
+    """``label2id[name]``, or a DataError listing the labels the model knows."""
+    if name not in label2id:
+        known = sorted(label2id, key=label2id.get)
+        listed = ", ".join(known[:_MAX_LISTED])
+        if len(known) > _MAX_LISTED:
+            listed += f", ... ({len(known)} in all)"
+        raise DataError(f"{where}: label '{name}' is not one the model knows ({listed})")
+    return label2id[name]
+
+
+def _check_problem_type(problem_type: str) -> None:
+    if problem_type not in PROBLEM_TYPES:
+        raise DataError(f"unknown problem type '{problem_type}'; expected one of {', '.join(PROBLEM_TYPES)}")

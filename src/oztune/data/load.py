@@ -1,0 +1,48 @@
+"""From a labelled file to model-ready tensors: read, map labels, tokenize."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from oztune.data.dataset import EncodedData, encode_data
+from oztune.data.labels import build_label_map, encode_labels, infer_problem_type, parse_multi_label
+from oztune.data.readers import Example, read_examples
+from oztune.data.tokenize import TextEncoder
+
+
+@dataclass
+class Columns:
+    """Which columns hold the text, the optional second text, and the label (None: guess by name)."""
+
+    text: str | None = None
+    text_pair: str | None = None
+    label: str | None = None
+
+
+def read_labelled(path: str, columns: Columns, require_label: bool = True,
+                  max_examples: int | None = None) -> list[Example]:
+    """Read examples, keeping the first ``max_examples`` (None: all)."""
+    examples = read_examples(path, text_column=columns.text, text_pair_column=columns.text_pair,
+                             label_column=columns.label, require_label=require_label)
+    return examples[:max_examples] if max_examples else examples
+
+
+def label_setup(examples: list[Example], problem_type: str | None) -> tuple[str, dict[str, int] | None]:
+    """Problem type (inferred unless given) and label2id for training examples."""
+    raw = [e.label for e in examples]
+    problem_type = problem_type or infer_problem_type(raw)
+    if problem_type == "multi_label":
+        raw = [parse_multi_label(r, where=f"line {e.line}") for r, e in zip(raw, examples)]
+    return problem_type, build_label_map(raw, problem_type)
+
+
+def encode_examples(examples: list[Example], encoder: TextEncoder, label2id: dict[str, int] | None,
+                    problem_type: str, path: str, with_labels: bool = True) -> EncodedData:
+    """Tokenize examples and encode their labels (a label the model does not know is a DataError)."""
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair is not None for e in examples) else None
+    labels = None
+    if with_labels:
+        labels = encode_labels([e.label for e in examples], label2id, problem_type, path=path,
+                               lines=[e.line for e in examples])
+    return encode_data(encoder, texts, pairs, labels, problem_type)

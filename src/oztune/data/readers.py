@@ -1,0 +1,269 @@
+"""Read training and evaluation examples from CSV, TSV and JSON Lines files.
+
+:func:`read_examples` turns a data file into a list of :class:`Example` records. It never drops
+a row silently: every problem (bad encoding, ragged row, broken quoting, malformed JSON, unknown
+or empty column) raises :class:`~oztune.errors.DataError` naming the file and the line.
+
+Labels are returned raw (strings for CSV/TSV, JSON values for JSON Lines); converting them to
+ids is the job of :mod:`oztune.data.labels`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from oztune.errors import DataError
+
+SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".tab", ".jsonl", ".json")
+TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "premise", "content", "review")
+PAIR_COLUMNS = (
+    ("sentence1", "sentence2"),
+    ("premise", "hypothesis"),
+    ("question", "sentence"),
+    ("question1", "question2"),
+)
+LABEL_COLUMNS = ("label", "labels", "target", "score", "y")
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+@dataclass
+class Example:
+    """One example read from a data file.
+
+    Attributes:
+        text: The input text, stripped of surrounding whitespace.
+        text_pair: The second text of a sentence-pair task, or None.
+        label: The raw label as read: str, int, float, list (multi-label) or None.
+        line: 1-based line in the file where the record starts (the CSV/TSV header is line 1).
+    """
+
+    text: str
+    text_pair: str | None = None
+    label: object = None
+    line: int = 0
+
+
+def read_examples(
+    path: str | os.PathLike,
+    *,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+    require_label: bool = True,
+) -> list[Example]:
+    """Read every example of a ``.csv``, ``.tsv``/``.tab`` or ``.jsonl``/``.json`` file.
+
+    Args:
+        path: The data file. Its extension picks the format.
+        text_column: Column holding the text; by default the first of :data:`TEXT_COLUMNS` present
+            (or a known pair such as ``sentence1``/``sentence2``, see :data:`PAIR_COLUMNS`).
+        text_pair_column: Column holding the second text of a pair task; by default none, unless
+            a known pair was found.
+        label_column: Column holding the label; by default the first of :data:`LABEL_COLUMNS`.
+        require_label: If True, a missing label column or an empty label is an error; if False,
+            such examples get ``label=None``.
+
+    Returns:
+        The examples, in file order.
+
+    Raises:
+        DataError: The file is missing, not UTF-8, malformed, empty, lacks a column, or has an
+            empty text or label.
+    """
+    name = os.fspath(path)
+    ext = os.path.splitext(name)[1].lower()
+    if ext not in SUPPORTED_EXTENSIONS:
+        raise DataError(f"{name}: unsupported file type {ext or '(no extension)'}; "
+                        f"supported: {', '.join(SUPPORTED_EXTENSIONS)}")
+    text = _read_text(name)
+    if ext == ".json" and text.lstrip().startswith("["):
+        columns, records = _json_array_records(text, name)
+    elif ext == ".json" or ext == ".jsonl":
+        columns, records = _json_lines_records(text, name)
+    else:
+        columns, records = _csv_records(text, name, "," if ext == ".csv" else "\t")
+
+    text_col, pair_col, label_col = _choose_columns(
+        name, columns, text_column, text_pair_column, label_column, require_label)
+    examples = []
+    for line, record in records:
+        where = f"{name}: line {line}"
+        text_value = _get_text(record, text_col, where)
+        pair_value = _get_text(record, pair_col, where) if pair_col else None
+        label = _get_label(record, label_col, where, require_label) if label_col else None
+        examples.append(Example(text_value, pair_value, label, line))
+    return examples
+
+
+def _read_text(name: str) -> str:
+    """Return the file's contents decoded as UTF-8 (a leading BOM is dropped)."""
+    if os.path.isdir(name):
+        raise DataError(f"{name}: is a directory, not a data file")
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{name}: cannot read the file ({e.strerror})") from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{name}: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                        f"position {column}); save the file as UTF-8") from None
+
+
+def _csv_records(text: str, name: str, delimiter: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """Split CSV/TSV text into its header and (start line, {column: cell}) records."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    records = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise DataError(f"{name}: line {start}: a quoted field starting here is never "
+                                f"closed (missing '\"')") from None
+            raise DataError(f"{name}: line {reader.line_num}: bad quoting ({e}); a field that "
+                            f"starts with '\"' must end with '\"' and double any '\"' inside it") from None
+        if row is None:
+            break
+        if not row:  # an entirely empty line
+            continue
+        if header is None:
+            header = [cell.strip() for cell in row]
+            duplicates = sorted({c for c in header if header.count(c) > 1})
+            if duplicates:
+                raise DataError(f"{name}: line {start}: duplicate column names in the header: "
+                                f"{', '.join(duplicates)}")
+        elif len(row) != len(header):
+            raise DataError(f"{name}: line {start}: expected {len(header)} fields "
+                            f"({', '.join(header)}) but found {len(row)}")
+        else:
+            records.append((start, dict(zip(header, row))))
+    if header is None:
+        raise DataError(f"{name}: no examples (the file is empty)")
+    if not records:
+        raise DataError(f"{name}: no examples (the file has a header but no rows)")
+    return header, records
+
+
+def _json_lines_records(text: str, name: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """Parse JSON Lines text: one JSON object per non-blank line."""
+    records = []
+    for line, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}: line {line}: not a JSON object ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{name}: line {line}: not a JSON object ({e})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{name}: line {line}: not a JSON object (found {_json_type(obj)})")
+        records.append((line, obj))
+    if not records:
+        raise DataError(f"{name}: no examples (the file is empty)")
+    return _union_of_keys(records), records
+
+
+def _json_array_records(text: str, name: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """Parse a ``.json`` file holding one JSON array of objects, keeping each object's line."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{name}: not valid JSON ({e})") from None
+    # The text is valid JSON, so walking it element by element cannot fail.
+    decoder, pos, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
+    records = []
+    for item in items:
+        pos = _JSON_SPACE.match(text, pos).end()
+        line, counted = line + text.count("\n", counted, pos), pos
+        if not isinstance(item, dict):
+            raise DataError(f"{name}: line {line}: not a JSON object (found {_json_type(item)})")
+        records.append((line, item))
+        pos = _JSON_SPACE.match(text, decoder.raw_decode(text, pos)[1]).end() + 1  # past the ','
+    if not records:
+        raise DataError(f"{name}: no examples (the JSON array is empty)")
+    return _union_of_keys(records), records
+
+
+def _union_of_keys(records: list[tuple[int, dict]]) -> list[str]:
+    """All keys used by the records, in order of first appearance."""
+    return list(dict.fromkeys(key for _, record in records for key in record))
+
+
+def _json_type(value: object) -> str:
+    """Name a JSON value's type the way a user thinks of it."""
+    if isinstance(value, dict):
+        return "an object"
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _choose_columns(name, columns, text_col, pair_col, label_col, require_label):
+    """Check the columns asked for exist and fill in the defaults for those not given."""
+    listed = ", ".join(columns)
+    for col in (text_col, pair_col, label_col):
+        if col is not None and col not in columns:
+            raise DataError(f"{name}: no column '{col}'; columns are: {listed}")
+    if label_col is None:
+        label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
+        if label_col is None and require_label:
+            raise DataError(f"{name}: no label column (looked for {', '.join(LABEL_COLUMNS)}); "
+                            f"columns are: {listed}; say which column holds the labels")
+    if text_col is None:
+        pair = next(((a, b) for a, b in PAIR_COLUMNS if a in columns and b in columns), None)
+        if pair and pair_col is None:
+            text_col, pair_col = pair
+        else:
+            others = [c for c in columns if c not in (label_col, pair_col)]
+            text_col = next((c for c in TEXT_COLUMNS if c in others), None)
+            if text_col is None and len(others) == 1:
+                text_col = others[0]
+            if text_col is None:
+                raise DataError(f"{name}: no text column (looked for {', '.join(TEXT_COLUMNS)}); "
+                                f"columns are: {listed}; say which column holds the text")
+    return text_col, pair_col, label_col
+
+
+def _get_text(record: dict, col: str, where: str) -> str:
+    """The stripped, non-empty text in ``record[col]``."""
+    if col not in record:
+        raise DataError(f"{where}: no key '{col}' in this object")
+    value = record[col]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column '{col}' holds {_json_type(value)}, not text")
+    value = value.strip()
+    if not value:
+        raise DataError(f"{where}: empty text in column '{col}'")
+    return value
+
+
+def _get_label(record: dict, col: str, where: str, require_label: bool) -> object:
+    """The raw label in ``record[col]``: stripped if a string, None if empty or absent."""
+    label = record.get(col)
+    if isinstance(label, str):
+        label = label.strip() or None
+    elif isinstance(label, dict):
+        raise DataError(f"{where}: the label in column '{col}' is a JSON object; "
+                        f"expected a string, number or list")
+    if label is None and require_label:
+        raise DataError(f"{where}: missing label in column '{col}'")
+    return label

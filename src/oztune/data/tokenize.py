@@ -1,0 +1,107 @@
+"""Text -> ``input_ids``, ``attention_mask`` (and ``token_type_ids``) with the `tokenizers` library.
+
+The checkpoint's ``tokenizer.json`` is used as it is; a BERT-style ``vocab.txt`` or a GPT-2 style
+``vocab.json`` + ``merges.txt`` is turned into one. Texts are encoded once without padding; batches are
+padded to their own longest sequence by :func:`pad_batch` (dynamic padding).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from oztune.errors import ModelError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt")
+
+
+class TextEncoder:
+    """Wraps a `tokenizers.Tokenizer`: truncation on, padding off; remembers where it came from.
+
+    Args:
+        tokenizer: the fast tokenizer.
+        pad_id: id used to pad batches.
+        max_length: longest encoding, special tokens included.
+        source: directory it was loaded from (its files are copied on save).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, pad_id: int, max_length: int, source: Path | None = None):
+        self.tokenizer, self.pad_id, self.source = tokenizer, pad_id, source
+        tokenizer.no_padding()
+        self.set_max_length(max_length)
+
+    def set_max_length(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.tokenizer.enable_truncation(max_length, strategy="longest_first")
+
+    @classmethod
+    def from_dir(cls, path: str | Path, max_length: int, pad_token_id: int | None = None) -> "TextEncoder":
+        """Load the tokenizer of a Hugging Face-format model directory."""
+        path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        elif (path / "vocab.txt").is_file():
+            from tokenizers.implementations import BertWordPieceTokenizer
+
+            lower = _tokenizer_config(path).get("do_lower_case", True)
+            tok = BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=lower)._tokenizer
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            from tokenizers.implementations import ByteLevelBPETokenizer
+
+            tok = ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))._tokenizer
+        else:
+            raise ModelError(f"{path}: no tokenizer (expected tokenizer.json, vocab.txt, or vocab.json + merges.txt)")
+        pad_id = _find_pad_id(tok, path, pad_token_id)
+        return cls(tok, pad_id, max_length, source=path)
+
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
+        """Encode texts (and optional second texts) to (ids, type_ids), truncated, unpadded."""
+        inputs = list(zip(texts, pairs)) if pairs is not None else texts
+        return [(e.ids, e.type_ids) for e in self.tokenizer.encode_batch(inputs)]
+
+    def __call__(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Encode and pad one batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` (B, T)."""
+        return pad_batch(self.encode(texts, pairs), self.pad_id)
+
+    def save(self, out: Path) -> None:
+        """Write the tokenizer files into ``out`` (copies of the source's, plus a tokenizer.json)."""
+        if self.source is not None:
+            for name in TOKENIZER_FILES:
+                if (self.source / name).is_file() and not (out / name).exists():
+                    shutil.copyfile(self.source / name, out / name)
+        if not (out / "tokenizer.json").exists():
+            self.tokenizer.save(str(out / "tokenizer.json"))
+
+
+def pad_batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (ids, type_ids) to the longest one: tensors (B, T)."""
+    B, T = len(encoded), max(len(ids) for ids, _ in encoded)
+    input_ids = np.full((B, T), pad_id, dtype=np.int64)
+    types = np.zeros((B, T), dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.int64)
+    for i, (ids, tt) in enumerate(encoded):
+        n = len(ids)
+        input_ids[i, :n], types[i, :n], mask[i, :n] = ids, tt, 1
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+            "token_type_ids": torch.from_numpy(types)}
+
+
+def _tokenizer_config(path: Path) -> dict:
+    f = path / "tokenizer_config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _find_pad_id(tok: Tokenizer, path: Path, pad_token_id: int | None) -> int:
+    """The model's pad id if it has one, else the tokenizer's pad token, else 0."""
+    if pad_token_id is not None:
+        return pad_token_id
+    for name in ("[PAD]", "<pad>", "<|endoftext|>"):
+        if tok.token_to_id(name) is not None:
+            return tok.token_to_id(name)
+    return 0

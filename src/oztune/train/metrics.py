@@ -1,0 +1,77 @@
+"""Metrics of each problem type, in numpy (small enough that a dependency would not pay its way).
+
+single_label: accuracy, macro-F1, MCC (multi-class Matthews); multi_label: subset accuracy,
+micro-/macro-F1; regression: Pearson, Spearman, MSE. ``MAIN_METRIC`` names the one early stopping uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAIN_METRIC = {"single_label": "accuracy", "multi_label": "micro_f1", "regression": "pearson"}
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> dict[str, float]:
+    """Accuracy, macro-F1 over the labels present in gold or pred, and multi-class MCC."""
+    cm = np.zeros((num_labels, num_labels), dtype=np.float64)
+    np.add.at(cm, (gold, pred), 1)
+    tp = np.diag(cm)
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    t, p, c, s = cm.sum(1), cm.sum(0), tp.sum(), cm.sum()
+    denom = np.sqrt((s * s - (p * p).sum()) * (s * s - (t * t).sum()))
+    return {
+        "accuracy": float(c / s) if s else 0.0,
+        "macro_f1": float(_f1(tp, fp, fn)[present].mean()) if present.any() else 0.0,
+        "mcc": float((c * s - (t * p).sum()) / denom) if denom > 0 else 0.0,
+    }
+
+
+def multilabel_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """Subset accuracy, micro-F1 and macro-F1 of 0/1 matrices (N, L)."""
+    pred, gold = pred.astype(bool), gold.astype(bool)
+    tp = (pred & gold).sum(0).astype(float)
+    fp = (pred & ~gold).sum(0).astype(float)
+    fn = (~pred & gold).sum(0).astype(float)
+    return {
+        "subset_accuracy": float((pred == gold).all(1).mean()),
+        "micro_f1": float(_f1(tp.sum(), fp.sum(), fn.sum())),
+        "macro_f1": float(_f1(tp, fp, fn).mean()),
+    }
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean rank), as Spearman needs."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    ranks[order] = np.arange(len(x), dtype=float)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    return sums[inv] / counts[inv]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    d = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / d) if d > 0 else 0.0
+
+
+def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """Pearson, Spearman and mean squared error."""
+    pred, gold = pred.astype(float).ravel(), gold.astype(float).ravel()
+    return {"pearson": _pearson(pred, gold), "spearman": _pearson(_rank(pred), _rank(gold)),
+            "mse": float(((pred - gold) ** 2).mean())}
+
+
+def compute_metrics(problem_type: str, logits: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """Metrics of ``problem_type`` from raw logits (N, L) and gold labels."""
+    if problem_type == "single_label":
+        return classification_metrics(logits.argmax(-1), gold.astype(int), logits.shape[-1])
+    if problem_type == "multi_label":
+        return multilabel_metrics(logits > 0, gold > 0.5)
+    return regression_metrics(logits.reshape(-1), gold)

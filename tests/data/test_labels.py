@@ -1,0 +1,126 @@
+"""Tests for oztune.data.labels."""
+
+import pytest
+
+from oztune.data.labels import (PROBLEM_TYPES, build_label_map, encode_labels, infer_problem_type,
+                                parse_multi_label)
+from oztune.errors import DataError
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (["0", "1", "1"], "single_label"),
+    ([0, 1, 2], "single_label"),
+    (["pos", "neg"], "single_label"),
+    (["1.0", "0.0"], "single_label"),
+    ([1.0, 2.0], "single_label"),
+    ([True, False], "single_label"),
+    (["nan", "inf"], "single_label"),
+    (["[positive]", "neutral"], "single_label"),  # not valid JSON: a plain name
+    (["0.5", "1", "3.25"], "regression"),
+    ([0.5, 1, 2], "regression"),
+    ([["a"], ["b", "c"]], "multi_label"),
+    (['["a", "b"]', "[]"], "multi_label"),
+    (["a|b", "c"], "multi_label"),
+    ([None, "a"], "single_label"),
+    ([], "single_label"),
+])
+def test_infer_problem_type(labels, expected):
+    assert infer_problem_type(labels) == expected
+    assert expected in PROBLEM_TYPES
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (["a", "b"], ["a", "b"]),
+    ([1, 2], ["1", "2"]),
+    ('["a", "b"]', ["a", "b"]),
+    ("a|b", ["a", "b"]),
+    (" a | b |", ["a", "b"]),
+    ("a", ["a"]),
+    ("", []),
+    ("[]", []),
+    (None, []),
+    (3, ["3"]),
+    (["a", "a", "b"], ["a", "b"]),
+])
+def test_parse_multi_label(raw, expected):
+    assert parse_multi_label(raw, where="f.csv: line 2") == expected
+
+
+def test_parse_multi_label_errors():
+    with pytest.raises(DataError, match=r"f\.csv: line 2: label .* looks like a JSON list but is not valid JSON"):
+        parse_multi_label('["a", ', where="f.csv: line 2")
+    with pytest.raises(DataError, match=r"f\.csv: line 4: a multi-label value must list label names"):
+        parse_multi_label([["a"]], where="f.csv: line 4")
+
+
+def test_label_map_integer_names_sorted_numerically():
+    assert build_label_map(["1", "0", "1"], "single_label") == {"0": 0, "1": 1}
+    assert build_label_map(["5", "2", "1", "10"], "single_label") == {"1": 0, "2": 1, "5": 2, "10": 3}
+    assert build_label_map([1, "2", 5.0], "single_label") == {"1": 0, "2": 1, "5": 2}
+    assert build_label_map(["-1", "1"], "single_label") == {"-1": 0, "1": 1}
+
+
+def test_label_map_names_sorted_alphabetically():
+    assert build_label_map(["pos", "neg", "neutral", None], "single_label") == {"neg": 0, "neutral": 1, "pos": 2}
+    assert build_label_map(["b", "10", "2"], "single_label") == {"10": 0, "2": 1, "b": 2}
+
+
+def test_label_map_multi_label_union():
+    raw = [["b", "a"], '["c"]', "a|d", "", []]
+    assert build_label_map(raw, "multi_label") == {"a": 0, "b": 1, "c": 2, "d": 3}
+
+
+def test_label_map_regression_and_bad_type():
+    assert build_label_map(["0.5", "1"], "regression") is None
+    with pytest.raises(DataError, match="unknown problem type 'classification'"):
+        build_label_map(["a"], "classification")
+    with pytest.raises(DataError, match="is a list, but the problem type is single_label"):
+        build_label_map([["a"]], "single_label")
+
+
+def test_encode_single_label_int_and_str_same_name():
+    label2id = build_label_map(["0", "1"], "single_label")
+    assert encode_labels([1, "1", "0", 0, "1.0"], label2id, "single_label", path="t.csv", lines=[2, 3, 4, 5, 6]) == [
+        1, 1, 0, 0, 1]
+
+
+def test_encode_unknown_label():
+    label2id = {"neg": 0, "pos": 1}
+    with pytest.raises(DataError, match=r"dev\.csv: line 7: label 'neutral' is not one the model knows \(neg, pos\)"):
+        encode_labels(["pos", "neutral"], label2id, "single_label", path="dev.csv", lines=[6, 7])
+
+
+def test_encode_unknown_label_long_list_is_cut():
+    label2id = {f"c{i:02d}": i for i in range(30)}
+    with pytest.raises(DataError, match=r"c19, \.\.\. \(30 in all\)\)$"):
+        encode_labels(["zzz"], label2id, "single_label", path="d.csv", lines=[2])
+
+
+def test_encode_missing_single_label():
+    with pytest.raises(DataError, match=r"d\.csv: line 3: missing label"):
+        encode_labels([None], {"a": 0}, "single_label", path="d.csv", lines=[3])
+
+
+def test_encode_multi_label():
+    label2id = build_label_map([["a", "b"], "c"], "multi_label")
+    out = encode_labels([["a", "c"], "b", "", '["a","b","c"]'], label2id, "multi_label", path="m.jsonl",
+                        lines=[1, 2, 3, 4])
+    assert out == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    with pytest.raises(DataError, match=r"m\.jsonl: line 9: label 'z' is not one the model knows \(a, b, c\)"):
+        encode_labels(["a|z"], label2id, "multi_label", path="m.jsonl", lines=[9])
+
+
+def test_encode_regression():
+    assert encode_labels(["0.5", 2, 1.25, " 3 "], None, "regression", path="r.csv", lines=[2, 3, 4, 5]) == [
+        0.5, 2.0, 1.25, 3.0]
+    for bad in ("high", None, "nan", True):
+        with pytest.raises(DataError, match=r"r\.csv: line 8: label .* is not a number"):
+            encode_labels([bad], None, "regression", path="r.csv", lines=[8])
+
+
+def test_round_trip_from_reader_labels():
+    raw = ["1", "0", "1", "0"]
+    label2id = build_label_map(raw, infer_problem_type(raw))
+    id2label = {i: name for name, i in label2id.items()}
+    ids = encode_labels(raw, label2id, "single_label", path="x", lines=[2, 3, 4, 5])
+    assert [id2label[i] for i in ids] == raw

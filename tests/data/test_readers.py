@@ -1,0 +1,299 @@
+"""Tests for oztune.data.readers.read_examples."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from oztune.data.readers import Example, read_examples
+from oztune.errors import DataError, OztuneError
+
+SST2_DEV = Path("/work/shared/data/sst2/dev.tsv")
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8", newline="")
+    return path
+
+
+# ---------------------------------------------------------------- formats
+
+
+def test_csv_basic(tmp_path):
+    path = write(tmp_path, "train.csv", "text,label\nhello world,pos\nbad movie,neg\n")
+    assert read_examples(path) == [Example("hello world", None, "pos", 2), Example("bad movie", None, "neg", 3)]
+
+
+def test_tsv_and_tab(tmp_path):
+    for name in ("train.tsv", "train.tab"):
+        path = write(tmp_path, name, "sentence\tlabel\na, b\t1\n")
+        assert read_examples(path) == [Example("a, b", None, "1", 2)]
+
+
+def test_sst2_format_five_rows(tmp_path):
+    rows = ["it 's a charming and often affecting journey . \t1",
+            "unflinchingly bleak and desperate \t0",
+            "allows us to hope that nolan is poised to embark a major career as a commercial yet inventive filmmaker . \t1",
+            "the acting , costumes , music , cinematography and sound are all astounding given the production 's austere locales . \t1",
+            "it 's slow -- very , very slow . \t0"]
+    path = write(tmp_path, "dev.tsv", "sentence\tlabel\n" + "\n".join(rows) + "\n")
+    examples = read_examples(path)
+    assert [e.label for e in examples] == ["1", "0", "1", "1", "0"]
+    assert examples[0].text == "it 's a charming and often affecting journey ."
+    assert examples[1].text == "unflinchingly bleak and desperate"
+    assert [e.line for e in examples] == [2, 3, 4, 5, 6]
+    assert all(e.text_pair is None for e in examples)
+
+
+def test_jsonl_keeps_label_types(tmp_path):
+    lines = [{"text": "a", "label": 1}, {"text": "b", "label": 0.5}, {"text": "c", "label": ["x", "y"]},
+             {"text": "d", "label": "pos"}]
+    path = write(tmp_path, "d.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
+    examples = read_examples(path)
+    assert [e.label for e in examples] == [1, 0.5, ["x", "y"], "pos"]
+    assert [e.line for e in examples] == [1, 2, 3, 4]
+
+
+def test_jsonl_blank_lines_and_crlf(tmp_path):
+    path = write(tmp_path, "d.jsonl", '{"text": "a", "label": 1}\r\n\r\n  \n{"text": "b", "label": 0}\r\n')
+    examples = read_examples(path)
+    assert [(e.text, e.line) for e in examples] == [("a", 1), ("b", 4)]
+
+
+def test_json_array_with_lines(tmp_path):
+    data = [{"text": "a", "label": 1}, {"text": "b", "label": 0}]
+    path = write(tmp_path, "d.json", json.dumps(data, indent=2))
+    examples = read_examples(path)
+    assert [(e.text, e.label, e.line) for e in examples] == [("a", 1, 2), ("b", 0, 6)]
+    path = write(tmp_path, "e.json", '[{"text": "a", "label": 1}, 3]')
+    with pytest.raises(DataError, match=r"e\.json: line 1: not a JSON object \(found a number\)"):
+        read_examples(path)
+    path = write(tmp_path, "f.json", "[]")
+    with pytest.raises(DataError, match="no examples"):
+        read_examples(path)
+
+
+def test_json_file_in_jsonl_layout(tmp_path):
+    path = write(tmp_path, "d.json", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
+    assert [e.text for e in read_examples(path)] == ["a", "b"]
+
+
+def test_utf8_bom_and_crlf(tmp_path):
+    path = write(tmp_path, "bom.csv", b"\xef\xbb\xbftext,label\r\ncaf\xc3\xa9,1\r\n")
+    assert read_examples(path) == [Example("café", None, "1", 2)]
+
+
+def test_quoted_fields_with_commas_and_newlines(tmp_path):
+    content = 'text,label\n"one, two",a\n"multi\nline\nfield",b\n"say ""hi""",c\nplain,d\n'
+    examples = read_examples(write(tmp_path, "q.csv", content))
+    assert [e.text for e in examples] == ["one, two", "multi\nline\nfield", 'say "hi"', "plain"]
+    assert [e.line for e in examples] == [2, 3, 6, 7]
+
+
+def test_pathlike_and_str(tmp_path):
+    path = write(tmp_path, "p.csv", "text,label\nx,1\n")
+    assert read_examples(str(path)) == read_examples(path)
+
+
+# ---------------------------------------------------------------- columns
+
+
+def test_sentence_pair_defaults(tmp_path):
+    path = write(tmp_path, "mrpc.tsv", "sentence1\tsentence2\tlabel\nA\tB\t1\n")
+    assert read_examples(path) == [Example("A", "B", "1", 2)]
+    path = write(tmp_path, "mnli.jsonl", json.dumps({"premise": "P", "hypothesis": "H", "label": "entailment"}))
+    assert read_examples(path) == [Example("P", "H", "entailment", 1)]
+    path = write(tmp_path, "qnli.csv", "question,sentence,label\nQ?,S.,1\n")
+    assert read_examples(path) == [Example("Q?", "S.", "1", 2)]
+
+
+def test_explicit_columns(tmp_path):
+    path = write(tmp_path, "c.csv", "id,body,extra,category\n1,hello,x,news\n")
+    assert read_examples(path, text_column="body", label_column="category") == [Example("hello", None, "news", 2)]
+    assert read_examples(path, text_column="body", text_pair_column="extra", label_column="category") == [
+        Example("hello", "x", "news", 2)]
+
+
+def test_explicit_text_column_keeps_no_pair(tmp_path):
+    path = write(tmp_path, "c.csv", "sentence1,sentence2,label\na,b,1\n")
+    assert read_examples(path, text_column="sentence2") == [Example("b", None, "1", 2)]
+
+
+def test_default_text_and_label_order(tmp_path):
+    path = write(tmp_path, "c.csv", "review,target,content\nr,t,c\n")
+    assert read_examples(path) == [Example("c", None, "t", 2)]
+
+
+def test_single_other_column_is_the_text(tmp_path):
+    path = write(tmp_path, "c.csv", "tweet,label\nhi,1\n")
+    assert read_examples(path) == [Example("hi", None, "1", 2)]
+
+
+def test_no_label_column_when_not_required(tmp_path):
+    path = write(tmp_path, "c.csv", "text\nhi\n")
+    assert read_examples(path, require_label=False) == [Example("hi", None, None, 2)]
+    path = write(tmp_path, "d.csv", "text,label\nhi,\nho,1\n")
+    assert [e.label for e in read_examples(path, require_label=False)] == [None, "1"]
+
+
+def test_unknown_column(tmp_path):
+    path = write(tmp_path, "train.csv", "sentence,label\nx,1\n")
+    with pytest.raises(DataError, match=r"train\.csv: no column 'txt'; columns are: sentence, label"):
+        read_examples(path, text_column="txt")
+    with pytest.raises(DataError, match="no column 'cls'"):
+        read_examples(path, label_column="cls")
+
+
+def test_no_default_columns(tmp_path):
+    path = write(tmp_path, "c.csv", "a,b,c\nx,y,z\n")
+    with pytest.raises(DataError, match=r"c\.csv: no label column .*columns are: a, b, c"):
+        read_examples(path)
+    with pytest.raises(DataError, match=r"c\.csv: no text column .*columns are: a, b, c"):
+        read_examples(path, label_column="c")
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(DataError, match=r"train\.csv: file not found"):
+        read_examples(tmp_path / "train.csv")
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(DataError, match=r"dir\.csv: is a directory"):
+        read_examples(tmp_path / "dir.csv")
+
+
+def test_unsupported_extension(tmp_path):
+    path = write(tmp_path, "data.xlsx", "x")
+    with pytest.raises(DataError, match=r"data\.xlsx: unsupported file type \.xlsx; supported: \.csv, \.tsv"):
+        read_examples(path)
+
+
+def test_data_error_is_oztune_error(tmp_path):
+    with pytest.raises(OztuneError):
+        read_examples(tmp_path / "nope.tsv")
+
+
+def test_not_utf8(tmp_path):
+    content = b"text,label\n" + b"a,1\n" * 5 + b"caf\xe9 au lait,1\n"
+    path = write(tmp_path, "data.csv", content)
+    with pytest.raises(DataError, match=r"data\.csv: line 7: not valid UTF-8 \(byte 0xe9 at position 4\); "
+                                        r"save the file as UTF-8"):
+        read_examples(path)
+
+
+def test_ragged_row(tmp_path):
+    path = write(tmp_path, "data.csv", "sentence,label\na,1\nb,0\nc,1\nd,1,extra\n")
+    with pytest.raises(DataError, match=r"data\.csv: line 5: expected 2 fields \(sentence, label\) but found 3"):
+        read_examples(path)
+    path = write(tmp_path, "short.tsv", "sentence\tlabel\nno tab here\n")
+    with pytest.raises(DataError, match=r"short\.tsv: line 2: expected 2 fields .* but found 1"):
+        read_examples(path)
+
+
+def test_ragged_row_after_multiline_field(tmp_path):
+    path = write(tmp_path, "m.csv", 'text,label\n"a\nb\nc",1\nd,1,2\n')
+    with pytest.raises(DataError, match=r"m\.csv: line 5: expected 2 fields"):
+        read_examples(path)
+
+
+def test_unterminated_quote(tmp_path):
+    path = write(tmp_path, "q.csv", 'text,label\nok,1\nbad,"1\nnext,0\n')
+    with pytest.raises(DataError, match=r"q\.csv: line 3: a quoted field starting here is never closed"):
+        read_examples(path)
+
+
+def test_bad_quoting(tmp_path):
+    path = write(tmp_path, "q.csv", 'text,label\nok,1\n"quoted" tail,1\n')
+    with pytest.raises(DataError, match=r"q\.csv: line 3: bad quoting"):
+        read_examples(path)
+
+
+def test_duplicate_header(tmp_path):
+    path = write(tmp_path, "d.csv", "text,text,label\na,b,1\n")
+    with pytest.raises(DataError, match=r"d\.csv: line 1: duplicate column names in the header: text"):
+        read_examples(path)
+
+
+def test_empty_file_and_header_only(tmp_path):
+    for name in ("x.csv", "x.jsonl"):
+        with pytest.raises(DataError, match=r"x\.\w+: no examples \(the file is empty\)"):
+            read_examples(write(tmp_path, name, "\n\n"))
+    with pytest.raises(DataError, match=r"h\.csv: no examples \(the file has a header but no rows\)"):
+        read_examples(write(tmp_path, "h.csv", "text,label\n"))
+
+
+def test_empty_text(tmp_path):
+    path = write(tmp_path, "train.csv", "sentence,label\n" + "a,1\n" * 7 + "   ,1\n")
+    with pytest.raises(DataError, match=r"train\.csv: line 9: empty text in column 'sentence'"):
+        read_examples(path)
+
+
+def test_empty_pair_text(tmp_path):
+    path = write(tmp_path, "p.tsv", "sentence1\tsentence2\tlabel\na\tb\t1\na\t \t1\n")
+    with pytest.raises(DataError, match=r"p\.tsv: line 3: empty text in column 'sentence2'"):
+        read_examples(path)
+
+
+def test_missing_label(tmp_path):
+    path = write(tmp_path, "l.csv", "text,label\na,1\nb, \n")
+    with pytest.raises(DataError, match=r"l\.csv: line 3: missing label in column 'label'"):
+        read_examples(path)
+    path = write(tmp_path, "l.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": null}\n')
+    with pytest.raises(DataError, match=r"l\.jsonl: line 2: missing label in column 'label'"):
+        read_examples(path)
+
+
+def test_jsonl_malformed(tmp_path):
+    path = write(tmp_path, "f.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b" "label": 0}\n')
+    with pytest.raises(DataError, match=r"f\.jsonl: line 3: not a JSON object \(Expecting ',' delimiter"):
+        read_examples(path)
+
+
+def test_jsonl_not_an_object(tmp_path):
+    path = write(tmp_path, "f.jsonl", '{"text": "a", "label": 1}\n["b", 0]\n')
+    with pytest.raises(DataError, match=r"f\.jsonl: line 2: not a JSON object \(found an array\)"):
+        read_examples(path)
+
+
+def test_jsonl_missing_key(tmp_path):
+    path = write(tmp_path, "f.jsonl", '{"text": "a", "label": 1}\n{"txt": "b", "label": 0}\n')
+    with pytest.raises(DataError, match=r"f\.jsonl: line 2: no key 'text'"):
+        read_examples(path)
+    path = write(tmp_path, "g.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"g\.jsonl: line 2: missing label in column 'label'"):
+        read_examples(path)
+    assert read_examples(path, require_label=False)[1].label is None
+
+
+def test_jsonl_text_not_a_string(tmp_path):
+    path = write(tmp_path, "f.jsonl", '{"text": 5, "label": 1}\n')
+    with pytest.raises(DataError, match=r"f\.jsonl: line 1: column 'text' holds a number, not text"):
+        read_examples(path)
+
+
+def test_jsonl_label_object_rejected(tmp_path):
+    path = write(tmp_path, "f.jsonl", '{"text": "a", "label": {"x": 1}}\n')
+    with pytest.raises(DataError, match=r"f\.jsonl: line 1: the label in column 'label' is a JSON object"):
+        read_examples(path)
+
+
+def test_label_cells_not_parsed(tmp_path):
+    path = write(tmp_path, "m.csv", 'text,labels\na,"[""x"", ""y""]"\nb,x|y\n')
+    assert [e.label for e in read_examples(path)] == ['["x", "y"]', "x|y"]
+
+
+# ---------------------------------------------------------------- real data
+
+
+@pytest.mark.skipif(not SST2_DEV.exists(), reason="SST-2 dev set not available")
+def test_real_sst2_dev():
+    examples = read_examples(SST2_DEV)
+    assert len(examples) == 872
+    assert {e.label for e in examples} == {"0", "1"}
+    assert all(e.text == e.text.strip() and e.text for e in examples)
+    assert examples[0].line == 2 and examples[-1].line == 873

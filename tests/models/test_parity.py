@@ -1,0 +1,57 @@
+"""oztune's loader on tiny random HF models gives HF's logits; the bundled MiniLM matches HF BertModel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oztune.models.hub import load_classifier, resolve_model
+
+FAMILIES = ["bert", "roberta", "distilbert", "gpt2"]
+
+
+def padded_batch(pad_id: int, lengths=(9, 4, 1, 7), low: int = 4, high: int = 64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad_id)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(low, high, (n,), generator=g)
+        mask[i, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_hf_on_padded_batch(tiny_hf_dir, family):
+    d, hf = tiny_hf_dir(family)
+    model, _, meta = load_classifier(d)
+    pad = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
+    ids, mask = padded_batch(pad)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        out = model(ids, mask)
+    assert out.shape == ref.shape == (4, 3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert sorted(meta["id2label"]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_unpadded_batch_matches_too(tiny_hf_dir, family):
+    d, hf = tiny_hf_dir(family)
+    model, _, _ = load_classifier(d)
+    ids, mask = padded_batch(0, lengths=(6, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), hf(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bundled_minilm_last_hidden_state_matches_hf():
+    transformers = pytest.importorskip("transformers")
+    path = resolve_model(None)
+    model, enc, _ = load_classifier(path)
+    hf = transformers.BertModel.from_pretrained(path).eval()
+    batch = enc(["a charming and often affecting journey .", "bleak", "it is not a good film , but the cast is fine"])
+    with torch.no_grad():
+        ref = hf(**batch).last_hidden_state
+        out = model.backbone(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    m = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[m], ref[m], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,123 @@
+"""The command line end to end on a tiny random model: finetune -> evaluate -> predict, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from oztune.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "oztune", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, sentiment_files, tmp_path_factory):
+    train, dev = sentiment_files
+    out = tmp_path_factory.mktemp("run") / "model"
+    code = main(["finetune", "--train", str(train), "--eval", str(dev), "--output", str(out), "--model", str(tiny_base),
+                 "--epochs", "4", "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--no-freeze-embeddings"])
+    assert code == 0
+    return out
+
+
+def test_finetune_learns_and_saves_a_complete_directory(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "run.json", "README.md", "train_log.csv"} <= names
+    run = json.loads((trained / "run.json").read_text())
+    assert run["metrics"]["accuracy"] >= 0.9  # the synthetic task is decided by one word
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForSequenceClassification"]
+    assert cfg["id2label"] == {"0": "neg", "1": "pos"} and cfg["problem_type"] == "single_label_classification"
+    assert not [p for p in trained.parent.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+
+
+def test_evaluate_json_in_a_fresh_process(trained, sentiment_files):
+    r = run("evaluate", "--model", str(trained), "--data", str(sentiment_files[1]), "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    assert metrics["accuracy"] == pytest.approx(json.loads((trained / "run.json").read_text())["metrics"]["accuracy"])
+    assert metrics["examples"] == 100
+
+
+def test_predict_texts_and_all_scores(trained):
+    r = run("predict", "--model", str(trained), "good movie", "an awful plot", "--all-scores")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [p["label"] for p in rows] == ["pos", "neg"]
+    for p in rows:
+        assert set(p["scores"]) == {"neg", "pos"} and p["score"] == pytest.approx(max(p["scores"].values()))
+        assert sum(p["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_input_file_to_output_file(trained, sentiment_files, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", "--model", str(trained), "--input", str(sentiment_files[1]), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 100 and all(p["label"] in ("neg", "pos") for p in rows)
+
+
+def test_saved_model_loads_in_transformers_with_same_logits(trained):
+    transformers = pytest.importorskip("transformers")
+    from oztune import Classifier
+
+    clf = Classifier.from_pretrained(trained)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(trained).eval()
+    batch = clf.encoder(["good movie", "the plot was very dull and the film was bad"])
+    with torch.no_grad():
+        torch.testing.assert_close(clf.model(**batch), hf(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_python_api_predict(trained):
+    from oztune import Classifier
+
+    preds = Classifier.from_pretrained(trained).predict(["great film", "poor film"])
+    assert [p["label"] for p in preds] == ["pos", "neg"] and all(0.5 < p["score"] <= 1 for p in preds)
+
+
+def test_config_yaml_supplies_options(tiny_base, sentiment_files, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"train: {sentiment_files[0]}\nmodel: {tiny_base}\nepochs: 1\nmax_train_examples: 40\nprogress: false\n")
+    out = tmp_path / "m"
+    assert main(["finetune", "--config", str(cfg), "--output", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["train_examples"] == 40
+
+
+BAD = [
+    (["finetune", "--train", "missing.tsv", "--output", "{tmp}/o"], "missing.tsv: file not found"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--text-column", "txt"], "no column 'txt'; columns are: sentence, label"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--model", "{tmp}"], "not a model directory"),
+    (["evaluate", "--model", "{trained}", "--data", "{badlabel}"], "label 'maybe' is not one the model knows (neg, pos)"),
+    (["evaluate", "--model", "{tmp}", "--data", "{train}"], "not a model directory"),
+    (["finetune", "--train", "{ragged}", "--output", "{tmp}/o"], "line 3: expected 2 fields"),
+    (["finetune", "--train", "{binary}", "--output", "{tmp}/o"], "not valid UTF-8"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--epochs", "0"], "--epochs must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_input_gives_one_line_and_exit_2(argv, message, trained, sentiment_files, tmp_path):
+    (tmp_path / "bad.tsv").write_text("sentence\tlabel\ngood\tpos\nfine film\tmaybe\n")
+    (tmp_path / "ragged.tsv").write_text("sentence\tlabel\ngood\tpos\nbad\tneg\textra\n")
+    (tmp_path / "bin.tsv").write_bytes(b"sentence\tlabel\ngood\tpos\n\xff\xfe bad\tneg\n")
+    fill = {"tmp": str(tmp_path), "train": str(sentiment_files[0]), "trained": str(trained),
+            "badlabel": str(tmp_path / "bad.tsv"), "ragged": str(tmp_path / "ragged.tsv"), "binary": str(tmp_path / "bin.tsv")}
+    r = run(*[a.format(**fill) for a in argv])
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_directory_without_weights(trained, tmp_path):
+    d = tmp_path / "noweights"
+    d.mkdir()
+    (d / "config.json").write_text((trained / "config.json").read_text())
+    r = run("predict", "--model", str(d), "good")
+    assert r.returncode == 2 and "no weights (expected model.safetensors" in r.stderr
