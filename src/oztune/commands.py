@@ -130,3 +130,18 @@ def predict_cmd(a: PredictArgs) -> int:
     else:
         print("\n".join(lines))
     return 0
+
+
+def _register_more() -> None:
+    """Commands that live with their packages (compression, serving) register themselves on import."""
+    import importlib
+
+    for mod in ("oztune.compress.commands", "oztune.serve.commands"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+_register_more()
