@@ -13,6 +13,7 @@ from oztune.cli import command
 from oztune.data.load import Columns, read_labelled
 from oztune.errors import DataError, OztuneError
 from oztune.train.finetune import FinetuneArgs, finetune
+from oztune.train.distributed import is_main_process
 
 
 def _show_metrics(metrics: dict) -> str:
@@ -24,6 +25,8 @@ def finetune_cmd(a: FinetuneArgs) -> int:
     if not a.train:
         raise OztuneError("--train is required")
     run = finetune(a)
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return 0
     print(f"\nfine-tuned {a.model} on {run['train_examples']:,} examples in {run['train_seconds']:.0f} s "
           f"({run['train_examples_per_s']:.0f} examples/s); saved to {a.output}")
     if run["metrics"]:
@@ -36,7 +39,7 @@ def finetune_cmd(a: FinetuneArgs) -> int:
                             [e.text_pair for e in examples] if examples and examples[0].text_pair else None)
         print("\nsome predictions on the eval file (reloaded from disk):")
         for e, p in zip(examples, preds):
-            score = f"{p['score']:.3f}" if isinstance(p["score"], float) else p["score"]
+            score = f"{p['score']:.3f}" if isinstance(p["score"], float) else ", ".join(f"{s:.3f}" for s in p["score"])
             print(f"  {str(p['label']):>8} ({score})  gold {str(e.label):>8}  {e.text[:70]}")
     return 0
 

@@ -1,0 +1,110 @@
+"""Training speed and accuracy: oztune against Hugging Face Trainer on the same work, in one run.
+
+Work: the bundled all-MiniLM-L6-v2, N shuffled SST-2 train examples (default 8,000), 1 epoch, batch 32,
+max length 128, lr 1e-4, linear schedule with 6% warm-up, then SST-2 dev accuracy.
+Peer: HF Trainer with its best CPU options (bf16, group_by_length sampling, fused AdamW, dynamic padding).
+Both train the whole network; oztune's default (frozen token embeddings) is a third row.
+
+    python bench/train_speed.py            # full (about 3 x 1-2 minutes of training on 2 cores)
+    python bench/train_speed.py --quick    # 1,000 examples
+Prints a table and writes bench/results/train_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT / "data" / "sst2"
+
+
+def sst2(n: int, seed: int = 0):
+    from oztune.data.readers import read_examples
+
+    train = read_examples(SST2 / "train.tsv")
+    dev = read_examples(SST2 / "dev.tsv")
+    idx = np.random.default_rng(seed).permutation(len(train))[:n]
+    return [train[i] for i in idx], dev
+
+
+def run_oztune(train, dev, freeze: bool) -> dict:
+    from oztune.data.dataset import encode_data
+    from oztune.models.hub import load_classifier
+    from oztune.train.loop import TrainConfig, evaluate, fit, seed_everything
+
+    seed_everything(0)
+    model, enc, _ = load_classifier(None, num_labels=2, max_length=128)
+    tr = encode_data(enc, [e.text for e in train], None, [int(e.label) for e in train])
+    dv = encode_data(enc, [e.text for e in dev], None, [int(e.label) for e in dev])
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-4, warmup_ratio=0.06, freeze_embeddings=freeze, progress=False, seed=0)
+    result = fit(model, tr, cfg)
+    return {"examples_per_s": result.examples_per_s, "train_s": result.seconds, "dev_accuracy": evaluate(model, dv)["accuracy"]}
+
+
+def run_hf_trainer(train, dev, out_dir: str) -> dict:
+    import transformers as T
+
+    from oztune.models.hub import resolve_model
+
+    T.set_seed(0)
+    path = resolve_model(None)
+    tok = T.AutoTokenizer.from_pretrained(path)
+    model = T.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+    def enc(examples):
+        b = tok([e.text for e in examples], truncation=True, max_length=128)
+        return [{"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i],
+                 "token_type_ids": b["token_type_ids"][i], "labels": int(e.label)} for i, e in enumerate(examples)]
+
+    tr, dv = enc(train), enc(dev)
+    args = T.TrainingArguments(
+        output_dir=out_dir, num_train_epochs=1, per_device_train_batch_size=32, per_device_eval_batch_size=64,
+        learning_rate=1e-4, lr_scheduler_type="linear", warmup_steps=int(0.06 * (len(tr) // 32 + 1)),
+        bf16=True, train_sampling_strategy="group_by_length", optim="adamw_torch_fused", use_cpu=True,
+        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+    )
+    trainer = T.Trainer(model=model, args=args, train_dataset=tr, data_collator=T.DataCollatorWithPadding(tok))
+    t = time.perf_counter()
+    trainer.train()
+    secs = time.perf_counter() - t
+    preds = trainer.predict(dv)
+    acc = float((preds.predictions.argmax(-1) == np.array([d["labels"] for d in dv])).mean())
+    return {"examples_per_s": len(tr) / secs, "train_s": secs, "dev_accuracy": acc}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--examples", type=int, default=8000)
+    ap.add_argument("--quick", action="store_true", help="1,000 examples")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_speed.json"))
+    a = ap.parse_args()
+    n = 1000 if a.quick else a.examples
+    torch.set_num_threads(os.cpu_count() or 2)
+    train, dev = sst2(n)
+    import tempfile
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows["HF Trainer (bf16, group_by_length, fused AdamW)"] = run_hf_trainer(train, dev, tmp)
+    rows["oztune, all weights trained"] = run_oztune(train, dev, freeze=False)
+    rows["oztune default (token embeddings frozen)"] = run_oztune(train, dev, freeze=True)
+    base = rows["HF Trainer (bf16, group_by_length, fused AdamW)"]["examples_per_s"]
+    print(f"\nSST-2, {n:,} train examples, 1 epoch, batch 32, lr 1e-4, all-MiniLM-L6-v2, {torch.get_num_threads()} threads")
+    print(f"{'run':<50} {'examples/s':>10} {'vs HF':>6} {'train s':>8} {'dev acc':>8}")
+    for name, r in rows.items():
+        r["speedup_vs_hf_trainer"] = r["examples_per_s"] / base
+        print(f"{name:<50} {r['examples_per_s']:>10.1f} {r['speedup_vs_hf_trainer']:>5.2f}x {r['train_s']:>8.1f} {100 * r['dev_accuracy']:>7.1f}%")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"examples": n, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                       "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Loading is strict and names keys; saving is atomic; .bin checkpoints load with weights_only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from oztune.errors import ModelError
+from oztune.models.hub import load_classifier, resolve_model, save_classifier
+
+
+def test_missing_key_is_named(tiny_hf_dir):
+    d, _ = tiny_hf_dir("bert")
+    sd = load_file(d / "model.safetensors")
+    del sd["bert.encoder.layer.1.output.dense.weight"]
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(ModelError, match=r"missing weight 'bert.encoder.layer.1.output.dense.weight'"):
+        load_classifier(d)
+
+
+def test_unexpected_key_is_named(tiny_hf_dir):
+    d, _ = tiny_hf_dir("distilbert")
+    sd = load_file(d / "model.safetensors")
+    sd["distilbert.transformer.layer.0.surprise.weight"] = torch.zeros(2)
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(ModelError, match=r"unexpected weight\(s\) distilbert.transformer.layer.0.surprise.weight"):
+        load_classifier(d)
+
+
+def test_pytorch_model_bin_loads_like_safetensors(tiny_hf_dir):
+    d, hf = tiny_hf_dir("roberta")
+    a, _, _ = load_classifier(d)
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    b, _, _ = load_classifier(d)
+    ids = torch.randint(4, 60, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids), b(ids), rtol=0, atol=0)
+
+
+def test_unsupported_family_is_named(tiny_hf_dir):
+    d, _ = tiny_hf_dir("bert")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="model_type 'mamba' is not supported; supported: bert, roberta, distilbert, gpt2"):
+        load_classifier(d)
+
+
+def test_base_model_gets_a_new_head_of_the_asked_size(tiny_base):
+    model, _, meta = load_classifier(tiny_base, num_labels=5, problem_type="multi_label")
+    assert model.head.out.out_features == 5 and model.head_cfg.problem_type == "multi_label"
+    assert meta["id2label"] == {}
+
+
+def test_custom_head_saves_natively_and_reloads_identically(tiny_base, tmp_path):
+    model, enc, _ = load_classifier(tiny_base, num_labels=3, head={"pooling": "mean", "hidden_sizes": [16], "activation": "gelu"})
+    out = save_classifier(model, enc, tmp_path / "m", {0: "a", 1: "b", 2: "c"})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["oztune"]["format"] == "native" and cfg["architectures"] == ["OztuneSequenceClassifier"]
+    again, _, meta = load_classifier(out)
+    ids = torch.randint(4, 60, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), again(ids, mask), rtol=0, atol=0)
+    assert meta["id2label"] == {0: "a", 1: "b", 2: "c"}
+
+
+def test_save_replaces_existing_directory_only_when_complete(tiny_base, tmp_path, monkeypatch):
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    out = save_classifier(model, enc, tmp_path / "m", {0: "x", 1: "y"})
+    before = (out / "model.safetensors").read_bytes()
+    import oztune.models.hub as hub
+
+    def broken(*a, **k):
+        raise KeyboardInterrupt  # an interruption in the middle of writing the new directory
+
+    monkeypatch.setattr(hub, "save_file", broken)
+    with pytest.raises(KeyboardInterrupt):
+        save_classifier(model, enc, out, {0: "x", 1: "y"})
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_default_model_is_the_bundled_minilm():
+    path = resolve_model(None)
+    assert (path / "model.safetensors").is_file() and json.loads((path / "config.json").read_text())["hidden_size"] == 384
+
+
+def test_unknown_name_and_file_instead_of_directory(tmp_path):
+    with pytest.raises(ModelError, match="unknown model 'nope'"):
+        resolve_model("nope")
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(ModelError, match="a model must be a directory"):
+        resolve_model(f)

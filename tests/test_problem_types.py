@@ -1,0 +1,77 @@
+"""Multi-label (BCE), regression (MSE) and sentence pairs, end to end through the CLI on tiny models."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from oztune import Classifier
+from oztune.cli import main
+
+FILLER = ["movie", "film", "the", "is", "it", "a"]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_multi_label_learns_each_label(tiny_base, tmp_path):
+    rng = random.Random(0)
+    rows = []
+    for _ in range(300):
+        words = [rng.choice(FILLER) for _ in range(4)]
+        labels = []
+        if rng.random() < 0.5:
+            words.insert(rng.randint(0, 4), "good")
+            labels.append("pos")
+        if rng.random() < 0.5:
+            words.insert(rng.randint(0, 4), "plot")
+            labels.append("story")
+        rows.append({"text": " ".join(words), "labels": labels})
+    train = _jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "m"
+    assert main(["finetune", "--train", str(train), "--eval", str(train), "--output", str(out), "--model", str(tiny_base),
+                 "--epochs", "6", "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--no-freeze-embeddings",
+                 "--pooling", "mean"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["problem_type"] == "multi_label" and run["metrics"]["micro_f1"] > 0.85
+    preds = Classifier.from_pretrained(out).predict(["good movie", "the plot", "good plot"])
+    assert [sorted(p["label"]) for p in preds] == [["pos"], ["story"], ["pos", "story"]]
+
+
+def test_regression_learns_a_score(tiny_base, tmp_path):
+    rng = random.Random(1)
+    rows = []
+    for _ in range(300):
+        k = rng.randint(0, 3)
+        words = ["good"] * k + [rng.choice(FILLER) for _ in range(3)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "score": k + 0.5})
+    train = _jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "m"
+    assert main(["finetune", "--train", str(train), "--eval", str(train), "--output", str(out), "--model", str(tiny_base),
+                 "--epochs", "8", "--lr", "1e-3", "--batch-size", "16", "--no-progress", "--no-freeze-embeddings",
+                 "--pooling", "mean"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["problem_type"] == "regression" and run["metrics"]["pearson"] > 0.8
+    lo, hi = Classifier.from_pretrained(out).predict(["movie film", "good good good film"])
+    assert lo["score"] < hi["score"]
+
+
+def test_sentence_pairs_use_both_texts(tiny_base, tmp_path):
+    rng = random.Random(2)
+    lines = ["sentence1\tsentence2\tlabel"]
+    for _ in range(300):
+        a, b = rng.choice(["good", "bad"]), rng.choice(["good", "bad"])
+        lines.append(f"the {a} movie\tit is {b}\t{b}")  # only the second text decides
+    train = tmp_path / "pairs.tsv"
+    train.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "m"
+    assert main(["finetune", "--train", str(train), "--eval", str(train), "--output", str(out), "--model", str(tiny_base),
+                 "--epochs", "8", "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--no-freeze-embeddings"]) == 0
+    assert json.loads((out / "run.json").read_text())["metrics"]["accuracy"] > 0.9
+    preds = Classifier.from_pretrained(out).predict(["the good movie", "the bad movie"], ["it is bad", "it is good"])
+    assert [p["label"] for p in preds] == ["bad", "good"]
