@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
-import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,13 @@ import torch
 from oztune.data.load import Columns, encode_examples, label_setup, read_labelled
 from oztune.errors import OztuneError
 from oztune.models.hub import DEFAULT_MODEL, load_classifier, save_classifier
+from oztune.models.lora import apply_lora, merge_lora
+from oztune.train import distributed
+from oztune.train.checkpoint import Checkpointer, remove_checkpoints
 from oztune.train.loop import TrainConfig, fit, seed_everything
+
+
+FULL_LR, LORA_LR = 1e-4, 5e-4  # default peak learning rates: all weights, LoRA updates
 
 
 @dataclass
@@ -28,8 +34,8 @@ class FinetuneArgs:
         eval: evaluation file; metrics are printed each epoch and the best epoch is kept.
         model: pre-trained model name or directory (default: the bundled all-MiniLM-L6-v2).
         epochs: passes over the training data.
-        batch_size: examples per step.
-        lr: peak learning rate (linear warm-up, then linear decay).
+        batch_size: examples per step (per process under torchrun).
+        lr: peak learning rate, linear warm-up then linear decay (default 1e-4; 5e-4 with --lora-rank).
         max_length: longest input in tokens; longer texts are truncated.
         max_train_examples: train on a seeded random sample of this many examples.
         text_column: column holding the text (default: text, sentence, ...).
@@ -48,6 +54,17 @@ class FinetuneArgs:
         patience: stop after this many epochs without improvement on --eval (0: never).
         freeze_embeddings: keep the token-embedding table fixed (faster; --no-freeze-embeddings trains it).
         progress: show progress bars.
+        checkpoint_every: write a resumable checkpoint every this many optimizer steps (0: never).
+        checkpoint_dir: folder for checkpoints (default: OUTPUT.checkpoints); they are deleted once the model is saved.
+        keep_checkpoints: how many of the newest checkpoints to keep.
+        resume: continue an interrupted run from its newest valid checkpoint (same command, plus --resume).
+        lora_rank: train rank-R LoRA updates of the attention and feed-forward linears instead of all weights
+            (0: full fine-tuning); they are merged into the weights when saving.
+        lora_alpha: LoRA scale numerator: updates are multiplied by alpha / rank (default 2 x rank).
+        lora_targets: linears that get LoRA, comma-separated from qkv, o, up, down.
+        lora_dropout: dropout on the input of the LoRA updates.
+
+    Under torchrun (torchrun --nproc-per-node N -m oztune finetune ...), --batch-size is per process.
     """
 
     train: str = ""
@@ -56,7 +73,7 @@ class FinetuneArgs:
     model: str = DEFAULT_MODEL
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float | None = None
     max_length: int = 128
     max_train_examples: int | None = None
     text_column: str | None = None
@@ -75,19 +92,37 @@ class FinetuneArgs:
     patience: int = 0
     freeze_embeddings: bool = True
     progress: bool = True
+    checkpoint_every: int = 200
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 2
+    resume: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "o", "up", "down"])
+    lora_dropout: float = 0.0
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                            warmup_ratio=self.warmup_ratio, max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum,
                            precision=self.precision, seed=self.seed, patience=self.patience,
-                           freeze_embeddings=self.freeze_embeddings, progress=self.progress)
+                           freeze_embeddings=self.freeze_embeddings, progress=self.progress,
+                           checkpoint_dir=self.checkpoints_dir(), checkpoint_every=self.checkpoint_every,
+                           keep_checkpoints=self.keep_checkpoints, resume=self.resume)
+
+    def checkpoints_dir(self) -> str:
+        return self.checkpoint_dir or f"{self.output.rstrip('/')}.checkpoints"
 
 
 def check_args(a: FinetuneArgs) -> None:
     """Reject bad option values and an unwritable output before any work is done."""
-    for name in ("epochs", "batch_size", "max_length", "grad_accum"):
+    for name in ("epochs", "batch_size", "max_length", "grad_accum", "keep_checkpoints"):
         if getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(a, name)}")
+    for name in ("checkpoint_every", "lora_rank"):
+        if getattr(a, name) < 0:
+            raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(a, name)}")
+    if not 0 <= a.lora_dropout < 1:
+        raise OztuneError(f"--lora-dropout must be in [0, 1), not {a.lora_dropout}")
     if a.lr <= 0:
         raise OztuneError(f"--lr must be positive, not {a.lr}")
     if a.max_train_examples is not None and a.max_train_examples < 1:
@@ -97,20 +132,36 @@ def check_args(a: FinetuneArgs) -> None:
     if a.problem_type not in (None, "single_label", "multi_label", "regression"):
         raise OztuneError(f"--problem-type must be single_label, multi_label or regression, not {a.problem_type!r}")
     check_output_dir(a.output)
+    if a.checkpoint_every or a.resume:
+        check_output_dir(a.checkpoints_dir(), "--checkpoint-dir")
+    if a.checkpoint_every and not a.resume:
+        Checkpointer(a.checkpoints_dir(), a.checkpoint_every, a.keep_checkpoints, {}).check_fresh_start()
 
 
-def check_output_dir(output: str) -> None:
-    """An output directory must be creatable and writable; say so before training, not after."""
+def check_output_dir(output: str, option: str = "--output") -> None:
+    """A directory that will be written (replaced atomically from a sibling temporary directory) must be
+    creatable: its nearest existing ancestor must be a directory we can create files in. Said before
+    training, not after; nothing is left behind.
+
+    Args:
+        output: the directory.
+        option: the command-line option that named it, for the message.
+    """
     if not output:
-        raise OztuneError("--output is required")
-    out = Path(output)
+        raise OztuneError(f"{option} is required")
+    out = Path(output).absolute()
     if out.exists() and not out.is_dir():
-        raise OztuneError(f"--output {output}: exists and is not a directory")
-    parent = out.parent if not out.exists() else out
-    while not parent.exists():
+        raise OztuneError(f"{option} {output}: exists and is not a directory")
+    parent = out.parent
+    while not parent.exists() and not parent.is_symlink():
         parent = parent.parent
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out.parent, os.W_OK)):
-        raise OztuneError(f"--output {output}: cannot write to {parent} (permission denied)")
+    if not parent.is_dir():
+        raise OztuneError(f"{option} {output}: cannot be created, {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OztuneError(f"{option} {output}: cannot write to {parent} ({e.strerror or e})") from None
 
 
 def sample(examples: list, n: int | None, seed: int) -> list:
@@ -122,8 +173,23 @@ def sample(examples: list, n: int | None, seed: int) -> list:
 
 
 def finetune(a: FinetuneArgs) -> dict:
-    """Run the recipe; returns the run record (arguments, label map, metrics, timings)."""
+    """Run the recipe; returns the run record (arguments, label map, metrics, timings).
+
+    Under torchrun every process runs this; only rank 0 prints and saves, the others wait for it.
+    """
+    if a.lr is None:
+        a = replace(a, lr=LORA_LR if a.lora_rank else FULL_LR)
     check_args(a)
+    env = distributed.init_from_env()
+    try:
+        run = _finetune(a, env)
+        distributed.barrier()  # the other ranks wait while rank 0 saves
+    finally:
+        distributed.shutdown()
+    return run
+
+
+def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     seed_everything(a.seed)
     cols = Columns(a.text_column, a.text_pair_column, a.label_column)
     train_ex = sample(read_labelled(a.train, cols), a.max_train_examples, a.seed)
@@ -141,18 +207,33 @@ def finetune(a: FinetuneArgs) -> dict:
     train_data = encode_examples(train_ex, enc, label2id, problem_type, a.train)
     eval_data = encode_examples(eval_ex, enc, label2id, problem_type, a.eval) if eval_ex else None
     tokenize_s = time.perf_counter() - t0
-    if a.progress:
+    if a.lora_rank:
+        apply_lora(model, a.lora_rank, a.lora_alpha, a.lora_targets, a.lora_dropout)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and not (
+        a.freeze_embeddings and p is model.backbone.embed.word.weight))
+    if a.progress and env.is_main:
+        lora = f", LoRA rank {a.lora_rank} on {','.join(a.lora_targets)}" if a.lora_rank else ""
+        procs = f"; {env.world} processes x batch {a.batch_size}" if env.world > 1 else ""
         print(f"oztune: fine-tuning {a.model} on {len(train_ex):,} examples of {a.train} "
               f"({problem_type}, {num_labels} output{'s' if num_labels > 1 else ''}); "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
-    result = fit(model, train_data, a.train_config(), eval_data)
+              f"{total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({100 * trainable / total:.1f}%"
+              f"{lora}){procs}", flush=True)
+    cfg = a.train_config()
+    result = fit(model, train_data, cfg, eval_data)
+    if a.lora_rank:
+        merge_lora(model)
     id2label = {i: n for n, i in label2id.items()} if label2id else {0: "value"}
     run = {"command": "finetune", "args": asdict(a), "problem_type": problem_type, "train_examples": len(train_ex),
            "eval_examples": len(eval_ex) if eval_ex else 0, "metrics": result.best, "history": result.history,
+           "parameters": total, "trainable_parameters": trainable, "processes": env.world,
            "train_seconds": round(result.seconds, 1), "train_examples_per_s": round(result.examples_per_s, 1),
            "tokenize_seconds": round(tokenize_s, 2), "torch": torch.__version__}
-    save_classifier(model, enc, a.output, id2label, run=run, card=model_card(a, run, id2label),
-                    extra_files={"train_log.csv": log_csv(result.log)})
+    if env.is_main:
+        save_classifier(model, enc, a.output, id2label, run=run, card=model_card(a, run, id2label),
+                        extra_files={"train_log.csv": log_csv(result.log)})
+        if cfg.checkpoint_dir and (cfg.checkpoint_every or cfg.resume):
+            remove_checkpoints(cfg.checkpoint_dir)  # the run is finished and saved
     return run
 
 

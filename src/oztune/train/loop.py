@@ -2,8 +2,8 @@
 
 AdamW (fused where available) with linear warm-up and decay, gradient clipping and accumulation,
 bf16 autocast on CPUs with native bf16, per-epoch evaluation with early stopping that keeps the best
-weights, a tqdm bar with loss and examples/s, and one log row per optimizer step.
-What differs between recipes is the ``loss_fn`` passed in.
+weights, a tqdm bar with loss and examples/s, and one log row per optimizer step; resumable
+checkpoints and data-parallel training under torchrun. What differs between recipes is the ``loss_fn``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from oztune.data.dataset import EncodedData, inference_batches, train_batches
+from oztune.train import distributed
+from oztune.train.checkpoint import Checkpointer, Progress
 from oztune.train.metrics import MAIN_METRIC, compute_metrics
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -44,6 +46,12 @@ class TrainConfig:
         freeze_embeddings: keep the token-embedding table fixed (faster: no dense 30k-row gradient).
         bucket: length bucketing, in batches per sorted mega-batch (1: off).
         progress: show a progress bar.
+        checkpoint_dir: folder for resumable checkpoints (None: none are written).
+        checkpoint_every: optimizer steps between checkpoints (0: none).
+        keep_checkpoints: how many of the newest checkpoints to keep.
+        resume: continue from the newest valid checkpoint in ``checkpoint_dir`` (start fresh if there is none).
+
+    Under torchrun, ``batch_size`` is per process: a step takes ``batch_size x processes`` examples.
     """
 
     epochs: int = 3
@@ -59,6 +67,10 @@ class TrainConfig:
     freeze_embeddings: bool = False
     bucket: int = 50
     progress: bool = True
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
 
 
 @dataclass
@@ -147,7 +159,8 @@ def evaluate(model: nn.Module, data: EncodedData, batch_size: int = 64, precisio
 
 
 def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: EncodedData | None = None,
-        loss_fn: LossFn = default_loss, main_metric: str | None = None) -> FitResult:
+        loss_fn: LossFn = default_loss, main_metric: str | None = None,
+        on_step: Callable[[int, int], None] | None = None) -> FitResult:
     """Train ``model`` in place on ``train``; evaluate on ``eval_data`` each epoch and keep the best weights.
 
     Args:
@@ -157,73 +170,103 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
         eval_data: encoded evaluation data; without it the last weights are kept.
         loss_fn: ``loss_fn(model, batch) -> loss``; distillation passes its own.
         main_metric: metric that decides the best epoch (default: by problem type).
+        on_step: called as ``on_step(step, total_steps)`` after each optimizer step (pruning schedules).
+
+    Under torchrun each process trains on its slice of every global batch of ``batch_size x processes``
+    examples and gradients are summed over processes before each step (:mod:`oztune.train.distributed`);
+    only rank 0 shows progress and evaluates. With ``cfg.checkpoint_dir`` the run writes checkpoints
+    (:mod:`oztune.train.checkpoint`) and with ``cfg.resume`` continues from the newest valid one.
     """
-    seed_everything(cfg.seed)
-    model.backbone.embed.word.weight.requires_grad_(not cfg.freeze_embeddings)
-    steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
-    opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
+    env = distributed.init_from_env()
+    seed_everything(cfg.seed + env.rank)
+    word = model.backbone.embed.word.weight
+    word_trainable = word.requires_grad
+    word.requires_grad_(word_trainable and not cfg.freeze_embeddings)
+    global_batch = cfg.batch_size * env.world
+    total_steps = math.ceil(math.ceil(len(train) / global_batch) / cfg.grad_accum) * cfg.epochs
+    opt, sched = make_optimizer(model, cfg, total_steps)
     dtype = autocast_dtype(cfg.precision)
     main_metric = main_metric or MAIN_METRIC[model.head_cfg.problem_type]
     params = [p for p in model.parameters() if p.requires_grad]
-    result, best_state, bad_evals, step, seen = FitResult(), None, 0, 0, 0
-    lengths = train.lengths
-    start = time.perf_counter()
+    if env.world > 1:
+        distributed.broadcast_model(model)
+    ckpt = Checkpointer.for_run(cfg, len(train), model, env)
+    run = (ckpt.resume_run(model, opt, sched, env) if ckpt and cfg.resume else None) or Progress()
+    lengths, seen, start = train.lengths, 0, time.perf_counter()
     model.train()
-    for epoch in range(cfg.epochs):
-        batches = train_batches(lengths, cfg.batch_size, cfg.seed + epoch, cfg.bucket)
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   unit="batch", dynamic_ncols=True, leave=False,
+    for epoch in range(run.epoch, cfg.epochs):
+        batches = train_batches(lengths, global_batch, cfg.seed + epoch, cfg.bucket)
+        bar = tqdm(total=len(batches), initial=run.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and env.is_main), unit="batch", dynamic_ncols=True, leave=False,
                    mininterval=0.5 if sys.stderr.isatty() else 15)
-        for i, idx in enumerate(batches):
-            batch = train.batch(idx)
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                loss = loss_fn(model, batch)
-            (loss / cfg.grad_accum).backward()
-            seen += len(idx)
+        for i in range(run.batch, len(batches)):
+            mine = batches[i][env.rank::env.world]  # this rank's slice of the global batch
+            share = len(mine) / len(batches[i])  # its weight in the global batch's mean loss
+            loss = 0.0
+            if len(mine):
+                with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                    local = loss_fn(model, train.batch(mine))
+                (local * (share / cfg.grad_accum)).backward()
+                loss = local.item() * share
+            seen += len(batches[i])
             if (i + 1) % cfg.grad_accum and i + 1 < len(batches):
                 bar.update(1)
                 continue
+            if env.world > 1:
+                loss = distributed.sync_gradients(params, loss)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            step += 1
+            run.step, run.batch = run.step + 1, i + 1
+            if on_step is not None:
+                on_step(run.step, total_steps)
             elapsed = time.perf_counter() - start
-            row = {"step": step, "epoch": epoch + (i + 1) / len(batches), "loss": loss.item(),
+            row = {"step": run.step, "epoch": epoch + (i + 1) / len(batches), "loss": loss,
                    "lr": sched.get_last_lr()[0], "examples_per_s": seen / elapsed, "elapsed_s": elapsed}
-            result.log.append(row)
+            run.log.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.0f}")
             bar.update(1)
+            if ckpt is not None and ckpt.due(run.step):
+                ckpt.save_run(model, opt, sched, run, env)
         bar.close()
         train_time = time.perf_counter() - start
-        entry = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean([r["loss"] for r in result.log[-len(batches):]]))}
-        if eval_data is not None:
-            entry.update(evaluate(model, eval_data))
-            model.train()
-            improved = not result.best or entry[main_metric] > result.best[main_metric]
-            if improved:
-                result.best = dict(entry)
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                bad_evals = 0
-            else:
-                bad_evals += 1
-        result.history.append(entry)
-        if cfg.progress:
+        entry = _end_epoch(model, run, epoch, eval_data, main_metric, env)
+        if cfg.progress and env.is_main:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float))
             tqdm.write(f"epoch {epoch + 1}: {shown}")
         start += time.perf_counter() - start - train_time  # evaluation time does not count as training time
-        if cfg.patience and bad_evals >= cfg.patience:
+        if cfg.patience and run.bad_evals >= cfg.patience:
             break
-    result.seconds = time.perf_counter() - start
-    result.examples_per_s = seen / max(result.seconds, 1e-9)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    seconds = time.perf_counter() - start
+    result = FitResult(run.best, run.history, run.log, seen / max(seconds, 1e-9), seconds)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
     else:
-        result.best = dict(result.history[-1]) if result.history else {}
+        result.best = dict(run.history[-1]) if run.history else {}
     model.eval()
-    model.backbone.embed.word.weight.requires_grad_(True)
+    word.requires_grad_(word_trainable)
     return result
+
+
+def _end_epoch(model: nn.Module, run: Progress, epoch: int, eval_data: EncodedData | None, main_metric: str,
+               env: distributed.DistEnv) -> dict:
+    """Close an epoch: evaluate (on rank 0, which sends the metrics to the others), keep the best weights."""
+    losses = [r["loss"] for r in run.log if epoch < r["epoch"] <= epoch + 1]
+    entry = {"epoch": epoch + 1, "step": run.step, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+    if eval_data is not None:
+        metrics = evaluate(model, eval_data) if env.is_main else None
+        entry.update(distributed.broadcast_object(metrics) if env.world > 1 else metrics)
+        model.train()
+        if not run.best or entry[main_metric] > run.best[main_metric]:
+            run.best, run.bad_evals = dict(entry), 0
+            run.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            run.bad_evals += 1
+    run.history.append(entry)
+    run.epoch, run.batch = epoch + 1, 0
+    return entry
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -1,0 +1,258 @@
+"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint is a directory ``step-00000120`` in the checkpoint folder holding ``state.pt`` (model,
+optimizer, scheduler, RNG states of every rank, position in the data, best-so-far weights and metrics,
+the log) and ``manifest.json`` (size and SHA-256 of ``state.pt``, written last). Both are written into a
+temporary directory that is renamed into place, so a checkpoint is complete or absent; one whose manifest
+is missing or does not match its file (truncated, corrupted) is skipped with a message, never loaded.
+``state.pt`` holds only tensors and plain Python values: it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from oztune.errors import OztuneError
+from oztune.train.distributed import DistEnv, broadcast_object, gather_objects
+
+STATE, MANIFEST = "state.pt", "manifest.json"
+_NAME = re.compile(r"step-(\d+)")
+_PARTIAL = re.compile(r"\.step-\d+\.tmp-.+")  # the temporary directory of a write that did not finish
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the next batch to train on, counters, best-so-far weights and metrics, the log.
+
+    Args:
+        epoch: current epoch (0-based).
+        batch: index of the next batch in the epoch's batch order (``train_batches(..., seed + epoch)``).
+        step: optimizer steps taken.
+        bad_evals: evaluations in a row without improvement.
+        best_state: weights of the best evaluation so far (None without evaluation data).
+        best: metrics of the best evaluation so far.
+        history: one entry per finished epoch.
+        log: one row per optimizer step.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    bad_evals: int = 0
+    best_state: dict | None = None
+    best: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    log: list[dict] = field(default_factory=list)
+
+
+def rng_state() -> dict:
+    """The Python, NumPy and torch (CPU) generator states of this process, as plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured, so dropout masks and sampling continue identically."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_checkpoints(directory: str | os.PathLike) -> None:
+    """Delete the checkpoints (and partial writes) in ``directory``, and the folder itself if that empties it."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.is_dir() and (_NAME.fullmatch(p.name) or _PARTIAL.fullmatch(p.name)):
+            shutil.rmtree(p, ignore_errors=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+class Checkpointer:
+    """Writes, lists, validates and loads the checkpoints of one run.
+
+    Args:
+        directory: folder holding the checkpoints (created on first save).
+        every: optimizer steps between checkpoints (0: never write).
+        keep: how many of the newest checkpoints to keep.
+        fingerprint: settings that must match for a checkpoint to be resumed (batch size, seed, data size...).
+    """
+
+    def __init__(self, directory: str | os.PathLike, every: int, keep: int, fingerprint: dict):
+        self.dir, self.every, self.keep = Path(directory), every, max(1, keep)
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def for_run(cls, cfg, examples: int, model: torch.nn.Module, env: DistEnv) -> "Checkpointer | None":
+        """The checkpointer of a training run (None when ``cfg`` asks for no checkpoints).
+
+        Without ``cfg.resume``, a folder holding another run's checkpoints is an error: mixing two runs
+        would let a later ``--resume`` pick up the wrong one.
+
+        Args:
+            cfg: the run's TrainConfig.
+            examples: number of training examples.
+            model: the model being trained (its parameter counts go into the fingerprint).
+            env: this process's place in a distributed job.
+        """
+        if not cfg.checkpoint_dir or not (cfg.checkpoint_every or cfg.resume):
+            return None
+        fingerprint = {"examples": examples, "processes": env.world, "batch_size": cfg.batch_size,
+                       "grad_accum": cfg.grad_accum, "epochs": cfg.epochs, "seed": cfg.seed, "bucket": cfg.bucket,
+                       "parameters": sum(t.numel() for t in model.state_dict().values()),
+                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        ckpt = cls(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, fingerprint)
+        if not cfg.resume:
+            ckpt.check_fresh_start()
+        return ckpt
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every checkpoint directory, newest first (valid or not)."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+        return sorted(found, reverse=True)
+
+    def save(self, step: int, state: dict) -> Path:
+        """Write ``state`` as the checkpoint of ``step`` atomically, then drop all but the newest ``keep``."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"step-{step:08d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.dir))
+        try:
+            torch.save({**state, "step": step, "fingerprint": self.fingerprint}, tmp / STATE)
+            _fsync(tmp / STATE)
+            manifest = {"step": step, "files": {STATE: {"bytes": (tmp / STATE).stat().st_size,
+                                                        "sha256": _sha256(tmp / STATE)}}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            _fsync(tmp / MANIFEST)
+            if final.exists():  # the same step written again after a resume
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(self.dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for _, old in self.checkpoints()[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def save_run(self, model, opt, sched, progress: Progress, env: DistEnv) -> None:
+        """Checkpoint a run; under torchrun every rank must call it (each sends its RNG state, rank 0 writes)."""
+        rngs = gather_objects(rng_state()) if env.world > 1 else [rng_state()]
+        if env.is_main:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "rng": rngs, "progress": dict(vars(progress))}
+            try:
+                self.save(progress.step, state)
+            except OSError as e:
+                raise OztuneError(f"cannot write a checkpoint to {self.dir}: {e}") from None
+
+    def resume_run(self, model, opt, sched, env: DistEnv) -> Progress | None:
+        """Load the newest valid checkpoint into model, optimizer, scheduler and RNGs; None when there is none.
+
+        Rank 0 picks the checkpoint and tells the others, so all ranks load the same one.
+        """
+        path = self.newest_valid() if env.is_main else None
+        if env.world > 1:
+            path = broadcast_object(path)
+        if path is None:
+            if env.is_main:
+                print(f"oztune: no checkpoint to resume from in {self.dir}; starting from the beginning",
+                      file=sys.stderr, flush=True)
+            return None
+        state = self.load(path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][env.rank])
+        progress = Progress(**state["progress"])
+        if env.is_main:
+            print(f"oztune: resuming from {path} (epoch {progress.epoch + 1}, step {progress.step})",
+                  file=sys.stderr, flush=True)
+        return progress
+
+    def problem(self, path: Path) -> str | None:
+        """Why the checkpoint at ``path`` cannot be loaded, or None when its files match its manifest."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            files = manifest["files"]
+        except FileNotFoundError:
+            return "no manifest.json (the write did not finish)"
+        except (ValueError, KeyError, TypeError) as e:
+            return f"manifest.json is unreadable ({type(e).__name__})"
+        for name, want in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != want["bytes"]:
+                return f"{name} has {f.stat().st_size:,} bytes, the manifest says {want['bytes']:,} (truncated?)"
+            if _sha256(f) != want["sha256"]:
+                return f"{name} does not match its SHA-256 checksum (corrupted)"
+        return None
+
+    def newest_valid(self) -> Path | None:
+        """The newest checkpoint whose files match their manifest; each one skipped is reported on stderr.
+
+        Temporary directories of writes that were cut short are removed.
+        """
+        for p in self.dir.iterdir() if self.dir.is_dir() else []:
+            if _PARTIAL.fullmatch(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+        for _, path in self.checkpoints():
+            why = self.problem(path)
+            if why is None:
+                return path
+            print(f"oztune: skipping checkpoint {path}: {why}", file=sys.stderr, flush=True)
+        return None
+
+    def load(self, path: Path) -> dict:
+        """The state saved at ``path``; a checkpoint of a run with other settings is an OztuneError."""
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        theirs = state.get("fingerprint", {})
+        diff = [f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in self.fingerprint.items() if theirs.get(k) != v]
+        if diff:
+            raise OztuneError(f"cannot resume from {path}: it was written by a run with other settings: "
+                              f"{'; '.join(diff)}. Use the same options, or another --checkpoint-dir")
+        return state
+
+    def check_fresh_start(self) -> None:
+        """Starting over in a folder that holds another run's checkpoints would mix two runs: refuse."""
+        found = self.checkpoints()
+        if found:
+            raise OztuneError(f"{self.dir} holds checkpoints of an unfinished run (newest: step {found[0][0]}): "
+                              "pass --resume to continue it, or remove the folder to start over")

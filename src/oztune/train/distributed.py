@@ -1,0 +1,115 @@
+"""Data-parallel training over processes started by ``torchrun`` (one or several hosts).
+
+``torchrun`` sets RANK, WORLD_SIZE, MASTER_ADDR... in each process; :func:`init_from_env` joins the
+process group from them (gloo for CPU tensors, nccl for CUDA tensors). Each rank trains on its slice of
+every global batch and :func:`sync_gradients` sums the gradients over ranks once per optimizer step.
+
+Why one flat ``all_reduce`` per step rather than ``DistributedDataParallel``: DDP synchronises inside
+``backward`` only when the forward pass went through its wrapper, so a ``loss_fn`` that calls submodules
+(distillation matching hidden states) or attributes (``model.loss``) would silently train unsynchronised
+ranks; it also needs ``no_sync`` for gradient accumulation and cannot take a rank whose slice of the last
+batch is empty. One reduction after the last micro-batch has none of these problems; what it gives up is
+DDP's overlap of communication with the backward pass, which buys little on CPUs where both compete
+for the same cores.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job: rank and number of processes (1 and 0 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, evaluates and saves."""
+        return self.rank == 0
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def init_from_env() -> DistEnv:
+    """Join the process group described by torchrun's environment (idempotent); one process: nothing to do.
+
+    Each rank gets ``cores // processes on this host`` torch threads.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size())
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistEnv()
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    torch.set_num_threads(max(1, cpu_cores() // local))
+    return DistEnv(dist.get_rank(), dist.get_world_size())
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0 (or not under torchrun); read from the environment, so it holds before
+    the process group is joined and after it is left (to guard printing and saving in commands)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (no barrier: after an error on one rank a barrier could hang the others)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_model(model: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers, so all start from the same weights."""
+    for t in model.state_dict().values():
+        dist.broadcast(t, 0)
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (metrics, a checkpoint path)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order, on every rank."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sync_gradients(params: list[nn.Parameter], loss: float) -> float:
+    """Sum fp32 gradients (and the logged loss) over ranks in one all_reduce; returns the summed loss.
+
+    Each rank has already weighted its loss by its share of the global batch, so the sum is the gradient
+    of the mean loss over the global batch. A parameter keeps grad None only if it has none on every rank.
+    """
+    has = [float(p.grad is not None) for p in params]
+    grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+    flat = torch.cat(grads + [torch.tensor(has + [loss])])  # (sum of numel + len(params) + 1,)
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    for p, n in zip(params, flat[offset:-1].tolist()):
+        if n == 0:
+            p.grad = None
+    return flat[-1].item()

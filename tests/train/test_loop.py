@@ -1,0 +1,83 @@
+"""The training loop in-process: resume after a crash, per-epoch records, embedding freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oztune.data.load import Columns, encode_examples, label_setup, read_labelled
+from oztune.models.hub import load_classifier
+from oztune.train.loop import TrainConfig, fit, seed_everything
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def data(sentiment_files):
+    train, dev = sentiment_files
+    tr, ev = read_labelled(str(train), Columns())[:64], read_labelled(str(dev), Columns())[:32]
+    problem, label2id = label_setup(tr, None)
+    return tr, ev, problem, label2id
+
+
+def new_model(tiny_base, data):
+    tr, ev, problem, label2id = data
+    seed_everything(0)
+    model, enc, _ = load_classifier(tiny_base, num_labels=2, problem_type=problem)
+    return model, encode_examples(tr, enc, label2id, problem, "train"), encode_examples(ev, enc, label2id, problem, "dev")
+
+
+def config(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 3e-3, "precision": "fp32", "grad_accum": 2,
+                          "progress": False, **kw})
+
+
+def crash_at(step: int):
+    def on_step(s, total):
+        if s == step:
+            raise Crash
+    return on_step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_base, data):
+    model, train, dev = new_model(tiny_base, data)
+    return fit(model, train, config(), dev), model.state_dict()
+
+
+# 4 steps per epoch (8 batches, 2 accumulated); the newest checkpoint is the step before the crash:
+# mid-epoch 1, end of epoch 1 before its evaluation, mid-epoch 2 after it.
+@pytest.mark.parametrize("crash_step", [3, 5, 7])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(uninterrupted, tiny_base, data, tmp_path, crash_step):
+    want, want_sd = uninterrupted
+    model, train, dev = new_model(tiny_base, data)
+    with pytest.raises(Crash):
+        fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1), dev, on_step=crash_at(crash_step))
+    model, train, dev = new_model(tiny_base, data)  # a fresh process would start from the base model again
+    got = fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, resume=True), dev)
+
+    assert all(torch.equal(want_sd[k], v) for k, v in model.state_dict().items())
+    assert got.history == want.history and got.best == want.best
+    assert [(r["step"], r["loss"], r["lr"]) for r in got.log] == [(r["step"], r["loss"], r["lr"]) for r in want.log]
+
+
+def test_epoch_records_average_their_own_steps(uninterrupted):
+    result, _ = uninterrupted
+    steps = len(result.log) // 2
+    for e, entry in enumerate(result.history):
+        losses = [r["loss"] for r in result.log[e * steps:(e + 1) * steps]]
+        assert entry["train_loss"] == pytest.approx(sum(losses) / len(losses))
+    assert result.best == max(result.history, key=lambda h: h["accuracy"])
+
+
+def test_freezing_embeddings_is_undone_and_frozen_weights_stay_frozen(tiny_base, data):
+    model, train, _ = new_model(tiny_base, data)
+    word = model.backbone.embed.word.weight
+    before = word.detach().clone()
+    fit(model, train, config(epochs=1, freeze_embeddings=True))
+    assert torch.equal(word, before) and word.requires_grad
+    word.requires_grad_(False)  # frozen by the caller (LoRA): fit must not unfreeze it
+    fit(model, train, config(epochs=1, freeze_embeddings=False))
+    assert torch.equal(word, before) and not word.requires_grad

@@ -1,0 +1,88 @@
+"""LoRA: starts at the pre-trained model, trains only the low-rank updates and the head, merges into a plain checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oztune.cli import main
+from oztune.errors import OztuneError
+from oztune.models.hub import load_classifier
+from oztune.models.lora import LoRALinear, apply_lora, merge_lora
+
+
+@pytest.fixture
+def model(tiny_base):
+    torch.manual_seed(0)
+    return load_classifier(tiny_base, num_labels=2)[0]
+
+
+def logits(model, seed=1):
+    ids = torch.randint(4, 64, (3, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(ids, torch.ones_like(ids))
+
+
+def test_lora_starts_at_the_base_model_and_trains_only_updates_and_head(model):
+    before = logits(model)
+    trainable = apply_lora(model, rank=4, targets=["qkv", "up"])
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)  # B starts at zero
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {n for n, _ in model.named_parameters() if "lora_" in n or n.startswith("head.")}
+    assert {n.split(".")[4] for n in names if "lora_" in n} == {"qkv", "up"}
+    C, F, L = 32, 64, 2
+    head = sum(p.numel() for p in model.head.parameters())
+    assert trainable == L * 4 * ((C + 3 * C) + (C + F)) + head  # r x (in + out) per wrapped linear
+
+
+def test_merge_folds_the_update_into_plain_linears(model):
+    apply_lora(model, rank=2, alpha=8)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_b, std=0.1)  # as if trained
+    wrapped = logits(model)
+    assert merge_lora(model) == 4 * 2
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(logits(model), wrapped, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_lora_options(model):
+    with pytest.raises(OztuneError, match="--lora-targets: unknown q, v; choose from qkv, o, up, down"):
+        apply_lora(model, rank=4, targets=["q", "v"])
+    with pytest.raises(OztuneError, match="--lora-rank must be at least 1"):
+        apply_lora(model, rank=0)
+
+
+def test_finetune_with_lora_saves_a_plain_checkpoint_transformers_loads(tiny_base, sentiment_files, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from oztune import Classifier
+
+    train, dev = sentiment_files
+    out = tmp_path / "lora"
+    assert main(["finetune", "--train", str(train), "--eval", str(dev), "--model", str(tiny_base), "--output", str(out),
+                 "--epochs", "2", "--batch-size", "16", "--lr", "1e-2", "--lora-rank", "4", "--lora-targets", "qkv,o,up,down",
+                 "--max-train-examples", "160"]) == 0
+    shown = capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert run["trainable_parameters"] < run["parameters"] / 2
+    assert f"{run['trainable_parameters'] / 1e6:.2f}M trainable" in shown and "LoRA rank 4 on qkv,o,up,down" in shown
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForSequenceClassification"] and cfg["oztune"]["format"] == "hf"
+
+    clf = Classifier.from_pretrained(out)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    batch = clf.encoder(["good movie", "the plot was very dull and the film was bad"])
+    with torch.no_grad():
+        torch.testing.assert_close(clf.model(**batch), hf(**batch).logits, atol=1e-5, rtol=1e-5)
+
+    base, saved = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
+    key = {k.removeprefix("bert."): k for k in saved}
+    changed = {k for k, v in base.items() if k in key and not torch.equal(v, saved[key[k]])}
+    lora = {f"encoder.layer.{i}.{n}.weight" for i in range(2) for n in
+            ("attention.self.query", "attention.self.key", "attention.self.value",
+             "attention.output.dense", "intermediate.dense", "output.dense")}
+    assert changed == lora | {"pooler.dense.weight", "pooler.dense.bias"}  # BERT's pooler belongs to the head

@@ -1,0 +1,145 @@
+"""Checkpoints survive SIGKILL: a run killed at random points and resumed ends bit-identical to an uninterrupted one.
+
+Bit-identical holds on CPU because a checkpoint holds everything the rest of the run depends on: weights,
+AdamW moments, the scheduler position, the Python/NumPy/torch RNG states (dropout draws from torch's
+default generator) and the position in the epoch's deterministic batch order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oztune.cli import main
+from oztune.errors import OztuneError
+from oztune.train.checkpoint import Checkpointer, remove_checkpoints
+
+STEPS = 40  # 160 examples / batch 8 x 2 epochs
+
+
+def args(base, files, out) -> list[str]:
+    train, dev = files
+    return ["finetune", "--train", str(train), "--eval", str(dev), "--model", str(base), "--output", str(out),
+            "--epochs", "2", "--batch-size", "8", "--max-train-examples", "160", "--lr", "3e-3", "--precision", "fp32",
+            "--no-progress"]
+
+
+def newest_step(folder: Path) -> int:
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    return max((int(m.group(1)) for n in names if (m := re.fullmatch(r"step-(\d+)", n))), default=0)
+
+
+def log_rows(model_dir: Path) -> list[tuple]:
+    with open(model_dir / "train_log.csv") as f:
+        return [(r["step"], r["epoch"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_base, sentiment_files, tmp_path_factory) -> Path:
+    """The uninterrupted run, without checkpoints."""
+    out = tmp_path_factory.mktemp("ref") / "model"
+    assert main(args(tiny_base, sentiment_files, out) + ["--checkpoint-every", "0"]) == 0
+    return out
+
+
+def test_sigkill_at_random_points_then_resume_is_bit_identical(reference, tiny_base, sentiment_files, tmp_path):
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    out, ckpt = tmp_path / "model", tmp_path / "model.checkpoints"
+    cmd = [sys.executable, "-m", "oztune", *args(tiny_base, sentiment_files, out), "--checkpoint-every",
+           str(rng.choice([1, 2])), "--resume"]
+    for target in sorted(rng.sample(range(2, STEPS - 6), 3)):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while newest_step(ckpt) < target and p.poll() is None:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.05))  # land anywhere: mid-step, mid-write
+        p.kill()
+        _, err = p.communicate()
+        assert p.returncode == -signal.SIGKILL, f"seed {seed}: the run ended before the kill at step {target}: {err}"
+    assert not out.exists()
+    newest = ckpt / f"step-{newest_step(ckpt):08d}" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    assert r.returncode == 0, r.stderr
+    assert "skipping checkpoint" in r.stderr and "truncated" in r.stderr and "resuming from" in r.stderr
+    want, got = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want), f"seed {seed}: weights differ from the uninterrupted run"
+    assert log_rows(out) == log_rows(reference)
+    assert json.loads((out / "run.json").read_text())["history"] == json.loads((reference / "run.json").read_text())["history"]
+    assert not ckpt.exists(), "checkpoints of a finished run are removed"
+
+
+def state(step: int) -> dict:
+    return {"model": {"w": torch.full((64, 64), float(step))}, "progress": {"step": step}}
+
+
+def test_truncated_corrupted_or_unfinished_checkpoints_are_skipped(tmp_path, capsys):
+    ck = Checkpointer(tmp_path, every=1, keep=5, fingerprint={"seed": 1})
+    paths = [ck.save(s, state(s)) for s in (1, 2, 3, 4)]
+    (paths[3] / "state.pt").write_bytes((paths[3] / "state.pt").read_bytes()[:-100])
+    data = bytearray((paths[2] / "state.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (paths[2] / "state.pt").write_bytes(bytes(data))
+    (paths[1] / "manifest.json").unlink()
+    (tmp_path / ".step-00000005.tmp-x").mkdir()  # a write cut short before its rename
+
+    assert ck.newest_valid() == paths[0]
+    assert ck.load(paths[0])["model"]["w"][0, 0] == 1
+    err = capsys.readouterr().err
+    assert "step-00000004: state.pt has" in err and "truncated" in err
+    assert "step-00000003: state.pt does not match its SHA-256 checksum" in err
+    assert "step-00000002: no manifest.json" in err
+    assert not (tmp_path / ".step-00000005.tmp-x").exists()
+    (paths[0] / "manifest.json").write_text("{not json")
+    assert ck.newest_valid() is None
+
+
+def test_only_the_newest_k_are_kept(tmp_path):
+    ck = Checkpointer(tmp_path, every=3, keep=2, fingerprint={})
+    for s in range(1, 8):
+        if ck.due(s):
+            ck.save(s, state(s))
+    assert [p.name for _, p in ck.checkpoints()] == ["step-00000006", "step-00000003"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_removing_checkpoints_leaves_other_files(tmp_path):
+    ck = Checkpointer(tmp_path / "ck", 1, 2, {})
+    ck.save(1, state(1))
+    (tmp_path / "ck" / ".step-00000002.tmp-abc").mkdir()
+    remove_checkpoints(tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+    ck.save(1, state(1))
+    (tmp_path / "ck" / "notes.txt").write_text("mine")
+    remove_checkpoints(tmp_path / "ck")
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["notes.txt"]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    path = Checkpointer(tmp_path, 1, 2, {"batch_size": 16, "seed": 1}).save(5, state(5))
+    with pytest.raises(OztuneError, match=r"other settings: batch_size 16 \(now 32\)"):
+        Checkpointer(tmp_path, 1, 2, {"batch_size": 32, "seed": 1}).load(path)
+
+
+def test_fresh_start_over_an_unfinished_run_is_refused(tiny_base, sentiment_files, tmp_path):
+    out = tmp_path / "model"
+    Checkpointer(tmp_path / "model.checkpoints", 1, 2, {}).save(7, state(7))
+    r = subprocess.run([sys.executable, "-m", "oztune", *args(tiny_base, sentiment_files, out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "holds checkpoints of an unfinished run (newest: step 7): pass --resume" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
