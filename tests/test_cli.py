@@ -121,3 +121,21 @@ def test_model_directory_without_weights(trained, tmp_path):
     (d / "config.json").write_text((trained / "config.json").read_text())
     r = run("predict", "--model", str(d), "good")
     assert r.returncode == 2 and "no weights (expected model.safetensors" in r.stderr
+
+
+def test_label_names_show_in_predictions_and_integer_gold_still_evaluates(tiny_base, sentiment_files, tmp_path):
+    lines = sentiment_files[0].read_text().replace("\tpos\n", "\t1\n").replace("\tneg\n", "\t0\n")
+    train = tmp_path / "ids.tsv"
+    train.write_text(lines)
+    out = tmp_path / "m"
+    assert main(["finetune", "--train", str(train), "--output", str(out), "--model", str(tiny_base), "--epochs", "3",
+                 "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--no-freeze-embeddings",
+                 "--label-names", "negative,positive"]) == 0
+    from oztune import Classifier
+
+    clf = Classifier.from_pretrained(out)
+    assert [p["label"] for p in clf.predict(["good movie", "awful plot"])] == ["positive", "negative"]
+    assert clf.evaluate(str(train))["accuracy"] > 0.9  # gold labels 0/1 map to the named classes
+    r = run("finetune", "--train", str(train), "--output", str(tmp_path / "x"), "--model", str(tiny_base),
+            "--label-names", "a,b,c")
+    assert r.returncode == 2 and "--label-names gives 3 names but" in r.stderr

@@ -37,10 +37,12 @@ def finetune_cmd(a: FinetuneArgs) -> int:
         examples = read_labelled(a.eval, Columns(a.text_column, a.text_pair_column, a.label_column))[:5]
         preds = clf.predict([e.text for e in examples],
                             [e.text_pair for e in examples] if examples and examples[0].text_pair else None)
+        gold_ids = clf.gold_label_ids([e.label for e in examples]) if clf.problem_type == "single_label" else {}
         print("\nsome predictions on the eval file (reloaded from disk):")
         for e, p in zip(examples, preds):
+            gold = clf.id2label.get(gold_ids.get(str(e.label)), e.label)
             score = f"{p['score']:.3f}" if isinstance(p["score"], float) else ", ".join(f"{s:.3f}" for s in p["score"])
-            print(f"  {str(p['label']):>8} ({score})  gold {str(e.label):>8}  {e.text[:70]}")
+            print(f"  {str(p['label']):>8} ({score})  gold {str(gold):>8}  {e.text[:70]}")
     return 0
 
 

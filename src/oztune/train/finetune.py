@@ -63,6 +63,8 @@ class FinetuneArgs:
         lora_alpha: LoRA scale numerator: updates are multiplied by alpha / rank (default 2 x rank).
         lora_targets: linears that get LoRA, comma-separated from qkv, o, up, down.
         lora_dropout: dropout on the input of the LoRA updates.
+        label_names: names to show for the labels, in label-id order, comma-separated (e.g. negative,positive
+            for SST-2's 0,1); files with the original integer labels still evaluate against the model.
 
     Under torchrun (torchrun --nproc-per-node N -m oztune finetune ...), --batch-size is per process.
     """
@@ -100,6 +102,7 @@ class FinetuneArgs:
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "o", "up", "down"])
     lora_dropout: float = 0.0
+    label_names: list[str] = field(default_factory=list)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
@@ -196,6 +199,9 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     eval_ex = read_labelled(a.eval, cols) if a.eval else None
     problem_type, label2id = label_setup(train_ex, a.problem_type)
     num_labels = len(label2id) if label2id else 1
+    if a.label_names and len(a.label_names) != num_labels:
+        raise OztuneError(f"--label-names gives {len(a.label_names)} names but {a.train} has {num_labels} labels "
+                          f"({', '.join(label2id or {})})")
     head = {"dropout": a.head_dropout}
     if a.pooling:
         head["pooling"] = a.pooling
@@ -224,6 +230,8 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     if a.lora_rank:
         merge_lora(model)
     id2label = {i: n for n, i in label2id.items()} if label2id else {0: "value"}
+    if a.label_names:
+        id2label = dict(enumerate(a.label_names))
     run = {"command": "finetune", "args": asdict(a), "problem_type": problem_type, "train_examples": len(train_ex),
            "eval_examples": len(eval_ex) if eval_ex else 0, "metrics": result.best, "history": result.history,
            "parameters": total, "trainable_parameters": trainable, "processes": env.world,
