@@ -15,6 +15,25 @@ from oztune.data.tokenize import TextEncoder
 from oztune.train.loop import evaluate as evaluate_encoded, predict_logits
 
 
+def format_predictions(probs: np.ndarray, problem_type: str, id2label: dict[int, str],
+                       all_scores: bool = False) -> list[dict]:
+    """One dict per row of ``probs`` (N, num_labels), as :meth:`Classifier.predict` returns them."""
+    out = []
+    for p in probs:
+        if problem_type == "single_label":
+            i = int(p.argmax())
+            r = {"label": id2label.get(i, str(i)), "score": float(p[i])}
+        elif problem_type == "multi_label":
+            on = [i for i in range(len(p)) if p[i] >= 0.5]
+            r = {"label": [id2label.get(i, str(i)) for i in on], "score": [float(p[i]) for i in on]}
+        else:
+            r = {"label": None, "score": float(p[0])}
+        if all_scores and problem_type != "regression":
+            r["scores"] = {id2label.get(i, str(i)): float(v) for i, v in enumerate(p)}
+        out.append(r)
+    return out
+
+
 class Classifier:
     """A fine-tuned (possibly compressed) text classifier with its tokenizer and label names.
 
@@ -54,24 +73,19 @@ class Classifier:
             return []
         logits = torch.from_numpy(self.logits(texts, text_pairs))
         probs = self.model.scores(logits).numpy()
-        out = []
-        for p in probs:
-            if self.problem_type == "single_label":
-                i = int(p.argmax())
-                r = {"label": self.id2label.get(i, str(i)), "score": float(p[i])}
-            elif self.problem_type == "multi_label":
-                on = [i for i in range(len(p)) if p[i] >= 0.5]
-                r = {"label": [self.id2label[i] for i in on], "score": [float(p[i]) for i in on]}
-            else:
-                r = {"label": None, "score": float(p[0])}
-            if all_scores and self.problem_type != "regression":
-                r["scores"] = {self.id2label[i]: float(v) for i, v in enumerate(p)}
-            out.append(r)
-        return out
+        return format_predictions(probs, self.problem_type, self.id2label, all_scores)
 
     def evaluate(self, path: str, columns: Columns | None = None) -> dict:
         """Metrics on a labelled file (a label the model does not know is a DataError)."""
         examples = read_labelled(path, columns or Columns())
-        label2id = None if self.problem_type == "regression" else self.label2id
+        label2id = None if self.problem_type == "regression" else self.gold_label_ids([e.label for e in examples])
         data = encode_examples(examples, self.encoder, label2id, self.problem_type, path)
         return {**evaluate_encoded(self.model, data, self.batch_size), "examples": len(examples)}
+
+    def gold_label_ids(self, gold: list) -> dict[str, int]:
+        """label2id for reading gold labels: by name, or by class id when the model's labels are names
+        (``--label-names negative,positive``) and the file holds only integers (SST-2's 0 and 1)."""
+        names_are_ids = all(str(v).lstrip("-").isdigit() for v in self.id2label.values())
+        if not names_are_ids and all(str(g).strip().lstrip("-").isdigit() for g in gold if not isinstance(g, list)):
+            return {str(k): k for k in self.id2label}
+        return self.label2id
