@@ -128,6 +128,10 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
         id2label = {}
     model = SequenceClassifier(cfg, head_cfg)
     model.hf_config = {k: v for k, v in hf.items() if k != "oztune"}
+    if oz.get("pruning"):  # before quantization: a pruned vocabulary's table may be quantized
+        from oztune.compress.prune import prepare_pruned
+
+        prepare_pruned(model, oz["pruning"])
     quant = oz.get("quantization")
     if quant:
         from oztune.compress.quantize import prepare_quantized
@@ -216,6 +220,11 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
                     "head": model.head_cfg.to_dict(), "run": run or {}}
     if quantization:
         hf["oztune"]["quantization"] = quantization
+    from oztune.compress.prune import pruning_record
+
+    pruning = pruning_record(model)  # sparse layers or a pruned vocabulary, rebuilt by load_classifier
+    if pruning:
+        hf["oztune"]["pruning"] = pruning
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

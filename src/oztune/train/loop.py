@@ -138,7 +138,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
 def predict_logits(model: nn.Module, data: EncodedData, batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
     """Logits (N, L) of every example, computed in length-sorted batches and returned in input order."""
     was_training = model.training
-    model.eval()
+    if was_training:  # eval()/train() walk every module: a noticeable cost at batch 1
+        model.eval()
     dtype = autocast_dtype(precision)
     out = None
     for idx in inference_batches(data.lengths, batch_size):
@@ -148,7 +149,8 @@ def predict_logits(model: nn.Module, data: EncodedData, batch_size: int = 64, pr
         if out is None:
             out = np.zeros((len(data), logits.shape[-1]), dtype=np.float32)
         out[idx] = logits
-    model.train(was_training)
+    if was_training:
+        model.train()
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 

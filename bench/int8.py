@@ -1,0 +1,269 @@
+"""int8 inference on SST-2 dev: oztune int8 against ONNX Runtime int8 and the usual peers, in one run.
+
+Peers (one fine-tuned model, the same length-sorted batches of 64, end to end with tokenization, 2 threads):
+Hugging Face fp32 (transformers), HF + torch.ao ``quantize_dynamic``, ONNX Runtime fp32 and int8
+(``onnxruntime.quantization.quantize_dynamic`` of a ``torch.onnx`` export of the HF model), oztune fp32
+and oztune int8 (``quantize_``, saved, reloaded from disk). Columns: batch-64 time, batch-1 time, file MB,
+dev accuracy. Then the ``torch._int_mm`` ceiling on a large matrix, measured in the same run, and the
+share of it the int8 model reaches on useful (non-padding) tokens. ``--kernels`` adds a per-layer
+comparison of the matmul kernels, quantization and dequantization included (the measurements behind
+oztune.compress.int8_ops: torch._int_mm for few rows, oneDNN's pre-packed kernel for many).
+
+    python bench/int8.py --model /work/models/sst2-minilm-8k [--quick] [--compile] [--kernels]
+
+Prints tables and writes bench/results/int8.json. --quick: 128 dev sentences, one repeat (< 1 minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = 2
+
+
+def best_time(fn, repeats: int) -> float:
+    """Best of ``repeats`` wall times: the machine is shared, the minimum is the least disturbed."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def file_mb(*paths: Path) -> float:
+    return sum(p.stat().st_size for p in paths) / 1e6
+
+
+# --- peers: each maps a list of texts to logits (B, L) -------------------------------------------------------
+
+def hf_peers(path: Path, work: Path, threads: int) -> dict:
+    """HF fp32, HF + torch.ao dynamic int8, ONNX Runtime fp32 and int8 on the same tokenizer."""
+    import onnxruntime as ort
+    import transformers as T
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tok = T.AutoTokenizer.from_pretrained(path)
+    hf = T.AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
+
+    def torch_fn(model):
+        def run(texts):
+            b = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+            with torch.inference_mode():
+                return model(**b).logits.float().numpy()
+        return run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf), {torch.nn.Linear}, dtype=torch.qint8)
+        torch.save(ao.state_dict(), work / "ao.pt")
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+        ex = tok(["a first example", "and a second, longer example"], padding=True, return_tensors="pt")
+        axes = {n: {0: "batch", 1: "seq"} for n in names} | {"logits": {0: "batch"}}
+        torch.onnx.export(hf, tuple(ex[n] for n in names), str(work / "fp32.onnx"), input_names=names,
+                          output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
+        quantize_dynamic(str(work / "fp32.onnx"), str(work / "int8.onnx"), weight_type=QuantType.QInt8)
+
+    def ort_fn(file):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
+
+        def run(texts):
+            b = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
+            return sess.run(["logits"], {n: b[n].astype(np.int64) for n in names})[0]
+        return run
+
+    weights = path / "model.safetensors"
+    return {"HF fp32": (torch_fn(hf), file_mb(weights)),
+            "HF torch.ao dynamic int8": (torch_fn(ao), file_mb(work / "ao.pt")),
+            "ORT fp32": (ort_fn(work / "fp32.onnx"), file_mb(work / "fp32.onnx")),
+            "ORT int8": (ort_fn(work / "int8.onnx"), file_mb(work / "int8.onnx"))}
+
+
+def oztune_peers(path: Path, work: Path, compile: bool) -> tuple[dict, object, float]:
+    """oztune fp32 and oztune int8 (quantized, saved, reloaded from disk like `oztune predict` does), and
+    with ``compile`` the int8 model under torch.compile; returns (peers, int8 Classifier, compile warm-up s)."""
+    from oztune.api import Classifier
+    from oztune.compress.quantize import QuantConfig, compile_quantized, quantization_record, quantize_
+    from oztune.models.hub import load_classifier, save_classifier
+
+    model, enc, meta = load_classifier(path)
+    cfg = QuantConfig()
+    save_classifier(quantize_(model, cfg), enc, work / "oz-int8", meta["id2label"], quantization=quantization_record(cfg))
+    fp32 = Classifier.from_pretrained(path)
+    int8 = Classifier.from_pretrained(work / "oz-int8")
+    mb = file_mb(work / "oz-int8" / "model.safetensors")
+    peers = {"oztune fp32": (fp32.logits, file_mb(path / "model.safetensors")), "oztune int8": (int8.logits, mb)}
+    warm = 0.0
+    if compile:
+        loaded = Classifier.from_pretrained(work / "oz-int8")
+        compiled = Classifier(compile_quantized(loaded.model), loaded.encoder, loaded.id2label)
+        t = time.perf_counter()
+        compiled.logits(["a first sentence, to compile the many-rows graph"] * 64)
+        compiled.logits(["and one for the few-rows graph"])
+        warm = time.perf_counter() - t
+        peers["oztune int8 compiled"] = (compiled.logits, mb)
+    return peers, int8, warm
+
+
+# --- the int8 ceiling and the kernels ---------------------------------------------------------------------------
+
+def int_mm_ceiling(repeats: int = 20) -> float:
+    """GOP/s of torch._int_mm on 1536x384 @ 384x1536 int8 (the large-matrix ceiling)."""
+    a = torch.randint(-127, 128, (1536, 384), dtype=torch.int8)
+    b = torch.randint(-127, 128, (384, 1536), dtype=torch.int8)
+    torch._int_mm(a, b)
+    t = min(best_time(lambda: torch._int_mm(a, b), 1) for _ in range(repeats))
+    return 2 * 1536 * 384 * 1536 / t / 1e9
+
+
+def linear_ops(model) -> tuple[int, int]:
+    """(multiply-adds per token in the encoder's Linear layers, multiply-adds per text in the head's)."""
+    enc = sum(m.in_features * m.out_features for n, m in model.named_modules()
+              if n.startswith("backbone.") and hasattr(m, "in_features"))
+    head = sum(m.in_features * m.out_features for n, m in model.named_modules()
+               if n.startswith("head.") and hasattr(m, "in_features"))
+    return enc, head
+
+
+def kernels(tokens: int) -> list[dict]:
+    """ms per call of each matmul candidate for MiniLM's four Linear shapes, at a batch-64 and a batch-1 M."""
+    from oztune.compress import int8_ops
+
+    def onednn(x, wq, sw, b, packed):  # oztune's kernel above ONEDNN_MIN_ROWS rows, at any M
+        rows, int8_ops.ONEDNN_MIN_ROWS = int8_ops.ONEDNN_MIN_ROWS, 0
+        try:
+            return int8_ops.int8_linear(x, wq, sw, b, lambda: packed)
+        finally:
+            int8_ops.ONEDNN_MIN_ROWS = rows
+
+    rows = []
+    for M in (tokens, 25):
+        for name, K, N in (("qkv", 384, 1152), ("o", 384, 384), ("up", 384, 1536), ("down", 1536, 384)):
+            x, w, b = torch.randn(M, K), torch.randn(N, K) * 0.05, torch.randn(N)
+            wq, sw = int8_ops.quantize_per_channel(w)
+            packed, wb, bb = int8_ops.pack_weight(wq), w.bfloat16(), b.bfloat16()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fb = torch.ao.nn.quantized.dynamic.Linear(K, N)
+                fb.set_weight_bias(torch.quantize_per_channel(w, sw.double(), torch.zeros(N, dtype=torch.long), 0,
+                                                              torch.qint8), b)
+            cands = {"fp32": lambda: F.linear(x, w, b), "bf16": lambda: F.linear(x.bfloat16(), wb, bb),
+                     "fbgemm dynamic (torch.ao)": lambda: fb(x),
+                     "int8 _int_mm": lambda: int8_ops.int8_linear(x, wq, sw, b, lambda: None),
+                     "int8 oneDNN": lambda: onednn(x, wq, sw, b, packed)}
+            for f in cands.values():
+                f()
+            n = 20 if M < 100 else 5
+            times = {k: best_time(lambda: [f() for _ in range(n)], 3) / n for k, f in cands.items()}
+            rows.append({"M": M, "layer": name, "K": K, "N": N, **{k: round(v * 1e3, 4) for k, v in times.items()}})
+    return rows
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="/work/models/sst2-minilm-8k", help="fine-tuned SST-2 model directory")
+    ap.add_argument("--data", default=str(ROOT / "data" / "sst2" / "dev.tsv"))
+    ap.add_argument("--quick", action="store_true", help="128 dev sentences, one repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="batch-64 passes per peer (best one counts)")
+    ap.add_argument("--threads", type=int, default=THREADS, help="threads of every peer (torch and ONNX Runtime)")
+    ap.add_argument("--compile", action="store_true", help="also time oztune int8 under torch.compile (warm-up ~1 min)")
+    ap.add_argument("--kernels", action="store_true", help="also compare the matmul kernels layer by layer")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "int8.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from oztune.data.readers import read_examples
+
+    dev = read_examples(a.data)[: 128 if a.quick else None]
+    texts, gold = [e.text for e in dev], np.array([int(e.label) for e in dev])
+    repeats = 1 if a.quick else a.repeats
+    path = Path(a.model)
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        oz, int8, warm = oztune_peers(path, work, a.compile)
+        peers = {**hf_peers(path, work, a.threads), **oz}
+        lengths = np.array([len(ids) for ids, _ in int8.encoder.encode(texts)])
+        order = np.argsort(-lengths, kind="stable")
+        batches = [order[i:i + 64] for i in range(0, len(order), 64)]
+        logits = {name: np.zeros((len(texts), 2), dtype=np.float32) for name in peers}
+
+        def batch64(name):
+            fn = peers[name][0]
+            for idx in batches:
+                logits[name][idx] = fn([texts[i] for i in idx])
+
+        for name in peers:  # warm-up: first-call allocations, oneDNN primitive creation, weight packing
+            peers[name][0](texts[:64])
+        t64 = {name: float("inf") for name in peers}
+        for _ in range(repeats):  # round robin, so that a noisy spell does not hit one peer only
+            for name in peers:
+                t64[name] = min(t64[name], best_time(lambda: batch64(name), 1))
+        t1 = {name: best_time(lambda: [peers[name][0]([t]) for t in texts], 1) for name in peers}
+        ceiling = int_mm_ceiling()
+        kernel_rows = kernels(int(np.median([len(i) * lengths[i].max() for i in batches]))) if a.kernels else []
+    load1 = os.getloadavg()[0]
+
+    rows = [{"peer": name, "batch64_s": round(t64[name], 4), "batch1_s": round(t1[name], 4),
+             "file_mb": round(peers[name][1], 1), "accuracy": round(100 * float((logits[name].argmax(1) == gold).mean()), 2)}
+            for name in peers]
+    acc = {r["peer"]: r["accuracy"] for r in rows}
+    enc_ops, head_ops = linear_ops(int8.model)
+    useful = 2 * (enc_ops * int(lengths.sum()) + head_ops * len(texts)) / 1e9  # GOP on non-padding tokens
+    padded = int(sum(len(i) * lengths[i].max() for i in batches))
+    reached = useful / t64["oztune int8"]
+    ort = t64["ORT int8"], t1["ORT int8"]
+    result = {
+        "sentences": len(texts), "threads": a.threads, "repeats": repeats, "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(), "load_average": [round(load0, 2), round(load1, 2)],
+        "tokens": int(lengths.sum()), "padded_tokens": padded, "peers": rows,
+        "int_mm_ceiling_gops": round(ceiling, 1), "int8_useful_gops": round(reached, 1),
+        "fraction_of_ceiling": round(reached / ceiling, 3),
+        "batch64_speedup_vs_ort_int8": round(ort[0] / t64["oztune int8"], 3),
+        "batch1_speedup_vs_ort_int8": round(ort[1] / t1["oztune int8"], 3),
+        "compile_warmup_s": round(warm, 1) if a.compile else None,
+        "batch64_speedup_vs_ort_int8_compiled": round(ort[0] / t64["oztune int8 compiled"], 3) if a.compile else None,
+        "batch1_speedup_vs_ort_int8_compiled": round(ort[1] / t1["oztune int8 compiled"], 3) if a.compile else None,
+        "accuracy_drop_vs_fp32_pt": round(acc["oztune fp32"] - acc["oztune int8"], 2),
+        "kernels": kernel_rows,
+    }
+    print(f"SST-2 dev, {len(texts)} sentences ({result['tokens']} tokens, {padded} with padding in sorted batches of 64), "
+          f"{a.threads} threads, load average {load0:.1f} -> {load1:.1f}")
+    print(f"{'peer':<26}{'batch 64 sorted':>16}{'batch 1':>10}{'file MB':>9}{'accuracy':>10}")
+    for r in rows:
+        print(f"{r['peer']:<26}{r['batch64_s']:>14.3f} s{r['batch1_s']:>8.3f} s{r['file_mb']:>9.1f}{r['accuracy']:>10.2f}")
+    print(f"torch._int_mm ceiling (1536x384x1536): {ceiling:.0f} GOP/s; oztune int8 on useful tokens: {reached:.0f} GOP/s "
+          f"= {reached / ceiling:.1%} of it")
+    print(f"oztune int8 vs ORT int8: batch 64 {result['batch64_speedup_vs_ort_int8']:.2f}x faster, "
+          f"batch 1 {result['batch1_speedup_vs_ort_int8']:.2f}x; accuracy {result['accuracy_drop_vs_fp32_pt']:+.2f} pt below oztune fp32")
+    if a.compile:
+        print(f"compiled (warm-up {warm:.0f} s): batch 64 {result['batch64_speedup_vs_ort_int8_compiled']:.2f}x, "
+              f"batch 1 {result['batch1_speedup_vs_ort_int8_compiled']:.2f}x ORT int8")
+    if kernel_rows:
+        names = [k for k in kernel_rows[0] if k not in ("M", "layer", "K", "N")]
+        print("\nms per call" + "".join(f"{n:>27}" for n in names))
+        for r in kernel_rows:
+            print(f"M={r['M']:<5}{r['layer']:<6}" + "".join(f"{r[n]:>27.3f}" for n in names))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every benchmark behind BENCHMARKS.md, in sequence (each prints its table and writes bench/results/*.json).
+# Needs a fine-tuned SST-2 model: MODEL=runs/sst2-8k (made below if missing). Total: about 40 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${MODEL:-runs/sst2-8k}
+mkdir -p bench/results
+if [ ! -f "$MODEL/config.json" ]; then
+  oztune finetune --train data/sst2/train.tsv --eval data/sst2/dev.tsv --output "$MODEL" \
+      --epochs 1 --max-train-examples 8000 --lr 1e-4 --seed 0 --no-progress
+fi
+python bench/train_speed.py
+python bench/inference.py --model "$MODEL"
+python bench/int8.py --model "$MODEL"
+oztune quantize --model "$MODEL" --output "$MODEL-int8"
+python bench/load.py --model "$MODEL-int8"
+python bench/compress.py --model "$MODEL"
+python bench/lora.py
+python bench/ddp.py

@@ -1,0 +1,181 @@
+"""The compression commands: quantize, prune, distill, compress."""
+
+from __future__ import annotations
+
+from oztune.cli import command
+
+
+# --- quantize --------------------------------------------------------------------------------------------------
+
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from oztune.errors import OztuneError  # noqa: E402
+
+
+@dataclass
+class QuantizeArgs:
+    """Quantize a fine-tuned classifier to int8: every Linear runs int8 x int8 (weights per output channel,
+    activations per token at run time), embeddings are stored int8. Optionally quantization-aware
+    fine-tuning first, when plain quantization loses too much.
+
+    Args:
+        model: fine-tuned model directory (from oztune finetune, prune or distill).
+        output: directory to write the quantized model to (replaced atomically).
+        scheme: int8 (dynamic per-token int8 activations x per-channel int8 weights in every Linear).
+        skip: module-name patterns kept in fp32, comma-separated (e.g. head.*,backbone.layers.5.*).
+        embeddings: int8 (weight-only, one scale per row) or none (keep them fp32).
+        eval: labelled file: print the metrics before and after quantization.
+        qat_train: labelled file for quantization-aware fine-tuning before converting (default: none).
+        qat_epochs: epochs of quantization-aware fine-tuning.
+        qat_lr: peak learning rate of quantization-aware fine-tuning.
+        batch_size: examples per step of quantization-aware fine-tuning and per forward pass of evaluation.
+        max_length: longest input in tokens.
+        text_column: column holding the text.
+        text_pair_column: column holding the second text of a pair.
+        label_column: column holding the label.
+        seed: seed of quantization-aware fine-tuning.
+        progress: show progress bars.
+    """
+
+    model: str = ""
+    output: str = ""
+    scheme: str = "int8"
+    skip: list[str] = field(default_factory=list)
+    embeddings: str = "int8"
+    eval: str | None = None
+    qat_train: str | None = None
+    qat_epochs: int = 1
+    qat_lr: float = 2e-5
+    batch_size: int = 32
+    max_length: int = 128
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    seed: int = 42
+    progress: bool = True
+
+
+def _weights_mb(path: Path) -> float:
+    files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")]
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
+def run_quantize(a: QuantizeArgs) -> dict:
+    """Load, (fine-tune with fake quantization,) quantize, evaluate and save; returns the run record."""
+    from oztune.compress.distill import load_trained
+    from oztune.compress.quantize import QuantConfig, prepare_qat_, quantization_record, quantize_
+    from oztune.data.load import Columns, encode_examples, read_labelled
+    from oztune.models.hub import read_config, save_classifier
+    from oztune.train.finetune import check_output_dir
+    from oztune.train.loop import TrainConfig, evaluate, fit
+
+    config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
+    if a.qat_epochs < 1 or a.batch_size < 1 or a.max_length < 1:
+        raise OztuneError("--qat-epochs, --batch-size and --max-length must be at least 1")
+    if a.qat_lr <= 0:
+        raise OztuneError(f"--qat-lr must be positive, not {a.qat_lr}")
+    check_output_dir(a.output)
+    model, enc, meta = load_trained(a.model, "--model", a.max_length)
+    if read_config(meta["path"]).get("oztune", {}).get("quantization"):
+        raise OztuneError(f"--model {a.model}: already quantized; quantize the fp32 model it came from")
+    kind = model.head_cfg.problem_type
+    label2id = None if kind == "regression" else meta["label2id"]
+    cols = Columns(a.text_column, a.text_pair_column, a.label_column)
+
+    def encoded(path: str):
+        return encode_examples(read_labelled(path, cols), enc, label2id, kind, path)
+
+    eval_data = encoded(a.eval) if a.eval else None
+    before = evaluate(model, eval_data, a.batch_size) if eval_data else {}
+    start, qat = time.perf_counter(), {}
+    if a.qat_train:
+        train = encoded(a.qat_train)
+        prepare_qat_(model, config)
+        result = fit(model, train, TrainConfig(epochs=a.qat_epochs, batch_size=a.batch_size, lr=a.qat_lr, seed=a.seed,
+                                               freeze_embeddings=True, progress=a.progress), eval_data)
+        qat = {"train": a.qat_train, "examples": len(train), "epochs": a.qat_epochs, "lr": a.qat_lr,
+               "history": result.history, "seconds": round(result.seconds, 1)}
+    quantize_(model.eval(), config)
+    after = evaluate(model, eval_data, a.batch_size) if eval_data else {}
+    record = quantization_record(config)
+    run = {"command": "quantize", "source": str(a.model), "args": asdict(a), "quantization": record, "qat": qat,
+           "metrics_before": before, "metrics": after, "seconds": round(time.perf_counter() - start, 1),
+           "file_mb_before": round(_weights_mb(Path(meta["path"])), 2), "torch": torch.__version__,
+           "source_run": meta.get("run", {})}
+    save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record, card=_card(a, run))
+    run["file_mb"] = round(_weights_mb(Path(a.output)), 2)
+    return run
+
+
+def _card(a: QuantizeArgs, run: dict) -> str:
+    metrics = "\n".join(f"| {k} | {run['metrics_before'].get(k, float('nan')):.4f} | {v:.4f} |"
+                        for k, v in run["metrics"].items() if isinstance(v, float))
+    return f"""# int8 classifier (oztune quantize)
+
+- Source: `{a.model}`; every Linear int8 x int8 (weights per output channel, activations per token at run time),
+  embeddings: {a.embeddings}; kept fp32: {', '.join(a.skip) or 'nothing'}
+- Quantization-aware fine-tuning: {f"{a.qat_epochs} epoch(s) on `{a.qat_train}`" if a.qat_train else 'none'}
+
+| metric | fp32 | int8 |
+|---|---|---|
+{metrics}
+
+```bash
+oztune predict --model {a.output} "a charming and often affecting journey"
+```
+"""
+
+
+@command("quantize", QuantizeArgs, "quantize a fine-tuned model to int8 (optionally after quantization-aware fine-tuning)")
+def quantize_cmd(a: QuantizeArgs) -> int:
+    run = run_quantize(a)
+    print(f"\nquantized {a.model} ({a.scheme}, embeddings {a.embeddings}"
+          f"{', fp32: ' + ','.join(a.skip) if a.skip else ''}); saved to {a.output}")
+    print(f"weights: {run['file_mb_before']:.1f} MB -> {run['file_mb']:.1f} MB")
+    for k, v in run["metrics"].items():
+        if isinstance(v, float):
+            print(f"{k} on {a.eval}: {run['metrics_before'][k]:.4f} (fp32) -> {v:.4f} (int8)")
+    return 0
+
+
+# --- prune, distill, compress -------------------------------------------------------------------------------
+
+from oztune.compress.distill import DistillArgs, run_distill  # noqa: E402
+from oztune.compress.prune import PruneArgs, run_prune  # noqa: E402
+from oztune.compress.search import CompressArgs, compress  # noqa: E402
+
+
+def _score(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k not in ("train_loss",))
+
+
+@command("prune", PruneArgs, "prune a fine-tuned model (weights, or heads/neurons/layers) with distillation recovery")
+def prune_cmd(a: PruneArgs) -> int:
+    run = run_prune(a)
+    print(f"\npruned {a.model}: {run['shape']}, {run['parameters'] / 1e6:.2f}M parameters, "
+          f"encoder sparsity {run['sparsity']:.1%}; saved to {a.output}")
+    print(f"before: {_score(run['metrics_before'])}\nafter:  {_score(run['metrics'])}")
+    return 0
+
+
+@command("distill", DistillArgs, "distil a fine-tuned teacher into a smaller student")
+def distill_cmd(a: DistillArgs) -> int:
+    run = run_distill(a)
+    s = run["student"]
+    print(f"\nstudent: {s['layers']} layers, {s['parameters'] / 1e6:.2f}M parameters; saved to {a.output}")
+    print(f"teacher: {_score(run['teacher_metrics'])}\nstudent: {_score(run['metrics'])}")
+    return 0
+
+
+@command("compress", CompressArgs, "try int8, pruning and both; keep the fastest model within an accuracy budget")
+def compress_cmd(a: CompressArgs) -> int:
+    report = compress(a)
+    best = next(r for r in report["variants"] if r["name"] == report["chosen"])
+    print(f"\nkept {best['name']}: {best['metric']} {best['score']:.2f} ({best['drop']:+.2f} pt), "
+          f"{best['file_mb']:.1f} MB, {best['speedup']:.2f}x fp32 throughput; "
+          f"saved to {a.output} (report.md, pareto.png)")
+    return 0

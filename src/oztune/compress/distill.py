@@ -1,0 +1,313 @@
+"""Knowledge distillation: a student learns from a teacher's outputs, trained by the shared ``fit`` loop.
+
+The loss mixes the teacher's softened outputs with the hard labels (Hinton et al., 2015):
+``alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * hard loss``, plus optionally the mean squared
+error between hidden states of mapped layers (as in TinyBERT), when student and teacher widths match.
+Without the hidden-state term the teacher runs once, in bf16 where the CPU has it, before training.
+Students are the teacher with layers dropped (:func:`student_from_layers`) or a pruned teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from oztune.compress.prune import drop_layers_, evenly_spaced, tokens_seen
+from oztune.data.dataset import EncodedData
+from oztune.data.load import Columns, encode_examples, read_labelled
+from oztune.errors import ModelError, OztuneError
+from oztune.models.hub import load_classifier, save_classifier
+from oztune.models.transformer import SequenceClassifier
+from oztune.train.finetune import check_output_dir, sample
+from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
+
+
+@dataclass
+class DistillConfig:
+    """How the student learns from the teacher.
+
+    Args:
+        temperature: softmax temperature of both outputs in the soft loss.
+        alpha: weight of the soft (teacher) loss; 1 - alpha goes to the hard-label loss.
+        hidden_weight: weight of the hidden-state MSE between mapped layers (0: off).
+        layer_map: teacher layer matched to each student layer (default: spread evenly, last to last).
+    """
+
+    temperature: float = 2.0
+    alpha: float = 0.5
+    hidden_weight: float = 0.0
+    layer_map: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise OztuneError(f"--temperature must be positive, not {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise OztuneError(f"--alpha must be in [0, 1], not {self.alpha}")
+        if self.hidden_weight < 0:
+            raise OztuneError(f"--hidden-weight must be 0 or more, not {self.hidden_weight}")
+
+
+@dataclass
+class TeacherData(EncodedData):
+    """Encoded training data that also hands each batch the teacher's logits (``teacher_logits``, (B, L))."""
+
+    teacher_logits: torch.Tensor | None = None
+
+    def batch(self, idx) -> dict[str, torch.Tensor]:
+        b = super().batch(idx)
+        if self.teacher_logits is not None:
+            b["teacher_logits"] = self.teacher_logits[torch.as_tensor(np.asarray(idx))]
+        return b
+
+
+def soft_loss(student: torch.Tensor, teacher: torch.Tensor, problem_type: str, T: float) -> torch.Tensor:
+    """The teacher term: KL of softened distributions (x T^2), BCE to softened sigmoids, or MSE (regression)."""
+    student, teacher = student.float(), teacher.float()
+    if problem_type == "single_label":
+        return F.kl_div(F.log_softmax(student / T, -1), F.log_softmax(teacher / T, -1), log_target=True,
+                        reduction="batchmean") * T * T
+    if problem_type == "multi_label":
+        return F.binary_cross_entropy_with_logits(student / T, torch.sigmoid(teacher / T)) * T * T
+    return F.mse_loss(student, teacher)
+
+
+def default_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher layer for each student layer, evenly spread, the last matched to the last."""
+    return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
+
+
+def _hidden_states(model: SequenceClassifier, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and every layer's output (B, T, C)."""
+    states: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, out: states.append(out)) for b in model.backbone.layers]
+    try:
+        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, states
+
+
+def distill_loss_fn(teacher: SequenceClassifier | None, config: DistillConfig):
+    """A ``loss_fn(student, batch)`` for :func:`fit`: soft + hard (+ hidden-state) loss.
+
+    Args:
+        teacher: the teacher, run on each batch when the hidden-state loss is on (else None: the batch
+            carries precomputed ``teacher_logits``).
+        config: temperature, mixing weight, hidden-state weight and layer map.
+    """
+
+    def loss_fn(student: SequenceClassifier, batch: dict) -> torch.Tensor:
+        kind = student.head_cfg.problem_type
+        hidden = 0.0
+        if config.hidden_weight:
+            logits, s_states = _hidden_states(student, batch)
+            with torch.no_grad():
+                t_logits, t_states = _hidden_states(teacher, batch)
+            m = batch["attention_mask"].unsqueeze(-1).to(logits.dtype)  # (B, T, 1)
+            for s, t in zip(s_states, (t_states[j] for j in config.layer_map)):
+                hidden = hidden + (((s.float() - t.float()) ** 2) * m).sum() / (m.sum() * s.shape[-1])
+            hidden = hidden / len(s_states)
+        else:
+            logits = student(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            t_logits = batch["teacher_logits"]
+        loss = config.alpha * soft_loss(logits, t_logits, kind, config.temperature)
+        if config.alpha < 1:
+            loss = loss + (1 - config.alpha) * student.loss(logits, batch["labels"])
+        return loss + config.hidden_weight * hidden
+
+    return loss_fn
+
+
+def distill(teacher: SequenceClassifier, student: SequenceClassifier, train_data: EncodedData, cfg: TrainConfig,
+            config: DistillConfig | None = None, eval_data: EncodedData | None = None,
+            teacher_logits: torch.Tensor | None = None, on_step=None) -> FitResult:
+    """Train ``student`` in place to match ``teacher`` (and the labels) on ``train_data``.
+
+    Args:
+        teacher: the trained model to learn from (left unchanged, kept in eval mode).
+        student: the model to train: the teacher with layers dropped, pruned, or any model with the same labels.
+        train_data: labelled training data.
+        cfg: optimisation settings of the shared loop.
+        config: distillation settings.
+        eval_data: labelled data evaluated each epoch (the best epoch is kept).
+        teacher_logits: the teacher's logits on ``train_data`` (N, L), when already computed.
+        on_step: per-step callback passed to ``fit`` (e.g. a pruning schedule).
+    """
+    config = config or DistillConfig()
+    if teacher.head_cfg.num_labels != student.head_cfg.num_labels:
+        raise OztuneError(f"teacher has {teacher.head_cfg.num_labels} outputs but the student "
+                          f"{student.head_cfg.num_labels}")
+    teacher.eval()
+    if config.hidden_weight:
+        if teacher.cfg.hidden_size != student.cfg.hidden_size:
+            raise OztuneError(f"the hidden-state loss needs equal widths; teacher {teacher.cfg.hidden_size}, "
+                              f"student {student.cfg.hidden_size}")
+        config = copy.copy(config)
+        config.layer_map = config.layer_map or default_layer_map(student.cfg.num_layers, teacher.cfg.num_layers)
+        data, loss_fn = train_data, distill_loss_fn(teacher, config)
+    else:
+        if teacher_logits is None:
+            teacher_logits = torch.from_numpy(predict_logits(teacher, train_data, precision=cfg.precision))
+        data = TeacherData(train_data.encoded, train_data.labels, train_data.pad_id, teacher_logits)
+        loss_fn = distill_loss_fn(None, config)
+    grads = [p.requires_grad for p in teacher.parameters()]
+    teacher.requires_grad_(False)
+    try:
+        return fit(student, data, cfg, eval_data, loss_fn=loss_fn, on_step=on_step)
+    finally:
+        for p, g in zip(teacher.parameters(), grads):
+            p.requires_grad_(g)
+
+
+def student_from_layers(teacher: SequenceClassifier, n: int) -> tuple[SequenceClassifier, list[int]]:
+    """A copy of the teacher keeping ``n`` evenly spaced layers; returns (student, kept teacher layers)."""
+    keep = evenly_spaced(teacher.cfg.num_layers, n)
+    return drop_layers_(copy.deepcopy(teacher), keep), keep
+
+
+# --- shared by the prune, distill and compress recipes ------------------------------------------------------
+
+def load_trained(path: str, option: str = "--model", max_length: int = 128):
+    """Load a fine-tuned classifier: (model, encoder, meta); a model without a task head is a ModelError."""
+    if not path:
+        raise OztuneError(f"{option} is required")
+    model, enc, meta = load_classifier(path, max_length=max_length)
+    if not meta["id2label"]:
+        raise ModelError(f"{option} {path}: not a fine-tuned classifier (config.json has no task head or labels); "
+                         "fine-tune it first with oztune finetune")
+    return model, enc, meta
+
+
+@dataclass
+class TaskData:
+    """Training and evaluation data encoded for one fine-tuned model.
+
+    Args:
+        train: the (sampled) training examples.
+        eval: the evaluation examples.
+        eval_texts: the evaluation texts, for end-to-end timings.
+        eval_pairs: their second texts, or None.
+        train_tokens: (vocab_size,) bool, token ids occurring anywhere in the training file.
+    """
+
+    train: EncodedData
+    eval: EncodedData
+    eval_texts: list[str]
+    eval_pairs: list[str] | None
+    train_tokens: torch.Tensor
+
+
+def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval: str, columns: Columns,
+                   max_train_examples: int | None, seed: int) -> TaskData:
+    """Read and encode the train (sampled) and eval files with the model's labels; unknown labels are DataErrors."""
+    if not train or not eval:
+        raise OztuneError("--train and --eval are required")
+    kind = model.head_cfg.problem_type
+    label2id = None if kind == "regression" else meta["label2id"]
+    train_all = encode_examples(read_labelled(train, columns), enc, label2id, kind, train)
+    train_data = train_all.subset(sample(list(range(len(train_all))), max_train_examples, seed))
+    eval_ex = read_labelled(eval, columns)
+    pairs = [e.text_pair or "" for e in eval_ex] if any(e.text_pair is not None for e in eval_ex) else None
+    return TaskData(train_data, encode_examples(eval_ex, enc, label2id, kind, eval), [e.text for e in eval_ex], pairs,
+                    tokens_seen(train_all, model.cfg.vocab_size))
+
+
+@dataclass
+class DistillArgs:
+    """Distil a fine-tuned teacher into a smaller student (its layers dropped, or a pruned model).
+
+    Args:
+        teacher: fine-tuned model directory to learn from.
+        train: training file (.csv, .tsv or .jsonl) with the teacher's labels.
+        eval: evaluation file; the best epoch on it is kept.
+        output: directory to write the student to.
+        student: start from this model directory (e.g. the output of oztune prune --structured).
+        student_layers: or build the student from this many evenly spaced teacher layers.
+        temperature: softmax temperature of the soft loss.
+        alpha: weight of the teacher's soft loss (1 - alpha: the hard labels).
+        hidden_weight: weight of the hidden-state MSE between mapped layers (0: off; runs the teacher each step).
+        epochs: passes over the training data.
+        batch_size: examples per step.
+        lr: peak learning rate.
+        max_length: longest input in tokens.
+        max_train_examples: train on a seeded random sample of this many examples.
+        text_column: column holding the text.
+        text_pair_column: column holding the second text of a pair.
+        label_column: column holding the label.
+        seed: seed of sampling, shuffling and dropout.
+        precision: auto (bf16 autocast where the CPU has bf16), bf16 or fp32.
+        progress: show progress bars.
+    """
+
+    teacher: str = ""
+    train: str = ""
+    eval: str = ""
+    output: str = ""
+    student: str | None = None
+    student_layers: int | None = None
+    temperature: float = 2.0
+    alpha: float = 0.5
+    hidden_weight: float = 0.0
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4
+    max_length: int = 128
+    max_train_examples: int | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    seed: int = 42
+    precision: str = "auto"
+    progress: bool = True
+
+    def columns(self) -> Columns:
+        return Columns(self.text_column, self.text_pair_column, self.label_column)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, precision=self.precision,
+                           seed=self.seed, freeze_embeddings=True, progress=self.progress)
+
+
+def check_train_options(a) -> None:
+    """Shared checks of the training options of the prune, distill and compress recipes."""
+    for name in ("epochs", "batch_size", "max_length"):
+        if getattr(a, name) < 1:
+            raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(a, name)}")
+    if a.lr <= 0:
+        raise OztuneError(f"--lr must be positive, not {a.lr}")
+    if a.max_train_examples is not None and a.max_train_examples < 1:
+        raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
+    if a.precision not in ("auto", "bf16", "fp32"):
+        raise OztuneError(f"--precision must be auto, bf16 or fp32, not {a.precision!r}")
+    check_output_dir(a.output)
+
+
+def run_distill(a: DistillArgs) -> dict:
+    """The distill recipe: load teacher and data, build the student, train it, save it; returns the run record."""
+    check_train_options(a)
+    dcfg = DistillConfig(a.temperature, a.alpha, a.hidden_weight)
+    if (a.student is None) == (a.student_layers is None):
+        raise OztuneError("give exactly one of --student DIR or --student-layers N")
+    teacher, enc, meta = load_trained(a.teacher, "--teacher", a.max_length)
+    if a.student:
+        student, _, s_meta = load_trained(a.student, "--student", a.max_length)
+        if s_meta["id2label"] != meta["id2label"]:
+            raise OztuneError(f"--student {a.student}: labels {list(s_meta['id2label'].values())} differ from the "
+                              f"teacher's {list(meta['id2label'].values())}")
+    else:
+        student, kept = student_from_layers(teacher, a.student_layers)
+        dcfg.layer_map = kept
+    data = load_task_data(teacher, enc, meta, a.train, a.eval, a.columns(), a.max_train_examples, a.seed)
+    teacher_metrics = evaluate(teacher, data.eval)
+    result = distill(teacher, student, data.train, a.train_config(), dcfg, data.eval)
+    run = {"command": "distill", "args": asdict(a), "teacher_metrics": teacher_metrics, "metrics": result.best,
+           "history": result.history, "train_examples": len(data.train), "train_seconds": round(result.seconds, 1),
+           "student": {"layers": student.cfg.num_layers, "heads": student.cfg.layer_heads, "ffn": student.cfg.layer_ffn,
+                       "parameters": sum(p.numel() for p in student.parameters())}}
+    save_classifier(student, enc, a.output, meta["id2label"], run=run)
+    return run

@@ -1,0 +1,125 @@
+"""Int8 kernels for CPU inference: per-token activation quantization and int8 x int8 matmuls.
+
+Scheme: a weight (N, K) is stored as int8 ``wq`` with one fp32 scale per output row (symmetric,
+``w ~ wq * w_scale[:, None]``); an activation (M, K) is quantized at run time with one scale per row
+(token), ``x ~ xq * amax / 127``. Then ``y = (xq @ wq.T) * amax / 127 * w_scale + bias``.
+
+The matmul runs on oneDNN's int8 kernel (``torch.ops.onednn.qlinear_pointwise``, the op PyTorch's
+inductor lowers quantized linears to) with the weight pre-packed once into oneDNN's blocked layout; it
+also applies ``w_scale`` and writes fp32. That kernel wants unsigned activations with zero point 128,
+so the int8 codes get their sign bit flipped (``q + 128`` as uint8, one cheap byte pass). Measured
+against ``torch._int_mm`` (bench/int8.py ``--kernels``) it is as fast or faster and saves a
+dequantization pass; ``torch._int_mm`` is the fallback where oneDNN's op is missing (non-x86 builds).
+
+Per-token scales of large inputs come from ``amax`` and ``amin`` (two vectorised reductions; ``aminmax``
+and the inf-norm are several times slower on CPU, ``abs()`` writes a temporary), rounding is in place,
+and dequantization with the bias is one in-place ``addcmul``: besides the GEMMs, passes over memory and
+(for small inputs) the number of ops are what int8 inference on CPU spends its time on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+EPS = 1e-8  # smallest row amax: an all-zero (padding) row quantizes to zeros, never to NaN
+ONEDNN_MIN_ROWS = 256  # from here on oneDNN's kernel beats torch._int_mm (bench/int8.py --kernels)
+
+
+def _has_onednn() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+HAS_ONEDNN = _has_onednn()
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization of each row of ``x`` (M, K).
+
+    Returns:
+        (q, scale): int8 codes (M, K) in [-127, 127] and the row scales (M, 1), ``x ~ q * scale``.
+    """
+    if x.shape[0] < ONEDNN_MIN_ROWS:  # few rows: fewer ops count more than fewer passes
+        amax = x.abs().amax(-1, keepdim=True)
+    else:  # two vectorised reductions, no |x| temporary
+        amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
+    scale = amax.clamp_min_(EPS).div_(127)
+    return torch.div(x, scale).round_().to(torch.int8), scale
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization of each row of a weight ``w`` (N, K).
+
+    Returns:
+        (wq, scale): int8 codes (N, K) and fp32 scales (N,), ``w ~ wq * scale[:, None]``.
+    """
+    w = w.detach().float()
+    amax = w.abs().amax(-1) if w.shape[-1] else w.new_zeros(w.shape[0])
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded (in fp32) to its per-token int8 grid, with a straight-through gradient (identity)."""
+    x = x.float()
+    scale = (torch.maximum(x.amax(-1, keepdim=True), -x.amin(-1, keepdim=True)).clamp_min(EPS) / 127).detach()
+    return x + ((x / scale).round() * scale - x).detach()
+
+
+def fake_quantize_per_channel(w: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded (in fp32) to its per-output-row int8 grid, with a straight-through gradient (identity)."""
+    w = w.float()
+    scale = (w.abs().amax(-1, keepdim=True).clamp_min(EPS) / 127).detach()
+    return w + ((w / scale).round() * scale - w).detach()
+
+
+def pack_weight(wq: torch.Tensor) -> torch.Tensor | None:
+    """The int8 weight (N, K) pre-packed for oneDNN's kernel, or None where that kernel is missing."""
+    if HAS_ONEDNN and wq.device.type == "cpu":
+        return torch.ops.onednn.qlinear_prepack(wq, None)
+    return None
+
+
+def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                packed: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+    """``x @ w.T + bias`` for a float ``x`` (M, K) and an int8 weight, activations quantized here per row.
+
+    Below ``ONEDNN_MIN_ROWS`` rows ``torch._int_mm`` is faster (oneDNN's kernel costs more per call and
+    builds a new primitive for every new M); above, oneDNN's saves the int32 output and a dequantization pass.
+
+    Args:
+        x: fp32 activations (M, K), contiguous.
+        wq: int8 weight (N, K).
+        w_scale: fp32 per-row weight scales (N,).
+        bias: fp32 (N,) or None.
+        packed: returns :func:`pack_weight` of ``wq`` (called only when oneDNN's kernel is used).
+
+    Returns:
+        fp32 (M, N).
+    """
+    q, scale = quantize_per_token(x)
+    pw = packed() if x.shape[0] >= ONEDNN_MIN_ROWS else None
+    if pw is not None:
+        u8 = q.view(torch.uint8).bitwise_xor_(128)  # q + 128: oneDNN's fast kernel takes u8 with zero point 128
+        y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 128, pw, w_scale, _zeros(w_scale.shape[0]), None,
+                                               1.0, 0, torch.float32, "none", [], "")  # (q @ wq.T) * w_scale
+    else:
+        y = torch._int_mm(q, wq.t()).float().mul_(w_scale)
+    if bias is None:
+        return y.mul_(scale)
+    return torch.addcmul(bias, y, scale, out=y)
+
+
+_ZEROS: dict[int, torch.Tensor] = {}
+
+
+def _zeros(n: int) -> torch.Tensor:
+    """The (n,) int64 zero points oneDNN's op takes for the weight (cached: it is called per layer)."""
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = torch.zeros(n, dtype=torch.int64)
+    return z

@@ -1,0 +1,297 @@
+"""Int8 quantization of a classifier: ``quantize_(model, QuantConfig())``, torchao-style, in place.
+
+Every ``nn.Linear`` becomes an :class:`Int8Linear`: int8 weights with one fp32 scale per output
+channel, activations quantized dynamically to int8 with one scale per token, an int8 x int8 matmul
+(:mod:`oztune.compress.int8_ops`). Token and position embeddings become :class:`Int8Embedding`
+(int8 rows, one scale per row; weight-only). Modules named by ``skip`` stay fp32. Feed-forward blocks
+become :class:`ChunkedFeedForward` (the same layers, run a few hundred tokens at a time so that the wide
+intermediate stays in cache). :func:`compile_quantized` is the optional ``torch.compile`` on top.
+
+When post-training quantization loses too much, :func:`prepare_qat_` swaps the Linear layers for
+:class:`FakeQuantLinear` (the same rounding, simulated in float with a straight-through gradient) so
+the usual training loop can adapt the weights; :func:`quantize_` then converts them.
+
+Saving: quantized modules keep their state in buffers named like the float ones (``weight`` is int8,
+plus ``weight_scale``), so ``save_classifier(..., quantization=quantization_record(cfg))`` writes them
+to safetensors and ``load_classifier`` calls :func:`prepare_quantized` to rebuild the modules first.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oztune.compress.int8_ops import (fake_quantize_per_channel, fake_quantize_per_token, int8_linear, pack_weight,
+                                      quantize_per_channel)
+from oztune.errors import OztuneError
+from oztune.models.transformer import FeedForward
+
+SCHEMES = ("int8",)
+CHUNK_ROWS = 256  # tokens per thread in a feed-forward chunk: a (256, 1536) fp32 intermediate is 1.5 MB
+EMBEDDINGS = ("int8", "none")
+RECORD_VERSION = 1
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize, and how.
+
+    Args:
+        scheme: "int8": dynamic per-token int8 activations x per-channel int8 weights in every Linear.
+        embeddings: "int8" (weight-only, one scale per row) or "none" (keep fp32).
+        skip: glob patterns of module names kept in fp32, e.g. ["head.*", "backbone.layers.5.*"]; a pattern
+            naming a module also keeps everything inside it.
+    """
+
+    scheme: str = "int8"
+    embeddings: str = "int8"
+    skip: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise OztuneError(f"quantization scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
+        if self.embeddings not in EMBEDDINGS:
+            raise OztuneError(f"embeddings must be one of {', '.join(EMBEDDINGS)}, not {self.embeddings!r}")
+        self.skip = [p.strip() for p in self.skip if p.strip()]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights (one fp32 scale per output row) and per-token int8 activations.
+
+    Buffers (saved): ``weight`` int8 (out, in), ``weight_scale`` fp32 (out,), ``bias`` fp32 (out,) or absent.
+    The oneDNN-packed copy of the weight is a cache, rebuilt whenever ``weight`` changes (e.g. on load).
+
+    Args:
+        in_features: input width K.
+        out_features: output width N.
+        bias: whether there is a bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed, self._packed_key = None, None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        q.weight, q.weight_scale = quantize_per_channel(linear.weight)
+        if linear.bias is not None:
+            q.bias = linear.bias.detach().float().clone()
+        return q
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight (out, in) the int8 one stands for."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def packed_weight(self) -> torch.Tensor | None:
+        """The weight packed for oneDNN (cached; packed again whenever ``weight`` changes, e.g. on load)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._packed_key != key:
+            self._packed, self._packed_key = pack_weight(self.weight), key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if x.numel() == 0 or self.in_features == 0 or self.out_features == 0:
+            y = x.new_zeros(*lead, self.out_features)
+            return y + self.bias if self.bias is not None else y
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()
+        packed = _no_packing if torch.compiler.is_compiling() else self.packed_weight  # inductor fuses around _int_mm
+        y = int8_linear(rows, self.weight, self.weight_scale, self.bias, packed)  # (M, N)
+        return y.view(*lead, self.out_features)
+
+    def __getstate__(self):  # deepcopy/pickle: the packed weight is an opaque oneDNN tensor, rebuilt on use
+        return {**self.__dict__, "_packed": None, "_packed_key": None}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _no_packing() -> None:
+    return None
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows with one fp32 scale per row (weight-only quantization).
+
+    Buffers (saved): ``weight`` int8 (num, dim), ``weight_scale`` fp32 (num,).
+
+    Args:
+        num_embeddings: rows.
+        embedding_dim: width of a row.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> "Int8Embedding":
+        q = cls(emb.num_embeddings, emb.embedding_dim)
+        q.weight, q.weight_scale = quantize_per_channel(emb.weight)
+        return q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float().mul_(self.weight_scale[ids].unsqueeze(-1))  # (..., dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class ChunkedFeedForward(nn.Module):
+    """A feed-forward block evaluated ``CHUNK_ROWS`` tokens per thread at a time (inference only).
+
+    The (rows, F) intermediate between the up- and down-projection (int32/fp32 output, activation,
+    int8 codes) then stays in the core's cache instead of streaming (M, F) through memory: for a batch
+    of 64 SST-2 sentences (M ~ 1,800 tokens) the int8 FFN takes ~45% less time. Rows are independent,
+    so the result is the same. Holds the original ``up``/``down``/``act``: state-dict names do not change.
+
+    Args:
+        ffn: the FeedForward block to wrap.
+    """
+
+    def __init__(self, ffn: FeedForward):
+        super().__init__()
+        self.up, self.down, self.act = ffn.up, ffn.down, ffn.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # (M, C)
+        chunk = CHUNK_ROWS * torch.get_num_threads()  # each thread's share of a chunk stays in its core's cache
+        if rows.shape[0] <= chunk or torch.compiler.is_compiling():  # compiled, inductor fuses instead
+            return self.down(self.act(self.up(x)))
+        out = rows.new_empty(rows.shape[0], self.down.out_features)
+        for part, dst in zip(rows.split(chunk), out.split(chunk)):
+            dst.copy_(self.down(self.act(self.up(part))))
+        return out.view(*x.shape[:-1], -1)
+
+
+class FakeQuantLinear(nn.Linear):
+    """A Linear that trains as it will run in int8: per-channel weight and per-token activation fake
+    quantization with a straight-through gradient. Same parameters and state-dict names as nn.Linear."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FakeQuantLinear":
+        fq = cls.__new__(cls)
+        nn.Module.__init__(fq)
+        fq.in_features, fq.out_features = linear.in_features, linear.out_features
+        fq.weight, fq.bias = linear.weight, linear.bias  # shared, not copied
+        return fq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_features == 0 or x.numel() == 0:
+            return super().forward(x)
+        return F.linear(fake_quantize_per_token(x), fake_quantize_per_channel(self.weight), self.bias)
+
+
+def _skipped(name: str, patterns: list[str]) -> bool:
+    """Whether a pattern matches the module's name or the name of a module containing it."""
+    parts = name.split(".")
+    prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return any(fnmatch.fnmatchcase(p, pat) for pat in patterns for p in prefixes)
+
+
+def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Linear and (unless embeddings is "none") Embedding to quantize.
+
+    Token-type embeddings stay fp32: two rows gain nothing, and the backbone reads their weight directly.
+    """
+    out = []
+    for name, m in model.named_modules():
+        if _skipped(name, config.skip):
+            continue
+        if isinstance(m, nn.Linear):
+            out.append((name, m))
+        elif isinstance(m, nn.Embedding) and config.embeddings == "int8" and not name.endswith("token_type"):
+            out.append((name, m))
+    return out
+
+
+def _check_skip(model: nn.Module, config: QuantConfig) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+    for pat in config.skip:
+        if not any(_skipped(n, [pat]) for n in names):
+            example = next((n for n in names if n.endswith(".qkv")), names[0] if names else "")
+            raise OztuneError(f"skip pattern {pat!r} matches no module of the model "
+                              f"(names look like {example!r}, 'head.out')")
+
+
+def _chunk_feed_forwards(model: nn.Module) -> None:
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FeedForward):
+            model.set_submodule(name, ChunkedFeedForward(m))
+
+
+def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """Quantize ``model`` in place (Linear -> Int8Linear, Embedding -> Int8Embedding) and return it.
+
+    FakeQuantLinear layers from :func:`prepare_qat_` are converted like any Linear.
+
+    Args:
+        model: a SequenceClassifier (any module works: every nn.Linear / nn.Embedding found is converted).
+        config: what to quantize (default: QuantConfig()).
+    """
+    config = config or QuantConfig()
+    _check_skip(model, config)
+    for name, m in _targets(model, config):
+        q = Int8Linear.from_linear(m) if isinstance(m, nn.Linear) else Int8Embedding.from_embedding(m)
+        model.set_submodule(name, q)
+    _chunk_feed_forwards(model)
+    return model
+
+
+def prepare_quantized(model: nn.Module, quant: dict) -> None:
+    """Swap in empty quantized modules where ``quant`` (a :func:`quantization_record`) put them, so that
+    the saved int8 state dict loads. Called by ``load_classifier`` before ``load_state_dict``."""
+    config = QuantConfig.from_dict(quant)
+    for name, m in _targets(model, config):
+        if isinstance(m, nn.Linear):
+            q = Int8Linear(m.in_features, m.out_features, m.bias is not None)
+        else:
+            q = Int8Embedding(m.num_embeddings, m.embedding_dim)
+        model.set_submodule(name, q)
+    _chunk_feed_forwards(model)
+
+
+def quantization_record(config: QuantConfig) -> dict:
+    """What ``save_classifier(..., quantization=...)`` stores in config.json: the config plus a description."""
+    return {**asdict(config), "version": RECORD_VERSION,
+            "weights": "int8, symmetric, one scale per output channel (embeddings: per row)",
+            "activations": "int8, symmetric, one scale per token, computed at run time"}
+
+
+def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """Swap every Linear that :func:`quantize_` would convert for a FakeQuantLinear (sharing its parameters),
+    in place, for quantization-aware fine-tuning with the usual ``fit``; returns ``model``."""
+    config = config or QuantConfig()
+    _check_skip(model, config)
+    for name, m in _targets(model, config):
+        if type(m) is not FakeQuantLinear and isinstance(m, nn.Linear):
+            model.set_submodule(name, FakeQuantLinear.from_linear(m))
+    return model
+
+
+def compile_quantized(model: nn.Module) -> nn.Module:
+    """``torch.compile`` for a quantized model: dynamic shapes, C++ wrapper (less overhead per kernel).
+
+    Compiled, the Linear layers use ``torch._int_mm`` and inductor fuses quantization, dequantization, bias
+    and activation into its own loops. The first calls compile: about a minute on 2 cores, once for few
+    rows and once for many (bench/int8.py --compile prints it); eager needs no warm-up.
+    """
+    return torch.compile(model, dynamic=True, options={"cpp_wrapper": True})

@@ -1,0 +1,222 @@
+"""Measure model variants the same way and write the trade-off report: report.md, report.json, pareto.png.
+
+Timings are end to end, tokenization included, with the threads torch has. Throughput: the eval texts
+sorted by token length and cut into batches of 64 (the same batches for every variant and peer).
+Latency: one text at a time, p50 and p95 over the eval texts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from oztune.data.dataset import EncodedData
+from oztune.train.loop import evaluate
+from oztune.train.metrics import MAIN_METRIC
+
+COLUMNS = [  # (key, header, format)
+    ("name", "variant", "{}"), ("shape", "encoder", "{}"), ("score", "{metric}", "{:.2f}"),
+    ("drop", "drop (pt)", "{:+.2f}"),
+    ("macro_f1", "macro-F1", "{:.2f}"), ("file_mb", "file MB", "{:.1f}"), ("parameters", "params (M)", "{:.2f}"),
+    ("latency_p50_ms", "batch-1 p50 ms", "{:.2f}"), ("latency_p95_ms", "batch-1 p95 ms", "{:.2f}"),
+    ("throughput", "batch-64 texts/s", "{:.0f}"), ("speedup", "speed-up", "{:.2f}x"),
+]
+
+
+def sorted_batches(encoder, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> list[np.ndarray]:
+    """Indices of the texts sorted by token length (longest first) and cut into batches."""
+    lengths = np.array([len(ids) for ids, _ in encoder.encode(texts, pairs)])
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def model_runner(model: torch.nn.Module, encoder) -> Callable[[list[str], list[str] | None], torch.Tensor]:
+    """texts (and pairs) -> logits, end to end: tokenize, pad, forward."""
+
+    @torch.inference_mode()
+    def run(texts: list[str], pairs: list[str] | None = None) -> torch.Tensor:
+        b = encoder(texts, pairs)
+        return model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+
+    return run
+
+
+def time_batches(run: Callable, texts: list[str], pairs: list[str] | None, batches: list[np.ndarray],
+                 repeats: int = 3) -> float:
+    """Median seconds to run every batch once (after one warm-up batch)."""
+    take = (lambda idx: [pairs[i] for i in idx]) if pairs is not None else (lambda idx: None)
+    run([texts[i] for i in batches[0]], take(batches[0]))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for idx in batches:
+            run([texts[i] for i in idx], take(idx))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def latency_ms(run: Callable, texts: list[str], pairs: list[str] | None = None, warmup: int = 5) -> tuple[float, float]:
+    """(p50, p95) milliseconds of one text at a time."""
+    times = []
+    for i in [*range(min(warmup, len(texts))), *range(len(texts))]:
+        t0 = time.perf_counter()
+        run([texts[i]], None if pairs is None else [pairs[i]])
+        times.append(time.perf_counter() - t0)
+    times = times[min(warmup, len(texts)):]
+    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 95) * 1e3)
+
+
+def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list[str], pairs: list[str] | None,
+            model_dir: Path, parameters: int, repeats: int = 3) -> dict:
+    """Quality and speed of one variant: metrics on ``eval_data``, file size, latency and throughput.
+
+    Args:
+        model: the variant, in eval mode.
+        encoder: its tokenizer.
+        eval_data: encoded labelled evaluation data (the same examples as ``texts``).
+        texts: the evaluation texts, for the end-to-end timings.
+        pairs: their second texts, or None.
+        model_dir: where the variant was saved (its model.safetensors is weighed).
+        parameters: parameter count (before quantization, which does not change it).
+        repeats: throughput runs; the median counts.
+    """
+    metrics = evaluate(model, eval_data)
+    kind = model.head_cfg.problem_type
+    run = model_runner(model, encoder)
+    batches = sorted_batches(encoder, texts, pairs)
+    seconds = time_batches(run, texts, pairs, batches, repeats)
+    p50, p95 = latency_ms(run, texts, pairs)
+    return {"score": 100 * metrics[MAIN_METRIC[kind]], "metric": MAIN_METRIC[kind],
+            "macro_f1": 100 * metrics["macro_f1"] if "macro_f1" in metrics else None, "metrics": metrics,
+            "file_mb": weights_mb(model_dir), "parameters": parameters / 1e6, "latency_p50_ms": p50,
+            "latency_p95_ms": p95, "batch64_seconds": seconds, "throughput": len(texts) / seconds}
+
+
+def weights_mb(model_dir: Path) -> float:
+    """Megabytes (1e6 bytes) of the weight files of a saved model."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 1e6
+
+
+def add_relative(rows: list[dict], baseline: dict, max_drop: float) -> None:
+    """Fill ``drop`` (points below the baseline), ``speedup`` (throughput ratio) and ``within_budget``."""
+    for r in rows:
+        r["drop"] = r["score"] - baseline["score"]
+        r["speedup"] = r["throughput"] / baseline["throughput"]
+        r["latency_speedup"] = baseline["latency_p50_ms"] / r["latency_p50_ms"]
+        r["within_budget"] = r["drop"] >= -max_drop - 1e-9
+
+
+def write_report(out: Path, rows: list[dict], chosen: str, max_drop: float, settings: dict) -> None:
+    """report.json (everything), report.md (a table and the choice) and pareto.png into ``out``.
+
+    Args:
+        out: directory to write to.
+        rows: one dict per variant, the fp32 baseline first (from :func:`measure` plus name, shape, recipe).
+        chosen: name of the kept variant.
+        max_drop: the accuracy budget in points.
+        settings: the run's options and environment, kept in report.json.
+    """
+    out = Path(out)
+    (out / "report.json").write_text(json.dumps({"chosen": chosen, "max_drop": max_drop, "variants": rows,
+                                                 "settings": settings}, indent=2, default=str) + "\n")
+    (out / "report.md").write_text(markdown(rows, chosen, max_drop, settings))
+    pareto_png(rows, chosen, max_drop, out / "pareto.png")
+
+
+def markdown(rows: list[dict], chosen: str, max_drop: float, settings: dict) -> str:
+    metric = rows[0]["metric"]
+    head = [h.format(metric=metric) for _, h, _ in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = ["-" if r.get(k) is None else f.format(r[k]) for k, _, f in COLUMNS]
+        if r["name"] == chosen:
+            cells[0] = f"**{cells[0]}** (kept)"
+        lines.append("| " + " | ".join(cells) + " |")
+    base, best = rows[0], next(r for r in rows if r["name"] == chosen)
+    return f"""# oztune compress report
+
+Model `{settings.get('model')}`, evaluated on `{settings.get('eval')}` ({settings.get('eval_examples')} examples);
+budget: at most {max_drop:g} point(s) of {metric} below fp32 ({base['score']:.2f}).
+
+**Kept: `{chosen}`**: {metric} {best['score']:.2f} ({best['drop']:+.2f} pt), {best['file_mb']:.1f} MB,
+{best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x fp32), batch-1 p50 {best['latency_p50_ms']:.2f} ms.
+
+{chr(10).join(lines)}
+
+- Scores in points (percent). Timings end to end, tokenization included, {settings.get('threads')} thread(s);
+  batch 64 on the eval texts sorted by token length; batch 1 over every eval text.
+- speed-up: batch-64 throughput relative to fp32. params: before quantization.
+- Every variant is saved under `variants/<name>/`; the kept one is also this directory's model.
+- Recipes: {settings.get('recipes')}; sizes (share of encoder weights kept): {settings.get('sizes')};
+  recovery: {settings.get('epochs')} epoch(s) of distillation from fp32 on {settings.get('train_examples')} examples;
+  total time {settings.get('seconds', 0):.0f} s.
+
+![accuracy against latency](pareto.png)
+"""
+
+
+def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> None:
+    """Accuracy against batch-1 latency, marker area by file size, labelled, fp32 and budget marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    x = np.array([r["latency_p50_ms"] for r in rows])
+    y = np.array([r["score"] for r in rows])
+    mb = np.array([r["file_mb"] for r in rows])
+    area = 60 + 1500 * mb / max(mb.max(), 1e-9)
+    colors = ["#7f7f7f" if i == 0 else ("#d62728" if r["name"] == chosen else "#1f77b4") for i, r in enumerate(rows)]
+    ax.scatter(x, y, s=area, c=colors, alpha=0.5, edgecolors="black", linewidths=0.8, zorder=3)
+    front = _frontier(x, y)
+    ax.plot(x[front], y[front], color="#555555", lw=1, ls=":", zorder=2, label="Pareto front")
+    ax.axhline(y[0] - max_drop, color="#d62728", lw=1, ls="--", label=f"budget: fp32 - {max_drop:g} pt")
+    pad_y = max(0.5, (y.max() - min(y.min(), y[0] - max_drop)) * 0.15)
+    ax.set_ylim(min(y.min(), y[0] - max_drop) - pad_y, y.max() + pad_y)
+    ax.set_xlim(0, x.max() * 1.35)
+    _labels(ax, fig, rows, x, y, chosen)
+    ax.set_xlabel("batch-1 latency, p50 (ms, tokenization included)")
+    ax.set_ylabel(f"{rows[0]['metric']} (%)")
+    ax.set_title("Accuracy against latency\nmarker area = file size; grey = fp32, red = kept", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _labels(ax, fig, rows: list[dict], x: np.ndarray, y: np.ndarray, chosen: str) -> None:
+    """Label each point, choosing among a few offsets the one farthest from labels already placed."""
+    offsets = [(10, 8), (10, -22), (-10, 8), (-10, -22), (12, 24), (12, -38), (-12, 24), (-12, -38)]
+    scale = fig.dpi / 72  # points -> pixels
+    placed: list[np.ndarray] = [ax.transData.transform((xi, yi)) for xi, yi in zip(x, y)]
+    for i in np.argsort(x, kind="stable"):
+        r, p = rows[i], ax.transData.transform((x[i], y[i]))
+
+        def room(o):
+            q = p + np.array(o) * scale
+            return min(np.hypot(*(q - other)) for other in placed)
+
+        dx, dy = max(offsets, key=room)
+        placed.append(p + np.array((dx, dy)) * scale)
+        ax.annotate(f"{r['name']}\n{r['score']:.2f}%, {r['file_mb']:.3g} MB", (x[i], y[i]), textcoords="offset points",
+                    xytext=(dx, dy), fontsize=8, ha="left" if dx > 0 else "right",
+                    fontweight="bold" if r["name"] == chosen else "normal",
+                    arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6})
+
+
+def _frontier(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both latency (lower) and score (higher), by latency."""
+    order = np.lexsort((-y, x))
+    keep, best = [], -np.inf
+    for i in order:
+        if y[i] > best:
+            keep.append(i)
+            best = y[i]
+    return np.array(keep, dtype=int)

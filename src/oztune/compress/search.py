@@ -1,0 +1,232 @@
+"""The accuracy-budget search behind ``oztune compress``: try recipes, measure each, keep the fastest in budget.
+
+Recipes: ``int8`` (the fine-tuned model quantized), ``prune`` (structured pruning at each size, then
+distillation from the fp32 model to recover) and ``prune-int8`` (the pruned model quantized). Every
+variant is saved and measured the same way (:mod:`oztune.compress.report`); the fastest at batch 64 whose
+main metric is at most ``--max-drop`` points below fp32 becomes the output model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from oztune.compress.distill import DistillConfig, check_train_options, distill, load_task_data, load_trained
+from oztune.compress.prune import PruneConfig, prune_, prune_vocab_, unk_id
+from oztune.compress.report import add_relative, measure, write_report
+from oztune.config import ModelConfig
+from oztune.data.load import Columns
+from oztune.errors import OztuneError
+from oztune.models.hub import _replace_dir, save_classifier
+from oztune.train.loop import TrainConfig, predict_logits, seed_everything
+
+RECIPES = ("int8", "prune", "prune-int8")
+
+
+@dataclass
+class CompressArgs:
+    """Try compression recipes and keep the fastest variant within an accuracy budget, with a report.
+
+    On SST-2 (all-MiniLM-L6-v2 fine-tuned; defaults: 20,000 training examples, two sizes) this takes
+    about N minutes on 2 CPU cores; --max-train-examples, --sizes, --epochs and --recipes bound it.
+
+    Args:
+        model: fine-tuned model directory (from oztune finetune).
+        train: training file for importance ranking and distillation (the model's labels).
+        eval: evaluation file: every variant is scored and timed on it.
+        output: directory for the kept model, variants/<name>/, report.md, report.json and pareto.png.
+        max_drop: accuracy budget: at most this many points (percent) below the fp32 model.
+        recipes: comma-separated recipes to try: int8, prune, prune-int8.
+        sizes: comma-separated shares of the encoder's weights that pruning keeps (each in (0, 1)).
+        importance_batches: training batches over which heads, neurons and layers are ranked.
+        epochs: epochs of distillation that recover each pruned model.
+        batch_size: examples per distillation step.
+        lr: peak learning rate of the recovery.
+        temperature: softmax temperature of the distillation loss.
+        alpha: weight of the teacher's soft loss (1 - alpha: the hard labels).
+        max_train_examples: use a seeded random sample of this many training examples (0: all).
+        max_length: longest input in tokens.
+        prune_vocab: pruned variants keep only the embeddings of tokens in the training file (others read
+            [UNK]; about 3x smaller on SST-2); --no-prune-vocab keeps the whole vocabulary.
+        keep_variants: keep every variant under variants/ (--no-keep-variants: only the kept model).
+        text_column: column holding the text.
+        text_pair_column: column holding the second text of a pair.
+        label_column: column holding the label.
+        seed: seed of sampling, shuffling and dropout.
+        precision: auto (bf16 autocast where the CPU has bf16), bf16 or fp32, for training.
+        progress: show progress bars.
+    """
+
+    model: str = ""
+    train: str = ""
+    eval: str = ""
+    output: str = ""
+    max_drop: float = 1.0
+    recipes: list[str] = field(default_factory=lambda: list(RECIPES))
+    sizes: list[float] = field(default_factory=lambda: [0.5, 0.33])
+    importance_batches: int = 32
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-4
+    temperature: float = 2.0
+    alpha: float = 0.5
+    max_train_examples: int | None = 20000
+    max_length: int = 128
+    prune_vocab: bool = True
+    keep_variants: bool = True
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    seed: int = 42
+    precision: str = "auto"
+    progress: bool = True
+
+
+def check_args(a: CompressArgs) -> None:
+    if a.max_drop < 0:
+        raise OztuneError(f"--max-drop must be 0 or more (points of accuracy), not {a.max_drop}")
+    unknown = [r for r in a.recipes if r not in RECIPES]
+    if unknown or not a.recipes:
+        raise OztuneError(f"--recipes: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(RECIPES)}")
+    bad = [s for s in a.sizes if not 0 < s < 1]
+    if bad or (not a.sizes and any(r.startswith("prune") for r in a.recipes)):
+        raise OztuneError(f"--sizes must be shares of weights kept, each in (0, 1); got {a.sizes}")
+    if a.max_train_examples == 0:
+        a.max_train_examples = None
+    if a.importance_batches < 1:
+        raise OztuneError(f"--importance-batches must be at least 1, not {a.importance_batches}")
+    DistillConfig(a.temperature, a.alpha)  # checks both
+    check_train_options(a)
+
+
+def plan(cfg: ModelConfig, keep: float) -> PruneConfig:
+    """Pruning that keeps about ``keep`` of the encoder's weights: depth and width each shrink by about sqrt(keep).
+
+    Whole layers save the most CPU time per weight (their layer norms, activations and attention go too),
+    but a model that keeps some width in more layers recovers better; this splits the cut between them.
+    """
+    L = cfg.num_layers
+    layers = max(1, min(L, round(L * keep ** 0.5)))
+    width = min(1.0, keep * L / layers)
+    return PruneConfig(heads=1 - width, ffn=1 - width, layers=L - layers)
+
+
+def compress(a: CompressArgs) -> dict:
+    """Run the search; writes ``a.output`` and returns the report (as report.json holds it)."""
+    check_args(a)
+    from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
+
+    start = time.perf_counter()
+    seed_everything(a.seed)
+    teacher, enc, meta = load_trained(a.model, "--model", a.max_length)
+    cols = Columns(a.text_column, a.text_pair_column, a.label_column)
+    data = load_task_data(teacher, enc, meta, a.train, a.eval, cols, a.max_train_examples, a.seed)
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    sizes = a.sizes if any(r.startswith("prune") for r in a.recipes) else []
+    steps = [("fp32", None)] + ([("int8", None)] if "int8" in a.recipes else []) + [
+        (f"prune{round(100 * s)}", s) for s in sizes]
+    bar = tqdm(steps, desc="compress", unit="step", disable=not a.progress, dynamic_ncols=True)
+    rows: list[dict] = []
+    teacher_logits = None
+
+    def add(name: str, model, recipe: str, quant: dict | None = None, extra: dict | None = None) -> None:
+        """Save a variant under work/variants/<name> (fp32: weigh the input's files) and measure it."""
+        bar.set_postfix_str(f"measuring {name}")
+        d = meta["path"] if name == "fp32" else work / "variants" / name
+        if name != "fp32":
+            run = {"command": "compress", "variant": name, "recipe": recipe, "source": str(a.model), **(extra or {})}
+            save_classifier(model, enc, d, meta["id2label"], run=run, quantization=quant)
+        params = (extra or {}).get("parameters") or sum(p.numel() for p in model.parameters())
+        row = {"name": name, "recipe": recipe, "shape": shape(model), **(extra or {}),
+               **measure(model, enc, data.eval, data.eval_texts, data.eval_pairs, d, params)}
+        rows.append(row)
+        tqdm.write(f"{name}: {row['metric']} {row['score']:.2f}, {row['file_mb']:.1f} MB, "
+                   f"{row['throughput']:.0f} texts/s at batch 64, batch-1 p50 {row['latency_p50_ms']:.2f} ms")
+
+    try:
+        for name, keep in bar:
+            bar.set_description(f"compress: {name}")
+            if name == "fp32":
+                add("fp32", teacher, "none")
+            elif name == "int8":
+                q = QuantConfig()
+                add("int8", quantize_(copy.deepcopy(teacher), q), "int8", quantization_record(q))
+            else:
+                if teacher_logits is None:
+                    bar.set_postfix_str("teacher logits")
+                    teacher_logits = torch.from_numpy(predict_logits(teacher, data.train, precision=a.precision))
+                student, info = _pruned(teacher, enc, data, keep, teacher_logits, a, bar)
+                if "prune" in a.recipes:
+                    add(name, student, "prune", extra=info)
+                if "prune-int8" in a.recipes:
+                    q = QuantConfig()
+                    add(f"{name}-int8", quantize_(copy.deepcopy(student), q), "prune-int8",
+                        quantization_record(q), info)
+        bar.set_postfix_str("report")
+        report = _finish(a, rows, work, out, teacher, enc, meta, data, start)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return report
+
+
+def _pruned(teacher, enc, data, keep: float, teacher_logits: torch.Tensor, a: CompressArgs, bar) -> tuple:
+    """Structured pruning to ``keep`` of the encoder, recovery by distillation, then the vocabulary.
+
+    Returns (model, record of what was done).
+    """
+    pcfg = plan(teacher.cfg, keep)
+    pcfg.importance_batches, pcfg.batch_size = a.importance_batches, a.batch_size
+    bar.set_postfix_str("ranking heads, neurons, layers")
+    student = prune_(copy.deepcopy(teacher), pcfg, data.train)
+    bar.set_postfix_str(f"recovering {shape(student)}")
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, precision=a.precision, seed=a.seed,
+                      freeze_embeddings=True, progress=a.progress)
+    result = distill(teacher, student, data.train, cfg, DistillConfig(a.temperature, a.alpha), data.eval,
+                     teacher_logits=teacher_logits)
+    unk = unk_id(enc)
+    if a.prune_vocab and unk is not None:
+        prune_vocab_(student, data.train_tokens, unk)
+    return student, {"keep": keep, "prune": asdict(pcfg), "parameters": sum(p.numel() for p in student.parameters()),
+                     "recovery": {"history": result.history, "seconds": round(result.seconds, 1)}}
+
+
+def shape(model) -> str:
+    """Short shape: layers, heads and FFN width summed over layers, token-embedding rows (L6 H72 F9216 V30522)."""
+    c = model.cfg
+    return f"L{c.num_layers} H{sum(c.layer_heads)} F{sum(c.layer_ffn)} V{model.backbone.embed.word.weight.shape[0]}"
+
+
+def _finish(a: CompressArgs, rows: list[dict], work: Path, out: Path, teacher, enc, meta: dict, data,
+            start: float) -> dict:
+    """Pick the fastest variant in budget, put it at the top of the output, write the report, move into place."""
+    add_relative(rows, rows[0], a.max_drop)
+    chosen = max((r for r in rows if r["within_budget"]), key=lambda r: (r["throughput"], -r["file_mb"]))["name"]
+    if chosen == "fp32":  # nothing smaller kept the accuracy: the output is the input model
+        save_classifier(teacher, enc, work / "fp32", meta["id2label"], run={"command": "compress", "variant": "fp32"})
+        src = work / "fp32"
+    else:
+        src = work / "variants" / chosen
+    for f in src.iterdir():
+        shutil.copy2(f, work / f.name)
+    shutil.rmtree(work / "fp32", ignore_errors=True)
+    settings = {**asdict(a), "train_examples": len(data.train), "eval_examples": len(data.eval),
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "seconds": time.perf_counter() - start}
+    write_report(work, rows, chosen, a.max_drop, settings)
+    if not a.keep_variants:
+        shutil.rmtree(work / "variants", ignore_errors=True)
+    _replace_dir(work, out)
+    return json.loads((out / "report.json").read_text())

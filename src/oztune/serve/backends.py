@@ -1,0 +1,118 @@
+"""What the server runs: ``predict(texts, pairs) -> [{"label", "score"}, ...]`` on torch or onnxruntime.
+
+The torch backend is :class:`oztune.Classifier`. :class:`OnnxClassifier` runs an ``oztune export``
+directory with the same tokenizer, batching and output format.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from oztune.api import Classifier, format_predictions
+from oztune.config import ModelConfig
+from oztune.data.dataset import inference_batches
+from oztune.data.tokenize import TextEncoder, pad_batch
+from oztune.errors import ModelError, OztuneError
+from oztune.models.hub import read_config, resolve_model
+from oztune.serve.export import ONNX_FILE, export_onnx
+
+BACKENDS = ("torch", "onnx")
+
+
+def default_threads() -> int:
+    """Cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class OnnxClassifier:
+    """An ONNX export run by onnxruntime on CPU, with ``predict`` like :meth:`oztune.Classifier.predict`.
+
+    Args:
+        path: directory written by ``oztune export`` (model.onnx, tokenizer, config.json).
+        threads: onnxruntime intra-op threads.
+        batch_size: texts per run in :meth:`predict`.
+        max_length: tokenizer truncation length (capped at the model's window).
+    """
+
+    def __init__(self, path: str | Path, threads: int = 1, batch_size: int = 64, max_length: int = 512):
+        import onnxruntime as ort
+
+        path = Path(path)
+        hf = read_config(path)
+        oz = hf.get("oztune", {})
+        if not (path / ONNX_FILE).is_file() or "onnx" not in oz:
+            raise ModelError(f"{path}: not an ONNX export (no {ONNX_FILE}); "
+                             "make one with: oztune export --model DIR --output DIR")
+        cfg = ModelConfig.from_dict(oz["model"])
+        self.problem_type = oz["head"]["problem_type"]
+        self.id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
+        self.encoder = TextEncoder.from_dir(path, min(max_length, cfg.max_length), pad_token_id=hf.get("pad_token_id"))
+        self.batch_size = batch_size
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
+        """Raw outputs (N, num_labels) in input order, computed in length-sorted batches."""
+        encoded = self.encoder.encode(list(texts), text_pairs)
+        out = None
+        for idx in inference_batches(np.array([len(ids) for ids, _ in encoded]), self.batch_size):
+            b = pad_batch([encoded[i] for i in idx], self.encoder.pad_id)
+            logits = self.session.run(None, {k: b[k].numpy() for k in self.inputs})[0]  # (B, L)
+            if out is None:
+                out = np.zeros((len(encoded), logits.shape[-1]), dtype=np.float32)
+            out[idx] = logits
+        return out
+
+    def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:
+        """One dict per text (``label``, ``score``), as :meth:`oztune.Classifier.predict`."""
+        if not len(texts):
+            return []
+        logits = self.logits(texts, text_pairs)
+        if self.problem_type == "single_label":
+            e = np.exp(logits - logits.max(-1, keepdims=True))
+            probs = e / e.sum(-1, keepdims=True)
+        elif self.problem_type == "multi_label":
+            probs = 1 / (1 + np.exp(-logits))
+        else:
+            probs = logits
+        return format_predictions(probs, self.problem_type, self.id2label, all_scores)
+
+
+def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_size: int = 64,
+                 max_length: int = 512) -> Classifier | OnnxClassifier:
+    """The classifier that serves ``model`` on ``backend``.
+
+    For ``onnx``, ``model`` is an ``oztune export`` directory, or a model directory that is exported
+    to a temporary directory first (int8 when the model is quantized, see :mod:`oztune.serve.export`).
+
+    Args:
+        model: model or export directory.
+        backend: "torch" or "onnx".
+        threads: compute threads (0: every core this process may use).
+        batch_size: texts per forward pass.
+        max_length: tokenizer truncation length.
+    """
+    if backend not in BACKENDS:
+        raise OztuneError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    threads = threads or default_threads()
+    path = resolve_model(model)
+    is_export = (path / ONNX_FILE).is_file()
+    if backend == "torch":
+        if is_export:
+            raise ModelError(f"{path}: an ONNX export; serve it with --backend onnx, or give the model directory")
+        torch.set_num_threads(threads)
+        return Classifier.from_pretrained(path, batch_size=batch_size, max_length=max_length)
+    if not is_export:
+        tmp = tempfile.TemporaryDirectory(prefix="oztune-onnx-")
+        print(f"exporting {path} to ONNX in {tmp.name}", flush=True)
+        clf = OnnxClassifier(export_onnx(path, Path(tmp.name) / "model"), threads, batch_size, max_length)
+        clf.tmp = tmp  # removed with the classifier
+        return clf
+    return OnnxClassifier(path, threads, batch_size, max_length)

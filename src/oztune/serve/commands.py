@@ -1,0 +1,123 @@
+"""The ``export`` and ``serve`` commands."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from oztune.cli import command
+from oztune.errors import OztuneError
+
+
+@dataclass
+class ExportArgs:
+    """Export a saved model to ONNX, with its tokenizer and label map beside it.
+
+    Args:
+        model: model directory (from oztune finetune, quantize, prune, distill or compress).
+        output: directory to write (model.onnx, tokenizer files, config.json); replaced as a whole.
+        format: export format; only "onnx" for now.
+        int8: quantize a float model with oztune's int8 scheme (as oztune quantize does) before exporting;
+            a quantized model always exports as int8.
+        opset: ONNX opset version (17 or later).
+    """
+
+    model: str = ""
+    output: str = ""
+    format: str = "onnx"
+    int8: bool = False
+    opset: int = 17
+
+
+@command("export", ExportArgs, "export a saved model to ONNX (fp32 or int8) for onnxruntime")
+def export_cmd(a: ExportArgs) -> int:
+    if not a.model or not a.output:
+        raise OztuneError("--model and --output are required")
+    if a.format != "onnx":
+        raise OztuneError(f"--format {a.format!r}: only 'onnx' is supported")
+    if a.opset < 17:
+        raise OztuneError(f"--opset {a.opset}: expected 17 or later")
+    from oztune.serve.export import export_onnx
+
+    out = export_onnx(a.model, a.output, int8=a.int8, opset=a.opset)
+    int8 = json.loads((out / "config.json").read_text())["oztune"]["onnx"]["int8"]
+    size = (out / "model.onnx").stat().st_size / 2**20
+    print(f"exported {a.model} to {out}/model.onnx ({'int8' if int8 else 'fp32'}, {size:.1f} MiB); "
+          f"serve it with: oztune serve --model {out} --backend onnx")
+    return 0
+
+
+@dataclass
+class ServeArgs:
+    """Serve a model over HTTP: POST /predict, GET /health, GET /metrics, with dynamic batching.
+
+    Args:
+        model: model directory, or for --backend onnx an oztune export directory (a model directory is
+            exported to a temporary directory at start, int8 if the model is quantized).
+        host: address to listen on.
+        port: port to listen on.
+        backend: "torch" (the model as saved) or "onnx" (onnxruntime).
+        max_batch_size: most texts per batch (texts of concurrent requests collected together).
+        forward_batch_size: most texts per forward pass: a batch is sorted by length and run in passes of
+            this many texts, which cuts padding (0: the whole batch in one pass).
+        max_wait_ms: longest wait for a batch to fill, counted from the oldest waiting request.
+        max_queue: most texts waiting for a batch; requests beyond it get 503.
+        max_texts_per_request: most texts in one request; more get 413.
+        max_body_bytes: largest request body in bytes; larger get 413.
+        max_length: longest tokenized text; longer texts are truncated.
+        threads: compute threads (0: every core this process may use).
+        graceful_timeout_s: on SIGTERM, how long in-flight requests may still take.
+        log_level: uvicorn log level (critical, error, warning, info, debug).
+    """
+
+    model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "torch"
+    max_batch_size: int = 64
+    forward_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024
+    max_texts_per_request: int = 64
+    max_body_bytes: int = 1_000_000
+    max_length: int = 512
+    threads: int = 0
+    graceful_timeout_s: float = 30.0
+    log_level: str = "info"
+
+
+def _check(a: ServeArgs) -> None:
+    if not a.model:
+        raise OztuneError("--model is required")
+    if a.backend not in ("torch", "onnx"):
+        raise OztuneError(f"--backend {a.backend!r}: expected torch or onnx")
+    if not 0 <= a.port <= 65535:
+        raise OztuneError(f"--port {a.port}: expected 0 to 65535")
+    for name in ("max_batch_size", "max_queue", "max_texts_per_request", "max_body_bytes", "max_length"):
+        if getattr(a, name) < 1:
+            raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a positive number")
+    for name in ("forward_batch_size", "max_wait_ms", "threads", "graceful_timeout_s"):
+        if getattr(a, name) < 0:
+            raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected 0 or more")
+
+
+@command("serve", ServeArgs, "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)")
+def serve_cmd(a: ServeArgs) -> int:
+    _check(a)
+    from oztune.serve.backends import load_backend
+    from oztune.serve.server import ServeLimits, listen_socket, run_server
+
+    sock = listen_socket(a.host, a.port)  # fail before loading the model when the port is taken
+    try:
+        clf = load_backend(a.model, a.backend, a.threads, a.forward_batch_size or a.max_batch_size, a.max_length)
+    except BaseException:
+        sock.close()
+        raise
+    limits = ServeLimits(a.max_batch_size, a.max_wait_ms, a.max_queue, a.max_texts_per_request, a.max_body_bytes,
+                         a.graceful_timeout_s)
+    sock.listen(2048)  # from here on connections wait for the server instead of being refused
+    print(f"serving {a.model} ({a.backend}) on http://{a.host}:{sock.getsockname()[1]}  "
+          "(POST /predict, GET /health, GET /metrics)", flush=True)
+    run_server(clf.predict, sock, limits, {"model": a.model, "backend": a.backend}, a.log_level)
+    print("stopped after finishing the requests in flight", flush=True)
+    return 0

@@ -1,0 +1,202 @@
+"""The HTTP service: FastAPI routes, request limits, and uvicorn with graceful shutdown.
+
+``POST /predict`` takes ``{"texts": [...], "text_pairs": [...]?}`` and answers
+``{"predictions": [{"label": ..., "score": ...}, ...]}``; ``GET /health``; ``GET /metrics`` (Prometheus).
+The request path is kept cheap: the body is read with a size limit and checked by hand (no pydantic
+model, no response model), and the work is queued to the batch worker (see :mod:`.batching`).
+
+Status codes: 422 for a body that is not JSON or has wrong types (with a message saying which
+field), 413 for more texts than ``max_texts_per_request`` or a body over ``max_body_bytes``, 503 when
+the queue is full or the server is shutting down, 500 when the model fails. Over-long texts are
+truncated by the tokenizer. On SIGTERM uvicorn stops accepting connections, lets in-flight requests
+finish (up to ``graceful_timeout_s``), then the batch worker drains and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from oztune.errors import OztuneError
+from oztune.serve.batching import Closed, MicroBatcher, Predict, QueueFull
+from oztune.serve.metrics import Metrics
+
+
+@dataclass
+class ServeLimits:
+    """Batching and request limits.
+
+    Args:
+        max_batch_size: most texts per batch, i.e. per call of ``predict``.
+        max_wait_ms: longest wait for a batch to fill, from the oldest queued request.
+        max_queue: most texts waiting for a batch before requests get 503.
+        max_texts_per_request: most texts in one request (more: 413).
+        max_body_bytes: largest request body (more: 413).
+        graceful_timeout_s: on shutdown, how long in-flight requests may still take.
+    """
+
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024
+    max_texts_per_request: int = 64
+    max_body_bytes: int = 1_000_000
+    graceful_timeout_s: float = 30.0
+
+
+class HTTPError(Exception):
+    """An error answer: status code and message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _json(status: int, payload: dict) -> Response:
+    return Response(json.dumps(payload, separators=(",", ":")), status, media_type="application/json")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"request body of {int(declared):,} bytes exceeds the limit of {limit:,} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body exceeds the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _string_list(body: dict, field: str) -> list[str]:
+    """``body[field]`` as a list of strings (a single string counts as a list of one), else 422."""
+    value = body[field]
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise HTTPError(422, f"{field}: expected a list of strings, got {type(value).__name__}")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise HTTPError(422, f"{field}[{i}]: expected a string, got {type(v).__name__}")
+    return value
+
+
+def parse_predict_body(raw: bytes, max_texts: int) -> tuple[list[str], list[str] | None]:
+    """(texts, text_pairs or None) from a /predict body; HTTPError 422 or 413 when it is not acceptable."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HTTPError(422, f"request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict) or "texts" not in body:
+        raise HTTPError(422, 'expected a JSON object with "texts": a list of strings')
+    unknown = sorted(set(body) - {"texts", "text_pairs"})
+    if unknown:
+        raise HTTPError(422, f"unknown field(s) {', '.join(unknown)}; expected texts and optionally text_pairs")
+    texts = _string_list(body, "texts")
+    if not texts:
+        raise HTTPError(422, "texts: expected at least one text")
+    if len(texts) > max_texts:
+        raise HTTPError(413, f"texts: {len(texts)} texts exceed the limit of {max_texts} per request")
+    pairs = None
+    if body.get("text_pairs") is not None:
+        pairs = _string_list(body, "text_pairs")
+        if len(pairs) != len(texts):
+            raise HTTPError(422, f"text_pairs: expected one per text ({len(texts)}), got {len(pairs)}")
+    return texts, pairs
+
+
+def create_app(predict: Predict, limits: ServeLimits | None = None, info: dict | None = None) -> FastAPI:
+    """The FastAPI application serving ``predict`` through a micro-batcher.
+
+    Args:
+        predict: ``predict(texts, pairs) -> [{"label", "score"}, ...]``, e.g. ``Classifier.predict``.
+        limits: batching and request limits.
+        info: extra fields for GET /health (model path, backend).
+    """
+    limits = limits or ServeLimits()
+    metrics = Metrics()
+    batcher = MicroBatcher(predict, limits.max_batch_size, limits.max_wait_ms, limits.max_queue, metrics.on_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start(asyncio.get_running_loop())
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close, limits.graceful_timeout_s)
+
+    app = FastAPI(title="oztune", summary="Text classification with dynamic batching", lifespan=lifespan)
+    app.state.batcher, app.state.metrics = batcher, metrics
+
+    @app.post("/predict", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["texts"], "properties": {
+            "texts": {"type": "array", "items": {"type": "string"}},
+            "text_pairs": {"type": "array", "items": {"type": "string"}}}}}}}})
+    async def predict_route(request: Request) -> Response:
+        """Labels and scores for each text: ``{"predictions": [{"label": ..., "score": ...}, ...]}``."""
+        start, n = time.perf_counter(), 0
+        try:
+            texts, pairs = parse_predict_body(await _read_body(request, limits.max_body_bytes),
+                                              limits.max_texts_per_request)
+            try:
+                predictions = await batcher.submit(texts, pairs)
+            except (QueueFull, Closed) as e:
+                raise HTTPError(503, str(e)) from None
+            except Exception as e:  # the model failed on this batch
+                raise HTTPError(500, f"prediction failed: {type(e).__name__}: {e}") from None
+            n, status, response = len(texts), 200, _json(200, {"predictions": predictions})
+        except HTTPError as e:
+            status, response = e.status, _json(e.status, {"detail": str(e)})
+        metrics.on_request(status, n, time.perf_counter() - start)
+        return response
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 while the server takes requests."""
+        return _json(200, {"status": "ok", **(info or {})})
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        """Counters and histograms in the Prometheus text format."""
+        return Response(metrics.render(batcher.pending), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (port 0: a free one); OztuneError when that is not possible."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OztuneError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock
+
+
+def run_server(predict: Predict, sock: socket.socket, limits: ServeLimits | None = None, info: dict | None = None,
+               log_level: str = "info") -> None:
+    """Serve on ``sock`` until SIGINT/SIGTERM, then stop accepting, finish the requests in flight, and return."""
+    import uvicorn
+
+    limits = limits or ServeLimits()
+    config = uvicorn.Config(create_app(predict, limits, info), log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=limits.graceful_timeout_s)
+    # uvicorn re-raises the stopping signal after its graceful shutdown; let that be a normal return.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

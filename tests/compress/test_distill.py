@@ -1,0 +1,115 @@
+"""Distillation on a tiny model: the losses, a student that learns from its teacher, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from oztune.cli import main
+from oztune.compress.distill import DistillConfig, default_layer_map, distill, soft_loss, student_from_layers
+from oztune.data.load import Columns, encode_examples, read_labelled
+from oztune.models.hub import load_classifier, save_classifier
+from oztune.train.loop import TrainConfig, evaluate, fit, predict_logits
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(one_thread, tiny_base, sentiment_files, tmp_path_factory):
+    """A tiny classifier trained on the synthetic sentiment task (accuracy near 1)."""
+    train, dev = sentiment_files
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    label2id = {"neg": 0, "pos": 1}
+    data = encode_examples(read_labelled(str(train), Columns()), enc, label2id, "single_label", str(train))
+    fit(model, data, TrainConfig(epochs=3, batch_size=16, lr=3e-3, progress=False, precision="fp32"))
+    return save_classifier(model, enc, tmp_path_factory.mktemp("teacher") / "t", {0: "neg", 1: "pos"})
+
+
+def encoded(path, enc):
+    return encode_examples(read_labelled(str(path), Columns()), enc, {"neg": 0, "pos": 1}, "single_label", str(path))
+
+
+def test_soft_loss_is_zero_only_when_outputs_agree():
+    t = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    assert soft_loss(t, t, "single_label", 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert soft_loss(t.flip(-1), t, "single_label", 2.0).item() > 0.1
+    assert soft_loss(t, t, "regression", 1.0).item() == 0
+    ml = soft_loss(t, t, "multi_label", 1.0).item()  # BCE to soft targets: its minimum is the targets' entropy
+    assert soft_loss(-t, t, "multi_label", 1.0).item() > ml
+
+
+def test_default_layer_map_spreads_to_the_last_layer():
+    assert default_layer_map(3, 6) == [1, 3, 5] and default_layer_map(2, 2) == [0, 1] and default_layer_map(1, 4) == [3]
+
+
+@pytest.mark.parametrize("hidden_weight", [0.0, 1.0])
+def test_a_one_layer_student_learns_from_the_teacher(teacher_dir, sentiment_files, hidden_weight):
+    train, dev = sentiment_files
+    teacher, enc, _ = load_classifier(teacher_dir)
+    train_data, dev_data = encoded(train, enc).subset(range(160)), encoded(dev, enc)
+    assert evaluate(teacher, dev_data)["accuracy"] >= 0.9
+    student, kept = student_from_layers(teacher, 1)
+    assert kept == [0] and student.cfg.num_layers == 1 and teacher.cfg.num_layers == 2
+    torch.manual_seed(0)
+    torch.nn.init.normal_(student.head.out.weight, std=0.5)  # start the student off wrong
+    assert evaluate(student, dev_data)["accuracy"] < 0.8
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=5e-3, progress=False, precision="fp32")
+    result = distill(teacher, student, train_data, cfg,
+                     DistillConfig(temperature=2.0, alpha=0.7, hidden_weight=hidden_weight, layer_map=kept), dev_data)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.best["accuracy"] >= 0.9
+    agree = (predict_logits(student, dev_data).argmax(1) == predict_logits(teacher, dev_data).argmax(1)).mean()
+    assert agree >= 0.9
+
+
+def test_distill_rejects_a_student_with_other_outputs(teacher_dir, tiny_base, sentiment_files):
+    from oztune.errors import OztuneError
+
+    teacher, enc, _ = load_classifier(teacher_dir)
+    other, _, _ = load_classifier(tiny_base, num_labels=3)
+    with pytest.raises(OztuneError, match="outputs"):
+        distill(teacher, other, encoded(sentiment_files[0], enc), TrainConfig(epochs=1, progress=False))
+
+
+def test_distill_cli_student_layers(teacher_dir, sentiment_files, tmp_path, capsys):
+    train, dev = sentiment_files
+    out = tmp_path / "student"
+    code = main(["distill", "--teacher", str(teacher_dir), "--train", str(train), "--eval", str(dev),
+                 "--output", str(out),
+                 "--student-layers", "1", "--epochs", "1", "--lr", "3e-3", "--temperature", "3", "--alpha", "0.8",
+                 "--max-train-examples", "100", "--no-progress", "--precision", "fp32"])
+    assert code == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["oztune"]["model"]["num_layers"] == 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["train_examples"] == 100 and run["args"]["temperature"] == 3
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data", str(dev), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(run["metrics"]["accuracy"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--student-layers", "3"], "--student-layers must be between 1 and 2"),
+    ([], "give exactly one of --student DIR or --student-layers N"),
+    (["--student-layers", "1", "--alpha", "1.5"], "--alpha must be in [0, 1]"),
+    (["--student-layers", "1", "--temperature", "0"], "--temperature must be positive"),
+])
+def test_distill_bad_options_exit_2(teacher_dir, sentiment_files, tmp_path, args, message, capsys):
+    train, dev = sentiment_files
+    code = main(["distill", "--teacher", str(teacher_dir), "--train", str(train), "--eval", str(dev),
+                 "--output", str(tmp_path / "s"), "--no-progress", "--precision", "fp32", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_distill_eval_file_with_unknown_labels_exits_2(teacher_dir, sentiment_files, tmp_path, capsys):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\ngood movie\tpos\nmeh\tneutral\n")
+    code = main(["distill", "--teacher", str(teacher_dir), "--train", str(sentiment_files[0]), "--eval", str(bad),
+                 "--output", str(tmp_path / "s"), "--student-layers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "neutral" in err and str(bad) in err

@@ -1,0 +1,258 @@
+"""Pruning on tiny random models: exact slicing, importance ranking, the cubic schedule, compact storage, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from oztune.cli import main
+from oztune.compress.prune import (GradualPruner, PruneConfig, VocabEmbedding, cubic_sparsity, drop_layers_,
+                                   evenly_spaced, importance, magnitude_prune_, pack_bits, prune_, prune_vocab_, shrink_,
+                                   sparsity_of, to_sparse_, tokens_seen, unpack_bits)
+from oztune.config import HeadConfig, ModelConfig
+from oztune.data.dataset import EncodedData
+from oztune.models.hub import load_classifier, save_classifier
+from oztune.models.transformer import SequenceClassifier, init_weights
+from oztune.train.loop import TrainConfig, fit
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_model(layers: int = 2, heads: int = 4, ffn: int = 24, seed: int = 0) -> SequenceClassifier:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=40, hidden_size=32, num_layers=layers, num_heads=heads, intermediate_size=ffn,
+                      max_positions=32)
+    model = SequenceClassifier(cfg, HeadConfig(num_labels=2))
+    init_weights(model, std=0.2)  # larger than BERT's 0.02 so that every unit matters a little
+    return model.eval()
+
+
+def batch(seed: int = 1, n: int = 6, t: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 40, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[0, 6:] = 0  # one padded row
+    return ids, mask
+
+
+def random_data(n: int = 64, seed: int = 2) -> EncodedData:
+    g = torch.Generator().manual_seed(seed)
+    enc = [(torch.randint(4, 40, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist(), None)
+           for _ in range(n)]
+    enc = [(ids, [0] * len(ids)) for ids, _ in enc]
+    return EncodedData(enc, torch.randint(0, 2, (n,), generator=g), 0)
+
+
+def test_shrinking_nothing_gives_exactly_the_same_logits():
+    model = tiny_model()
+    ids, mask = batch()
+    ref = model(ids, mask)
+    kept = shrink_(copy.deepcopy(model), [0, 1], [[0, 1, 2, 3]] * 2, [list(range(24))] * 2)
+    assert torch.equal(kept(ids, mask), ref)
+    none = prune_(copy.deepcopy(model), PruneConfig(), random_data())
+    assert torch.equal(none(ids, mask), ref)
+
+
+def test_structured_pruning_slices_the_right_rows_and_columns():
+    """A shrunk model computes what the original computes with the removed heads and neurons silenced."""
+    model = tiny_model(layers=3)
+    heads, ffn = [[1, 3], [0, 1, 2]], [list(range(0, 24, 2)), [5, 7, 11]]
+    silenced = copy.deepcopy(model)
+    for i, (h, f) in zip([0, 2], zip(heads, ffn)):
+        block = silenced.backbone.layers[i]
+        with torch.no_grad():
+            for head in set(range(4)) - set(h):
+                block.attn.o.weight[:, head * 8:(head + 1) * 8] = 0
+            block.ffn.down.weight[:, sorted(set(range(24)) - set(f))] = 0
+    silenced.backbone.layers = torch.nn.ModuleList([silenced.backbone.layers[0], silenced.backbone.layers[2]])
+    pruned = shrink_(copy.deepcopy(model), [0, 2], heads, ffn)
+
+    ids, mask = batch()
+    torch.testing.assert_close(pruned(ids, mask), silenced(ids, mask), rtol=1e-5, atol=1e-5)
+    assert pruned.cfg.num_layers == 2 and pruned.cfg.layer_heads == [2, 3] and pruned.cfg.layer_ffn == [12, 3]
+    b0, b1 = pruned.backbone.layers
+    assert b0.attn.qkv.weight.shape == (3 * 2 * 8, 32) and b0.attn.o.weight.shape == (32, 2 * 8)
+    assert b1.ffn.up.weight.shape == (3, 32) and b1.ffn.down.weight.shape == (32, 3)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_importance_keeps_the_heads_neurons_and_layers_that_matter():
+    model = tiny_model(layers=3)
+    with torch.no_grad():
+        l0 = model.backbone.layers[0]
+        l0.attn.o.weight[:, 8:] = 0  # heads 1, 2, 3 of layer 0 contribute nothing
+        l0.ffn.down.weight[:, :12] = 0  # neither do neurons 0-11
+        l1 = model.backbone.layers[1]  # layer 1 adds nothing: its block maps a normalised x to x
+        for lin in (l1.attn.o, l1.ffn.down):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    scores = importance(model, random_data(), batches=4, batch_size=16)
+    assert torch.all(scores.heads[0][1:] == 0) and scores.heads[0][0] > 0
+    assert scores.layers[1] < 1e-4 * scores.layers.max()
+
+    pruned = prune_(copy.deepcopy(model), PruneConfig(heads=3 / 8, ffn=12 / 48, layers=1), random_data())
+    assert pruned.cfg.layer_heads == [1, 4] and pruned.cfg.layer_ffn == [12, 24]
+    # the survivors of layer 0 are head 0 and neurons 12-23: the kept rows are the original ones
+    torch.testing.assert_close(pruned.backbone.layers[0].attn.o.weight, l0.attn.o.weight[:, :8])
+    torch.testing.assert_close(pruned.backbone.layers[0].ffn.up.weight, l0.ffn.up.weight[12:])
+    torch.testing.assert_close(pruned.backbone.layers[1].ffn.up.weight, model.backbone.layers[2].ffn.up.weight)
+
+
+def test_layer_choice_helpers():
+    assert evenly_spaced(6, 3) == [0, 2, 5] and evenly_spaced(6, 6) == list(range(6)) and evenly_spaced(4, 1) == [0]
+    model = drop_layers_(tiny_model(layers=3), [0, 2])
+    assert model.cfg.num_layers == 2 and model.cfg.layer_heads == [4, 4]
+
+
+def test_cubic_schedule_shape():
+    s = [cubic_sparsity(t, 100, 0.8, begin=0.1, end=0.7) for t in range(101)]
+    assert s[0] == s[10] == 0 and s[70] == pytest.approx(0.8) and s[100] == pytest.approx(0.8)
+    assert all(a <= b for a, b in zip(s, s[1:]))
+    assert s[40] == pytest.approx(0.8 * (1 - 0.5 ** 3))  # half way up the ramp: 7/8 of the final sparsity
+    assert s[20] - s[10] > s[70] - s[60]  # fast first, slow at the end
+
+
+def test_gradual_pruning_in_fit_follows_the_schedule():
+    model = tiny_model()
+    pruner = GradualPruner(model, 0.75, begin=0.0, end=0.5, updates=8)
+    seen = []
+
+    def on_step(step, total):
+        pruner(step, total)
+        seen.append((step, total, pruner.target, sparsity_of(model)))
+
+    fit(model, random_data(64), TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False, precision="fp32"),
+        on_step=on_step)
+    total = seen[-1][1]
+    for step, _, target, actual in seen:
+        assert actual == pytest.approx(target, abs=2e-3)  # masks hold between updates while weights train
+        assert target <= cubic_sparsity(step, total, 0.75, 0.0, 0.5) + 1e-9
+    assert seen[total // 4 - 1][3] > 0.5 and seen[-1][3] == pytest.approx(0.75, abs=2e-3)
+
+
+def test_bit_packing_round_trip():
+    bits = torch.rand(1001, generator=torch.Generator().manual_seed(0)) > 0.3
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == 126
+    assert torch.equal(unpack_bits(packed, 1001), bits)
+
+
+@pytest.fixture
+def classifier_dir(tiny_base, tmp_path):
+    """A saved tiny classifier (random head) with a tokenizer."""
+    torch.manual_seed(0)
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    return save_classifier(model, enc, tmp_path / "clf", {0: "neg", 1: "pos"})
+
+
+def test_sparse_and_pruned_models_reload_with_identical_logits(classifier_dir, tmp_path):
+    model, enc, meta = load_classifier(classifier_dir)
+    b = enc(["good movie", "the plot was very dull and awful", "it"])
+    args = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
+
+    magnitude_prune_(model, 0.9)
+    assert len(to_sparse_(model)) == 8  # 2 layers x (qkv, o, up, down)
+    save_classifier(model, enc, tmp_path / "sparse", meta["id2label"])
+    record = json.loads((tmp_path / "sparse" / "config.json").read_text())["oztune"]["pruning"]
+    assert record["sparse_format"] == "bitmask" and len(record["sparse_modules"]) == 8
+    dense_mb = (classifier_dir / "model.safetensors").stat().st_size
+    sparse_mb = (tmp_path / "sparse" / "model.safetensors").stat().st_size
+    assert sparse_mb < dense_mb
+    again, _, _ = load_classifier(tmp_path / "sparse")
+    assert torch.equal(again(*args), model(*args))
+    assert sparsity_of(again) == pytest.approx(0.9, abs=1e-3)
+
+    small, _, _ = load_classifier(classifier_dir)
+    prune_(small, PruneConfig(heads=0.5, ffn=0.5, layers=1), random_data(32))
+    save_classifier(small, enc, tmp_path / "small", meta["id2label"])
+    cfg = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert cfg["oztune"]["format"] == "native" and cfg["oztune"]["model"]["num_layers"] == 1
+    again, _, _ = load_classifier(tmp_path / "small")
+    assert again.cfg.layer_heads == small.cfg.layer_heads and torch.equal(again(*args), small(*args))
+
+
+def test_vocabulary_pruning_keeps_seen_tokens_and_reloads_quantized(classifier_dir, tmp_path):
+    from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
+
+    model, enc, meta = load_classifier(classifier_dir)
+    seen_texts, unseen = ["good movie", "the plot was dull"], ["awful film"]
+    seen = tokens_seen(EncodedData(enc.encode(seen_texts), None, enc.pad_id), model.cfg.vocab_size)
+    unk = enc.tokenizer.token_to_id("[UNK]")
+
+    @torch.no_grad()
+    def logits(m, texts):
+        b = enc(texts)
+        return m(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+
+    small = prune_vocab_(copy.deepcopy(model), seen, unk)
+    assert isinstance(small.backbone.embed.word, VocabEmbedding)
+    assert small.backbone.embed.word.table.num_embeddings == int(seen.sum()) + 2  # + [UNK] and [PAD]
+    assert torch.equal(logits(small, seen_texts), logits(model, seen_texts))
+    b = enc(unseen)
+    as_unk = torch.where(seen[b["input_ids"]], b["input_ids"], torch.full_like(b["input_ids"], unk))
+    assert torch.equal(logits(small, unseen), model(as_unk, b["attention_mask"], b["token_type_ids"]))
+
+    save_classifier(small, enc, tmp_path / "v", meta["id2label"])
+    again, _, _ = load_classifier(tmp_path / "v")
+    assert torch.equal(logits(again, seen_texts + unseen), logits(small, seen_texts + unseen))
+    q = QuantConfig()
+    quantize_(small, q)
+    save_classifier(small, enc, tmp_path / "vq", meta["id2label"], quantization=quantization_record(q))
+    again, _, _ = load_classifier(tmp_path / "vq")
+    assert torch.equal(logits(again, seen_texts + unseen), logits(small, seen_texts + unseen))
+    assert (tmp_path / "vq" / "model.safetensors").stat().st_size < (tmp_path / "v" / "model.safetensors").stat().st_size
+
+
+def test_dropping_whole_layers_stays_loadable_by_transformers(classifier_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, enc, meta = load_classifier(classifier_dir)
+    drop_layers_(model, [1])
+    save_classifier(model, enc, tmp_path / "one", meta["id2label"])
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "one").eval()
+    b = enc(["good movie", "the plot"])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**b).logits, model(b["input_ids"], b["attention_mask"], b["token_type_ids"]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [["--structured", "--layers", "1"], ["--sparsity", "0.8"]])
+def test_prune_cli_writes_a_model_evaluate_reloads(classifier_dir, sentiment_files, tmp_path, extra, capsys):
+    train, dev = sentiment_files
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(classifier_dir), "--train", str(train), "--eval", str(dev),
+                 "--output", str(out),
+                 "--epochs", "1", "--max-train-examples", "64", "--no-progress", "--precision", "fp32", *extra])
+    assert code == 0
+    run = json.loads((out / "run.json").read_text())
+    if "--structured" in extra:
+        assert run["shape"].startswith("1 layers")
+    else:
+        assert run["sparsity"] == pytest.approx(0.8, abs=2e-3)
+    assert main(["evaluate", "--model", str(out), "--data", str(dev), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["accuracy"] == pytest.approx(run["metrics"]["accuracy"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
+    (["--structured", "--layers", "2"], "--layers 2: the model has only 2 layers"),
+])
+def test_prune_bad_options_exit_2(classifier_dir, sentiment_files, tmp_path, args, message, capsys):
+    train, dev = sentiment_files
+    code = main(["prune", "--model", str(classifier_dir), "--train", str(train), "--eval", str(dev),
+                 "--output", str(tmp_path / "o"), "--no-progress", "--precision", "fp32", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_rejects_a_model_without_a_task_head(tiny_base, sentiment_files, tmp_path, capsys):
+    train, dev = sentiment_files
+    code = main(["prune", "--model", str(tiny_base), "--train", str(train), "--eval", str(dev),
+                 "--output", str(tmp_path / "o")])
+    assert code == 2 and "not a fine-tuned classifier" in capsys.readouterr().err

@@ -1,0 +1,260 @@
+"""int8 quantization: accuracy against fp32, kernels, save/reload, skip patterns, QAT, and the CLI end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from oztune.api import Classifier
+from oztune.cli import main
+from oztune.compress import int8_ops, quantize
+from oztune.compress.quantize import (ChunkedFeedForward, FakeQuantLinear, Int8Embedding, Int8Linear, QuantConfig,
+                                      prepare_qat_, quantization_record, quantize_)
+from oztune.config import HeadConfig, ModelConfig
+from oztune.data.load import Columns, encode_examples, read_labelled
+from oztune.data.tokenize import TextEncoder
+from oztune.errors import OztuneError
+from oztune.models.hub import load_classifier, save_classifier
+from oztune.models.transformer import SequenceClassifier, init_weights
+from oztune.train.loop import TrainConfig, fit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_classifier(seed: int = 0, **cfg) -> SequenceClassifier:
+    torch.manual_seed(seed)
+    base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, max_positions=64)
+    model = SequenceClassifier(ModelConfig(**{**base, **cfg}), HeadConfig(num_labels=3))
+    init_weights(model, std=0.2)
+    with torch.no_grad():
+        model.head.out.weight.mul_(10)  # logits spread widely, so that argmax is not a coin flip
+    return model.eval()
+
+
+def random_batch(n: int = 48, T: int = 20, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 64, (n, T), generator=g)
+    mask = torch.ones(n, T, dtype=torch.long)
+    for i, length in enumerate(torch.randint(2, T + 1, (n,), generator=g)):
+        mask[i, length:] = 0
+        ids[i, length:] = 0
+    return ids, mask
+
+
+def save_tiny(model: SequenceClassifier, path, quant: QuantConfig | None, tokenizer_from):
+    """Save with the word-level tokenizer of ``tokenizer_from`` (the tiny_base fixture's directory)."""
+    enc = TextEncoder.from_dir(tokenizer_from, 62)
+    return save_classifier(model, enc, path, {0: "neg", 1: "neutral", 2: "pos"},
+                           quantization=quantization_record(quant) if quant else None)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("M", [1, 7, 300])  # torch._int_mm below ONEDNN_MIN_ROWS rows, oneDNN from there on
+def test_int8_linear_is_close_to_fp32(M):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 80)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(M, 96) * torch.rand(M, 1) * 10  # tokens of very different magnitudes: per-token scales
+    with torch.no_grad():
+        assert rel_err(q(x), lin(x)) < 0.01
+    assert q.weight.dtype == torch.int8 and q.weight_scale.dtype == torch.float32
+    torch.testing.assert_close(q.dequantized_weight(), lin.weight.detach(), atol=q.weight_scale.max().item(), rtol=0)
+
+
+def test_both_kernels_give_the_same_result(monkeypatch):
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 40))
+    x = torch.randn(300, 64)
+    onednn = q(x)
+    monkeypatch.setattr(int8_ops, "ONEDNN_MIN_ROWS", 10**9)
+    torch.testing.assert_close(q(x), onednn, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_rows_empty_inputs_and_empty_layers_are_finite():
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(16, 8))
+    x = torch.randn(3, 5, 16)
+    x[:, 3:] = 0  # padding rows
+    y = q(x)
+    assert y.shape == (3, 5, 8) and torch.isfinite(y).all()
+    torch.testing.assert_close(y[:, 3:], q.bias.expand(3, 2, 8))
+    assert q(torch.zeros(0, 16)).shape == (0, 8)
+    empty_in = Int8Linear.from_linear(nn.Linear(0, 4))  # a feed-forward pruned to width 0
+    torch.testing.assert_close(empty_in(torch.zeros(2, 0)), empty_in.bias.expand(2, 4))
+    assert Int8Linear.from_linear(nn.Linear(4, 0))(torch.randn(2, 4)).shape == (2, 0)
+
+
+def test_quantized_classifier_is_close_to_fp32():
+    model = tiny_classifier()
+    q = quantize_(copy.deepcopy(model), QuantConfig())
+    ids, mask = random_batch()
+    with torch.no_grad():
+        ref, out = model(ids, mask), q(ids, mask)
+    assert rel_err(out, ref) < 0.05
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    kinds = {type(m) for m in q.modules()}
+    assert nn.Linear not in kinds and nn.Embedding in kinds  # token types stay fp32, every Linear is int8
+    assert type(q.backbone.embed.word) is Int8Embedding and type(q.backbone.layers[0].ffn) is ChunkedFeedForward
+
+
+def test_chunked_feed_forward_is_exact(monkeypatch):
+    model = quantize_(tiny_classifier(), QuantConfig())
+    ids, mask = random_batch(n=40, T=16)
+    with torch.no_grad():
+        whole = model(ids, mask)
+        monkeypatch.setattr(quantize, "CHUNK_ROWS", 37)  # 640 tokens in 18 chunks, the last one short
+        torch.testing.assert_close(model(ids, mask), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_pruned_shapes_and_a_layer_without_heads():
+    model = tiny_classifier(layer_heads=[0, 2], layer_ffn=[5, 0])
+    q = quantize_(copy.deepcopy(model), QuantConfig())
+    ids, mask = random_batch(n=6)
+    with torch.no_grad():
+        assert rel_err(q(ids, mask), model(ids, mask)) < 0.05
+
+
+def test_save_reload_gives_identical_logits_and_a_smaller_file(tmp_path, tiny_base):
+    model = tiny_classifier(vocab_size=64)
+    ids, mask = random_batch()
+    sizes = {}
+    for emb in ("int8", "none"):
+        cfg = QuantConfig(embeddings=emb)
+        q = quantize_(copy.deepcopy(model), cfg)
+        d = save_tiny(q, tmp_path / emb, cfg, tiny_base)
+        config = json.loads((d / "config.json").read_text())
+        assert config["oztune"]["format"] == "native" and config["oztune"]["quantization"]["embeddings"] == emb
+        loaded, _, _ = load_classifier(d)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids, mask), q(ids, mask))
+        assert type(loaded.backbone.layers[1].attn.qkv) is Int8Linear
+        sizes[emb] = (d / "model.safetensors").stat().st_size
+    fp32 = save_tiny(copy.deepcopy(model), tmp_path / "fp32", None, tiny_base)
+    assert sizes["int8"] < sizes["none"] < (fp32 / "model.safetensors").stat().st_size
+
+
+def test_skip_patterns_keep_modules_in_fp32(tmp_path, tiny_base):
+    cfg = QuantConfig(skip=["head.*", "backbone.layers.1"])
+    q = quantize_(tiny_classifier(), cfg)
+    assert type(q.head.out) is nn.Linear and type(q.backbone.layers[1].ffn.up) is nn.Linear
+    assert type(q.backbone.layers[1].attn.qkv) is nn.Linear and type(q.backbone.layers[0].attn.qkv) is Int8Linear
+    loaded, _, _ = load_classifier(save_tiny(q, tmp_path / "m", cfg, tiny_base))
+    assert type(loaded.head.out) is nn.Linear and type(loaded.backbone.layers[0].ffn.down) is Int8Linear
+    with pytest.raises(OztuneError, match="'layers.9' matches no module"):
+        quantize_(tiny_classifier(), QuantConfig(skip=["layers.9"]))
+    with pytest.raises(OztuneError, match="embeddings must be one of int8, none"):
+        QuantConfig(embeddings="int4")
+
+
+def test_deepcopy_of_a_quantized_model_runs():
+    q = quantize_(tiny_classifier(), QuantConfig())
+    ids, mask = random_batch(n=30)  # 600 tokens: the oneDNN kernel, whose packed weight is not copyable
+    with torch.no_grad():
+        ref = q(ids, mask)
+        torch.testing.assert_close(copy.deepcopy(q)(ids, mask), ref)
+
+
+def test_fake_quantization_passes_gradients_straight_through():
+    x = torch.randn(4, 8, requires_grad=True)
+    y = int8_ops.fake_quantize_per_token(x)
+    assert (y - x).abs().max() <= x.abs().amax() / 254 + 1e-6
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+@pytest.fixture(scope="module")
+def finetuned(one_thread, tiny_base, sentiment_files, tmp_path_factory):
+    """A tiny BERT fine-tuned on the synthetic sentiment task with the CLI."""
+    train, dev = sentiment_files
+    out = tmp_path_factory.mktemp("ft") / "model"
+    assert main(["finetune", "--train", str(train), "--eval", str(dev), "--output", str(out), "--model", str(tiny_base),
+                 "--epochs", "4", "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--no-freeze-embeddings"]) == 0
+    return out
+
+
+def test_qat_trains_and_converts(finetuned, sentiment_files):
+    train, _ = sentiment_files
+    model, enc, meta = load_classifier(finetuned)
+    data = encode_examples(read_labelled(str(train), Columns()), enc, meta["label2id"], "single_label", str(train))
+    prepare_qat_(model, QuantConfig(skip=["head.out"]))
+    assert type(model.backbone.layers[0].attn.qkv) is FakeQuantLinear and type(model.head.out) is nn.Linear
+    result = fit(model, data, TrainConfig(epochs=2, batch_size=16, lr=1e-3, progress=False, precision="fp32"))
+    losses = [r["loss"] for r in result.log]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    quantize_(model, QuantConfig(skip=["head.out"]))
+    assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())
+    assert type(model.backbone.layers[0].attn.qkv) is Int8Linear and type(model.head.out) is nn.Linear
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "oztune", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_quantize_then_evaluate_and_predict_in_fresh_processes(finetuned, sentiment_files, tmp_path, capsys):
+    train, dev = sentiment_files
+    out = tmp_path / "int8"
+    assert main(["quantize", "--model", str(finetuned), "--output", str(out), "--eval", str(dev), "--skip", "head.out",
+                 "--qat-train", str(train), "--qat-epochs", "1", "--qat-lr", "1e-4", "--no-progress"]) == 0
+    shown = capsys.readouterr().out
+    assert "weights:" in shown and "accuracy on" in shown and "(int8)" in shown
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["metrics"]["accuracy"] >= 0.9 and run_json["qat"]["epochs"] == 1
+    assert (out / "model.safetensors").stat().st_size / 1e6 < run_json["file_mb_before"]
+
+    clf = Classifier.from_pretrained(out)
+    assert type(clf.model.backbone.layers[0].ffn.up) is Int8Linear and type(clf.model.head.out) is nn.Linear
+    texts = [e.text for e in read_labelled(str(dev), Columns())]
+    expected = clf.predict(texts)
+    r = run("predict", "--model", str(out), "--input", str(dev))
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [p["label"] for p in got] == [p["label"] for p in expected]
+    assert max(abs(p["score"] - e["score"]) for p, e in zip(got, expected)) < 1e-6
+    r = run("evaluate", "--model", str(out), "--data", str(dev), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(run_json["metrics"]["accuracy"])
+
+
+def test_in_memory_quantized_model_predicts_like_the_saved_one(finetuned, sentiment_files, tmp_path):
+    _, dev = sentiment_files
+    model, enc, meta = load_classifier(finetuned)
+    quantize_(model, QuantConfig())
+    texts = [e.text for e in read_labelled(str(dev), Columns())]
+    in_memory = Classifier(model, enc, meta["id2label"]).logits(texts)
+    assert main(["quantize", "--model", str(finetuned), "--output", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert (Classifier.from_pretrained(tmp_path / "q").logits(texts) == in_memory).all()
+
+
+BAD = [
+    (["quantize", "--model", "{base}", "--output", "{tmp}/o"], "not a fine-tuned classifier"),
+    (["quantize", "--model", "{tmp}", "--output", "{tmp}/o"], "not a model directory"),
+    (["quantize", "--output", "{tmp}/o"], "--model is required"),
+    (["quantize", "--model", "{ft}"], "--output is required"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--skip", "layers.7.*"], "'layers.7.*' matches no module"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--scheme", "int4"], "scheme must be one of int8"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--qat-lr", "0"], "--qat-lr must be positive"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_input_exits_2_with_one_line(argv, message, finetuned, tiny_base, tmp_path, capsys):
+    fill = {"base": str(tiny_base), "tmp": str(tmp_path), "ft": str(finetuned)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_already_quantized_model_is_refused(finetuned, tmp_path, capsys):
+    assert main(["quantize", "--model", str(finetuned), "--output", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert main(["quantize", "--model", str(tmp_path / "q"), "--output", str(tmp_path / "o")]) == 2
+    assert "already quantized" in capsys.readouterr().err

@@ -1,0 +1,74 @@
+"""The trade-off report: relative figures, the budget, the Pareto front, and the three files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from oztune.compress.report import _frontier, add_relative, latency_ms, sorted_batches, time_batches, write_report
+
+
+def row(name: str, score: float, ms: float, mb: float, tput: float) -> dict:
+    return {"name": name, "recipe": name.split("-")[0], "shape": "L6 H72 F9216", "score": score, "metric": "accuracy",
+            "macro_f1": score - 0.1, "file_mb": mb, "parameters": 22.7, "latency_p50_ms": ms,
+            "latency_p95_ms": ms * 1.4, "throughput": tput, "batch64_seconds": 872 / tput}
+
+
+@pytest.fixture
+def rows():
+    rs = [row("fp32", 86.6, 6.0, 90.9, 300), row("int8", 86.4, 2.5, 23.0, 1100), row("prune50", 86.0, 3.5, 55.0, 600),
+          row("prune50-int8", 85.8, 1.6, 14.0, 1900), row("prune33-int8", 84.9, 1.2, 12.0, 2500)]
+    add_relative(rs, rs[0], max_drop=1.0)
+    return rs
+
+
+def test_relative_figures_and_budget(rows):
+    by = {r["name"]: r for r in rows}
+    assert by["fp32"]["drop"] == 0 and by["fp32"]["speedup"] == 1 and by["fp32"]["within_budget"]
+    assert by["prune50-int8"]["drop"] == pytest.approx(-0.8) and by["prune50-int8"]["within_budget"]
+    assert not by["prune33-int8"]["within_budget"]
+    assert by["int8"]["speedup"] == pytest.approx(1100 / 300)
+    assert by["int8"]["latency_speedup"] == pytest.approx(6.0 / 2.5)
+
+
+def test_pareto_front_is_the_non_dominated_points():
+    x = np.array([6.0, 2.5, 3.5, 1.6, 1.2])
+    y = np.array([86.6, 86.4, 86.0, 85.8, 84.9])
+    assert _frontier(x, y).tolist() == [4, 3, 1, 0]  # prune50 (slower and worse than int8) is dominated
+
+
+def test_report_files(rows, tmp_path):
+    write_report(tmp_path, rows, "prune50-int8", 1.0, {"model": "m", "eval": "dev.tsv", "eval_examples": 872,
+                                                       "threads": 2, "seconds": 12.0})
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["chosen"] == "prune50-int8" and [v["name"] for v in data["variants"]] == [r["name"] for r in rows]
+    md = (tmp_path / "report.md").read_text()
+    assert "**prune50-int8** (kept)" in md and "| prune33-int8 |" in md and "-0.80" in md and "pareto.png" in md
+    png = (tmp_path / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+class Tok:
+    """A stand-in encoder: one token per word."""
+
+    def encode(self, texts, pairs=None):
+        return [(t.split(), []) for t in texts]
+
+
+def test_sorted_batches_group_by_length():
+    texts = ["a b c", "a", "a b c d e", "a b", "a b c d"]
+    batches = sorted_batches(Tok(), texts, batch_size=2)
+    assert [b.tolist() for b in batches] == [[2, 4], [0, 3], [1]]
+
+
+def test_timers_run_every_text():
+    seen = []
+    texts = [f"t{i}" for i in range(7)]
+    seconds = time_batches(lambda t, p: seen.extend(t), texts, None, [np.array([0, 1, 2]), np.array([3, 4, 5, 6])],
+                           repeats=2)
+    assert seconds >= 0 and sorted(seen) == sorted(texts[:3] + texts * 2)
+    seen.clear()
+    p50, p95 = latency_ms(lambda t, p: seen.append(t), texts, warmup=2)
+    assert 0 <= p50 <= p95 and len(seen) == 9

@@ -1,0 +1,125 @@
+"""``oztune compress`` end to end on a tiny model, the pruning plan, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from oztune.cli import main
+from oztune.compress.search import plan
+from oztune.config import ModelConfig
+from oztune.data.load import Columns, encode_examples, read_labelled
+from oztune.models.hub import load_classifier, save_classifier
+from oztune.train.loop import TrainConfig, fit
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(one_thread, tiny_base, sentiment_files, tmp_path_factory):
+    train, _ = sentiment_files
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    data = encode_examples(read_labelled(str(train), Columns()), enc, {"neg": 0, "pos": 1}, "single_label", str(train))
+    fit(model, data, TrainConfig(epochs=3, batch_size=16, lr=3e-3, progress=False, precision="fp32"))
+    return save_classifier(model, enc, tmp_path_factory.mktemp("ft") / "m", {0: "neg", 1: "pos"})
+
+
+def test_plan_splits_the_cut_between_depth_and_width():
+    cfg = ModelConfig(num_layers=6)
+    p = plan(cfg, 0.5)
+    assert p.layers == 2 and p.heads == pytest.approx(0.25) and p.ffn == pytest.approx(0.25)
+    p = plan(cfg, 0.33)
+    assert p.layers == 3 and p.heads == pytest.approx(0.34)
+    for keep in (0.2, 0.5, 0.8):  # the encoder weights kept come out near the share asked for
+        p = plan(cfg, keep)
+        assert (6 - p.layers) / 6 * (1 - p.heads) == pytest.approx(keep, abs=1e-9)
+    assert plan(ModelConfig(num_layers=2), 0.5).layers == 1
+
+
+def test_compress_end_to_end(model_dir, sentiment_files, tmp_path):
+    train, dev = sentiment_files
+    out = tmp_path / "small"
+    code = main(["compress", "--model", str(model_dir), "--train", str(train), "--eval", str(dev), "--output", str(out),
+                 "--recipes", "int8,prune-int8", "--sizes", "0.5", "--epochs", "2", "--lr", "3e-3",
+                 "--max-train-examples", "200", "--max-drop", "5", "--no-progress", "--precision", "fp32"])
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "report.md", "report.json", "pareto.png",
+            "variants"} <= names
+    report = json.loads((out / "report.json").read_text())
+    variants = {v["name"]: v for v in report["variants"]}
+    assert list(variants) == ["fp32", "int8", "prune50-int8"]
+    assert {p.name for p in (out / "variants").iterdir()} == {"int8", "prune50-int8"}
+    chosen = variants[report["chosen"]]
+    assert chosen["within_budget"] and chosen["throughput"] == max(v["throughput"] for v in variants.values()
+                                                                   if v["within_budget"])
+    small = variants["prune50-int8"]
+    assert small["shape"].startswith("L1 H4 F64 V") and small["parameters"] < variants["fp32"]["parameters"]
+    assert variants["int8"]["shape"] == "L2 H8 F128 V64"  # int8 alone keeps the whole vocabulary
+    assert variants["int8"]["file_mb"] < variants["fp32"]["file_mb"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+
+    r = subprocess.run([sys.executable, "-m", "oztune", "evaluate", "--model", str(out), "--data", str(dev), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 100 * json.loads(r.stdout)["accuracy"] == pytest.approx(chosen["score"])
+    r = subprocess.run([sys.executable, "-m", "oztune", "predict", "--model", str(out), "great film", "awful plot"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["label"] for line in r.stdout.splitlines()] == ["pos", "neg"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-drop", "-0.5"], "--max-drop must be 0 or more"),
+    (["--recipes", "int4"], "--recipes: unknown int4"),
+    (["--sizes", "1.5"], "--sizes must be shares"),
+])
+def test_compress_bad_options_exit_2(model_dir, sentiment_files, tmp_path, args, message, capsys):
+    train, dev = sentiment_files
+    code = main(["compress", "--model", str(model_dir), "--train", str(train), "--eval", str(dev),
+                 "--output", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_compress_bad_model_or_data_exit_2(model_dir, tiny_base, sentiment_files, tmp_path, capsys):
+    train, dev = sentiment_files
+    common = ["--train", str(train), "--output", str(tmp_path / "o"), "--no-progress", "--precision", "fp32"]
+    assert main(["compress", "--model", str(tiny_base), "--eval", str(dev), *common]) == 2
+    assert "not a fine-tuned classifier" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["compress", "--model", str(tmp_path / "empty"), "--eval", str(dev), *common]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\ngood movie\tpos\nso so\tmixed\n")
+    assert main(["compress", "--model", str(model_dir), "--eval", str(bad), *common]) == 2
+    err = capsys.readouterr().err
+    assert "mixed" in err and str(bad) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_nothing_in_budget_keeps_the_fp32_model(model_dir, sentiment_files, tmp_path, monkeypatch):
+    """With every variant scored below budget, the output is the input model, still a loadable classifier."""
+    import oztune.compress.search as search
+
+    real = search.measure
+
+    def worse(model, encoder, eval_data, texts, pairs, saved_in, *rest):
+        m = real(model, encoder, eval_data, texts, pairs, saved_in, *rest)
+        if saved_in != model_dir:  # every variant but the input model
+            m["score"] -= 50
+        return m
+
+    monkeypatch.setattr(search, "measure", worse)
+    train, dev = sentiment_files
+    out = tmp_path / "o"
+    assert main(["compress", "--model", str(model_dir), "--train", str(train), "--eval", str(dev), "--output", str(out),
+                 "--recipes", "int8", "--max-drop", "0.5", "--no-progress", "--precision", "fp32"]) == 0
+    assert json.loads((out / "report.json").read_text())["chosen"] == "fp32"
+    model, _, meta = load_classifier(out)
+    assert meta["id2label"] == {0: "neg", 1: "pos"} and model.cfg.num_layers == 2

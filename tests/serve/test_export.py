@@ -1,0 +1,93 @@
+"""ONNX export: fp32 parity with oztune on every family, pruned and quantized models; int8 agreement; CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from servehelp import random_texts, save_tiny, tiny_classifier
+
+from oztune import Classifier
+from oztune.cli import main
+from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
+from oztune.serve.backends import OnnxClassifier
+from oztune.serve.export import export_onnx
+
+LONG = "the movie was not very good " * 40  # longer than the 62-token window: truncated
+
+
+def max_logit_diff(model_dir, export_dir, texts, pairs=None) -> float:
+    ref = Classifier.from_pretrained(model_dir).logits(texts, pairs)
+    return float(np.abs(OnnxClassifier(export_dir).logits(texts, pairs) - ref).max())
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "gpt2"])
+def test_fp32_logits_match_oztune_for_every_family(family, tiny_hf_dir, tmp_path):
+    model_dir, _ = tiny_hf_dir(family)
+    out = export_onnx(model_dir, tmp_path / "onnx")
+    assert {"model.onnx", "tokenizer.json", "config.json"} <= {p.name for p in out.iterdir()}
+    texts = random_texts(40) + [LONG, "a"]
+    assert max_logit_diff(model_dir, out, texts) < 1e-4
+    if family == "bert":  # token types of the second text
+        assert max_logit_diff(model_dir, out, texts, list(reversed(texts))) < 1e-4
+
+
+def test_fp32_parity_on_a_pruned_model_with_uneven_layers(tmp_path):
+    model = tiny_classifier(layer_heads=[3, 0], layer_ffn=[11, 0])  # layer 1 lost every head and its FFN
+    model_dir = save_tiny(model, tmp_path / "pruned")
+    assert json.loads((model_dir / "config.json").read_text())["oztune"]["format"] == "native"
+    out = export_onnx(model_dir, tmp_path / "onnx")
+    assert max_logit_diff(model_dir, out, random_texts(40) + [LONG]) < 1e-4
+
+
+def int8_initializers(export_dir) -> int:
+    graph = onnx.load(str(export_dir / "model.onnx")).graph
+    return sum(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+
+
+def test_int8_export_computes_like_oztunes_int8_model(tmp_path):
+    model_dir = save_tiny(tiny_classifier(), tmp_path / "model")
+    out = export_onnx(model_dir, tmp_path / "int8", int8=True)
+    assert json.loads((out / "config.json").read_text())["oztune"]["onnx"]["int8"] is True
+    assert int8_initializers(out) == 2 * 4 + 1  # qkv, o, up, down in 2 layers + the output layer
+    model = Classifier.from_pretrained(model_dir)
+    texts = random_texts(400, seed=1) + [LONG]
+    fp32 = model.logits(texts)
+    quantize_(model.model, QuantConfig())
+    ref = model.logits(texts)
+    got = OnnxClassifier(out).logits(texts)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    # much closer to oztune's int8 model than either is to the float one
+    assert np.abs(got - ref).mean() < 0.05 * np.abs(fp32 - ref).mean()
+
+
+def test_quantized_pruned_model_exports_with_matching_labels(tmp_path):
+    model = quantize_(tiny_classifier(layer_heads=[3, 0], layer_ffn=[11, 0]), QuantConfig(skip=["head.*"]))
+    record = quantization_record(QuantConfig(skip=["head.*"]))
+    model_dir = save_tiny(model, tmp_path / "q", quantization=record)
+    clf = Classifier.from_pretrained(model_dir)
+    out = export_onnx(model_dir, tmp_path / "onnx")  # int8 without asking: the model is
+    assert json.loads((out / "config.json").read_text())["oztune"]["onnx"]["quantization"] == record
+    assert int8_initializers(out) == 4  # layer 0's qkv, o, up, down: layer 1 is pruned away, the head skipped
+    texts = random_texts(400, seed=2)
+    got, ref = OnnxClassifier(out).logits(texts), clf.logits(texts)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+
+
+def test_export_cli_and_its_errors(tmp_path, capsys):
+    model_dir = save_tiny(tiny_classifier(), tmp_path / "model")
+    out = tmp_path / "exported"
+    assert main(["export", "--model", str(model_dir), "--output", str(out), "--int8"]) == 0
+    assert "int8" in capsys.readouterr().out
+    preds = OnnxClassifier(out).predict(["good movie", LONG])
+    assert len(preds) == 2 and all(p["label"] in {"neg", "neutral", "pos"} and 1 / 3 <= p["score"] <= 1 for p in preds)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+    for args, message in [(["--format", "tflite"], "only 'onnx'"),
+                          (["--output", str(model_dir / "onnx")], "must not be the model directory"),
+                          (["--model", str(out)], "already an ONNX export"),
+                          (["--model", str(tmp_path / "missing")], "unknown model")]:
+        argv = ["export", "--model", str(model_dir), "--output", str(tmp_path / "x"), *args]
+        assert main(argv) == 2, args
+        assert message in capsys.readouterr().err

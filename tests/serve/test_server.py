@@ -1,0 +1,255 @@
+"""The HTTP server over real loopback connections: answers, each error code, batching, metrics, shutdown."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from servehelp import GatedModel, free_socket, random_texts, save_tiny, serving, tiny_classifier
+
+from oztune import Classifier
+from oztune.serve.backends import OnnxClassifier, load_backend
+from oztune.serve.server import ServeLimits, create_app
+
+LONG = "the movie was not very good " * 40  # longer than the model's window: truncated, not an error
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(tiny_classifier(), tmp_path_factory.mktemp("tiny") / "model")
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def wait_for(condition, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_predict_health_and_metrics_on_the_torch_backend(model_dir):
+    clf = Classifier.from_pretrained(model_dir)
+    texts = random_texts(5) + [LONG]
+    app = create_app(clf.predict, ServeLimits(max_wait_ms=1))
+    with serving(app) as url, httpx.Client(base_url=url, timeout=20) as c:
+        r = c.post("/predict", json={"texts": texts})
+        assert r.status_code == 200, r.text
+        got, want = r.json()["predictions"], clf.predict(texts)
+        assert [p["label"] for p in got] == [p["label"] for p in want]
+        assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
+        r = c.post("/predict", json={"texts": texts[:2], "text_pairs": texts[2:4]})
+        assert [p["label"] for p in r.json()["predictions"]] == [p["label"] for p in clf.predict(texts[:2], texts[2:4])]
+        assert c.get("/health").json()["status"] == "ok"
+        m = c.get("/metrics")
+        assert m.headers["content-type"].startswith("text/plain")
+        assert metric(m.text, 'oztune_requests_total{status="200"}') == 2
+        assert metric(m.text, "oztune_texts_total") == 8
+        assert metric(m.text, "oztune_request_duration_seconds_count") == 2
+
+
+def test_onnx_backend_exports_a_model_directory_and_serves_it(model_dir):
+    clf = load_backend(str(model_dir), "onnx", threads=1)
+    assert isinstance(clf, OnnxClassifier)
+    texts = random_texts(8, seed=3) + [LONG]
+    with serving(create_app(clf.predict)) as url:
+        r = httpx.post(f"{url}/predict", json={"texts": texts}, timeout=20)
+    assert r.status_code == 200
+    want = Classifier.from_pretrained(model_dir).predict(texts)
+    assert [p["label"] for p in r.json()["predictions"]] == [p["label"] for p in want]
+
+
+@pytest.fixture(scope="module")
+def stub_server():
+    """A server on an ungated stub model with small limits, for the error answers."""
+    limits = ServeLimits(max_texts_per_request=4, max_body_bytes=2000)
+    with serving(create_app(GatedModel(gated=False), limits)) as url, httpx.Client(base_url=url, timeout=20) as c:
+        yield c
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"not json", "not valid JSON"),
+    (b'["a"]', '"texts"'),
+    (b'{"text": ["a"]}', '"texts"'),
+    (b'{"texts": 3}', "texts: expected a list of strings, got int"),
+    (b'{"texts": ["a", 3]}', "texts[1]: expected a string, got int"),
+    (b'{"texts": []}', "at least one"),
+    (b'{"texts": ["a"], "text_pairs": ["b", "c"]}', "text_pairs: expected one per text"),
+    (b'{"texts": ["a"], "text_pairs": [null]}', "text_pairs[0]: expected a string"),
+    (b'{"texts": ["a"], "labels": [1]}', "unknown field(s) labels"),
+])
+def test_wrong_types_get_422_with_a_message(stub_server, body, message):
+    r = stub_server.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert message in r.json()["detail"]
+
+
+def test_too_many_texts_or_too_big_a_body_get_413(stub_server):
+    r = stub_server.post("/predict", json={"texts": ["a"] * 5})
+    assert r.status_code == 413 and "limit of 4" in r.json()["detail"]
+    r = stub_server.post("/predict", json={"texts": ["a" * 3000]})
+    assert r.status_code == 413 and "2,000 bytes" in r.json()["detail"]
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        yield b'{"texts": ["'
+        for _ in range(30):
+            yield b"a" * 100
+        yield b'"]}'
+
+    r = stub_server.post("/predict", content=chunked())
+    assert r.status_code == 413
+    assert stub_server.post("/predict", json={"texts": ["ok"] * 4}).status_code == 200
+
+
+def test_a_failing_model_gets_500_and_the_server_keeps_going():
+    def predict(texts, pairs=None):
+        if "boom" in texts:
+            raise RuntimeError("out of memory")
+        return [{"label": "x", "score": 1.0} for _ in texts]
+
+    with serving(create_app(predict, ServeLimits(max_wait_ms=0))) as url:
+        r = httpx.post(f"{url}/predict", json={"texts": ["boom"]}, timeout=20)
+        assert r.status_code == 500 and "out of memory" in r.json()["detail"]
+        assert httpx.post(f"{url}/predict", json={"texts": ["fine"]}, timeout=20).status_code == 200
+
+
+def test_full_queue_gets_503_and_queued_requests_still_finish():
+    model = GatedModel()
+    app = create_app(model, ServeLimits(max_batch_size=8, max_wait_ms=0, max_queue=2))
+    with serving(app) as url, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["a"]}, timeout=20)
+        assert model.entered.wait(10)  # the worker is busy with the first request
+        queued = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["b", "c"]}, timeout=20)
+        wait_for(lambda: app.state.batcher.pending == 2, "the second request to be queued")
+        r = httpx.post(f"{url}/predict", json={"texts": ["d"]}, timeout=20)
+        assert r.status_code == 503 and "queue is full" in r.json()["detail"]
+        model.gate.set()
+        assert first.result().status_code == 200 and queued.result().status_code == 200
+        assert 'oztune_requests_total{status="503"} 1' in httpx.get(f"{url}/metrics").text
+
+
+def test_concurrent_requests_are_answered_from_one_batch():
+    model = GatedModel()
+    app = create_app(model, ServeLimits(max_batch_size=64, max_wait_ms=0))
+    texts = ["x" * (i + 1) for i in range(12)]  # the stub scores each text by its length
+    with serving(app) as url, ThreadPoolExecutor(13) as pool:
+        first = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["first"]}, timeout=20)
+        assert model.entered.wait(10)
+        rest = [pool.submit(httpx.post, f"{url}/predict", json={"texts": [t]}, timeout=20) for t in texts]
+        wait_for(lambda: app.state.batcher.pending == len(texts), "all requests to be queued")
+        model.gate.set()
+        assert first.result().status_code == 200
+        for t, f in zip(texts, rest):
+            assert f.result().json() == {"predictions": [{"label": "len", "score": len(t)}]}
+        m = httpx.get(f"{url}/metrics").text
+    assert model.batches == [1, 12]
+    assert metric(m, 'oztune_batch_size_bucket{le="8"}') == 1  # the batch of one
+    assert metric(m, 'oztune_batch_size_bucket{le="16"}') == 2  # the batch of twelve
+    assert metric(m, "oztune_batch_size_sum") == 13
+
+
+SLOW_SERVER = textwrap.dedent("""
+    import time
+    from oztune.serve.server import ServeLimits, listen_socket, run_server
+
+    def slow(texts, pairs=None):
+        print("busy", flush=True)
+        time.sleep(2)
+        return [{"label": "done", "score": 1.0} for _ in texts]
+
+    sock = listen_socket("127.0.0.1", 0)
+    print(sock.getsockname()[1], flush=True)
+    run_server(slow, sock, ServeLimits(max_wait_ms=0), log_level="warning")
+    print("returned", flush=True)
+""")
+
+
+def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(tmp_path):
+    script = tmp_path / "slow_server.py"
+    script.write_text(SLOW_SERVER)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, "server exited"
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, "the server to start", timeout=60)
+        result = {}
+        inflight = threading.Thread(target=lambda: result.update(r=httpx.post(f"{url}/predict", json={"texts": ["a"]},
+                                                                              timeout=30)))
+        inflight.start()
+        assert proc.stdout.readline().strip() == "busy"
+        proc.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return False
+            except ConnectionRefusedError:
+                return True
+
+        wait_for(refused, "the server to stop accepting connections")
+        assert inflight.is_alive()  # the slow request is still being answered
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(f"{url}/predict", json={"texts": ["b"]}, timeout=5)
+        inflight.join(30)
+        assert result["r"].status_code == 200 and result["r"].json()["predictions"][0]["label"] == "done"
+        assert proc.wait(30) == 0
+        assert proc.stdout.read().strip() == "returned"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_cli_refuses_bad_options_and_a_taken_port(model_dir, capsys):
+    from oztune.cli import main
+
+    taken = free_socket()
+    taken.listen()
+    try:
+        for args, message in [(["--backend", "tf"], "--backend 'tf'"), (["--max-batch-size", "0"], "positive"),
+                              (["--port", str(taken.getsockname()[1])], "cannot listen")]:
+            assert main(["serve", "--model", str(model_dir), "--port", "0", *args]) == 2, args
+            assert message in capsys.readouterr().err
+    finally:
+        taken.close()
+
+
+def test_serve_command_end_to_end_on_the_onnx_backend(model_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "oztune", "serve", "--model", str(model_dir), "--backend", "onnx",
+                             "--port", "0", "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]  # "exporting ...", "serving ... on http://..."
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", lines[1]).group(1)
+        r = httpx.post(f"{url}/predict", json={"texts": ["good movie", LONG]}, timeout=20)
+        assert r.status_code == 200
+        want = Classifier.from_pretrained(model_dir).predict(["good movie", LONG])
+        assert [p["label"] for p in r.json()["predictions"]] == [p["label"] for p in want]
+        assert httpx.get(f"{url}/health", timeout=5).json()["backend"] == "onnx"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
