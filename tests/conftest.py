@@ -120,3 +120,12 @@ def tiny_base(tmp_path_factory) -> Path:
 def sentiment_files(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("sentiment")
     return write_tsv(d / "train.tsv", synthetic_sentiment(400, 1)), write_tsv(d / "dev.tsv", synthetic_sentiment(100, 2))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run on one thread: on a busy machine two threads wait on each other at every op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
