@@ -4,12 +4,15 @@ Scheme: a weight (N, K) is stored as int8 ``wq`` with one fp32 scale per output 
 ``w ~ wq * w_scale[:, None]``); an activation (M, K) is quantized at run time with one scale per row
 (token), ``x ~ xq * amax / 127``. Then ``y = (xq @ wq.T) * amax / 127 * w_scale + bias``.
 
-The matmul runs on oneDNN's int8 kernel (``torch.ops.onednn.qlinear_pointwise``, the op PyTorch's
-inductor lowers quantized linears to) with the weight pre-packed once into oneDNN's blocked layout; it
-also applies ``w_scale`` and writes fp32. That kernel wants unsigned activations with zero point 128,
-so the int8 codes get their sign bit flipped (``q + 128`` as uint8, one cheap byte pass). Measured
-against ``torch._int_mm`` (bench/int8.py ``--kernels``) it is as fast or faster and saves a
-dequantization pass; ``torch._int_mm`` is the fallback where oneDNN's op is missing (non-x86 builds).
+Two int8 kernels, both oneDNN underneath, chosen by the number of rows M (measured on a 2-core AVX512-VNNI
+EPYC, bench/int8.py --kernels; both reach ~400 GOP/s per thread on large matrices, like ONNX Runtime's MLAS):
+
+- M < ``ONEDNN_MIN_ROWS``: ``torch._int_mm`` (int32 out), then ``* w_scale``. Fewer ops and no primitive
+  to build: at batch 1 (M ~ 25) it takes ~0.75x the time of the other.
+- M >= ``ONEDNN_MIN_ROWS``: ``torch.ops.onednn.qlinear_pointwise`` (the op PyTorch's inductor lowers
+  quantized linears to) on a weight pre-packed once into oneDNN's blocked layout. It applies ``w_scale``
+  and writes fp32 directly, saving the int32 tensor and a pass over it. It wants unsigned activations
+  with zero point 128, so the int8 codes get their sign bit flipped (``q + 128`` as uint8, a byte pass).
 
 Per-token scales of large inputs come from ``amax`` and ``amin`` (two vectorised reductions; ``aminmax``
 and the inf-norm are several times slower on CPU, ``abs()`` writes a temporary), rounding is in place,
@@ -24,7 +27,7 @@ from typing import Callable
 import torch
 
 EPS = 1e-8  # smallest row amax: an all-zero (padding) row quantizes to zeros, never to NaN
-ONEDNN_MIN_ROWS = 256  # from here on oneDNN's kernel beats torch._int_mm (bench/int8.py --kernels)
+ONEDNN_MIN_ROWS = 256  # from here on oneDNN's pre-packed kernel beats torch._int_mm
 
 
 def _has_onednn() -> bool:
@@ -89,7 +92,7 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     """``x @ w.T + bias`` for a float ``x`` (M, K) and an int8 weight, activations quantized here per row.
 
     Below ``ONEDNN_MIN_ROWS`` rows ``torch._int_mm`` is faster (oneDNN's kernel costs more per call and
-    builds a new primitive for every new M); above, oneDNN's saves the int32 output and a dequantization pass.
+    builds a primitive for every new M); from there on oneDNN's saves the int32 output and a pass over it.
 
     Args:
         x: fp32 activations (M, K), contiguous.

@@ -31,9 +31,9 @@ from oztune.errors import OztuneError
 from oztune.models.transformer import FeedForward
 
 SCHEMES = ("int8",)
-CHUNK_ROWS = 256  # tokens per thread in a feed-forward chunk: a (256, 1536) fp32 intermediate is 1.5 MB
 EMBEDDINGS = ("int8", "none")
 RECORD_VERSION = 1
+CHUNK_ROWS = 256  # tokens per thread in a feed-forward chunk: a (256, 1536) fp32 intermediate is 1.5 MB
 
 
 @dataclass
@@ -188,9 +188,7 @@ class FakeQuantLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FakeQuantLinear":
-        fq = cls.__new__(cls)
-        nn.Module.__init__(fq)
-        fq.in_features, fq.out_features = linear.in_features, linear.out_features
+        fq = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         fq.weight, fq.bias = linear.weight, linear.bias  # shared, not copied
         return fq
 

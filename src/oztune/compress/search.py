@@ -75,10 +75,10 @@ class CompressArgs:
     importance_batches: int = 32
     epochs: int = 2
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float = 2e-4
     temperature: float = 2.0
     alpha: float = 0.5
-    max_train_examples: int | None = 20000
+    max_train_examples: int | None = 40000
     max_length: int = 128
     prune_vocab: bool = True
     keep_variants: bool = True
