@@ -75,7 +75,8 @@ def run_hf_trainer(train, dev, out_dir: str) -> dict:
     trainer.train()
     secs = time.perf_counter() - t
     preds = trainer.predict(dv)
-    acc = float((preds.predictions.argmax(-1) == np.array([d["labels"] for d in dv])).mean())
+    # label_ids come back in the order the Trainer evaluated (it may not be the dataset's order)
+    acc = float((preds.predictions.argmax(-1) == preds.label_ids).mean())
     return {"examples_per_s": len(tr) / secs, "train_s": secs, "dev_accuracy": acc}
 
 

@@ -92,6 +92,21 @@ def test_distill_cli_student_layers(teacher_dir, sentiment_files, tmp_path, caps
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(run["metrics"]["accuracy"])
 
 
+def test_distill_cli_from_a_pruned_student(teacher_dir, sentiment_files, tmp_path):
+    from oztune.compress.prune import PruneConfig, prune_
+
+    train, dev = sentiment_files
+    teacher, enc, meta = load_classifier(teacher_dir)
+    prune_(teacher, PruneConfig(heads=0.5, ffn=0.5), encoded(train, enc))
+    pruned = save_classifier(teacher, enc, tmp_path / "pruned", meta["id2label"])
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(teacher_dir), "--student", str(pruned), "--train", str(train),
+                 "--eval", str(dev), "--output", str(out), "--epochs", "1", "--lr", "3e-3", "--no-progress",
+                 "--precision", "fp32"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["student"]["heads"] == [2, 2] and run["metrics"]["accuracy"] >= 0.8
+
+
 @pytest.mark.parametrize("args, message", [
     (["--student-layers", "3"], "--student-layers must be between 1 and 2"),
     ([], "give exactly one of --student DIR or --student-layers N"),

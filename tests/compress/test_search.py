@@ -60,6 +60,7 @@ def test_compress_end_to_end(model_dir, sentiment_files, tmp_path):
     small = variants["prune50-int8"]
     assert small["shape"].startswith("L1 H4 F64 V") and small["parameters"] < variants["fp32"]["parameters"]
     assert variants["int8"]["shape"] == "L2 H8 F128 V64"  # int8 alone keeps the whole vocabulary
+    assert variants["int8"]["parameters"] == variants["fp32"]["parameters"]
     assert variants["int8"]["file_mb"] < variants["fp32"]["file_mb"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
 

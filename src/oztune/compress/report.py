@@ -20,7 +20,7 @@ from oztune.train.loop import evaluate
 from oztune.train.metrics import MAIN_METRIC
 
 COLUMNS = [  # (key, header, format)
-    ("name", "variant", "{}"), ("shape", "encoder", "{}"), ("score", "{metric}", "{:.2f}"),
+    ("name", "variant", "{}"), ("shape", "layers heads FFN vocab", "{}"), ("score", "{metric}", "{:.2f}"),
     ("drop", "drop (pt)", "{:+.2f}"),
     ("macro_f1", "macro-F1", "{:.2f}"), ("file_mb", "file MB", "{:.1f}"), ("parameters", "params (M)", "{:.2f}"),
     ("latency_p50_ms", "batch-1 p50 ms", "{:.2f}"), ("latency_p95_ms", "batch-1 p95 ms", "{:.2f}"),
@@ -151,7 +151,7 @@ budget: at most {max_drop:g} point(s) of {metric} below fp32 ({base['score']:.2f
 - Scores in points (percent). Timings end to end, tokenization included, {settings.get('threads')} thread(s);
   batch 64 on the eval texts sorted by token length; batch 1 over every eval text.
 - speed-up: batch-64 throughput relative to fp32. params: before quantization.
-- Every variant is saved under `variants/<name>/`; the kept one is also this directory's model.
+- {"Every variant is saved under `variants/<name>/`; the" if settings.get("keep_variants", True) else "The"} kept one is this directory's model.
 - Recipes: {settings.get('recipes')}; sizes (share of encoder weights kept): {settings.get('sizes')};
   recovery: {settings.get('epochs')} epoch(s) of distillation from fp32 on {settings.get('train_examples')} examples;
   total time {settings.get('seconds', 0):.0f} s.
@@ -180,7 +180,7 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> No
     pad_y = max(0.5, (y.max() - min(y.min(), y[0] - max_drop)) * 0.15)
     ax.set_ylim(min(y.min(), y[0] - max_drop) - pad_y, y.max() + pad_y)
     ax.set_xlim(0, x.max() * 1.35)
-    _labels(ax, fig, rows, x, y, chosen)
+    _labels(ax, fig, rows, x, y, np.sqrt(area / np.pi), chosen)
     ax.set_xlabel("batch-1 latency, p50 (ms, tokenization included)")
     ax.set_ylabel(f"{rows[0]['metric']} (%)")
     ax.set_title("Accuracy against latency\nmarker area = file size; grey = fp32, red = kept", fontsize=11)
@@ -191,24 +191,35 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> No
     plt.close(fig)
 
 
-def _labels(ax, fig, rows: list[dict], x: np.ndarray, y: np.ndarray, chosen: str) -> None:
-    """Label each point, choosing among a few offsets the one farthest from labels already placed."""
-    offsets = [(10, 8), (10, -22), (-10, 8), (-10, -22), (12, 24), (12, -38), (-12, 24), (-12, -38)]
-    scale = fig.dpi / 72  # points -> pixels
-    placed: list[np.ndarray] = [ax.transData.transform((xi, yi)) for xi, yi in zip(x, y)]
+def _labels(ax, fig, rows: list[dict], x: np.ndarray, y: np.ndarray, radius: np.ndarray, chosen: str) -> None:
+    """Label each point beside its marker (``radius`` in points), at the first of a few places where the text
+    overlaps no other label or point."""
+    offsets = [(1, 0), (1, -22), (-1, 0), (-1, -22), (1, 20), (1, -40), (-1, 20), (-1, -40)]
+    renderer = fig.canvas.get_renderer()
+    points = [ax.transData.transform((xi, yi)) for xi, yi in zip(x, y)]
+    placed = []
     for i in np.argsort(x, kind="stable"):
-        r, p = rows[i], ax.transData.transform((x[i], y[i]))
-
-        def room(o):
-            q = p + np.array(o) * scale
-            return min(np.hypot(*(q - other)) for other in placed)
-
-        dx, dy = max(offsets, key=room)
-        placed.append(p + np.array((dx, dy)) * scale)
-        ax.annotate(f"{r['name']}\n{r['score']:.2f}%, {r['file_mb']:.3g} MB", (x[i], y[i]), textcoords="offset points",
-                    xytext=(dx, dy), fontsize=8, ha="left" if dx > 0 else "right",
-                    fontweight="bold" if r["name"] == chosen else "normal",
-                    arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6})
+        r, best = rows[i], None
+        for side, dy in offsets:
+            dx = side * (radius[i] + 3)
+            ann = ax.annotate(f"{r['name']}\n{r['score']:.2f}%, {r['file_mb']:.3g} MB", (x[i], y[i]),
+                              textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                              ha="left" if dx > 0 else "right", fontweight="bold" if r["name"] == chosen else "normal",
+                              arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6})
+            box = ann.get_window_extent(renderer).expanded(1.05, 1.15)
+            clashes = sum(box.overlaps(b) for b in placed) + sum(box.contains(*p) for p in points)
+            inside = ax.get_window_extent(renderer).contains(box.x0, box.y0) and \
+                ax.get_window_extent(renderer).contains(box.x1, box.y1)
+            score = clashes + (0 if inside else 0.5)
+            if best is None or score < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (score, ann, box)
+            else:
+                ann.remove()
+            if score == 0:
+                break
+        placed.append(best[2])
 
 
 def _frontier(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from oztune.compress.distill import DistillConfig, check_train_options, distill, load_task_data, load_trained
 from oztune.compress.prune import PruneConfig, prune_, prune_vocab_, unk_id
+from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
 from oztune.compress.report import add_relative, measure, write_report
 from oztune.config import ModelConfig
 from oztune.data.load import Columns
@@ -123,8 +124,6 @@ def plan(cfg: ModelConfig, keep: float) -> PruneConfig:
 def compress(a: CompressArgs) -> dict:
     """Run the search; writes ``a.output`` and returns the report (as report.json holds it)."""
     check_args(a)
-    from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
-
     start = time.perf_counter()
     seed_everything(a.seed)
     teacher, enc, meta = load_trained(a.model, "--model", a.max_length)
@@ -139,15 +138,18 @@ def compress(a: CompressArgs) -> dict:
     bar = tqdm(steps, desc="compress", unit="step", disable=not a.progress, dynamic_ncols=True)
     rows: list[dict] = []
     teacher_logits = None
+    n_params = sum(p.numel() for p in teacher.parameters())
 
-    def add(name: str, model, recipe: str, quant: dict | None = None, extra: dict | None = None) -> None:
-        """Save a variant under work/variants/<name> (fp32: weigh the input's files) and measure it."""
+    def add(name: str, model, recipe: str, params: int, quant: dict | None = None, extra: dict | None = None) -> None:
+        """Save a variant under work/variants/<name> (fp32: weigh the input's files) and measure it.
+
+        ``params``: the parameter count before quantization (int8 weights are buffers, not parameters).
+        """
         bar.set_postfix_str(f"measuring {name}")
         d = meta["path"] if name == "fp32" else work / "variants" / name
         if name != "fp32":
             run = {"command": "compress", "variant": name, "recipe": recipe, "source": str(a.model), **(extra or {})}
             save_classifier(model, enc, d, meta["id2label"], run=run, quantization=quant)
-        params = (extra or {}).get("parameters") or sum(p.numel() for p in model.parameters())
         row = {"name": name, "recipe": recipe, "shape": shape(model), **(extra or {}),
                **measure(model, enc, data.eval, data.eval_texts, data.eval_pairs, d, params)}
         rows.append(row)
@@ -158,20 +160,20 @@ def compress(a: CompressArgs) -> dict:
         for name, keep in bar:
             bar.set_description(f"compress: {name}")
             if name == "fp32":
-                add("fp32", teacher, "none")
+                add("fp32", teacher, "none", n_params)
             elif name == "int8":
                 q = QuantConfig()
-                add("int8", quantize_(copy.deepcopy(teacher), q), "int8", quantization_record(q))
+                add("int8", quantize_(copy.deepcopy(teacher), q), "int8", n_params, quantization_record(q))
             else:
                 if teacher_logits is None:
                     bar.set_postfix_str("teacher logits")
                     teacher_logits = torch.from_numpy(predict_logits(teacher, data.train, precision=a.precision))
                 student, info = _pruned(teacher, enc, data, keep, teacher_logits, a, bar)
                 if "prune" in a.recipes:
-                    add(name, student, "prune", extra=info)
+                    add(name, student, "prune", info["parameters"], extra=info)
                 if "prune-int8" in a.recipes:
                     q = QuantConfig()
-                    add(f"{name}-int8", quantize_(copy.deepcopy(student), q), "prune-int8",
+                    add(f"{name}-int8", quantize_(copy.deepcopy(student), q), "prune-int8", info["parameters"],
                         quantization_record(q), info)
         bar.set_postfix_str("report")
         report = _finish(a, rows, work, out, teacher, enc, meta, data, start)
