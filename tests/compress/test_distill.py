@@ -13,14 +13,13 @@ from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.models.hub import load_classifier, save_classifier
 from oztune.train.loop import TrainConfig, evaluate, fit, predict_logits
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(one_thread, tiny_base, sentiment_files, tmp_path_factory):
     """A tiny classifier trained on the synthetic sentiment task (accuracy near 1)."""
-    train, dev = sentiment_files
+    train, _ = sentiment_files
     model, enc, _ = load_classifier(tiny_base, num_labels=2)
     label2id = {"neg": 0, "pos": 1}
     data = encode_examples(read_labelled(str(train), Columns()), enc, label2id, "single_label", str(train))

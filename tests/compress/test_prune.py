@@ -18,7 +18,6 @@ from oztune.models.hub import load_classifier, save_classifier
 from oztune.models.transformer import SequenceClassifier, init_weights
 from oztune.train.loop import TrainConfig, fit
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -15,7 +15,6 @@ from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.models.hub import load_classifier, save_classifier
 from oztune.train.loop import TrainConfig, fit
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -106,7 +105,7 @@ def test_compress_bad_model_or_data_exit_2(model_dir, tiny_base, sentiment_files
 
 def test_nothing_in_budget_keeps_the_fp32_model(model_dir, sentiment_files, tmp_path, monkeypatch):
     """With every variant scored below budget, the output is the input model, still a loadable classifier."""
-    import oztune.compress.search as search
+    from oztune.compress import search
 
     real = search.measure
 

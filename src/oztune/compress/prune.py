@@ -164,7 +164,7 @@ def _global_keep(per_layer: list[torch.Tensor], share: float) -> list[list[int]]
     """Indices kept in each layer after removing ``share`` of all units by per-layer-normalised score."""
     norm = [s / s.norm().clamp_min(1e-12) for s in per_layer]
     flat = torch.cat([s.double() for s in norm])
-    n_remove = int(round(share * flat.numel()))
+    n_remove = round(share * flat.numel())
     layer_of = torch.cat([torch.full((len(s),), i) for i, s in enumerate(norm)])
     unit_of = torch.cat([torch.arange(len(s)) for s in norm])
     left = [len(s) for s in norm]

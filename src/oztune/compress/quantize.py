@@ -172,9 +172,11 @@ class ChunkedFeedForward(nn.Module):
         self.up, self.down, self.act = ffn.up, ffn.down, ffn.act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # compiled, inductor fuses instead
+            return self.down(self.act(self.up(x)))
         rows = x.reshape(-1, x.shape[-1])  # (M, C)
         chunk = CHUNK_ROWS * torch.get_num_threads()  # each thread's share of a chunk stays in its core's cache
-        if rows.shape[0] <= chunk or torch.compiler.is_compiling():  # compiled, inductor fuses instead
+        if rows.shape[0] <= chunk:
             return self.down(self.act(self.up(x)))
         out = rows.new_empty(rows.shape[0], self.down.out_features)
         for part, dst in zip(rows.split(chunk), out.split(chunk)):
