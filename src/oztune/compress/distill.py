@@ -23,6 +23,7 @@ from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import load_classifier, save_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.train.finetune import check_output_dir, sample
+from oztune.train.finetune import check_train_options as check_finetune_options
 from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
 
 
@@ -275,15 +276,7 @@ class DistillArgs:
 
 def check_train_options(a) -> None:
     """Shared checks of the training options of the prune, distill and compress recipes."""
-    for name in ("epochs", "batch_size", "max_length"):
-        if getattr(a, name) < 1:
-            raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(a, name)}")
-    if a.lr <= 0:
-        raise OztuneError(f"--lr must be positive, not {a.lr}")
-    if a.max_train_examples is not None and a.max_train_examples < 1:
-        raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
-    if a.precision not in ("auto", "bf16", "fp32"):
-        raise OztuneError(f"--precision must be auto, bf16 or fp32, not {a.precision!r}")
+    check_finetune_options(a)
     check_output_dir(a.output)
 
 

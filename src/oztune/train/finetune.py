@@ -116,22 +116,27 @@ class FinetuneArgs:
         return self.checkpoint_dir or f"{self.output.rstrip('/')}.checkpoints"
 
 
-def check_args(a: FinetuneArgs) -> None:
-    """Reject bad option values and an unwritable output before any work is done."""
-    for name in ("epochs", "batch_size", "max_length", "grad_accum", "keep_checkpoints"):
+def check_train_options(a, at_least_one: tuple = ()) -> None:
+    """Checks shared by the training recipes (finetune, prune, distill, compress); ``a.lr`` None means default."""
+    for name in ("epochs", "batch_size", "max_length", *at_least_one):
         if getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(a, name)}")
-    for name in ("checkpoint_every", "lora_rank"):
-        if getattr(a, name) < 0:
-            raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(a, name)}")
-    if not 0 <= a.lora_dropout < 1:
-        raise OztuneError(f"--lora-dropout must be in [0, 1), not {a.lora_dropout}")
-    if a.lr <= 0:
+    if a.lr is not None and a.lr <= 0:
         raise OztuneError(f"--lr must be positive, not {a.lr}")
     if a.max_train_examples is not None and a.max_train_examples < 1:
         raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
     if a.precision not in ("auto", "bf16", "fp32"):
         raise OztuneError(f"--precision must be auto, bf16 or fp32, not {a.precision!r}")
+
+
+def check_args(a: FinetuneArgs) -> None:
+    """Reject bad option values and an unwritable output before any work is done."""
+    check_train_options(a, ("grad_accum", "keep_checkpoints"))
+    for name in ("checkpoint_every", "lora_rank"):
+        if getattr(a, name) < 0:
+            raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(a, name)}")
+    if not 0 <= a.lora_dropout < 1:
+        raise OztuneError(f"--lora-dropout must be in [0, 1), not {a.lora_dropout}")
     if a.problem_type not in (None, "single_label", "multi_label", "regression"):
         raise OztuneError(f"--problem-type must be single_label, multi_label or regression, not {a.problem_type!r}")
     check_output_dir(a.output)
