@@ -21,59 +21,13 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from peers import best_time, export_hf_onnx, file_mb, ort_runner
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def best_of(fn, repeats: int) -> float:
-    """Least disturbed of ``repeats`` wall times (the machine is shared)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def export_ort(model_dir: Path, work: Path) -> tuple[Path, Path]:
-    """The HF model exported to ONNX (fp32) and its onnxruntime dynamic int8 quantization."""
-    import transformers as T
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    hf = T.AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
-    fp32, int8 = work / "hf_fp32.onnx", work / "hf_int8.onnx"
-    ids = torch.ones(2, 8, dtype=torch.long)
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, 5:] = 0
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(hf, (ids, mask, torch.zeros_like(ids)), str(fp32), input_names=names, output_names=["logits"],
-                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
-    return fp32, int8
-
-
-def ort_runner(path: Path, model_dir: Path):
-    import onnxruntime as ort
-    import transformers as T
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    tok = T.AutoTokenizer.from_pretrained(model_dir)
-
-    def run(texts, pairs=None):
-        b = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
-        return sess.run(None, {k: b[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")})[0]
-
-    return run
 
 
 def time_one(name: str, run, texts: list[str], gold: np.ndarray, batches: list, repeats: int, mb: float) -> dict:
@@ -82,7 +36,7 @@ def time_one(name: str, run, texts: list[str], gold: np.ndarray, batches: list, 
     for idx in batches:
         pred[idx] = np.asarray(run([texts[i] for i in idx])).argmax(-1)
     run([texts[0]])
-    sorted_s = best_of(lambda: [run([texts[i] for i in idx]) for idx in batches], repeats)
+    sorted_s = best_time(lambda: [run([texts[i] for i in idx]) for idx in batches], repeats)
     one = []
     for t in texts:
         t0 = time.perf_counter()
@@ -146,11 +100,13 @@ def main() -> None:
             continue
         m, e, _ = load_classifier(d, max_length=128)
         rows.append(time_one(f"oztune {name}", model_runner(m, e), texts, gold, batches, reps, weights_mb(d)))
-    fp32_onnx, int8_onnx = export_ort(model_dir, work)
-    rows.append(time_one("ORT fp32", ort_runner(fp32_onnx, model_dir), texts, gold, batches, reps,
-                         fp32_onnx.stat().st_size / 1e6))
-    rows.append(time_one("ORT int8", ort_runner(int8_onnx, model_dir), texts, gold, batches, reps,
-                         int8_onnx.stat().st_size / 1e6))
+    import transformers as T
+
+    hf = T.AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
+    tok, threads = T.AutoTokenizer.from_pretrained(model_dir), torch.get_num_threads()
+    fp32_onnx, int8_onnx = export_hf_onnx(hf, work)
+    rows.append(time_one("ORT fp32", ort_runner(fp32_onnx, tok, threads), texts, gold, batches, reps, file_mb(fp32_onnx)))
+    rows.append(time_one("ORT int8", ort_runner(int8_onnx, tok, threads), texts, gold, batches, reps, file_mb(int8_onnx)))
     by = {r["name"]: r for r in rows}
     ort8, fp32 = by["ORT int8"], by["oztune fp32"]
     for r in rows:

@@ -29,32 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peers import best_time, export_hf_onnx, file_mb, ort_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
-
-
-def best_time(fn, repeats: int) -> float:
-    """Best of ``repeats`` wall times: the machine is shared, the minimum is the least disturbed."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def file_mb(*paths: Path) -> float:
-    return sum(p.stat().st_size for p in paths) / 1e6
 
 
 # --- peers: each maps a list of texts to logits (B, L) -------------------------------------------------------
 
 def hf_peers(path: Path, work: Path, threads: int) -> dict:
     """HF fp32, HF + torch.ao dynamic int8, ONNX Runtime fp32 and int8 on the same tokenizer."""
-    import onnxruntime as ort
     import transformers as T
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tok = T.AutoTokenizer.from_pretrained(path)
     hf = T.AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
@@ -70,28 +55,13 @@ def hf_peers(path: Path, work: Path, threads: int) -> dict:
         warnings.simplefilter("ignore")
         ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf), {torch.nn.Linear}, dtype=torch.qint8)
         torch.save(ao.state_dict(), work / "ao.pt")
-        names = ["input_ids", "attention_mask", "token_type_ids"]
-        ex = tok(["a first example", "and a second, longer example"], padding=True, return_tensors="pt")
-        axes = {n: {0: "batch", 1: "seq"} for n in names} | {"logits": {0: "batch"}}
-        torch.onnx.export(hf, tuple(ex[n] for n in names), str(work / "fp32.onnx"), input_names=names,
-                          output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
-        quantize_dynamic(str(work / "fp32.onnx"), str(work / "int8.onnx"), weight_type=QuantType.QInt8)
-
-    def ort_fn(file):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        sess = ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
-
-        def run(texts):
-            b = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
-            return sess.run(["logits"], {n: b[n].astype(np.int64) for n in names})[0]
-        return run
+    fp32_onnx, int8_onnx = export_hf_onnx(hf, work)
 
     weights = path / "model.safetensors"
     return {"HF fp32": (torch_fn(hf), file_mb(weights)),
             "HF torch.ao dynamic int8": (torch_fn(ao), file_mb(work / "ao.pt")),
-            "ORT fp32": (ort_fn(work / "fp32.onnx"), file_mb(work / "fp32.onnx")),
-            "ORT int8": (ort_fn(work / "int8.onnx"), file_mb(work / "int8.onnx"))}
+            "ORT fp32": (ort_runner(fp32_onnx, tok, threads), file_mb(fp32_onnx)),
+            "ORT int8": (ort_runner(int8_onnx, tok, threads), file_mb(int8_onnx))}
 
 
 def oztune_peers(path: Path, work: Path, compile: bool) -> tuple[dict, object, float]:

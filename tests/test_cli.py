@@ -139,3 +139,20 @@ def test_label_names_show_in_predictions_and_integer_gold_still_evaluates(tiny_b
     r = run("finetune", "--train", str(train), "--output", str(tmp_path / "x"), "--model", str(tiny_base),
             "--label-names", "a,b,c")
     assert r.returncode == 2 and "--label-names gives 3 names but" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["finetune", "distill", "prune", "compress"])
+def test_shared_recipe_options_have_help_and_come_after_the_commands_own(command, capsys):
+    import oztune.commands  # noqa: F401  (registers the commands)
+    from oztune.cli import COMMANDS, _arg_help, _fields_in_help_order
+
+    cls = COMMANDS[command][0]
+    helps = _arg_help(cls)
+    names = [f.name for f in _fields_in_help_order(cls)]
+    for shared in ("text_column", "label_column", "seed", "precision", "max_length"):
+        assert helps.get(shared), f"{command} --{shared} has no help"
+        assert names.index(shared) > names.index("train")
+    assert all(helps.get(n) for n in names), [n for n in names if not helps.get(n)]
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--text-pair-column" in capsys.readouterr().out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
 
 from oztune import Classifier
 from oztune.cli import main

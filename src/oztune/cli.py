@@ -32,17 +32,32 @@ def command(name: str, args_cls: type, help: str):
 
 
 def _arg_help(cls: type) -> dict[str, str]:
-    """Field help parsed from the 'Args:' section of the dataclass docstring."""
-    doc = inspect.getdoc(cls) or ""
-    out, current = {}, None
-    for line in doc.split("Args:", 1)[-1].splitlines():
-        m = re.match(r"\s{4}(\w+): (.*)", line)
-        if m:
-            current = m.group(1)
-            out[current] = m.group(2)
-        elif current and line.startswith(" " * 8):
-            out[current] += " " + line.strip()
+    """Field help parsed from the 'Args:' sections of the dataclass's docstring and its bases' (the
+    class's own wins: a recipe may describe a shared option its own way)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if "__doc__" not in vars(klass) or not dataclasses.is_dataclass(klass):
+            continue
+        doc, current = inspect.cleandoc(klass.__doc__ or ""), None
+        if "Args:" not in doc:
+            continue
+        for line in doc.split("Args:", 1)[-1].splitlines():
+            m = re.match(r"\s{4}(\w+): (.*)", line)
+            if m:
+                current = m.group(1)
+                out[current] = m.group(2)
+            elif current and line.startswith(" " * 8):
+                out[current] += " " + line.strip()
+            elif line.strip() and not line.startswith(" "):
+                current = None  # prose after the Args block
     return out
+
+
+def _fields_in_help_order(cls: type) -> list[dataclasses.Field]:
+    """The class's own options first, then those it shares with other commands (inherited)."""
+    own = list(vars(cls).get("__annotations__", {}))  # in declaration order
+    fs = {f.name: f for f in dataclasses.fields(cls)}
+    return [fs[n] for n in own if n in fs] + [f for n, f in fs.items() if n not in own]
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -69,7 +84,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """One option per field: --kebab-case, typed, with help; fields with metadata positional=True are positional."""
     helps = _arg_help(cls)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in _fields_in_help_order(cls):
         tp, _ = _base_type(hints[f.name])
         kw: dict[str, Any] = {"help": helps.get(f.name, ""), "default": argparse.SUPPRESS}
         if f.metadata.get("positional"):

@@ -5,20 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import padded_batch
+
 from oztune.models.hub import load_classifier, resolve_model
 
 FAMILIES = ["bert", "roberta", "distilbert", "gpt2"]
-
-
-def padded_batch(pad_id: int, lengths=(9, 4, 1, 7), low: int = 4, high: int = 64, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.full((len(lengths), T), pad_id)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(low, high, (n,), generator=g)
-        mask[i, :n] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("family", FAMILIES)

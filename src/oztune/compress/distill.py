@@ -23,6 +23,7 @@ from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import load_classifier, save_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.train.finetune import check_output_dir, sample
+from oztune.train.finetune import RecipeOptions
 from oztune.train.finetune import check_train_options as check_finetune_options
 from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
 
@@ -86,7 +87,7 @@ def _hidden_states(model: SequenceClassifier, batch: dict) -> tuple[torch.Tensor
     states: list[torch.Tensor] = []
     hooks = [b.register_forward_hook(lambda m, a, out: states.append(out)) for b in model.backbone.layers]
     try:
-        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), all_tokens=True)
     finally:
         for h in hooks:
             h.remove()
@@ -219,7 +220,7 @@ def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval:
 
 
 @dataclass
-class DistillArgs:
+class DistillArgs(RecipeOptions):
     """Distil a fine-tuned teacher into a smaller student (its layers dropped, or a pruned model).
 
     Args:
@@ -235,14 +236,6 @@ class DistillArgs:
         epochs: passes over the training data.
         batch_size: examples per step.
         lr: peak learning rate.
-        max_length: longest input in tokens.
-        max_train_examples: train on a seeded random sample of this many examples.
-        text_column: column holding the text.
-        text_pair_column: column holding the second text of a pair.
-        label_column: column holding the label.
-        seed: seed of sampling, shuffling and dropout.
-        precision: auto (bf16 autocast where the CPU has bf16), bf16 or fp32.
-        progress: show progress bars.
     """
 
     teacher: str = ""
@@ -257,17 +250,6 @@ class DistillArgs:
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-4
-    max_length: int = 128
-    max_train_examples: int | None = None
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    seed: int = 42
-    precision: str = "auto"
-    progress: bool = True
-
-    def columns(self) -> Columns:
-        return Columns(self.text_column, self.text_pair_column, self.label_column)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, precision=self.precision,

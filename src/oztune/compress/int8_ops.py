@@ -111,7 +111,7 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
         y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 128, pw, w_scale, _zeros(w_scale.shape[0]), None,
                                                1.0, 0, torch.float32, "none", [], "")  # (q @ wq.T) * w_scale
     else:
-        y = torch._int_mm(q, wq.t()).float().mul_(w_scale)
+        y = torch._int_mm(q, wq.t()).mul(w_scale)  # int32 * fp32 -> fp32 in one pass
     if bias is None:
         return y.mul_(scale)
     return torch.addcmul(bias, y, scale, out=y)

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from oztune.data.dataset import EncodedData, train_batches
-from oztune.data.load import Columns
 from oztune.errors import OztuneError
 from oztune.models.hub import save_classifier
 from oztune.models.transformer import SequenceClassifier
+from oztune.train.finetune import RecipeOptions
 from oztune.train.loop import TrainConfig, evaluate
 
 ENCODER_LINEARS = ("attn.qkv", "attn.o", "ffn.up", "ffn.down")
@@ -125,7 +125,8 @@ def importance(model: SequenceClassifier, data: EncodedData, batches: int = 32, 
     try:
         for idx in train_batches(data.lengths, batch_size, seed)[:max(1, batches)]:
             b = data.batch(idx)
-            loss = model.loss(model(b["input_ids"], b["attention_mask"], b["token_type_ids"]), b["labels"])
+            logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], all_tokens=True)  # gates see every row
+            loss = model.loss(logits, b["labels"])
             g = torch.autograd.grad(loss, [*heads, *ffn, layer], allow_unused=True)
             L = cfg.num_layers
             for i in range(L):
@@ -483,7 +484,7 @@ def prepare_pruned(model: nn.Module, record: dict) -> None:
 # --- the prune recipe ---------------------------------------------------------------------------------------
 
 @dataclass
-class PruneArgs:
+class PruneArgs(RecipeOptions):
     """Prune a fine-tuned model, recovering accuracy by distillation from the unpruned model.
 
     Unstructured (default): the smallest encoder weights, globally, are zeroed on a cubic schedule while
@@ -507,14 +508,6 @@ class PruneArgs:
         lr: peak learning rate.
         temperature: softmax temperature of the distillation loss.
         alpha: weight of the unpruned model's soft loss (1 - alpha: the hard labels).
-        max_train_examples: train on a seeded random sample of this many examples.
-        max_length: longest input in tokens.
-        text_column: column holding the text.
-        text_pair_column: column holding the second text of a pair.
-        label_column: column holding the label.
-        seed: seed of sampling, shuffling and dropout.
-        precision: auto (bf16 autocast where the CPU has bf16), bf16 or fp32.
-        progress: show progress bars.
     """
 
     model: str = ""
@@ -532,14 +525,6 @@ class PruneArgs:
     lr: float = 1e-4
     temperature: float = 2.0
     alpha: float = 0.5
-    max_train_examples: int | None = None
-    max_length: int = 128
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    seed: int = 42
-    precision: str = "auto"
-    progress: bool = True
 
     def prune_config(self) -> PruneConfig:
         if not 0 <= self.sparsity < 1:
@@ -560,8 +545,8 @@ def run_prune(a: PruneArgs) -> dict:
     check_train_options(a)
     dcfg = DistillConfig(a.temperature, a.alpha)
     teacher, enc, meta = load_trained(a.model, "--model", a.max_length)
-    data = load_task_data(teacher, enc, meta, a.train, a.eval, Columns(a.text_column, a.text_pair_column,
-                                                                         a.label_column), a.max_train_examples, a.seed)
+    data = load_task_data(teacher, enc, meta, a.train, a.eval, a.columns(), a.max_train_examples,
+                            a.seed)
     before = evaluate(teacher, data.eval)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, precision=a.precision, seed=a.seed,
                       freeze_embeddings=True, progress=a.progress)

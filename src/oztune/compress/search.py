@@ -24,16 +24,16 @@ from oztune.compress.prune import PruneConfig, prune_, prune_vocab_, unk_id
 from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
 from oztune.compress.report import add_relative, measure, write_report
 from oztune.config import ModelConfig
-from oztune.data.load import Columns
 from oztune.errors import OztuneError
 from oztune.models.hub import _replace_dir, save_classifier
+from oztune.train.finetune import RecipeOptions
 from oztune.train.loop import TrainConfig, predict_logits, seed_everything
 
 RECIPES = ("int8", "prune", "prune-int8")
 
 
 @dataclass
-class CompressArgs:
+class CompressArgs(RecipeOptions):
     """Try compression recipes and keep the fastest variant within an accuracy budget, with a report.
 
     Time: on SST-2 (MiniLM-L6 fine-tuned; defaults: 40,000 training examples, 2 epochs, two sizes) about
@@ -55,16 +55,9 @@ class CompressArgs:
         temperature: softmax temperature of the distillation loss.
         alpha: weight of the teacher's soft loss (1 - alpha: the hard labels).
         max_train_examples: use a seeded random sample of this many training examples (0: all).
-        max_length: longest input in tokens.
         prune_vocab: pruned variants keep only the embeddings of tokens in the training file (others read
             [UNK]; about 3x smaller on SST-2); --no-prune-vocab keeps the whole vocabulary.
         keep_variants: keep every variant under variants/ (--no-keep-variants: only the kept model).
-        text_column: column holding the text.
-        text_pair_column: column holding the second text of a pair.
-        label_column: column holding the label.
-        seed: seed of sampling, shuffling and dropout.
-        precision: auto (bf16 autocast where the CPU has bf16), bf16 or fp32, for training.
-        progress: show progress bars.
     """
 
     model: str = ""
@@ -81,15 +74,9 @@ class CompressArgs:
     temperature: float = 2.0
     alpha: float = 0.5
     max_train_examples: int | None = 40000
-    max_length: int = 128
     prune_vocab: bool = True
     keep_variants: bool = True
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    seed: int = 42
-    precision: str = "auto"
-    progress: bool = True
+
 
 
 def check_args(a: CompressArgs) -> None:
@@ -128,7 +115,7 @@ def compress(a: CompressArgs) -> dict:
     start = time.perf_counter()
     seed_everything(a.seed)
     teacher, enc, meta = load_trained(a.model, "--model", a.max_length)
-    cols = Columns(a.text_column, a.text_pair_column, a.label_column)
+    cols = a.columns()
     data = load_task_data(teacher, enc, meta, a.train, a.eval, cols, a.max_train_examples, a.seed)
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from oztune.errors import ModelError
 from oztune.models.families import (FAMILIES, default_head, family_of, hf_to_oztune, is_default_head,
                                     oztune_to_hf)
 from oztune.models.transformer import SequenceClassifier, init_weights
+from oztune.runtime import tune_malloc
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
@@ -110,6 +111,7 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
     Returns:
         (model in eval mode, tokenizer, meta) where meta holds ``id2label``, ``label2id`` and ``path``.
     """
+    tune_malloc()  # whoever loads a model runs it: keep freed memory for reuse (oztune.runtime)
     path = resolve_model(name_or_dir)
     hf = read_config(path)
     oz = hf.get("oztune", {})

@@ -90,17 +90,22 @@ class Attention(nn.Module):
         self.o = nn.Linear(inner, cfg.hidden_size)
         self.dropout = Dropout(cfg.attention_dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                query: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with ``query`` (B,) positions, only those rows: (B, 1, C)."""
         B, T, _ = x.shape
+        Tq = T if query is None else 1
         if self.num_heads == 0:  # every head pruned: only the output bias is left
-            return self.o.bias.expand(B, T, -1) if self.o.bias is not None else x.new_zeros(x.shape)
+            return self.o.bias.expand(B, Tq, -1) if self.o.bias is not None else x.new_zeros(B, Tq, x.shape[-1])
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        if query is not None:
+            q, mask, causal = query_rows(q, mask, causal, query)  # q (B, H, 1, D), mask (B, 1, 1, T)
         if self.training and torch.is_grad_enabled():
             y = self._explicit(q, k, v, mask, causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, C)
+        return self.o(y.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim))  # (B, Tq, C)
 
 
     def _explicit(self, q, k, v, mask, causal):
@@ -117,6 +122,19 @@ class Attention(nn.Module):
             s = s.masked_fill(~mask, float("-inf"))
         p = self.dropout(s.softmax(-1))
         return p @ v  # (B, H, T, D)
+
+
+def query_rows(q: torch.Tensor, mask: torch.Tensor | None, causal: bool, query: torch.Tensor):
+    """The query of one position per row, and the key mask that row sees (causal folded in)."""
+    B, _, T, _ = q.shape
+    rows = torch.arange(B, device=q.device)
+    q = q[rows, :, query].unsqueeze(2)  # (B, H, 1, D)
+    if mask is not None and mask.shape[-2] > 1:  # a causal (B, 1, T, T) mask: that row of it
+        mask = mask[rows, :, query].unsqueeze(2)  # (B, 1, 1, T)
+    if causal:
+        seen = (torch.arange(T, device=q.device) <= query[:, None])[:, None, None, :]  # (B, 1, 1, T)
+        mask = seen if mask is None else mask & seen
+    return q, mask, False
 
 
 class FeedForward(nn.Module):
@@ -144,11 +162,13 @@ class Block(nn.Module):
         self.dropout = Dropout(cfg.hidden_dropout)
         self.pre_norm, self.causal = cfg.pre_norm, cfg.causal
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, query: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with ``query`` (B,) positions, only those rows' outputs: (B, 1, C)."""
+        res = x if query is None else x[torch.arange(x.shape[0], device=x.device), query].unsqueeze(1)
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), mask, self.causal))
+            x = res + self.dropout(self.attn(self.attn_norm(x), mask, self.causal, query))
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, mask, self.causal)))
+        x = self.attn_norm(res + self.dropout(self.attn(x, mask, self.causal, query)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
@@ -173,12 +193,21 @@ class Transformer(nn.Module):
         return keep
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Last hidden state (B, T, C) for token ids (B, T)."""
+                token_type_ids: torch.Tensor | None = None, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden state (B, T, C) for token ids (B, T).
+
+        With ``query`` (B,), the position of the one token per row whose output is wanted (the first
+        for cls pooling, the last real one for last-token pooling), the last layer computes only those
+        rows (its keys and values still see every token) and the result is (B, 1, C): the same numbers
+        as the full pass at a quarter of the last layer's matmuls.
+        """
         mask = self.attention_mask(attention_mask, input_ids.shape[1])
         x = self.embed(input_ids, token_type_ids)  # (B, T, C)
-        for block in self.layers:
-            x = block(x, mask)
+        last = len(self.layers) - 1
+        for i, block in enumerate(self.layers):
+            x = block(x, mask, query if i == last else None)
+        if query is not None and last < 0:
+            x = x[torch.arange(x.shape[0], device=x.device), query].unsqueeze(1)  # (B, 1, C)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
@@ -229,10 +258,25 @@ class SequenceClassifier(nn.Module):
         self.head = TaskHead(head, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, num_labels)."""
-        hidden = self.backbone(input_ids, attention_mask, token_type_ids)  # (B, T, C)
-        return self.head(hidden, attention_mask)
+                token_type_ids: torch.Tensor | None = None, all_tokens: bool = False) -> torch.Tensor:
+        """Logits (B, num_labels).
+
+        Args:
+            all_tokens: compute every token's output in the last layer too (hooks that read whole
+                layer outputs need it); by default cls and last-token pooling compute only the pooled row.
+        """
+        how = self.head_cfg.pooling
+        if all_tokens or how == "mean":
+            hidden = self.backbone(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+            return self.head(hidden, attention_mask)
+        if how == "cls":
+            query = input_ids.new_zeros(input_ids.shape[0])
+        elif attention_mask is None:
+            query = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1] - 1)
+        else:
+            query = attention_mask.long().sum(1).clamp_min(1) - 1  # (B,) the last real token
+        hidden = self.backbone(input_ids, attention_mask, token_type_ids, query=query)  # (B, 1, C)
+        return self.head(hidden, None)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of the problem type: cross-entropy, BCE-with-logits or MSE."""

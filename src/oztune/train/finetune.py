@@ -25,7 +25,35 @@ FULL_LR, LORA_LR = 1e-4, 5e-4  # default peak learning rates: all weights, LoRA 
 
 
 @dataclass
-class FinetuneArgs:
+class RecipeOptions:
+    """Options every training recipe shares (finetune, distill, prune, compress); the CLI lists them last.
+
+    Args:
+        max_length: longest input in tokens; longer texts are truncated.
+        max_train_examples: train on a seeded random sample of this many examples.
+        text_column: column holding the text (default: text, sentence, ...).
+        text_pair_column: column holding the second text of a pair.
+        label_column: column holding the label (default: label, labels, ...).
+        seed: seed of sampling, shuffling, dropout and new layers.
+        precision: auto (bf16 autocast where the CPU has bf16), bf16 or fp32.
+        progress: show progress bars.
+    """
+
+    max_length: int = 128
+    max_train_examples: int | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    seed: int = 42
+    precision: str = "auto"
+    progress: bool = True
+
+    def columns(self) -> Columns:
+        return Columns(self.text_column, self.text_pair_column, self.label_column)
+
+
+@dataclass
+class FinetuneArgs(RecipeOptions):
     """Fine-tune a pre-trained transformer with a task head on labelled text.
 
     Args:
@@ -36,14 +64,7 @@ class FinetuneArgs:
         epochs: passes over the training data.
         batch_size: examples per step (per process under torchrun).
         lr: peak learning rate, linear warm-up then linear decay (default 1e-4; 5e-4 with --lora-rank).
-        max_length: longest input in tokens; longer texts are truncated.
-        max_train_examples: train on a seeded random sample of this many examples.
-        text_column: column holding the text (default: text, sentence, ...).
-        text_pair_column: column holding the second text of a pair.
-        label_column: column holding the label (default: label, labels, ...).
         problem_type: single_label, multi_label or regression (default: inferred from the labels).
-        seed: seed of sampling, shuffling, dropout and new layers.
-        precision: auto (bf16 autocast where the CPU has bf16), bf16 or fp32.
         pooling: cls, mean or last (default: the family's standard head, which HF can load).
         head_hidden: widths of extra hidden layers in the head, comma-separated (e.g. 256,128).
         head_dropout: dropout in the head.
@@ -53,7 +74,6 @@ class FinetuneArgs:
         max_grad_norm: gradient clipping norm (0: off).
         patience: stop after this many epochs without improvement on --eval (0: never).
         freeze_embeddings: keep the token-embedding table fixed (faster; --no-freeze-embeddings trains it).
-        progress: show progress bars.
         checkpoint_every: write a resumable checkpoint every this many optimizer steps (0: never).
         checkpoint_dir: folder for checkpoints (default: OUTPUT.checkpoints); they are deleted once the model is saved.
         keep_checkpoints: how many of the newest checkpoints to keep.
@@ -76,14 +96,7 @@ class FinetuneArgs:
     epochs: int = 3
     batch_size: int = 32
     lr: float | None = None
-    max_length: int = 128
-    max_train_examples: int | None = None
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
     problem_type: str | None = None
-    seed: int = 42
-    precision: str = "auto"
     pooling: str | None = None
     head_hidden: list[int] = field(default_factory=list)
     head_dropout: float = 0.1
@@ -93,7 +106,6 @@ class FinetuneArgs:
     max_grad_norm: float = 1.0
     patience: int = 0
     freeze_embeddings: bool = True
-    progress: bool = True
     checkpoint_every: int = 200
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 2
@@ -199,7 +211,7 @@ def finetune(a: FinetuneArgs) -> dict:
 
 def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     seed_everything(a.seed)
-    cols = Columns(a.text_column, a.text_pair_column, a.label_column)
+    cols = a.columns()
     train_ex = sample(read_labelled(a.train, cols), a.max_train_examples, a.seed)
     eval_ex = read_labelled(a.eval, cols) if a.eval else None
     problem_type, label2id = label_setup(train_ex, a.problem_type)

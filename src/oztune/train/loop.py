@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from oztune.data.dataset import EncodedData, inference_batches, train_batches
+from oztune.runtime import tune_malloc
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, Progress
 from oztune.train.metrics import MAIN_METRIC, compute_metrics
@@ -179,6 +180,7 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     only rank 0 shows progress and evaluates. With ``cfg.checkpoint_dir`` the run writes checkpoints
     (:mod:`oztune.train.checkpoint`) and with ``cfg.resume`` continues from the newest valid one.
     """
+    tune_malloc()
     env = distributed.init_from_env()
     seed_everything(cfg.seed + env.rank)
     word = model.backbone.embed.word.weight

@@ -1,0 +1,59 @@
+"""What the benchmarks share: timing helpers and the ONNX Runtime peer (the HF model exported to ONNX,
+fp32 and ``onnxruntime.quantization.quantize_dynamic`` int8), so every script times the same peer."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ORT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def best_time(fn, repeats: int) -> float:
+    """Best of ``repeats`` wall times: the machine is shared, the minimum is the least disturbed."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def file_mb(*paths: Path) -> float:
+    return sum(Path(p).stat().st_size for p in paths) / 1e6
+
+
+def export_hf_onnx(hf_model, work: Path) -> tuple[Path, Path]:
+    """The HF model exported to ONNX with dynamic batch and length (fp32), and ORT's dynamic int8 of it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32, int8 = work / "hf_fp32.onnx", work / "hf_int8.onnx"
+    ids = torch.ones(2, 8, dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    axes = {n: {0: "batch", 1: "sequence"} for n in ORT_INPUTS} | {"logits": {0: "batch"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(hf_model, (ids, mask, torch.zeros_like(ids)), str(fp32), input_names=ORT_INPUTS,
+                          output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    return fp32, int8
+
+
+def ort_runner(path: Path, tokenizer, threads: int):
+    """texts -> logits through an ONNX Runtime session with ``threads`` intra-op threads, HF tokenizer included."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def run(texts, pairs=None):
+        b = tokenizer(texts, pairs, padding=True, truncation=True, max_length=128, return_tensors="np")
+        return sess.run(["logits"], {n: b[n].astype(np.int64) for n in ORT_INPUTS})[0]
+
+    return run
