@@ -54,7 +54,7 @@ def start_server(model: str, backend: str, port: int, a) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "oztune", "serve", "--model", model, "--backend", backend, "--host", "127.0.0.1",
            "--port", str(port), "--max-batch-size", str(a.max_batch_size),
            "--forward-batch-size", str(a.forward_batch_size), "--max-wait-ms", str(a.max_wait_ms),
-           "--threads", str(a.threads), "--log-level", "warning"]
+           "--threads", str(a.threads), "--log-level", "warning"] + (["--no-worker-process"] if a.no_worker_process else [])
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
 
 
@@ -138,17 +138,28 @@ async def scrape_batches(port: int) -> float:
     return total / max(count, 1)
 
 
+def run(coro):
+    """asyncio.run on uvloop where it is installed (as the server uses it): the clients share the cores
+    with the server, and every cycle they spend is one the server does not get."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
 def serve_and_load(model: str, backend: str, texts: list[str], a) -> dict:
     port = free_port()
     proc = start_server(model, backend, port, a)
     try:
-        asyncio.run(wait_healthy(port, proc))
+        run(wait_healthy(port, proc))
         groups = [texts[i:i + a.texts_per_request] for i in range(0, len(texts) - a.texts_per_request + 1,
                                                                    a.texts_per_request)]
         requests = [request_bytes(g) for g in groups]
-        asyncio.run(load(port, requests, 2 * a.concurrency, a.concurrency, 60))  # warm-up, not counted
-        result = asyncio.run(load(port, requests, a.requests, a.concurrency, a.max_seconds))
-        result["mean_batch_size"] = asyncio.run(scrape_batches(port))
+        run(load(port, requests, 2 * a.concurrency, a.concurrency, 60))  # warm-up, not counted
+        result = run(load(port, requests, a.requests, a.concurrency, a.max_seconds))
+        result["mean_batch_size"] = run(scrape_batches(port))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -188,6 +199,7 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=0, help="server compute threads (0: every core)")
     p.add_argument("--offline-texts", type=int, default=4096)
+    p.add_argument("--no-worker-process", action="store_true", help="server: run the torch model in a thread of the server process")
     p.add_argument("--data", default=str(ROOT / "data" / "sst2" / "dev.tsv"))
     p.add_argument("--quick", action="store_true", help="300 requests x 8 clients, 256 offline texts")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))

@@ -79,6 +79,18 @@ def test_both_kernels_give_the_same_result(monkeypatch):
     torch.testing.assert_close(q(x), onednn, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("M", [7, 300])
+def test_int8_linear_runs_under_inference_mode_first_and_no_grad_after(M):
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 40))
+    x = torch.randn(M, 64)
+    with torch.inference_mode():  # the first call packs the weight for oneDNN (M >= ONEDNN_MIN_ROWS)
+        first = q(x).clone()
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), first)
+    torch.testing.assert_close(q(x), first)  # and with autograd on
+
+
 def test_zero_rows_empty_inputs_and_empty_layers_are_finite():
     torch.manual_seed(0)
     q = Int8Linear.from_linear(nn.Linear(16, 8))

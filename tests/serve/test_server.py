@@ -253,3 +253,38 @@ def test_serve_command_end_to_end_on_the_onnx_backend(model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_command_runs_the_torch_model_in_a_worker_process_and_stops_it(model_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "oztune", "serve", "--model", str(model_dir), "--port", "0",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", proc.stdout.readline()).group(1)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+                                 text=True).stdout.split()
+        assert len(workers) == 1, "expected one model process under the server"
+        texts = ["good movie", "bad movie", LONG]
+        with ThreadPoolExecutor(3) as pool:  # concurrent requests: batched, answered through the pipe
+            answers = list(pool.map(lambda t: httpx.post(f"{url}/predict", json={"texts": [t]}, timeout=20), texts))
+        assert [r.status_code for r in answers] == [200] * 3
+        want = Classifier.from_pretrained(model_dir).predict(texts)
+        for r, w in zip(answers, want):
+            got = r.json()["predictions"][0]
+            assert got["label"] == w["label"] and abs(got["score"] - w["score"]) < 1e-5
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        wait_for(lambda: subprocess.run(["ps", "-p", workers[0]], capture_output=True).returncode != 0,
+                 "the model process to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_worker_process_reports_a_bad_model_as_an_error(tmp_path):
+    from oztune.errors import OztuneError
+    from oztune.serve.backends import WorkerProcess
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(OztuneError):
+        WorkerProcess(str(tmp_path))

@@ -66,6 +66,8 @@ class ServeArgs:
         max_body_bytes: largest request body in bytes; larger get 413.
         max_length: longest tokenized text; longer texts are truncated.
         threads: compute threads (0: every core this process may use).
+        worker_process: run the torch model in a process of its own, so that PyTorch's hold on the GIL
+            does not stall the HTTP event loop (--no-worker-process: a thread of the server process).
         graceful_timeout_s: on SIGTERM, how long in-flight requests may still take.
         log_level: uvicorn log level (critical, error, warning, info, debug).
     """
@@ -82,6 +84,7 @@ class ServeArgs:
     max_body_bytes: int = 1_000_000
     max_length: int = 512
     threads: int = 0
+    worker_process: bool = True
     graceful_timeout_s: float = 30.0
     log_level: str = "info"
 
@@ -104,12 +107,13 @@ def _check(a: ServeArgs) -> None:
 @command("serve", ServeArgs, "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)")
 def serve_cmd(a: ServeArgs) -> int:
     _check(a)
-    from oztune.serve.backends import load_backend
+    from oztune.serve.backends import WorkerProcess, load_backend
     from oztune.serve.server import ServeLimits, listen_socket, run_server
 
     sock = listen_socket(a.host, a.port)  # fail before loading the model when the port is taken
+    load = WorkerProcess if a.backend == "torch" and a.worker_process else load_backend
     try:
-        clf = load_backend(a.model, a.backend, a.threads, a.forward_batch_size or a.max_batch_size, a.max_length)
+        clf = load(a.model, a.backend, a.threads, a.forward_batch_size or a.max_batch_size, a.max_length)
     except BaseException:
         sock.close()
         raise
@@ -118,6 +122,10 @@ def serve_cmd(a: ServeArgs) -> int:
     sock.listen(2048)  # from here on connections wait for the server instead of being refused
     print(f"serving {a.model} ({a.backend}) on http://{a.host}:{sock.getsockname()[1]}  "
           "(POST /predict, GET /health, GET /metrics)", flush=True)
-    run_server(clf.predict, sock, limits, {"model": a.model, "backend": a.backend}, a.log_level)
+    try:
+        run_server(clf.predict, sock, limits, {"model": a.model, "backend": a.backend}, a.log_level)
+    finally:
+        if isinstance(clf, WorkerProcess):
+            clf.close()
     print("stopped after finishing the requests in flight", flush=True)
     return 0

@@ -74,7 +74,8 @@ class FinetuneArgs(RecipeOptions):
         max_grad_norm: gradient clipping norm (0: off).
         patience: stop after this many epochs without improvement on --eval (0: never).
         freeze_embeddings: keep the token-embedding table fixed (faster; --no-freeze-embeddings trains it).
-        checkpoint_every: write a resumable checkpoint every this many optimizer steps (0: never).
+        checkpoint_every: write a resumable checkpoint every this many optimizer steps (0: never; each holds
+            the model, the optimizer state and the best epoch's weights: ~300 MB for MiniLM).
         checkpoint_dir: folder for checkpoints (default: OUTPUT.checkpoints); they are deleted once the model is saved.
         keep_checkpoints: how many of the newest checkpoints to keep.
         resume: continue an interrupted run from its newest valid checkpoint (same command, plus --resume).
@@ -106,7 +107,7 @@ class FinetuneArgs(RecipeOptions):
     max_grad_norm: float = 1.0
     patience: int = 0
     freeze_embeddings: bool = True
-    checkpoint_every: int = 200
+    checkpoint_every: int = 500
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 2
     resume: bool = False
