@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark behind BENCHMARKS.md, in sequence (each prints its table and writes bench/results/*.json).
-# Needs a fine-tuned SST-2 model: MODEL=runs/sst2-8k (made below if missing). Total: about 40 minutes on 2 cores.
+# Needs a fine-tuned SST-2 model: MODEL=runs/sst2-8k (made below if missing). Total: about 60 minutes on 2 cores
+# (the compress search is most of it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-runs/sst2-8k}
@@ -10,10 +11,13 @@ if [ ! -f "$MODEL/config.json" ]; then
       --epochs 1 --max-train-examples 8000 --lr 1e-4 --seed 0 --no-progress
 fi
 python bench/train_speed.py
+python bench/profile_step.py
 python bench/inference.py --model "$MODEL"
-python bench/int8.py --model "$MODEL"
+python bench/int8.py --model "$MODEL" --compile
 oztune quantize --model "$MODEL" --output "$MODEL-int8"
 python bench/load.py --model "$MODEL-int8"
-python bench/compress.py --model "$MODEL"
+python bench/compress.py --model "$MODEL" --output "$MODEL-compressed"
+python bench/load.py --model "$MODEL-compressed" --out bench/results/load_compressed.json
 python bench/lora.py
+python bench/lora.py --rank 8 --out bench/results/lora_r8.json
 python bench/ddp.py
