@@ -103,7 +103,8 @@ def test_distill_cli_from_a_pruned_student(teacher_dir, sentiment_files, tmp_pat
                  "--eval", str(dev), "--output", str(out), "--epochs", "1", "--lr", "3e-3", "--no-progress",
                  "--precision", "fp32"]) == 0
     run = json.loads((out / "run.json").read_text())
-    assert run["student"]["heads"] == [2, 2] and run["metrics"]["accuracy"] >= 0.8
+    # half of the 2 x 4 heads, ranked across layers (near-ties in a tiny random model may go either way)
+    assert sum(run["student"]["heads"]) == 4 and run["metrics"]["accuracy"] >= 0.8
 
 
 @pytest.mark.parametrize("args, message", [
