@@ -288,3 +288,20 @@ def test_worker_process_reports_a_bad_model_as_an_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(OztuneError):
         WorkerProcess(str(tmp_path))
+
+
+def test_worker_process_restarts_after_its_model_process_dies(model_dir):
+    import os
+
+    from oztune.serve.backends import WorkerProcess
+
+    worker = WorkerProcess(str(model_dir))
+    try:
+        want = worker.predict(["good movie", "bad movie"])
+        first = worker.pid
+        os.kill(first, signal.SIGKILL)
+        worker._proc.join(10)
+        assert worker.predict(["good movie", "bad movie"]) == want  # run again in a new process
+        assert worker.restarts == 1 and worker.pid != first
+    finally:
+        worker.close()

@@ -7,6 +7,7 @@ directory with the same tokenizer, batching and output format.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -127,32 +128,53 @@ class WorkerProcess:
     bench/load.py the torch backend served about twice the requests per second this way. Texts and
     predictions cross a pipe (a few hundred microseconds per batch). The worker ignores SIGINT and
     SIGTERM: the server finishes the requests in flight, then closes the pipe, and the worker exits.
+    If the worker dies (killed for memory, a crash), the next batch starts a new one and is run again
+    there, once; ``restarts`` counts them.
 
     Args: those of :func:`load_backend`.
     """
 
     def __init__(self, model: str, backend: str = "torch", threads: int = 0, batch_size: int = 64,
                  max_length: int = 512):
+        self._args = (model, backend, threads, batch_size, max_length)
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # a fresh interpreter: no forked OpenMP or tokenizer threads
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve_worker, args=(child, model, backend, threads, batch_size, max_length),
-                                 name="oztune-model", daemon=True)
+        self._proc = ctx.Process(target=_serve_worker, args=(child, *self._args), name="oztune-model", daemon=True)
         self._proc.start()
         child.close()
         try:
             kind, payload = self._conn.recv()
         except EOFError:
-            kind, payload = "error", f"{model}: the model process exited while loading"
+            kind, payload = "error", f"OztuneError: {self._args[0]}: the model process exited while loading"
         if kind == "error":
             self.close()
             raise (ModelError if payload.startswith("ModelError") else OztuneError)(payload.split(": ", 1)[-1])
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
     def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:
         """Predictions from the worker process (called from one thread at a time: the batch worker)."""
-        self._conn.send((texts, text_pairs, all_scores))
-        ok, payload = self._conn.recv()
+        for attempt in range(2):
+            try:
+                self._conn.send((texts, text_pairs, all_scores))
+                ok, payload = self._conn.recv()
+                break
+            except (EOFError, OSError):  # the worker is gone
+                if attempt:
+                    raise RuntimeError("the model process died twice on this batch") from None
+                print(f"oztune: the model process (pid {self._proc.pid}, exit code {self._proc.exitcode}) is gone; "
+                      "starting a new one", file=sys.stderr, flush=True)
+                self.close()
+                self.restarts += 1
+                self._start()
         if not ok:
             raise RuntimeError(payload)
         return payload
@@ -167,6 +189,7 @@ class WorkerProcess:
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
+            self._proc.join(timeout)
 
 
 def _serve_worker(conn, model: str, backend: str, threads: int, batch_size: int, max_length: int) -> None:
