@@ -55,6 +55,8 @@ def start_server(model: str, backend: str, port: int, a) -> subprocess.Popen:
            "--port", str(port), "--max-batch-size", str(a.max_batch_size),
            "--forward-batch-size", str(a.forward_batch_size), "--max-wait-ms", str(a.max_wait_ms),
            "--threads", str(a.threads), "--log-level", "warning"] + (["--no-worker-process"] if a.no_worker_process else [])
+    if a.compile and backend == "torch":
+        cmd.append("--compile")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
 
 
@@ -199,6 +201,7 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=0, help="server compute threads (0: every core)")
     p.add_argument("--offline-texts", type=int, default=4096)
+    p.add_argument("--compile", action="store_true", help="server: the torch model under torch.compile (offline stays eager)")
     p.add_argument("--no-worker-process", action="store_true", help="server: run the torch model in a thread of the server process")
     p.add_argument("--data", default=str(ROOT / "data" / "sst2" / "dev.tsv"))
     p.add_argument("--quick", action="store_true", help="300 requests x 8 clients, 256 offline texts")

@@ -305,3 +305,18 @@ def test_worker_process_restarts_after_its_model_process_dies(model_dir):
         assert worker.restarts == 1 and worker.pid != first
     finally:
         worker.close()
+
+
+def test_compiled_torch_backend_gives_the_eager_predictions(model_dir):
+    eager = load_backend(str(model_dir), "torch", threads=1)
+    compiled = load_backend(str(model_dir), "torch", threads=1, compile=True)
+    texts = ["good movie", "bad movie", LONG, "fine"]
+    for want, got in zip(eager.predict(texts), compiled.predict(texts)):
+        assert got["label"] == want["label"] and abs(got["score"] - want["score"]) < 1e-4
+
+
+def test_compile_is_refused_for_the_onnx_backend(model_dir):
+    from oztune.errors import OztuneError
+
+    with pytest.raises(OztuneError, match="--compile is for --backend torch"):
+        load_backend(str(model_dir), "onnx", compile=True)

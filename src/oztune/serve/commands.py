@@ -66,6 +66,8 @@ class ServeArgs:
         max_body_bytes: largest request body in bytes; larger get 413.
         max_length: longest tokenized text; longer texts are truncated.
         threads: compute threads (0: every core this process may use).
+        compile: run the torch model under torch.compile, compiled at start (about a minute for MiniLM on
+            2 cores; faster batches after, see BENCHMARKS.md).
         worker_process: run the torch model in a process of its own, so that PyTorch's hold on the GIL
             does not stall the HTTP event loop (--no-worker-process: a thread of the server process).
         graceful_timeout_s: on SIGTERM, how long in-flight requests may still take.
@@ -84,6 +86,7 @@ class ServeArgs:
     max_body_bytes: int = 1_000_000
     max_length: int = 512
     threads: int = 0
+    compile: bool = False
     worker_process: bool = True
     graceful_timeout_s: float = 30.0
     log_level: str = "info"
@@ -113,7 +116,7 @@ def serve_cmd(a: ServeArgs) -> int:
     sock = listen_socket(a.host, a.port)  # fail before loading the model when the port is taken
     load = WorkerProcess if a.backend == "torch" and a.worker_process else load_backend
     try:
-        clf = load(a.model, a.backend, a.threads, a.forward_batch_size or a.max_batch_size, a.max_length)
+        clf = load(a.model, a.backend, a.threads, a.forward_batch_size or a.max_batch_size, a.max_length, a.compile)
     except BaseException:
         sock.close()
         raise
