@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from servehelp import GatedModel, free_socket, random_texts, save_tiny, serving, tiny_classifier
 
 from oztune import Classifier
@@ -308,11 +309,15 @@ def test_worker_process_restarts_after_its_model_process_dies(model_dir):
 
 
 def test_compiled_torch_backend_gives_the_eager_predictions(model_dir):
-    eager = load_backend(str(model_dir), "torch", threads=1)
-    compiled = load_backend(str(model_dir), "torch", threads=1, compile=True)
-    texts = ["good movie", "bad movie", LONG, "fine"]
-    for want, got in zip(eager.predict(texts), compiled.predict(texts)):
-        assert got["label"] == want["label"] and abs(got["score"] - want["score"]) < 1e-4
+    threads = torch.get_num_threads()  # load_backend sets this process's thread count: put it back after
+    try:
+        eager = load_backend(str(model_dir), "torch", threads=1)
+        compiled = load_backend(str(model_dir), "torch", threads=1, compile=True)
+        texts = ["good movie", "bad movie", LONG, "fine"]
+        for want, got in zip(eager.predict(texts), compiled.predict(texts)):
+            assert got["label"] == want["label"] and abs(got["score"] - want["score"]) < 1e-4
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_compile_is_refused_for_the_onnx_backend(model_dir):
