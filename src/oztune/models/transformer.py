@@ -218,16 +218,26 @@ class Transformer(nn.Module):
         return self.final_norm(x) if self.final_norm is not None else x
 
 
+def pooled_positions(attention_mask: torch.Tensor | None, how: str, B: int, T: int,
+                     device: torch.device) -> torch.Tensor:
+    """(B,) position of the token cls or last-token pooling reads: the first, or the last real one."""
+    if how == "cls":
+        return torch.zeros(B, dtype=torch.long, device=device)
+    if attention_mask is None:
+        return torch.full((B,), T - 1, dtype=torch.long, device=device)
+    return attention_mask.long().sum(1).clamp_min(1) - 1
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """Pool (B, T, C) hidden states to (B, C): first token, masked mean, or last real token."""
     if how == "cls":
         return hidden[:, 0]
-    if attention_mask is None:
-        return hidden.mean(1) if how == "mean" else hidden[:, -1]
     if how == "mean":
+        if attention_mask is None:
+            return hidden.mean(1)
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
-    last = attention_mask.long().sum(1).clamp_min(1) - 1  # (B,) index of the last real token
+    last = pooled_positions(attention_mask, how, hidden.shape[0], hidden.shape[1], hidden.device)  # (B,)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
@@ -276,12 +286,7 @@ class SequenceClassifier(nn.Module):
         if all_tokens or how == "mean":
             hidden = self.backbone(input_ids, attention_mask, token_type_ids)  # (B, T, C)
             return self.head(hidden, attention_mask)
-        if how == "cls":
-            query = input_ids.new_zeros(input_ids.shape[0])
-        elif attention_mask is None:
-            query = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1] - 1)
-        else:
-            query = attention_mask.long().sum(1).clamp_min(1) - 1  # (B,) the last real token
+        query = pooled_positions(attention_mask, how, *input_ids.shape, input_ids.device)  # (B,)
         hidden = self.backbone(input_ids, attention_mask, token_type_ids, query=query)  # (B, 1, C)
         return self.head(hidden, None)
 
