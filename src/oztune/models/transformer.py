@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oztune.config import HeadConfig, ModelConfig
+from oztune.models.packing import Packing
 
 
 def activation_fn(name: str):
@@ -33,8 +34,6 @@ def activation_fn(name: str):
 
 # Attention at inference on CPU: the explicit form instead of SDPA (measured, see Attention._explicit).
 EXPLICIT_ATTENTION_ON_CPU = True
-
-
 class Dropout(nn.Module):
     """Dropout with a cheaper mask on CPU: four 16-bit draws from one int64 of random bits.
 
@@ -70,10 +69,12 @@ class Embeddings(nn.Module):
         self.dropout = Dropout(cfg.hidden_dropout)
         self.position_offset = cfg.position_offset
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        T = input_ids.shape[1]
-        pos = torch.arange(self.position_offset, self.position_offset + T, device=input_ids.device)
-        x = self.word(input_ids) + self.position(pos)  # (B, T, C)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C); or packed (N,) ids with their (N,) positions -> (N, C)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = self.word(input_ids) + self.position(positions + self.position_offset)  # (B, T, C)
         if self.token_type is not None:
             if token_type_ids is None:
                 x = x + self.token_type.weight[0]
@@ -96,22 +97,43 @@ class Attention(nn.Module):
         self.dropout = Dropout(cfg.attention_dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-                query: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); with ``query`` (B,) positions, only those rows: (B, 1, C)."""
-        B, T, _ = x.shape
-        Tq = T if query is None else 1
+                query: torch.Tensor | None = None, packing: Packing | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with ``query`` (B,) positions, only those rows: (B, 1, C).
+
+        With ``packing``, ``x`` is the (N, C) rows of the real tokens and so is the result (without ``query``).
+        """
         if self.num_heads == 0:  # every head pruned: only the output bias is left
-            return self.o.bias.expand(B, Tq, -1) if self.o.bias is not None else x.new_zeros(B, Tq, x.shape[-1])
-        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+            if packing is None:
+                shape = (x.shape[0], x.shape[1] if query is None else 1)  # (B, Tq)
+            else:
+                shape = (x.shape[0],) if query is None else (packing.B, 1)  # (N,) or (B, 1)
+            return self.o.bias.expand(*shape, -1) if self.o.bias is not None else x.new_zeros(*shape, x.shape[-1])
+        if packing is not None:
+            return self.o(self._packed(self.qkv(x), causal, query, packing))
+        B, T, _ = x.shape
+        y = self._attend(self.qkv(x), mask, causal, query)  # (B, H, Tq, D)
+        return self.o(y.transpose(1, 2).reshape(B, y.shape[2], -1))  # (B, Tq, C)
+
+    def _attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                query: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, 3C) projections -> (B, H, Tq, D) attention outputs."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
         if query is not None:
             q, mask, causal = query_rows(q, mask, causal, query)  # q (B, H, 1, D), mask (B, 1, 1, T)
         if (self.training and torch.is_grad_enabled()) or (EXPLICIT_ATTENTION_ON_CPU and q.device.type == "cpu"):
-            y = self._explicit(q, k, v, mask, causal)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-        return self.o(y.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim))  # (B, Tq, C)
+            return self._explicit(q, k, v, mask, causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
 
+    def _packed(self, qkv: torch.Tensor, causal: bool, query: torch.Tensor | None, packing: Packing) -> torch.Tensor:
+        """Packed (N, 3C) projections -> (N, C) attention outputs, or (B, 1, C) with ``query``; group by group."""
+        out = []
+        for g in packing.groups:
+            y = self._attend(g.unpack(qkv), g.mask, causal, None if query is None else query[g.rows])
+            y = y.transpose(1, 2)  # (Bg, Tq, H, D)
+            out.append(g.pack(y).flatten(1) if query is None else y.flatten(2))  # (Ng, C) or (Bg, 1, C)
+        y = out[0] if len(out) == 1 else torch.cat(out)
+        return y if query is None else packing.batch_order(y)
 
     def _explicit(self, q, k, v, mask, causal):
         """Attention as matmul-softmax-matmul: for training anywhere, and on CPU for inference too.
@@ -169,13 +191,22 @@ class Block(nn.Module):
         self.dropout = Dropout(cfg.hidden_dropout)
         self.pre_norm, self.causal = cfg.pre_norm, cfg.causal
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, query: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); with ``query`` (B,) positions, only those rows' outputs: (B, 1, C)."""
-        res = x if query is None else x[torch.arange(x.shape[0], device=x.device), query].unsqueeze(1)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, query: torch.Tensor | None = None,
+                packing: Packing | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with ``query`` (B,) positions, only those rows' outputs: (B, 1, C).
+
+        With ``packing``, ``x`` is the (N, C) rows of the real tokens and so is the result (without ``query``).
+        """
+        if query is None:
+            res = x
+        elif packing is not None:
+            res = x[packing.rows(query)].unsqueeze(1)  # (B, 1, C)
+        else:
+            res = x[torch.arange(x.shape[0], device=x.device), query].unsqueeze(1)  # (B, 1, C)
         if self.pre_norm:
-            x = res + self.dropout(self.attn(self.attn_norm(x), mask, self.causal, query))
+            x = res + self.dropout(self.attn(self.attn_norm(x), mask, self.causal, query, packing))
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(res + self.dropout(self.attn(x, mask, self.causal, query)))
+        x = self.attn_norm(res + self.dropout(self.attn(x, mask, self.causal, query, packing)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
@@ -200,22 +231,39 @@ class Transformer(nn.Module):
         return keep
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, query: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, query: torch.Tensor | None = None,
+                pack: bool = True) -> torch.Tensor:
         """Last hidden state (B, T, C) for token ids (B, T).
 
         With ``query`` (B,), the position of the one token per row whose output is wanted (the first
         for cls pooling, the last real one for last-token pooling), the last layer computes only those
         rows (its keys and values still see every token) and the result is (B, 1, C): the same numbers
         as the full pass at a quarter of the last layer's matmuls.
+
+        At inference (and unless ``pack`` is False: hooks on the layers see (B, T, C) then), a batch with
+        enough padding runs its row-wise layers on the real tokens only and attention in groups of
+        similar length (:mod:`oztune.models.packing`); the result is the same, zeros at padded positions.
         """
         mask = self.attention_mask(attention_mask, input_ids.shape[1])
-        x = self.embed(input_ids, token_type_ids)  # (B, T, C)
+        packing = None
+        if pack and mask is not None and Packing.worth_it(attention_mask):
+            packing = Packing(attention_mask, mask)
+        if packing is not None and query is not None and bool((packing.rows(query) < 0).any()):
+            packing = None  # a pooled position is padding (cls pooling of a left-padded row): keep that row
+        if packing is not None:
+            tt = None if token_type_ids is None else packing.pack(token_type_ids)
+            x = self.embed(packing.pack(input_ids), tt, packing.t)  # (N, C)
+        else:
+            x = self.embed(input_ids, token_type_ids)  # (B, T, C)
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
-            x = block(x, mask, query if i == last else None)
+            x = block(x, mask, query if i == last else None, packing)
         if query is not None and last < 0:
-            x = x[torch.arange(x.shape[0], device=x.device), query].unsqueeze(1)  # (B, 1, C)
-        return self.final_norm(x) if self.final_norm is not None else x
+            rows = packing.rows(query) if packing is not None else (torch.arange(x.shape[0], device=x.device), query)
+            x = x[rows].unsqueeze(1)  # (B, 1, C)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return packing.unpack(x) if packing is not None and query is None else x
 
 
 def pooled_positions(attention_mask: torch.Tensor | None, how: str, B: int, T: int,
@@ -284,7 +332,7 @@ class SequenceClassifier(nn.Module):
         """
         how = self.head_cfg.pooling
         if all_tokens or how == "mean":
-            hidden = self.backbone(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+            hidden = self.backbone(input_ids, attention_mask, token_type_ids, pack=not all_tokens)  # (B, T, C)
             return self.head(hidden, attention_mask)
         query = pooled_positions(attention_mask, how, *input_ids.shape, input_ids.device)  # (B,)
         hidden = self.backbone(input_ids, attention_mask, token_type_ids, query=query)  # (B, 1, C)
