@@ -53,8 +53,12 @@ def free_port() -> int:
 def start_server(model: str, backend: str, port: int, a) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "oztune", "serve", "--model", model, "--backend", backend, "--host", "127.0.0.1",
            "--port", str(port), "--max-batch-size", str(a.max_batch_size),
-           "--forward-batch-size", str(a.forward_batch_size), "--max-wait-ms", str(a.max_wait_ms),
+           "--max-wait-ms", str(a.max_wait_ms),
            "--threads", str(a.threads), "--log-level", "warning"] + (["--no-worker-process"] if a.no_worker_process else [])
+    if a.forward_batch_size is not None:
+        cmd += ["--forward-batch-size", str(a.forward_batch_size)]
+    if a.workers is not None:
+        cmd += ["--workers", str(a.workers)]
     if a.compile and backend == "torch":
         cmd.append("--compile")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
@@ -197,9 +201,11 @@ def main() -> None:
     p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=300, help="stop sending after this long")
     p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--forward-batch-size", type=int, default=8, help="server: texts per forward pass (0: whole batch)")
+    p.add_argument("--forward-batch-size", type=int, default=None,
+                   help="server: texts per forward pass (0: whole batch; default: the server's, per backend)")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--threads", type=int, default=0, help="server compute threads (0: every core)")
+    p.add_argument("--threads", type=int, default=0, help="server compute threads per replica (0: the server's default)")
+    p.add_argument("--workers", type=int, default=None, help="server model replicas (default: the server's, per backend)")
     p.add_argument("--offline-texts", type=int, default=4096)
     p.add_argument("--compile", action="store_true", help="server: the torch model under torch.compile (offline stays eager)")
     p.add_argument("--no-worker-process", action="store_true", help="server: run the torch model in a thread of the server process")
@@ -213,7 +219,6 @@ def main() -> None:
     from oztune.serve.backends import default_threads
     from oztune.serve.export import export_onnx
 
-    a.threads = a.threads or default_threads()
     dev = sentences(Path(a.data))
     texts = (dev * (a.offline_texts // len(dev) + 1))[:a.offline_texts]
     quantized = bool(read_config(resolve_model(a.model)).get("oztune", {}).get("quantization"))
@@ -225,7 +230,7 @@ def main() -> None:
                 model = str(export_onnx(a.model, Path(tmp) / "onnx"))  # one export for server and offline
             print(f"{backend}: {a.requests:,} requests from {a.concurrency} clients ...", flush=True)
             run = {"backend": backend, **serve_and_load(model, backend, dev, a),
-                   **offline(model, backend, texts, a.threads)}
+                   **offline(model, backend, texts, a.threads or default_threads())}
             for kind in ("arrival", "sorted"):
                 run[f"served_over_offline_{kind}"] = run["texts_per_s"] / run[f"offline_{kind}_texts_per_s"]
             runs.append(run)
@@ -233,9 +238,13 @@ def main() -> None:
 
 
 def report(runs: list[dict], a, quantized: bool) -> None:
+    from oztune.serve.backends import default_threads
+
     print(f"\n{a.model} ({'int8' if quantized else 'float'}), {a.concurrency} clients x {a.texts_per_request} text(s), "
-          f"max batch {a.max_batch_size} (forward passes of {a.forward_batch_size or a.max_batch_size}), "
-          f"max wait {a.max_wait_ms} ms, {a.threads} server threads, {os.cpu_count()} cores shared with the clients\n")
+          f"max batch {a.max_batch_size} (forward passes of "
+          f"{'the server default' if a.forward_batch_size is None else a.forward_batch_size or a.max_batch_size}), "
+          f"max wait {a.max_wait_ms} ms, server replicas x threads: {a.workers or 'default'} x {a.threads or 'default'}, "
+          f"{os.cpu_count()} cores shared with the clients; offline: one model, {a.threads or default_threads()} threads\n")
     print("| backend | requests | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch | offline texts/s "
           "(arrival / sorted) | served / offline |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -178,6 +178,23 @@ SLOW_SERVER = textwrap.dedent("""
 """)
 
 
+def test_replicas_share_out_the_queue_and_run_side_by_side():
+    a, b = GatedModel(), GatedModel()
+    app = create_app([a, b], ServeLimits(max_batch_size=64, max_wait_ms=200))
+    texts = ["x" * (i + 1) for i in range(10)]
+    with serving(app) as url, ThreadPoolExecutor(10) as pool:
+        futures = [pool.submit(httpx.post, f"{url}/predict", json={"texts": [t]}, timeout=20) for t in texts]
+        assert a.entered.wait(10) and b.entered.wait(10)  # both replicas busy at once
+        a.gate.set()
+        b.gate.set()
+        for t, f in zip(texts, futures):
+            assert f.result().json() == {"predictions": [{"label": "len", "score": len(t)}]}
+        m = httpx.get(f"{url}/metrics").text
+    assert sum(a.batches) + sum(b.batches) == 10
+    assert max(a.batches[0], b.batches[0]) <= 5 + 1  # the first batches split what was queued between them
+    assert metric(m, "oztune_batch_size_count") == len(a.batches) + len(b.batches)
+
+
 def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(tmp_path):
     script = tmp_path / "slow_server.py"
     script.write_text(SLOW_SERVER)
@@ -258,12 +275,15 @@ def test_serve_command_end_to_end_on_the_onnx_backend(model_dir):
 
 def test_serve_command_runs_the_torch_model_in_a_worker_process_and_stops_it(model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "oztune", "serve", "--model", str(model_dir), "--port", "0",
-                             "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+                             "--workers", "2", "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
     try:
-        url = re.search(r"on (http://127\.0\.0\.1:\d+)", proc.stdout.readline()).group(1)
+        line = proc.stdout.readline()
+        assert "2 model replicas x " in line
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", line).group(1)
         workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
                                  text=True).stdout.split()
-        assert len(workers) == 1, "expected one model process under the server"
+        assert len(workers) == 2, "expected two model processes under the server"
+        assert httpx.get(f"{url}/health").json()["workers"] == 2
         texts = ["good movie", "bad movie", LONG]
         with ThreadPoolExecutor(3) as pool:  # concurrent requests: batched, answered through the pipe
             answers = list(pool.map(lambda t: httpx.post(f"{url}/predict", json={"texts": [t]}, timeout=20), texts))
@@ -274,8 +294,9 @@ def test_serve_command_runs_the_torch_model_in_a_worker_process_and_stops_it(mod
             assert got["label"] == w["label"] and abs(got["score"] - w["score"]) < 1e-5
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        wait_for(lambda: subprocess.run(["ps", "-p", workers[0]], capture_output=True).returncode != 0,
-                 "the model process to exit")
+        for w in workers:
+            wait_for(lambda: subprocess.run(["ps", "-p", w], capture_output=True).returncode != 0,
+                     "the model processes to exit")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -217,6 +217,9 @@ def _serve_worker(conn, model: str, backend: str, threads: int, batch_size: int,
     except Exception as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
+    import gc
+
+    gc.freeze()  # the loaded model and libraries are never garbage: keep the collector from walking them
     conn.send(("ready", None))
     while True:
         try:

@@ -1,7 +1,7 @@
-"""Dynamic micro-batching: concurrent requests share one model call in one worker thread.
+"""Dynamic micro-batching: concurrent requests share one model call, in one or more worker threads.
 
-The event loop calls :meth:`MicroBatcher.submit` and awaits the future it returns. The worker thread
-takes the queued requests, waiting at most ``max_wait_ms`` after the oldest one arrived for the batch
+The event loop calls :meth:`MicroBatcher.submit` and awaits the future it returns. A worker thread
+(one per model replica) takes the queued requests, waiting at most ``max_wait_ms`` after the oldest one arrived for the batch
 to fill up to ``max_batch_size`` texts, runs ``predict`` once on all their texts (tokenization
 included, so the event loop only parses and answers HTTP; the backends sort the batch by length and
 run it in forward passes of ``--forward-batch-size`` texts), and resolves every future of the batch
@@ -38,33 +38,38 @@ class _Request:
 
 
 class MicroBatcher:
-    """Collects texts of concurrent requests into batches for ``predict``, run in one worker thread.
+    """Collects texts of concurrent requests into batches for ``predict``, run in worker threads.
 
     Args:
-        predict: ``predict(texts, pairs) -> one prediction per text``; called from the worker thread.
+        predict: ``predict(texts, pairs) -> one prediction per text``, or a list of such functions (model
+            replicas): one worker thread each, taking batches from the same queue.
         max_batch_size: most texts per call of ``predict`` (one request with more is run alone).
         max_wait_ms: longest wait, counted from the oldest queued request, for a batch to fill.
         max_queue: most texts waiting; :meth:`submit` raises :class:`QueueFull` beyond it.
         on_batch: called as ``on_batch(texts, seconds)`` after each batch (metrics), in the worker thread.
     """
 
-    def __init__(self, predict: Predict, max_batch_size: int = 64, max_wait_ms: float = 5.0,
+    def __init__(self, predict: Predict | list[Predict], max_batch_size: int = 64, max_wait_ms: float = 5.0,
                  max_queue: int = 1024, on_batch: Callable[[int, float], None] | None = None):
-        self.predict, self.max_batch_size, self.max_queue = predict, max_batch_size, max_queue
+        self.predicts = list(predict) if isinstance(predict, (list, tuple)) else [predict]
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch
-        self.pending = 0  # texts queued, not yet taken by the worker
+        self.pending = 0  # texts queued, not yet taken by a worker
+        self._idle = 0  # workers waiting for a batch
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the worker; futures are resolved in ``loop`` (the server's event loop)."""
+        """Start the workers; futures are resolved in ``loop`` (the server's event loop)."""
         self._loop = loop
-        self._thread = threading.Thread(target=self._work, name="oztune-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._work, args=(p,), name=f"oztune-batcher-{i}", daemon=True)
+                         for i, p in enumerate(self.predicts)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, texts: list[str], pairs: list[str] | None = None) -> asyncio.Future:
         """Queue one request; the future resolves to its predictions. Call from the event loop."""
@@ -82,35 +87,45 @@ class MicroBatcher:
         return future
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new requests, let the worker finish the queued ones, and wait for it."""
+        """Refuse new requests, let the workers finish the queued ones, and wait for them."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
 
     def _take(self) -> list[_Request] | None:
-        """Block until a batch is ready and take it; None once closed and drained."""
-        with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            deadline = self._queue[0].arrived + self.max_wait
-            while self.pending < self.max_batch_size and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            batch = [self._queue.popleft()]
-            n = len(batch[0].texts)
-            while self._queue and n + len(self._queue[0].texts) <= self.max_batch_size:
-                n += len(self._queue[0].texts)
-                batch.append(self._queue.popleft())
-            self.pending -= n
-            return batch
+        """Block until a batch is ready and take it; None once closed and drained.
 
-    def _work(self) -> None:
+        With several workers, the queued texts are shared out among the idle ones (each takes at most its
+        share), so that replicas run side by side instead of one taking every request in turn.
+        """
+        with self._cond:
+            self._idle += 1
+            try:
+                while True:  # checked again after every wait: another worker may have taken the queue
+                    while not self._queue:
+                        if self._closed:
+                            return None
+                        self._cond.wait()
+                    left = self._queue[0].arrived + self.max_wait - time.monotonic()
+                    if self.pending >= self.max_batch_size or self._closed or left <= 0:
+                        break
+                    self._cond.wait(left)
+                share = min(self.max_batch_size, -(-self.pending // self._idle))  # ceil(pending / idle workers)
+                batch = [self._queue.popleft()]
+                n = len(batch[0].texts)
+                while self._queue and n + len(self._queue[0].texts) <= share:
+                    n += len(self._queue[0].texts)
+                    batch.append(self._queue.popleft())
+                self.pending -= n
+                if self._queue:
+                    self._cond.notify()  # the rest is another idle worker's
+                return batch
+            finally:
+                self._idle -= 1
+
+    def _work(self, predict: Predict) -> None:
         while (batch := self._take()) is not None:
             start = time.perf_counter()
             results: list = []
@@ -118,17 +133,18 @@ class MicroBatcher:
             for with_pairs in (False, True):
                 group = [r for r in batch if (r.pairs is not None) == with_pairs]
                 if group:
-                    results += zip(group, self._run(group))
+                    results += zip(group, self._run(predict, group))
             if self.on_batch is not None:
                 self.on_batch(sum(len(r.texts) for r in batch), time.perf_counter() - start)
             self._loop.call_soon_threadsafe(_resolve, results)
 
-    def _run(self, group: list[_Request]) -> list:
+    @staticmethod
+    def _run(predict: Predict, group: list[_Request]) -> list:
         """Predictions per request of the group, or the exception for each when ``predict`` fails."""
         texts = [t for r in group for t in r.texts]
         pairs = [p for r in group for p in r.pairs] if group[0].pairs is not None else None
         try:
-            preds = self.predict(texts, pairs)
+            preds = predict(texts, pairs)
         except Exception as e:  # the model failed: every request of the batch gets the error
             return [e] * len(group)
         out, i = [], 0

@@ -59,13 +59,19 @@ class ServeArgs:
         backend: "torch" (the model as saved) or "onnx" (onnxruntime).
         max_batch_size: most texts per batch (texts of concurrent requests collected together).
         forward_batch_size: most texts per forward pass: a batch is sorted by length and run in passes of
-            this many texts, which cuts padding (0: the whole batch in one pass).
+            this many texts, which cuts padding (0: the whole batch in one pass). Default: the whole batch
+            for torch, whose model skips padding itself (oztune.models.packing); 8 for onnx.
         max_wait_ms: longest wait for a batch to fill, counted from the oldest waiting request.
         max_queue: most texts waiting for a batch; requests beyond it get 503.
         max_texts_per_request: most texts in one request; more get 413.
         max_body_bytes: largest request body in bytes; larger get 413.
         max_length: longest tokenized text; longer texts are truncated.
-        threads: compute threads (0: every core this process may use).
+        threads: compute threads per model replica (0: the cores this process may use, shared out among
+            the replicas).
+        workers: model replicas, each fed its own batches from the one queue (0: for the torch backend in
+            worker processes, one per core up to 4, with one thread each; 1 otherwise). On 2 cores two
+            single-thread replicas served more requests than one replica on two threads (BENCHMARKS.md);
+            a lone request then runs on one thread (use --workers 1 for the lowest latency at low load).
         compile: run the torch model under torch.compile, compiled at start (about a minute for MiniLM on
             2 cores; faster batches after, see BENCHMARKS.md).
         worker_process: run the torch model in a process of its own, so that PyTorch's hold on the GIL
@@ -79,13 +85,14 @@ class ServeArgs:
     port: int = 8000
     backend: str = "torch"
     max_batch_size: int = 64
-    forward_batch_size: int = 8
+    forward_batch_size: int | None = None
     max_wait_ms: float = 5.0
     max_queue: int = 1024
     max_texts_per_request: int = 64
     max_body_bytes: int = 1_000_000
     max_length: int = 512
     threads: int = 0
+    workers: int = 0
     compile: bool = False
     worker_process: bool = True
     graceful_timeout_s: float = 30.0
@@ -102,9 +109,30 @@ def _check(a: ServeArgs) -> None:
     for name in ("max_batch_size", "max_queue", "max_texts_per_request", "max_body_bytes", "max_length"):
         if getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a positive number")
-    for name in ("forward_batch_size", "max_wait_ms", "threads", "graceful_timeout_s"):
-        if getattr(a, name) < 0:
+    for name in ("forward_batch_size", "max_wait_ms", "threads", "workers", "graceful_timeout_s"):
+        if (getattr(a, name) or 0) < 0:
             raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected 0 or more")
+
+
+def replicas(a: ServeArgs, processes: bool) -> tuple[int, int]:
+    """(model replicas, threads each). Replicas in threads of one process share one model: for ONNX
+    Runtime, which releases the GIL; a torch model in the server process gets one (PyTorch holds the GIL)."""
+    from oztune.serve.backends import default_threads
+
+    cores = default_threads()
+    if a.workers:
+        workers = a.workers if processes or a.backend == "onnx" else 1
+    else:
+        workers = min(cores, 4) if processes else 1
+    return workers, a.threads or max(1, cores // workers)
+
+
+def forward_batch(a: ServeArgs) -> int:
+    """Texts per forward pass: --forward-batch-size, by default the whole batch for torch (packed, see
+    oztune.models.packing: padding costs it nothing in the linear layers) and 8 for onnx (which pads)."""
+    if a.forward_batch_size is None:
+        return a.max_batch_size if a.backend == "torch" else 8
+    return a.forward_batch_size or a.max_batch_size
 
 
 @command("serve", ServeArgs, "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)")
@@ -114,21 +142,34 @@ def serve_cmd(a: ServeArgs) -> int:
     from oztune.serve.server import ServeLimits, listen_socket, run_server
 
     sock = listen_socket(a.host, a.port)  # fail before loading the model when the port is taken
-    load = WorkerProcess if a.backend == "torch" and a.worker_process else load_backend
+    processes = a.backend == "torch" and a.worker_process
+    workers, threads = replicas(a, processes)
+    load = WorkerProcess if processes else load_backend
+    clfs = []
     try:
-        clf = load(a.model, a.backend, a.threads, a.forward_batch_size or a.max_batch_size, a.max_length, a.compile)
+        for _ in range(workers if processes else 1):
+            clfs.append(load(a.model, a.backend, threads, forward_batch(a), a.max_length, a.compile))
     except BaseException:
+        for clf in clfs:
+            if isinstance(clf, WorkerProcess):
+                clf.close()
         sock.close()
         raise
+    predicts = [c.predict for c in clfs] if processes else [clfs[0].predict] * workers
     limits = ServeLimits(a.max_batch_size, a.max_wait_ms, a.max_queue, a.max_texts_per_request, a.max_body_bytes,
                          a.graceful_timeout_s)
+    import gc
+
+    gc.freeze()  # loaded once, kept for good: full collections skip it (bench/load.py: up to 124 ms each otherwise)
     sock.listen(2048)  # from here on connections wait for the server instead of being refused
-    print(f"serving {a.model} ({a.backend}) on http://{a.host}:{sock.getsockname()[1]}  "
+    print(f"serving {a.model} ({a.backend}, {workers} model replica{'s' if workers > 1 else ''} x {threads} "
+          f"thread{'s' if threads > 1 else ''}) on http://{a.host}:{sock.getsockname()[1]}  "
           "(POST /predict, GET /health, GET /metrics)", flush=True)
     try:
-        run_server(clf.predict, sock, limits, {"model": a.model, "backend": a.backend}, a.log_level)
+        run_server(predicts, sock, limits, {"model": a.model, "backend": a.backend, "workers": workers}, a.log_level)
     finally:
-        if isinstance(clf, WorkerProcess):
-            clf.close()
+        for clf in clfs:
+            if isinstance(clf, WorkerProcess):
+                clf.close()
     print("stopped after finishing the requests in flight", flush=True)
     return 0

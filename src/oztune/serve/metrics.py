@@ -1,12 +1,13 @@
 """The server's counters and histograms, rendered in the Prometheus text format (version 0.0.4).
 
-Updates are plain integer and float additions: request metrics change only in the event loop,
-batch metrics only in the batch worker, so no lock is needed (the GIL keeps each update whole).
+Request metrics change only in the event loop; batch metrics in the batch workers (one thread per model
+replica), under a lock.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+import threading
 from collections import Counter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -52,6 +53,7 @@ class Metrics:
         self.batch_size = Histogram("oztune_batch_size", "Texts per forward pass.", BATCH_BUCKETS)
         self.batch_time = Histogram("oztune_batch_duration_seconds", "Tokenization plus forward pass per batch.",
                                     LATENCY_BUCKETS)
+        self._batch_lock = threading.Lock()
 
     def on_request(self, status: int, texts: int, seconds: float) -> None:
         self.requests[status] += 1
@@ -59,8 +61,9 @@ class Metrics:
         self.latency.observe(seconds)
 
     def on_batch(self, texts: int, seconds: float) -> None:
-        self.batch_size.observe(texts)
-        self.batch_time.observe(seconds)
+        with self._batch_lock:
+            self.batch_size.observe(texts)
+            self.batch_time.observe(seconds)
 
     def render(self, queue_depth: int) -> str:
         lines = ["# HELP oztune_requests_total POST /predict requests by HTTP status.",

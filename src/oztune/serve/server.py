@@ -115,11 +115,13 @@ def parse_predict_body(raw: bytes, max_texts: int) -> tuple[list[str], list[str]
     return texts, pairs
 
 
-def create_app(predict: Predict, limits: ServeLimits | None = None, info: dict | None = None) -> FastAPI:
+def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = None,
+               info: dict | None = None) -> FastAPI:
     """The FastAPI application serving ``predict`` through a micro-batcher.
 
     Args:
-        predict: ``predict(texts, pairs) -> [{"label", "score"}, ...]``, e.g. ``Classifier.predict``.
+        predict: ``predict(texts, pairs) -> [{"label", "score"}, ...]``, e.g. ``Classifier.predict``; or a list
+            of them (model replicas, each fed batches by a worker thread of its own).
         limits: batching and request limits.
         info: extra fields for GET /health (model path, backend).
     """
@@ -184,7 +186,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(predict: Predict, sock: socket.socket, limits: ServeLimits | None = None, info: dict | None = None,
+def run_server(predict: Predict | list[Predict], sock: socket.socket, limits: ServeLimits | None = None, info: dict | None = None,
                log_level: str = "info") -> None:
     """Serve on ``sock`` until SIGINT/SIGTERM, then stop accepting, finish the requests in flight, and return."""
     import uvicorn
