@@ -68,10 +68,11 @@ class ServeArgs:
         max_length: longest tokenized text; longer texts are truncated.
         threads: compute threads per model replica (0: the cores this process may use, shared out among
             the replicas).
-        workers: model replicas, each fed its own batches from the one queue (0: for the torch backend in
-            worker processes, one per core up to 4, with one thread each; 1 otherwise). On 2 cores two
-            single-thread replicas served more requests than one replica on two threads (BENCHMARKS.md);
-            a lone request then runs on one thread (use --workers 1 for the lowest latency at low load).
+        workers: model replicas, each fed its own batches from the one queue (0: one per core up to 4, with
+            one thread each; torch in the server process, --no-worker-process, always has one). On 2 cores
+            two single-thread replicas served more requests than one on two threads, for both backends
+            (BENCHMARKS.md); a lone request then runs on one thread (--workers 1 for the lowest latency
+            at low load).
         compile: run the torch model under torch.compile, compiled at start (about a minute for MiniLM on
             2 cores; faster batches after, see BENCHMARKS.md).
         worker_process: run the torch model in a process of its own, so that PyTorch's hold on the GIL
@@ -115,15 +116,16 @@ def _check(a: ServeArgs) -> None:
 
 
 def replicas(a: ServeArgs, processes: bool) -> tuple[int, int]:
-    """(model replicas, threads each). Replicas in threads of one process share one model: for ONNX
-    Runtime, which releases the GIL; a torch model in the server process gets one (PyTorch holds the GIL)."""
+    """(model replicas, threads each). Torch replicas run in worker processes of their own; ONNX replicas
+    are threads sharing one session (onnxruntime releases the GIL); a torch model in the server process
+    gets a single replica (PyTorch holds the GIL)."""
     from oztune.serve.backends import default_threads
 
     cores = default_threads()
-    if a.workers:
-        workers = a.workers if processes or a.backend == "onnx" else 1
+    if not (processes or a.backend == "onnx"):
+        workers = 1
     else:
-        workers = min(cores, 4) if processes else 1
+        workers = a.workers or min(cores, 4)
     return workers, a.threads or max(1, cores // workers)
 
 
