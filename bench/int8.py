@@ -6,7 +6,8 @@ Hugging Face fp32 (transformers), HF + torch.ao ``quantize_dynamic``, ONNX Runti
 and oztune int8 (``quantize_``, saved, reloaded from disk). Columns: batch-64 time on length-sorted batches
 and on batches in file order (padding: oztune packs the real tokens, see oztune.models.packing), batch-1
 time, file MB, dev accuracy. Then the ``torch._int_mm`` ceiling on a large matrix, measured in the same run, and the
-share of it the int8 model reaches on useful (non-padding) tokens. ``--kernels`` adds a per-layer
+share of it the int8 model reaches on useful (non-padding) tokens. ``--profile`` adds the int8 model's operators by
+self time. ``--kernels`` adds a per-layer
 comparison of the matmul kernels, quantization and dequantization included (the measurements behind
 oztune.compress.int8_ops: torch._int_mm for few rows, oneDNN's pre-packed kernel for many).
 
@@ -158,6 +159,18 @@ def kernels(tokens: int) -> list[dict]:
 
 # --- main -------------------------------------------------------------------------------------------------------
 
+def profile(fn, top: int = 14) -> list[dict]:
+    """Operators by self CPU time over one call of ``fn`` (torch.profiler): op, ms, share, calls."""
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile() as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "ms": round(e.self_cpu_time_total / 1000, 1), "share": round(e.self_cpu_time_total / total, 3),
+             "calls": e.count} for e in events[:top]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="/work/models/sst2-minilm-8k", help="fine-tuned SST-2 model directory")
@@ -167,6 +180,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=THREADS, help="threads of every peer (torch and ONNX Runtime)")
     ap.add_argument("--compile", action="store_true", help="also time oztune int8 under torch.compile (warm-up ~1 min)")
     ap.add_argument("--kernels", action="store_true", help="also compare the matmul kernels layer by layer")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile oztune int8 on the sorted batches of 64 and at batch 1 (operators by self time)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "int8.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -202,6 +217,8 @@ def main() -> None:
                 t64u[name] = min(t64u[name], best_time(lambda: batch64(name, unsorted), 1))
         t1 = {name: best_time(lambda: [peers[name][0]([t]) for t in texts], 1) for name in peers}
         ceiling = int_mm_ceiling()
+        profiles = {"batch64_sorted": profile(lambda: batch64("oztune int8")),
+                    "batch1": profile(lambda: [peers["oztune int8"][0]([t]) for t in texts])} if a.profile else {}
         kernel_rows = kernels(int(np.median([len(i) * lengths[i].max() for i in batches]))) if a.kernels else []
     load1 = os.getloadavg()[0]
 
@@ -229,6 +246,7 @@ def main() -> None:
         "batch1_speedup_vs_ort_int8_compiled": round(ort[1] / t1["oztune int8 compiled"], 3) if a.compile else None,
         "accuracy_drop_vs_fp32_pt": round(acc["oztune fp32"] - acc["oztune int8"], 2),
         "kernels": kernel_rows,
+        "profile": profiles,
     }
     print(f"SST-2 dev, {len(texts)} sentences ({result['tokens']} tokens, {padded} with padding in sorted batches of 64), "
           f"{a.threads} threads, load average {load0:.1f} -> {load1:.1f}")
@@ -249,6 +267,10 @@ def main() -> None:
         print("\nms per call" + "".join(f"{n:>27}" for n in names))
         for r in kernel_rows:
             print(f"M={r['M']:<5}{r['layer']:<6}" + "".join(f"{r[n]:>27.3f}" for n in names))
+    for kind, ops in profiles.items():
+        print(f"\noztune int8, {kind}: operators by self time")
+        for op in ops:
+            print(f"  {op['op']:<32}{op['ms']:>10.1f} ms{op['share']:>8.1%}{op['calls']:>9}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {a.out}")

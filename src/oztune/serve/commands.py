@@ -162,7 +162,7 @@ def serve_cmd(a: ServeArgs) -> int:
                          a.graceful_timeout_s)
     import gc
 
-    gc.freeze()  # loaded once, kept for good: full collections skip it (bench/load.py: up to 124 ms each otherwise)
+    gc.freeze()  # loaded once, kept for good: full collections need not walk it (a p99 spike otherwise)
     sock.listen(2048)  # from here on connections wait for the server instead of being refused
     print(f"serving {a.model} ({a.backend}, {workers} model replica{'s' if workers > 1 else ''} x {threads} "
           f"thread{'s' if threads > 1 else ''}) on http://{a.host}:{sock.getsockname()[1]}  "
