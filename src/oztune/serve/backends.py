@@ -148,12 +148,33 @@ class WorkerProcess:
     """
 
     def __init__(self, model: str, backend: str = "torch", threads: int = 0, batch_size: int = 64,
-                 max_length: int = 512, compile: bool = False):
+                 max_length: int = 512, compile: bool = False, wait: bool = True):
         self._args = (model, backend, threads, batch_size, max_length, compile)
         self.restarts = 0
-        self._start()
+        self._spawn()
+        if wait:
+            self.wait_ready()
+
+    @classmethod
+    def start_many(cls, n: int, *args) -> list["WorkerProcess"]:
+        """``n`` worker processes loading (and compiling) side by side; returns once all are ready."""
+        workers = []
+        try:
+            for _ in range(n):
+                workers.append(cls(*args, wait=False))
+            for w in workers:
+                w.wait_ready()
+        except BaseException:
+            for w in workers:
+                w.close()
+            raise
+        return workers
 
     def _start(self) -> None:
+        self._spawn()
+        self.wait_ready()
+
+    def _spawn(self) -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # a fresh interpreter: no forked OpenMP or tokenizer threads
@@ -161,6 +182,9 @@ class WorkerProcess:
         self._proc = ctx.Process(target=_serve_worker, args=(child, *self._args), name="oztune-model", daemon=True)
         self._proc.start()
         child.close()
+
+    def wait_ready(self) -> None:
+        """Wait until the worker has loaded the model; raise its error if it could not."""
         try:
             kind, payload = self._conn.recv()
         except EOFError:

@@ -146,15 +146,10 @@ def serve_cmd(a: ServeArgs) -> int:
     sock = listen_socket(a.host, a.port)  # fail before loading the model when the port is taken
     processes = a.backend == "torch" and a.worker_process
     workers, threads = replicas(a, processes)
-    load = WorkerProcess if processes else load_backend
-    clfs = []
-    try:
-        for _ in range(workers if processes else 1):
-            clfs.append(load(a.model, a.backend, threads, forward_batch(a), a.max_length, a.compile))
+    args = (a.model, a.backend, threads, forward_batch(a), a.max_length, a.compile)
+    try:  # replicas in processes load (and compile) side by side
+        clfs = WorkerProcess.start_many(workers, *args) if processes else [load_backend(*args)]
     except BaseException:
-        for clf in clfs:
-            if isinstance(clf, WorkerProcess):
-                clf.close()
         sock.close()
         raise
     predicts = [c.predict for c in clfs] if processes else [clfs[0].predict] * workers
