@@ -34,6 +34,8 @@ def activation_fn(name: str):
 
 # Attention at inference on CPU: the explicit form instead of SDPA (measured, see Attention._explicit).
 EXPLICIT_ATTENTION_ON_CPU = True
+
+
 class Dropout(nn.Module):
     """Dropout with a cheaper mask on CPU: four 16-bit draws from one int64 of random bits.
 
