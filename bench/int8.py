@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peers import best_time, export_hf_onnx, file_mb, ort_runner
+from peers import best_time, export_hf_onnx, file_mb, ops_by_self_time, ort_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -165,10 +165,8 @@ def profile(fn, top: int = 14) -> list[dict]:
 
     with torch_profile() as prof:
         fn()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    return [{"op": e.key, "ms": round(e.self_cpu_time_total / 1000, 1), "share": round(e.self_cpu_time_total / total, 3),
-             "calls": e.count} for e in events[:top]]
+    return [{"op": e.key, "ms": round(e.self_cpu_time_total / 1000, 1), "share": round(share, 3), "calls": e.count}
+            for e, share in ops_by_self_time(prof, top)]
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""What the benchmarks share: timing helpers and the ONNX Runtime peer (the HF model exported to ONNX,
+"""What the benchmarks share: timing and profiling helpers and the ONNX Runtime peer (the HF model exported to ONNX,
 fp32 and ``onnxruntime.quantization.quantize_dynamic`` int8), so every script times the same peer."""
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ def best_time(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def ops_by_self_time(prof, top: int) -> list[tuple[object, float]]:
+    """The ``top`` operators of a finished ``torch.profiler`` run by self CPU time: (event, share of all)."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [(e, e.self_cpu_time_total / total) for e in events[:top]]
 
 
 def file_mb(*paths: Path) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peers import ops_by_self_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,10 +75,8 @@ def main() -> None:
           f"({32 / plain:.0f} examples/s) without the profiler")
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows)
     print(table)
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    top = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / len(work),
-            "share": e.self_cpu_time_total / total, "calls_per_step": e.count / len(work)}
-           for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: a.rows]]
+    top = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / len(work), "share": share,
+            "calls_per_step": e.count / len(work)} for e, share in ops_by_self_time(prof, a.rows)]
     Path(a.out).write_text(json.dumps({"ms_per_step": 1000 * plain, "mean_padded_length": tokens,
                                        "threads": torch.get_num_threads(), "top": top}, indent=2) + "\n")
 

@@ -22,8 +22,7 @@ from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import load_classifier, save_classifier
 from oztune.models.transformer import SequenceClassifier
-from oztune.train.finetune import check_output_dir, sample
-from oztune.train.finetune import RecipeOptions
+from oztune.train.finetune import RecipeOptions, check_output_dir, sample
 from oztune.train.finetune import check_train_options as check_finetune_options
 from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
 

@@ -545,8 +545,7 @@ def run_prune(a: PruneArgs) -> dict:
     check_train_options(a)
     dcfg = DistillConfig(a.temperature, a.alpha)
     teacher, enc, meta = load_trained(a.model, "--model", a.max_length)
-    data = load_task_data(teacher, enc, meta, a.train, a.eval, a.columns(), a.max_train_examples,
-                            a.seed)
+    data = load_task_data(teacher, enc, meta, a.train, a.eval, a.columns(), a.max_train_examples, a.seed)
     before = evaluate(teacher, data.eval)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, precision=a.precision, seed=a.seed,
                       freeze_embeddings=True, progress=a.progress)

@@ -78,7 +78,6 @@ class CompressArgs(RecipeOptions):
     keep_variants: bool = True
 
 
-
 def check_args(a: CompressArgs) -> None:
     if a.max_drop < 0:
         raise OztuneError(f"--max-drop must be 0 or more (points of accuracy), not {a.max_drop}")

@@ -47,9 +47,7 @@ class Group:
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """Packed rows (N, K) -> this group's (Bg, T, K), zeros at padding."""
-        part = x[self.start:self.stop]
-        out = part.new_zeros(len(self.rows) * self.T, x.shape[-1])
-        return out.index_copy_(0, self.index, part).view(len(self.rows), self.T, -1)
+        return _scatter(x[self.start:self.stop], self.index, len(self.rows), self.T)
 
     def pack(self, y: torch.Tensor) -> torch.Tensor:
         """(Bg, T, ...) -> (Ng, ...): the group's real tokens, in packed order."""
@@ -104,8 +102,7 @@ class Packing:
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (B, T, C), zeros at padding."""
-        out = x.new_zeros(self.B * self.T, x.shape[-1])
-        return out.index_copy_(0, self.flat, x).view(self.B, self.T, -1)
+        return _scatter(x, self.flat, self.B, self.T)
 
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
         """(B,) positions (one per batch row) -> their (B,) packed rows (-1 where that position is padding)."""
@@ -114,6 +111,11 @@ class Packing:
     def batch_order(self, y: torch.Tensor) -> torch.Tensor:
         """(B, ...) rows in group order -> in batch order."""
         return y if self.unsort is None else y[self.unsort]
+
+
+def _scatter(x: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Rows (n, K) put at ``index`` of a zero (B * T, K) layout, returned as (B, T, K)."""
+    return x.new_zeros(B * T, x.shape[-1]).index_copy_(0, index, x).view(B, T, -1)
 
 
 def _group_bounds(ends: list[int]) -> list[tuple[int, int]]:

@@ -168,6 +168,13 @@ def query_rows(q: torch.Tensor, mask: torch.Tensor | None, causal: bool, query: 
     return q, mask, False
 
 
+def query_outputs(x: torch.Tensor, query: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+    """The rows of ``x`` at the (B,) ``query`` positions: (B, 1, C), from (B, T, C) or packed (N, C)."""
+    if packing is not None:
+        return x[packing.rows(query)].unsqueeze(1)
+    return x[torch.arange(x.shape[0], device=x.device), query].unsqueeze(1)
+
+
 class FeedForward(nn.Module):
     """Two linears with an activation between; ``width`` may be pruned per layer."""
 
@@ -199,12 +206,7 @@ class Block(nn.Module):
 
         With ``packing``, ``x`` is the (N, C) rows of the real tokens and so is the result (without ``query``).
         """
-        if query is None:
-            res = x
-        elif packing is not None:
-            res = x[packing.rows(query)].unsqueeze(1)  # (B, 1, C)
-        else:
-            res = x[torch.arange(x.shape[0], device=x.device), query].unsqueeze(1)  # (B, 1, C)
+        res = x if query is None else query_outputs(x, query, packing)  # (B, 1, C) with a query
         if self.pre_norm:
             x = res + self.dropout(self.attn(self.attn_norm(x), mask, self.causal, query, packing))
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
@@ -261,8 +263,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             x = block(x, mask, query if i == last else None, packing)
         if query is not None and last < 0:
-            rows = packing.rows(query) if packing is not None else (torch.arange(x.shape[0], device=x.device), query)
-            x = x[rows].unsqueeze(1)  # (B, 1, C)
+            x = query_outputs(x, query, packing)  # (B, 1, C)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return packing.unpack(x) if packing is not None and query is None else x

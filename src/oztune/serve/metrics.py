@@ -6,8 +6,8 @@ replica), under a lock.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 import threading
+from bisect import bisect_left
 from collections import Counter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
