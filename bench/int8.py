@@ -70,7 +70,7 @@ def oztune_peers(path: Path, work: Path, compile: bool) -> tuple[dict, object, f
     """oztune fp32 and oztune int8 (quantized, saved, reloaded from disk like `oztune predict` does), and
     with ``compile`` the int8 model under torch.compile; returns (peers, int8 Classifier, compile warm-up s)."""
     from oztune.api import Classifier
-    from oztune.compress.quantize import QuantConfig, compile_quantized, quantization_record, quantize_
+    from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
     from oztune.models.hub import load_classifier, save_classifier
 
     model, enc, meta = load_classifier(path)
@@ -82,11 +82,10 @@ def oztune_peers(path: Path, work: Path, compile: bool) -> tuple[dict, object, f
     peers = {"oztune fp32": (fp32.logits, file_mb(path / "model.safetensors")), "oztune int8": (int8.logits, mb)}
     warm = 0.0
     if compile:
-        loaded = Classifier.from_pretrained(work / "oz-int8")
-        compiled = Classifier(compile_quantized(loaded.model), loaded.encoder, loaded.id2label)
+        compiled = Classifier.from_pretrained(work / "oz-int8", compile=True)
         t = time.perf_counter()
-        compiled.logits(["a first sentence, to compile the many-rows graph"] * 64)
-        compiled.logits(["and one for the few-rows graph"])
+        compiled.logits(["a first sentence, to compile the graph for unpadded batches"] * 64)
+        compiled.logits(["and one for the graph for one text"])
         warm = time.perf_counter() - t
         peers["oztune int8 compiled"] = (compiled.logits, mb)
     return peers, int8, warm

@@ -51,9 +51,18 @@ class Classifier:
         self.problem_type = model.head_cfg.problem_type
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, batch_size: int = 64, max_length: int = 512) -> "Classifier":
-        """Load a directory written by ``oztune finetune`` (or any HF-format sequence classifier)."""
+    def from_pretrained(cls, path: str | os.PathLike, batch_size: int = 64, max_length: int = 512,
+                        compile: bool = False) -> "Classifier":
+        """Load a directory written by ``oztune finetune`` (or any HF-format sequence classifier).
+
+        With ``compile``, the model runs under ``torch.compile`` where that is faster (one text at a time,
+        batches with little padding; :mod:`oztune.models.compiled`); the first calls compile (30-90 s).
+        """
         model, enc, meta = load_classifier(path, max_length=max_length)
+        if compile:
+            from oztune.models.compiled import compile_for_inference
+
+            model = compile_for_inference(model)
         return cls(model, enc, meta["id2label"], batch_size)
 
     def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:

@@ -5,7 +5,8 @@ channel, activations quantized dynamically to int8 with one scale per token, an 
 (:mod:`oztune.compress.int8_ops`). Token and position embeddings become :class:`Int8Embedding`
 (int8 rows, one scale per row; weight-only). Modules named by ``skip`` stay fp32. Feed-forward blocks
 become :class:`ChunkedFeedForward` (the same layers, run a few hundred tokens at a time so that the wide
-intermediate stays in cache). :func:`compile_quantized` is the optional ``torch.compile`` on top.
+intermediate stays in cache). For ``torch.compile`` on top see
+:mod:`oztune.models.compiled`.
 
 When post-training quantization loses too much, :func:`prepare_qat_` swaps the Linear layers for
 :class:`FakeQuantLinear` (the same rounding, simulated in float with a straight-through gradient) so
@@ -286,12 +287,3 @@ def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Modu
             model.set_submodule(name, FakeQuantLinear.from_linear(m))
     return model
 
-
-def compile_quantized(model: nn.Module) -> nn.Module:
-    """``torch.compile`` for a quantized model: dynamic shapes, C++ wrapper (less overhead per kernel).
-
-    Compiled, the Linear layers use ``torch._int_mm`` and inductor fuses quantization, dequantization, bias
-    and activation into its own loops. The first calls compile: about a minute on 2 cores, once for few
-    rows and once for many (bench/int8.py --compile prints it); eager needs no warm-up.
-    """
-    return torch.compile(model, dynamic=True, options={"cpp_wrapper": True})

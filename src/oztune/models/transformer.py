@@ -226,8 +226,8 @@ class Transformer(nn.Module):
 
     def attention_mask(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
         """Boolean SDPA mask, True where attention is allowed; None when nothing is padded."""
-        if attention_mask is None or bool(attention_mask.all()):
-            return None
+        if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
+            return None  # (compiled, a data-dependent branch would split the graph: the mask stays)
         keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         if self.cfg.causal:
             causal = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()

@@ -99,10 +99,9 @@ def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_siz
         threads: compute threads (0: every core this process may use).
         batch_size: texts per forward pass.
         max_length: tokenizer truncation length.
-        compile: torch only: run the model under ``torch.compile`` (``compile_quantized``: dynamic shapes,
-            C++ wrapper), compiled here for one text and for a batch before it is returned (about a minute
-            for MiniLM on 2 cores); in bench/int8.py that took int8 from 0.56x to 0.74x ONNX Runtime's
-            speed at batch 1 and from 0.89x to 1.13x at batch 64.
+        compile: torch only: run the model compiled where that is faster (one text, batches with little
+            padding; :mod:`oztune.models.compiled`), compiled here before it is returned (30-90 s for
+            MiniLM on 2 cores the first time, ~10 s once inductor's disk cache holds it).
     """
     if backend not in BACKENDS:
         raise OztuneError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -113,12 +112,9 @@ def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_siz
         if is_export:
             raise ModelError(f"{path}: an ONNX export; serve it with --backend onnx, or give the model directory")
         torch.set_num_threads(threads)
-        clf = Classifier.from_pretrained(path, batch_size=batch_size, max_length=max_length)
+        clf = Classifier.from_pretrained(path, batch_size=batch_size, max_length=max_length, compile=compile)
         if compile:
-            from oztune.compress.quantize import compile_quantized
-
-            clf.model = compile_quantized(clf.model)
-            for n in (1, min(batch_size, 8)):  # the few-rows and the many-rows graphs
+            for n in (1, min(batch_size, 8)):  # the graphs for one text and for unpadded batches
                 clf.predict(["a first text to compile the model with"] * n)
         return clf
     if compile:
