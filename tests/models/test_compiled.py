@@ -57,3 +57,23 @@ def test_compiled_logits_match_eager(tiny_hf_dir, one_thread, int8):
             got, want = wrapped(ids, mask), model(ids, mask)
             print(int8, (got - want).abs().max().item(), want.abs().max().item())
             torch.testing.assert_close(got, want, atol=2e-2 if int8 else 1e-5, rtol=1e-3)
+
+
+def test_one_graph_for_every_unpadded_batch_size(tiny_hf_dir, one_thread):
+    """Few rows and many (the eager int8 kernels switch at ONEDNN_MIN_ROWS) share one compiled graph: a
+    recompile in service would stall a request for tens of seconds."""
+    import torch._dynamo
+
+    from oztune.compress.int8_ops import ONEDNN_MIN_ROWS
+
+    model, _, _ = load_classifier(tiny_hf_dir("bert")[0])
+    quantize_(model, QuantConfig())
+    wrapped = compile_for_inference(model)
+    small = padded_batch(0, lengths=(6, 6))
+    large = padded_batch(0, lengths=(8,) * (ONEDNN_MIN_ROWS // 8 + 1))  # > ONEDNN_MIN_ROWS rows
+    with torch.no_grad():
+        wrapped(*padded_batch(0, lengths=(5,)))  # the graph for one text
+        wrapped(*small)  # and the one for batches
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for ids, mask in (large, padded_batch(0, lengths=(3,) * 5), padded_batch(0, lengths=(9,))):
+                torch.testing.assert_close(wrapped(ids, mask), model(ids, mask), atol=1e-3, rtol=1e-3)

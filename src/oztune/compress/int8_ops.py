@@ -46,7 +46,9 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         (q, scale): int8 codes (M, K) in [-127, 127] and the row scales (M, 1), ``x ~ q * scale``.
     """
-    if x.shape[0] < ONEDNN_MIN_ROWS:  # few rows: fewer ops count more than fewer passes
+    # compiled, one formula for every size (inductor fuses |x| into the reduction; a branch on the
+    # number of rows would be a guard, and a second graph to compile); eager, few rows: fewer ops count
+    if torch.compiler.is_compiling() or x.shape[0] < ONEDNN_MIN_ROWS:
         amax = x.abs().amax(-1, keepdim=True)
     else:  # two vectorised reductions, no |x| temporary
         amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
@@ -105,7 +107,7 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
         fp32 (M, N).
     """
     q, scale = quantize_per_token(x)
-    pw = packed() if x.shape[0] >= ONEDNN_MIN_ROWS else None
+    pw = None if torch.compiler.is_compiling() or x.shape[0] < ONEDNN_MIN_ROWS else packed()
     if pw is not None:
         u8 = q.view(torch.uint8).bitwise_xor_(128)  # q + 128: oneDNN's fast kernel takes u8 with zero point 128
         y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 128, pw, w_scale, _zeros(w_scale.shape[0]), None,

@@ -3,15 +3,15 @@
 Eager PyTorch spends most of a small forward pass dispatching ~500 small operators one by one (an
 int8 Linear alone is about ten: quantize, matmul, dequantize); inductor fuses them into a few C++
 loops around the matmuls. On the bundled MiniLM in int8 with 2 threads that takes batch 1 from ~5.5 ms
-to ~2 ms a sentence, and batches of length-sorted texts gain 10-35% (bench/int8.py --compile). A batch
+to ~2-2.5 ms a sentence, and batches of length-sorted texts gain 10-35% (bench/compiled.py). A batch
 with much padding is another matter: eager runs its row-wise layers on the real tokens only
 (:mod:`oztune.models.packing`, data-dependent shapes a compiled graph cannot follow) and stays faster.
 So :class:`CompiledClassifier` keeps both and picks per batch.
 
 Costs: compiling takes 30-90 s on 2 cores the first time (inductor caches its output on disk, so later
-processes start in ~10 s), and the compiled graphs are guarded on shapes only, not on the modules'
-attributes (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``: ~0.25 ms less per call at batch 1):
-build the wrapper after the model's last change, for inference only.
+processes start in 10-20 s), and the compiled graphs are guarded on shapes only, not on the modules'
+attributes (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``, see :data:`OPTIONS`): build the
+wrapper after the model's last change, for inference only.
 """
 
 from __future__ import annotations
@@ -20,6 +20,15 @@ import torch
 from torch import nn
 
 from oztune.models.packing import Packing
+
+OPTIONS = {
+    "cpp_wrapper": True,  # C++ calls the kernels: less overhead per kernel than a Python wrapper
+    # inductor's pattern passes turn the explicit matmul-softmax-matmul into SDPA's flash kernel, slower at
+    # SST-2 lengths (bench/compiled.py); no pass oztune relies on is lost: its int8 matmuls are explicit
+    "pattern_matcher": False,
+    # shapes only: dynamo's checks of every module attribute cost ~10% of a batch-1 call
+    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+}
 
 
 class CompiledClassifier(nn.Module):
@@ -31,18 +40,15 @@ class CompiledClassifier(nn.Module):
 
     Args:
         model: the (eval-mode) classifier to wrap; it is shared, not copied.
+        options: inductor options over :data:`OPTIONS` (bench/compiled.py compares them); an option
+            set to None is dropped (``guard_filter_fn=None``: dynamo's default guards).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, options: dict | None = None):
         super().__init__()
         self.eager = model
-        compiled = torch.compile(model, dynamic=True, options={
-            "cpp_wrapper": True,  # C++ calls the kernels: less overhead per kernel than a Python wrapper
-            # inductor's pattern passes turn the explicit matmul-softmax-matmul into SDPA's flash kernel,
-            # ~70 us a layer at batch 1 on SST-2 lengths; without them batch 1 and sorted batches of 64
-            # took ~10% less time (and no pass we rely on is lost: the int8 matmuls are explicit)
-            "pattern_matcher": False,
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        opts = {k: v for k, v in {**OPTIONS, **(options or {})}.items() if v is not None}
+        compiled = torch.compile(model, dynamic=True, options=opts)
         object.__setattr__(self, "compiled", compiled)  # not a submodule: state_dict() stays the eager one's
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -60,6 +66,6 @@ class CompiledClassifier(nn.Module):
             return getattr(self._modules["eager"], name)
 
 
-def compile_for_inference(model: nn.Module) -> CompiledClassifier:
+def compile_for_inference(model: nn.Module, options: dict | None = None) -> CompiledClassifier:
     """``model`` (put in eval mode) wrapped in a :class:`CompiledClassifier`; compiles on first use."""
-    return CompiledClassifier(model.eval())
+    return CompiledClassifier(model.eval(), options)
