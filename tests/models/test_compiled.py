@@ -31,13 +31,17 @@ def test_dispatch_compiled_only_without_much_padding_and_without_grad(tiny_hf_di
     one, one_mask = padded_batch(0, lengths=(7,))
     flat, flat_mask = padded_batch(0, lengths=(6, 6, 6))
     padded, padded_mask = padded_batch(0, lengths=(9, 2, 2, 9))  # 39% padding: packing pays
+    twelve, twelve_mask = padded_batch(0, lengths=(12,))
+    left = torch.cat([torch.zeros(1, 1, dtype=torch.long), twelve], 1)  # one text, left-padded by one
+    left_mask = torch.cat([torch.zeros(1, 1, dtype=torch.long), twelve_mask], 1)  # 8% padding: not packed
     with torch.no_grad():
         wrapped(one, one_mask)
+        wrapped(left, left_mask)
         wrapped(flat, flat_mask)
         wrapped(padded, padded_mask)
         wrapped(flat, flat_mask, all_tokens=True)
     wrapped(flat, flat_mask)  # grad enabled: training never runs the inference graph
-    assert rec.calls == [((1, 7), True), ((3, 6), False)]  # one text runs without a mask
+    assert rec.calls == [((1, 7), True), ((1, 13), False), ((3, 6), False)]  # one unpadded text: no mask
     assert wrapped.head_cfg is model.head_cfg  # attributes are the wrapped model's
     assert list(wrapped.state_dict()) == ["eager." + k for k in model.state_dict()]  # no second copy
 

@@ -49,14 +49,14 @@ class CompiledClassifier(nn.Module):
         self.eager = model
         opts = {k: v for k, v in {**OPTIONS, **(options or {})}.items() if v is not None}
         compiled = torch.compile(model, dynamic=True, options=opts)
-        object.__setattr__(self, "compiled", compiled)  # not a submodule: state_dict() stays the eager one's
+        object.__setattr__(self, "compiled", compiled)  # not a submodule: state_dict() holds each weight once
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, all_tokens: bool = False) -> torch.Tensor:
         if all_tokens or torch.is_grad_enabled() or Packing.worth_it(attention_mask):
             return self.eager(input_ids, attention_mask, token_type_ids, all_tokens=all_tokens)
-        if input_ids.shape[0] == 1:  # one text is never padded: the graph without a mask
-            attention_mask = None
+        if input_ids.shape[0] == 1 and (attention_mask is None or bool(attention_mask.all())):
+            attention_mask = None  # one unpadded text: the graph without a mask
         return self.compiled(input_ids, attention_mask, token_type_ids)
 
     def __getattr__(self, name: str):
