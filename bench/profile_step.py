@@ -35,7 +35,7 @@ def main() -> None:
     from oztune.data.dataset import encode_data, train_batches
     from oztune.data.readers import read_examples
     from oztune.models.hub import load_classifier
-    from oztune.train.loop import TrainConfig, default_loss, make_optimizer, seed_everything
+    from oztune.train.loop import TrainConfig, clipped_step, default_loss, make_optimizer, seed_everything
 
     seed_everything(0)
     train = read_examples(ROOT / "data" / "sst2" / "train.tsv")
@@ -55,8 +55,7 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = default_loss(model, data.batch(b))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, params, 1.0)  # as the training loop does
         sched.step()
         opt.zero_grad(set_to_none=True)
 

@@ -81,3 +81,33 @@ def test_freezing_embeddings_is_undone_and_frozen_weights_stay_frozen(tiny_base,
     word.requires_grad_(False)  # frozen by the caller (LoRA): fit must not unfreeze it
     fit(model, train, config(epochs=1, freeze_embeddings=False))
     assert torch.equal(word, before) and not word.requires_grad
+
+
+@pytest.mark.parametrize("max_norm", [0.01, 100.0, 0.0])  # clipping hard, not at all, off
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipped_step_equals_clip_grad_norm_then_step(max_norm, fused):
+    """A fused AdamW clips inside its kernel (grad_scale); the weights are those of clip_grad_norm_ + step."""
+    from oztune.train.loop import clipped_step
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+
+    want, got = make(), make()
+    opt_want = torch.optim.AdamW(want.parameters(), lr=1e-2, fused=fused)
+    opt_got = torch.optim.AdamW(got.parameters(), lr=1e-2, fused=fused)
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        for m in (want, got):
+            m(x).square().sum().backward()
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(list(want.parameters()), max_norm)
+        opt_want.step()
+        clipped_step(opt_got, list(got.parameters()), max_norm)
+        opt_want.zero_grad()
+        opt_got.zero_grad()
+        assert getattr(opt_got, "grad_scale", None) is None  # never left behind for the next step
+    for a, b in zip(want.parameters(), got.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    moved = max((a - make_p).abs().max().item() for a, make_p in zip(got.parameters(), make().parameters()))
+    assert moved > 1e-3  # the steps did something
