@@ -101,7 +101,8 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
         wq: int8 weight (N, K).
         w_scale: fp32 per-row weight scales (N,).
         bias: fp32 (N,) or None.
-        packed: returns :func:`pack_weight` of ``wq`` (called only when oneDNN's kernel is used).
+        packed: returns :func:`pack_weight` of ``wq`` (called only when oneDNN's kernel is used: eager, many
+            rows; compiled, inductor fuses around ``torch._int_mm`` instead).
 
     Returns:
         fp32 (M, N).

@@ -112,8 +112,7 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.dtype != torch.float32 or not rows.is_contiguous():
             rows = rows.float().contiguous()
-        packed = _no_packing if torch.compiler.is_compiling() else self.packed_weight  # inductor fuses around _int_mm
-        y = int8_linear(rows, self.weight, self.weight_scale, self.bias, packed)  # (M, N)
+        y = int8_linear(rows, self.weight, self.weight_scale, self.bias, self.packed_weight)  # (M, N)
         return y.view(*lead, self.out_features)
 
     def __getstate__(self):  # deepcopy/pickle: the packed weight is an opaque oneDNN tensor, rebuilt on use
@@ -121,10 +120,6 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def _no_packing() -> None:
-    return None
 
 
 class Int8Embedding(nn.Module):
