@@ -26,20 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peers import best_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def int_mm_us(rows: int, k: int, n: int, calls: int = 2000) -> float:
+def int_mm_us(rows: int, k: int, n: int, calls: int = 1000) -> float:
     """Microseconds per ``torch._int_mm`` of (rows, k) int8 by a transposed (n, k) int8 weight."""
     x = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
     wt = torch.randint(-127, 128, (n, k), dtype=torch.int8).t()
-    for _ in range(100):
-        torch._int_mm(x, wt)
-    t = time.perf_counter()
-    for _ in range(calls):
-        torch._int_mm(x, wt)
-    return (time.perf_counter() - t) / calls * 1e6
+    loop = lambda: [torch._int_mm(x, wt) for _ in range(calls)]  # noqa: E731
+    loop()  # warm-up: oneDNN primitive creation
+    return best_time(loop, 3) / calls * 1e6
 
 
 def main() -> None:
@@ -59,13 +57,15 @@ def main() -> None:
     texts = [e.text for e in read_examples(ROOT / "data" / "sst2" / "dev.tsv")]
     base = Classifier.from_pretrained(a.model)
     lengths = np.array([len(ids) for ids, _ in base.encoder.encode(texts)])
-    first = texts[:512]
-    by_len = lambda idx: [texts[i] for i in sorted(idx, key=lambda i: -lengths[i])]  # noqa: E731
+    def batches(idx: list[int], size: int) -> list[list[str]]:
+        return [[texts[i] for i in idx[j:j + size]] for j in range(0, len(idx), size)]
+
+    by_len = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first
     workloads = {  # name -> list of batches
-        "batch 1": [[t] for t in texts[:64 if a.quick else a.batch1_texts]],
-        "batch 16, file order": [first[i:i + 16] for i in range(0, len(first), 16)],
-        "batch 16, sorted": [(s := by_len(range(512)))[i:i + 16] for i in range(0, 512, 16)],
-        "batch 64, sorted": [(s := by_len(range(len(texts))))[i:i + 64] for i in range(0, len(texts), 64)],
+        "batch 1": batches(list(range(64 if a.quick else a.batch1_texts)), 1),
+        "batch 16, file order": batches(list(range(512)), 16),
+        "batch 16, sorted": batches([i for i in by_len if i < 512], 16),
+        "batch 64, sorted": batches(by_len, 64),
     }
     variants = {"eager": None, "compiled": {}}
     if not a.quick:

@@ -40,15 +40,18 @@ def _has_onednn() -> bool:
 HAS_ONEDNN = _has_onednn()
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, few_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantization of each row of ``x`` (M, K).
+
+    Args:
+        x: fp32 (M, K).
+        few_rows: compute the row maxima with the fewest operators (``|x|`` then one reduction), rather
+            than with two vectorised reductions and no ``|x|`` temporary (faster on many rows, eager).
 
     Returns:
         (q, scale): int8 codes (M, K) in [-127, 127] and the row scales (M, 1), ``x ~ q * scale``.
     """
-    # compiled, one formula for every size (inductor fuses |x| into the reduction; a branch on the
-    # number of rows would be a guard, and a second graph to compile); eager, few rows: fewer ops count
-    if torch.compiler.is_compiling() or x.shape[0] < ONEDNN_MIN_ROWS:
+    if few_rows:
         amax = x.abs().amax(-1, keepdim=True)
     else:  # two vectorised reductions, no |x| temporary
         amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
@@ -107,8 +110,11 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     Returns:
         fp32 (M, N).
     """
-    q, scale = quantize_per_token(x)
-    pw = None if torch.compiler.is_compiling() or x.shape[0] < ONEDNN_MIN_ROWS else packed()
+    # compiled: one formula and one kernel for every size (inductor fuses around torch._int_mm; a branch on
+    # the number of rows would be a guard, and a second graph to compile)
+    few_rows = torch.compiler.is_compiling() or x.shape[0] < ONEDNN_MIN_ROWS
+    q, scale = quantize_per_token(x, few_rows)
+    pw = None if few_rows else packed()
     if pw is not None:
         u8 = q.view(torch.uint8).bitwise_xor_(128)  # q + 128: oneDNN's fast kernel takes u8 with zero point 128
         y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 128, pw, w_scale, _zeros(w_scale.shape[0]), None,

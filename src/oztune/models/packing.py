@@ -60,9 +60,10 @@ class Packing:
     Args:
         attention_mask: (B, T), 1 for real tokens.
         mask: the transformer's attention mask for the batch: (B, 1, 1, T) or causal (B, 1, T, T).
+        query: (B,) the pooled position of each row, or None; ``query_rows`` holds their packed rows.
     """
 
-    def __init__(self, attention_mask: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, attention_mask: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None):
         self.B, self.T = B, T = attention_mask.shape
         device = attention_mask.device
         real = attention_mask.bool()
@@ -87,6 +88,7 @@ class Packing:
         self.group_order = torch.cat([g.rows for g in self.groups])  # (B,) batch rows, group by group
         identity = bool((self.group_order == torch.arange(B, device=device)).all())
         self.unsort = None if identity else torch.argsort(self.group_order)
+        self.query_rows = None if query is None else self.rows(query)  # (B,), -1 where a pooled position is padding
 
     @staticmethod
     def worth_it(attention_mask: torch.Tensor | None) -> bool:

@@ -169,9 +169,10 @@ def query_rows(q: torch.Tensor, mask: torch.Tensor | None, causal: bool, query: 
 
 
 def query_outputs(x: torch.Tensor, query: torch.Tensor, packing: Packing | None) -> torch.Tensor:
-    """The rows of ``x`` at the (B,) ``query`` positions: (B, 1, C), from (B, T, C) or packed (N, C)."""
+    """The rows of ``x`` at the (B,) ``query`` positions: (B, 1, C), from (B, T, C) or packed (N, C)
+    (a Packing built with this ``query`` knows their packed rows)."""
     if packing is not None:
-        return x[packing.rows(query)].unsqueeze(1)
+        return x[packing.query_rows].unsqueeze(1)
     return x[torch.arange(x.shape[0], device=x.device), query].unsqueeze(1)
 
 
@@ -251,8 +252,8 @@ class Transformer(nn.Module):
         mask = self.attention_mask(attention_mask, input_ids.shape[1])
         packing = None
         if pack and mask is not None and Packing.worth_it(attention_mask):
-            packing = Packing(attention_mask, mask)
-        if packing is not None and query is not None and bool((packing.rows(query) < 0).any()):
+            packing = Packing(attention_mask, mask, query)
+        if packing is not None and query is not None and bool((packing.query_rows < 0).any()):
             packing = None  # a pooled position is padding (cls pooling of a left-padded row): keep that row
         if packing is not None:
             tt = None if token_type_ids is None else packing.pack(token_type_ids)
