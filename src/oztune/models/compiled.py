@@ -2,16 +2,16 @@
 
 Eager PyTorch spends most of a small forward pass dispatching ~500 small operators one by one (an
 int8 Linear alone is about ten: quantize, matmul, dequantize); inductor fuses them into a few C++
-loops around the matmuls. On the bundled MiniLM in int8 with 2 threads that takes batch 1 from ~5.5 ms
-to ~2-2.5 ms a sentence, and batches of length-sorted texts gain 10-35% (bench/compiled.py). A batch
+loops around the matmuls. On the bundled MiniLM in int8 with 2 threads that takes batch 1 from 4.4 ms
+to 1.8 ms a sentence, and length-sorted batches of 16 and 64 gain 25% and 13% (bench/compiled.py). A batch
 with much padding is another matter: eager runs its row-wise layers on the real tokens only
 (:mod:`oztune.models.packing`, data-dependent shapes a compiled graph cannot follow) and stays faster.
 So :class:`CompiledClassifier` keeps both and picks per batch.
 
-Costs: compiling takes 30-90 s on 2 cores the first time (inductor caches its output on disk, so later
-processes start in 10-20 s), and the compiled graphs are guarded on shapes only, not on the modules'
-attributes (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``, see :data:`OPTIONS`): build the
-wrapper after the model's last change, for inference only.
+Costs: compiling takes 20-65 s on 2 cores (less once inductor's disk cache holds the graphs), and the
+compiled graphs are guarded on shapes only, not on the modules' attributes
+(``torch.compiler.skip_guard_on_all_nn_modules_unsafe``, see :data:`OPTIONS`): build the wrapper after
+the model's last change, for inference only.
 """
 
 from __future__ import annotations

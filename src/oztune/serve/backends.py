@@ -100,8 +100,8 @@ def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_siz
         batch_size: texts per forward pass.
         max_length: tokenizer truncation length.
         compile: torch only: run the model compiled where that is faster (one text, batches with little
-            padding; :mod:`oztune.models.compiled`), compiled here before it is returned (30-90 s for
-            MiniLM on 2 cores the first time, ~10 s once inductor's disk cache holds it).
+            padding; :mod:`oztune.models.compiled`), compiled here before it is returned (20-65 s for
+            MiniLM on 2 cores, less once inductor's disk cache holds it).
     """
     if backend not in BACKENDS:
         raise OztuneError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")

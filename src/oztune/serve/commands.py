@@ -74,7 +74,7 @@ class ServeArgs:
             (BENCHMARKS.md); a lone request then runs on one thread (--workers 1 for the lowest latency
             at low load).
         compile: torch backend: run one text and unpadded batches under torch.compile (compiled at start,
-            20-60 s for MiniLM on 2 cores): lone requests run faster (batch 1 in bench/compiled.py:
+            20-65 s for MiniLM on 2 cores): lone requests run faster (batch 1 in bench/compiled.py:
             2.4x eager on 2 threads), padded batches run eager as without it (see BENCHMARKS.md).
         worker_process: run the torch model in a process of its own, so that PyTorch's hold on the GIL
             does not stall the HTTP event loop (--no-worker-process: a thread of the server process).
