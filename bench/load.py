@@ -5,7 +5,9 @@ clients send SST-2 dev sentences (``--texts-per-request`` each) over keep-alive 
 ``--requests`` requests are done or ``--max-seconds`` have passed. Reports throughput, p50/p95/p99
 latency, errors and the mean batch size (from /metrics). After the server stops, the same model is
 run offline in this process on the same sentences in batches of 64, in arrival order and sorted by
-length (as ``oztune predict`` does), and served throughput is given as a share of both.
+length (as ``oztune predict`` does), and served throughput is given as a share of both (with
+``--compile``, offline compiled too, as served). A second table says where the cores went during the timed
+load: CPU ms per request of the server's HTTP process, of its model processes, and of the clients.
 
 The clients are one asyncio task each on raw HTTP/1.1 keep-alive connections (prepared request
 bytes, minimal response parsing), to take as little CPU as possible from the server: client and
@@ -155,6 +157,19 @@ def run(coro):
         return asyncio.run(coro)
 
 
+def cpu_seconds(server: subprocess.Popen) -> dict:
+    """CPU seconds (user + system) so far of the server's main process, its model processes, and this one."""
+    import psutil
+
+    def used(p) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    main = psutil.Process(server.pid)
+    return {"server_front": used(main), "server_models": sum(used(c) for c in main.children(recursive=True)),
+            "clients": used(psutil.Process())}
+
+
 def serve_and_load(model: str, backend: str, texts: list[str], a) -> dict:
     port = free_port()
     proc = start_server(model, backend, port, a)
@@ -164,7 +179,12 @@ def serve_and_load(model: str, backend: str, texts: list[str], a) -> dict:
                                                                    a.texts_per_request)]
         requests = [request_bytes(g) for g in groups]
         run(load(port, requests, 2 * a.concurrency, a.concurrency, 60))  # warm-up, not counted
+        before = cpu_seconds(proc)
         result = run(load(port, requests, a.requests, a.concurrency, a.max_seconds))
+        after = cpu_seconds(proc)
+        # where the cores went, per request: HTTP front (and, onnx, the model threads), model processes, clients
+        result["cpu_ms_per_request"] = {k: 1000 * (after[k] - before[k]) / result["requests"] for k in after}
+        result["cores_busy"] = sum(after[k] - before[k] for k in after) / result["seconds"]
         result["mean_batch_size"] = run(scrape_batches(port))
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -176,11 +196,11 @@ def serve_and_load(model: str, backend: str, texts: list[str], a) -> dict:
     return result
 
 
-def offline(model: str, backend: str, texts: list[str], threads: int) -> dict:
+def offline(model: str, backend: str, texts: list[str], threads: int, compile: bool = False) -> dict:
     """Texts/s of the same model in this process, batches of 64, in arrival order and length-sorted."""
     from oztune.serve.backends import load_backend
 
-    clf = load_backend(model, backend, threads, batch_size=64)
+    clf = load_backend(model, backend, threads, batch_size=64, compile=compile)
     clf.predict(texts[:64])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(texts), 64):
@@ -207,7 +227,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="server compute threads per replica (0: the server's default)")
     p.add_argument("--workers", type=int, default=None, help="server model replicas (default: the server's, per backend)")
     p.add_argument("--offline-texts", type=int, default=4096)
-    p.add_argument("--compile", action="store_true", help="server: the torch model under torch.compile (offline stays eager)")
+    p.add_argument("--compile", action="store_true",
+                   help="server and offline: the torch model under torch.compile (offline eager too, for reference)")
     p.add_argument("--no-worker-process", action="store_true", help="server: run the torch model in a thread of the server process")
     p.add_argument("--data", default=str(ROOT / "data" / "sst2" / "dev.tsv"))
     p.add_argument("--quick", action="store_true", help="300 requests x 8 clients, 256 offline texts")
@@ -229,8 +250,11 @@ def main() -> None:
             if backend == "onnx" and not (Path(a.model) / "model.onnx").is_file():
                 model = str(export_onnx(a.model, Path(tmp) / "onnx"))  # one export for server and offline
             print(f"{backend}: {a.requests:,} requests from {a.concurrency} clients ...", flush=True)
-            run = {"backend": backend, **serve_and_load(model, backend, dev, a),
-                   **offline(model, backend, texts, a.threads or default_threads())}
+            threads = a.threads or default_threads()
+            run = {"backend": backend, **serve_and_load(model, backend, dev, a), **offline(model, backend, texts, threads)}
+            if a.compile and backend == "torch":  # the served model's own offline speed is the compiled one
+                run["offline_eager"] = {k: run[k] for k in ("offline_arrival_texts_per_s", "offline_sorted_texts_per_s")}
+                run.update(offline(model, backend, texts, threads, compile=True))
             for kind in ("arrival", "sorted"):
                 run[f"served_over_offline_{kind}"] = run["texts_per_s"] / run[f"offline_{kind}_texts_per_s"]
             runs.append(run)
@@ -253,6 +277,17 @@ def report(runs: list[dict], a, quantized: bool) -> None:
               f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch_size']:.1f} | "
               f"{r['offline_arrival_texts_per_s']:.0f} / {r['offline_sorted_texts_per_s']:.0f} | "
               f"{r['served_over_offline_arrival']:.2f} / {r['served_over_offline_sorted']:.2f} |")
+    print("\nwhere the cores went during the timed load (CPU ms per request):\n")
+    print("| backend | server front (HTTP; onnx: and its model) | server model processes | clients | cores busy |")
+    print("|---|---|---|---|---|")
+    for r in runs:
+        c = r["cpu_ms_per_request"]
+        print(f"| {r['backend']} | {c['server_front']:.3f} | {c['server_models']:.3f} | {c['clients']:.3f} | "
+              f"{r['cores_busy']:.2f} of {os.cpu_count()} |")
+    if any("offline_eager" in r for r in runs):
+        print("\noffline texts/s are the compiled model's (as served); eager: " + "; ".join(
+            f"{r['backend']} {r['offline_eager']['offline_arrival_texts_per_s']:.0f} / "
+            f"{r['offline_eager']['offline_sorted_texts_per_s']:.0f}" for r in runs if "offline_eager" in r))
     for r in runs:
         met = (r["errors"] <= TARGETS["errors"], r["served_over_offline_sorted"] >= TARGETS["served_over_offline"],
                r["p99_ms"] < TARGETS["p99_ms"])

@@ -55,8 +55,8 @@ class Classifier:
                         compile: bool = False) -> "Classifier":
         """Load a directory written by ``oztune finetune`` (or any HF-format sequence classifier).
 
-        With ``compile``, the model runs under ``torch.compile`` where that is faster (one text at a time,
-        batches with little padding; :mod:`oztune.models.compiled`); the first calls compile (20-65 s on 2 cores).
+        With ``compile``, the model runs under ``torch.compile`` at inference (:mod:`oztune.models.compiled`);
+        the first calls compile it (20-65 s on 2 cores).
         """
         model, enc, meta = load_classifier(path, max_length=max_length)
         if compile:

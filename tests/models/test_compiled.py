@@ -1,4 +1,4 @@
-"""CompiledClassifier: compiled where the batch has little padding, eager (packing) elsewhere, same logits."""
+"""CompiledClassifier: compiled at inference (padded batches packed), eager for training, same logits."""
 
 from __future__ import annotations
 
@@ -18,54 +18,63 @@ class Recorder:
     def __init__(self, model):
         self.model, self.calls = model, []
 
-    def __call__(self, ids, mask, tt):
-        self.calls.append((tuple(ids.shape), mask is None))
-        return self.model(ids, mask, tt)
+    def __call__(self, ids, mask, tt, token_index=None):
+        self.calls.append((tuple(ids.shape), mask is None, token_index is not None))
+        return self.model(ids, mask, tt, token_index=token_index)
 
 
-def test_dispatch_compiled_only_without_much_padding_and_without_grad(tiny_hf_dir):
+def test_dispatch_compiled_unless_grad_all_tokens_or_a_padded_pooled_position(tiny_hf_dir):
     model, _, _ = load_classifier(tiny_hf_dir("bert")[0])
+    assert model.head_cfg.pooling == "cls"
     wrapped = compile_for_inference(model)
     rec = Recorder(model)
     object.__setattr__(wrapped, "compiled", rec)
     one, one_mask = padded_batch(0, lengths=(7,))
     flat, flat_mask = padded_batch(0, lengths=(6, 6, 6))
-    padded, padded_mask = padded_batch(0, lengths=(9, 2, 2, 9))  # 39% padding: packing pays
+    padded, padded_mask = padded_batch(0, lengths=(9, 2, 2, 9))
     twelve, twelve_mask = padded_batch(0, lengths=(12,))
     left = torch.cat([torch.zeros(1, 1, dtype=torch.long), twelve], 1)  # one text, left-padded by one
-    left_mask = torch.cat([torch.zeros(1, 1, dtype=torch.long), twelve_mask], 1)  # 8% padding: not packed
+    left_mask = torch.cat([torch.zeros(1, 1, dtype=torch.long), twelve_mask], 1)  # its cls position is padding
+    right_mask = torch.cat([twelve_mask, torch.zeros(1, 1, dtype=torch.long)], 1)
     with torch.no_grad():
         wrapped(one, one_mask)
-        wrapped(left, left_mask)
+        wrapped(left, left_mask)  # eager: the pooled position has no packed row
+        wrapped(left, right_mask)  # one padded text: packed
         wrapped(flat, flat_mask)
         wrapped(padded, padded_mask)
         wrapped(flat, flat_mask, all_tokens=True)
     wrapped(flat, flat_mask)  # grad enabled: training never runs the inference graph
-    assert rec.calls == [((1, 7), True), ((1, 13), False), ((3, 6), False)]  # one unpadded text: no mask
+    # one unpadded text: no mask, not packed; every other batch packed
+    assert rec.calls == [((1, 7), True, False), ((1, 13), False, True), ((3, 6), False, True),
+                         ((4, 9), False, True)]
     assert wrapped.head_cfg is model.head_cfg  # attributes are the wrapped model's
     assert list(wrapped.state_dict()) == ["eager." + k for k in model.state_dict()]  # no second copy
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_compiled_logits_match_eager(tiny_hf_dir, one_thread, int8):
-    model, _, _ = load_classifier(tiny_hf_dir("bert")[0])
+@pytest.mark.parametrize("family,pooling,int8", [("bert", "cls", False), ("bert", "cls", True),
+                                                 ("bert", "mean", True), ("gpt2", "last", False)])
+def test_compiled_logits_match_eager(tiny_hf_dir, one_thread, family, pooling, int8):
+    model, _, _ = load_classifier(tiny_hf_dir(family)[0])
+    model.head_cfg.pooling = pooling
     if int8:
         quantize_(model, QuantConfig())
     model.eval()
     wrapped = compile_for_inference(model)
-    batches = [padded_batch(0, lengths=(7,)), padded_batch(0, lengths=(5,)),  # one text, two lengths
-               padded_batch(0, lengths=(6, 6, 5)), padded_batch(0, lengths=(9, 2, 2, 9))]
+    pad = 0
+    batches = [padded_batch(pad, lengths=(7,)), padded_batch(pad, lengths=(5,)),  # one text, two lengths
+               padded_batch(pad, lengths=(6, 6, 5)), padded_batch(pad, lengths=(9, 2, 2, 9)),
+               padded_batch(pad, lengths=(3, 11, 1, 6, 11), seed=2)]
     with torch.no_grad():
         for ids, mask in batches:
             # int8: inductor computes x / scale in another order, so a code can round the other way
             got, want = wrapped(ids, mask), model(ids, mask)
-            print(int8, (got - want).abs().max().item(), want.abs().max().item())
             torch.testing.assert_close(got, want, atol=2e-2 if int8 else 1e-5, rtol=1e-3)
 
 
-def test_one_graph_for_every_unpadded_batch_size(tiny_hf_dir, one_thread):
-    """Few rows and many (the eager int8 kernels switch at ONEDNN_MIN_ROWS) share one compiled graph: a
-    recompile in service would stall a request for tens of seconds."""
+def test_one_graph_for_every_batch(tiny_hf_dir, one_thread):
+    """Batches of every size, length and padding, with few rows and many (the eager int8 kernels switch
+    at ONEDNN_MIN_ROWS), share one compiled graph, and one text another: a recompile in service would
+    stall a request for tens of seconds."""
     import torch._dynamo
 
     from oztune.compress.int8_ops import ONEDNN_MIN_ROWS
@@ -79,5 +88,6 @@ def test_one_graph_for_every_unpadded_batch_size(tiny_hf_dir, one_thread):
         wrapped(*padded_batch(0, lengths=(5,)))  # the graph for one text
         wrapped(*small)  # and the one for batches
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for ids, mask in (large, padded_batch(0, lengths=(3,) * 5), padded_batch(0, lengths=(9,))):
+            for ids, mask in (large, padded_batch(0, lengths=(3,) * 5), padded_batch(0, lengths=(9,)),
+                              padded_batch(0, lengths=(9, 2, 2, 9)), padded_batch(0, lengths=(5, 1, 13))):
                 torch.testing.assert_close(wrapped(ids, mask), model(ids, mask), atol=1e-3, rtol=1e-3)

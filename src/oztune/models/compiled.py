@@ -1,12 +1,16 @@
-"""``torch.compile`` for inference, where it pays: batches with little padding, batch 1 above all.
+"""``torch.compile`` for inference: one graph for one text, one for every batch, padding skipped.
 
 Eager PyTorch spends most of a small forward pass dispatching ~500 small operators one by one (an
 int8 Linear alone is about ten: quantize, matmul, dequantize); inductor fuses them into a few C++
 loops around the matmuls. On the bundled MiniLM in int8 with 2 threads that takes batch 1 from 4.4 ms
-to 1.8 ms a sentence, and length-sorted batches of 16 and 64 gain 25% and 13% (bench/compiled.py). A batch
-with much padding is another matter: eager runs its row-wise layers on the real tokens only
-(:mod:`oztune.models.packing`, data-dependent shapes a compiled graph cannot follow) and stays faster.
-So :class:`CompiledClassifier` keeps both and picks per batch.
+to 1.8 ms a sentence, and length-sorted batches of 16 and 64 gain 25% and 13% (bench/compiled.py).
+
+Batches are packed as in eager inference (:mod:`oztune.models.packing`: row-wise layers on the real
+tokens only), in one attention group: the real tokens' coordinates come from ``nonzero``, whose size
+depends on the data, so :class:`CompiledClassifier` finds them outside the graph and passes them in
+(:func:`~oztune.models.packing.token_index`); inside, every step has a size the graph can follow. Before,
+padded batches ran eager (packing could not be compiled): a server's batches of mixed lengths got nothing
+from compiling.
 
 Costs: compiling takes 20-65 s on 2 cores (less once inductor's disk cache holds the graphs), and the
 compiled graphs are guarded on shapes only, not on the modules' attributes
@@ -19,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from oztune.models.packing import Packing
+from oztune.models.packing import token_index
 
 OPTIONS = {
     "cpp_wrapper": True,  # C++ calls the kernels: less overhead per kernel than a Python wrapper
@@ -32,11 +36,12 @@ OPTIONS = {
 
 
 class CompiledClassifier(nn.Module):
-    """A sequence classifier run compiled where that is faster, eager where it is not.
+    """A sequence classifier run compiled at inference.
 
-    Eager for training (grad enabled), ``all_tokens`` calls and batches with enough padding for packing
-    to pay; compiled (dynamic shapes, C++ wrapper) for the rest. Attributes the wrapper lacks
-    (``head_cfg``, ``scores``, ...) are the wrapped model's.
+    Compiled (dynamic shapes, C++ wrapper): one unpadded text without a mask, every other batch packed.
+    Eager: training (grad enabled), ``all_tokens`` calls, and a batch whose pooled position is padding
+    (cls pooling of a left-padded row: packing drops it). Attributes the wrapper lacks (``head_cfg``,
+    ``scores``, ...) are the wrapped model's.
 
     Args:
         model: the (eval-mode) classifier to wrap; it is shared, not copied.
@@ -53,11 +58,15 @@ class CompiledClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, all_tokens: bool = False) -> torch.Tensor:
-        if all_tokens or torch.is_grad_enabled() or Packing.worth_it(attention_mask):
+        if all_tokens or torch.is_grad_enabled():
             return self.eager(input_ids, attention_mask, token_type_ids, all_tokens=all_tokens)
-        if input_ids.shape[0] == 1 and (attention_mask is None or bool(attention_mask.all())):
-            attention_mask = None  # one unpadded text: the graph without a mask
-        return self.compiled(input_ids, attention_mask, token_type_ids)
+        if attention_mask is not None and (input_ids.shape[0] > 1 or not bool(attention_mask.all())):
+            # packed: the real tokens' coordinates are found here, outside the graph (data-dependent sizes)
+            index = token_index(attention_mask, self.eager.pooled_positions(input_ids, attention_mask))
+            if index is None:  # a pooled position is padding (cls pooling of a left-padded row)
+                return self.eager(input_ids, attention_mask, token_type_ids)
+            return self.compiled(input_ids, attention_mask, token_type_ids, token_index=index)
+        return self.compiled(input_ids, None, token_type_ids)  # one unpadded text (or no mask): no mask
 
     def __getattr__(self, name: str):
         try:

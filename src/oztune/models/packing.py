@@ -90,6 +90,29 @@ class Packing:
         self.unsort = None if identity else torch.argsort(self.group_order)
         self.query_rows = None if query is None else self.rows(query)  # (B,), -1 where a pooled position is padding
 
+    @classmethod
+    def one_group(cls, b: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                  query_rows: torch.Tensor | None = None) -> "Packing":
+        """All rows in one attention group, in batch order, from the coordinates of the real tokens.
+
+        Unlike the constructor this takes no data-dependent step (no ``nonzero``, no sizes read from the
+        data), so a compiled graph can build it from tensors computed outside; see :func:`token_index`.
+
+        Args:
+            b, t: (N,) batch row and position of each real token, row-major
+                (``attention_mask.nonzero(as_tuple=True)``).
+            mask: the transformer's attention mask for the batch, (B, 1, 1, T) or causal (B, 1, T, T).
+            query_rows: (B,) packed row of each row's pooled position, or None.
+        """
+        self = cls.__new__(cls)
+        self.B, self.T = B, T = mask.shape[0], mask.shape[-1]
+        self.b, self.t = b, t
+        self.flat = b * T + t
+        rows = torch.arange(B, device=b.device)
+        self.groups = [Group(rows, T, 0, b.shape[0], self.flat, mask)]
+        self.row_of, self.group_order, self.unsort, self.query_rows = None, rows, None, query_rows
+        return self
+
     @staticmethod
     def worth_it(attention_mask: torch.Tensor | None) -> bool:
         """Whether a batch has enough padding for packing to pay, at inference (no autograd, no tracing)."""
@@ -113,6 +136,20 @@ class Packing:
     def batch_order(self, y: torch.Tensor) -> torch.Tensor:
         """(B, ...) rows in group order -> in batch order."""
         return y if self.unsort is None else y[self.unsort]
+
+
+def token_index(attention_mask: torch.Tensor, query: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(b, t, query_rows) for :meth:`Packing.one_group`: each real token's batch row and position, and the
+    packed row of each (B,) ``query`` position; None when a query position is padding (no packed row)."""
+    b, t = attention_mask.nonzero(as_tuple=True)  # (N,) each, row-major
+    if query is None:
+        return b, t, None
+    B, T = attention_mask.shape
+    row_of = torch.full((B * T,), -1, dtype=torch.long, device=b.device)
+    row_of[b * T + t] = torch.arange(b.shape[0], device=b.device)
+    query_rows = row_of[torch.arange(B, device=b.device) * T + query]
+    return None if bool((query_rows < 0).any()) else (b, t, query_rows)
 
 
 def _scatter(x: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tensor:

@@ -237,7 +237,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, query: torch.Tensor | None = None,
-                pack: bool = True) -> torch.Tensor:
+                pack: bool = True, token_index: tuple | None = None) -> torch.Tensor:
         """Last hidden state (B, T, C) for token ids (B, T).
 
         With ``query`` (B,), the position of the one token per row whose output is wanted (the first
@@ -248,13 +248,17 @@ class Transformer(nn.Module):
         At inference (and unless ``pack`` is False: hooks on the layers see (B, T, C) then), a batch with
         enough padding runs its row-wise layers on the real tokens only and attention in groups of
         similar length (:mod:`oztune.models.packing`); the result is the same, zeros at padded positions.
+        ``token_index`` (from :func:`oztune.models.packing.token_index`) packs any batch, in one attention
+        group: the form a compiled graph can run (:mod:`oztune.models.compiled`).
         """
         mask = self.attention_mask(attention_mask, input_ids.shape[1])
         packing = None
-        if pack and mask is not None and Packing.worth_it(attention_mask):
+        if token_index is not None and mask is not None:
+            packing = Packing.one_group(*token_index[:2], mask, token_index[2])
+        elif pack and mask is not None and Packing.worth_it(attention_mask):
             packing = Packing(attention_mask, mask, query)
-        if packing is not None and query is not None and bool((packing.query_rows < 0).any()):
-            packing = None  # a pooled position is padding (cls pooling of a left-padded row): keep that row
+            if query is not None and bool((packing.query_rows < 0).any()):
+                packing = None  # a pooled position is padding (cls pooling of a left-padded row): keep that row
         if packing is not None:
             tt = None if token_type_ids is None else packing.pack(token_type_ids)
             x = self.embed(packing.pack(input_ids), tt, packing.t)  # (N, C)
@@ -327,20 +331,30 @@ class SequenceClassifier(nn.Module):
         self.head = TaskHead(head, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, all_tokens: bool = False) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, all_tokens: bool = False,
+                token_index: tuple | None = None) -> torch.Tensor:
         """Logits (B, num_labels).
 
         Args:
             all_tokens: compute every token's output in the last layer too (hooks that read whole
                 layer outputs need it); by default cls and last-token pooling compute only the pooled row.
+            token_index: run packed in one attention group (see :meth:`Transformer.forward`); its query
+                rows must be those of :meth:`pooled_positions` for this model's pooling.
         """
         how = self.head_cfg.pooling
         if all_tokens or how == "mean":
-            hidden = self.backbone(input_ids, attention_mask, token_type_ids, pack=not all_tokens)  # (B, T, C)
+            hidden = self.backbone(input_ids, attention_mask, token_type_ids, pack=not all_tokens,
+                                   token_index=token_index)  # (B, T, C)
             return self.head(hidden, attention_mask)
-        query = pooled_positions(attention_mask, how, *input_ids.shape, input_ids.device)  # (B,)
-        hidden = self.backbone(input_ids, attention_mask, token_type_ids, query=query)  # (B, 1, C)
+        query = self.pooled_positions(input_ids, attention_mask)  # (B,)
+        hidden = self.backbone(input_ids, attention_mask, token_type_ids, query=query,
+                               token_index=token_index)  # (B, 1, C)
         return self.head(hidden, None)
+
+    def pooled_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B,) position of the token the head reads per row; None for mean pooling (it reads them all)."""
+        how = self.head_cfg.pooling
+        return None if how == "mean" else pooled_positions(attention_mask, how, *input_ids.shape, input_ids.device)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of the problem type: cross-entropy, BCE-with-logits or MSE."""

@@ -99,9 +99,8 @@ def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_siz
         threads: compute threads (0: every core this process may use).
         batch_size: texts per forward pass.
         max_length: tokenizer truncation length.
-        compile: torch only: run the model compiled where that is faster (one text, batches with little
-            padding; :mod:`oztune.models.compiled`), compiled here before it is returned (20-65 s for
-            MiniLM on 2 cores, less once inductor's disk cache holds it).
+        compile: torch only: run the model compiled (:mod:`oztune.models.compiled`), compiled here before
+            it is returned (20-65 s for MiniLM on 2 cores, less once inductor's disk cache holds it).
     """
     if backend not in BACKENDS:
         raise OztuneError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -113,9 +112,10 @@ def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_siz
             raise ModelError(f"{path}: an ONNX export; serve it with --backend onnx, or give the model directory")
         torch.set_num_threads(threads)
         clf = Classifier.from_pretrained(path, batch_size=batch_size, max_length=max_length, compile=compile)
-        if compile:
-            for n in (1, min(batch_size, 8)):  # the graphs for one text and for unpadded batches
-                clf.predict(["a first text to compile the model with"] * n)
+        if compile:  # the graphs for one text and for batches (of distinct sizes, texts and tokens: see
+            # torch.compile's "duck sizing", which gives equal sizes one symbol until a recompile)
+            clf.predict(["a first text to compile the model with"])
+            clf.predict(["a second text", "and a third, longer one, so that the batch has padding", "a fourth"])
         return clf
     if compile:
         raise OztuneError("--compile is for --backend torch (ONNX Runtime optimizes its own graph)")

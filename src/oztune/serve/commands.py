@@ -73,9 +73,9 @@ class ServeArgs:
             two single-thread replicas served more requests than one on two threads, for both backends
             (BENCHMARKS.md); a lone request then runs on one thread (--workers 1 for the lowest latency
             at low load).
-        compile: torch backend: run one text and unpadded batches under torch.compile (compiled at start,
-            20-65 s for MiniLM on 2 cores): lone requests run faster (batch 1 in bench/compiled.py:
-            2.4x eager on 2 threads), padded batches run eager as without it (see BENCHMARKS.md).
+        compile: torch backend: run the model under torch.compile (compiled at start, 20-65 s for MiniLM on
+            2 cores; padded batches packed as eager packs them): lone requests run faster (batch 1 in
+            bench/compiled.py: 2.4x eager on 2 threads) and so do batches (see BENCHMARKS.md).
         worker_process: run the torch model in a process of its own, so that PyTorch's hold on the GIL
             does not stall the HTTP event loop (--no-worker-process: a thread of the server process).
         graceful_timeout_s: on SIGTERM, how long in-flight requests may still take.
