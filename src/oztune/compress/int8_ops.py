@@ -40,22 +40,27 @@ def _has_onednn() -> bool:
 HAS_ONEDNN = _has_onednn()
 
 
-def quantize_per_token(x: torch.Tensor, few_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, few_rows: bool = True,
+                       amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantization of each row of ``x`` (M, K).
 
     Args:
         x: fp32 (M, K).
         few_rows: compute the row maxima with the fewest operators (``|x|`` then one reduction), rather
             than with two vectorised reductions and no ``|x|`` temporary (faster on many rows, eager).
+        amax: (M, 1) each row's largest ``|x|`` (or a bound on it), when the caller knows it already.
 
     Returns:
         (q, scale): int8 codes (M, K) in [-127, 127] and the row scales (M, 1), ``x ~ q * scale``.
     """
-    if few_rows:
-        amax = x.abs().amax(-1, keepdim=True)
-    else:  # two vectorised reductions, no |x| temporary
-        amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
-    scale = amax.clamp_min_(EPS).div_(127)
+    if amax is not None:
+        scale = amax.clamp_min(EPS).div_(127)  # (not in place: the caller's tensor)
+    else:
+        if few_rows:
+            amax = x.abs().amax(-1, keepdim=True)
+        else:  # two vectorised reductions, no |x| temporary
+            amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
+        scale = amax.clamp_min_(EPS).div_(127)
     return torch.div(x, scale).round_().to(torch.int8), scale
 
 
@@ -93,7 +98,7 @@ def pack_weight(wq: torch.Tensor) -> torch.Tensor | None:
 
 
 def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                packed: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+                packed: Callable[[], torch.Tensor | None], amax: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T + bias`` for a float ``x`` (M, K) and an int8 weight, activations quantized here per row.
 
     Below ``ONEDNN_MIN_ROWS`` rows ``torch._int_mm`` is faster (oneDNN's kernel costs more per call and
@@ -106,6 +111,7 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
         bias: fp32 (N,) or None.
         packed: returns :func:`pack_weight` of ``wq`` (called only when oneDNN's kernel is used: eager, many
             rows; compiled, inductor fuses around ``torch._int_mm`` instead).
+        amax: (M, 1) each row's largest ``|x|``, when the caller knows it (see ``quantize_per_token``).
 
     Returns:
         fp32 (M, N).
@@ -113,7 +119,7 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     # compiled: one formula and one kernel for every size (inductor fuses around torch._int_mm; a branch on
     # the number of rows would be a guard, and a second graph to compile)
     few_rows = torch.compiler.is_compiling() or x.shape[0] < ONEDNN_MIN_ROWS
-    q, scale = quantize_per_token(x, few_rows)
+    q, scale = quantize_per_token(x, few_rows, amax)
     pw = None if few_rows else packed()
     if pw is not None:
         u8 = q.view(torch.uint8).bitwise_xor_(128)  # q + 128: oneDNN's fast kernel takes u8 with zero point 128

@@ -183,7 +183,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.hidden_size, width)
         self.down = nn.Linear(width, cfg.hidden_size)
-        self.act = activation_fn(cfg.activation)
+        self.activation, self.act = cfg.activation, activation_fn(cfg.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(x)))  # (B, T, F) -> (B, T, C)
