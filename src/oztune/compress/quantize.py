@@ -176,11 +176,12 @@ class ChunkedFeedForward(nn.Module):
         # |act(h)| is max(act(max h), floor), known before act(h) is computed. Compiled, inductor would
         # otherwise evaluate the activation (erf, for GELU) twice per element: once for the row maxima that
         # quantize the down-projection's input, once for the codes (14% of a compiled int8 batch of 64).
-        self.act_floor = ACT_FLOORS.get(ffn.activation) if isinstance(self.down, Int8Linear) else None
+        self.act_floor = ACT_FLOORS.get(ffn.activation)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)  # (M, F)
-        if self.act_floor is None or h.shape[-1] == 0:  # (a feed-forward pruned to width 0: nothing to bound)
+        # (not for a down-projection kept in float, or swapped for export; nor a feed-forward pruned to width 0)
+        if self.act_floor is None or type(self.down) is not Int8Linear or h.shape[-1] == 0:
             return self.down(self.act(h))
         amax = self.act(h.amax(-1, keepdim=True)).clamp_min_(self.act_floor)  # (M, 1) = max |act(h)| per row
         return self.down(self.act(h), amax)
