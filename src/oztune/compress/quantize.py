@@ -109,6 +109,8 @@ class Int8Linear(nn.Module):
             self._packed, self._packed_key = pack_weight(self.weight), key
         return self._packed
 
+    takes_amax = True  # forward takes the rows' bound on |x| (ChunkedFeedForward passes one)
+
     def forward(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T + bias`` for x (..., in); ``amax`` (..., 1): each row's largest ``|x|``, if known."""
         lead = x.shape[:-1]
@@ -183,8 +185,8 @@ class ChunkedFeedForward(nn.Module):
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)  # (M, F)
-        # (not for a down-projection kept in float, or swapped for export; nor a feed-forward pruned to width 0)
-        if self.act_floor is None or type(self.down) is not Int8Linear or h.shape[-1] == 0:
+        # (not for a down-projection kept in float; nor a feed-forward pruned to width 0)
+        if self.act_floor is None or not getattr(self.down, "takes_amax", False) or h.shape[-1] == 0:
             return self.down(self.act(h))
         amax = h.amax(-1, keepdim=True).clamp_min_(self.act_floor)  # (M, 1) >= max |act(h)| per row
         return self.down(self.act(h), amax)

@@ -2,8 +2,9 @@
 
 Eager PyTorch spends most of a small forward pass dispatching ~500 small operators one by one (an
 int8 Linear alone is about ten: quantize, matmul, dequantize); inductor fuses them into a few C++
-loops around the matmuls. On the bundled MiniLM in int8 with 2 threads that takes batch 1 from 4.4 ms
-to 1.8 ms a sentence, and length-sorted batches of 16 and 64 gain 25% and 13% (bench/compiled.py).
+loops around the matmuls. On the bundled MiniLM in int8 with 2 threads that takes batch 1 from 4.9 ms
+to 2.0 ms a sentence; batches of 16 in file order gain 29%, length-sorted batches of 64 22%
+(bench/compiled.py, BENCHMARKS.md).
 
 Batches are packed as in eager inference (:mod:`oztune.models.packing`: row-wise layers on the real
 tokens only), in one attention group: the real tokens' coordinates come from ``nonzero``, whose size

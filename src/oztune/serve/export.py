@@ -41,27 +41,30 @@ FLOAT, UINT8 = 1, 2  # ONNX TensorProto data types
 class _Int8LinearOp(torch.autograd.Function):
     """``x @ W.T + bias`` the way :class:`oztune.compress.quantize.Int8Linear` computes it, as ONNX ops.
 
-    amax = max(ReduceMax(|x|), eps) per token; q = uint8(Round(x * 127 / amax) + 128);
+    amax = max(ReduceMax(|x|), eps) per token (or the given bound, as the int8 feed-forward passes one);
+    q = uint8(Round(x * 127 / amax) + 128);
     y = float(MatMulInteger(q, Wq.T, zero point 128)) * amax / 127 * w_scale + bias.
     The codes are shifted to uint8 (zero point 128) because onnxruntime's fast int8 kernels are u8 x s8.
     ``forward`` is the same arithmetic in float; it only runs while tracing.
     """
 
     @staticmethod
-    def forward(ctx, x, wq_t, w_scale, bias):
+    def forward(ctx, x, wq_t, w_scale, bias, amax=None):
         from oztune.compress.int8_ops import EPS
 
-        amax = x.abs().amax(-1, keepdim=True).clamp_min(EPS)  # (..., 1)
+        amax = (x.abs().amax(-1, keepdim=True) if amax is None else amax).clamp_min(EPS)  # (..., 1)
         return ((x * (127.0 / amax)).round() @ wq_t.float()) * (amax * (1 / 127)) * w_scale + bias
 
     @staticmethod
-    def symbolic(g, x, wq_t, w_scale, bias):
+    def symbolic(g, x, wq_t, w_scale, bias, amax=None):
         from oztune.compress.int8_ops import EPS
 
         def const(v, dtype=torch.float32):
             return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
 
-        amax = g.op("Max", g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1), const(EPS))
+        if amax is None or amax.node().mustBeNone():
+            amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+        amax = g.op("Max", amax, const(EPS))
         q = g.op("Mul", x, g.op("Div", const(127.0), amax))
         q = g.op("Cast", g.op("Add", g.op("Round", q), const(128.0)), to_i=UINT8)
         y = g.op("Cast", g.op("MatMulInteger", q, wq_t, const(128, torch.uint8)), to_i=FLOAT)
@@ -82,8 +85,10 @@ class OnnxInt8Linear(nn.Module):
         self.register_buffer("w_scale", q.weight_scale.float().clone())
         self.register_buffer("bias", q.bias.float().clone() if q.bias is not None else torch.zeros(q.out_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Int8LinearOp.apply(x, self.wq_t, self.w_scale, self.bias)
+    takes_amax = True  # as Int8Linear: the int8 feed-forward passes its rows' bound on |x|
+
+    def forward(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+        return _Int8LinearOp.apply(x, self.wq_t, self.w_scale, self.bias, amax)
 
 
 def prepare_for_onnx(model: nn.Module) -> nn.Module:
