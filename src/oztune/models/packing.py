@@ -83,15 +83,13 @@ class Packing:
             start += len(i)
         self.b, self.t = torch.cat(b_parts), torch.cat(t_parts)  # (N,): batch row and position of each packed row
         self.flat = self.b * T + self.t
-        self.row_of = torch.full((B * T,), -1, dtype=torch.long, device=device)
-        self.row_of[self.flat] = torch.arange(len(self.flat), device=device)  # (B * T,) packed row, -1 at padding
         self.group_order = torch.cat([g.rows for g in self.groups])  # (B,) batch rows, group by group
         identity = bool((self.group_order == torch.arange(B, device=device)).all())
         self.unsort = None if identity else torch.argsort(self.group_order)
-        self.query_rows = None if query is None else self.rows(query)  # (B,), -1 where a pooled position is padding
+        self.query_rows = None if query is None else _packed_rows(self.flat, B, T, query)  # (B,), -1: padding
 
     @classmethod
-    def one_group(cls, b: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+    def one_group(cls, mask: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
                   query_rows: torch.Tensor | None = None) -> "Packing":
         """All rows in one attention group, in batch order, from the coordinates of the real tokens.
 
@@ -99,10 +97,9 @@ class Packing:
         data), so a compiled graph can build it from tensors computed outside; see :func:`token_index`.
 
         Args:
-            b, t: (N,) batch row and position of each real token, row-major
-                (``attention_mask.nonzero(as_tuple=True)``).
             mask: the transformer's attention mask for the batch, (B, 1, 1, T) or causal (B, 1, T, T).
-            query_rows: (B,) packed row of each row's pooled position, or None.
+            b, t, query_rows: :func:`token_index`: (N,) batch row and position of each real token, row-major,
+                and the (B,) packed row of each row's pooled position, or None.
         """
         self = cls.__new__(cls)
         self.B, self.T = B, T = mask.shape[0], mask.shape[-1]
@@ -110,7 +107,7 @@ class Packing:
         self.flat = b * T + t
         rows = torch.arange(B, device=b.device)
         self.groups = [Group(rows, T, 0, b.shape[0], self.flat, mask)]
-        self.row_of, self.group_order, self.unsort, self.query_rows = None, rows, None, query_rows
+        self.group_order, self.unsort, self.query_rows = rows, None, query_rows
         return self
 
     @staticmethod
@@ -129,10 +126,6 @@ class Packing:
         """(N, C) -> (B, T, C), zeros at padding."""
         return _scatter(x, self.flat, self.B, self.T)
 
-    def rows(self, positions: torch.Tensor) -> torch.Tensor:
-        """(B,) positions (one per batch row) -> their (B,) packed rows (-1 where that position is padding)."""
-        return self.row_of[torch.arange(self.B, device=positions.device) * self.T + positions]
-
     def batch_order(self, y: torch.Tensor) -> torch.Tensor:
         """(B, ...) rows in group order -> in batch order."""
         return y if self.unsort is None else y[self.unsort]
@@ -146,10 +139,16 @@ def token_index(attention_mask: torch.Tensor, query: torch.Tensor | None = None
     if query is None:
         return b, t, None
     B, T = attention_mask.shape
-    row_of = torch.full((B * T,), -1, dtype=torch.long, device=b.device)
-    row_of[b * T + t] = torch.arange(b.shape[0], device=b.device)
-    query_rows = row_of[torch.arange(B, device=b.device) * T + query]
+    query_rows = _packed_rows(b * T + t, B, T, query)
     return None if bool((query_rows < 0).any()) else (b, t, query_rows)
+
+
+def _packed_rows(flat: torch.Tensor, B: int, T: int, positions: torch.Tensor) -> torch.Tensor:
+    """(B,) positions, one per batch row -> their packed rows, given each packed row's (N,) ``flat`` index
+    into the (B * T) layout; -1 where that position is padding."""
+    row_of = torch.full((B * T,), -1, dtype=torch.long, device=flat.device)
+    row_of[flat] = torch.arange(len(flat), device=flat.device)
+    return row_of[torch.arange(B, device=flat.device) * T + positions]
 
 
 def _scatter(x: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tensor:

@@ -254,7 +254,7 @@ class Transformer(nn.Module):
         mask = self.attention_mask(attention_mask, input_ids.shape[1])
         packing = None
         if token_index is not None and mask is not None:
-            packing = Packing.one_group(*token_index[:2], mask, token_index[2])
+            packing = Packing.one_group(mask, *token_index)
         elif pack and mask is not None and Packing.worth_it(attention_mask):
             packing = Packing(attention_mask, mask, query)
             if query is not None and bool((packing.query_rows < 0).any()):
