@@ -4,7 +4,10 @@ The same work as bench/train_speed.py (bundled MiniLM, batch 32, max length 128,
 length-bucketed batches, fused AdamW), run for a few warm-up steps and then profiled.
 
     python bench/profile_step.py [--steps 30] [--freeze/--no-freeze] [--rows 25]
-Prints the operators that take the most self CPU time and writes bench/results/profile_step.json.
+Prints the operators that take the most self CPU time and writes bench/results/profile_step.json. Also
+the rate of the step's matrix products (their FLOPs, counted by ``torch.utils.flop_counter``, over the
+profiled time of ``mm`` + ``addmm``) next to a large bf16 matmul's (2048^3) in the same run: the GEMMs'
+share of the machine's ceiling, which the peers' GEMMs share too.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peers import ops_by_self_time
+from peers import best_time, ops_by_self_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,14 +73,30 @@ def main() -> None:
         for b in work:
             step(b)
     tokens = float(np.mean([data.lengths[b].max() for b in work]))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        for b in work:
+            step(b)
+    flops = counter.get_flop_counts()["Global"]
+    gemm_flops = sum(n for op, n in flops.items() if str(op).split(".")[-1] in ("mm", "addmm")) / len(work)
+    gemm_s = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")) / 1e6
+    x = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    x @ x
+    ceiling = 2 * 2048 ** 3 / best_time(lambda: x @ x, 10) / 1e9
+    gemm_rate = gemm_flops * len(work) / gemm_s / 1e9
     print(f"{len(work)} steps of 32, mean padded length {tokens:.1f}: {1000 * plain:.1f} ms per step "
           f"({32 / plain:.0f} examples/s) without the profiler")
+    print(f"GEMMs (mm + addmm): {gemm_flops / 1e9:.1f} GFLOP per step at {gemm_rate:.0f} GFLOP/s; a 2048^3 bf16 "
+          f"matmul here: {ceiling:.0f} GFLOP/s ({100 * gemm_rate / ceiling:.0f}% of it)")
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows)
     print(table)
     top = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / len(work), "share": share,
             "calls_per_step": e.count / len(work)} for e, share in ops_by_self_time(prof, a.rows)]
     Path(a.out).write_text(json.dumps({"ms_per_step": 1000 * plain, "mean_padded_length": tokens,
-                                       "threads": torch.get_num_threads(), "top": top}, indent=2) + "\n")
+                                       "threads": torch.get_num_threads(),
+                                       "gemm_gflop_per_step": gemm_flops / 1e9, "gemm_gflops": gemm_rate,
+                                       "bf16_matmul_ceiling_gflops": ceiling, "top": top}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

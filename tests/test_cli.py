@@ -98,6 +98,7 @@ BAD = [
     (["finetune", "--train", "{ragged}", "--output", "{tmp}/o"], "line 3: expected 2 fields"),
     (["finetune", "--train", "{binary}", "--output", "{tmp}/o"], "not valid UTF-8"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--epochs", "0"], "--epochs must be at least 1"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--layer-lr-decay", "1.5"], "--layer-lr-decay must be in (0, 1]"),
 ]
 
 

@@ -111,3 +111,29 @@ def test_clipped_step_equals_clip_grad_norm_then_step(max_norm, fused):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
     moved = max((a - make_p).abs().max().item() for a, make_p in zip(got.parameters(), make().parameters()))
     assert moved > 1e-3  # the steps did something
+
+
+def test_layer_lr_decay_gives_each_depth_its_learning_rate(tiny_base, data):
+    from oztune.train.loop import make_optimizer, param_groups
+
+    model, _, _ = new_model(tiny_base, data)
+    L = len(model.backbone.layers)
+    plain = param_groups(model, 0.01)  # off: the two usual groups, decay first
+    assert [g["weight_decay"] for g in plain] == [0.01, 0.0] and all(g["lr_scale"] == 1 for g in plain)
+    opt, sched = make_optimizer(model, config(lr=1e-3, layer_lr_decay=0.5, warmup_ratio=0.0), total_steps=10)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    want = {"backbone.embed.position.weight": 1e-3 * 0.5 ** (L + 1),
+            "backbone.layers.0.attn.qkv.weight": 1e-3 * 0.5 ** L,
+            f"backbone.layers.{L - 1}.ffn.down.bias": 1e-3 * 0.5}
+    want.update({n: 1e-3 for n in named if n.startswith("head.")})
+    for name, lr in want.items():
+        assert lr_of[id(named[name])] == pytest.approx(lr), name
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+    for _ in range(5):  # the schedule scales every group alike: the ratios stay
+        opt.step()
+        sched.step()
+    factor = 5 / 9  # step 5 of 10, one warm-up step: (10 - 5) / (10 - 1) of the way down the linear decay
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, lr in want.items():
+        assert lrs[id(named[name])] == pytest.approx(lr * factor), name

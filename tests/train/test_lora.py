@@ -69,7 +69,7 @@ def test_finetune_with_lora_saves_a_plain_checkpoint_transformers_loads(tiny_bas
     shown = capsys.readouterr().out
     run = json.loads((out / "run.json").read_text())
     assert run["trainable_parameters"] < run["parameters"] / 2
-    assert f"{run['trainable_parameters'] / 1e6:.2f}M trainable" in shown and "LoRA rank 4 on qkv,o,up,down" in shown
+    assert f"{run['trainable_parameters'] / 1e6:.3g}M trainable" in shown and "LoRA rank 4 on qkv,o,up,down" in shown
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["BertForSequenceClassification"] and cfg["oztune"]["format"] == "hf"
 

@@ -70,6 +70,8 @@ class FinetuneArgs(RecipeOptions):
         head_dropout: dropout in the head.
         warmup_ratio: share of steps spent warming up.
         weight_decay: AdamW weight decay.
+        layer_lr_decay: layer-wise learning-rate decay d: the head trains at --lr, the top block at lr x d, each
+            block below at d times the one above, the embeddings last (1: off; 0.8-0.95 is usual).
         grad_accum: batches accumulated per optimizer step.
         max_grad_norm: gradient clipping norm (0: off).
         patience: stop after this many epochs without improvement on --eval (0: never).
@@ -103,6 +105,7 @@ class FinetuneArgs(RecipeOptions):
     head_dropout: float = 0.1
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
+    layer_lr_decay: float = 1.0
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     patience: int = 0
@@ -119,7 +122,8 @@ class FinetuneArgs(RecipeOptions):
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                           warmup_ratio=self.warmup_ratio, max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum,
+                           layer_lr_decay=self.layer_lr_decay, warmup_ratio=self.warmup_ratio,
+                           max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum,
                            precision=self.precision, seed=self.seed, patience=self.patience,
                            freeze_embeddings=self.freeze_embeddings, progress=self.progress,
                            checkpoint_dir=self.checkpoints_dir(), checkpoint_every=self.checkpoint_every,
@@ -150,6 +154,8 @@ def check_args(a: FinetuneArgs) -> None:
             raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(a, name)}")
     if not 0 <= a.lora_dropout < 1:
         raise OztuneError(f"--lora-dropout must be in [0, 1), not {a.lora_dropout}")
+    if not 0 < a.layer_lr_decay <= 1:
+        raise OztuneError(f"--layer-lr-decay must be in (0, 1], not {a.layer_lr_decay}")
     if a.problem_type not in (None, "single_label", "multi_label", "regression"):
         raise OztuneError(f"--problem-type must be single_label, multi_label or regression, not {a.problem_type!r}")
     check_output_dir(a.output)
@@ -241,7 +247,7 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
         procs = f"; {env.world} processes x batch {a.batch_size}" if env.world > 1 else ""
         print(f"oztune: fine-tuning {a.model} on {len(train_ex):,} examples of {a.train} "
               f"({problem_type}, {num_labels} output{'s' if num_labels > 1 else ''}); "
-              f"{total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({100 * trainable / total:.1f}%"
+              f"{total / 1e6:.3g}M parameters, {trainable / 1e6:.3g}M trainable ({100 * trainable / total:.1f}%"
               f"{lora}){procs}", flush=True)
     cfg = a.train_config()
     result = fit(model, train_data, cfg, eval_data)

@@ -45,6 +45,8 @@ class TrainConfig:
         seed: seed of shuffling, dropout and new layers.
         patience: stop after this many evaluations without improvement (0: never stop early).
         freeze_embeddings: keep the token-embedding table fixed (faster: no dense 30k-row gradient).
+        layer_lr_decay: layer-wise learning-rate decay: the task head trains at ``lr``, the top block at
+            ``lr x d``, the one below at ``lr x d^2``, ..., the embeddings at ``lr x d^(L+1)`` (1: off).
         bucket: length bucketing, in batches per sorted mega-batch (1: off).
         progress: show a progress bar.
         checkpoint_dir: folder for resumable checkpoints (None: none are written).
@@ -66,6 +68,7 @@ class TrainConfig:
     seed: int = 42
     patience: int = 0
     freeze_embeddings: bool = False
+    layer_lr_decay: float = 1.0
     bucket: int = 50
     progress: bool = True
     checkpoint_dir: str | None = None
@@ -110,12 +113,31 @@ def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model.loss(logits, batch["labels"])
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def layer_depth(name: str, num_layers: int) -> int:
+    """Depth of a parameter from the bottom: 0 the embeddings, i + 1 block i, L + 1 the rest (head, final norm)."""
+    parts = name.split(".")
+    if "embed" in parts:
+        return 0
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return int(parts[i + 1]) + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: no decay on biases and norms; with ``layer_lr_decay`` < 1 each group also carries an
+    ``lr_scale`` (``layer_lr_decay`` to the power of its distance from the top, see :func:`layer_depth`)."""
+    num_layers = sum(1 for n, _ in model.named_modules() if n.split(".")[-2:-1] == ["layers"])
+    groups: dict[tuple[bool, int], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            no_decay = p.ndim < 2 or "norm" in name
+            depth = layer_depth(name, num_layers) if layer_lr_decay != 1.0 else num_layers + 1
+            groups.setdefault((no_decay, depth), []).append(p)
+    return [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr_scale": layer_lr_decay ** (num_layers + 1 - depth)}
+            for (no_decay, depth), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
 
 
 def clipped_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> None:
@@ -142,8 +164,11 @@ def clipped_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], max_nor
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
-    """AdamW (fused on CPU where torch has it) and a linear warm-up/decay schedule."""
-    groups = param_groups(model, cfg.weight_decay)
+    """AdamW (fused on CPU where torch has it, layer-wise learning rates with ``cfg.layer_lr_decay``) and a
+    linear warm-up/decay schedule (it scales every group's own learning rate)."""
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_lr_decay)
+    for g in groups:
+        g["lr"] = cfg.lr * g.pop("lr_scale")
     try:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     except (RuntimeError, TypeError):
