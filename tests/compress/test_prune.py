@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from oztune.cli import main
-from oztune.compress.prune import (GradualPruner, PruneConfig, VocabEmbedding, cubic_sparsity, drop_layers_,
-                                   evenly_spaced, importance, magnitude_prune_, pack_bits, prune_, prune_vocab_, shrink_,
-                                   sparsity_of, to_sparse_, tokens_seen, unpack_bits)
+from oztune.compress.prune import PruneConfig, drop_layers_, evenly_spaced, importance, prune_, shrink_
+from oztune.compress.sparse import (GradualPruner, cubic_sparsity, magnitude_prune_, pack_bits, sparsity_of,
+                                    to_sparse_, unpack_bits)
+from oztune.compress.vocab import VocabEmbedding, prune_vocab_, tokens_seen
 from oztune.config import HeadConfig, ModelConfig
 from oztune.data.dataset import EncodedData
 from oztune.models.hub import load_classifier, save_classifier

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oztune.compress.prune import drop_layers_, evenly_spaced, tokens_seen
+from oztune.compress.prune import drop_layers_, evenly_spaced
+from oztune.compress.vocab import tokens_seen
 from oztune.data.dataset import EncodedData
 from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.errors import ModelError, OztuneError

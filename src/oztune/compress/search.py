@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from oztune.compress.distill import DistillConfig, check_train_options, distill, load_task_data, load_trained
-from oztune.compress.prune import PruneConfig, prune_, prune_vocab_, unk_id
+from oztune.compress.prune import PruneConfig, prune_
+from oztune.compress.vocab import prune_vocab_, unk_id
 from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
 from oztune.compress.report import add_relative, measure, write_report
 from oztune.config import ModelConfig
