@@ -10,8 +10,10 @@ share of it the int8 model reaches on useful (non-padding) tokens. ``--profile``
 self time. ``--kernels`` adds a per-layer
 comparison of the matmul kernels, quantization and dequantization included (the measurements behind
 oztune.compress.int8_ops: torch._int_mm for few rows, oneDNN's pre-packed kernel for many).
+``--compile`` adds oztune int8 under torch.compile; ``--aot`` the same graphs compiled ahead of time
+(``oztune export --format aoti``), with their build and load times.
 
-    python bench/int8.py --model /work/models/sst2-minilm-8k [--quick] [--compile] [--kernels]
+    python bench/int8.py --model /work/models/sst2-minilm-8k [--quick] [--compile] [--aot] [--kernels]
 
 Peers take turns: batch-64 passes round robin (best of ``--repeats``); batch 1 round robin over chunks of
 100 sentences (each chunk's best of ``--repeats``, summed). Prints tables and writes bench/results/int8.json.
@@ -68,9 +70,11 @@ def hf_peers(path: Path, work: Path, threads: int) -> dict:
             "ORT int8": (ort_runner(int8_onnx, tok, threads), file_mb(int8_onnx))}
 
 
-def oztune_peers(path: Path, work: Path, compile: bool) -> tuple[dict, object, float]:
-    """oztune fp32 and oztune int8 (quantized, saved, reloaded from disk like `oztune predict` does), and
-    with ``compile`` the int8 model under torch.compile; returns (peers, int8 Classifier, compile warm-up s)."""
+def oztune_peers(path: Path, work: Path, compile: bool, aot: bool = False) -> tuple[dict, object, float, dict]:
+    """oztune fp32 and oztune int8 (quantized, saved, reloaded from disk like `oztune predict` does), with
+    ``compile`` the int8 model under torch.compile, with ``aot`` the int8 model compiled ahead of time
+    (`oztune export --format aoti`) and loaded from that directory; returns (peers, int8 Classifier,
+    compile warm-up s, {"build_s", "load_s"} of the AOT package)."""
     from oztune.api import Classifier
     from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
     from oztune.models.hub import load_classifier, save_classifier
@@ -90,7 +94,20 @@ def oztune_peers(path: Path, work: Path, compile: bool) -> tuple[dict, object, f
         compiled.logits(["and one for the graph for one text"])
         warm = time.perf_counter() - t
         peers["oztune int8 compiled"] = (compiled.logits, mb)
-    return peers, int8, warm
+    aot_times = {}
+    if aot:
+        from oztune.models.compiled import CompiledClassifier
+        from oztune.serve.export import export_aoti
+
+        t = time.perf_counter()
+        export_aoti(work / "oz-int8", work / "oz-int8-aot")
+        aot_times["build_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        packaged = Classifier.from_pretrained(work / "oz-int8-aot")
+        aot_times["load_s"] = time.perf_counter() - t
+        assert isinstance(packaged.model, CompiledClassifier), "the AOT package did not load"
+        peers["oztune int8 AOT package"] = (packaged.logits, mb)
+    return peers, int8, warm, aot_times
 
 
 # --- the int8 ceiling and the kernels ---------------------------------------------------------------------------
@@ -178,6 +195,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="batch-64 passes per peer (best one counts)")
     ap.add_argument("--threads", type=int, default=THREADS, help="threads of every peer (torch and ONNX Runtime)")
     ap.add_argument("--compile", action="store_true", help="also time oztune int8 under torch.compile (warm-up ~1 min)")
+    ap.add_argument("--aot", action="store_true",
+                    help="also time oztune int8 compiled ahead of time (oztune export --format aoti; ~1 min to build)")
     ap.add_argument("--kernels", action="store_true", help="also compare the matmul kernels layer by layer")
     ap.add_argument("--profile", action="store_true",
                     help="also profile oztune int8 on the sorted batches of 64 and at batch 1 (operators by self time)")
@@ -193,7 +212,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        oz, int8, warm = oztune_peers(path, work, a.compile)
+        oz, int8, warm, aot_times = oztune_peers(path, work, a.compile, a.aot)
         peers = {**hf_peers(path, work, a.threads), **oz}
         lengths = np.array([len(ids) for ids, _ in int8.encoder.encode(texts)])
         order = np.argsort(-lengths, kind="stable")
@@ -251,6 +270,10 @@ def main() -> None:
         "compile_warmup_s": round(warm, 1) if a.compile else None,
         "batch64_speedup_vs_ort_int8_compiled": round(ort[0] / t64["oztune int8 compiled"], 3) if a.compile else None,
         "batch1_speedup_vs_ort_int8_compiled": round(ort[1] / t1["oztune int8 compiled"], 3) if a.compile else None,
+        "aot_build_s": round(aot_times["build_s"], 1) if a.aot else None,
+        "aot_load_s": round(aot_times["load_s"], 2) if a.aot else None,
+        "batch64_speedup_vs_ort_int8_aot": round(ort[0] / t64["oztune int8 AOT package"], 3) if a.aot else None,
+        "batch1_speedup_vs_ort_int8_aot": round(ort[1] / t1["oztune int8 AOT package"], 3) if a.aot else None,
         "accuracy_drop_vs_fp32_pt": round(acc["oztune fp32"] - acc["oztune int8"], 2),
         "kernels": kernel_rows,
         "profile": profiles,
@@ -269,6 +292,9 @@ def main() -> None:
     if a.compile:
         print(f"compiled (warm-up {warm:.0f} s): batch 64 {result['batch64_speedup_vs_ort_int8_compiled']:.2f}x, "
               f"batch 1 {result['batch1_speedup_vs_ort_int8_compiled']:.2f}x ORT int8")
+    if a.aot:
+        print(f"AOT package (built in {aot_times['build_s']:.0f} s, loaded in {aot_times['load_s']:.1f} s): batch 64 "
+              f"{result['batch64_speedup_vs_ort_int8_aot']:.2f}x, batch 1 {result['batch1_speedup_vs_ort_int8_aot']:.2f}x ORT int8")
     if kernel_rows:
         names = [k for k in kernel_rows[0] if k not in ("M", "layer", "K", "N")]
         print("\nms per call" + "".join(f"{n:>27}" for n in names))

@@ -52,17 +52,22 @@ class Classifier:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, batch_size: int = 64, max_length: int = 512,
-                        compile: bool = False) -> "Classifier":
+                        compile: bool = False, aot: bool = True) -> "Classifier":
         """Load a directory written by ``oztune finetune`` (or any HF-format sequence classifier).
 
         With ``compile``, the model runs under ``torch.compile`` at inference (:mod:`oztune.models.compiled`);
-        the first calls compile it (20-65 s on 2 cores).
+        the first calls compile it (20-65 s on 2 cores). A directory from ``oztune export --format aoti``
+        runs compiled from the start (:mod:`oztune.models.aot`), unless ``aot`` is False.
         """
         model, enc, meta = load_classifier(path, max_length=max_length)
         if compile:
             from oztune.models.compiled import compile_for_inference
 
             model = compile_for_inference(model)
+        elif aot and os.path.isdir(path):
+            from oztune.models import aot as ahead
+
+            model = ahead.load(model, path) or model
         return cls(model, enc, meta["id2label"], batch_size)
 
     def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:

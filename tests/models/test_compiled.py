@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from oztune.compress.quantize import QuantConfig, quantize_
-from oztune.models.compiled import compile_for_inference
+from oztune.models.compiled import CompiledClassifier, compile_for_inference
 from oztune.models.hub import load_classifier
 
 from conftest import padded_batch
@@ -26,9 +26,9 @@ class Recorder:
 def test_dispatch_compiled_unless_grad_all_tokens_or_a_padded_pooled_position(tiny_hf_dir):
     model, _, _ = load_classifier(tiny_hf_dir("bert")[0])
     assert model.head_cfg.pooling == "cls"
-    wrapped = compile_for_inference(model)
     rec = Recorder(model)
-    object.__setattr__(wrapped, "compiled", rec)
+    wrapped = CompiledClassifier(model.eval(), graphs=(lambda ids, mask, tt, index: rec(ids, mask, tt, token_index=index),
+                                                       lambda ids, tt: rec(ids, None, tt)))
     one, one_mask = padded_batch(0, lengths=(7,))
     flat, flat_mask = padded_batch(0, lengths=(6, 6, 6))
     padded, padded_mask = padded_batch(0, lengths=(9, 2, 2, 9))

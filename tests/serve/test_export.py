@@ -84,7 +84,7 @@ def test_export_cli_and_its_errors(tmp_path, capsys):
     preds = OnnxClassifier(out).predict(["good movie", LONG])
     assert len(preds) == 2 and all(p["label"] in {"neg", "neutral", "pos"} and 1 / 3 <= p["score"] <= 1 for p in preds)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
-    for args, message in [(["--format", "tflite"], "only 'onnx'"),
+    for args, message in [(["--format", "tflite"], "expected onnx or aoti"),
                           (["--output", str(model_dir / "onnx")], "must not be the model directory"),
                           (["--model", str(out)], "already an ONNX export"),
                           (["--model", str(tmp_path / "missing")], "unknown model")]:

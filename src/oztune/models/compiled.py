@@ -48,14 +48,22 @@ class CompiledClassifier(nn.Module):
         model: the (eval-mode) classifier to wrap; it is shared, not copied.
         options: inductor options over :data:`OPTIONS` (bench/compiled.py compares them); an option
             set to None is dropped (``guard_filter_fn=None``: dynamo's default guards).
+        graphs: instead of compiling here, the two graphs already built ahead of time
+            (:mod:`oztune.models.aot`): ``packed(input_ids, attention_mask, token_type_ids, token_index)`` and
+            ``single(input_ids, token_type_ids)``, each returning None where it cannot take the shapes.
     """
 
-    def __init__(self, model: nn.Module, options: dict | None = None):
+    def __init__(self, model: nn.Module, options: dict | None = None, graphs: tuple | None = None):
         super().__init__()
         self.eager = model
-        opts = {k: v for k, v in {**OPTIONS, **(options or {})}.items() if v is not None}
-        compiled = torch.compile(model, dynamic=True, options=opts)
-        object.__setattr__(self, "compiled", compiled)  # not a submodule: state_dict() holds each weight once
+        if graphs is None:
+            opts = {k: v for k, v in {**OPTIONS, **(options or {})}.items() if v is not None}
+            compiled = torch.compile(model, dynamic=True, options=opts)
+            graphs = (lambda ids, mask, tt, index: compiled(ids, mask, tt, token_index=index),
+                      lambda ids, tt: compiled(ids, None, tt))
+        # not submodules: state_dict() holds each weight once
+        object.__setattr__(self, "packed", graphs[0])
+        object.__setattr__(self, "single", graphs[1])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, all_tokens: bool = False) -> torch.Tensor:
@@ -64,10 +72,12 @@ class CompiledClassifier(nn.Module):
         if attention_mask is not None and (input_ids.shape[0] > 1 or not bool(attention_mask.all())):
             # packed: the real tokens' coordinates are found here, outside the graph (data-dependent sizes)
             index = token_index(attention_mask, self.eager.pooled_positions(input_ids, attention_mask))
-            if index is None:  # a pooled position is padding (cls pooling of a left-padded row)
-                return self.eager(input_ids, attention_mask, token_type_ids)
-            return self.compiled(input_ids, attention_mask, token_type_ids, token_index=index)
-        return self.compiled(input_ids, None, token_type_ids)  # one unpadded text (or no mask): no mask
+            out = None if index is None else self.packed(input_ids, attention_mask, token_type_ids, index)
+        else:  # one unpadded text (or no mask): no mask
+            out = self.single(input_ids, token_type_ids)
+        if out is None:  # a pooled position is padding (cls pooling of a left-padded row), or shapes the
+            return self.eager(input_ids, attention_mask, token_type_ids)  # ahead-of-time graphs do not take
+        return out
 
     def __getattr__(self, name: str):
         try:

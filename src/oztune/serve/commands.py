@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 from oztune.cli import command
@@ -11,12 +12,14 @@ from oztune.errors import OztuneError
 
 @dataclass
 class ExportArgs:
-    """Export a saved model to ONNX, with its tokenizer and label map beside it.
+    """Export a saved model to ONNX, with its tokenizer and label map beside it; or compile it ahead of time.
 
     Args:
         model: model directory (from oztune finetune, quantize, prune, distill or compress).
         output: directory to write (model.onnx, tokenizer files, config.json); replaced as a whole.
-        format: export format; only "onnx" for now.
+        format: onnx (for onnxruntime), or aoti: a copy of the model directory with its inference graphs
+            compiled for this machine and torch version (aoti/*.pt2), which oztune then runs compiled
+            without compiling at start.
         int8: quantize a float model with oztune's int8 scheme (as oztune quantize does) before exporting;
             a quantized model always exports as int8.
         opset: ONNX opset version (17 or later).
@@ -33,8 +36,18 @@ class ExportArgs:
 def export_cmd(a: ExportArgs) -> int:
     if not a.model or not a.output:
         raise OztuneError("--model and --output are required")
-    if a.format != "onnx":
-        raise OztuneError(f"--format {a.format!r}: only 'onnx' is supported")
+    if a.format not in ("onnx", "aoti"):
+        raise OztuneError(f"--format {a.format!r}: expected onnx or aoti")
+    if a.format == "aoti":
+        if a.int8:
+            raise OztuneError("--int8 is for --format onnx; for aoti, quantize first (oztune quantize) and export that")
+        from oztune.serve.export import export_aoti
+
+        t0 = time.perf_counter()
+        out = export_aoti(a.model, a.output)
+        print(f"compiled {a.model} ahead of time into {out}/aoti in {time.perf_counter() - t0:.0f} s; "
+              f"oztune evaluate/predict/serve --model {out} run it compiled from the start")
+        return 0
     if a.opset < 17:
         raise OztuneError(f"--opset {a.opset}: expected 17 or later")
     from oztune.serve.export import export_onnx

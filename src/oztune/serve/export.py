@@ -24,6 +24,7 @@ import json
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -144,11 +145,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, int8: bool = False, o
         int8: quantize a float model with oztune's default int8 scheme first (a quantized model is int8 anyway).
         opset: ONNX opset version (17 or later: LayerNormalization is one op).
     """
-    src, out = resolve_model(model_dir), Path(output)
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise OztuneError(f"--output {out}: must not be the model directory {src} or inside it")
-    if (src / ONNX_FILE).is_file():
-        raise ModelError(f"{src}: already an ONNX export; give the model directory it was exported from")
+    src, out = _source_and_output(model_dir, output)
     model, enc, meta = load_classifier(src)
     quantization = read_config(src).get("oztune", {}).get("quantization")
     if int8 and not quantization:
@@ -158,19 +155,54 @@ def export_onnx(model_dir: str | Path, output: str | Path, int8: bool = False, o
         quantization = quantization_record(QuantConfig())
     if quantization:
         prepare_for_onnx(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _staging(out) as tmp:
         inputs = export_torch_to_onnx(model, tmp / ONNX_FILE, opset)
         enc.save(tmp)
         (tmp / "config.json").write_text(json.dumps(_export_config(src, model, meta["id2label"], {
             "file": ONNX_FILE, "inputs": inputs, "opset": opset, "int8": bool(quantization),
             "quantization": quantization, "source": str(src)}), indent=2) + "\n")
+    return out
+
+
+def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
+    """Copy a saved model to ``output`` with its inference graphs compiled ahead of time in ``output``/aoti
+    (:mod:`oztune.models.aot`), so that loading it runs compiled at once; written atomically.
+
+    Args:
+        model_dir: a model directory (fine-tuned, pruned or quantized).
+        output: directory to write; replaced as a whole.
+    """
+    from oztune.models import aot
+
+    src, out = _source_and_output(model_dir, output)
+    model, _, _ = load_classifier(src)
+    with _staging(out) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(aot.AOT_DIR))
+        aot.build(model, tmp / aot.AOT_DIR)
+    return out
+
+
+def _source_and_output(model_dir: str | Path, output: str | Path) -> tuple[Path, Path]:
+    """The model directory to export and the output, checked: not an export itself, not inside each other."""
+    src, out = resolve_model(model_dir), Path(output)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise OztuneError(f"--output {out}: must not be the model directory {src} or inside it")
+    if (src / ONNX_FILE).is_file():
+        raise ModelError(f"{src}: already an ONNX export; give the model directory it was exported from")
+    return src, out
+
+
+@contextmanager
+def _staging(out: Path):
+    """A temporary folder beside ``out`` that replaces it as a whole when the block succeeds (else is removed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _export_config(src: Path, model: SequenceClassifier, id2label: dict[int, str], onnx_info: dict) -> dict:

@@ -1,0 +1,130 @@
+"""Compiled inference without compiling at start: the two graphs of :mod:`oztune.models.compiled`, built
+ahead of time with AOTInductor and saved beside the model.
+
+``torch.compile`` costs 20-65 s in every new process (a server's replicas, a CLI call) before the first
+answer. :func:`build` exports the classifier's two inference graphs once (``torch.export``: one text
+without a mask; every batch, packed) and compiles each with AOTInductor into a ``.pt2`` package; a process
+then loads them in a few hundredths of a second (:func:`load`) and runs at ``torch.compile``'s speed
+(bench/int8.py). ``oztune export --format aoti`` writes a model directory with the packages in ``aoti/``;
+``Classifier.from_pretrained`` and ``oztune serve`` use them when present.
+
+A package is machine code for this torch version and this CPU's vector instructions (``aoti/meta.json``
+records both): where either differs, or a package does not load, the model runs eager, with a warning.
+Shapes the graphs were not built for (one row with padding, one token) run eager too.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from oztune.models.compiled import CompiledClassifier
+from oztune.models.packing import token_index
+
+AOT_DIR = "aoti"
+PACKED, SINGLE, META = "packed.pt2", "single.pt2", "meta.json"
+
+
+class _Packed(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids, b, t, query_rows=None):
+        return self.model(input_ids, attention_mask, token_type_ids, token_index=(b, t, query_rows))
+
+
+class _Single(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, token_type_ids):
+        return self.model(input_ids, None, token_type_ids)
+
+
+def machine() -> dict:
+    """What a package depends on: the torch version and the CPU's vector instruction set."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _example(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """A padded batch whose sizes all differ (B 3, T 7, N 15 real tokens), so no two get one symbol."""
+    B, T = 3, 7
+    ids = torch.full((B, T), min(5, model.cfg.vocab_size - 1), dtype=torch.long)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    return ids, mask, torch.zeros_like(ids)
+
+
+@torch.no_grad()
+def build(model: nn.Module, out_dir: str | Path) -> Path:
+    """Export and compile ``model``'s two inference graphs into ``out_dir`` (``packed.pt2``, ``single.pt2``,
+    ``meta.json``). Takes about a minute on 2 cores.
+
+    Args:
+        model: an eval-mode SequenceClassifier (float or int8), unchanged afterwards.
+        out_dir: folder to write (created).
+    """
+    model = model.eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids, mask, tt = _example(model)
+    b, t, q = token_index(mask, model.pooled_positions(ids, mask))
+    max_t = int(model.cfg.max_positions)
+    B = torch.export.Dim("batch", min=2, max=1 << 16)
+    T = torch.export.Dim("tokens", min=2, max=max(3, max_t))
+    N = torch.export.Dim("real_tokens", min=2, max=1 << 24)
+    row = {0: B, 1: T}
+    packed_args = (ids, mask, tt, b, t) + (() if q is None else (q,))
+    packed_dims = (row, row, row, {0: N}, {0: N}) + (() if q is None else ({0: B},))
+    one = torch.export.Dim("tokens", min=2, max=max(3, max_t))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export's notes on specialised constants are expected here
+        packed = torch.export.export(_Packed(model), packed_args, dynamic_shapes=packed_dims, strict=True)
+        single = torch.export.export(_Single(model), (ids[:1, :5], tt[:1, :5]),
+                                     dynamic_shapes=({1: one}, {1: one}), strict=True)
+        torch._inductor.aoti_compile_and_package(packed, package_path=str(out / PACKED))
+        torch._inductor.aoti_compile_and_package(single, package_path=str(out / SINGLE))
+    (out / META).write_text(json.dumps({**machine(), "max_tokens": max_t, "query_rows": q is not None}, indent=2) + "\n")
+    return out
+
+
+def load(model: nn.Module, model_dir: str | Path) -> CompiledClassifier | None:
+    """``model`` wrapped to run the packages in ``model_dir``/aoti; None when there are none or they do not
+    fit this machine (a warning says why)."""
+    folder = Path(model_dir) / AOT_DIR
+    if not (folder / META).is_file():
+        return None
+    meta = json.loads((folder / META).read_text())
+    here = machine()
+    if any(meta.get(k) != v for k, v in here.items()):
+        warnings.warn(f"{folder}: built for {meta.get('torch')} / {meta.get('cpu_capability')}, this is "
+                      f"{here['torch']} / {here['cpu_capability']}: running eager (export it again here)", stacklevel=2)
+        return None
+    try:
+        packed = torch._inductor.aoti_load_package(str(folder / PACKED))
+        single = torch._inductor.aoti_load_package(str(folder / SINGLE))
+    except Exception as e:  # noqa: BLE001 - any failure to load means: run eager
+        warnings.warn(f"{folder}: the compiled packages do not load ({e}): running eager", stacklevel=2)
+        return None
+    max_t, with_query = meta["max_tokens"], meta["query_rows"]
+
+    def run_packed(ids, mask, tt, index):
+        b, t, q = index
+        if ids.shape[0] < 2 or ids.shape[1] < 2 or ids.shape[1] > max_t or b.shape[0] < 2:
+            return None
+        tt = torch.zeros_like(ids) if tt is None else tt
+        return packed(ids, mask, tt, b, t, q) if with_query else packed(ids, mask, tt, b, t)
+
+    def run_single(ids, tt):
+        if ids.shape[0] != 1 or ids.shape[1] < 2 or ids.shape[1] > max_t:
+            return None
+        return single(ids, torch.zeros_like(ids) if tt is None else tt)
+
+    return CompiledClassifier(model.eval(), graphs=(run_packed, run_single))

@@ -1,0 +1,71 @@
+"""Ahead-of-time compiled inference (oztune.models.aot, oztune export --format aoti): the packages give
+the eager model's logits, load in a fresh Classifier, and fall back to eager where they cannot run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from oztune.api import Classifier
+from oztune.cli import main
+from oztune.compress.quantize import QuantConfig, quantize_
+from oztune.models import aot
+from oztune.models.compiled import CompiledClassifier
+from oztune.models.hub import load_classifier
+
+from conftest import padded_batch
+
+
+@pytest.mark.parametrize("family,pooling,int8", [("bert", "mean", True), ("gpt2", "last", False)])
+def test_aot_logits_match_eager(tiny_hf_dir, tmp_path, one_thread, family, pooling, int8):
+    model, _, _ = load_classifier(tiny_hf_dir(family)[0])
+    model.head_cfg.pooling = pooling
+    if int8:
+        quantize_(model, QuantConfig())
+    model.eval()
+    aot.build(model, tmp_path / "m" / aot.AOT_DIR)
+    wrapped = aot.load(model, tmp_path / "m")
+    assert isinstance(wrapped, CompiledClassifier)
+    one_padded = (torch.tensor([[7, 8, 9, 0]]), torch.tensor([[1, 1, 1, 0]]))  # B 1 with padding: eager
+    batches = [padded_batch(0, lengths=(7,)), padded_batch(0, lengths=(1,)),  # one text; one token: eager
+               padded_batch(0, lengths=(6, 6, 5)), padded_batch(0, lengths=(9, 2, 2, 9)),
+               padded_batch(0, lengths=(3, 11, 1, 6, 11), seed=2), one_padded]
+    with torch.no_grad():
+        for ids, mask in batches:
+            # int8: inductor computes x / scale in another order, so a code can round the other way
+            torch.testing.assert_close(wrapped(ids, mask), model(ids, mask), atol=2e-2 if int8 else 1e-5, rtol=1e-3)
+
+
+def test_export_aoti_dir_runs_compiled_with_the_same_predictions(tiny_hf_dir, tmp_path, one_thread):
+    src = tiny_hf_dir("bert")[0]
+    out = tmp_path / "aot"
+    assert main(["export", "--model", str(src), "--output", str(out), "--format", "aoti"]) == 0
+    assert {p.name for p in (out / aot.AOT_DIR).iterdir()} == {aot.PACKED, aot.SINGLE, aot.META}
+    fast, plain = Classifier.from_pretrained(out), Classifier.from_pretrained(out, aot=False)
+    assert isinstance(fast.model, CompiledClassifier) and not isinstance(plain.model, CompiledClassifier)
+    texts = ["good film", "the plot was very dull and the film was bad", "w1 w2 w3", "great"]
+    for batch in (texts, texts[:1]):
+        got, want = fast.predict(batch), plain.predict(batch)
+        assert [p["label"] for p in got] == [p["label"] for p in want]
+        assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
+        torch.testing.assert_close(torch.from_numpy(fast.logits(batch)), torch.from_numpy(plain.logits(batch)),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_packages_for_another_machine_are_not_used(tiny_hf_dir, tmp_path):
+    src = tiny_hf_dir("bert")[0]
+    model, _, _ = load_classifier(src)
+    folder = tmp_path / aot.AOT_DIR
+    folder.mkdir()
+    (folder / aot.META).write_text(json.dumps({**aot.machine(), "torch": "0.1.0", "max_tokens": 64, "query_rows": True}))
+    with pytest.warns(UserWarning, match="running eager"):
+        assert aot.load(model, tmp_path) is None
+    assert aot.load(model, src) is None  # no packages at all: None, quietly
+
+
+def test_export_aoti_with_int8_exits_2(tiny_hf_dir, tmp_path, capsys):
+    src = tiny_hf_dir("bert")[0]
+    assert main(["export", "--model", str(src), "--output", str(tmp_path / "o"), "--format", "aoti", "--int8"]) == 2
+    assert "--int8 is for --format onnx" in capsys.readouterr().err and not (tmp_path / "o").exists()
