@@ -91,3 +91,23 @@ def test_one_graph_for_every_batch(tiny_hf_dir, one_thread):
             for ids, mask in (large, padded_batch(0, lengths=(3,) * 5), padded_batch(0, lengths=(9,)),
                               padded_batch(0, lengths=(9, 2, 2, 9)), padded_batch(0, lengths=(5, 1, 13))):
                 torch.testing.assert_close(wrapped(ids, mask), model(ids, mask), atol=1e-3, rtol=1e-3)
+
+
+def test_rows_of_very_different_lengths_run_as_groups_cut_to_their_length(tiny_hf_dir):
+    """One graph call packs one attention group as long as the batch's longest row: 8 short rows beside 8
+    long ones run as two calls, each cut to its own length, and the logits are the eager model's."""
+    model, _, _ = load_classifier(tiny_hf_dir("bert")[0])
+    model.eval()
+    rec = Recorder(model)
+    wrapped = CompiledClassifier(model, graphs=(lambda ids, mask, tt, index: rec(ids, mask, tt, token_index=index),
+                                                lambda ids, tt: rec(ids, None, tt)))
+    ids, mask = padded_batch(0, lengths=(3, 60) * 8)  # interleaved: the groups are not contiguous rows
+    with torch.no_grad():
+        got, want = wrapped(ids, mask), model(ids, mask)
+    assert sorted(rec.calls) == [((8, 3), False, True), ((8, 60), False, True)]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    rec.calls.clear()
+    ids, mask = padded_batch(0, lengths=(9, 2, 2, 9))  # little to save: one call
+    with torch.no_grad():
+        wrapped(ids, mask)
+    assert rec.calls == [((4, 9), False, True)]

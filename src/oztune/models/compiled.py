@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from oztune.models.packing import token_index
+from oztune.models.packing import length_groups, token_index
 
 OPTIONS = {
     "cpp_wrapper": True,  # C++ calls the kernels: less overhead per kernel than a Python wrapper
@@ -34,6 +34,12 @@ OPTIONS = {
     # shapes only: dynamo's checks of every module attribute cost ~10% of a batch-1 call
     "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
 }
+
+
+# A graph packs the real tokens in one attention group, as long as the batch's longest row: a batch of very
+# different lengths is cut into groups of similar ones, each its own call, where the attention work saved
+# (rows x length^2 over all groups) exceeds this many units per extra call.
+GROUP_COST = 10000
 
 
 class CompiledClassifier(nn.Module):
@@ -69,6 +75,22 @@ class CompiledClassifier(nn.Module):
                 token_type_ids: torch.Tensor | None = None, all_tokens: bool = False) -> torch.Tensor:
         if all_tokens or torch.is_grad_enabled():
             return self.eager(input_ids, attention_mask, token_type_ids, all_tokens=all_tokens)
+        split = attention_mask is not None and input_ids.shape[0] > 1
+        groups = length_groups(attention_mask, GROUP_COST) if split else None
+        if groups is None:
+            return self._run(input_ids, attention_mask, token_type_ids)
+        out = None  # rows of very different lengths: one call per group of similar ones, cut to its length
+        for rows, T in groups:
+            tt = None if token_type_ids is None else token_type_ids[rows, :T]
+            y = self._run(input_ids[rows, :T], attention_mask[rows, :T], tt)
+            if out is None:
+                out = y.new_empty(input_ids.shape[0], *y.shape[1:])
+            out[rows] = y
+        return out
+
+    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """One batch through one graph (or eager, where neither graph takes it)."""
         if attention_mask is not None and (input_ids.shape[0] > 1 or not bool(attention_mask.all())):
             # packed: the real tokens' coordinates are found here, outside the graph (data-dependent sizes)
             index = token_index(attention_mask, self.eager.pooled_positions(input_ids, attention_mask))

@@ -143,6 +143,19 @@ def token_index(attention_mask: torch.Tensor, query: torch.Tensor | None = None
     return None if bool((query_rows < 0).any()) else (b, t, query_rows)
 
 
+def length_groups(attention_mask: torch.Tensor, group_cost: float) -> list[tuple[torch.Tensor, int]] | None:
+    """A padded batch cut into groups of rows of similar length, as ``(rows, T)`` with ``T`` the group's
+    longest length; None when one group is best. For callers that run each group as a batch of its own
+    (compiled inference: a graph packs one attention group, padded to the batch's longest row)."""
+    B, T = attention_mask.shape
+    ends = (attention_mask.bool() * torch.arange(1, T + 1, device=attention_mask.device)).amax(1)  # (B,)
+    order = torch.argsort(ends, stable=True)
+    bounds = _group_bounds(ends[order].tolist(), group_cost)
+    if len(bounds) == 1:
+        return None
+    return [(order[lo:hi], int(ends[order[hi - 1]])) for lo, hi in bounds]
+
+
 def _packed_rows(flat: torch.Tensor, B: int, T: int, positions: torch.Tensor) -> torch.Tensor:
     """(B,) positions, one per batch row -> their packed rows, given each packed row's (N,) ``flat`` index
     into the (B * T) layout; -1 where that position is padding."""
@@ -156,8 +169,8 @@ def _scatter(x: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tens
     return x.new_zeros(B * T, x.shape[-1]).index_copy_(0, index, x).view(B, T, -1)
 
 
-def _group_bounds(ends: list[int]) -> list[tuple[int, int]]:
-    """Cut rows sorted by length into consecutive groups minimising attention work plus GROUP_COST each.
+def _group_bounds(ends: list[int], group_cost: float = GROUP_COST) -> list[tuple[int, int]]:
+    """Cut rows sorted by length into consecutive groups minimising attention work plus ``group_cost`` each.
 
     Work of a group: rows x (its longest length)^2. Cuts only where the length changes; an exact
     dynamic programme over the distinct lengths (a few dozen at most).
@@ -173,7 +186,7 @@ def _group_bounds(ends: list[int]) -> list[tuple[int, int]]:
     for j in range(len(cuts)):
         starts = np.concatenate(([0], stop[:j]))  # a group ending at cuts[j] starts at 0 or after an earlier cut
         before = np.concatenate(([0.0], best[:j]))
-        cost = before + GROUP_COST + (stop[j] - starts) * sq[j]
+        cost = before + group_cost + (stop[j] - starts) * sq[j]
         k = int(cost.argmin())
         best[j], prev[j] = cost[k], k - 1  # k - 1: index of the previous group's end, -1 for none
     bounds, j = [], len(cuts) - 1
