@@ -4,7 +4,7 @@ ahead of time with AOTInductor and saved beside the model.
 ``torch.compile`` costs 20-65 s in every new process (a server's replicas, a CLI call) before the first
 answer. :func:`build` exports the classifier's two inference graphs once (``torch.export``: one text
 without a mask; every batch, packed) and compiles each with AOTInductor into a ``.pt2`` package; a process
-then loads them in a few hundredths of a second (:func:`load`) and runs at ``torch.compile``'s speed
+then loads them in a few tenths of a second (:func:`load`) and runs at ``torch.compile``'s speed
 (bench/int8.py). ``oztune export --format aoti`` writes a model directory with the packages in ``aoti/``;
 ``Classifier.from_pretrained`` and ``oztune serve`` use them when present.
 
@@ -95,6 +95,20 @@ def build(model: nn.Module, out_dir: str | Path) -> Path:
     return out
 
 
+def _load_package(path: Path):
+    """A package as a function of its input tensors returning its one output tensor.
+
+    Through the package loader itself: ``torch._inductor.aoti_load_package`` does the same but first imports
+    inductor's compiler (~2 s in a fresh process) and converts arguments through pytrees on every call.
+    """
+    loader_cls = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader_cls is None:  # another torch: the public way
+        run = torch._inductor.aoti_load_package(str(path))
+        return lambda *tensors: run(*tensors)
+    loader = loader_cls(str(path), "model", False, 1, -1)  # model name, single-threaded, runners, device
+    return lambda *tensors: loader.boxed_run(list(tensors))[0]
+
+
 def load(model: nn.Module, model_dir: str | Path) -> CompiledClassifier | None:
     """``model`` wrapped to run the packages in ``model_dir``/aoti; None when there are none or they do not
     fit this machine (a warning says why)."""
@@ -108,8 +122,7 @@ def load(model: nn.Module, model_dir: str | Path) -> CompiledClassifier | None:
                       f"{here['torch']} / {here['cpu_capability']}: running eager (export it again here)", stacklevel=2)
         return None
     try:
-        packed = torch._inductor.aoti_load_package(str(folder / PACKED))
-        single = torch._inductor.aoti_load_package(str(folder / SINGLE))
+        packed, single = _load_package(folder / PACKED), _load_package(folder / SINGLE)
     except Exception as e:  # noqa: BLE001 - any failure to load means: run eager
         warnings.warn(f"{folder}: the compiled packages do not load ({e}): running eager", stacklevel=2)
         return None
