@@ -65,6 +65,20 @@ def test_packages_for_another_machine_are_not_used(tiny_hf_dir, tmp_path):
     assert aot.load(model, src) is None  # no packages at all: None, quietly
 
 
+def test_packages_for_other_weights_are_not_used(tiny_hf_dir, tmp_path):
+    src = tiny_hf_dir("bert")[0]
+    model, _, _ = load_classifier(src)
+    folder = src / aot.AOT_DIR
+    folder.mkdir()
+    meta = {**aot.machine(), "max_tokens": 64, "query_rows": True, "weights_sha256": aot.weights_digest(src)}
+    (folder / aot.META).write_text(json.dumps({**meta, "weights_sha256": "0" * 64}))
+    with pytest.warns(UserWarning, match="other weights"):
+        assert aot.load(model, src) is None
+    (folder / aot.META).write_text(json.dumps(meta))  # the right weights: on to loading (no package files here)
+    with pytest.warns(UserWarning, match="do not load"):
+        assert aot.load(model, src) is None
+
+
 def test_export_aoti_with_int8_exits_2(tiny_hf_dir, tmp_path, capsys):
     src = tiny_hf_dir("bert")[0]
     assert main(["export", "--model", str(src), "--output", str(tmp_path / "o"), "--format", "aoti", "--int8"]) == 2

@@ -8,13 +8,15 @@ then loads them in a few tenths of a second (:func:`load`) and runs at ``torch.c
 (bench/int8.py). ``oztune export --format aoti`` writes a model directory with the packages in ``aoti/``;
 ``Classifier.from_pretrained`` and ``oztune serve`` use them when present.
 
-A package is machine code for this torch version and this CPU's vector instructions (``aoti/meta.json``
-records both): where either differs, or a package does not load, the model runs eager, with a warning.
-Shapes the graphs were not built for (one row with padding, one token) run eager too.
+A package is machine code for this torch version and this CPU's vector instructions, with the weights
+compiled in (``aoti/meta.json`` records both and a digest of the weights file): where one differs, or a
+package does not load, the model runs eager, with a warning. Shapes the graphs were not built for (one row
+with padding, one token) run eager too, so the eager model stays loaded beside the packages' own weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -47,6 +49,22 @@ class _Single(nn.Module):
         return self.model(input_ids, None, token_type_ids)
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def weights_digest(model_dir: str | Path) -> str | None:
+    """SHA-256 of the directory's weights file (the packages hold a copy of those weights), or None."""
+    for name in WEIGHT_FILES:
+        f = Path(model_dir) / name
+        if f.is_file():
+            digest = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+    return None
+
+
 def machine() -> dict:
     """What a package depends on: the torch version and the CPU's vector instruction set."""
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -63,13 +81,14 @@ def _example(model: nn.Module) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def build(model: nn.Module, out_dir: str | Path) -> Path:
+def build(model: nn.Module, out_dir: str | Path, weights: str | None = None) -> Path:
     """Export and compile ``model``'s two inference graphs into ``out_dir`` (``packed.pt2``, ``single.pt2``,
     ``meta.json``). Takes about a minute on 2 cores.
 
     Args:
         model: an eval-mode SequenceClassifier (float or int8), unchanged afterwards.
         out_dir: folder to write (created).
+        weights: :func:`weights_digest` of the model directory the packages will sit in (checked at load).
     """
     model = model.eval()
     out = Path(out_dir)
@@ -91,7 +110,8 @@ def build(model: nn.Module, out_dir: str | Path) -> Path:
                                      dynamic_shapes=({1: one}, {1: one}), strict=True)
         torch._inductor.aoti_compile_and_package(packed, package_path=str(out / PACKED))
         torch._inductor.aoti_compile_and_package(single, package_path=str(out / SINGLE))
-    (out / META).write_text(json.dumps({**machine(), "max_tokens": max_t, "query_rows": q is not None}, indent=2) + "\n")
+    meta = {**machine(), "max_tokens": max_t, "query_rows": q is not None, "weights_sha256": weights}
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -120,6 +140,10 @@ def load(model: nn.Module, model_dir: str | Path) -> CompiledClassifier | None:
     if any(meta.get(k) != v for k, v in here.items()):
         warnings.warn(f"{folder}: built for {meta.get('torch')} / {meta.get('cpu_capability')}, this is "
                       f"{here['torch']} / {here['cpu_capability']}: running eager (export it again here)", stacklevel=2)
+        return None
+    if meta.get("weights_sha256") and meta["weights_sha256"] != weights_digest(model_dir):
+        warnings.warn(f"{folder}: built for other weights than {model_dir}'s: running eager (export it again)",
+                      stacklevel=2)
         return None
     try:
         packed, single = _load_package(folder / PACKED), _load_package(folder / SINGLE)

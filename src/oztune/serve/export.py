@@ -178,7 +178,7 @@ def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
     model, _, _ = load_classifier(src)
     with _staging(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(aot.AOT_DIR))
-        aot.build(model, tmp / aot.AOT_DIR)
+        aot.build(model, tmp / aot.AOT_DIR, aot.weights_digest(tmp))
     return out
 
 
