@@ -13,9 +13,11 @@ fi
 python bench/train_speed.py
 python bench/profile_step.py
 python bench/inference.py --model "$MODEL"
-python bench/int8.py --model "$MODEL" --compile
+python bench/int8.py --model "$MODEL" --compile --aot
 oztune quantize --model "$MODEL" --output "$MODEL-int8"
 python bench/load.py --model "$MODEL-int8"
+oztune export --model "$MODEL-int8" --output "$MODEL-int8-aot" --format aoti
+python bench/load.py --model "$MODEL-int8-aot" --backends torch --out bench/results/load_aot.json
 python bench/compress.py --model "$MODEL" --output "$MODEL-compressed"
 python bench/load.py --model "$MODEL-compressed" --out bench/results/load_compressed.json
 python bench/lora.py
