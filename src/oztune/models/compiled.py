@@ -76,8 +76,8 @@ class CompiledClassifier(nn.Module):
         if all_tokens or torch.is_grad_enabled():
             return self.eager(input_ids, attention_mask, token_type_ids, all_tokens=all_tokens)
         split = attention_mask is not None and input_ids.shape[0] > 1
-        groups = length_groups(attention_mask, GROUP_COST) if split else None
-        if groups is None:
+        groups = length_groups(attention_mask, GROUP_COST) if split else []
+        if len(groups) < 2:
             return self._run(input_ids, attention_mask, token_type_ids)
         out = None  # rows of very different lengths: one call per group of similar ones, cut to its length
         for rows, T in groups:

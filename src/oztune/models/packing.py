@@ -67,13 +67,9 @@ class Packing:
         self.B, self.T = B, T = attention_mask.shape
         device = attention_mask.device
         real = attention_mask.bool()
-        ends = (real * torch.arange(1, T + 1, device=device)).amax(1)  # (B,) last real position + 1
-        order = torch.argsort(ends, stable=True)
         self.groups: list[Group] = []
         b_parts, t_parts, start = [], [], 0
-        for lo, hi in _group_bounds(ends[order].tolist()):
-            rows = order[lo:hi]
-            Tg = int(ends[rows].max())
+        for rows, Tg in length_groups(attention_mask):
             i, t = real[rows, :Tg].nonzero(as_tuple=True)  # (Ng,) each, row-major
             full = bool(real[rows, :Tg].all())
             gmask = None if full else (mask[rows][..., :Tg] if mask.shape[-2] == 1 else mask[rows][..., :Tg, :Tg])
@@ -143,17 +139,14 @@ def token_index(attention_mask: torch.Tensor, query: torch.Tensor | None = None
     return None if bool((query_rows < 0).any()) else (b, t, query_rows)
 
 
-def length_groups(attention_mask: torch.Tensor, group_cost: float) -> list[tuple[torch.Tensor, int]] | None:
-    """A padded batch cut into groups of rows of similar length, as ``(rows, T)`` with ``T`` the group's
-    longest length; None when one group is best. For callers that run each group as a batch of its own
-    (compiled inference: a graph packs one attention group, padded to the batch's longest row)."""
+def length_groups(attention_mask: torch.Tensor, group_cost: float = GROUP_COST) -> list[tuple[torch.Tensor, int]]:
+    """A padded batch cut into groups of rows of similar length (see :func:`_group_bounds`), as ``(rows, T)``
+    with ``T`` the group's last real position + 1: :class:`Packing`'s attention groups, and the batches
+    compiled inference runs one by one (its graph packs one attention group)."""
     B, T = attention_mask.shape
     ends = (attention_mask.bool() * torch.arange(1, T + 1, device=attention_mask.device)).amax(1)  # (B,)
     order = torch.argsort(ends, stable=True)
-    bounds = _group_bounds(ends[order].tolist(), group_cost)
-    if len(bounds) == 1:
-        return None
-    return [(order[lo:hi], int(ends[order[hi - 1]])) for lo, hi in bounds]
+    return [(order[lo:hi], int(ends[order[hi - 1]])) for lo, hi in _group_bounds(ends[order].tolist(), group_cost)]
 
 
 def _packed_rows(flat: torch.Tensor, B: int, T: int, positions: torch.Tensor) -> torch.Tensor:
