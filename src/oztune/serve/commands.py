@@ -32,7 +32,7 @@ class ExportArgs:
     opset: int = 17
 
 
-@command("export", ExportArgs, "export a saved model to ONNX (fp32 or int8) for onnxruntime")
+@command("export", ExportArgs, "export a saved model to ONNX (fp32 or int8) or as ahead-of-time compiled graphs (aoti)")
 def export_cmd(a: ExportArgs) -> int:
     if not a.model or not a.output:
         raise OztuneError("--model and --output are required")
