@@ -99,21 +99,91 @@ BAD = [
     (["finetune", "--train", "{binary}", "--output", "{tmp}/o"], "not valid UTF-8"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--epochs", "0"], "--epochs must be at least 1"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--layer-lr-decay", "1.5"], "--layer-lr-decay must be in (0, 1]"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--pooling", "max"], "--pooling must be cls, mean or last"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1)"),
+    (["finetune", "--train", "{onelabel}", "--output", "{tmp}/o"], "a classifier needs at least 2 labels"),
+    (["finetune", "--train", "{nan}", "--output", "{tmp}/o"], "nan.csv: line 4: label 'nan' is not a number"),
+    (["predict", "--model", "{base}", "good"], "not a fine-tuned classifier"),
+    (["predict", "--model", "{trained}", "good", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["evaluate", "--model", "{trained}", "--data", "{train}", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["predict", "--model", "{trained}", "good", "--output", "{tmp}"], "is a directory; give a file name"),
+    (["predict", "--model", "{trained}", "good", "--output", "{tmp}/none/p.jsonl"], "does not exist"),
+    (["predict", "--model", "{trained}", "extra", "--input", "{pairs}"], "holds text pairs: texts given as arguments"),
+    (["predict", "--model", "{corrupt}", "good"], "model.safetensors: cannot be read as safetensors"),
 ]
 
 
 @pytest.mark.parametrize("argv,message", BAD)
-def test_bad_input_gives_one_line_and_exit_2(argv, message, trained, sentiment_files, tmp_path):
+def test_bad_input_gives_one_line_and_exit_2(argv, message, trained, tiny_base, sentiment_files, tmp_path):
     (tmp_path / "bad.tsv").write_text("sentence\tlabel\ngood\tpos\nfine film\tmaybe\n")
     (tmp_path / "ragged.tsv").write_text("sentence\tlabel\ngood\tpos\nbad\tneg\textra\n")
     (tmp_path / "bin.tsv").write_bytes(b"sentence\tlabel\ngood\tpos\n\xff\xfe bad\tneg\n")
+    (tmp_path / "one.tsv").write_text("sentence\tlabel\ngood\tpos\nfine\tpos\n")
+    (tmp_path / "nan.csv").write_text("text,score\ngood,0.9\nbad,0.1\nmeh,nan\n")
+    (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\na\tb\nc\td\n")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in trained.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes()[:100] if f.name == "model.safetensors" else f.read_bytes())
     fill = {"tmp": str(tmp_path), "train": str(sentiment_files[0]), "trained": str(trained),
-            "badlabel": str(tmp_path / "bad.tsv"), "ragged": str(tmp_path / "ragged.tsv"), "binary": str(tmp_path / "bin.tsv")}
+            "badlabel": str(tmp_path / "bad.tsv"), "ragged": str(tmp_path / "ragged.tsv"), "binary": str(tmp_path / "bin.tsv"),
+            "onelabel": str(tmp_path / "one.tsv"), "nan": str(tmp_path / "nan.csv"), "pairs": str(tmp_path / "pairs.tsv"),
+            "base": str(tiny_base), "corrupt": str(corrupt)}
     r = run(*[a.format(**fill) for a in argv])
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_yaml_values_are_read_as_the_options_types(tmp_path):
+    from oztune.cli import _read_yaml
+    from oztune.errors import OztuneError
+    from oztune.train.finetune import FinetuneArgs
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('lr: 5e-5\nepochs: "2"\nhead_hidden: 64\nlabel_names: negative,positive\nprogress: false\n')
+    assert _read_yaml(str(cfg), FinetuneArgs) == {"lr": 5e-5, "epochs": 2, "head_hidden": [64],
+                                                 "label_names": ["negative", "positive"], "progress": False}
+    for text, message in [("epochs: three", "epochs: expected an integer, got 'three'"),
+                          ("lr: fast", "lr: expected a number"), ("progress: 1", "progress: expected true or false"),
+                          ("epochs: 2.5", "epochs: expected an integer")]:
+        cfg.write_text(text + "\n")
+        with pytest.raises(OztuneError, match=message):
+            _read_yaml(str(cfg), FinetuneArgs)
+
+
+def test_the_training_max_length_is_the_reloaded_models(tiny_base, sentiment_files, tmp_path):
+    train, dev = sentiment_files
+    long_dev = tmp_path / "long.tsv"  # texts longer than 8 tokens: truncation changes what the model sees
+    long_dev.write_text("sentence\tlabel\n" + "".join(f"{line.split(chr(9))[0]} and so on and on and on\t"
+                                                        f"{line.split(chr(9))[1]}" for line in dev.read_text().splitlines(True)[1:]))
+    out = tmp_path / "m"
+    assert main(["finetune", "--train", str(train), "--eval", str(long_dev), "--output", str(out), "--model",
+                 str(tiny_base), "--epochs", "1", "--max-length", "8", "--no-progress"]) == 0
+    from oztune import Classifier
+
+    clf = Classifier.from_pretrained(out)
+    assert clf.encoder.max_length == 8
+    tok = json.loads((out / "tokenizer.json").read_text())
+    assert tok["truncation"]["max_length"] == 8 and tok["padding"] is None
+    recorded = json.loads((out / "run.json").read_text())["metrics"]["accuracy"]
+    assert clf.evaluate(str(long_dev))["accuracy"] == pytest.approx(recorded)
+
+
+def test_finetuning_a_finetuned_model_on_other_labels_gets_a_new_head(trained, tmp_path):
+    three = tmp_path / "three.tsv"
+    three.write_text("sentence\tlabel\n" + "".join(f"{w} film\t{lab}\n" for w, lab in
+                                                    [("good", "pos"), ("bad", "neg"), ("ok", "mid")] * 10))
+    r = run("finetune", "--model", str(trained), "--train", str(three), "--output", str(tmp_path / "m3"),
+            "--epochs", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "its task head is replaced by a new one" in r.stdout
+    from oztune import Classifier
+
+    assert set(Classifier.from_pretrained(tmp_path / "m3").id2label.values()) == {"neg", "mid", "pos"}
+    with pytest.raises(ValueError, match="3 texts but 1 text_pairs"):
+        Classifier.from_pretrained(trained).predict(["a", "b", "c"], ["x"])
 
 
 def test_model_directory_without_weights(trained, tmp_path):
@@ -137,6 +207,11 @@ def test_label_names_show_in_predictions_and_integer_gold_still_evaluates(tiny_b
     clf = Classifier.from_pretrained(out)
     assert [p["label"] for p in clf.predict(["good movie", "awful plot"])] == ["positive", "negative"]
     assert clf.evaluate(str(train))["accuracy"] > 0.9  # gold labels 0/1 map to the named classes
+    # and so in the compression commands, which read the same files (quantize here; distill, prune and
+    # compress share load_task_data)
+    assert main(["quantize", "--model", str(out), "--output", str(tmp_path / "q"), "--eval", str(train)]) == 0
+    q = json.loads((tmp_path / "q" / "run.json").read_text())
+    assert q["metrics"]["accuracy"] > 0.9
     r = run("finetune", "--train", str(train), "--output", str(tmp_path / "x"), "--model", str(tiny_base),
             "--label-names", "a,b,c")
     assert r.returncode == 2 and "--label-names gives 3 names but" in r.stderr

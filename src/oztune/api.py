@@ -8,7 +8,9 @@ import numpy as np
 import torch
 
 from oztune.data.dataset import EncodedData
+from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
+from oztune.errors import ModelError
 from oztune.models.hub import load_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.data.tokenize import TextEncoder
@@ -51,7 +53,7 @@ class Classifier:
         self.problem_type = model.head_cfg.problem_type
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, batch_size: int = 64, max_length: int = 512,
+    def from_pretrained(cls, path: str | os.PathLike, batch_size: int = 64, max_length: int | None = None,
                         compile: bool = False, aot: bool = True) -> "Classifier":
         """Load a directory written by ``oztune finetune`` (or any HF-format sequence classifier).
 
@@ -60,6 +62,9 @@ class Classifier:
         runs compiled from the start (:mod:`oztune.models.aot`), unless ``aot`` is False.
         """
         model, enc, meta = load_classifier(path, max_length=max_length)
+        if not meta["trained"]:
+            raise ModelError(f"{path}: not a fine-tuned classifier (its checkpoint has no task head); "
+                             "fine-tune it first with oztune finetune")
         if compile:
             from oztune.models.compiled import compile_for_inference
 
@@ -83,6 +88,8 @@ class Classifier:
         """
         if isinstance(texts, str):
             texts = [texts]
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs: give one second text per text")
         if not len(texts):
             return []
         logits = torch.from_numpy(self.logits(texts, text_pairs))
@@ -97,9 +104,5 @@ class Classifier:
         return {**evaluate_encoded(self.model, data, self.batch_size), "examples": len(examples)}
 
     def gold_label_ids(self, gold: list) -> dict[str, int]:
-        """label2id for reading gold labels: by name, or by class id when the model's labels are names
-        (``--label-names negative,positive``) and the file holds only integers (SST-2's 0 and 1)."""
-        names_are_ids = all(str(v).lstrip("-").isdigit() for v in self.id2label.values())
-        if not names_are_ids and all(str(g).strip().lstrip("-").isdigit() for g in gold if not isinstance(g, list)):
-            return {str(k): k for k in self.id2label}
-        return self.label2id
+        """label2id for reading gold labels (:func:`oztune.data.labels.gold_label2id`)."""
+        return gold_label2id(self.id2label, gold)

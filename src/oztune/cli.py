@@ -128,7 +128,39 @@ def _read_yaml(path: str, cls: type) -> dict:
     unknown = sorted(set(data) - names)
     if unknown:
         raise OztuneError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return data
+    hints = typing.get_type_hints(cls)
+    return {k: _yaml_value(v, hints[k], f"{path}: {k}") for k, v in data.items()}
+
+
+def _yaml_value(v: Any, tp: Any, where: str) -> Any:
+    """A YAML value as the option's type, as the command line would read it: YAML reads ``5e-5`` as a string
+    and ``a,b`` as one string; ``lr: fast`` or ``epochs: three`` are errors that name the key."""
+    tp, optional = _base_type(tp)
+    if v is None:
+        if optional:
+            return None
+        raise OztuneError(f"{where}: expected a value, got nothing")
+    if typing.get_origin(tp) is list:
+        item = typing.get_args(tp)[0]
+        items = v if isinstance(v, list) else [x for x in str(v).split(",") if x.strip()]
+        return [_yaml_value(x.strip() if isinstance(x, str) else x, item, where) for x in items]
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+        raise OztuneError(f"{where}: expected true or false, got {v!r}")
+    if tp in (int, float):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if tp is float or float(v).is_integer():
+                return tp(v)
+        elif isinstance(v, str):
+            try:
+                return tp(v)
+            except ValueError:
+                pass
+        raise OztuneError(f"{where}: expected {'an integer' if tp is int else 'a number'}, got {v!r}")
+    if tp is str and isinstance(v, (dict, list)):
+        raise OztuneError(f"{where}: expected a text value, got {v!r}")
+    return tp(v) if tp is str else v
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -73,6 +73,7 @@ class EvaluateArgs:
 def evaluate_cmd(a: EvaluateArgs) -> int:
     if not a.model or not a.data:
         raise OztuneError("--model and --data are required")
+    _check_batch_size(a.batch_size)
     clf = Classifier.from_pretrained(a.model, batch_size=a.batch_size)
     metrics = clf.evaluate(a.data, Columns(a.text_column, a.text_pair_column, a.label_column))
     if a.json:
@@ -114,11 +115,17 @@ class PredictArgs:
 def predict_cmd(a: PredictArgs) -> int:
     if not a.model:
         raise OztuneError("--model is required")
+    _check_batch_size(a.batch_size)
+    if a.output:
+        _check_output_file(a.output)
     texts, pairs = list(a.texts), None
     if a.input == "-":
         texts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
     elif a.input:
         ex = read_labelled(a.input, Columns(a.text_column, a.text_pair_column, None), require_label=False)
+        if any(e.text_pair for e in ex) and texts:
+            raise OztuneError(f"--input {a.input} holds text pairs: texts given as arguments have no second text; "
+                              "give them in the file")
         texts += [e.text for e in ex]
         pairs = [e.text_pair or "" for e in ex] if any(e.text_pair for e in ex) else None
     if not texts:
@@ -130,11 +137,29 @@ def predict_cmd(a: PredictArgs) -> int:
     lines = [json.dumps(p) for p in clf.predict(texts, pairs, all_scores=a.all_scores)]
     if a.output:
         tmp = Path(a.output + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, a.output)
+        try:
+            tmp.write_text("\n".join(lines) + "\n")
+            os.replace(tmp, a.output)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OztuneError(f"--output {a.output}: cannot be written ({e.strerror or e})") from None
     else:
         print("\n".join(lines))
     return 0
+
+
+def _check_batch_size(n: int) -> None:
+    if n < 1:
+        raise OztuneError(f"--batch-size must be at least 1, not {n}")
+
+
+def _check_output_file(output: str) -> None:
+    """--output names a file to write (atomically, through a temporary file beside it): say now if it cannot be."""
+    path = Path(output)
+    if path.is_dir():
+        raise OztuneError(f"--output {output}: is a directory; give a file name")
+    if not path.absolute().parent.is_dir():
+        raise OztuneError(f"--output {output}: its directory {path.absolute().parent} does not exist")
 
 
 def _register_more() -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from oztune.data.labels import (PROBLEM_TYPES, build_label_map, encode_labels, infer_problem_type,
+from oztune.data.labels import (PROBLEM_TYPES, build_label_map, encode_labels, gold_label2id, infer_problem_type,
                                 parse_multi_label)
 from oztune.errors import DataError
 
@@ -124,3 +124,15 @@ def test_round_trip_from_reader_labels():
     id2label = {i: name for name, i in label2id.items()}
     ids = encode_labels(raw, label2id, "single_label", path="x", lines=[2, 3, 4, 5])
     assert [id2label[i] for i in ids] == raw
+
+
+@pytest.mark.parametrize("id2label, gold, want", [
+    ({0: "negative", 1: "positive"}, ["0", 1, "1"], {"0": 0, "1": 1}),  # integers are class ids of named labels
+    ({0: "negative", 1: "positive"}, ["positive", "0"], {"negative": 0, "positive": 1}),  # mixed: by name
+    ({0: "0", 1: "1"}, ["1", "0"], {"0": 0, "1": 1}),  # integer names: by name
+    ({0: "a", 1: "b", 2: "c"}, [["a", "b"], [], ["c"]], {"a": 0, "b": 1, "c": 2}),  # multi-label lists: by name
+    ({0: "a", 1: "b"}, [["1"], [], ["0", "1"]], {"0": 0, "1": 1}),  # lists of integers: class ids
+    ({0: "a", 1: "b"}, [[], []], {"a": 0, "b": 1}),  # nothing to go by: by name
+])
+def test_gold_labels_are_read_by_name_or_by_class_id(id2label, gold, want):
+    assert gold_label2id(id2label, gold) == want

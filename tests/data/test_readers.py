@@ -213,6 +213,14 @@ def test_bad_quoting(tmp_path):
         read_examples(path)
 
 
+def test_tsv_without_quoting_glue_style(tmp_path):
+    # GLUE's TSVs (MNLI, QQP) quote nothing: a '"' that opens a field is text; quoted TSVs still read as before
+    path = write(tmp_path, "g.tsv", 'sentence\tlabel\n"great" acting\t1\nhe said "no\t0\n')
+    assert [(e.text, e.label) for e in read_examples(path)] == [('"great" acting', "1"), ('he said "no', "0")]
+    path = write(tmp_path, "q.tsv", 'sentence\tlabel\n"a\ttab"\t1\n')
+    assert [(e.text, e.label) for e in read_examples(path)] == [("a\ttab", "1")]
+
+
 def test_duplicate_header(tmp_path):
     path = write(tmp_path, "d.csv", "text,text,label\na,b,1\n")
     with pytest.raises(DataError, match=r"d\.csv: line 1: duplicate column names in the header: text"):

@@ -1,4 +1,5 @@
-"""An output directory that cannot be written is a one-line error before training starts, not after."""
+"""An output directory that cannot be written, or that holds anything but a model, is a one-line error
+before training starts, not after; nothing of the user's is ever replaced."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from oztune.errors import OztuneError
-from oztune.train.finetune import check_output_dir
+from oztune.models.hub import _replace_dir, check_output_dir
 
 
 def writable(d: str) -> bool:
@@ -63,3 +64,58 @@ def test_the_command_fails_before_any_training(tiny_base, sentiment_files, tmp_p
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "is not a directory" in r.stderr
     assert "fine-tuning" not in r.stdout and "Traceback" not in r.stderr
+
+
+def test_a_directory_holding_other_things_is_never_replaced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OztuneError, match=r"--output .*out: exists and is not a model directory \(it holds notes.txt\)"):
+        check_output_dir(str(out))
+    new = tmp_path / "new"
+    new.mkdir()
+    with pytest.raises(OztuneError, match="not replaced, the result is in"):
+        _replace_dir(new, out)  # the last line of defence, where a command skipped the check
+    assert (out / "notes.txt").read_text() == "mine" and new.is_dir()
+
+
+def test_an_earlier_model_or_an_empty_directory_may_be_replaced(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    assert check_output_dir(str(tmp_path / "model")) == tmp_path / "model"
+    assert check_output_dir(str(tmp_path / "empty")) == tmp_path / "empty"
+
+
+def test_the_current_directory_or_one_holding_an_input_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path / "data")
+    for out in (".", "..", str(tmp_path)):
+        with pytest.raises(OztuneError, match="the current directory or one above it"):
+            check_output_dir(out)
+    with pytest.raises(OztuneError, match=r"holds the input .*train.tsv"):
+        check_output_dir(str(tmp_path / "other"), inputs=(None, str(tmp_path / "other" / "train.tsv")))
+
+
+def test_a_written_model_directory_has_the_modes_of_new_files(tiny_base, tmp_path):
+    from oztune.models.hub import load_classifier, save_classifier
+
+    model, enc, meta = load_classifier(tiny_base)
+    old = os.umask(0o022)
+    try:
+        out = save_classifier(model, enc, tmp_path / "m", {0: "a", 1: "b"})
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_the_command_refuses_an_output_that_holds_its_training_file(tiny_base, sentiment_files, tmp_path):
+    out = tmp_path / "work"
+    out.mkdir()
+    train = out / "train.tsv"
+    train.write_bytes(sentiment_files[0].read_bytes())
+    r = subprocess.run([sys.executable, "-m", "oztune", "finetune", "--train", str(train), "--model",
+                        str(tiny_base), "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "holds the input" in r.stderr and "Traceback" not in r.stderr
+    assert train.read_bytes() == sentiment_files[0].read_bytes()

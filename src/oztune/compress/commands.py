@@ -33,7 +33,7 @@ class QuantizeArgs:
         qat_epochs: epochs of quantization-aware fine-tuning.
         qat_lr: peak learning rate of quantization-aware fine-tuning.
         batch_size: examples per step of quantization-aware fine-tuning and per forward pass of evaluation.
-        max_length: longest input in tokens.
+        max_length: longest input in tokens (default: the length the model was fine-tuned with).
         text_column: column holding the text.
         text_pair_column: column holding the second text of a pair.
         label_column: column holding the label.
@@ -51,7 +51,7 @@ class QuantizeArgs:
     qat_epochs: int = 1
     qat_lr: float = 2e-5
     batch_size: int = 32
-    max_length: int = 128
+    max_length: int | None = None
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
@@ -68,26 +68,27 @@ def run_quantize(a: QuantizeArgs) -> dict:
     """Load, (fine-tune with fake quantization,) quantize, evaluate and save; returns the run record."""
     from oztune.compress.distill import load_trained
     from oztune.compress.quantize import QuantConfig, prepare_qat_, quantization_record, quantize_
+    from oztune.data.labels import gold_label2id
     from oztune.data.load import Columns, encode_examples, read_labelled
-    from oztune.models.hub import read_config, save_classifier
-    from oztune.train.finetune import check_output_dir
+    from oztune.models.hub import check_output_dir, read_config, save_classifier
     from oztune.train.loop import TrainConfig, evaluate, fit
 
     config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
-    if a.qat_epochs < 1 or a.batch_size < 1 or a.max_length < 1:
+    if a.qat_epochs < 1 or a.batch_size < 1 or (a.max_length is not None and a.max_length < 1):
         raise OztuneError("--qat-epochs, --batch-size and --max-length must be at least 1")
     if a.qat_lr <= 0:
         raise OztuneError(f"--qat-lr must be positive, not {a.qat_lr}")
-    check_output_dir(a.output)
+    check_output_dir(a.output, inputs=(a.model, a.eval, a.qat_train))
     model, enc, meta = load_trained(a.model, "--model", a.max_length)
     if read_config(meta["path"]).get("oztune", {}).get("quantization"):
         raise OztuneError(f"--model {a.model}: already quantized; quantize the fp32 model it came from")
     kind = model.head_cfg.problem_type
-    label2id = None if kind == "regression" else meta["label2id"]
     cols = Columns(a.text_column, a.text_pair_column, a.label_column)
 
     def encoded(path: str):
-        return encode_examples(read_labelled(path, cols), enc, label2id, kind, path)
+        examples = read_labelled(path, cols)
+        label2id = None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
+        return encode_examples(examples, enc, label2id, kind, path)
 
     eval_data = encoded(a.eval) if a.eval else None
     before = evaluate(model, eval_data, a.batch_size) if eval_data else {}

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from oztune.compress.prune import drop_layers_, evenly_spaced
 from oztune.compress.vocab import tokens_seen
 from oztune.data.dataset import EncodedData
+from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import load_classifier, save_classifier
+from oztune.models.hub import check_output_dir, load_classifier, save_classifier
 from oztune.models.transformer import SequenceClassifier
-from oztune.train.finetune import RecipeOptions, check_output_dir, sample
+from oztune.train.finetune import RecipeOptions, sample
 from oztune.train.finetune import check_train_options as check_finetune_options
 from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
 
@@ -174,12 +175,12 @@ def student_from_layers(teacher: SequenceClassifier, n: int) -> tuple[SequenceCl
 
 # --- shared by the prune, distill and compress recipes ------------------------------------------------------
 
-def load_trained(path: str, option: str = "--model", max_length: int = 128):
+def load_trained(path: str, option: str = "--model", max_length: int | None = None):
     """Load a fine-tuned classifier: (model, encoder, meta); a model without a task head is a ModelError."""
     if not path:
         raise OztuneError(f"{option} is required")
     model, enc, meta = load_classifier(path, max_length=max_length)
-    if not meta["id2label"]:
+    if not meta["trained"] or not meta["id2label"]:
         raise ModelError(f"{option} {path}: not a fine-tuned classifier (config.json has no task head or labels); "
                          "fine-tune it first with oztune finetune")
     return model, enc, meta
@@ -210,13 +211,17 @@ def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval:
     if not train or not eval:
         raise OztuneError("--train and --eval are required")
     kind = model.head_cfg.problem_type
-    label2id = None if kind == "regression" else meta["label2id"]
-    train_all = encode_examples(read_labelled(train, columns), enc, label2id, kind, train)
+
+    def label2id(examples):  # by name, or by class id (gold_label2id)
+        return None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
+
+    train_ex = read_labelled(train, columns)
+    train_all = encode_examples(train_ex, enc, label2id(train_ex), kind, train)
     train_data = train_all.subset(sample(list(range(len(train_all))), max_train_examples, seed))
     eval_ex = read_labelled(eval, columns)
     pairs = [e.text_pair or "" for e in eval_ex] if any(e.text_pair is not None for e in eval_ex) else None
-    return TaskData(train_data, encode_examples(eval_ex, enc, label2id, kind, eval), [e.text for e in eval_ex], pairs,
-                    tokens_seen(train_all, model.cfg.vocab_size))
+    return TaskData(train_data, encode_examples(eval_ex, enc, label2id(eval_ex), kind, eval), [e.text for e in eval_ex],
+                    pairs, tokens_seen(train_all, model.cfg.vocab_size))
 
 
 @dataclass
@@ -259,7 +264,7 @@ class DistillArgs(RecipeOptions):
 def check_train_options(a) -> None:
     """Shared checks of the training options of the prune, distill and compress recipes."""
     check_finetune_options(a)
-    check_output_dir(a.output)
+    check_output_dir(a.output, inputs=tuple(getattr(a, k, None) for k in ("model", "teacher", "train", "eval")))
 
 
 def run_distill(a: DistillArgs) -> dict:

@@ -38,6 +38,15 @@ def _as_number(raw: object) -> int | float | None:
     return None
 
 
+def _is_float_text(raw: object) -> bool:
+    """A float Python can read, finite or not ('nan', 'inf')."""
+    try:
+        float(raw)
+        return not isinstance(raw, bool)
+    except (TypeError, ValueError):
+        return False
+
+
 def _is_integer(number: int | float | None) -> bool:
     return number is not None and (isinstance(number, int) or number.is_integer())
 
@@ -79,7 +88,9 @@ def infer_problem_type(raw_labels: list) -> str:
     if any(_looks_multi(lab) for lab in labels):
         return "multi_label"
     numbers = [_as_number(lab) for lab in labels]
-    if numbers and all(n is not None for n in numbers) and not all(map(_is_integer, numbers)):
+    # 'nan' or 'inf' among decimals is a bad regression label (encode_labels names its line), not a class
+    numeric = all(n is not None or _is_float_text(lab) for n, lab in zip(numbers, labels))
+    if numbers and numeric and not all(_is_integer(n) for n in numbers if n is not None):
         return "regression"
     return "single_label"
 
@@ -194,6 +205,25 @@ def encode_labels(examples_labels: list, label2id: dict | None, problem_type: st
                 raise DataError(f"{where}: label {raw!r} is a list, but the problem type is single_label")
             encoded.append(_label_id(_label_name(raw), label2id, where))
     return encoded
+
+
+def gold_label2id(id2label: dict[int, str], gold: list) -> dict[str, int]:
+    """``label2id`` for reading a file's gold labels against a trained model's labels.
+
+    By name; or by class id where the model's labels are names that are not integers (given with
+    ``--label-names negative,positive`` to SST-2's 0 and 1, or a Hugging Face model's ``id2label``) and
+    every gold label is an integer: those are class ids, as in Hugging Face datasets.
+
+    Args:
+        id2label: the model's label name of each output.
+        gold: the file's raw labels (multi-label: lists of them).
+    """
+    label2id = {str(v): k for k, v in id2label.items()}
+    names_are_ints = all(str(v).lstrip("-").isdigit() for v in id2label.values())
+    flat = [g for x in gold for g in (x if isinstance(x, list) else [x])]
+    if not names_are_ints and flat and all(str(g).strip().lstrip("-").isdigit() for g in flat):
+        return {str(k): k for k in id2label}
+    return label2id
 
 
 def _label_id(name: str, label2id: dict, where: str) -> int:

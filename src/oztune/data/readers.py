@@ -88,7 +88,15 @@ def read_examples(
     elif ext == ".json" or ext == ".jsonl":
         columns, records = _json_lines_records(text, name)
     else:
-        columns, records = _csv_records(text, name, "," if ext == ".csv" else "\t")
+        if ext == ".csv":
+            columns, records = _csv_records(text, name, ",")
+        else:
+            try:
+                columns, records = _csv_records(text, name, "\t")
+            except DataError as e:  # GLUE-style TSV: no quoting at all, a '"' is text ('"great" acting')
+                if "quot" not in str(e):
+                    raise
+                columns, records = _csv_records(text, name, "\t", csv.QUOTE_NONE)
 
     text_col, pair_col, label_col = _choose_columns(
         name, columns, text_column, text_pair_column, label_column, require_label)
@@ -124,9 +132,10 @@ def _read_text(name: str) -> str:
                         f"position {column}); save the file as UTF-8") from None
 
 
-def _csv_records(text: str, name: str, delimiter: str) -> tuple[list[str], list[tuple[int, dict]]]:
+def _csv_records(text: str, name: str, delimiter: str,
+                 quoting: int = csv.QUOTE_MINIMAL) -> tuple[list[str], list[tuple[int, dict]]]:
     """Split CSV/TSV text into its header and (start line, {column: cell}) records."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, quoting=quoting)
     header: list[str] | None = None
     records = []
     while True:

@@ -70,13 +70,13 @@ class TextEncoder:
         return pad_batch(self.encode(texts, pairs), self.pad_id)
 
     def save(self, out: Path) -> None:
-        """Write the tokenizer files into ``out`` (copies of the source's, plus a tokenizer.json)."""
+        """Write the tokenizer files into ``out``: copies of the source's, and this tokenizer as tokenizer.json
+        (truncation at :attr:`max_length`, no padding, whatever the source's file said)."""
         if self.source is not None:
             for name in TOKENIZER_FILES:
-                if (self.source / name).is_file() and not (out / name).exists():
+                if name != "tokenizer.json" and (self.source / name).is_file() and not (out / name).exists():
                     shutil.copyfile(self.source / name, out / name)
-        if not (out / "tokenizer.json").exists():
-            self.tokenizer.save(str(out / "tokenizer.json"))
+        self.tokenizer.save(str(out / "tokenizer.json"))
 
 
 def pad_batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from oztune.config import HeadConfig, ModelConfig
 from oztune.data.tokenize import TextEncoder
-from oztune.errors import ModelError
+from oztune.errors import ModelError, OztuneError
 from oztune.models.families import (FAMILIES, default_head, family_of, hf_to_oztune, is_default_head,
                                     oztune_to_hf)
-from oztune.models.transformer import SequenceClassifier, init_weights
+from oztune.models.transformer import SequenceClassifier, TaskHead, init_weights
 from oztune.runtime import tune_malloc
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -80,14 +80,27 @@ def read_config(path: Path) -> dict:
         raise ModelError(f"{f}: not valid JSON ({e})") from None
 
 
+def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; a missing, truncated or corrupt one is a ModelError naming it."""
+    try:
+        return load_file(f)
+    except FileNotFoundError:
+        raise ModelError(f"{f}: file not found (named by the checkpoint's index)") from None
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for bad files
+        raise ModelError(f"{f}: cannot be read as safetensors ({e}); the file may be truncated or corrupt") from None
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint: model.safetensors (maybe sharded), else pytorch_model.bin (weights only)."""
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return _load_safetensors(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for s in shards for k, v in load_file(path / s).items()}
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"{index}: not a safetensors index (expected JSON with a weight_map; {e})") from None
+        return {k: v for s in shards for k, v in _load_safetensors(path / s).items()}
     if (path / "pytorch_model.bin").is_file():
         try:
             return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -98,7 +111,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels: int | None = None,
                     problem_type: str | None = None, head: dict | None = None,
-                    max_length: int = 512) -> tuple[SequenceClassifier, TextEncoder, dict]:
+                    max_length: int | None = None) -> tuple[SequenceClassifier, TextEncoder, dict]:
     """Load a model directory as a classifier; a head is created when the checkpoint has none.
 
     Args:
@@ -106,10 +119,12 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
         num_labels: outputs of a new head (ignored when the checkpoint has a head).
         problem_type: problem type of a new head.
         head: overrides for a new head's HeadConfig (pooling, hidden_sizes, activation, dropout).
-        max_length: tokenizer truncation length (capped at the model's window).
+        max_length: tokenizer truncation length (capped at the model's window); None: the length the
+            model was fine-tuned with (recorded by :func:`save_classifier`), else the model's window.
 
     Returns:
-        (model in eval mode, tokenizer, meta) where meta holds ``id2label``, ``label2id`` and ``path``.
+        (model in eval mode, tokenizer, meta) where meta holds ``id2label``, ``label2id``, ``path``, ``run``
+        (oztune's record) and ``trained`` (False: the checkpoint had no task head, a new one was made).
     """
     tune_malloc()  # whoever loads a model runs it: keep freed memory for reuse (oztune.runtime)
     path = resolve_model(name_or_dir)
@@ -151,9 +166,21 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
         if head_sd:
             _load_head(model, head_sd, trained, str(path))
     model.eval()
-    enc = TextEncoder.from_dir(path, min(max_length, cfg.max_length), pad_token_id=hf.get("pad_token_id"))
+    max_length = min(max_length or oz.get("max_length") or cfg.max_length, cfg.max_length)
+    enc = TextEncoder.from_dir(path, max_length, pad_token_id=hf.get("pad_token_id"))
     label2id = {v: k for k, v in id2label.items()}
-    return model, enc, {"id2label": id2label, "label2id": label2id, "path": path, "run": oz.get("run", {})}
+    return model, enc, {"id2label": id2label, "label2id": label2id, "path": path, "run": oz.get("run", {}),
+                        "trained": trained}
+
+
+def new_head_(model: SequenceClassifier, num_labels: int, problem_type: str, head: dict | None = None) -> None:
+    """Replace the task head of ``model`` with a new, freshly initialised one (the family's standard head,
+    with ``head``'s overrides), as :func:`load_classifier` makes for a checkpoint without one."""
+    family = FAMILIES[model.cfg.family]
+    cfg = default_head(family, model.cfg.hidden_size, num_labels, problem_type)
+    model.head_cfg = HeadConfig.from_dict({**cfg.to_dict(), **(head or {})})
+    model.head = TaskHead(model.head_cfg, model.cfg.hidden_size)
+    init_weights(model.head)
 
 
 def _load_head(model: SequenceClassifier, head_sd: dict, strict: bool, where: str) -> None:
@@ -219,7 +246,7 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
     if id2label:
         hf.pop("num_labels")  # HF derives it from id2label
     hf["oztune"] = {"format": "hf" if as_hf else "native", "model": model.cfg.to_dict(),
-                    "head": model.head_cfg.to_dict(), "run": run or {}}
+                    "head": model.head_cfg.to_dict(), "max_length": encoder.max_length, "run": run or {}}
     if quantization:
         hf["oztune"]["quantization"] = quantization
     from oztune.compress.prune import pruning_record
@@ -245,9 +272,83 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
     return out
 
 
+MODEL_FILES = ("config.json", "model.onnx")  # a directory holding one of these is a model oztune may replace
+
+
+def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
+                     inputs: tuple[str | os.PathLike | None, ...] = (), replaced: bool = True) -> Path:
+    """Check, before any work, a directory that will be written: replaced as a whole, atomically, from a
+    sibling temporary directory. Nothing that is not a model is ever replaced.
+
+    Refused: no value; an existing file; an existing directory that holds files but no model (config.json
+    or model.onnx: the model of an earlier run is replaced, anything else would be deleted); the current
+    directory or one above it; a directory that holds one of ``inputs``; a path whose nearest existing
+    ancestor is not a directory we can create files in.
+
+    Args:
+        output: the directory.
+        option: the command-line option that named it, for the message.
+        inputs: the command's input files and directories (None entries are skipped).
+        replaced: False for a directory that is written into, not replaced (checkpoints): then only the
+            checks of a value, a file and a writable place apply.
+
+    Returns:
+        The absolute path.
+    """
+    if not output:
+        raise OztuneError(f"{option} is required")
+    out = Path(os.path.abspath(output))
+    real = out.resolve()
+    if not replaced:
+        inputs = ()
+    elif real == Path.cwd().resolve() or real in Path.cwd().resolve().parents:
+        raise OztuneError(f"{option} {output}: the current directory or one above it; name a directory to write to")
+    for given in inputs:
+        if given and real in Path(given).resolve().parents:
+            raise OztuneError(f"{option} {output}: holds the input {given}, and would be replaced as a whole; "
+                              "choose another directory")
+    if out.exists() and not out.is_dir():
+        raise OztuneError(f"{option} {output}: exists and is not a directory")
+    if replaced and out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in MODEL_FILES):
+        held = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise OztuneError(f"{option} {output}: exists and is not a model directory (it holds {shown}); "
+                          "oztune replaces its output directory as a whole: choose a new one or empty this one")
+    parent = out.parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OztuneError(f"{option} {output}: cannot be created, {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OztuneError(f"{option} {output}: cannot write to {parent} ({e.strerror or e})") from None
+    return out
+
+
+def _publish(tmp: Path) -> None:
+    """Give a finished temporary directory (``mkdtemp``: 0700) and its files the modes of new ones (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(tmp):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 def _replace_dir(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is swapped out first and removed only afterwards."""
+    """Move ``new`` to ``out``; an existing ``out`` is swapped out first and removed only afterwards.
+
+    An existing ``out`` that is not a model directory (see :func:`check_output_dir`, which commands call
+    before their work) is never replaced: ``new`` is kept beside it and the error names it.
+    """
+    _publish(new)
     old = None
+    if out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in MODEL_FILES):
+        raise ModelError(f"{out}: exists and is not a model directory; not replaced, the result is in {new}")
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out}: exists and is not a directory; not replaced, the result is in {new}")
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from oztune.data.load import Columns, encode_examples, label_setup, read_labelled
 from oztune.errors import OztuneError
-from oztune.models.hub import DEFAULT_MODEL, load_classifier, save_classifier
+from oztune.models.hub import DEFAULT_MODEL, check_output_dir, load_classifier, new_head_, save_classifier
 from oztune.models.lora import apply_lora, merge_lora
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints
@@ -24,12 +23,16 @@ from oztune.train.loop import TrainConfig, fit, seed_everything
 FULL_LR, LORA_LR = 1e-4, 5e-4  # default peak learning rates: all weights, LoRA updates
 
 
+TRAIN_MAX_LENGTH = 128  # finetune's default --max-length (SST-2's longest sentence is ~70 tokens)
+
+
 @dataclass
 class RecipeOptions:
     """Options every training recipe shares (finetune, distill, prune, compress); the CLI lists them last.
 
     Args:
-        max_length: longest input in tokens; longer texts are truncated.
+        max_length: longest input in tokens; longer texts are truncated (default: a fine-tuned model's own,
+            as it was trained; finetune: 128).
         max_train_examples: train on a seeded random sample of this many examples.
         text_column: column holding the text (default: text, sentence, ...).
         text_pair_column: column holding the second text of a pair.
@@ -39,7 +42,7 @@ class RecipeOptions:
         progress: show progress bars.
     """
 
-    max_length: int = 128
+    max_length: int | None = None
     max_train_examples: int | None = None
     text_column: str | None = None
     text_pair_column: str | None = None
@@ -136,7 +139,7 @@ class FinetuneArgs(RecipeOptions):
 def check_train_options(a, at_least_one: tuple = ()) -> None:
     """Checks shared by the training recipes (finetune, prune, distill, compress); ``a.lr`` None means default."""
     for name in ("epochs", "batch_size", "max_length", *at_least_one):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(a, name)}")
     if a.lr is not None and a.lr <= 0:
         raise OztuneError(f"--lr must be positive, not {a.lr}")
@@ -152,43 +155,21 @@ def check_args(a: FinetuneArgs) -> None:
     for name in ("checkpoint_every", "lora_rank"):
         if getattr(a, name) < 0:
             raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(a, name)}")
-    if not 0 <= a.lora_dropout < 1:
-        raise OztuneError(f"--lora-dropout must be in [0, 1), not {a.lora_dropout}")
+    for name in ("lora_dropout", "head_dropout", "warmup_ratio"):
+        if not 0 <= getattr(a, name) < 1:
+            raise OztuneError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(a, name)}")
+    if a.pooling not in (None, "cls", "mean", "last"):
+        raise OztuneError(f"--pooling must be cls, mean or last, not {a.pooling!r}")
     if not 0 < a.layer_lr_decay <= 1:
         raise OztuneError(f"--layer-lr-decay must be in (0, 1], not {a.layer_lr_decay}")
     if a.problem_type not in (None, "single_label", "multi_label", "regression"):
         raise OztuneError(f"--problem-type must be single_label, multi_label or regression, not {a.problem_type!r}")
-    check_output_dir(a.output)
+    check_output_dir(a.output, inputs=(a.train, a.eval, a.model))
     if a.checkpoint_every or a.resume:
-        check_output_dir(a.checkpoints_dir(), "--checkpoint-dir")
+        check_output_dir(a.checkpoints_dir(), "--checkpoint-dir", replaced=False)
     if a.checkpoint_every and not a.resume:
         Checkpointer(a.checkpoints_dir(), a.checkpoint_every, a.keep_checkpoints, {}).check_fresh_start()
 
-
-def check_output_dir(output: str, option: str = "--output") -> None:
-    """A directory that will be written (replaced atomically from a sibling temporary directory) must be
-    creatable: its nearest existing ancestor must be a directory we can create files in. Said before
-    training, not after; nothing is left behind.
-
-    Args:
-        output: the directory.
-        option: the command-line option that named it, for the message.
-    """
-    if not output:
-        raise OztuneError(f"{option} is required")
-    out = Path(output).absolute()
-    if out.exists() and not out.is_dir():
-        raise OztuneError(f"{option} {output}: exists and is not a directory")
-    parent = out.parent
-    while not parent.exists() and not parent.is_symlink():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OztuneError(f"{option} {output}: cannot be created, {parent} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise OztuneError(f"{option} {output}: cannot write to {parent} ({e.strerror or e})") from None
 
 
 def sample(examples: list, n: int | None, seed: int) -> list:
@@ -223,6 +204,9 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     eval_ex = read_labelled(a.eval, cols) if a.eval else None
     problem_type, label2id = label_setup(train_ex, a.problem_type)
     num_labels = len(label2id) if label2id else 1
+    if problem_type == "single_label" and num_labels < 2:
+        raise OztuneError(f"{a.train}: every example has the label {next(iter(label2id), '?')!r}; "
+                          "a classifier needs at least 2 labels")
     if a.label_names and len(a.label_names) != num_labels:
         raise OztuneError(f"--label-names gives {len(a.label_names)} names but {a.train} has {num_labels} labels "
                           f"({', '.join(label2id or {})})")
@@ -231,8 +215,16 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
         head["pooling"] = a.pooling
     if a.head_hidden:
         head.update(hidden_sizes=list(a.head_hidden), activation="gelu")
-    model, enc, _ = load_classifier(a.model, num_labels=num_labels, problem_type=problem_type, head=head,
-                                    max_length=a.max_length)
+    model, enc, meta = load_classifier(a.model, num_labels=num_labels, problem_type=problem_type, head=head,
+                                       max_length=a.max_length or TRAIN_MAX_LENGTH)
+    id2label = {i: n for n, i in label2id.items()} if label2id else {0: "value"}
+    if a.label_names:
+        id2label = dict(enumerate(a.label_names))
+    if meta["trained"] and (model.head_cfg.problem_type, meta["id2label"]) != (problem_type, id2label):
+        if env.is_main:  # a fine-tuned model on other labels: its head's outputs would mean something else
+            print(f"oztune: {a.model} was fine-tuned for other labels ({', '.join(map(str, meta['id2label'].values()))}"
+                  f"); its task head is replaced by a new one", flush=True)
+        new_head_(model, num_labels, problem_type, head)
     t0 = time.perf_counter()
     train_data = encode_examples(train_ex, enc, label2id, problem_type, a.train)
     eval_data = encode_examples(eval_ex, enc, label2id, problem_type, a.eval) if eval_ex else None
@@ -253,9 +245,6 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     result = fit(model, train_data, cfg, eval_data)
     if a.lora_rank:
         merge_lora(model)
-    id2label = {i: n for n, i in label2id.items()} if label2id else {0: "value"}
-    if a.label_names:
-        id2label = dict(enumerate(a.label_names))
     run = {"command": "finetune", "args": asdict(a), "problem_type": problem_type, "train_examples": len(train_ex),
            "eval_examples": len(eval_ex) if eval_ex else 0, "metrics": result.best, "history": result.history,
            "parameters": total, "trainable_parameters": trainable, "processes": env.world,
@@ -286,7 +275,7 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
 
 - Base model: `{a.model}`
 - Task: {run['problem_type']} on `{a.train}` ({run['train_examples']:,} examples), labels: {', '.join(map(str, id2label.values()))}
-- Training: {a.epochs} epoch(s), batch {a.batch_size}, lr {a.lr}, max length {a.max_length}, precision {a.precision}, seed {a.seed}
+- Training: {a.epochs} epoch(s), batch {a.batch_size}, lr {a.lr}, max length {a.max_length or TRAIN_MAX_LENGTH}, precision {a.precision}, seed {a.seed}
 - Time: {run['train_seconds']} s ({run['train_examples_per_s']} examples/s)
 
 ## Evaluation{f' on `{a.eval}`' if a.eval else ''}
