@@ -32,9 +32,10 @@ def tiny_classifier(seed: int = 0, **cfg) -> SequenceClassifier:
 
 def save_tiny(model: SequenceClassifier, path: Path, quantization: dict | None = None) -> Path:
     """Save ``model`` with a word-level tokenizer and labels neg/neutral/pos."""
-    path.mkdir(parents=True, exist_ok=True)
-    write_tiny_tokenizer(path, 64)
-    enc = TextEncoder.from_dir(path, 62)
+    tok = path.with_name(path.name + "-tokenizer")  # beside it: save_classifier replaces only model directories
+    tok.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(tok, 64)
+    enc = TextEncoder.from_dir(tok, 62)
     return save_classifier(model, enc, path, {0: "neg", 1: "neutral", 2: "pos"}, quantization=quantization)
 
 

@@ -47,9 +47,10 @@ def int8_initializers(export_dir) -> int:
     return sum(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
 
 
-def test_int8_export_computes_like_oztunes_int8_model(tmp_path):
+@pytest.mark.parametrize("opset", [17, 20])  # ReduceMax's axes: an attribute up to 17, an input from 18
+def test_int8_export_computes_like_oztunes_int8_model(tmp_path, opset):
     model_dir = save_tiny(tiny_classifier(), tmp_path / "model")
-    out = export_onnx(model_dir, tmp_path / "int8", int8=True)
+    out = export_onnx(model_dir, tmp_path / "int8", int8=True, opset=opset)
     assert json.loads((out / "config.json").read_text())["oztune"]["onnx"]["int8"] is True
     assert int8_initializers(out) == 2 * 4 + 1  # qkv, o, up, down in 2 layers + the output layer
     model = Classifier.from_pretrained(model_dir)
@@ -87,7 +88,8 @@ def test_export_cli_and_its_errors(tmp_path, capsys):
     for args, message in [(["--format", "tflite"], "expected onnx or aoti"),
                           (["--output", str(model_dir / "onnx")], "must not be the model directory"),
                           (["--model", str(out)], "already an ONNX export"),
-                          (["--model", str(tmp_path / "missing")], "unknown model")]:
+                          (["--model", str(tmp_path / "missing")], "unknown model"),
+                          (["--opset", "30"], "--opset 30: expected 17 to 20"), (["--opset", "16"], "17 to 20")]:
         argv = ["export", "--model", str(model_dir), "--output", str(tmp_path / "x"), *args]
         assert main(argv) == 2, args
         assert message in capsys.readouterr().err

@@ -91,11 +91,48 @@ def stub_server():
     (b'{"texts": ["a"], "text_pairs": ["b", "c"]}', "text_pairs: expected one per text"),
     (b'{"texts": ["a"], "text_pairs": [null]}', "text_pairs[0]: expected a string"),
     (b'{"texts": ["a"], "labels": [1]}', "unknown field(s) labels"),
+    (b'{"texts": "a single string"}', "texts: expected a list of strings, got str"),
+    (b'{"texts": ["a"], "text_pairs": "x"}', "text_pairs: expected a list of strings, got str"),
+    (b'{"texts": ["ok", "a\\ud800b"]}', "texts[1]: not valid Unicode (a lone surrogate, U+D800, at character 1)"),
+    (b'{"texts": ["a"], "text_pairs": ["\\udfff"]}', "text_pairs[0]: not valid Unicode"),
 ])
 def test_wrong_types_get_422_with_a_message(stub_server, body, message):
     r = stub_server.post("/predict", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422
     assert message in r.json()["detail"]
+
+
+def test_health_answers_head_too(stub_server):
+    assert stub_server.head("/health").status_code == 200
+
+
+def test_deeply_nested_json_gets_422_and_is_counted():
+    body = b'{"texts": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"  # deeper than the JSON decoder recurses
+    with serving(create_app(GatedModel(gated=False))) as url, httpx.Client(base_url=url, timeout=20) as c:
+        r = c.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "nested too deeply" in r.json()["detail"]
+        assert metric(c.get("/metrics").text, 'oztune_requests_total{status="422"}') == 1
+
+
+def test_a_text_that_is_not_valid_unicode_gets_422_and_does_not_fail_its_batch(model_dir):
+    clf = Classifier.from_pretrained(model_dir)  # the tokenizer refuses a lone surrogate for the whole batch
+    app = create_app(clf.predict, ServeLimits(max_wait_ms=300))  # both requests in one batch, if queued
+    with serving(app) as url, ThreadPoolExecutor(2) as pool:
+        def post(body: bytes) -> httpx.Response:
+            return httpx.post(f"{url}/predict", content=body, timeout=20)
+
+        bad = pool.submit(post, b'{"texts": ["good", "a \\ud800 movie"]}')
+        good = pool.submit(post, b'{"texts": ["good movie"]}')
+        assert bad.result().status_code == 422 and "texts[1]: not valid Unicode" in bad.result().json()["detail"]
+        assert good.result().status_code == 200
+        assert good.result().json()["predictions"][0]["label"] == clf.predict(["good movie"])[0]["label"]
+
+
+def test_more_texts_than_the_queue_holds_get_413_not_503():
+    with serving(create_app(GatedModel(gated=False), ServeLimits(max_queue=2, max_texts_per_request=64))) as url:
+        r = httpx.post(f"{url}/predict", json={"texts": ["a", "b", "c"]}, timeout=20)
+        assert r.status_code == 413 and "limit of 2 per request" in r.json()["detail"]
+        assert httpx.post(f"{url}/predict", json={"texts": ["a", "b"]}, timeout=20).status_code == 200
 
 
 def test_too_many_texts_or_too_big_a_body_get_413(stub_server):
@@ -272,6 +309,43 @@ def test_serve_cli_refuses_bad_options_and_a_taken_port(model_dir, capsys):
             assert message in capsys.readouterr().err
     finally:
         taken.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-wait-ms", "inf"], "--max-wait-ms inf: expected a number from 0 to 86,400,000"),
+    (["--max-wait-ms", "nan"], "--max-wait-ms nan: expected a number"),
+    (["--graceful-timeout-s", "inf"], "--graceful-timeout-s inf: expected a number from 0 to 86,400"),
+    (["--max-queue", "10"], "--max-queue 10: expected at least --max-texts-per-request (64)"),
+    (["--log-level", "verbose"], "--log-level 'verbose': expected one of critical, error, warning, info, debug"),
+])
+def test_serve_cli_checks_options_before_listening_or_loading(model_dir, capsys, args, message):
+    from oztune.cli import main
+
+    taken = free_socket()  # a taken port: only an option check that comes first can give the message
+    taken.listen()
+    try:
+        assert main(["serve", "--model", str(model_dir), "--port", str(taken.getsockname()[1]), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        taken.close()
+
+
+def test_sigterm_while_exporting_for_the_onnx_backend_leaves_no_temporary_directory(model_dir, tmp_path):
+    import os
+
+    proc = subprocess.Popen([sys.executable, "-m", "oztune", "serve", "--model", str(model_dir), "--backend", "onnx",
+                             "--port", "0", "--log-level", "warning"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})  # where the export goes
+    try:
+        assert proc.stdout.readline().startswith("exporting")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) in (0, 128 + signal.SIGTERM)  # (0: the export was done and the server stopped)
+        assert not list(tmp_path.glob("oztune-onnx-*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_serve_command_end_to_end_on_the_onnx_backend(model_dir):

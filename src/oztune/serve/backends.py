@@ -37,10 +37,11 @@ class OnnxClassifier:
         path: directory written by ``oztune export`` (model.onnx, tokenizer, config.json).
         threads: onnxruntime intra-op threads.
         batch_size: texts per run in :meth:`predict`.
-        max_length: tokenizer truncation length (capped at the model's window).
+        max_length: tokenizer truncation length (capped at the model's window); None: the model's own, as
+            fine-tuned (recorded by the export).
     """
 
-    def __init__(self, path: str | Path, threads: int = 1, batch_size: int = 64, max_length: int = 512):
+    def __init__(self, path: str | Path, threads: int = 1, batch_size: int = 64, max_length: int | None = None):
         import onnxruntime as ort
 
         path = Path(path)
@@ -52,7 +53,8 @@ class OnnxClassifier:
         cfg = ModelConfig.from_dict(oz["model"])
         self.problem_type = oz["head"]["problem_type"]
         self.id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
-        self.encoder = TextEncoder.from_dir(path, min(max_length, cfg.max_length), pad_token_id=hf.get("pad_token_id"))
+        max_length = min(max_length or oz.get("max_length") or cfg.max_length, cfg.max_length)
+        self.encoder = TextEncoder.from_dir(path, max_length, pad_token_id=hf.get("pad_token_id"))
         self.batch_size = batch_size
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
@@ -87,7 +89,7 @@ class OnnxClassifier:
 
 
 def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_size: int = 64,
-                 max_length: int = 512, compile: bool = False) -> Classifier | OnnxClassifier:
+                 max_length: int | None = None, compile: bool = False) -> Classifier | OnnxClassifier:
     """The classifier that serves ``model`` on ``backend``.
 
     For ``onnx``, ``model`` is an ``oztune export`` directory, or a model directory that is exported
@@ -98,7 +100,7 @@ def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_siz
         backend: "torch" or "onnx".
         threads: compute threads (0: every core this process may use).
         batch_size: texts per forward pass.
-        max_length: tokenizer truncation length.
+        max_length: tokenizer truncation length (None: the model's own, as fine-tuned).
         compile: torch only: run the model compiled (:mod:`oztune.models.compiled`), compiled here before
             it is returned (20-65 s for MiniLM on 2 cores, less once inductor's disk cache holds it).
     """
@@ -122,7 +124,11 @@ def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_siz
     if not is_export:
         tmp = tempfile.TemporaryDirectory(prefix="oztune-onnx-")
         print(f"exporting {path} to ONNX in {tmp.name}", flush=True)
-        clf = OnnxClassifier(export_onnx(path, Path(tmp.name) / "model"), threads, batch_size, max_length)
+        try:
+            clf = OnnxClassifier(export_onnx(path, Path(tmp.name) / "model"), threads, batch_size, max_length)
+        except BaseException:  # an export error, or SystemExit on SIGTERM (see oztune serve): remove it now
+            tmp.cleanup()
+            raise
         clf.tmp = tmp  # removed with the classifier
         return clf
     return OnnxClassifier(path, threads, batch_size, max_length)
@@ -144,7 +150,7 @@ class WorkerProcess:
     """
 
     def __init__(self, model: str, backend: str = "torch", threads: int = 0, batch_size: int = 64,
-                 max_length: int = 512, compile: bool = False, wait: bool = True):
+                 max_length: int | None = None, compile: bool = False, wait: bool = True):
         self._args = (model, backend, threads, batch_size, max_length, compile)
         self.restarts = 0
         self._spawn()

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from oztune.cli import command
 from oztune.errors import OztuneError
+
+# torch.onnx's TorchScript exporter (export.py traces with dynamo=False) supports opsets up to 20 in
+# torch 2.13 (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET); oztune's graph needs 17 or later.
+MIN_OPSET, MAX_OPSET = 17, 20
 
 
 @dataclass
@@ -22,7 +30,7 @@ class ExportArgs:
             without compiling at start.
         int8: quantize a float model with oztune's int8 scheme (as oztune quantize does) before exporting;
             a quantized model always exports as int8.
-        opset: ONNX opset version (17 or later).
+        opset: ONNX opset version (17 to 20).
     """
 
     model: str = ""
@@ -48,8 +56,9 @@ def export_cmd(a: ExportArgs) -> int:
         print(f"compiled {a.model} ahead of time into {out}/aoti in {time.perf_counter() - t0:.0f} s; "
               f"oztune evaluate/predict/serve --model {out} run it compiled from the start")
         return 0
-    if a.opset < 17:
-        raise OztuneError(f"--opset {a.opset}: expected 17 or later")
+    if not MIN_OPSET <= a.opset <= MAX_OPSET:
+        raise OztuneError(f"--opset {a.opset}: expected {MIN_OPSET} to {MAX_OPSET} (torch's TorchScript ONNX exporter "
+                          f"supports up to {MAX_OPSET})")
     from oztune.serve.export import export_onnx
 
     out = export_onnx(a.model, a.output, int8=a.int8, opset=a.opset)
@@ -75,10 +84,12 @@ class ServeArgs:
             this many texts, which cuts padding (0: the whole batch in one pass). Default: the whole batch
             for torch, whose model skips padding itself (oztune.models.packing); 8 for onnx.
         max_wait_ms: longest wait for a batch to fill, counted from the oldest waiting request.
-        max_queue: most texts waiting for a batch; requests beyond it get 503.
+        max_queue: most texts waiting for a batch; requests beyond it get 503 (at least
+            --max-texts-per-request).
         max_texts_per_request: most texts in one request; more get 413.
         max_body_bytes: largest request body in bytes; larger get 413.
-        max_length: longest tokenized text; longer texts are truncated.
+        max_length: longest tokenized text; longer texts are truncated (default: the length the model was
+            fine-tuned with).
         threads: compute threads per model replica (0: the cores this process may use, shared out among
             the replicas).
         workers: model replicas, each fed its own batches from the one queue (0: one per core up to 4, with
@@ -92,7 +103,7 @@ class ServeArgs:
         worker_process: run the torch model in a process of its own, so that PyTorch's hold on the GIL
             does not stall the HTTP event loop (--no-worker-process: a thread of the server process).
         graceful_timeout_s: on SIGTERM, how long in-flight requests may still take.
-        log_level: uvicorn log level (critical, error, warning, info, debug).
+        log_level: uvicorn log level (critical, error, warning, info, debug, trace).
     """
 
     model: str = ""
@@ -105,13 +116,17 @@ class ServeArgs:
     max_queue: int = 1024
     max_texts_per_request: int = 64
     max_body_bytes: int = 1_000_000
-    max_length: int = 512
+    max_length: int | None = None
     threads: int = 0
     workers: int = 0
     compile: bool = False
     worker_process: bool = True
     graceful_timeout_s: float = 30.0
     log_level: str = "info"
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+MAX_FLOATS = {"max_wait_ms": 86_400_000, "graceful_timeout_s": 86_400}  # a day: thread waits need finite times
 
 
 def _check(a: ServeArgs) -> None:
@@ -122,11 +137,20 @@ def _check(a: ServeArgs) -> None:
     if not 0 <= a.port <= 65535:
         raise OztuneError(f"--port {a.port}: expected 0 to 65535")
     for name in ("max_batch_size", "max_queue", "max_texts_per_request", "max_body_bytes", "max_length"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a positive number")
-    for name in ("forward_batch_size", "max_wait_ms", "threads", "workers", "graceful_timeout_s"):
+    for name in ("forward_batch_size", "threads", "workers"):
         if (getattr(a, name) or 0) < 0:
             raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected 0 or more")
+    for name, most in MAX_FLOATS.items():
+        if not (math.isfinite(getattr(a, name)) and 0 <= getattr(a, name) <= most):  # not inf, not nan
+            raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a number from 0 to {most:,}")
+    if a.max_queue < a.max_texts_per_request:
+        n = a.max_texts_per_request
+        raise OztuneError(f"--max-queue {a.max_queue}: expected at least --max-texts-per-request ({n}): "
+                          f"a request of {n} texts could never be queued")
+    if a.log_level not in LOG_LEVELS:
+        raise OztuneError(f"--log-level {a.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
 
 
 def replicas(a: ServeArgs, processes: bool) -> tuple[int, int]:
@@ -151,9 +175,34 @@ def forward_batch(a: ServeArgs) -> int:
     return a.forward_batch_size or a.max_batch_size
 
 
+@contextmanager
+def _sigterm_exits():
+    """SIGTERM raises SystemExit in the block (in the main thread), so that a server stopped while it starts
+    cleans up (a temporary ONNX export, worker processes) instead of dying on the spot; once serving,
+    :func:`run_server` handles SIGTERM itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @command("serve", ServeArgs, "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)")
 def serve_cmd(a: ServeArgs) -> int:
     _check(a)
+    with _sigterm_exits():
+        return _serve(a)
+
+
+def _serve(a: ServeArgs) -> int:
+    """Load the model, listen and serve until SIGINT/SIGTERM."""
     from oztune.serve.backends import WorkerProcess, load_backend
     from oztune.serve.server import ServeLimits, listen_socket, run_server
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import _replace_dir, load_classifier, read_config, resolve_model
+from oztune.models.hub import _replace_dir, check_output_dir, load_classifier, read_config, resolve_model
 from oztune.models.transformer import SequenceClassifier
 
 ONNX_FILE = "model.onnx"
@@ -64,7 +64,10 @@ class _Int8LinearOp(torch.autograd.Function):
             return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
 
         if amax is None or amax.node().mustBeNone():
-            amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+            if g.opset >= 18:  # from opset 18 on, ReduceMax takes its axes as an input
+                amax = g.op("ReduceMax", g.op("Abs", x), const([-1], torch.int64), keepdims_i=1)
+            else:
+                amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
         amax = g.op("Max", amax, const(EPS))
         q = g.op("Mul", x, g.op("Div", const(127.0), amax))
         q = g.op("Cast", g.op("Add", g.op("Round", q), const(128.0)), to_i=UINT8)
@@ -158,7 +161,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, int8: bool = False, o
     with _staging(out) as tmp:
         inputs = export_torch_to_onnx(model, tmp / ONNX_FILE, opset)
         enc.save(tmp)
-        (tmp / "config.json").write_text(json.dumps(_export_config(src, model, meta["id2label"], {
+        (tmp / "config.json").write_text(json.dumps(_export_config(src, model, meta["id2label"], enc.max_length, {
             "file": ONNX_FILE, "inputs": inputs, "opset": opset, "int8": bool(quantization),
             "quantization": quantization, "source": str(src)}), indent=2) + "\n")
     return out
@@ -187,6 +190,7 @@ def _source_and_output(model_dir: str | Path, output: str | Path) -> tuple[Path,
     src, out = resolve_model(model_dir), Path(output)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise OztuneError(f"--output {out}: must not be the model directory {src} or inside it")
+    check_output_dir(output, inputs=(src,))
     if (src / ONNX_FILE).is_file():
         raise ModelError(f"{src}: already an ONNX export; give the model directory it was exported from")
     return src, out
@@ -205,10 +209,11 @@ def _staging(out: Path):
         raise
 
 
-def _export_config(src: Path, model: SequenceClassifier, id2label: dict[int, str], onnx_info: dict) -> dict:
-    """The source's config.json with the resolved model, head, labels and the export's description."""
+def _export_config(src: Path, model: SequenceClassifier, id2label: dict[int, str], max_length: int,
+                   onnx_info: dict) -> dict:
+    """The source's config.json with the resolved model, head, labels, tokenizer length and the export's description."""
     hf = {k: v for k, v in read_config(src).items() if k != "oztune"}
     hf.update(id2label={str(i): n for i, n in id2label.items()}, label2id={n: i for i, n in id2label.items()})
     hf["oztune"] = {"format": "onnx", "model": model.cfg.to_dict(), "head": model.head_cfg.to_dict(),
-                    "onnx": onnx_info}
+                    "max_length": max_length, "onnx": onnx_info}
     return hf

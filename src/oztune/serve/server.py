@@ -5,11 +5,12 @@
 The request path is kept cheap: the body is read with a size limit and checked by hand (no pydantic
 model, no response model), and the work is queued to the batch worker (see :mod:`.batching`).
 
-Status codes: 422 for a body that is not JSON or has wrong types (with a message saying which
-field), 413 for more texts than ``max_texts_per_request`` or a body over ``max_body_bytes``, 503 when
-the queue is full or the server is shutting down, 500 when the model fails. Over-long texts are
-truncated by the tokenizer. On SIGTERM uvicorn stops accepting connections, lets in-flight requests
-finish (up to ``graceful_timeout_s``), then the batch worker drains and stops.
+Status codes: 422 for a body that is not JSON or has wrong types or a text that is not valid Unicode
+(with a message saying which field), 413 for more texts than ``max_texts_per_request`` (or than
+``max_queue``) or a body over ``max_body_bytes``, 503 when the queue is full or the server is shutting
+down, 500 when the model fails. Over-long texts are truncated by the tokenizer. On SIGTERM uvicorn stops
+accepting connections, lets in-flight requests finish (up to ``graceful_timeout_s``), then the batch
+worker drains and stops.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ServeLimits:
         max_batch_size: most texts per batch, i.e. per call of ``predict``.
         max_wait_ms: longest wait for a batch to fill, from the oldest queued request.
         max_queue: most texts waiting for a batch before requests get 503.
-        max_texts_per_request: most texts in one request (more: 413).
+        max_texts_per_request: most texts in one request (more, or more than ``max_queue``: 413).
         max_body_bytes: largest request body (more: 413).
         graceful_timeout_s: on shutdown, how long in-flight requests may still take.
     """
@@ -110,15 +111,20 @@ class PredictFastPath:
 
 
 def _string_list(body: dict, field: str) -> list[str]:
-    """``body[field]`` as a list of strings (a single string counts as a list of one), else 422."""
+    """``body[field]`` as a list of strings, else 422: a JSON array of strings that are valid Unicode (a
+    ``"\\ud800"`` escape decodes to a lone surrogate, which the tokenizer refuses for the whole batch)."""
     value = body[field]
-    if isinstance(value, str):
-        return [value]
     if not isinstance(value, list):
         raise HTTPError(422, f"{field}: expected a list of strings, got {type(value).__name__}")
     for i, v in enumerate(value):
         if not isinstance(v, str):
             raise HTTPError(422, f"{field}[{i}]: expected a string, got {type(v).__name__}")
+        if not v.isascii():
+            try:
+                v.encode()
+            except UnicodeEncodeError as e:
+                raise HTTPError(422, f"{field}[{i}]: not valid Unicode (a lone surrogate, "
+                                     f"U+{ord(v[e.start]):04X}, at character {e.start})") from None
     return value
 
 
@@ -128,6 +134,8 @@ def parse_predict_body(raw: bytes, max_texts: int) -> tuple[list[str], list[str]
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPError(422, f"request body is not valid JSON ({e})") from None
+    except RecursionError:  # the decoder recurses once per nested array or object
+        raise HTTPError(422, "request body is JSON nested too deeply") from None
     if not isinstance(body, dict) or "texts" not in body:
         raise HTTPError(422, 'expected a JSON object with "texts": a list of strings')
     unknown = sorted(set(body) - {"texts", "text_pairs"})
@@ -158,6 +166,8 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
     """
     limits = limits or ServeLimits()
     metrics = Metrics()
+    # A request with more texts than the queue holds could never be queued: 413, not 503 again and again.
+    max_texts = min(limits.max_texts_per_request, limits.max_queue)
     batcher = MicroBatcher(predict, limits.max_batch_size, limits.max_wait_ms, limits.max_queue, metrics.on_batch)
 
     @asynccontextmanager
@@ -182,7 +192,7 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
         start, n = time.perf_counter(), 0
         try:
             texts, pairs = parse_predict_body(await _read_body(scope, receive, limits.max_body_bytes),
-                                              limits.max_texts_per_request)
+                                              max_texts)
             try:
                 predictions = await batcher.submit(texts, pairs)
             except (QueueFull, Closed) as e:
@@ -192,14 +202,16 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
             n, status, body = len(texts), 200, _dumps({"predictions": predictions})
         except HTTPError as e:
             status, body = e.status, _dumps({"detail": str(e)})
+        except Exception as e:  # a bug: still a JSON answer, and counted
+            status, body = 500, _dumps({"detail": f"internal error: {type(e).__name__}: {e}"})
         metrics.on_request(status, n, time.perf_counter() - start)
         return status, body
 
     app.add_middleware(PredictFastPath, handle=handle_predict)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
-        """200 while the server takes requests."""
+        """200 while the server takes requests (HEAD too, as health checkers send)."""
         return _json(200, {"status": "ok", **(info or {})})
 
     @app.get("/metrics")
