@@ -106,6 +106,22 @@ def test_health_answers_head_too(stub_server):
     assert stub_server.head("/health").status_code == 200
 
 
+def test_health_is_503_once_a_batch_worker_thread_has_died(monkeypatch):
+    app = create_app(GatedModel(gated=False))
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's traceback: expected here
+
+    def broken():
+        raise RuntimeError("a bug in the batcher")
+
+    with serving(app) as url, httpx.Client(base_url=url, timeout=20) as c:
+        assert c.get("/health").status_code == 200
+        app.state.batcher._take = broken  # the worker's next wait for a batch fails
+        assert c.post("/predict", json={"texts": ["a"]}).status_code == 200
+        wait_for(lambda: not app.state.batcher.alive(), "the worker thread to die")
+        r = c.get("/health")
+        assert r.status_code == 503 and "worker thread has stopped" in r.json()["detail"]
+
+
 def test_deeply_nested_json_gets_422_and_is_counted():
     body = b'{"texts": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"  # deeper than the JSON decoder recurses
     with serving(create_app(GatedModel(gated=False))) as url, httpx.Client(base_url=url, timeout=20) as c:

@@ -93,6 +93,10 @@ class MicroBatcher:
                 self._cond.notify()
         return future
 
+    def alive(self) -> bool:
+        """True while every worker thread runs (or before start, or once closed)."""
+        return self._closed or all(t.is_alive() for t in self._threads)
+
     def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, let the workers finish the queued ones, and wait for them."""
         with self._cond:

@@ -211,7 +211,11 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
-        """200 while the server takes requests (HEAD too, as health checkers send)."""
+        """200 while the server takes requests (HEAD too, as health checkers send); 503 once a batch worker
+        thread has stopped (a bug: its share of the requests would wait forever), so that a supervisor
+        restarts the server."""
+        if not batcher.alive():
+            return _json(503, {"status": "unhealthy", "detail": "a batch worker thread has stopped"})
         return _json(200, {"status": "ok", **(info or {})})
 
     @app.get("/metrics")
