@@ -215,27 +215,6 @@ def test_concurrent_requests_are_answered_from_one_batch():
     assert metric(m, "oztune_batch_size_sum") == 13
 
 
-def test_a_batch_closes_early_once_as_many_texts_wait_as_the_last_batch_answered():
-    model = GatedModel()
-    app = create_app(model, ServeLimits(max_batch_size=64, max_wait_ms=0))
-    batcher = app.state.batcher
-    with serving(app) as url, ThreadPoolExecutor(4) as pool:
-        first = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["first"]}, timeout=30)
-        assert model.entered.wait(10)
-        three = [pool.submit(httpx.post, f"{url}/predict", json={"texts": [t]}, timeout=30) for t in "abc"]
-        wait_for(lambda: batcher.pending == 3, "three requests to be queued")
-        model.gate.set()
-        assert all(f.result().status_code == 200 for f in [first, *three])  # batches of 1, then 3
-        batcher.max_wait = 60.0  # from here on only the early close can end a batch within the test
-        two = [pool.submit(httpx.post, f"{url}/predict", json={"texts": [t]}, timeout=30) for t in "de"]
-        wait_for(lambda: batcher.pending == 2, "two requests to be queued")
-        time.sleep(0.3)
-        assert not any(f.done() for f in two) and batcher.pending == 2  # 2 < 3: the batch waits
-        last = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["f"]}, timeout=30)
-        assert all(f.result().status_code == 200 for f in [*two, last])  # the third closes it
-    assert model.batches == [1, 3, 3]
-
-
 SLOW_SERVER = textwrap.dedent("""
     import time
     from oztune.serve.server import ServeLimits, listen_socket, run_server

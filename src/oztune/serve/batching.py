@@ -7,12 +7,6 @@ included, so the event loop only parses and answers HTTP; the backends sort the 
 run it in forward passes of ``--forward-batch-size`` texts), and resolves every future of the batch
 with one call into the loop. Under load the wait costs nothing: requests that arrive while a batch runs have already waited
 longer than ``max_wait_ms`` and go into the next batch at once.
-
-A batch also closes, before ``max_wait_ms``, once as many texts are queued as the last batch answered:
-clients that send their next request when the last one is answered (the usual client loop) are all back
-by then, and waiting longer would leave the model idle (in bench/load.py, 32 such clients on 2 replicas
-left each idle for most of the wait, once per batch of ~16). Under open traffic this changes nothing: a
-batch that fills as far as the last one is as big as waiting would have made it.
 """
 
 from __future__ import annotations
@@ -63,7 +57,6 @@ class MicroBatcher:
         self.on_batch = on_batch
         self.pending = 0  # texts queued, not yet taken by a worker
         self._idle = 0  # workers waiting for a batch
-        self._expect = max_batch_size  # texts of the batch answered last: a batch this big closes at once
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -88,8 +81,8 @@ class MicroBatcher:
                 raise QueueFull(f"the queue is full ({self.pending} of {self.max_queue} texts waiting)")
             self._queue.append(_Request(texts, pairs, future, time.monotonic()))
             self.pending += len(texts)
-            # Wake the worker only when it may be waiting for this: a first request, or a batch that closes.
-            if len(self._queue) == 1 or self.pending >= self._closes_at():
+            # Wake the worker only when it may be waiting for this: a first request, or a full batch.
+            if len(self._queue) == 1 or self.pending >= self.max_batch_size:
                 self._cond.notify()
         return future
 
@@ -120,7 +113,7 @@ class MicroBatcher:
                             return None
                         self._cond.wait()
                     left = self._queue[0].arrived + self.max_wait - time.monotonic()
-                    if self.pending >= self._closes_at() or self._closed or left <= 0:
+                    if self.pending >= self.max_batch_size or self._closed or left <= 0:
                         break
                     self._cond.wait(left)
                 share = min(self.max_batch_size, -(-self.pending // self._idle))  # ceil(pending / idle workers)
@@ -136,14 +129,9 @@ class MicroBatcher:
             finally:
                 self._idle -= 1
 
-    def _closes_at(self) -> int:
-        """Queued texts at which a batch closes without waiting longer: full, or as big as the last one."""
-        return min(self.max_batch_size, self._expect)
-
     def _work(self, predict: Predict) -> None:
         while (batch := self._take()) is not None:
             start = time.perf_counter()
-            n = sum(len(r.texts) for r in batch)
             results: list = []
             # Requests with and without text pairs cannot share a tokenizer call.
             for with_pairs in (False, True):
@@ -151,11 +139,7 @@ class MicroBatcher:
                 if group:
                     results += zip(group, self._run(predict, group))
             if self.on_batch is not None:
-                self.on_batch(n, time.perf_counter() - start)
-            with self._cond:
-                self._expect = n
-                if self._queue and self.pending >= self._closes_at():
-                    self._cond.notify_all()  # a worker waiting for more than is now needed
+                self.on_batch(sum(len(r.texts) for r in batch), time.perf_counter() - start)
             self._loop.call_soon_threadsafe(_resolve, results)
 
     @staticmethod
