@@ -13,6 +13,7 @@ fi
 python bench/train_speed.py
 python bench/profile_step.py
 python bench/inference.py --model "$MODEL"
+python bench/export_parity.py --model "$MODEL"
 python bench/int8.py --model "$MODEL" --compile --aot
 oztune quantize --model "$MODEL" --output "$MODEL-int8"
 python bench/load.py --model "$MODEL-int8"
