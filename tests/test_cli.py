@@ -232,3 +232,12 @@ def test_shared_recipe_options_have_help_and_come_after_the_commands_own(command
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "--text-pair-column" in capsys.readouterr().out
+
+
+def test_help_shows_each_options_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 40000)" in text and "(default: 0.5,0.33)" in text and "--prune-vocab" in text
+    assert "keep only the embeddings of tokens in the training file" in text and "(default: on)" in text
+    assert "(default: None)" not in text

@@ -53,6 +53,25 @@ def _arg_help(cls: type) -> dict[str, str]:
     return out
 
 
+def _with_default(help: str, f: dataclasses.Field) -> str:
+    """The help text with the field's default appended, unless the text already says it or there is none."""
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return help
+    if "default" in help or default is None or default == "" or default == [] or f.metadata.get("positional"):
+        return help
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif isinstance(default, (list, tuple)):
+        shown = ",".join(map(str, default))
+    else:
+        shown = str(default)
+    return f"{help} (default: {shown})".strip()
+
+
 def _fields_in_help_order(cls: type) -> list[dataclasses.Field]:
     """The class's own options first, then those it shares with other commands (inherited)."""
     own = list(vars(cls).get("__annotations__", {}))  # in declaration order
@@ -86,7 +105,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in _fields_in_help_order(cls):
         tp, _ = _base_type(hints[f.name])
-        kw: dict[str, Any] = {"help": helps.get(f.name, ""), "default": argparse.SUPPRESS}
+        kw: dict[str, Any] = {"help": _with_default(helps.get(f.name, ""), f), "default": argparse.SUPPRESS}
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="*", **kw)
             continue

@@ -86,6 +86,8 @@ def test_distill_cli_student_layers(teacher_dir, sentiment_files, tmp_path, caps
     assert cfg["oztune"]["model"]["num_layers"] == 1
     run = json.loads((out / "run.json").read_text())
     assert run["train_examples"] == 100 and run["args"]["temperature"] == 3
+    card = (out / "README.md").read_text()
+    assert card.startswith("# distilled student") and f"| accuracy | {run['teacher_metrics']['accuracy']:.4f} |" in card
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out), "--data", str(dev), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(run["metrics"]["accuracy"])

@@ -232,6 +232,8 @@ def test_prune_cli_writes_a_model_evaluate_reloads(classifier_dir, sentiment_fil
         assert run["shape"].startswith("1 layers")
     else:
         assert run["sparsity"] == pytest.approx(0.8, abs=2e-3)
+    card = (out / "README.md").read_text()
+    assert card.startswith("# pruned classifier") and f"{run['metrics']['accuracy']:.4f} |" in card
     assert main(["evaluate", "--model", str(out), "--data", str(dev), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["accuracy"] == pytest.approx(run["metrics"]["accuracy"])

@@ -38,7 +38,7 @@ class QuantizeArgs:
         text_pair_column: column holding the second text of a pair.
         label_column: column holding the label.
         seed: seed of quantization-aware fine-tuning.
-        progress: show progress bars.
+        progress: show progress bars and the start and per-epoch lines (--no-progress: only the result).
     """
 
     model: str = ""

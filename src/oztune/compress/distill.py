@@ -289,5 +289,26 @@ def run_distill(a: DistillArgs) -> dict:
            "history": result.history, "train_examples": len(data.train), "train_seconds": round(result.seconds, 1),
            "student": {"layers": student.cfg.num_layers, "heads": student.cfg.layer_heads, "ffn": student.cfg.layer_ffn,
                        "parameters": sum(p.numel() for p in student.parameters())}}
-    save_classifier(student, enc, a.output, meta["id2label"], run=run)
+    shape = f"{student.cfg.num_layers} layers, {run['student']['parameters'] / 1e6:.3g}M parameters"
+    save_classifier(student, enc, a.output, meta["id2label"], run=run,
+                    card=recipe_card("distilled student (oztune distill)", a.teacher, shape, teacher_metrics,
+                                     result.best, a.output))
     return run
+
+
+def recipe_card(title: str, source: str, shape: str, before: dict, after: dict, output: str) -> str:
+    """The model card README.md of a compressed model: what it came from and its metrics beside the source's."""
+    rows = "\n".join(f"| {k} | {before.get(k, float('nan')):.4f} | {v:.4f} |"
+                     for k, v in after.items() if isinstance(v, float))
+    return f"""# {title}
+
+- Source: `{source}`; this model: {shape}
+
+| metric | source | this model |
+|---|---|---|
+{rows}
+
+```bash
+oztune predict --model {output} "a charming and often affecting journey"
+```
+"""

@@ -325,7 +325,7 @@ class PruneArgs(RecipeOptions):
 def run_prune(a: PruneArgs) -> dict:
     """The prune recipe; returns the run record (saved with the model)."""
     from oztune.compress.distill import (DistillConfig, check_train_options, distill, load_task_data,
-                                         load_trained)  # imported here: distill builds on this module
+                                         load_trained, recipe_card)  # imported here: distill builds on this module
 
     pcfg = a.prune_config()
     check_train_options(a)
@@ -349,5 +349,7 @@ def run_prune(a: PruneArgs) -> dict:
            "sparsity": sparsity_of(student), "shape": describe(student), "history": result.history,
            "parameters": sum(p.numel() for p in student.parameters()), "train_seconds": round(result.seconds, 1),
            "train_examples": len(data.train)}
-    save_classifier(student, enc, a.output, meta["id2label"], run=run)
+    shape = f"{run['shape']}, {run['parameters'] / 1e6:.3g}M parameters, encoder sparsity {run['sparsity']:.1%}"
+    save_classifier(student, enc, a.output, meta["id2label"], run=run,
+                    card=recipe_card("pruned classifier (oztune prune)", a.model, shape, before, after, a.output))
     return run

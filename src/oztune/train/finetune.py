@@ -31,15 +31,15 @@ class RecipeOptions:
     """Options every training recipe shares (finetune, distill, prune, compress); the CLI lists them last.
 
     Args:
-        max_length: longest input in tokens; longer texts are truncated (default: a fine-tuned model's own,
-            as it was trained; finetune: 128).
+        max_length: longest input in tokens; longer texts are truncated (default: the length the model was
+            fine-tuned with).
         max_train_examples: train on a seeded random sample of this many examples.
         text_column: column holding the text (default: text, sentence, ...).
         text_pair_column: column holding the second text of a pair.
         label_column: column holding the label (default: label, labels, ...).
         seed: seed of sampling, shuffling, dropout and new layers.
         precision: auto (bf16 autocast where the CPU has bf16), bf16 or fp32.
-        progress: show progress bars.
+        progress: show progress bars and the start and per-epoch lines (--no-progress: only the result).
     """
 
     max_length: int | None = None
@@ -68,6 +68,7 @@ class FinetuneArgs(RecipeOptions):
         batch_size: examples per step (per process under torchrun).
         lr: peak learning rate, linear warm-up then linear decay (default 1e-4; 5e-4 with --lora-rank).
         problem_type: single_label, multi_label or regression (default: inferred from the labels).
+        max_length: longest input in tokens; longer texts are truncated (default: 128; saved with the model).
         pooling: cls, mean or last (default: the family's standard head, which HF can load).
         head_hidden: widths of extra hidden layers in the head, comma-separated (e.g. 256,128).
         head_dropout: dropout in the head.
