@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oztune {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"oztune {ns.command}: interrupted; nothing was saved", file=sys.stderr)
+        print(f"oztune {ns.command}: interrupted (output directories are written whole or not at all)",
+              file=sys.stderr)
         return 130
 
 

@@ -137,3 +137,38 @@ def test_layer_lr_decay_gives_each_depth_its_learning_rate(tiny_base, data):
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     for name, lr in want.items():
         assert lrs[id(named[name])] == pytest.approx(lr * factor), name
+
+
+def test_a_logged_step_has_its_micro_batches_mean_loss_and_the_rate_it_used(tiny_base, data, monkeypatch):
+    model, train, dev = new_model(tiny_base, data)
+    losses = []
+    real = type(model).loss
+
+    def recording(self, logits, labels):
+        out = real(self, logits, labels)
+        losses.append(out.item())
+        return out
+
+    monkeypatch.setattr(type(model), "loss", recording)
+    result = fit(model, train, config(epochs=1, warmup_ratio=0.0))  # 8 batches, 2 per step
+    steps = [row for row in result.log if "loss" in row]
+    assert len(steps) == 4 and len(losses) == 8
+    for k, row in enumerate(steps):
+        assert row["loss"] == pytest.approx((losses[2 * k] + losses[2 * k + 1]) / 2, rel=1e-5)
+    # one warm-up step (at the peak), then linear decay over the other 3: the rates the steps used, not
+    # the next step's (which ended the log at 0)
+    assert [row["lr"] for row in steps] == pytest.approx([3e-3, 3e-3, 2e-3, 1e-3])
+
+
+def test_resuming_into_another_training_set_is_refused(tiny_base, data, tmp_path):
+    from oztune.errors import OztuneError
+
+    model, train, _ = new_model(tiny_base, data)
+    with pytest.raises(Crash):
+        fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1), on_step=crash_at(2))
+    model, train, _ = new_model(tiny_base, data)
+    other = train.subset(list(range(63, -1, -1)))  # the same examples in another order: other data
+    with pytest.raises(OztuneError, match="other settings: data"):
+        fit(model, other, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, resume=True))
+    with pytest.raises(OztuneError, match="lr 0.003 \\(now 0.001\\)"):
+        fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, resume=True, lr=1e-3))

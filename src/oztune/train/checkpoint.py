@@ -11,6 +11,7 @@ is missing or does not match its file (truncated, corrupted) is skipped with a m
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -100,6 +101,15 @@ def remove_checkpoints(directory: str | os.PathLike) -> None:
         folder.rmdir()
 
 
+def data_digest(data) -> str:
+    """A short SHA-256 of a data set's token ids, lengths and labels (EncodedData)."""
+    h = hashlib.sha256(data.lengths.tobytes())
+    h.update(np.fromiter(itertools.chain.from_iterable(ids for ids, _ in data.encoded), dtype=np.int64).tobytes())
+    if data.labels is not None:
+        h.update(data.labels.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Checkpointer:
     """Writes, lists, validates and loads the checkpoints of one run.
 
@@ -115,7 +125,7 @@ class Checkpointer:
         self.fingerprint = fingerprint
 
     @classmethod
-    def for_run(cls, cfg, examples: int, model: torch.nn.Module, env: DistEnv) -> "Checkpointer | None":
+    def for_run(cls, cfg, data, model: torch.nn.Module, env: DistEnv) -> "Checkpointer | None":
         """The checkpointer of a training run (None when ``cfg`` asks for no checkpoints).
 
         Without ``cfg.resume``, a folder holding another run's checkpoints is an error: mixing two runs
@@ -123,14 +133,19 @@ class Checkpointer:
 
         Args:
             cfg: the run's TrainConfig.
-            examples: number of training examples.
+            data: the training examples (EncodedData): their number and a digest of their token ids and
+                labels go into the fingerprint, so another file (or --max-length) is not resumed into.
             model: the model being trained (its parameter counts go into the fingerprint).
             env: this process's place in a distributed job.
         """
         if not cfg.checkpoint_dir or not (cfg.checkpoint_every or cfg.resume):
             return None
-        fingerprint = {"examples": examples, "processes": env.world, "batch_size": cfg.batch_size,
-                       "grad_accum": cfg.grad_accum, "epochs": cfg.epochs, "seed": cfg.seed, "bucket": cfg.bucket,
+        fingerprint = {"examples": len(data), "data": data_digest(data), "processes": env.world,
+                       "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "epochs": cfg.epochs,
+                       "seed": cfg.seed, "bucket": cfg.bucket, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                       "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm,
+                       "layer_lr_decay": cfg.layer_lr_decay, "precision": cfg.precision,
+                       "freeze_embeddings": cfg.freeze_embeddings,
                        "parameters": sum(t.numel() for t in model.state_dict().values()),
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         ckpt = cls(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, fingerprint)

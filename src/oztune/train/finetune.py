@@ -159,6 +159,10 @@ def check_args(a: FinetuneArgs) -> None:
     for name in ("lora_dropout", "head_dropout", "warmup_ratio"):
         if not 0 <= getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(a, name)}")
+    if any(w < 1 for w in a.head_hidden):
+        raise OztuneError(f"--head-hidden {','.join(map(str, a.head_hidden))}: each width must be at least 1")
+    if a.patience and not a.eval:
+        raise OztuneError("--patience stops early on the --eval metrics: give --eval FILE")
     if a.pooling not in (None, "cls", "mean", "last"):
         raise OztuneError(f"--pooling must be cls, mean or last, not {a.pooling!r}")
     if not 0 < a.layer_lr_decay <= 1:

@@ -242,7 +242,7 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     params = [p for p in model.parameters() if p.requires_grad]
     if env.world > 1:
         distributed.broadcast_model(model)
-    ckpt = Checkpointer.for_run(cfg, len(train), model, env)
+    ckpt = Checkpointer.for_run(cfg, train, model, env)
     run = (ckpt.resume_run(model, opt, sched, env) if ckpt and cfg.resume else None) or Progress()
     lengths, seen, start = train.lengths, 0, time.perf_counter()
     model.train()
@@ -251,21 +251,24 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
         bar = tqdm(total=len(batches), initial=run.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and env.is_main), unit="batch", dynamic_ncols=True, leave=False,
                    mininterval=0.5 if sys.stderr.isatty() else 15)
+        step_loss, micro = 0.0, 0  # the step's micro-batches (--grad-accum): their mean loss is logged
         for i in range(run.batch, len(batches)):
             mine = batches[i][env.rank::env.world]  # this rank's slice of the global batch
             share = len(mine) / len(batches[i])  # its weight in the global batch's mean loss
-            loss = 0.0
+            micro += 1
             if len(mine):
                 with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                     local = loss_fn(model, train.batch(mine))
                 (local * (share / cfg.grad_accum)).backward()
-                loss = local.item() * share
+                step_loss += local.item() * share
             seen += len(batches[i])
             if (i + 1) % cfg.grad_accum and i + 1 < len(batches):
                 bar.update(1)
                 continue
+            loss, step_loss, micro = step_loss / micro, 0.0, 0
             if env.world > 1:
                 loss = distributed.sync_gradients(params, loss)
+            lr = sched.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
             clipped_step(opt, params, cfg.max_grad_norm)
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -274,7 +277,7 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
                 on_step(run.step, total_steps)
             elapsed = time.perf_counter() - start
             row = {"step": run.step, "epoch": epoch + (i + 1) / len(batches), "loss": loss,
-                   "lr": sched.get_last_lr()[0], "examples_per_s": seen / elapsed, "elapsed_s": elapsed}
+                   "lr": lr, "examples_per_s": seen / elapsed, "elapsed_s": elapsed}
             run.log.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.0f}")
             bar.update(1)
