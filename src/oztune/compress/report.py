@@ -174,7 +174,7 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> No
     y = np.array([r["score"] for r in rows])
     mb = np.array([r["file_mb"] for r in rows])
     area = 60 + 1500 * mb / max(mb.max(), 1e-9)
-    colors = ["#7f7f7f" if i == 0 else ("#d62728" if r["name"] == chosen else "#1f77b4") for i, r in enumerate(rows)]
+    colors = ["#d62728" if r["name"] == chosen else ("#7f7f7f" if i == 0 else "#1f77b4") for i, r in enumerate(rows)]
     ax.scatter(x, y, s=area, c=colors, alpha=0.5, edgecolors="black", linewidths=0.8, zorder=3)
     front = _frontier(x, y)
     ax.plot(x[front], y[front], color="#555555", lw=1, ls=":", zorder=2, label="Pareto front")
@@ -185,7 +185,9 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> No
     _labels(ax, fig, rows, x, y, np.sqrt(area / np.pi), chosen)
     ax.set_xlabel("batch-1 latency, p50 (ms, tokenization included)")
     ax.set_ylabel(f"{rows[0]['metric']} (%)")
-    ax.set_title("Accuracy against latency\nmarker area = file size; grey = fp32, red = kept", fontsize=11)
+    kept_fp32 = rows[0]["name"] == chosen  # nothing else within the budget: fp32 itself is kept (red)
+    ax.set_title("Accuracy against latency\nmarker area = file size; "
+                 f"{'red = fp32, kept' if kept_fp32 else 'grey = fp32, red = kept'}", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
