@@ -275,6 +275,11 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
 MODEL_FILES = ("config.json", "model.onnx")  # a directory holding one of these is a model oztune may replace
 
 
+def _holds_other_things(out: Path) -> bool:
+    """``out`` is a directory with files in it but no model: replacing it would delete them."""
+    return out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in MODEL_FILES)
+
+
 def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
                      inputs: tuple[str | os.PathLike | None, ...] = (), replaced: bool = True) -> Path:
     """Check, before any work, a directory that will be written: replaced as a whole, atomically, from a
@@ -309,7 +314,7 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
                               "choose another directory")
     if out.exists() and not out.is_dir():
         raise OztuneError(f"{option} {output}: exists and is not a directory")
-    if replaced and out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in MODEL_FILES):
+    if replaced and _holds_other_things(out):
         held = sorted(p.name for p in out.iterdir())
         shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
         raise OztuneError(f"{option} {output}: exists and is not a model directory (it holds {shown}); "
@@ -345,7 +350,7 @@ def _replace_dir(new: Path, out: Path) -> None:
     """
     _publish(new)
     old = None
-    if out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in MODEL_FILES):
+    if _holds_other_things(out):
         raise ModelError(f"{out}: exists and is not a model directory; not replaced, the result is in {new}")
     if out.exists() and not out.is_dir():
         raise ModelError(f"{out}: exists and is not a directory; not replaced, the result is in {new}")
