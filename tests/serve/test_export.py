@@ -52,7 +52,8 @@ def test_int8_export_computes_like_oztunes_int8_model(tmp_path, opset):
     model_dir = save_tiny(tiny_classifier(), tmp_path / "model")
     out = export_onnx(model_dir, tmp_path / "int8", int8=True, opset=opset)
     assert json.loads((out / "config.json").read_text())["oztune"]["onnx"]["int8"] is True
-    assert int8_initializers(out) == 2 * 4 + 1  # qkv, o, up, down in 2 layers + the output layer
+    # qkv, o, up, down in 2 layers + the output layer + the token and position embedding tables
+    assert int8_initializers(out) == 2 * 4 + 1 + 2
     model = Classifier.from_pretrained(model_dir)
     texts = random_texts(400, seed=1) + [LONG]
     fp32 = model.logits(texts)
@@ -71,7 +72,8 @@ def test_quantized_pruned_model_exports_with_matching_labels(tmp_path):
     clf = Classifier.from_pretrained(model_dir)
     out = export_onnx(model_dir, tmp_path / "onnx")  # int8 without asking: the model is
     assert json.loads((out / "config.json").read_text())["oztune"]["onnx"]["quantization"] == record
-    assert int8_initializers(out) == 4  # layer 0's qkv, o, up, down: layer 1 is pruned away, the head skipped
+    # layer 0's qkv, o, up, down (layer 1 is pruned away, the head skipped) + 2 embedding tables
+    assert int8_initializers(out) == 4 + 2
     texts = random_texts(400, seed=2)
     got, ref = OnnxClassifier(out).logits(texts), clf.logits(texts)
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99

@@ -99,7 +99,7 @@ def prepare_for_onnx(model: nn.Module) -> nn.Module:
     """Swap oztune's quantized modules (in place) for exportable ones that compute the same.
 
     Int8Linear -> :class:`OnnxInt8Linear` (or a float Linear when pruning left a zero-size weight);
-    Int8Embedding -> an nn.Embedding holding the dequantized rows (the same values it looks up).
+    Int8Embedding -> :class:`OnnxInt8Embedding` (the table stays int8).
     """
     from oztune.compress.quantize import Int8Embedding, Int8Linear
 
@@ -113,8 +113,21 @@ def prepare_for_onnx(model: nn.Module) -> nn.Module:
                     linear.bias.data.copy_(m.bias)
                 model.set_submodule(name, linear)
         elif isinstance(m, Int8Embedding):
-            model.set_submodule(name, nn.Embedding.from_pretrained(m.weight.float() * m.weight_scale[:, None]))
+            model.set_submodule(name, OnnxInt8Embedding(m))
     return model
+
+
+class OnnxInt8Embedding(nn.Module):
+    """An exportable ``Int8Embedding``: int8 rows and their scales gathered, then multiplied (out of place:
+    Gather, Cast, Gather, Mul in ONNX), so the export keeps the table int8 (a quarter of its fp32 size)."""
+
+    def __init__(self, q: nn.Module):
+        super().__init__()
+        self.register_buffer("weight", q.weight)
+        self.register_buffer("weight_scale", q.weight_scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float() * self.weight_scale[ids].unsqueeze(-1)  # (..., dim)
 
 
 def _example_inputs(model: SequenceClassifier) -> tuple[torch.Tensor, ...]:
