@@ -243,3 +243,14 @@ def test_help_shows_each_options_default(capsys):
     assert "(default: 40000)" in text and "(default: 0.5,0.33)" in text and "--prune-vocab" in text
     assert "keep only the embeddings of tokens in the training file" in text and "(default: on)" in text
     assert "(default: None)" not in text
+
+
+def test_predict_into_a_pipe_closed_early_is_no_traceback(trained, tmp_path):
+    texts = tmp_path / "many.txt"
+    texts.write_text("a good film with a fine plot\n" * 4000)  # ~400 KB of output: more than a pipe holds
+    p = subprocess.Popen([sys.executable, "-m", "oztune", "predict", "--model", str(trained), "--input", "-",
+                          "--all-scores"], stdin=texts.open(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith(b'{"label"')
+    p.stdout.close()  # as `| head -1` does
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and "Traceback" not in err and "Broken pipe" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 import sys
 import types
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except OztuneError as e:
         print(f"oztune {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (oztune predict ... | head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except KeyboardInterrupt:
         print(f"oztune {ns.command}: interrupted (output directories are written whole or not at all)",
               file=sys.stderr)

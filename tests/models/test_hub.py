@@ -68,6 +68,18 @@ def test_custom_head_saves_natively_and_reloads_identically(tiny_base, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, mask), again(ids, mask), rtol=0, atol=0)
     assert meta["id2label"] == {0: "a", 1: "b", 2: "c"}
+    # transformers refuses the directory rather than loading the config and running random weights
+    assert cfg["model_type"] == "oztune-bert"
+    import transformers as T
+
+    with pytest.raises(ValueError, match="oztune-bert"):
+        T.AutoModelForSequenceClassification.from_pretrained(out)
+    # and a standard head again (fine-tuned from it) is saved in HF's format with HF's model_type
+    from oztune.models.hub import new_head_
+
+    new_head_(again, 3, "single_label")
+    hf = json.loads((save_classifier(again, enc, tmp_path / "hf", {0: "a", 1: "b", 2: "c"}) / "config.json").read_text())
+    assert hf["model_type"] == "bert" and hf["oztune"]["format"] == "hf"
 
 
 def test_save_replaces_existing_directory_only_when_complete(tiny_base, tmp_path, monkeypatch):
@@ -98,3 +110,14 @@ def test_unknown_name_and_file_instead_of_directory(tmp_path):
     f.write_text("x")
     with pytest.raises(ModelError, match="a model must be a directory"):
         resolve_model(f)
+
+
+def test_a_head_weight_missing_from_the_checkpoint_is_named(tiny_hf_dir):
+    from safetensors.torch import load_file, save_file
+
+    d, _ = tiny_hf_dir("bert")
+    sd = load_file(d / "model.safetensors")
+    del sd["classifier.bias"]
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"classification head does not match config.json: missing head\.out\.bias"):
+        load_classifier(d)

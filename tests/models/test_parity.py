@@ -46,3 +46,28 @@ def test_bundled_minilm_last_hidden_state_matches_hf():
         out = model.backbone(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     m = batch["attention_mask"].bool()
     torch.testing.assert_close(out[m], ref[m], atol=1e-5, rtol=1e-5)
+
+
+def test_a_saved_gpt2_without_a_pad_token_runs_batches_in_transformers(tmp_path):
+    """GPT-2 has no pad token: the id oztune padded with is written to config.json, which HF's
+    GPT2ForSequenceClassification needs to find each row's last token in a batch of several."""
+    import json
+
+    import transformers as T
+    from conftest import tiny_hf_model, write_tiny_tokenizer
+
+    from oztune.models.hub import save_classifier
+
+    hf = tiny_hf_model("gpt2")
+    hf.config.pad_token_id = None
+    src = tmp_path / "src"
+    hf.save_pretrained(src)
+    write_tiny_tokenizer(src, 64)
+    model, enc, meta = load_classifier(src)
+    out = save_classifier(model, enc, tmp_path / "out", meta["id2label"])
+    pad = json.loads((out / "config.json").read_text())["pad_token_id"]
+    assert pad == enc.pad_id
+    again = T.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    ids, mask = padded_batch(pad)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, model(ids, mask), atol=1e-5, rtol=1e-5)

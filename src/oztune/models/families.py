@@ -164,9 +164,14 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+NATIVE_PREFIX = "oztune-"  # model_type of a directory in oztune's own format, which transformers must refuse
+
+
 def family_of(hf_config: dict, where: str) -> Family:
     """The Family of an HF config dict; ModelError naming ``where`` if unsupported."""
     mt = hf_config.get("model_type")
+    if isinstance(mt, str):  # oztune's own format: "oztune-bert" (see hub.save_classifier)
+        mt = mt.removeprefix(NATIVE_PREFIX)
     if mt not in FAMILIES:
         raise ModelError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(FAMILIES)}")
     return FAMILIES[mt]

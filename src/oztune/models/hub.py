@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from oztune.config import HeadConfig, ModelConfig
 from oztune.data.tokenize import TextEncoder
 from oztune.errors import ModelError, OztuneError
-from oztune.models.families import (FAMILIES, default_head, family_of, hf_to_oztune, is_default_head,
-                                    oztune_to_hf)
+from oztune.models.families import (FAMILIES, NATIVE_PREFIX, default_head, family_of, hf_to_oztune,
+                                    is_default_head, oztune_to_hf)
 from oztune.models.transformer import SequenceClassifier, TaskHead, init_weights
 from oztune.runtime import tune_malloc
 
@@ -187,10 +187,13 @@ def _load_head(model: SequenceClassifier, head_sd: dict, strict: bool, where: st
     """Load head weights; for a new head only the tensors whose shapes fit (e.g. BERT's pooler)."""
     own = model.head.state_dict()
     if strict:
-        try:
-            model.head.load_state_dict(head_sd, strict=True)
-        except RuntimeError as e:
-            raise ModelError(f"{where}: classification head does not match config.json ({str(e).splitlines()[0]})") from None
+        problems = [f"missing head.{k}" for k in sorted(set(own) - set(head_sd))]
+        problems += [f"unexpected head.{k}" for k in sorted(set(head_sd) - set(own))]
+        problems += [f"head.{k} has shape {tuple(v.shape)}, config.json says {tuple(own[k].shape)}"
+                     for k, v in sorted(head_sd.items()) if k in own and own[k].shape != v.shape]
+        if problems:
+            raise ModelError(f"{where}: classification head does not match config.json: {'; '.join(problems)}")
+        model.head.load_state_dict(head_sd, strict=True)
         return
     fits = {k: v for k, v in head_sd.items() if k in own and own[k].shape == v.shape and not k.startswith("out.")}
     model.head.load_state_dict(fits, strict=False)
@@ -239,12 +242,17 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         tensors = {k: v.contiguous() for k, v in sd.items()}
     hf = dict(getattr(model, "hf_config", None) or {"model_type": family.name})
     hf.update(
+        # oztune's own format gets a model_type transformers does not know, so that it refuses the directory
+        # (with the family's, it loaded the config, skipped every weight and ran randomly initialised)
+        model_type=family.name if as_hf else NATIVE_PREFIX + family.name,
         architectures=[family.architecture if as_hf else "OztuneSequenceClassifier"],
         id2label={str(i): n for i, n in id2label.items()}, label2id={n: i for i, n in id2label.items()},
         problem_type=_HF_PROBLEM[model.head_cfg.problem_type], num_labels=model.head_cfg.num_labels,
     )
     if id2label:
         hf.pop("num_labels")  # HF derives it from id2label
+    if hf.get("pad_token_id") is None:  # GPT-2 has none: say which one oztune padded with, so that HF's
+        hf["pad_token_id"] = encoder.pad_id  # GPT2ForSequenceClassification can run batches of several texts
     hf["oztune"] = {"format": "hf" if as_hf else "native", "model": model.cfg.to_dict(),
                     "head": model.head_cfg.to_dict(), "max_length": encoder.max_length, "run": run or {}}
     if quantization:

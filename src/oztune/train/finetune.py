@@ -250,7 +250,8 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     result = fit(model, train_data, cfg, eval_data)
     if a.lora_rank:
         merge_lora(model)
-    run = {"command": "finetune", "args": asdict(a), "problem_type": problem_type, "train_examples": len(train_ex),
+    run = {"command": "finetune", "args": asdict(a), "problem_type": problem_type, "max_length": enc.max_length,
+           "train_examples": len(train_ex),
            "eval_examples": len(eval_ex) if eval_ex else 0, "metrics": result.best, "history": result.history,
            "parameters": total, "trainable_parameters": trainable, "processes": env.world,
            "train_seconds": round(result.seconds, 1), "train_examples_per_s": round(result.examples_per_s, 1),
@@ -280,7 +281,7 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
 
 - Base model: `{a.model}`
 - Task: {run['problem_type']} on `{a.train}` ({run['train_examples']:,} examples), labels: {', '.join(map(str, id2label.values()))}
-- Training: {a.epochs} epoch(s), batch {a.batch_size}, lr {a.lr}, max length {a.max_length or TRAIN_MAX_LENGTH}, precision {a.precision}, seed {a.seed}
+- Training: {a.epochs} epoch(s), batch {a.batch_size}, lr {a.lr}, max length {run.get('max_length', a.max_length)}, precision {a.precision}, seed {a.seed}
 - Time: {run['train_seconds']} s ({run['train_examples_per_s']} examples/s)
 
 ## Evaluation{f' on `{a.eval}`' if a.eval else ''}
