@@ -121,3 +121,14 @@ def test_a_head_weight_missing_from_the_checkpoint_is_named(tiny_hf_dir):
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelError, match=r"classification head does not match config.json: missing head\.out\.bias"):
         load_classifier(d)
+
+
+def test_a_head_layer_without_its_weight_names_the_weight(tiny_hf_dir):
+    from safetensors.torch import load_file, save_file
+
+    d, _ = tiny_hf_dir("distilbert")
+    sd = load_file(d / "model.safetensors")
+    del sd["pre_classifier.weight"]  # its bias stays: not "unexpected pre_classifier.bias"
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"missing head\.hidden\.0\.weight"):
+        load_classifier(d)

@@ -238,7 +238,7 @@ def hf_to_oztune(sd: dict[str, torch.Tensor], family: Family, cfg: ModelConfig, 
             # The BERT pooler lives in the base model; it also appears without the prefix in bare checkpoints.
             candidates = [hf_mod, hf_mod[len(family.base_prefix):]] if hf_mod.startswith(family.base_prefix) else [hf_mod]
             for cand in candidates:
-                if f"{cand}.weight" in sd:
+                if f"{cand}.weight" in sd or f"{cand}.bias" in sd:  # a lone bias: _load_head names the weight
                     for t in ("weight", "bias"):
                         if f"{cand}.{t}" in sd:
                             head[f"{oz_mod}.{t}"] = sd[f"{cand}.{t}"]
