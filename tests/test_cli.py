@@ -102,6 +102,7 @@ BAD = [
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--pooling", "max"], "--pooling must be cls, mean or last"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--head-hidden", "0"], "each width must be at least 1"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--patience", "2"], "--patience stops early on the --eval"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--lora-alpha", "8"], "--lora-alpha scales LoRA updates"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1)"),
     (["finetune", "--train", "{onelabel}", "--output", "{tmp}/o"], "a classifier needs at least 2 labels"),
     (["finetune", "--train", "{nan}", "--output", "{tmp}/o"], "nan.csv: line 4: label 'nan' is not a number"),

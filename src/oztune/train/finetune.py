@@ -161,6 +161,8 @@ def check_args(a: FinetuneArgs) -> None:
             raise OztuneError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(a, name)}")
     if any(w < 1 for w in a.head_hidden):
         raise OztuneError(f"--head-hidden {','.join(map(str, a.head_hidden))}: each width must be at least 1")
+    if a.lora_alpha is not None and not a.lora_rank:
+        raise OztuneError("--lora-alpha scales LoRA updates: give --lora-rank R too (without it every weight trains)")
     if a.patience and not a.eval:
         raise OztuneError("--patience stops early on the --eval metrics: give --eval FILE")
     if a.pooling not in (None, "cls", "mean", "last"):
