@@ -305,3 +305,11 @@ def test_real_sst2_dev():
     assert {e.label for e in examples} == {"0", "1"}
     assert all(e.text == e.text.strip() and e.text for e in examples)
     assert examples[0].line == 2 and examples[-1].line == 873
+
+
+def test_a_blank_cell_in_a_multi_label_column_means_no_labels(tmp_path):
+    path = write(tmp_path, "m.csv", 'text,labels\nfirst,a|b\nsecond,\nthird,c\n')
+    assert [e.label for e in read_examples(path)] == ["a|b", [], "c"]
+    path = write(tmp_path, "s.csv", 'text,label\nfirst,a\nsecond,\n')  # not multi-label: still an error
+    with pytest.raises(DataError, match=r"s\.csv: line 3: missing label in column 'label'"):
+        read_examples(path)

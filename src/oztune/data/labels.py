@@ -59,7 +59,7 @@ def _label_name(raw: object) -> str:
     return raw.strip() if isinstance(raw, str) else str(raw)
 
 
-def _looks_multi(raw: object) -> bool:
+def looks_multi_label(raw: object) -> bool:
     """True for a list, a string holding a JSON list, or a string with ``|`` separators."""
     if isinstance(raw, list):
         return True
@@ -85,7 +85,7 @@ def infer_problem_type(raw_labels: list) -> str:
         else ``"single_label"``.
     """
     labels = [lab for lab in raw_labels if lab is not None]
-    if any(_looks_multi(lab) for lab in labels):
+    if any(looks_multi_label(lab) for lab in labels):
         return "multi_label"
     numbers = [_as_number(lab) for lab in labels]
     # 'nan' or 'inf' among decimals is a bad regression label (encode_labels names its line), not a class

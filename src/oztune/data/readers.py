@@ -18,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from oztune.data.labels import looks_multi_label
 from oztune.errors import DataError
 
 SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".tab", ".jsonl", ".json")
@@ -105,8 +106,15 @@ def read_examples(
         where = f"{name}: line {line}"
         text_value = _get_text(record, text_col, where)
         pair_value = _get_text(record, pair_col, where) if pair_col else None
-        label = _get_label(record, label_col, where, require_label) if label_col else None
+        label = _get_label(record, label_col, where, False) if label_col else None
         examples.append(Example(text_value, pair_value, label, line))
+    blank = [e for e in examples if e.label is None] if label_col and require_label else []
+    if blank:
+        if any(looks_multi_label(e.label) for e in examples):  # a multi-label column: a blank cell has no labels
+            for e in blank:
+                e.label = []
+        else:
+            raise DataError(f"{name}: line {blank[0].line}: missing label in column '{label_col}'")
     return examples
 
 
