@@ -39,8 +39,9 @@ EXPLICIT_ATTENTION_ON_CPU = True
 class Dropout(nn.Module):
     """Dropout with a cheaper mask on CPU: four 16-bit draws from one int64 of random bits.
 
-    ``torch.nn.Dropout`` draws through ``bernoulli_``, which took 12% of a CPU training step; this
-    mask costs about a quarter of that (bench/dropout.py). The drop probability is rounded to 1/65536.
+    ``torch.nn.Dropout`` draws through ``bernoulli_``, which took 12% of a CPU training step in an early
+    profile; with this mask the draws and the comparison are about 3% of it (``random_`` and ``ge`` in
+    bench/profile_step.py's table). The drop probability is rounded to 1/65536.
     """
 
     def __init__(self, p: float):
