@@ -113,22 +113,13 @@ def run_quantize(a: QuantizeArgs) -> dict:
 
 
 def _card(a: QuantizeArgs, run: dict) -> str:
-    metrics = "\n".join(f"| {k} | {run['metrics_before'].get(k, float('nan')):.4f} | {v:.4f} |"
-                        for k, v in run["metrics"].items() if isinstance(v, float))
-    return f"""# int8 classifier (oztune quantize)
+    from oztune.compress.distill import recipe_card
 
-- Source: `{a.model}`; every Linear int8 x int8 (weights per output channel, activations per token at run time),
-  embeddings: {a.embeddings}; kept fp32: {', '.join(a.skip) or 'nothing'}
-- Quantization-aware fine-tuning: {f"{a.qat_epochs} epoch(s) on `{a.qat_train}`" if a.qat_train else 'none'}
-
-| metric | fp32 | int8 |
-|---|---|---|
-{metrics}
-
-```bash
-oztune predict --model {a.output} "a charming and often affecting journey"
-```
-"""
+    return recipe_card("int8 classifier (oztune quantize)", [
+        f"Source: `{a.model}`; every Linear int8 x int8 (weights per output channel, activations per token at run "
+        f"time),\n  embeddings: {a.embeddings}; kept fp32: {', '.join(a.skip) or 'nothing'}",
+        "Quantization-aware fine-tuning: " + (f"{a.qat_epochs} epoch(s) on `{a.qat_train}`" if a.qat_train else "none"),
+    ], run["metrics_before"], run["metrics"], a.output, columns=("fp32", "int8"))
 
 
 @command("quantize", QuantizeArgs, "quantize a fine-tuned model to int8 (optionally after quantization-aware fine-tuning)")

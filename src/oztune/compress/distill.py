@@ -291,20 +291,23 @@ def run_distill(a: DistillArgs) -> dict:
                        "parameters": sum(p.numel() for p in student.parameters())}}
     shape = f"{student.cfg.num_layers} layers, {run['student']['parameters'] / 1e6:.3g}M parameters"
     save_classifier(student, enc, a.output, meta["id2label"], run=run,
-                    card=recipe_card("distilled student (oztune distill)", a.teacher, shape, teacher_metrics,
-                                     result.best, a.output))
+                    card=recipe_card("distilled student (oztune distill)", [f"Source: `{a.teacher}`; this model: {shape}"],
+                                     teacher_metrics, result.best, a.output))
     return run
 
 
-def recipe_card(title: str, source: str, shape: str, before: dict, after: dict, output: str) -> str:
-    """The model card README.md of a compressed model: what it came from and its metrics beside the source's."""
+def recipe_card(title: str, lines: list[str], before: dict, after: dict, output: str,
+                columns: tuple[str, str] = ("source", "this model")) -> str:
+    """The model card README.md of a compressed model (quantize, prune, distill): what it came from, and its
+    metrics beside the source's."""
     rows = "\n".join(f"| {k} | {before.get(k, float('nan')):.4f} | {v:.4f} |"
                      for k, v in after.items() if isinstance(v, float))
+    bullets = "\n".join(f"- {line}" for line in lines)
     return f"""# {title}
 
-- Source: `{source}`; this model: {shape}
+{bullets}
 
-| metric | source | this model |
+| metric | {columns[0]} | {columns[1]} |
 |---|---|---|
 {rows}
 

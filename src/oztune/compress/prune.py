@@ -351,5 +351,6 @@ def run_prune(a: PruneArgs) -> dict:
            "train_examples": len(data.train)}
     shape = f"{run['shape']}, {run['parameters'] / 1e6:.3g}M parameters, encoder sparsity {run['sparsity']:.1%}"
     save_classifier(student, enc, a.output, meta["id2label"], run=run,
-                    card=recipe_card("pruned classifier (oztune prune)", a.model, shape, before, after, a.output))
+                    card=recipe_card("pruned classifier (oztune prune)", [f"Source: `{a.model}`; this model: {shape}"],
+                                     before, after, a.output))
     return run

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
 from oztune.compress.report import add_relative, measure, write_report
 from oztune.config import ModelConfig
 from oztune.errors import OztuneError
-from oztune.models.hub import _replace_dir, save_classifier
+from oztune.models.hub import save_classifier, staged_dir
 from oztune.train.finetune import RecipeOptions
 from oztune.train.loop import TrainConfig, predict_logits, seed_everything
 
@@ -118,8 +117,6 @@ def compress(a: CompressArgs) -> dict:
     cols = a.columns()
     data = load_task_data(teacher, enc, meta, a.train, a.eval, cols, a.max_train_examples, a.seed)
     out = Path(a.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     sizes = a.sizes if any(r.startswith("prune") for r in a.recipes) else []
     steps = [("fp32", None)] + ([("int8", None)] if "int8" in a.recipes else []) + [
         (f"prune{round(100 * s)}", s) for s in sizes]
@@ -145,32 +142,30 @@ def compress(a: CompressArgs) -> dict:
                    f"{row['throughput']:.0f} texts/s at batch 64, batch-1 p50 {row['latency_p50_ms']:.2f} ms")
 
     try:
-        for name, keep in bar:
-            bar.set_description(f"compress: {name}")
-            if name == "fp32":
-                add("fp32", teacher, "none", n_params)
-            elif name == "int8":
-                q = QuantConfig()
-                add("int8", quantize_(copy.deepcopy(teacher), q), "int8", n_params, quantization_record(q))
-            else:
-                if teacher_logits is None:
-                    bar.set_postfix_str("teacher logits")
-                    teacher_logits = torch.from_numpy(predict_logits(teacher, data.train, precision=a.precision))
-                student, info = _pruned(teacher, enc, data, keep, teacher_logits, a, bar)
-                if "prune" in a.recipes:
-                    add(name, student, "prune", info["parameters"], extra=info)
-                if "prune-int8" in a.recipes:
+        with staged_dir(out) as work:  # replaces the output as a whole at the end
+            for name, keep in bar:
+                bar.set_description(f"compress: {name}")
+                if name == "fp32":
+                    add("fp32", teacher, "none", n_params)
+                elif name == "int8":
                     q = QuantConfig()
-                    add(f"{name}-int8", quantize_(copy.deepcopy(student), q), "prune-int8", info["parameters"],
-                        quantization_record(q), info)
-        bar.set_postfix_str("report")
-        report = _finish(a, rows, work, out, teacher, enc, meta, data, start)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+                    add("int8", quantize_(copy.deepcopy(teacher), q), "int8", n_params, quantization_record(q))
+                else:
+                    if teacher_logits is None:
+                        bar.set_postfix_str("teacher logits")
+                        teacher_logits = torch.from_numpy(predict_logits(teacher, data.train, precision=a.precision))
+                    student, info = _pruned(teacher, enc, data, keep, teacher_logits, a, bar)
+                    if "prune" in a.recipes:
+                        add(name, student, "prune", info["parameters"], extra=info)
+                    if "prune-int8" in a.recipes:
+                        q = QuantConfig()
+                        add(f"{name}-int8", quantize_(copy.deepcopy(student), q), "prune-int8", info["parameters"],
+                            quantization_record(q), info)
+            bar.set_postfix_str("report")
+            _finish(a, rows, work, teacher, enc, meta, data, start)
     finally:
         bar.close()
-    return report
+    return json.loads((out / "report.json").read_text())
 
 
 def _pruned(teacher, enc, data, keep: float, teacher_logits: torch.Tensor, a: CompressArgs, bar) -> tuple:
@@ -200,9 +195,8 @@ def shape(model) -> str:
     return f"L{c.num_layers} H{sum(c.layer_heads)} F{sum(c.layer_ffn)} V{model.backbone.embed.word.weight.shape[0]}"
 
 
-def _finish(a: CompressArgs, rows: list[dict], work: Path, out: Path, teacher, enc, meta: dict, data,
-            start: float) -> dict:
-    """Pick the fastest variant in budget, put it at the top of the output, write the report, move into place."""
+def _finish(a: CompressArgs, rows: list[dict], work: Path, teacher, enc, meta: dict, data, start: float) -> None:
+    """Pick the fastest variant in budget, put it at the top of the output and write the report."""
     add_relative(rows, rows[0], a.max_drop)
     chosen = max((r for r in rows if r["within_budget"]), key=lambda r: (r["throughput"], -r["file_mb"]))["name"]
     if chosen == "fp32":  # nothing smaller kept the accuracy: the output is the input model
@@ -218,5 +212,3 @@ def _finish(a: CompressArgs, rows: list[dict], work: Path, out: Path, teacher, e
     write_report(work, rows, chosen, a.max_drop, settings)
     if not a.keep_variants:
         shutil.rmtree(work / "variants", ignore_errors=True)
-    _replace_dir(work, out)
-    return json.loads((out / "report.json").read_text())

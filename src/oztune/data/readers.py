@@ -106,7 +106,7 @@ def read_examples(
         where = f"{name}: line {line}"
         text_value = _get_text(record, text_col, where)
         pair_value = _get_text(record, pair_col, where) if pair_col else None
-        label = _get_label(record, label_col, where, False) if label_col else None
+        label = _get_label(record, label_col, where) if label_col else None
         examples.append(Example(text_value, pair_value, label, line))
     blank = [e for e in examples if e.label is None] if label_col and require_label else []
     if blank:
@@ -273,7 +273,7 @@ def _get_text(record: dict, col: str, where: str) -> str:
     return value
 
 
-def _get_label(record: dict, col: str, where: str, require_label: bool) -> object:
+def _get_label(record: dict, col: str, where: str) -> object:
     """The raw label in ``record[col]``: stripped if a string, None if empty or absent."""
     label = record.get(col)
     if isinstance(label, str):
@@ -281,6 +281,4 @@ def _get_label(record: dict, col: str, where: str, require_label: bool) -> objec
     elif isinstance(label, dict):
         raise DataError(f"{where}: the label in column '{col}' is a JSON object; "
                         f"expected a string, number or list")
-    if label is None and require_label:
-        raise DataError(f"{where}: missing label in column '{col}'")
     return label

@@ -16,7 +16,6 @@ with padding, one token) run eager too, so the eager model stays loaded beside t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from oztune.models.compiled import CompiledClassifier
+from oztune.models.hub import sha256_file
 from oztune.models.packing import token_index
 
 AOT_DIR = "aoti"
@@ -57,11 +57,7 @@ def weights_digest(model_dir: str | Path) -> str | None:
     for name in WEIGHT_FILES:
         f = Path(model_dir) / name
         if f.is_file():
-            digest = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-            return digest.hexdigest()
+            return sha256_file(f)
     return None
 
 
@@ -102,12 +98,11 @@ def build(model: nn.Module, out_dir: str | Path, weights: str | None = None) -> 
     row = {0: B, 1: T}
     packed_args = (ids, mask, tt, b, t) + (() if q is None else (q,))
     packed_dims = (row, row, row, {0: N}, {0: N}) + (() if q is None else ({0: B},))
-    one = torch.export.Dim("tokens", min=2, max=max(3, max_t))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's notes on specialised constants are expected here
         packed = torch.export.export(_Packed(model), packed_args, dynamic_shapes=packed_dims, strict=True)
         single = torch.export.export(_Single(model), (ids[:1, :5], tt[:1, :5]),
-                                     dynamic_shapes=({1: one}, {1: one}), strict=True)
+                                     dynamic_shapes=({1: T}, {1: T}), strict=True)
         torch._inductor.aoti_compile_and_package(packed, package_path=str(out / PACKED))
         torch._inductor.aoti_compile_and_package(single, package_path=str(out / SINGLE))
     meta = {**machine(), "max_tokens": max_t, "query_rows": q is not None, "weights_sha256": weights}

@@ -8,10 +8,13 @@ express (custom heads, pruned or quantized layers) are written with oztune's own
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -78,6 +81,15 @@ def read_config(path: Path) -> dict:
         return json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{f}: not valid JSON ({e})") from None
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoint manifests; the weights an AOT package holds)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
@@ -166,11 +178,17 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
         if head_sd:
             _load_head(model, head_sd, trained, str(path))
     model.eval()
-    max_length = min(max_length or oz.get("max_length") or cfg.max_length, cfg.max_length)
-    enc = TextEncoder.from_dir(path, max_length, pad_token_id=hf.get("pad_token_id"))
+    enc = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length), pad_token_id=hf.get("pad_token_id"))
     label2id = {v: k for k, v in id2label.items()}
     return model, enc, {"id2label": id2label, "label2id": label2id, "path": path, "run": oz.get("run", {}),
                         "trained": trained}
+
+
+def tokenizer_length(oz: dict, cfg: ModelConfig, max_length: int | None) -> int:
+    """The truncation length: ``max_length`` if given, else the one the model was fine-tuned with (config.json's
+    ``oztune.max_length``, written by :func:`save_classifier` and exports), else the model's window; never
+    beyond the window."""
+    return min(max_length or oz.get("max_length") or cfg.max_length, cfg.max_length)
 
 
 def new_head_(model: SequenceClassifier, num_labels: int, problem_type: str, head: dict | None = None) -> None:
@@ -262,9 +280,7 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
     pruning = pruning_record(model)  # sparse layers or a pruned vocabulary, rebuilt by load_classifier
     if pruning:
         hf["oztune"]["pruning"] = pruning
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         (tmp / "run.json").write_text(json.dumps(run or {}, indent=2, default=str) + "\n")
@@ -273,10 +289,6 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
             (tmp / "README.md").write_text(card)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -338,6 +350,20 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
     except OSError as e:
         raise OztuneError(f"{option} {output}: cannot write to {parent} ({e.strerror or e})") from None
     return out
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temporary directory beside ``out`` to write into; when the block succeeds it replaces ``out`` as a
+    whole (:func:`_replace_dir`), when it fails it is removed: ``out`` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, out)  # (where it refuses, it keeps tmp and its message names it)
 
 
 def _publish(tmp: Path) -> None:

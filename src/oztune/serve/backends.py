@@ -19,7 +19,7 @@ from oztune.config import ModelConfig
 from oztune.data.dataset import inference_batches
 from oztune.data.tokenize import TextEncoder, pad_batch
 from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import read_config, resolve_model
+from oztune.models.hub import read_config, resolve_model, tokenizer_length
 from oztune.serve.export import ONNX_FILE, export_onnx
 
 BACKENDS = ("torch", "onnx")
@@ -53,8 +53,7 @@ class OnnxClassifier:
         cfg = ModelConfig.from_dict(oz["model"])
         self.problem_type = oz["head"]["problem_type"]
         self.id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
-        max_length = min(max_length or oz.get("max_length") or cfg.max_length, cfg.max_length)
-        self.encoder = TextEncoder.from_dir(path, max_length, pad_token_id=hf.get("pad_token_id"))
+        self.encoder = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length), pad_token_id=hf.get("pad_token_id"))
         self.batch_size = batch_size
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1

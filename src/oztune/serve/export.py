@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import _replace_dir, check_output_dir, load_classifier, read_config, resolve_model
+from oztune.models.hub import check_output_dir, load_classifier, read_config, resolve_model, staged_dir
 from oztune.models.transformer import SequenceClassifier
 
 ONNX_FILE = "model.onnx"
@@ -98,10 +96,11 @@ class OnnxInt8Linear(nn.Module):
 def prepare_for_onnx(model: nn.Module) -> nn.Module:
     """Swap oztune's quantized modules (in place) for exportable ones that compute the same.
 
-    Int8Linear -> :class:`OnnxInt8Linear` (or a float Linear when pruning left a zero-size weight);
-    Int8Embedding -> :class:`OnnxInt8Embedding` (the table stays int8).
+    Int8Linear -> :class:`OnnxInt8Linear` (or a float Linear when pruning left a zero-size weight).
+    ``Int8Embedding`` exports as it is (Gather of the int8 rows and of their scales, Cast, Mul): the table
+    stays int8.
     """
-    from oztune.compress.quantize import Int8Embedding, Int8Linear
+    from oztune.compress.quantize import Int8Linear
 
     for name, m in list(model.named_modules()):
         if isinstance(m, Int8Linear):
@@ -112,22 +111,7 @@ def prepare_for_onnx(model: nn.Module) -> nn.Module:
                 if m.bias is not None:
                     linear.bias.data.copy_(m.bias)
                 model.set_submodule(name, linear)
-        elif isinstance(m, Int8Embedding):
-            model.set_submodule(name, OnnxInt8Embedding(m))
     return model
-
-
-class OnnxInt8Embedding(nn.Module):
-    """An exportable ``Int8Embedding``: int8 rows and their scales gathered, then multiplied (out of place:
-    Gather, Cast, Gather, Mul in ONNX), so the export keeps the table int8 (a quarter of its fp32 size)."""
-
-    def __init__(self, q: nn.Module):
-        super().__init__()
-        self.register_buffer("weight", q.weight)
-        self.register_buffer("weight_scale", q.weight_scale)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids].float() * self.weight_scale[ids].unsqueeze(-1)  # (..., dim)
 
 
 def _example_inputs(model: SequenceClassifier) -> tuple[torch.Tensor, ...]:
@@ -171,7 +155,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, int8: bool = False, o
         quantization = quantization_record(QuantConfig())
     if quantization:
         prepare_for_onnx(model)
-    with _staging(out) as tmp:
+    with staged_dir(out) as tmp:
         inputs = export_torch_to_onnx(model, tmp / ONNX_FILE, opset)
         enc.save(tmp)
         (tmp / "config.json").write_text(json.dumps(_export_config(src, model, meta["id2label"], enc.max_length, {
@@ -192,7 +176,7 @@ def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
 
     src, out = _source_and_output(model_dir, output)
     model, _, _ = load_classifier(src)
-    with _staging(out) as tmp:
+    with staged_dir(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(aot.AOT_DIR))
         aot.build(model, tmp / aot.AOT_DIR, aot.weights_digest(tmp))
     return out
@@ -207,19 +191,6 @@ def _source_and_output(model_dir: str | Path, output: str | Path) -> tuple[Path,
     if (src / ONNX_FILE).is_file():
         raise ModelError(f"{src}: already an ONNX export; give the model directory it was exported from")
     return src, out
-
-
-@contextmanager
-def _staging(out: Path):
-    """A temporary folder beside ``out`` that replaces it as a whole when the block succeeds (else is removed)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _export_config(src: Path, model: SequenceClassifier, id2label: dict[int, str], max_length: int,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from oztune.errors import OztuneError
+from oztune.models.hub import sha256_file
 from oztune.train.distributed import DistEnv, broadcast_object, gather_objects
 
 STATE, MANIFEST = "state.pt", "manifest.json"
@@ -71,14 +72,6 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -172,7 +165,7 @@ class Checkpointer:
             torch.save({**state, "step": step, "fingerprint": self.fingerprint}, tmp / STATE)
             _fsync(tmp / STATE)
             manifest = {"step": step, "files": {STATE: {"bytes": (tmp / STATE).stat().st_size,
-                                                        "sha256": _sha256(tmp / STATE)}}}
+                                                        "sha256": sha256_file(tmp / STATE)}}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             _fsync(tmp / MANIFEST)
             if final.exists():  # the same step written again after a resume
@@ -236,7 +229,7 @@ class Checkpointer:
                 return f"{name} is missing"
             if f.stat().st_size != want["bytes"]:
                 return f"{name} has {f.stat().st_size:,} bytes, the manifest says {want['bytes']:,} (truncated?)"
-            if _sha256(f) != want["sha256"]:
+            if sha256_file(f) != want["sha256"]:
                 return f"{name} does not match its SHA-256 checksum (corrupted)"
         return None
 

@@ -6,7 +6,6 @@ import csv
 import io
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -178,7 +177,6 @@ def check_args(a: FinetuneArgs) -> None:
         Checkpointer(a.checkpoints_dir(), a.checkpoint_every, a.keep_checkpoints, {}).check_fresh_start()
 
 
-
 def sample(examples: list, n: int | None, seed: int) -> list:
     """A seeded random sample of ``n`` examples (all of them, in order, when n is None or too large)."""
     if not n or n >= len(examples):
@@ -283,7 +281,7 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
 
 - Base model: `{a.model}`
 - Task: {run['problem_type']} on `{a.train}` ({run['train_examples']:,} examples), labels: {', '.join(map(str, id2label.values()))}
-- Training: {a.epochs} epoch(s), batch {a.batch_size}, lr {a.lr}, max length {run.get('max_length', a.max_length)}, precision {a.precision}, seed {a.seed}
+- Training: {a.epochs} epoch(s), batch {a.batch_size}, lr {a.lr}, max length {run['max_length']}, precision {a.precision}, seed {a.seed}
 - Time: {run['train_seconds']} s ({run['train_examples_per_s']} examples/s)
 
 ## Evaluation{f' on `{a.eval}`' if a.eval else ''}
