@@ -177,19 +177,29 @@ def forward_batch(a: ServeArgs) -> int:
 
 @contextmanager
 def _sigterm_exits():
-    """SIGTERM raises SystemExit in the block (in the main thread), so that a server stopped while it starts
-    cleans up (a temporary ONNX export, worker processes) instead of dying on the spot; once serving,
-    :func:`run_server` handles SIGTERM itself."""
+    """SIGTERM raises SystemExit(143) in the block (in the main thread), so that a server stopped while it
+    starts cleans up (a temporary ONNX export, worker processes) instead of dying on the spot; once serving,
+    :func:`run_server` handles SIGTERM itself.
+
+    Raised inside a C extension (safetensors, say), the SystemExit can come out as another error: after a
+    SIGTERM, any error of the block is the stop it asked for (the clean-up has run as the error unwound).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    stopped = []
 
     def exit_(signum, frame):
+        stopped.append(signum)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, exit_)
     try:
         yield
+    except Exception:
+        if stopped:
+            raise SystemExit(128 + stopped[0]) from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
