@@ -17,7 +17,13 @@ from oztune.train.distributed import is_main_process
 
 
 def _show_metrics(metrics: dict) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "epoch")
+
+
+def _when(entry: dict) -> str:
+    """Where in training an evaluation happened: "epoch 2", or "step 300, epoch 0.75" inside an epoch."""
+    epoch = entry.get("epoch", "?")
+    return f"epoch {epoch}" if not isinstance(epoch, float) else f"step {entry.get('step')}, epoch {epoch:.2f}"
 
 
 @command("finetune", FinetuneArgs, "fine-tune a pre-trained model with a task head on labelled text")
@@ -30,8 +36,7 @@ def finetune_cmd(a: FinetuneArgs) -> int:
     print(f"\nfine-tuned {a.model} on {run['train_examples']:,} examples in {run['train_seconds']:.0f} s "
           f"({run['train_examples_per_s']:.0f} examples/s); saved to {a.output}")
     if run["metrics"]:
-        epoch = run["metrics"].get("epoch", "?")
-        print(f"{'eval' if a.eval else 'train'} metrics (best epoch {epoch}): {_show_metrics(run['metrics'])}")
+        print(f"{'eval' if a.eval else 'train'} metrics (best: {_when(run['metrics'])}): {_show_metrics(run['metrics'])}")
     if a.eval:
         clf = Classifier.from_pretrained(a.output)
         examples = read_labelled(a.eval, Columns(a.text_column, a.text_pair_column, a.label_column))[:5]

@@ -172,3 +172,66 @@ def test_resuming_into_another_training_set_is_refused(tiny_base, data, tmp_path
         fit(model, other, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, resume=True))
     with pytest.raises(OztuneError, match="lr 0.003 \\(now 0.001\\)"):
         fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, resume=True, lr=1e-3))
+
+
+def scripted_evaluations(monkeypatch, accuracies):
+    """Make fit's evaluations return ``accuracies`` in turn; returns the (step, weights) seen at each one."""
+    import oztune.train.loop as loop
+
+    seen = []
+
+    def fake(model, data, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"accuracy": accuracies[len(seen) - 1]}
+
+    monkeypatch.setattr(loop, "evaluate", fake)
+    return seen
+
+
+def test_early_stopping_stops_after_patience_evaluations_and_keeps_the_best_weights(tiny_base, data, monkeypatch):
+    seen = scripted_evaluations(monkeypatch, [0.5, 0.7, 0.6, 0.7, 0.9, 0.9])
+    model, train, dev = new_model(tiny_base, data)
+    result = fit(model, train, config(epochs=6, patience=2), dev)
+    # epoch 2 is the best; epochs 3 and 4 do not beat it (a tie is no improvement): stop before epoch 5
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4] and len(seen) == 4
+    assert result.best["accuracy"] == 0.7 and result.best["epoch"] == 2 and result.best["step"] == 8
+    assert len(result.log) == 16  # 4 epochs of 4 steps
+    assert all(torch.equal(v, seen[1][k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, seen[3][k]) for k, v in model.state_dict().items())
+
+
+def test_evaluating_every_n_steps_inside_epochs(tiny_base, data, monkeypatch):
+    seen = scripted_evaluations(monkeypatch, [0.5, 0.8, 0.6, 0.7, 0.6])
+    model, train, dev = new_model(tiny_base, data)
+    result = fit(model, train, config(epochs=2, eval_every=3), dev)  # 4 steps per epoch
+    # step 3 (epoch 0.75), the end of epoch 1 (step 4), step 6 (epoch 1.5), the end of epoch 2 (step 8)
+    assert [(h["epoch"], h["step"]) for h in result.history] == [(0.75, 3), (1, 4), (1.5, 6), (2, 8)]
+    for h in result.history:  # the epoch's mean training loss up to the evaluation
+        e0 = int(h["epoch"] - 1e-9)
+        losses = [r["loss"] for r in result.log if e0 < r["epoch"] <= h["epoch"]]
+        assert len(losses) == h["step"] - 4 * e0
+        assert h["train_loss"] == pytest.approx(sum(losses) / len(losses))
+    assert result.best["step"] == 4 and len(seen) == 4  # the best evaluation's weights are the ones kept
+    assert all(torch.equal(v, seen[1][k]) for k, v in model.state_dict().items())
+
+
+def test_patience_counts_evaluations_inside_an_epoch_too(tiny_base, data, monkeypatch):
+    scripted_evaluations(monkeypatch, [0.9, 0.5, 0.5, 0.5])
+    model, train, dev = new_model(tiny_base, data)
+    result = fit(model, train, config(epochs=2, eval_every=1, patience=2), dev)
+    assert [h["step"] for h in result.history] == [1, 2, 3] and len(result.log) == 3  # stopped at step 3
+    assert result.best["step"] == 1
+
+
+def test_resume_with_evaluations_inside_epochs_matches_an_uninterrupted_run(tiny_base, data, tmp_path):
+    model, train, dev = new_model(tiny_base, data)
+    want = fit(model, train, config(eval_every=3), dev)
+    want_sd = model.state_dict()
+    model, train, dev = new_model(tiny_base, data)
+    with pytest.raises(Crash):  # after the evaluations at steps 3 and 4, before the one at step 6
+        fit(model, train, config(eval_every=3, checkpoint_dir=str(tmp_path), checkpoint_every=1), dev,
+            on_step=crash_at(6))
+    model, train, dev = new_model(tiny_base, data)
+    got = fit(model, train, config(eval_every=3, checkpoint_dir=str(tmp_path), checkpoint_every=1, resume=True), dev)
+    assert len(want.history) == 4 and got.history == want.history and got.best == want.best
+    assert all(torch.equal(want_sd[k], v) for k, v in model.state_dict().items())

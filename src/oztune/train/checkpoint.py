@@ -45,7 +45,7 @@ class Progress:
         bad_evals: evaluations in a row without improvement.
         best_state: weights of the best evaluation so far (None without evaluation data).
         best: metrics of the best evaluation so far.
-        history: one entry per finished epoch.
+        history: one entry per evaluation (each epoch's end, and every ``eval_every`` steps).
         log: one row per optimizer step.
     """
 

@@ -77,7 +77,9 @@ class FinetuneArgs(RecipeOptions):
             block below at d times the one above, the embeddings last (1: off; 0.8-0.95 is usual).
         grad_accum: batches accumulated per optimizer step.
         max_grad_norm: gradient clipping norm (0: off).
-        patience: stop after this many epochs without improvement on --eval (0: never).
+        patience: stop after this many evaluations without improvement on --eval (0: never).
+        eval_every: evaluate on --eval every this many optimizer steps too, not only at each epoch's end
+            (0: epoch ends only); the best evaluation's weights are kept.
         freeze_embeddings: keep the token-embedding table fixed (faster; --no-freeze-embeddings trains it).
         checkpoint_every: write a resumable checkpoint every this many optimizer steps (0: never; each holds
             the model, the optimizer state and the best epoch's weights: ~300 MB for MiniLM).
@@ -112,6 +114,7 @@ class FinetuneArgs(RecipeOptions):
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     patience: int = 0
+    eval_every: int = 0
     freeze_embeddings: bool = True
     checkpoint_every: int = 500
     checkpoint_dir: str | None = None
@@ -128,6 +131,7 @@ class FinetuneArgs(RecipeOptions):
                            layer_lr_decay=self.layer_lr_decay, warmup_ratio=self.warmup_ratio,
                            max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum,
                            precision=self.precision, seed=self.seed, patience=self.patience,
+                           eval_every=self.eval_every,
                            freeze_embeddings=self.freeze_embeddings, progress=self.progress,
                            checkpoint_dir=self.checkpoints_dir(), checkpoint_every=self.checkpoint_every,
                            keep_checkpoints=self.keep_checkpoints, resume=self.resume)
@@ -152,7 +156,7 @@ def check_train_options(a, at_least_one: tuple = ()) -> None:
 def check_args(a: FinetuneArgs) -> None:
     """Reject bad option values and an unwritable output before any work is done."""
     check_train_options(a, ("grad_accum", "keep_checkpoints"))
-    for name in ("checkpoint_every", "lora_rank"):
+    for name in ("checkpoint_every", "lora_rank", "eval_every"):
         if getattr(a, name) < 0:
             raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(a, name)}")
     for name in ("lora_dropout", "head_dropout", "warmup_ratio"):
@@ -162,8 +166,9 @@ def check_args(a: FinetuneArgs) -> None:
         raise OztuneError(f"--head-hidden {','.join(map(str, a.head_hidden))}: each width must be at least 1")
     if a.lora_alpha is not None and not a.lora_rank:
         raise OztuneError("--lora-alpha scales LoRA updates: give --lora-rank R too (without it every weight trains)")
-    if a.patience and not a.eval:
-        raise OztuneError("--patience stops early on the --eval metrics: give --eval FILE")
+    for name in ("patience", "eval_every"):
+        if getattr(a, name) and not a.eval:
+            raise OztuneError(f"--{name.replace('_', '-')} works on the --eval metrics: give --eval FILE")
     if a.pooling not in (None, "cls", "mean", "last"):
         raise OztuneError(f"--pooling must be cls, mean or last, not {a.pooling!r}")
     if not 0 < a.layer_lr_decay <= 1:
@@ -276,7 +281,8 @@ def log_csv(rows: list[dict]) -> str:
 
 def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
     """A short README.md for the saved model: what it is, how it was trained, how well it does."""
-    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in run["metrics"].items() if isinstance(v, float))
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in run["metrics"].items()
+                        if isinstance(v, float) and k != "epoch")
     return f"""# Fine-tuned with oztune
 
 - Base model: `{a.model}`

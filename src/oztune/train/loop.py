@@ -44,6 +44,8 @@ class TrainConfig:
         precision: "auto" (bf16 autocast where the CPU has bf16), "bf16" or "fp32".
         seed: seed of shuffling, dropout and new layers.
         patience: stop after this many evaluations without improvement (0: never stop early).
+        eval_every: also evaluate every this many optimizer steps inside an epoch (0: at epoch ends only);
+            the best evaluation's weights are kept either way.
         freeze_embeddings: keep the token-embedding table fixed (faster: no dense 30k-row gradient).
         layer_lr_decay: layer-wise learning-rate decay: the task head trains at ``lr``, the top block at
             ``lr x d``, the one below at ``lr x d^2``, ..., the embeddings at ``lr x d^(L+1)`` (1: off).
@@ -67,6 +69,7 @@ class TrainConfig:
     precision: str = "auto"
     seed: int = 42
     patience: int = 0
+    eval_every: int = 0
     freeze_embeddings: bool = False
     layer_lr_decay: float = 1.0
     bucket: int = 50
@@ -212,7 +215,8 @@ def evaluate(model: nn.Module, data: EncodedData, batch_size: int = 64, precisio
 def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: EncodedData | None = None,
         loss_fn: LossFn = default_loss, main_metric: str | None = None,
         on_step: Callable[[int, int], None] | None = None) -> FitResult:
-    """Train ``model`` in place on ``train``; evaluate on ``eval_data`` each epoch and keep the best weights.
+    """Train ``model`` in place on ``train``; evaluate on ``eval_data`` each epoch (and every
+    ``cfg.eval_every`` steps) and keep the best weights.
 
     Args:
         model: a SequenceClassifier (or anything with ``loss`` and ``head_cfg`` when using defaults).
@@ -281,15 +285,23 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             run.log.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.0f}")
             bar.update(1)
+            if (eval_data is not None and cfg.eval_every and run.step % cfg.eval_every == 0
+                    and i + 1 < len(batches)):  # the epoch's last step is evaluated below
+                t0 = time.perf_counter()
+                entry = _evaluate(model, run, epoch + (i + 1) / len(batches), eval_data, main_metric, env)
+                _show(entry, f"step {run.step} (epoch {entry['epoch']:.2f})", cfg.progress and env.is_main)
+                start += time.perf_counter() - t0  # evaluation time does not count as training time
+                if cfg.patience and run.bad_evals >= cfg.patience:
+                    break
             if ckpt is not None and ckpt.due(run.step):
                 ckpt.save_run(model, opt, sched, run, env)
         bar.close()
-        train_time = time.perf_counter() - start
+        if cfg.patience and run.bad_evals >= cfg.patience:
+            break  # stopped inside the epoch
+        t0 = time.perf_counter()
         entry = _end_epoch(model, run, epoch, eval_data, main_metric, env)
-        if cfg.progress and env.is_main:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float))
-            tqdm.write(f"epoch {epoch + 1}: {shown}")
-        start += time.perf_counter() - start - train_time  # evaluation time does not count as training time
+        _show(entry, f"epoch {epoch + 1}", cfg.progress and env.is_main)
+        start += time.perf_counter() - t0
         if cfg.patience and run.bad_evals >= cfg.patience:
             break
     seconds = time.perf_counter() - start
@@ -303,11 +315,20 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     return result
 
 
-def _end_epoch(model: nn.Module, run: Progress, epoch: int, eval_data: EncodedData | None, main_metric: str,
-               env: distributed.DistEnv) -> dict:
-    """Close an epoch: evaluate (on rank 0, which sends the metrics to the others), keep the best weights."""
-    losses = [r["loss"] for r in run.log if epoch < r["epoch"] <= epoch + 1]
-    entry = {"epoch": epoch + 1, "step": run.step, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+def _show(entry: dict, title: str, show: bool) -> None:
+    if show:
+        tqdm.write(f"{title}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
+                                             if isinstance(v, float) and k != "epoch"))
+
+
+def _evaluate(model: nn.Module, run: Progress, epoch: float, eval_data: EncodedData | None, main_metric: str,
+              env: distributed.DistEnv) -> dict:
+    """A history entry at ``epoch`` (epochs done, fractional inside one): the epoch's mean training loss so far
+    and, with ``eval_data``, its metrics (computed on rank 0, sent to the others); keeps the best weights."""
+    start = math.floor(epoch - 1e-9)
+    losses = [r["loss"] for r in run.log if start < r["epoch"] <= epoch]
+    entry = {"epoch": epoch if epoch % 1 else int(epoch), "step": run.step,
+             "train_loss": float(np.mean(losses)) if losses else float("nan")}
     if eval_data is not None:
         metrics = evaluate(model, eval_data) if env.is_main else None
         entry.update(distributed.broadcast_object(metrics) if env.world > 1 else metrics)
@@ -318,6 +339,13 @@ def _end_epoch(model: nn.Module, run: Progress, epoch: int, eval_data: EncodedDa
         else:
             run.bad_evals += 1
     run.history.append(entry)
+    return entry
+
+
+def _end_epoch(model: nn.Module, run: Progress, epoch: int, eval_data: EncodedData | None, main_metric: str,
+               env: distributed.DistEnv) -> dict:
+    """Close an epoch: evaluate (see :func:`_evaluate`) and move the run's position to the next epoch."""
+    entry = _evaluate(model, run, epoch + 1, eval_data, main_metric, env)
     run.epoch, run.batch = epoch + 1, 0
     return entry
 
