@@ -235,3 +235,49 @@ def test_resume_with_evaluations_inside_epochs_matches_an_uninterrupted_run(tiny
     got = fit(model, train, config(eval_every=3, checkpoint_dir=str(tmp_path), checkpoint_every=1, resume=True), dev)
     assert len(want.history) == 4 and got.history == want.history and got.best == want.best
     assert all(torch.equal(want_sd[k], v) for k, v in model.state_dict().items())
+
+
+def scalars(log_dir) -> dict:
+    """{tag: [(step, value), ...]} of the TensorBoard events in ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_every_step_and_evaluation(tiny_base, data, tmp_path):
+    pytest.importorskip("tensorboard")
+    model, train, dev = new_model(tiny_base, data)
+    result = fit(model, train, config(eval_every=3, tensorboard=str(tmp_path / "tb")), dev)
+    got = scalars(tmp_path / "tb")
+    for key in ("loss", "lr", "examples_per_s"):
+        assert got[f"train/{key}"] == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in result.log]
+    for metric in ("accuracy", "macro_f1", "mcc"):
+        assert got[f"eval/{metric}"] == [(h["step"], pytest.approx(h[metric], rel=1e-6)) for h in result.history]
+    assert "eval/epoch" not in got and "eval/train_loss" not in got
+
+
+def test_a_resumed_run_replaces_the_tensorboard_events_after_its_checkpoint(tiny_base, data, tmp_path):
+    pytest.importorskip("tensorboard")
+    model, train, dev = new_model(tiny_base, data)
+    want = fit(model, train, config(), dev)
+    tb, ck = str(tmp_path / "tb"), str(tmp_path / "ck")
+    model, train, dev = new_model(tiny_base, data)
+    with pytest.raises(Crash):  # steps 1-5 logged, the newest checkpoint at step 4
+        fit(model, train, config(checkpoint_dir=ck, checkpoint_every=2, tensorboard=tb), dev, on_step=crash_at(6))
+    model, train, dev = new_model(tiny_base, data)
+    fit(model, train, config(checkpoint_dir=ck, checkpoint_every=2, resume=True, tensorboard=tb), dev)
+    assert scalars(tb)["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in want.log]
+
+
+def test_tensorboard_without_the_package_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    from oztune.errors import OztuneError
+    from oztune.train import tensorboard
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(OztuneError, match="needs the tensorboard package: pip install tensorboard"):
+        tensorboard.Board("unused")

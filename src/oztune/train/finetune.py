@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -17,6 +18,7 @@ from oztune.models.lora import apply_lora, merge_lora
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints
 from oztune.train.loop import TrainConfig, fit, seed_everything
+from oztune.train.tensorboard import check_available
 
 
 FULL_LR, LORA_LR = 1e-4, 5e-4  # default peak learning rates: all weights, LoRA updates
@@ -80,6 +82,8 @@ class FinetuneArgs(RecipeOptions):
         patience: stop after this many evaluations without improvement on --eval (0: never).
         eval_every: evaluate on --eval every this many optimizer steps too, not only at each epoch's end
             (0: epoch ends only); the best evaluation's weights are kept.
+        tensorboard: also log every step and evaluation as TensorBoard events in this folder (needs the
+            tensorboard package; `tensorboard --logdir FOLDER` shows the curves).
         freeze_embeddings: keep the token-embedding table fixed (faster; --no-freeze-embeddings trains it).
         checkpoint_every: write a resumable checkpoint every this many optimizer steps (0: never; each holds
             the model, the optimizer state and the best epoch's weights: ~300 MB for MiniLM).
@@ -115,6 +119,7 @@ class FinetuneArgs(RecipeOptions):
     max_grad_norm: float = 1.0
     patience: int = 0
     eval_every: int = 0
+    tensorboard: str | None = None
     freeze_embeddings: bool = True
     checkpoint_every: int = 500
     checkpoint_dir: str | None = None
@@ -131,7 +136,7 @@ class FinetuneArgs(RecipeOptions):
                            layer_lr_decay=self.layer_lr_decay, warmup_ratio=self.warmup_ratio,
                            max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum,
                            precision=self.precision, seed=self.seed, patience=self.patience,
-                           eval_every=self.eval_every,
+                           eval_every=self.eval_every, tensorboard=self.tensorboard,
                            freeze_embeddings=self.freeze_embeddings, progress=self.progress,
                            checkpoint_dir=self.checkpoints_dir(), checkpoint_every=self.checkpoint_every,
                            keep_checkpoints=self.keep_checkpoints, resume=self.resume)
@@ -176,6 +181,11 @@ def check_args(a: FinetuneArgs) -> None:
     if a.problem_type not in (None, "single_label", "multi_label", "regression"):
         raise OztuneError(f"--problem-type must be single_label, multi_label or regression, not {a.problem_type!r}")
     check_output_dir(a.output, inputs=(a.train, a.eval, a.model))
+    if a.tensorboard:
+        check_available()
+        if Path(a.tensorboard).resolve().is_relative_to(Path(a.output).resolve()):
+            raise OztuneError(f"--tensorboard {a.tensorboard} is inside --output {a.output}, which is replaced when "
+                              "the model is saved: give a folder outside it")
     if a.checkpoint_every or a.resume:
         check_output_dir(a.checkpoints_dir(), "--checkpoint-dir", replaced=False)
     if a.checkpoint_every and not a.resume:

@@ -25,6 +25,7 @@ from oztune.runtime import tune_malloc
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, Progress
 from oztune.train.metrics import MAIN_METRIC, compute_metrics
+from oztune.train.tensorboard import Board
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 
@@ -46,6 +47,7 @@ class TrainConfig:
         patience: stop after this many evaluations without improvement (0: never stop early).
         eval_every: also evaluate every this many optimizer steps inside an epoch (0: at epoch ends only);
             the best evaluation's weights are kept either way.
+        tensorboard: folder for TensorBoard event files of the step log and evaluations (None: none).
         freeze_embeddings: keep the token-embedding table fixed (faster: no dense 30k-row gradient).
         layer_lr_decay: layer-wise learning-rate decay: the task head trains at ``lr``, the top block at
             ``lr x d``, the one below at ``lr x d^2``, ..., the embeddings at ``lr x d^(L+1)`` (1: off).
@@ -70,6 +72,7 @@ class TrainConfig:
     seed: int = 42
     patience: int = 0
     eval_every: int = 0
+    tensorboard: str | None = None
     freeze_embeddings: bool = False
     layer_lr_decay: float = 1.0
     bucket: int = 50
@@ -250,60 +253,71 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     run = (ckpt.resume_run(model, opt, sched, env) if ckpt and cfg.resume else None) or Progress()
     lengths, seen, start = train.lengths, 0, time.perf_counter()
     model.train()
-    for epoch in range(run.epoch, cfg.epochs):
-        batches = train_batches(lengths, global_batch, cfg.seed + epoch, cfg.bucket)
-        bar = tqdm(total=len(batches), initial=run.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and env.is_main), unit="batch", dynamic_ncols=True, leave=False,
-                   mininterval=0.5 if sys.stderr.isatty() else 15)
-        step_loss, micro = 0.0, 0  # the step's micro-batches (--grad-accum): their mean loss is logged
-        for i in range(run.batch, len(batches)):
-            mine = batches[i][env.rank::env.world]  # this rank's slice of the global batch
-            share = len(mine) / len(batches[i])  # its weight in the global batch's mean loss
-            micro += 1
-            if len(mine):
-                with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                    local = loss_fn(model, train.batch(mine))
-                (local * (share / cfg.grad_accum)).backward()
-                step_loss += local.item() * share
-            seen += len(batches[i])
-            if (i + 1) % cfg.grad_accum and i + 1 < len(batches):
+    board = Board(cfg.tensorboard, run.step) if cfg.tensorboard and env.is_main else None
+    try:
+        for epoch in range(run.epoch, cfg.epochs):
+            batches = train_batches(lengths, global_batch, cfg.seed + epoch, cfg.bucket)
+            bar = tqdm(total=len(batches), initial=run.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not (cfg.progress and env.is_main), unit="batch", dynamic_ncols=True, leave=False,
+                       mininterval=0.5 if sys.stderr.isatty() else 15)
+            step_loss, micro = 0.0, 0  # the step's micro-batches (--grad-accum): their mean loss is logged
+            for i in range(run.batch, len(batches)):
+                mine = batches[i][env.rank::env.world]  # this rank's slice of the global batch
+                share = len(mine) / len(batches[i])  # its weight in the global batch's mean loss
+                micro += 1
+                if len(mine):
+                    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                        local = loss_fn(model, train.batch(mine))
+                    (local * (share / cfg.grad_accum)).backward()
+                    step_loss += local.item() * share
+                seen += len(batches[i])
+                if (i + 1) % cfg.grad_accum and i + 1 < len(batches):
+                    bar.update(1)
+                    continue
+                loss, step_loss, micro = step_loss / micro, 0.0, 0
+                if env.world > 1:
+                    loss = distributed.sync_gradients(params, loss)
+                lr = sched.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
+                clipped_step(opt, params, cfg.max_grad_norm)
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                run.step, run.batch = run.step + 1, i + 1
+                if on_step is not None:
+                    on_step(run.step, total_steps)
+                elapsed = time.perf_counter() - start
+                row = {"step": run.step, "epoch": epoch + (i + 1) / len(batches), "loss": loss,
+                       "lr": lr, "examples_per_s": seen / elapsed, "elapsed_s": elapsed}
+                run.log.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.0f}")
                 bar.update(1)
-                continue
-            loss, step_loss, micro = step_loss / micro, 0.0, 0
-            if env.world > 1:
-                loss = distributed.sync_gradients(params, loss)
-            lr = sched.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
-            clipped_step(opt, params, cfg.max_grad_norm)
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            run.step, run.batch = run.step + 1, i + 1
-            if on_step is not None:
-                on_step(run.step, total_steps)
-            elapsed = time.perf_counter() - start
-            row = {"step": run.step, "epoch": epoch + (i + 1) / len(batches), "loss": loss,
-                   "lr": lr, "examples_per_s": seen / elapsed, "elapsed_s": elapsed}
-            run.log.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.0f}")
-            bar.update(1)
-            if (eval_data is not None and cfg.eval_every and run.step % cfg.eval_every == 0
-                    and i + 1 < len(batches)):  # the epoch's last step is evaluated below
-                t0 = time.perf_counter()
-                entry = _evaluate(model, run, epoch + (i + 1) / len(batches), eval_data, main_metric, env)
-                _show(entry, f"step {run.step} (epoch {entry['epoch']:.2f})", cfg.progress and env.is_main)
-                start += time.perf_counter() - t0  # evaluation time does not count as training time
-                if cfg.patience and run.bad_evals >= cfg.patience:
-                    break
-            if ckpt is not None and ckpt.due(run.step):
-                ckpt.save_run(model, opt, sched, run, env)
-        bar.close()
-        if cfg.patience and run.bad_evals >= cfg.patience:
-            break  # stopped inside the epoch
-        t0 = time.perf_counter()
-        entry = _end_epoch(model, run, epoch, eval_data, main_metric, env)
-        _show(entry, f"epoch {epoch + 1}", cfg.progress and env.is_main)
-        start += time.perf_counter() - t0
-        if cfg.patience and run.bad_evals >= cfg.patience:
-            break
+                if board is not None:
+                    board.step(row)
+                if (eval_data is not None and cfg.eval_every and run.step % cfg.eval_every == 0
+                        and i + 1 < len(batches)):  # the epoch's last step is evaluated below
+                    t0 = time.perf_counter()
+                    entry = _evaluate(model, run, epoch + (i + 1) / len(batches), eval_data, main_metric, env)
+                    _show(entry, f"step {run.step} (epoch {entry['epoch']:.2f})", cfg.progress and env.is_main)
+                    if board is not None:
+                        board.evaluation(entry)
+                    start += time.perf_counter() - t0  # evaluation time does not count as training time
+                    if cfg.patience and run.bad_evals >= cfg.patience:
+                        break
+                if ckpt is not None and ckpt.due(run.step):
+                    ckpt.save_run(model, opt, sched, run, env)
+            bar.close()
+            if cfg.patience and run.bad_evals >= cfg.patience:
+                break  # stopped inside the epoch
+            t0 = time.perf_counter()
+            entry = _end_epoch(model, run, epoch, eval_data, main_metric, env)
+            _show(entry, f"epoch {epoch + 1}", cfg.progress and env.is_main)
+            if board is not None and eval_data is not None:
+                board.evaluation(entry)
+            start += time.perf_counter() - t0
+            if cfg.patience and run.bad_evals >= cfg.patience:
+                break
+    finally:
+        if board is not None:
+            board.close()
     seconds = time.perf_counter() - start
     result = FitResult(run.best, run.history, run.log, seen / max(seconds, 1e-9), seconds)
     if run.best_state is not None:

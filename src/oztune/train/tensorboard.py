@@ -1,0 +1,52 @@
+"""Optional TensorBoard logging of a training run (``--tensorboard DIR``; needs ``pip install tensorboard``).
+
+Scalars per optimizer step: ``train/loss``, ``train/lr``, ``train/examples_per_s``; per evaluation: ``eval/<metric>``
+(accuracy, macro_f1, ...) at the step it happened. A resumed run drops the events its previous attempt wrote
+after the checkpoint it resumes from (``purge_step``), so the curves do not double back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from oztune.errors import OztuneError
+
+INSTALL = "pip install tensorboard (or pip install 'oztune[tensorboard]')"
+
+
+def check_available(option: str = "--tensorboard") -> None:
+    """Raise a one-line OztuneError when the tensorboard package is not installed."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise OztuneError(f"{option} writes TensorBoard logs, which needs the tensorboard package: {INSTALL}")
+
+
+class Board:
+    """A TensorBoard event writer for one run.
+
+    Args:
+        log_dir: folder for the event files (created if missing).
+        resume_step: optimizer steps already taken (a resumed run): later events of earlier attempts are dropped.
+    """
+
+    def __init__(self, log_dir: str, resume_step: int = 0):
+        check_available()
+        from torch.utils.tensorboard import SummaryWriter
+
+        try:
+            self.writer = SummaryWriter(log_dir, purge_step=resume_step + 1 if resume_step else None, flush_secs=10)
+        except OSError as e:
+            raise OztuneError(f"--tensorboard {log_dir}: cannot write there: {e}") from None
+
+    def step(self, row: dict) -> None:
+        """Log one optimizer step's row of the training log."""
+        for key in ("loss", "lr", "examples_per_s"):
+            self.writer.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def evaluation(self, entry: dict) -> None:
+        """Log an evaluation's metrics (a history entry) at its step."""
+        for key, value in entry.items():
+            if isinstance(value, float) and key not in ("epoch", "train_loss"):
+                self.writer.add_scalar(f"eval/{key}", value, entry["step"])
+
+    def close(self) -> None:
+        self.writer.close()
