@@ -106,6 +106,7 @@ BAD = [
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--eval", "{train}", "--eval-every", "-1"],
      "--eval-every must be 0 or more"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--tensorboard", "{tmp}/o/tb"], "is inside --output"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--lora-alpha", "8"], "--lora-alpha scales LoRA updates"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1)"),
     (["finetune", "--train", "{onelabel}", "--output", "{tmp}/o"], "a classifier needs at least 2 labels"),

@@ -281,3 +281,66 @@ def test_tensorboard_without_the_package_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(OztuneError, match="needs the tensorboard package: pip install tensorboard"):
         tensorboard.Board("unused")
+
+
+def manual_ema(snapshots: list[dict], start: dict, decay: float) -> list[dict]:
+    """The moving average after each step, from the weights after each step (fp64 reference)."""
+    avg = {k: v.double() for k, v in start.items()}
+    out = []
+    for step, weights in enumerate(snapshots):
+        d = min(decay, (1 + step) / (10 + step))
+        avg = {k: d * avg[k] + (1 - d) * weights[k].double() for k in avg}
+        out.append(avg)
+    return out
+
+
+def test_weight_ema_evaluates_and_keeps_the_average_without_changing_training(tiny_base, data, monkeypatch):
+    model, train, dev = new_model(tiny_base, data)
+    plain = fit(model, train, config(), dev)
+    model, train, dev = new_model(tiny_base, data)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    after_step = []
+
+    def record(step, total):
+        after_step.append({n: p.detach().clone() for n, p in model.named_parameters() if n in names})
+
+    seen = scripted_evaluations(monkeypatch, [0.5, 0.8, 0.6, 0.7])
+    result = fit(model, train, config(eval_every=3, ema_decay=0.9), dev, on_step=record)
+    # the average does not feed back: the same losses as without it
+    assert [r["loss"] for r in result.log] == pytest.approx([r["loss"] for r in plain.log], rel=1e-6)
+    want = manual_ema(after_step, start, 0.9)
+    for evaluated, step in zip(seen, [3, 4, 6, 8]):  # each evaluation saw the average of its step
+        for n in names:
+            torch.testing.assert_close(evaluated[n].double(), want[step - 1][n], atol=1e-6, rtol=1e-5)
+    assert result.best["step"] == 4  # ... and the kept weights are the average at the best evaluation
+    for n, p in model.named_parameters():
+        if n in names:
+            torch.testing.assert_close(p.double(), want[3][n], atol=1e-6, rtol=1e-5)
+    moved = max((want[3][n] - after_step[3][n].double()).abs().max().item() for n in names)
+    assert moved > 1e-4  # the average is not just the step's weights
+
+
+def test_weight_ema_without_evaluation_data_ends_on_the_average(tiny_base, data):
+    model, train, _ = new_model(tiny_base, data)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    after_step = []
+    fit(model, train, config(epochs=1, ema_decay=0.5), on_step=lambda s, t: after_step.append(
+        {n: p.detach().clone() for n, p in model.named_parameters() if n in names}))
+    want = manual_ema(after_step, start, 0.5)[-1]
+    for n, p in model.named_parameters():
+        if n in names:
+            torch.testing.assert_close(p.double(), want[n], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_with_weight_ema_matches_an_uninterrupted_run(tiny_base, data, tmp_path):
+    model, train, _ = new_model(tiny_base, data)  # no evaluation: the result is the average at the end
+    fit(model, train, config(ema_decay=0.9))
+    want_sd = model.state_dict()
+    model, train, _ = new_model(tiny_base, data)
+    with pytest.raises(Crash):
+        fit(model, train, config(ema_decay=0.9, checkpoint_dir=str(tmp_path), checkpoint_every=1), on_step=crash_at(6))
+    model, train, _ = new_model(tiny_base, data)
+    fit(model, train, config(ema_decay=0.9, checkpoint_dir=str(tmp_path), checkpoint_every=1, resume=True))
+    assert all(torch.equal(want_sd[k], v) for k, v in model.state_dict().items())

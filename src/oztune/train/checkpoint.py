@@ -47,6 +47,7 @@ class Progress:
         best: metrics of the best evaluation so far.
         history: one entry per evaluation (each epoch's end, and every ``eval_every`` steps).
         log: one row per optimizer step.
+        ema: the moving average of the trainable weights (``TrainConfig.ema_decay``; None when off).
     """
 
     epoch: int = 0
@@ -57,6 +58,7 @@ class Progress:
     best: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     log: list[dict] = field(default_factory=list)
+    ema: list | None = None
 
 
 def rng_state() -> dict:
@@ -137,7 +139,7 @@ class Checkpointer:
                        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "epochs": cfg.epochs,
                        "seed": cfg.seed, "bucket": cfg.bucket, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                        "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm,
-                       "layer_lr_decay": cfg.layer_lr_decay, "precision": cfg.precision,
+                       "layer_lr_decay": cfg.layer_lr_decay, "precision": cfg.precision, "ema_decay": cfg.ema_decay,
                        "freeze_embeddings": cfg.freeze_embeddings,
                        "parameters": sum(t.numel() for t in model.state_dict().values()),
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}

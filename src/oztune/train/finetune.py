@@ -82,6 +82,8 @@ class FinetuneArgs(RecipeOptions):
         patience: stop after this many evaluations without improvement on --eval (0: never).
         eval_every: evaluate on --eval every this many optimizer steps too, not only at each epoch's end
             (0: epoch ends only); the best evaluation's weights are kept.
+        ema_decay: evaluate and keep an exponential moving average of the weights with this decay, e.g.
+            0.999 (0: off; the last or best weights as they are).
         tensorboard: also log every step and evaluation as TensorBoard events in this folder (needs the
             tensorboard package; `tensorboard --logdir FOLDER` shows the curves).
         freeze_embeddings: keep the token-embedding table fixed (faster; --no-freeze-embeddings trains it).
@@ -120,6 +122,7 @@ class FinetuneArgs(RecipeOptions):
     patience: int = 0
     eval_every: int = 0
     tensorboard: str | None = None
+    ema_decay: float = 0.0
     freeze_embeddings: bool = True
     checkpoint_every: int = 500
     checkpoint_dir: str | None = None
@@ -137,6 +140,7 @@ class FinetuneArgs(RecipeOptions):
                            max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum,
                            precision=self.precision, seed=self.seed, patience=self.patience,
                            eval_every=self.eval_every, tensorboard=self.tensorboard,
+                           ema_decay=self.ema_decay,
                            freeze_embeddings=self.freeze_embeddings, progress=self.progress,
                            checkpoint_dir=self.checkpoints_dir(), checkpoint_every=self.checkpoint_every,
                            keep_checkpoints=self.keep_checkpoints, resume=self.resume)
@@ -164,7 +168,7 @@ def check_args(a: FinetuneArgs) -> None:
     for name in ("checkpoint_every", "lora_rank", "eval_every"):
         if getattr(a, name) < 0:
             raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(a, name)}")
-    for name in ("lora_dropout", "head_dropout", "warmup_ratio"):
+    for name in ("lora_dropout", "head_dropout", "warmup_ratio", "ema_decay"):
         if not 0 <= getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(a, name)}")
     if any(w < 1 for w in a.head_hidden):

@@ -12,6 +12,7 @@ import math
 import random
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -48,6 +49,8 @@ class TrainConfig:
         eval_every: also evaluate every this many optimizer steps inside an epoch (0: at epoch ends only);
             the best evaluation's weights are kept either way.
         tensorboard: folder for TensorBoard event files of the step log and evaluations (None: none).
+        ema_decay: keep an exponential moving average of the trainable weights with this decay (0: off);
+            evaluations, the kept weights and the result use the average (see :class:`WeightEMA`).
         freeze_embeddings: keep the token-embedding table fixed (faster: no dense 30k-row gradient).
         layer_lr_decay: layer-wise learning-rate decay: the task head trains at ``lr``, the top block at
             ``lr x d``, the one below at ``lr x d^2``, ..., the embeddings at ``lr x d^(L+1)`` (1: off).
@@ -73,6 +76,7 @@ class TrainConfig:
     patience: int = 0
     eval_every: int = 0
     tensorboard: str | None = None
+    ema_decay: float = 0.0
     freeze_embeddings: bool = False
     layer_lr_decay: float = 1.0
     bucket: int = 50
@@ -144,6 +148,45 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
     return [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay,
              "lr_scale": layer_lr_decay ** (num_layers + 1 - depth)}
             for (no_decay, depth), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
+
+
+class WeightEMA:
+    """An exponential moving average of trainable weights (Polyak averaging), updated after each step.
+
+    The decay warms up as ``min(decay, (1 + step) / (10 + step))`` so that the first steps do not leave the
+    average stuck near the pre-trained weights. Averaged weights generalise slightly better than the last
+    ones and are less sensitive to where an epoch ends.
+
+    Args:
+        params: the trainable parameters, in a fixed order.
+        decay: weight of the old average at each step (0.999: an average over roughly the last 1,000 steps).
+        shadow: the average to continue from (a resumed run); None starts it at the current weights.
+    """
+
+    def __init__(self, params: list[nn.Parameter], decay: float, shadow: list[torch.Tensor] | None = None):
+        self.params, self.decay = params, decay
+        self.shadow = shadow if shadow is not None else [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Move the average towards the current weights after optimizer step ``step`` (0-based)."""
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    @contextmanager
+    def applied(self):
+        """Within the block the parameters hold the average; the training weights come back after it."""
+        saved = [p.detach().clone() for p in self.params]
+        self.copy_to_params()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.params], saved)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        torch._foreach_copy_([p.detach() for p in self.params], self.shadow)
 
 
 def clipped_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> None:
@@ -251,6 +294,9 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
         distributed.broadcast_model(model)
     ckpt = Checkpointer.for_run(cfg, train, model, env)
     run = (ckpt.resume_run(model, opt, sched, env) if ckpt and cfg.resume else None) or Progress()
+    ema = WeightEMA(params, cfg.ema_decay, run.ema) if cfg.ema_decay else None
+    if ema is not None:
+        run.ema = ema.shadow  # updated in place: checkpoints carry it
     lengths, seen, start = train.lengths, 0, time.perf_counter()
     model.train()
     board = Board(cfg.tensorboard, run.step) if cfg.tensorboard and env.is_main else None
@@ -281,6 +327,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
                 clipped_step(opt, params, cfg.max_grad_norm)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(run.step)
                 run.step, run.batch = run.step + 1, i + 1
                 if on_step is not None:
                     on_step(run.step, total_steps)
@@ -295,7 +343,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
                 if (eval_data is not None and cfg.eval_every and run.step % cfg.eval_every == 0
                         and i + 1 < len(batches)):  # the epoch's last step is evaluated below
                     t0 = time.perf_counter()
-                    entry = _evaluate(model, run, epoch + (i + 1) / len(batches), eval_data, main_metric, env)
+                    with ema.applied() if ema is not None else nullcontext():
+                        entry = _evaluate(model, run, epoch + (i + 1) / len(batches), eval_data, main_metric, env)
                     _show(entry, f"step {run.step} (epoch {entry['epoch']:.2f})", cfg.progress and env.is_main)
                     if board is not None:
                         board.evaluation(entry)
@@ -308,7 +357,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             if cfg.patience and run.bad_evals >= cfg.patience:
                 break  # stopped inside the epoch
             t0 = time.perf_counter()
-            entry = _end_epoch(model, run, epoch, eval_data, main_metric, env)
+            with ema.applied() if ema is not None else nullcontext():
+                entry = _end_epoch(model, run, epoch, eval_data, main_metric, env)
             _show(entry, f"epoch {epoch + 1}", cfg.progress and env.is_main)
             if board is not None and eval_data is not None:
                 board.evaluation(entry)
@@ -323,6 +373,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     else:
+        if ema is not None:
+            ema.copy_to_params()
         result.best = dict(run.history[-1]) if run.history else {}
     model.eval()
     word.requires_grad_(word_trainable)
