@@ -130,3 +130,73 @@ def test_distill_eval_file_with_unknown_labels_exits_2(teacher_dir, sentiment_fi
                  "--output", str(tmp_path / "s"), "--student-layers", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "neutral" in err and str(bad) in err
+
+
+def test_soft_loss_values():
+    s, t = torch.tensor([[2.0, -1.0, 0.0], [0.5, 0.3, -2.0]]), torch.tensor([[1.0, 0.0, 0.5], [-1.0, 2.0, 0.0]])
+    T = 2.0
+    p_t, log_p_s = (t / T).softmax(-1), (s / T).log_softmax(-1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(-1).mean()  # KL(teacher || student) per example, averaged
+    assert soft_loss(s, t, "single_label", T).item() == pytest.approx((T * T * kl).item(), rel=1e-5)
+    q = (t / T).sigmoid()
+    bce = -(q * (s / T).sigmoid().log() + (1 - q) * (1 - (s / T).sigmoid()).log()).mean()
+    assert soft_loss(s, t, "multi_label", T).item() == pytest.approx((T * T * bce).item(), rel=1e-5)
+    assert soft_loss(s, t, "regression", T).item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-6)
+
+
+def _student_and_teacher(tiny_base):
+    from oztune.models.transformer import Dropout
+
+    torch.manual_seed(0)
+    teacher, enc, _ = load_classifier(tiny_base, num_labels=2)
+    student, _, _ = load_classifier(tiny_base, num_labels=2)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for m in (*teacher.modules(), *student.modules()):
+        if isinstance(m, Dropout):
+            m.p = 0.0
+    return teacher.eval(), student.eval(), enc
+
+
+def test_distill_loss_mixes_soft_and_hard_by_alpha(tiny_base):
+    import torch.nn.functional as F
+
+    from oztune.compress.distill import distill_loss_fn
+
+    teacher, student, enc = _student_and_teacher(tiny_base)
+    batch = enc(["good movie", "the plot was dull and bad", "fine"])
+    batch["labels"] = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        batch["teacher_logits"] = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        logits = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        got = distill_loss_fn(None, DistillConfig(temperature=3.0, alpha=0.3))(student, batch)
+    want = 0.3 * soft_loss(logits, batch["teacher_logits"], "single_label", 3.0) + 0.7 * F.cross_entropy(
+        logits, batch["labels"])
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_hidden_state_loss_is_a_masked_mean_over_real_tokens(tiny_base):
+    from oztune.compress.distill import distill_loss_fn
+
+    teacher, student, enc = _student_and_teacher(tiny_base)
+    batch = enc(["good movie", "the plot was dull and bad but the film is not awful"])
+    batch["labels"] = torch.tensor([1, 0])
+
+    def states(model):
+        out = []
+        hooks = [b.register_forward_hook(lambda m, a, o: out.append(o)) for b in model.backbone.layers]
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], all_tokens=True)
+        for h in hooks:
+            h.remove()
+        return logits, out
+
+    with torch.no_grad():
+        s_logits, s_states = states(student)
+        t_logits, t_states = states(teacher)
+        got = distill_loss_fn(teacher, DistillConfig(alpha=1.0, hidden_weight=2.0, layer_map=[0, 1]))(student, batch)
+    real = batch["attention_mask"].bool()  # (B, T)
+    assert not real.all()  # the short text is padded
+    hidden = sum(((s - t)[real] ** 2).mean() for s, t in zip(s_states, t_states)) / len(s_states)
+    want = soft_loss(s_logits, t_logits, "single_label", 2.0) + 2.0 * hidden
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)

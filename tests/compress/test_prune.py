@@ -258,3 +258,31 @@ def test_prune_rejects_a_model_without_a_task_head(tiny_base, sentiment_files, t
     code = main(["prune", "--model", str(tiny_base), "--train", str(train), "--eval", str(dev),
                  "--output", str(tmp_path / "o")])
     assert code == 2 and "not a fine-tuned classifier" in capsys.readouterr().err
+
+
+def test_global_ranking_normalises_each_layer_and_keeps_one_unit_per_layer():
+    from oztune.compress.prune import _global_keep
+
+    t = torch.tensor
+    # without the per-layer L2 normalisation the small-scaled second layer would lose everything but one
+    assert _global_keep([t([100.0, 200.0, 300.0]), t([1.0, 2.0, 3.0])], 1 / 3) == [[1, 2], [1, 2]]
+    # a layer whose units all score lowest still keeps one
+    kept = _global_keep([t([0.0, 0.0]), t([5.0, 5.0])], 0.9)
+    assert all(len(k) >= 1 for k in kept) and sum(len(k) for k in kept) == 2
+    assert _global_keep([t([3.0, 1.0, 2.0])], 0.0) == [[0, 1, 2]]
+
+
+def test_magnitude_pruning_ranks_weights_across_layers():
+    from oztune.compress.sparse import encoder_linears
+
+    model = tiny_model()
+    linears = encoder_linears(model)
+    with torch.no_grad():
+        linears["backbone.layers.1.ffn.up"].weight.abs_().add_(10.0)  # larger than any other layer's weights
+    before = {n: m.weight.detach().abs().clone() for n, m in linears.items()}
+    magnitude_prune_(model, 0.5)
+    pruned = torch.cat([before[n][m.weight == 0] for n, m in linears.items()])
+    kept = torch.cat([before[n][m.weight != 0] for n, m in linears.items()])
+    assert pruned.max() <= kept.min()  # one threshold for all layers
+    assert (linears["backbone.layers.1.ffn.up"].weight == 0).sum() == 0  # a per-layer threshold would prune half
+    assert sparsity_of(model) == pytest.approx(0.5, abs=1e-3)

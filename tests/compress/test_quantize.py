@@ -297,3 +297,23 @@ def test_an_already_quantized_model_is_refused(finetuned, tmp_path, capsys):
     assert main(["quantize", "--model", str(finetuned), "--output", str(tmp_path / "q"), "--no-progress"]) == 0
     assert main(["quantize", "--model", str(tmp_path / "q"), "--output", str(tmp_path / "o")]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_per_channel_weights_use_the_full_int8_range():
+    torch.manual_seed(0)
+    w = torch.randn(6, 40)
+    w[2] = 0.0  # an all-zero row stays zero
+    wq, scale = int8_ops.quantize_per_channel(w)
+    amax = wq.abs().amax(-1)
+    assert amax.tolist() == [127, 127, 0, 127, 127, 127]
+    torch.testing.assert_close(scale[[0, 1, 3]], w[[0, 1, 3]].abs().amax(-1) / 127)
+    assert (wq.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6  # rounded, not truncated
+
+
+def test_loading_other_weights_into_a_quantized_model_repacks_them():
+    a, b = (quantize_(tiny_classifier(seed), QuantConfig()) for seed in (0, 1))
+    ids, mask = random_batch(n=64, T=20)  # ~600 real tokens: the oneDNN path with a packed weight
+    with torch.no_grad():
+        a(ids, mask)  # packs a's weights
+        a.load_state_dict(b.state_dict())  # copied into the same tensors
+        torch.testing.assert_close(a(ids, mask), b(ids, mask), atol=0, rtol=0)

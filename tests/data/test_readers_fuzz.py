@@ -4,7 +4,7 @@ import csv
 import io
 import json
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from oztune.data.readers import read_examples
@@ -35,13 +35,23 @@ def test_random_bytes_give_examples_or_data_error(tmp_path, data, ext):
 @SETTINGS
 @given(text=st.text(alphabet=st.sampled_from(list('ab,\t"\n\r {}[]:1')), max_size=80),
        ext=st.sampled_from([".csv", ".tsv", ".jsonl"]))
+@example(text=' a ,1\n"b\nb", 1 \n', ext=".csv")  # examples (random texts rarely give any: only a CSV can)
+@example(text=",1", ext=".csv")  # an empty text: an error, not an example
 def test_near_valid_text_gives_examples_or_data_error(tmp_path, text, ext):
     path = tmp_path / f"fuzz{ext}"
     path.write_text("text,label\n" + text if ext == ".csv" else text, encoding="utf-8", newline="")
     try:
-        read_examples(path)
-    except DataError:
-        pass
+        examples = read_examples(path)
+    except DataError as err:
+        assert str(err).startswith(f"{path}: "), err  # the error names the file
+        return
+    assert examples
+    for e in examples:
+        assert e.text and e.text == e.text.strip()
+        assert e.text_pair is None or (e.text_pair and e.text_pair == e.text_pair.strip())
+        assert e.label is not None and e.label != ""  # labels are required here: a blank one is an error
+    lines = [e.line for e in examples]
+    assert lines[0] >= 1 and lines == sorted(set(lines))
 
 
 @st.composite

@@ -57,3 +57,58 @@ def test_last_layer_with_every_head_pruned_keeps_shapes(tiny_hf_dir):
     assert model.backbone.layers[-1].attn.num_heads == 0
     with torch.no_grad():
         torch.testing.assert_close(model(ids, mask), model(ids, mask, all_tokens=True), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_zeroes_a_share_p_and_rescales_the_rest():
+    torch.manual_seed(0)
+    drop = Dropout(0.3).train()
+    x = torch.ones(10**6)
+    y = drop(x)
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01  # kept values are scaled by 1 / (1 - p)
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_mean_pooling_averages_the_real_tokens_only():
+    from oztune.models.transformer import pool
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    got = pool(h, mask, "mean")
+    torch.testing.assert_close(got[0], h[0, :3].mean(0))
+    torch.testing.assert_close(got[1], h[1].mean(0))
+    torch.testing.assert_close(pool(h, mask, "last")[0], h[0, 2])
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_padding_does_not_change_a_rows_logits_with_mean_pooling(tiny_hf_dir, family):
+    d, _ = tiny_hf_dir(family)
+    model, enc, _ = load_classifier(d, head={"pooling": "mean"})
+    no_dropout(model).eval()
+    ids, mask = padded_batch(enc.pad_id, lengths=(9, 4))
+    with torch.no_grad():
+        alone = model(ids[1:, :4], mask[1:, :4])
+        padded = model(ids, mask)
+    torch.testing.assert_close(padded[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_each_problem_type_has_its_loss():
+    from oztune.config import HeadConfig
+    from oztune.models.transformer import SequenceClassifier
+
+    def loss(problem, logits, labels):
+        model = SequenceClassifier.__new__(SequenceClassifier)  # loss needs only the head config
+        model.head_cfg = HeadConfig(num_labels=logits.shape[-1], problem_type=problem)
+        return model.loss(logits, labels).item()
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
+    ce = -(logits.log_softmax(-1)[[0, 1], [0, 2]]).mean()
+    assert loss("single_label", logits, torch.tensor([0, 2])) == pytest.approx(ce.item(), rel=1e-6)
+    targets = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    p = logits.sigmoid()
+    bce = -(targets * p.log() + (1 - targets) * (1 - p).log()).mean()
+    assert loss("multi_label", logits, targets) == pytest.approx(bce.item(), rel=1e-5)
+    values = torch.tensor([[0.5], [2.0], [-1.0]])
+    y = torch.tensor([1.0, 2.0, 0.0])
+    assert loss("regression", values, y) == pytest.approx(((0.5 - 1) ** 2 + 0 + 1) / 3, rel=1e-6)

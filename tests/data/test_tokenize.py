@@ -1,0 +1,42 @@
+"""Texts and text pairs to input ids, attention mask and token type ids, padded per batch."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from oztune.data.tokenize import TextEncoder, pad_batch
+
+from conftest import write_tiny_tokenizer
+
+
+def encoder(tmp_path, max_length: int = 16) -> TextEncoder:
+    write_tiny_tokenizer(tmp_path, 64)
+    return TextEncoder(Tokenizer.from_file(str(tmp_path / "tokenizer.json")), pad_id=0, max_length=max_length)
+
+
+def test_pairs_get_segment_ids_and_padding_gets_mask_zero(tmp_path):
+    enc = encoder(tmp_path)
+    vocab = enc.tokenizer.get_vocab()
+    got = enc(["good movie", "bad"], ["the plot", "dull"])
+    cls, sep = vocab["[CLS]"], vocab["[SEP]"]
+    g, m, t, p, b, d = (vocab[w] for w in ("good", "movie", "the", "plot", "bad", "dull"))
+    assert got["input_ids"].tolist() == [[cls, g, m, sep, t, p, sep], [cls, b, sep, d, sep, 0, 0]]
+    assert got["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0]]
+    assert got["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]
+
+
+def test_truncation_keeps_max_length_with_the_special_tokens(tmp_path):
+    enc = encoder(tmp_path, max_length=5)
+    got = enc(["good great fine nice bad awful poor"], ["the plot is dull"])
+    ids = got["input_ids"][0].tolist()
+    assert len(ids) == 5 and ids[0] == enc.tokenizer.token_to_id("[CLS]") and ids[-1] == enc.tokenizer.token_to_id("[SEP]")
+    assert got["token_type_ids"][0].tolist()[-1] == 1  # both texts keep a part ("longest first")
+
+
+def test_pad_batch_pads_right_with_the_pad_id():
+    got = pad_batch([([5, 6, 7], [0, 0, 1]), ([8], [0])], pad_id=9)
+    assert got["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
+    assert got["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
+    assert got["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert all(v.dtype == torch.int64 for v in got.values())
