@@ -300,6 +300,17 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     lengths, seen, start = train.lengths, 0, time.perf_counter()
     model.train()
     board = Board(cfg.tensorboard, run.step) if cfg.tensorboard and env.is_main else None
+
+    def evaluate_now(epoch_at: float, title: str) -> float:
+        """Evaluate (the weight average, if kept), show and log it; returns the seconds it took."""
+        t0 = time.perf_counter()
+        with ema.applied() if ema is not None else nullcontext():
+            entry = _evaluate(model, run, epoch_at, eval_data, main_metric, env)
+        _show(entry, title, cfg.progress and env.is_main)
+        if board is not None and eval_data is not None:
+            board.evaluation(entry)
+        return time.perf_counter() - t0
+
     try:
         for epoch in range(run.epoch, cfg.epochs):
             batches = train_batches(lengths, global_batch, cfg.seed + epoch, cfg.bucket)
@@ -342,13 +353,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
                     board.step(row)
                 if (eval_data is not None and cfg.eval_every and run.step % cfg.eval_every == 0
                         and i + 1 < len(batches)):  # the epoch's last step is evaluated below
-                    t0 = time.perf_counter()
-                    with ema.applied() if ema is not None else nullcontext():
-                        entry = _evaluate(model, run, epoch + (i + 1) / len(batches), eval_data, main_metric, env)
-                    _show(entry, f"step {run.step} (epoch {entry['epoch']:.2f})", cfg.progress and env.is_main)
-                    if board is not None:
-                        board.evaluation(entry)
-                    start += time.perf_counter() - t0  # evaluation time does not count as training time
+                    at = epoch + (i + 1) / len(batches)
+                    start += evaluate_now(at, f"step {run.step} (epoch {at:.2f})")  # not training time
                     if cfg.patience and run.bad_evals >= cfg.patience:
                         break
                 if ckpt is not None and ckpt.due(run.step):
@@ -356,13 +362,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             bar.close()
             if cfg.patience and run.bad_evals >= cfg.patience:
                 break  # stopped inside the epoch
-            t0 = time.perf_counter()
-            with ema.applied() if ema is not None else nullcontext():
-                entry = _end_epoch(model, run, epoch, eval_data, main_metric, env)
-            _show(entry, f"epoch {epoch + 1}", cfg.progress and env.is_main)
-            if board is not None and eval_data is not None:
-                board.evaluation(entry)
-            start += time.perf_counter() - t0
+            start += evaluate_now(epoch + 1, f"epoch {epoch + 1}")
+            run.epoch, run.batch = epoch + 1, 0
             if cfg.patience and run.bad_evals >= cfg.patience:
                 break
     finally:
@@ -405,14 +406,6 @@ def _evaluate(model: nn.Module, run: Progress, epoch: float, eval_data: EncodedD
         else:
             run.bad_evals += 1
     run.history.append(entry)
-    return entry
-
-
-def _end_epoch(model: nn.Module, run: Progress, epoch: int, eval_data: EncodedData | None, main_metric: str,
-               env: distributed.DistEnv) -> dict:
-    """Close an epoch: evaluate (see :func:`_evaluate`) and move the run's position to the next epoch."""
-    entry = _evaluate(model, run, epoch + 1, eval_data, main_metric, env)
-    run.epoch, run.batch = epoch + 1, 0
     return entry
 
 
