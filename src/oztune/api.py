@@ -88,6 +88,8 @@ class Classifier:
         """
         if isinstance(texts, str):
             texts = [texts]
+        if isinstance(text_pairs, str):  # one text and its pair, not the pair's characters
+            text_pairs = [text_pairs]
         if text_pairs is not None and len(text_pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs: give one second text per text")
         if not len(texts):

@@ -317,3 +317,22 @@ def test_loading_other_weights_into_a_quantized_model_repacks_them():
         a(ids, mask)  # packs a's weights
         a.load_state_dict(b.state_dict())  # copied into the same tensors
         torch.testing.assert_close(a(ids, mask), b(ids, mask), atol=0, rtol=0)
+
+
+def test_fake_quantization_matches_the_int8_model_it_trains_for():
+    """QAT's forward is the int8 layer's numbers: per-row weight grid, per-token activation grid."""
+    w = torch.tensor([[1.0, 0.01], [100.0, 50.0]])
+    wq, scale = int8_ops.quantize_per_channel(w)
+    torch.testing.assert_close(int8_ops.fake_quantize_per_channel(w), wq.float() * scale[:, None])
+    # row 0 on its own grid (step 1/127): a per-tensor grid (step 100/127) would round 0.01 to 0 and 1.0 to 0.79
+    torch.testing.assert_close(int8_ops.fake_quantize_per_channel(w)[0], torch.tensor([1.0, 1 / 127]))
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    fq = FakeQuantLinear.from_linear(linear)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        want = nn.functional.linear(int8_ops.fake_quantize_per_token(x), q.dequantized_weight(), linear.bias)
+        torch.testing.assert_close(fq(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(q(x), want, atol=1e-3, rtol=1e-3)  # the int8 kernel: the same up to rounding
+        assert (fq(x) - linear(x)).abs().max() > 1e-4  # and not simply the fp32 layer

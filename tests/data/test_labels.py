@@ -130,6 +130,8 @@ def test_round_trip_from_reader_labels():
     ({0: "negative", 1: "positive"}, ["0", 1, "1"], {"0": 0, "1": 1}),  # integers are class ids of named labels
     ({0: "negative", 1: "positive"}, ["positive", "0"], {"negative": 0, "positive": 1}),  # mixed: by name
     ({0: "0", 1: "1"}, ["1", "0"], {"0": 0, "1": 1}),  # integer names: by name
+    ({0: "2", 1: "0"}, ["0", "2"], {"2": 0, "0": 1}),  # integer names out of id order: by name, not as ids
+    ({0: "1", 1: "pos"}, ["1"], {"1": 0, "pos": 1}),  # some names are integers: by name
     ({0: "a", 1: "b", 2: "c"}, [["a", "b"], [], ["c"]], {"a": 0, "b": 1, "c": 2}),  # multi-label lists: by name
     ({0: "a", 1: "b"}, [["1"], [], ["0", "1"]], {"0": 0, "1": 1}),  # lists of integers: class ids
     ({0: "a", 1: "b"}, [[], []], {"a": 0, "b": 1}),  # nothing to go by: by name

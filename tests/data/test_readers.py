@@ -69,6 +69,8 @@ def test_json_array_with_lines(tmp_path):
     path = write(tmp_path, "d.json", json.dumps(data, indent=2))
     examples = read_examples(path)
     assert [(e.text, e.label, e.line) for e in examples] == [("a", 1, 2), ("b", 0, 6)]
+    path = write(tmp_path, "c.json", '[\n{"text": "a", "label": 1},\n{"text": "b", "label": 0}\n]')
+    assert [e.line for e in read_examples(path)] == [2, 3]  # a newline right before each object
     path = write(tmp_path, "e.json", '[{"text": "a", "label": 1}, 3]')
     with pytest.raises(DataError, match=r"e\.json: line 1: not a JSON object \(found a number\)"):
         read_examples(path)
@@ -116,6 +118,11 @@ def test_explicit_columns(tmp_path):
     assert read_examples(path, text_column="body", label_column="category") == [Example("hello", None, "news", 2)]
     assert read_examples(path, text_column="body", text_pair_column="extra", label_column="category") == [
         Example("hello", "x", "news", 2)]
+
+
+def test_explicit_pair_column_wins_over_a_known_pair(tmp_path):
+    path = write(tmp_path, "c.csv", "sentence1,sentence2,extra,label\na,b,x,1\n")
+    assert read_examples(path, text_pair_column="extra") == [Example("a", "x", "1", 2)]
 
 
 def test_explicit_text_column_keeps_no_pair(tmp_path):

@@ -132,3 +132,50 @@ def test_a_head_layer_without_its_weight_names_the_weight(tiny_hf_dir):
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelError, match=r"missing head\.hidden\.0\.weight"):
         load_classifier(d)
+
+
+class NotATensor:
+    """Anything but a tensor: unpickling it would run code of the file's choosing."""
+
+
+def test_pytorch_model_bin_with_code_objects_is_refused(tiny_hf_dir):
+    d, _ = tiny_hf_dir("bert")
+    sd = load_file(d / "model.safetensors")
+    torch.save({**sd, "extra": NotATensor()}, d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match=r"pytorch_model.bin: cannot be read as plain weights"):
+        load_classifier(d)
+
+
+def test_a_pretraining_checkpoint_loads_with_a_new_head(tmp_path):
+    """BertForPreTraining holds masked-LM and next-sentence heads ("cls."): not the task head, ignored."""
+    import transformers as T
+    from conftest import write_tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37, max_position_embeddings=64)
+    T.BertForPreTraining(cfg).save_pretrained(tmp_path)
+    write_tiny_tokenizer(tmp_path, 64)
+    model, _, meta = load_classifier(tmp_path, num_labels=2)
+    assert not meta["trained"] and model.head_cfg.num_labels == 2
+
+
+@pytest.mark.parametrize("num_labels, hf_problem, ours", [(1, None, "regression"), (3, None, "single_label"),
+                                                          (3, "multi_label_classification", "multi_label")])
+def test_problem_type_read_from_an_hf_config(tiny_hf_dir, num_labels, hf_problem, ours):
+    d, _ = tiny_hf_dir("bert", num_labels=num_labels, problem_type=hf_problem)
+    model, _, _ = load_classifier(d)
+    assert model.head_cfg.problem_type == ours
+
+
+@pytest.mark.parametrize("ours, hf_problem", [("single_label", "single_label_classification"),
+                                              ("multi_label", "multi_label_classification"), ("regression", "regression")])
+def test_saved_problem_type_is_the_one_transformers_reads(tiny_base, tmp_path, ours, hf_problem):
+    import transformers as T
+
+    model, enc, _ = load_classifier(tiny_base, num_labels=1 if ours == "regression" else 3, problem_type=ours)
+    labels = {0: "value"} if ours == "regression" else {0: "a", 1: "b", 2: "c"}
+    out = save_classifier(model, enc, tmp_path / "m", labels)
+    assert json.loads((out / "config.json").read_text())["problem_type"] == hf_problem
+    assert T.AutoConfig.from_pretrained(out).problem_type == hf_problem

@@ -71,3 +71,25 @@ def test_a_saved_gpt2_without_a_pad_token_runs_batches_in_transformers(tmp_path)
     ids, mask = padded_batch(pad)
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, model(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_hf_with_sharp_attention(tmp_path, family):
+    """Random tiny models attend almost uniformly, which hides attention-only mistakes (a query/key swap):
+    weights 10x larger make the attention sharp and the logits spread."""
+    from conftest import tiny_hf_model, write_tiny_tokenizer
+
+    hf = tiny_hf_model(family)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.ndim == 2 and "embed" not in name and not name.startswith(("wte", "wpe")):
+                p.mul_(10.0)
+    hf.save_pretrained(tmp_path)
+    write_tiny_tokenizer(tmp_path, 64)
+    model, _, _ = load_classifier(tmp_path)
+    ids, mask = padded_batch(hf.config.pad_token_id if hf.config.pad_token_id is not None else 0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        out = model(ids, mask)
+    assert ref.std() > 0.1  # spread, not all near zero
+    torch.testing.assert_close(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)

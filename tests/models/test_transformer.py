@@ -67,6 +67,7 @@ def test_dropout_zeroes_a_share_p_and_rescales_the_rest():
     assert abs((y == 0).float().mean().item() - 0.3) < 0.005
     assert abs(y.mean().item() - 1.0) < 0.01  # kept values are scaled by 1 / (1 - p)
     assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(0.999999).train()(x), torch.zeros_like(x))  # rounds to "drop all", no 1/0
 
 
 def test_mean_pooling_averages_the_real_tokens_only():

@@ -86,3 +86,31 @@ def test_finetune_with_lora_saves_a_plain_checkpoint_transformers_loads(tiny_bas
             ("attention.self.query", "attention.self.key", "attention.self.value",
              "attention.output.dense", "intermediate.dense", "output.dense")}
     assert changed == lora | {"pooler.dense.weight", "pooler.dense.bias"}  # BERT's pooler belongs to the head
+
+
+def test_the_update_is_scaled_by_alpha_over_rank_and_its_input_dropped_out():
+    from torch import nn
+
+    from oztune.models.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    lora = LoRALinear(base, rank=4, alpha=8.0)
+    with torch.no_grad():
+        lora.lora_a.fill_(1.0)
+        lora.lora_b.fill_(1.0)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x) - base(x), 2.0 * (x @ lora.lora_a.T) @ lora.lora_b.T)
+        dropped = LoRALinear(base, rank=4, alpha=8.0, dropout=0.999999).train()
+        dropped.lora_b.fill_(1.0)
+        torch.testing.assert_close(dropped(x), base(x))  # everything dropped: only the base layer is left
+        torch.testing.assert_close(lora.merged()(x), base(x))  # merged: the same function, one linear
+
+
+def test_default_alpha_gives_a_scale_of_two(model):
+    from oztune.models.lora import LoRALinear
+
+    apply_lora(model, rank=4)
+    scales = {m.scaling for m in model.modules() if isinstance(m, LoRALinear)}
+    assert scales == {2.0}

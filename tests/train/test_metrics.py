@@ -44,3 +44,12 @@ def test_regression_matches_scipy_with_ties():
 def test_compute_metrics_from_logits():
     logits = np.array([[2.0, 0.1], [0.2, 1.0], [3.0, -1.0]])
     assert compute_metrics("single_label", logits, np.array([0, 1, 1]))["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_macro_f1_averages_the_labels_present_only():
+    from oztune.train.metrics import classification_metrics
+
+    got = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1]), 3)  # label 2 never appears
+    assert got == {"accuracy": 1.0, "macro_f1": 1.0, "mcc": 1.0}
+    got = classification_metrics(np.array([2, 0, 1, 1]), np.array([0, 0, 1, 1]), 3)  # predicted once, wrongly
+    assert got["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)

@@ -212,7 +212,8 @@ def gold_label2id(id2label: dict[int, str], gold: list) -> dict[str, int]:
 
     By name; or by class id where the model's labels are names that are not integers (given with
     ``--label-names negative,positive`` to SST-2's 0 and 1, or a Hugging Face model's ``id2label``) and
-    every gold label is an integer: those are class ids, as in Hugging Face datasets.
+    every gold label is an integer that is not one of the names: those are class ids, as in Hugging Face
+    datasets.
 
     Args:
         id2label: the model's label name of each output.
@@ -221,7 +222,8 @@ def gold_label2id(id2label: dict[int, str], gold: list) -> dict[str, int]:
     label2id = {str(v): k for k, v in id2label.items()}
     names_are_ints = all(str(v).lstrip("-").isdigit() for v in id2label.values())
     flat = [g for x in gold for g in (x if isinstance(x, list) else [x])]
-    if not names_are_ints and flat and all(str(g).strip().lstrip("-").isdigit() for g in flat):
+    if (not names_are_ints and flat and all(str(g).strip().lstrip("-").isdigit() for g in flat)
+            and not any(str(g).strip() in label2id for g in flat)):  # a gold label that is a name is that name
         return {str(k): k for k in id2label}
     return label2id
 

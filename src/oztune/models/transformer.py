@@ -53,11 +53,14 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
+        dropped = round(self.p * 65536)  # of 65,536 levels of a random int16
+        if dropped >= 65536:  # p within 2^-17 of 1: nothing is kept
+            return torch.zeros_like(x)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-        threshold = -32768 + round(self.p * 65536)
+        threshold = -32768 + dropped
         keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold
-        return x * (keep.to(x.dtype) * (65536 / (65536 - round(self.p * 65536))))
+        return x * (keep.to(x.dtype) * (65536 / (65536 - dropped)))
 
 
 class Embeddings(nn.Module):

@@ -1,0 +1,43 @@
+"""The Python API: predictions carry the right label names and scores; a lone text and pair are one example."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from oztune.api import Classifier, format_predictions
+from oztune.models.hub import load_classifier
+
+ID2LABEL = {0: "c", 1: "a", 2: "b"}  # names not in id order: a mix-up of ids and names shows
+
+
+def test_single_label_predictions_name_the_argmax_and_every_score():
+    probs = np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]], dtype=np.float32)
+    got = format_predictions(probs, "single_label", ID2LABEL, all_scores=True)
+    assert [(r["label"], r["score"]) for r in got] == [("a", pytest.approx(0.5)), ("c", pytest.approx(0.6))]
+    for r, p in zip(got, probs):
+        assert r["scores"] == {ID2LABEL[i]: pytest.approx(float(v)) for i, v in enumerate(p)}
+    assert "scores" not in format_predictions(probs, "single_label", ID2LABEL)[0]
+
+
+def test_multi_label_predictions_pair_each_label_with_its_own_probability():
+    probs = np.array([[0.9, 0.2, 0.7], [0.1, 0.4, 0.2]], dtype=np.float32)
+    got = format_predictions(probs, "multi_label", ID2LABEL, all_scores=True)
+    assert got[0]["label"] == ["c", "b"] and got[0]["score"] == [pytest.approx(0.9), pytest.approx(0.7)]
+    assert got[1]["label"] == [] and got[1]["score"] == []
+    assert got[1]["scores"] == {"c": pytest.approx(0.1), "a": pytest.approx(0.4), "b": pytest.approx(0.2)}
+
+
+def test_regression_predictions_are_the_value():
+    got = format_predictions(np.array([[2.5]], dtype=np.float32), "regression", {0: "value"}, all_scores=True)
+    assert got == [{"label": None, "score": 2.5}]
+
+
+def test_a_lone_text_and_pair_are_one_example(tiny_base):
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    clf = Classifier(model, enc, {0: "neg", 1: "pos"})
+    one = clf.predict("good movie", "the plot was dull")
+    assert len(one) == 1 and one == clf.predict(["good movie"], ["the plot was dull"])
+    assert one != clf.predict(["good movie"], ["t"])  # the pair is read, not ignored
+    with pytest.raises(ValueError, match="2 texts but 1 text_pairs"):
+        clf.predict(["a", "b"], ["c"])
