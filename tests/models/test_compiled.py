@@ -111,3 +111,25 @@ def test_rows_of_very_different_lengths_run_as_groups_cut_to_their_length(tiny_h
     with torch.no_grad():
         wrapped(ids, mask)
     assert rec.calls == [((4, 9), False, True)]
+
+
+def test_each_length_group_gets_its_own_rows_of_token_types(tiny_hf_dir):
+    model, _, _ = load_classifier(tiny_hf_dir("bert")[0])
+    model.eval()
+    calls = []
+
+    def packed(ids, mask, tt, index):
+        calls.append((ids, tt))
+        return model(ids, mask, tt, token_index=index)
+
+    wrapped = CompiledClassifier(model, graphs=(packed, lambda ids, tt: model(ids, None, tt)))
+    ids, mask = padded_batch(0, lengths=(3, 60) * 8)  # two groups of interleaved rows
+    tt = (torch.arange(60) >= torch.tensor([2, 30] * 8)[:, None]).long() * mask  # a pair: its second text is type 1
+    with torch.no_grad():
+        got, want = wrapped(ids, mask, tt), model(ids, mask, tt)
+    assert len(calls) == 2
+    for call_ids, call_tt in calls:
+        rows = torch.arange(16)[(mask.sum(1) <= 3) == (call_ids.shape[1] == 3)]  # the short rows, or the long
+        assert torch.equal(call_ids, ids[rows, :call_ids.shape[1]])
+        assert call_tt is not None and torch.equal(call_tt, tt[rows, :call_ids.shape[1]])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

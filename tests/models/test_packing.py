@@ -14,18 +14,20 @@ from conftest import padded_batch
 def run(model, ids, mask, tt=None, pack=True, group_cost=None, **kw):
     """Logits with packing forced on (every padded batch) or off; checks which one ran.
 
-    ``group_cost`` 0 gives every distinct length an attention group of its own.
+    ``group_cost`` 0 gives every distinct length an attention group of its own (passed to length_groups:
+    its default, tr.GROUP_COST, is bound when the module is imported, so setting tr.GROUP_COST does nothing).
     """
     seen = []
     hook = model.backbone.layers[0].ffn_norm.register_forward_hook(lambda m, a, out: seen.append(out.dim()))
-    old = tr.PACK_MIN_PADDING, tr.GROUP_COST
+    old = tr.PACK_MIN_PADDING, tr.length_groups
     tr.PACK_MIN_PADDING = 0.0 if pack else 2.0
-    tr.GROUP_COST = old[1] if group_cost is None else group_cost
+    if group_cost is not None:
+        tr.length_groups = lambda attention_mask: old[1](attention_mask, group_cost)
     try:
         with torch.no_grad():
             out = model(ids, mask, tt, **kw)
     finally:
-        tr.PACK_MIN_PADDING, tr.GROUP_COST = old
+        tr.PACK_MIN_PADDING, tr.length_groups = old
         hook.remove()
     assert seen == [2 if pack else 3]  # packed rows are (N, C)
     return out
@@ -123,3 +125,18 @@ def test_packing_only_at_inference_with_enough_padding():
         assert not tr.Packing.worth_it(None)
         assert tr.Packing.worth_it(torch.tensor([[1, 1, 0, 0]]))
     assert not tr.Packing.worth_it(torch.tensor([[1, 1, 0, 0]]))  # autograd on: training keeps (B, T, C)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_packed_left_padded_rows_match_padded_in_several_groups(tiny_hf_dir, family):
+    """A row's attention group is as long as its last real position, not its count of real tokens: left
+    padding puts a short row's tokens at the end, so every left-padded row needs all T positions."""
+    model, enc, _ = load_classifier(tiny_hf_dir(family)[0])
+    model.eval()
+    model.head_cfg.pooling = model.head.cfg.pooling = "mean"  # cls and last pooling read a fixed position
+    ids, mask = padded_batch(enc.pad_id, lengths=(9, 4, 1, 7, 9))
+    ids, mask = ids.flip(1), mask.flip(1)  # left padding
+    assert [T for _, T in tr.length_groups(mask, 0)] == [9]  # one group, even where each length costs nothing
+    want = run(model, ids, mask, pack=False)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(run(model, ids, mask, group_cost=0), want, atol=1e-5, rtol=1e-5)

@@ -113,3 +113,18 @@ def test_each_problem_type_has_its_loss():
     values = torch.tensor([[0.5], [2.0], [-1.0]])
     y = torch.tensor([1.0, 2.0, 0.0])
     assert loss("regression", values, y) == pytest.approx(((0.5 - 1) ** 2 + 0 + 1) / 3, rel=1e-6)
+
+
+def test_a_left_padded_causal_batch_gives_finite_outputs(tiny_hf_dir, monkeypatch):
+    """Queries before a row's first real token see no key under the causal mask: no NaN may come of it."""
+    import oztune.models.packing as packing
+
+    d, _ = tiny_hf_dir("gpt2")
+    model, enc, _ = load_classifier(d, head={"pooling": "mean"})
+    no_dropout(model).eval()
+    ids, mask = padded_batch(enc.pad_id, lengths=(9, 4, 1, 7, 9))
+    ids, mask = ids.flip(1), mask.flip(1)  # padding on the left
+    monkeypatch.setattr(packing, "PACK_MIN_PADDING", 2.0)  # the padded path, not the packed one
+    with torch.no_grad():
+        out = model(ids, mask)
+    assert torch.isfinite(out).all()

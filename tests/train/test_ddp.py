@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -68,3 +69,35 @@ def test_two_processes_of_16_match_one_process_of_32(base_no_dropout, sentiment_
     for h1, h2 in zip(run1["history"], run2["history"]):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
         assert h2["accuracy"] == h1["accuracy"]
+
+
+BROADCAST = textwrap.dedent("""
+    import json
+    import torch
+    from oztune.train import distributed as D
+
+    env = D.init_from_env()
+    torch.manual_seed(env.rank)  # each rank its own weights
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    for t in model.state_dict().values():  # buffers too (a batch norm's weights start equal on every rank)
+        if t.is_floating_point():
+            t.normal_()
+    before = D.gather_objects({k: v.clone() for k, v in model.state_dict().items()})
+    D.broadcast_model(model)
+    after = D.gather_objects(model.state_dict())
+    if env.is_main:
+        print(json.dumps({k: [not torch.equal(before[0][k], before[1][k]),
+                              all(torch.equal(a[k], before[0][k]) for a in after)] for k in before[0]}))
+    D.shutdown()
+""")
+
+
+def test_broadcast_model_gives_every_rank_rank_0s_parameters_and_buffers(tmp_path):
+    script = tmp_path / "broadcast.py"
+    script.write_text(BROADCAST)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])  # per tensor: [differed before, rank 0's after]
+    assert all(differed for k, (differed, _) in result.items() if k != "1.num_batches_tracked")
+    assert {k: same for k, (_, same) in result.items()} == dict.fromkeys(result, True)

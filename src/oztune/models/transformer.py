@@ -237,6 +237,11 @@ class Transformer(nn.Module):
         if self.cfg.causal:
             causal = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
             keep = keep & causal  # (B, 1, T, T)
+            # A query before its row's first real token (a left-padded batch) sees no key at all: SDPA gives
+            # NaN there, which a masked mean still turns into NaN. Such a query sees itself (oztune pads on
+            # the right, where this never happens: every query sees position 0).
+            pos = torch.arange(T, device=keep.device)  # (not torch.eye: ONNX Runtime has no bool EyeLike)
+            keep = keep | (~keep.any(-1, keepdim=True) & (pos[:, None] == pos))
         return keep
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -1,0 +1,47 @@
+"""A measured row's scales, and how the Pareto front breaks ties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from oztune.compress import report
+from oztune.config import HeadConfig
+
+
+class Enc:
+    """A stand-in encoder: one token per word."""
+
+    def encode(self, texts, pairs=None):
+        return [(t.split(), []) for t in texts]
+
+    def __call__(self, texts, pairs=None):
+        ids = torch.ones(len(texts), 4, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+class Model(torch.nn.Module):
+    head_cfg = HeadConfig(num_labels=2)
+
+    def forward(self, ids, mask, tt):
+        return torch.zeros(len(ids), 2)
+
+
+def test_measured_macro_f1_is_in_points_like_the_score(monkeypatch, tmp_path):
+    metrics = {"accuracy": 0.875, "macro_f1": 0.8125}
+    monkeypatch.setattr(report, "evaluate", lambda model, data: dict(metrics))
+    texts = ["a b", "c", "d e f"]
+    row = report.measure(Model(), Enc(), None, texts, None, tmp_path, 1_000_000, repeats=1)
+    assert row["score"] == pytest.approx(87.5) and row["metric"] == "accuracy"
+    assert row["macro_f1"] == pytest.approx(81.25)  # points (percent), as the report's column prints it
+    assert row["metrics"] == metrics and row["parameters"] == 1.0
+    monkeypatch.setattr(report, "evaluate", lambda model, data: {"accuracy": 0.5})
+    assert report.measure(Model(), Enc(), None, texts, None, tmp_path, 1, repeats=1)["macro_f1"] is None
+
+
+def test_pareto_front_ties_keep_the_better_point():
+    # equal latency: only the higher score is on the front (the lower one is dominated)
+    assert report._frontier(np.array([3.0, 2.0, 2.0]), np.array([90.0, 80.0, 85.0])).tolist() == [2, 0]
+    # equal score: only the faster point
+    assert report._frontier(np.array([3.0, 2.0]), np.array([85.0, 85.0])).tolist() == [1]
