@@ -46,11 +46,13 @@ def finetune_args(base, files, out, batch_size: int) -> list[str]:
             "--precision", "fp32", "--head-dropout", "0"]
 
 
-def test_two_processes_of_16_match_one_process_of_32(base_no_dropout, sentiment_files, tmp_path):
+@pytest.mark.parametrize("extra, steps", [([], [7, 14]),  # evaluations at epoch ends; and a weight average
+                                          (["--ema-decay", "0.9", "--eval-every", "3"], [3, 6, 7, 9, 12, 14])])
+def test_two_processes_of_16_match_one_process_of_32(base_no_dropout, sentiment_files, tmp_path, extra, steps):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(finetune_args(base_no_dropout, sentiment_files, one, 32)) == 0
+    assert main(finetune_args(base_no_dropout, sentiment_files, one, 32) + extra) == 0
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "oztune", *finetune_args(base_no_dropout, sentiment_files, two, 16)],
+                        "-m", "oztune", *finetune_args(base_no_dropout, sentiment_files, two, 16), *extra],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("fine-tuned") == 1 and r.stdout.count("oztune: fine-tuning") == 1, "only rank 0 reports"
@@ -59,13 +61,13 @@ def test_two_processes_of_16_match_one_process_of_32(base_no_dropout, sentiment_
     base, a, b = load_file(base_no_dropout / "model.safetensors"), load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys()
     moved = max((a["bert." + k] - v).abs().max().item() for k, v in base.items() if "bert." + k in a)
-    assert moved > 1e-2, "training must move the weights for the comparison to mean anything"
+    assert moved > 5e-3, "training must move the weights for the comparison to mean anything"
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-4, f"2 x 16 differs from 1 x 32 by {worst:.2e}"
 
     run1, run2 = (json.loads((d / "run.json").read_text()) for d in (one, two))
     assert run2["processes"] == 2 and run1["processes"] == 1
-    assert [h["step"] for h in run2["history"]] == [h["step"] for h in run1["history"]] == [7, 14]
+    assert [h["step"] for h in run2["history"]] == [h["step"] for h in run1["history"]] == steps
     for h1, h2 in zip(run1["history"], run2["history"]):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
         assert h2["accuracy"] == h1["accuracy"]

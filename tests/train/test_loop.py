@@ -181,7 +181,8 @@ def scripted_evaluations(monkeypatch, accuracies):
 
     def fake(model, data, *args, **kwargs):
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return {"accuracy": accuracies[len(seen) - 1]}
+        got = accuracies[len(seen) - 1]
+        return dict(got) if isinstance(got, dict) else {"accuracy": got}
 
     monkeypatch.setattr(loop, "evaluate", fake)
     return seen
@@ -390,3 +391,22 @@ def test_weight_decay_skips_biases_and_norms_only(tiny_base, data):
                 no_decay = name.endswith(".bias") or "norm" in name
                 assert of[id(p)] == (0.0 if no_decay else 0.01), name
         assert sum(1 for g in groups if g["weight_decay"] == 0.01) >= 1
+
+
+@pytest.mark.parametrize("problem, scores, best", [
+    ("multi_label", [{"micro_f1": 0.5, "subset_accuracy": 0.9}, {"micro_f1": 0.8, "subset_accuracy": 0.1},
+                     {"micro_f1": 0.6, "subset_accuracy": 0.95}], 2),
+    ("regression", [{"pearson": 0.2, "mse": 0.1}, {"pearson": 0.1, "mse": 0.01}, {"pearson": 0.9, "mse": 5.0}], 3),
+])
+def test_each_problem_type_keeps_the_epoch_of_its_main_metric(tiny_base, data, monkeypatch, problem, scores, best):
+    import torch.nn.functional as F
+
+    scripted_evaluations(monkeypatch, scores)
+    model, train, dev = new_model(tiny_base, data)
+    model.head_cfg.problem_type = problem  # only the choice of metric is under test: train with cross-entropy
+
+    def ce(m, b):
+        return F.cross_entropy(m(b["input_ids"], b["attention_mask"], b.get("token_type_ids")), b["labels"])
+
+    result = fit(model, train, config(epochs=3), dev, loss_fn=ce)
+    assert result.best["epoch"] == best  # micro-F1 for multi-label, Pearson for regression
