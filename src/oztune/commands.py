@@ -14,10 +14,11 @@ from oztune.data.load import Columns, read_labelled
 from oztune.errors import DataError, OztuneError
 from oztune.train.finetune import FinetuneArgs, finetune
 from oztune.train.distributed import is_main_process
+from oztune.train.metrics import metric_values
 
 
 def _show_metrics(metrics: dict) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "epoch")
+    return "  ".join(f"{k} {v:.4f}" for k, v in metric_values(metrics).items())
 
 
 def _when(entry: dict) -> str:

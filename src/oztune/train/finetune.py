@@ -18,6 +18,7 @@ from oztune.models.lora import apply_lora, merge_lora
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints
 from oztune.train.loop import TrainConfig, fit, seed_everything
+from oztune.train.metrics import metric_values
 from oztune.train.tensorboard import check_available
 
 
@@ -295,8 +296,7 @@ def log_csv(rows: list[dict]) -> str:
 
 def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
     """A short README.md for the saved model: what it is, how it was trained, how well it does."""
-    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in run["metrics"].items()
-                        if isinstance(v, float) and k != "epoch")
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in metric_values(run["metrics"]).items())
     return f"""# Fine-tuned with oztune
 
 - Base model: `{a.model}`

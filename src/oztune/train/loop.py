@@ -25,7 +25,7 @@ from oztune.data.dataset import EncodedData, inference_batches, train_batches
 from oztune.runtime import tune_malloc
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, Progress
-from oztune.train.metrics import MAIN_METRIC, compute_metrics
+from oztune.train.metrics import MAIN_METRIC, compute_metrics, metric_values
 from oztune.train.tensorboard import Board
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -384,8 +384,7 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
 
 def _show(entry: dict, title: str, show: bool) -> None:
     if show:
-        tqdm.write(f"{title}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
-                                             if isinstance(v, float) and k != "epoch"))
+        tqdm.write(f"{title}: " + ", ".join(f"{k} {v:.4f}" for k, v in metric_values(entry).items()))
 
 
 def _evaluate(model: nn.Module, run: Progress, epoch: float, eval_data: EncodedData | None, main_metric: str,

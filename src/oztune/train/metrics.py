@@ -11,6 +11,12 @@ import numpy as np
 MAIN_METRIC = {"single_label": "accuracy", "multi_label": "micro_f1", "regression": "pearson"}
 
 
+def metric_values(entry: dict) -> dict[str, float]:
+    """The metrics (and training loss) of a history entry: its float values but ``epoch``, which is a float
+    only for an evaluation inside an epoch."""
+    return {k: v for k, v in entry.items() if isinstance(v, float) and k != "epoch"}
+
+
 def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     denom = 2 * tp + fp + fn
     return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)

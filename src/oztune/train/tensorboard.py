@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 from oztune.errors import OztuneError
+from oztune.train.metrics import metric_values
 
 INSTALL = "pip install tensorboard (or pip install 'oztune[tensorboard]')"
 
@@ -44,8 +45,8 @@ class Board:
 
     def evaluation(self, entry: dict) -> None:
         """Log an evaluation's metrics (a history entry) at its step."""
-        for key, value in entry.items():
-            if isinstance(value, float) and key not in ("epoch", "train_loss"):
+        for key, value in metric_values(entry).items():
+            if key != "train_loss":
                 self.writer.add_scalar(f"eval/{key}", value, entry["step"])
 
     def close(self) -> None:
