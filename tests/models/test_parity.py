@@ -93,3 +93,15 @@ def test_logits_match_hf_with_sharp_attention(tmp_path, family):
         out = model(ids, mask)
     assert ref.std() > 0.1  # spread, not all near zero
     torch.testing.assert_close(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+
+
+def test_gpt2_left_padded_batch_reads_each_rows_last_token_like_hf(tiny_hf_dir):
+    """Last-token pooling reads the rightmost real token, wherever the padding is (HF finds it the same way)."""
+    d, hf = tiny_hf_dir("gpt2")
+    model, _, _ = load_classifier(d)
+    ids, mask = padded_batch(hf.config.pad_token_id)
+    ids, mask = ids.flip(1), mask.flip(1)  # padding on the left
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        out = model(ids, mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -285,12 +285,18 @@ class Transformer(nn.Module):
 
 def pooled_positions(attention_mask: torch.Tensor | None, how: str, B: int, T: int,
                      device: torch.device) -> torch.Tensor:
-    """(B,) position of the token cls or last-token pooling reads: the first, or the last real one."""
+    """(B,) position of the token cls or last-token pooling reads: the first, or the last real one.
+
+    The last real token is the rightmost position the mask keeps, so left-padded rows (as a decoder's
+    tokenizer may pad) read their last token too, as HF's ``GPT2ForSequenceClassification`` does; a row
+    with no real token reads position 0.
+    """
     if how == "cls":
         return torch.zeros(B, dtype=torch.long, device=device)
     if attention_mask is None:
         return torch.full((B,), T - 1, dtype=torch.long, device=device)
-    return attention_mask.long().sum(1).clamp_min(1) - 1
+    pos = torch.arange(1, T + 1, device=attention_mask.device)  # (T,) 1-based: a kept position beats none
+    return (attention_mask.long() * pos).argmax(-1)  # (B,) the rightmost kept position
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
