@@ -45,6 +45,40 @@ def test_evaluate_json_in_a_fresh_process(trained, sentiment_files):
     assert metrics["examples"] == 100
 
 
+def test_evaluate_per_label_and_mistakes_file(trained, sentiment_files, tmp_path):
+    from oztune import Classifier
+
+    lines = sentiment_files[1].read_text().splitlines()
+    flip = {"0": "1", "1": "0", "neg": "pos", "pos": "neg"}
+    for i in range(1, 11):  # ten gold labels flipped: the model gets those wrong
+        text, label = lines[i].split("\t")
+        lines[i] = f"{text}\t{flip[label]}"
+    dev = tmp_path / "noisy.tsv"
+    dev.write_text("\n".join(lines) + "\n")
+    mistakes = tmp_path / "wrong.jsonl"
+    mistakes.write_text("an older file, replaced whole\n")
+    r = run("evaluate", "--model", str(trained), "--data", str(dev), "--json", "--per-label", "--mistakes", str(mistakes))
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    clf = Classifier.from_pretrained(trained)
+    pred = [p["label"] for p in clf.predict([line.split("\t")[0] for line in dev.read_text().splitlines()[1:]])]
+    gold = [line.split("\t")[1] for line in dev.read_text().splitlines()[1:]]
+    gold = [clf.id2label[int(g)] if g.isdigit() else g for g in gold]
+    cm = m["confusion_matrix"]  # rows gold, columns predicted, in the model's label order (neg, pos)
+    assert cm == [[sum(g == a and p == b for g, p in zip(gold, pred)) for b in ("neg", "pos")] for a in ("neg", "pos")]
+    assert m["per_label"]["pos"]["support"] == gold.count("pos")
+    assert m["per_label"]["pos"]["recall"] == pytest.approx(cm[1][1] / max(1, sum(cm[1])))
+    rows = [json.loads(line) for line in mistakes.read_text().splitlines()]
+    assert len(rows) == cm[0][1] + cm[1][0] == round((1 - m["accuracy"]) * m["examples"])
+    assert len(rows) >= 10  # the flipped labels at least
+    for row in rows:  # each names its line in the file, and is a real mistake
+        line = dev.read_text().splitlines()[row["line"] - 1].split("\t")
+        assert line[0] == row["text"] and row["predicted"] != row["label"] == gold[row["line"] - 2]
+    assert [row["score"] for row in rows] == sorted((row["score"] for row in rows), reverse=True)
+    table = run("evaluate", "--model", str(trained), "--data", str(dev), "--per-label")
+    assert "confusion matrix" in table.stdout and "support" in table.stdout
+
+
 def test_predict_texts_and_all_scores(trained):
     r = run("predict", "--model", str(trained), "good movie", "an awful plot", "--all-scores")
     assert r.returncode == 0, r.stderr

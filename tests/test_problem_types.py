@@ -39,6 +39,12 @@ def test_multi_label_learns_each_label(tiny_base, tmp_path):
     assert run["problem_type"] == "multi_label" and run["metrics"]["micro_f1"] > 0.85
     preds = Classifier.from_pretrained(out).predict(["good movie", "the plot", "good plot"])
     assert [sorted(p["label"]) for p in preds] == [["pos"], ["story"], ["pos", "story"]]
+    wrong = _jsonl(tmp_path / "wrong.jsonl", [{"text": "good movie", "labels": ["story"]},
+                                               {"text": "the plot", "labels": ["story"]}])
+    m = Classifier.from_pretrained(out).evaluate(str(wrong), per_label=True, mistakes=True)
+    assert [(r["line"], r["label"], r["predicted"]) for r in m["mistakes"]] == [(1, ["story"], ["pos"])]
+    assert m["per_label"]["story"]["support"] == 2 and m["per_label"]["story"]["recall"] == 0.5
+    assert m["per_label"]["pos"]["precision"] == 0.0 and "confusion_matrix" not in m
 
 
 def test_regression_learns_a_score(tiny_base, tmp_path):
@@ -58,6 +64,9 @@ def test_regression_learns_a_score(tiny_base, tmp_path):
     assert run["problem_type"] == "regression" and run["metrics"]["pearson"] > 0.8
     lo, hi = Classifier.from_pretrained(out).predict(["movie film", "good good good film"])
     assert lo["score"] < hi["score"]
+    assert main(["evaluate", "--model", str(out), "--data", str(train), "--per-label"]) == 0  # no labels: no table
+    assert main(["evaluate", "--model", str(out), "--data", str(train), "--mistakes", str(tmp_path / "w.jsonl")]) == 2
+    assert not (tmp_path / "w.jsonl").exists()
 
 
 def test_sentence_pairs_use_both_texts(tiny_base, tmp_path):

@@ -10,11 +10,12 @@ import torch
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
-from oztune.errors import ModelError
+from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import load_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.data.tokenize import TextEncoder
-from oztune.train.loop import evaluate as evaluate_encoded, predict_logits
+from oztune.train.loop import predict_logits
+from oztune.train.metrics import compute_metrics, label_report
 
 
 def format_predictions(probs: np.ndarray, problem_type: str, id2label: dict[int, str],
@@ -98,12 +99,55 @@ class Classifier:
         probs = self.model.scores(logits).numpy()
         return format_predictions(probs, self.problem_type, self.id2label, all_scores)
 
-    def evaluate(self, path: str, columns: Columns | None = None) -> dict:
-        """Metrics on a labelled file (a label the model does not know is a DataError)."""
+    def evaluate(self, path: str, columns: Columns | None = None, per_label: bool = False,
+                 mistakes: bool = False) -> dict:
+        """Metrics on a labelled file (a label the model does not know is a DataError).
+
+        Args:
+            path: labelled file (.csv, .tsv or .jsonl).
+            columns: the columns holding text, second text and label (default: found by name).
+            per_label: also each label's precision, recall, F1 and support (``per_label``) and, for
+                single-label, the confusion matrix (``confusion_matrix``: rows gold, columns predicted).
+            mistakes: also the examples the model gets wrong (``mistakes``, classification only): file
+                line, text, gold ``label``, ``predicted`` and its ``score``; single-label ones most
+                confident first (where label noise and systematic errors show).
+        """
+        if mistakes and self.problem_type == "regression":
+            raise OztuneError("listing mistakes is for classification models; this one is a regression model")
         examples = read_labelled(path, columns or Columns())
         label2id = None if self.problem_type == "regression" else self.gold_label_ids([e.label for e in examples])
         data = encode_examples(examples, self.encoder, label2id, self.problem_type, path)
-        return {**evaluate_encoded(self.model, data, self.batch_size), "examples": len(examples)}
+        logits = predict_logits(self.model, data, self.batch_size)
+        gold = data.labels.numpy()
+        out = {**compute_metrics(self.problem_type, logits, gold), "examples": len(examples)}
+        if per_label:
+            out.update(label_report(self.problem_type, logits, gold, self.id2label))
+        if mistakes:
+            out["mistakes"] = self._mistakes(examples, logits, gold)
+        return out
+
+    def _mistakes(self, examples: list, logits: np.ndarray, gold: np.ndarray) -> list[dict]:
+        """The wrongly predicted examples (see :meth:`evaluate`)."""
+        probs = self.model.scores(torch.from_numpy(logits)).numpy()
+        name = lambda i: self.id2label.get(int(i), str(int(i)))  # noqa: E731
+        out = []
+        if self.problem_type == "single_label":
+            pred = probs.argmax(-1)
+            for i in np.flatnonzero(pred != gold):
+                out.append({"line": examples[i].line, "text": examples[i].text, "text_pair": examples[i].text_pair,
+                            "label": name(gold[i]), "predicted": name(pred[i]), "score": float(probs[i, pred[i]])})
+            out.sort(key=lambda r: -r["score"])
+        else:
+            on, g = probs >= 0.5, gold > 0.5
+            for i in np.flatnonzero((on != g).any(-1)):
+                out.append({"line": examples[i].line, "text": examples[i].text, "text_pair": examples[i].text_pair,
+                            "label": [name(j) for j in np.flatnonzero(g[i])],
+                            "predicted": [name(j) for j in np.flatnonzero(on[i])],
+                            "score": [float(probs[i, j]) for j in np.flatnonzero(on[i])]})
+        for r in out:
+            if r["text_pair"] is None:
+                del r["text_pair"]
+        return out
 
     def gold_label_ids(self, gold: list) -> dict[str, int]:
         """label2id for reading gold labels (:func:`oztune.data.labels.gold_label2id`)."""

@@ -64,6 +64,9 @@ class EvaluateArgs:
         text_column: column holding the text.
         text_pair_column: column holding the second text of a pair.
         label_column: column holding the label.
+        per_label: add each label's precision, recall, F1 and support, and (single-label) the confusion matrix.
+        mistakes: write the examples the model gets wrong to this JSONL file (line, text, label, predicted,
+            score; single-label: most confident first).
     """
 
     model: str = ""
@@ -73,6 +76,12 @@ class EvaluateArgs:
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
+    per_label: bool = False
+    mistakes: str | None = None
+
+
+# The confusion matrix is printed for at most this many labels (--json always holds it).
+MAX_MATRIX_LABELS = 12
 
 
 @command("evaluate", EvaluateArgs, "metrics of a saved model on a labelled file")
@@ -80,8 +89,14 @@ def evaluate_cmd(a: EvaluateArgs) -> int:
     if not a.model or not a.data:
         raise OztuneError("--model and --data are required")
     _check_batch_size(a.batch_size)
+    if a.mistakes:
+        _check_output_file(a.mistakes, "--mistakes")
     clf = Classifier.from_pretrained(a.model, batch_size=a.batch_size)
-    metrics = clf.evaluate(a.data, Columns(a.text_column, a.text_pair_column, a.label_column))
+    metrics = clf.evaluate(a.data, Columns(a.text_column, a.text_pair_column, a.label_column),
+                           per_label=a.per_label, mistakes=bool(a.mistakes))
+    wrong = metrics.pop("mistakes", None)
+    if wrong is not None:
+        _write_atomically(a.mistakes, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in wrong), "--mistakes")
     if a.json:
         print(json.dumps(metrics))
     else:
@@ -89,7 +104,31 @@ def evaluate_cmd(a: EvaluateArgs) -> int:
         for k, v in metrics.items():
             if isinstance(v, float):
                 print(f"  {k:<16} {v:.4f}")
+        if "per_label" in metrics:
+            _print_label_report(metrics)
+    if wrong is not None:
+        print(f"{len(wrong):,} mistakes written to {a.mistakes}", file=sys.stderr if a.json else sys.stdout)
     return 0
+
+
+def _print_label_report(metrics: dict) -> None:
+    """The per-label table and, for a few labels, the confusion matrix."""
+    names = list(metrics["per_label"])
+    w = max(12, *(len(n) + 2 for n in names))
+    print(f"\n  {'label':<{w}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}")
+    for n, r in metrics["per_label"].items():
+        print(f"  {n:<{w}} {r['precision']:>9.4f} {r['recall']:>9.4f} {r['f1']:>9.4f} {r['support']:>9,}")
+    cm = metrics.get("confusion_matrix")
+    if cm is None:
+        return
+    if len(names) > MAX_MATRIX_LABELS:
+        print(f"\n  ({len(names)} labels: the confusion matrix is in --json's confusion_matrix)")
+        return
+    c = max(9, *(len(n) + 2 for n in names))
+    print("\n  confusion matrix (rows: gold label, columns: predicted)")
+    print(f"  {'':<{w}}" + "".join(f"{n:>{c}}" for n in names))
+    for n, row in zip(names, cm):
+        print(f"  {n:<{w}}" + "".join(f"{v:>{c},}" for v in row))
 
 
 @dataclass
@@ -142,16 +181,21 @@ def predict_cmd(a: PredictArgs) -> int:
     clf = Classifier.from_pretrained(a.model, batch_size=a.batch_size)
     lines = [json.dumps(p) for p in clf.predict(texts, pairs, all_scores=a.all_scores)]
     if a.output:
-        tmp = Path(a.output + ".tmp")
-        try:
-            tmp.write_text("\n".join(lines) + "\n")
-            os.replace(tmp, a.output)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OztuneError(f"--output {a.output}: cannot be written ({e.strerror or e})") from None
+        _write_atomically(a.output, "\n".join(lines) + "\n")
     else:
         print("\n".join(lines))
     return 0
+
+
+def _write_atomically(path: str, text: str, option: str = "--output") -> None:
+    """Write ``text`` through a temporary file beside ``path``: an old file is replaced whole or kept."""
+    tmp = Path(path + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
 
 
 def _check_batch_size(n: int) -> None:
@@ -159,13 +203,13 @@ def _check_batch_size(n: int) -> None:
         raise OztuneError(f"--batch-size must be at least 1, not {n}")
 
 
-def _check_output_file(output: str) -> None:
-    """--output names a file to write (atomically, through a temporary file beside it): say now if it cannot be."""
+def _check_output_file(output: str, option: str = "--output") -> None:
+    """``option`` names a file to write (atomically, through a temporary file beside it): say now if it cannot be."""
     path = Path(output)
     if path.is_dir():
-        raise OztuneError(f"--output {output}: is a directory; give a file name")
+        raise OztuneError(f"{option} {output}: is a directory; give a file name")
     if not path.absolute().parent.is_dir():
-        raise OztuneError(f"--output {output}: its directory {path.absolute().parent} does not exist")
+        raise OztuneError(f"{option} {output}: its directory {path.absolute().parent} does not exist")
 
 
 def _register_more() -> None:

@@ -53,3 +53,40 @@ def test_macro_f1_averages_the_labels_present_only():
     assert got == {"accuracy": 1.0, "macro_f1": 1.0, "mcc": 1.0}
     got = classification_metrics(np.array([2, 0, 1, 1]), np.array([0, 0, 1, 1]), 3)  # predicted once, wrongly
     assert got["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_label_report_matches_sklearn_single_label(seed):
+    from oztune.train.metrics import label_report
+
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(0, 4, 150)
+    gold[gold == 3] = 2  # label 3 never gold: its recall and support are 0
+    logits = rng.normal(size=(150, 4))
+    logits[:70, :] = 0
+    logits[np.arange(70), gold[:70]] = 5  # the first 70 right
+    pred = logits.argmax(-1)
+    r = label_report("single_label", logits, gold, {0: "a", 1: "b", 2: "c", 3: "d"})
+    p, rc, f, s = sk.precision_recall_fscore_support(gold, pred, labels=[0, 1, 2, 3], zero_division=0)
+    assert list(r["per_label"]) == ["a", "b", "c", "d"]
+    for i, name in enumerate("abcd"):
+        row = r["per_label"][name]
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((p[i], rc[i], f[i]))
+        assert row["support"] == s[i]
+    assert r["confusion_matrix"] == sk.confusion_matrix(gold, pred, labels=[0, 1, 2, 3]).tolist()
+
+
+def test_label_report_matches_sklearn_multi_label():
+    from oztune.train.metrics import label_report
+
+    rng = np.random.default_rng(1)
+    gold = (rng.random((80, 3)) > 0.5).astype(np.float32)
+    logits = rng.normal(size=(80, 3))
+    r = label_report("multi_label", logits, gold, {0: "x", 1: "y", 2: "z"})
+    p, rc, f, s = sk.precision_recall_fscore_support(gold > 0.5, logits > 0, zero_division=0)
+    assert [r["per_label"][n]["f1"] for n in "xyz"] == pytest.approx(f)
+    assert [r["per_label"][n]["precision"] for n in "xyz"] == pytest.approx(p)
+    assert [r["per_label"][n]["recall"] for n in "xyz"] == pytest.approx(rc)
+    assert [r["per_label"][n]["support"] for n in "xyz"] == list(s)
+    assert "confusion_matrix" not in r
+    assert label_report("regression", logits[:, :1], gold[:, 0], {}) == {}

@@ -2,6 +2,7 @@
 
 single_label: accuracy, macro-F1, MCC (multi-class Matthews); multi_label: subset accuracy,
 micro-/macro-F1; regression: Pearson, Spearman, MSE. ``MAIN_METRIC`` names the one early stopping uses.
+:func:`label_report` breaks a classification down by label (``oztune evaluate --per-label``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,48 @@ def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     pred, gold = pred.astype(float).ravel(), gold.astype(float).ravel()
     return {"pearson": _pearson(pred, gold), "spearman": _pearson(_rank(pred), _rank(gold)),
             "mse": float(((pred - gold) ** 2).mean())}
+
+
+def _confusion(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> np.ndarray:
+    """(L, L) counts: rows the gold label, columns the predicted one."""
+    cm = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(cm, (gold, pred), 1)
+    return cm
+
+
+def label_report(problem_type: str, logits: np.ndarray, gold: np.ndarray, id2label: dict[int, str]) -> dict:
+    """Each label's precision, recall, F1 and support (gold count), and for single-label the confusion matrix.
+
+    Args:
+        problem_type: "single_label" or "multi_label" (regression has no labels: an empty dict).
+        logits: (N, L) raw outputs.
+        gold: (N,) class ids, or (N, L) 0/1 for multi-label.
+        id2label: the name of each output.
+
+    Returns:
+        ``{"per_label": {name: {"precision", "recall", "f1", "support"}}}``, plus ``"confusion_matrix"``
+        (a list of rows: gold label, then predicted label, both in output order) for single-label.
+    """
+    if problem_type not in ("single_label", "multi_label"):
+        return {}
+    L = logits.shape[-1]
+    if problem_type == "single_label":
+        cm = _confusion(logits.argmax(-1), gold.astype(int), L)
+        tp = np.diag(cm).astype(float)
+        fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    else:
+        pred, g = logits > 0, gold > 0.5
+        tp = (pred & g).sum(0).astype(float)
+        fp, fn = (pred & ~g).sum(0).astype(float), (~pred & g).sum(0).astype(float)
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+    recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+    f1 = _f1(tp, fp, fn)
+    names = [id2label.get(i, str(i)) for i in range(L)]
+    out = {"per_label": {n: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(tp[i] + fn[i])} for i, n in enumerate(names)}}
+    if problem_type == "single_label":
+        out["confusion_matrix"] = cm.tolist()
+    return out
 
 
 def compute_metrics(problem_type: str, logits: np.ndarray, gold: np.ndarray) -> dict[str, float]:
