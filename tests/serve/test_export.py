@@ -42,6 +42,19 @@ def test_fp32_parity_on_a_pruned_model_with_uneven_layers(tmp_path):
     assert max_logit_diff(model_dir, out, random_texts(40) + [LONG]) < 1e-4
 
 
+def test_unstructured_pruned_model_exports_fp32_and_int8(tmp_path):
+    """Sparse layers (saved as bitmask + values) export as the dense Linear they compute: same logits."""
+    from oztune.compress.sparse import magnitude_prune_, to_sparse_
+
+    model = tiny_classifier()
+    magnitude_prune_(model, 0.6)
+    assert to_sparse_(model)
+    model_dir = save_tiny(model, tmp_path / "sparse")
+    out = export_onnx(model_dir, tmp_path / "onnx")
+    assert max_logit_diff(model_dir, out, random_texts(40) + [LONG]) < 1e-4
+    assert int8_initializers(export_onnx(model_dir, tmp_path / "onnx8", int8=True)) > 0
+
+
 def int8_initializers(export_dir) -> int:
     graph = onnx.load(str(export_dir / "model.onnx")).graph
     return sum(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)

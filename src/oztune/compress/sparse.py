@@ -157,3 +157,23 @@ def swap_sparse(model: nn.Module, name: str, linear: nn.Linear) -> None:
         if linear.bias is not None:
             new.bias.copy_(linear.bias)
     setattr(model.get_submodule(parent), child, new)
+
+
+def to_dense_(model: nn.Module) -> list[str]:
+    """Swap every :class:`SparseLinear` back for the plain ``nn.Linear`` it computes (same weights), in place.
+
+    For tracers that read a module's weights through its state dict (the ONNX exporter): a SparseLinear's
+    holds the bitmask and values, not ``weight``. Returns the names swapped.
+    """
+    names = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SparseLinear):
+            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(m.weight)
+                if m.bias is not None:
+                    dense.bias.copy_(m.bias)
+            model.set_submodule(name, dense)
+            names.append(name)
+    return names
+

@@ -145,8 +145,11 @@ def export_onnx(model_dir: str | Path, output: str | Path, int8: bool = False, o
         int8: quantize a float model with oztune's default int8 scheme first (a quantized model is int8 anyway).
         opset: ONNX opset version (17 or later: LayerNormalization is one op).
     """
+    from oztune.compress.sparse import to_dense_
+
     src, out = _source_and_output(model_dir, output)
     model, enc, meta = load_classifier(src)
+    to_dense_(model)  # unstructured-pruned layers: the exporter reads weights from the state dict
     quantization = read_config(src).get("oztune", {}).get("quantization")
     if int8 and not quantization:
         from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
