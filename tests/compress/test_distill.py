@@ -200,3 +200,21 @@ def test_hidden_state_loss_is_a_masked_mean_over_real_tokens(tiny_base):
     hidden = sum(((s - t)[real] ** 2).mean() for s, t in zip(s_states, t_states)) / len(s_states)
     want = soft_loss(s_logits, t_logits, "single_label", 2.0) + 2.0 * hidden
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_a_layer_dropped_student_loads_in_transformers_with_the_same_logits(tiny_hf_dir, tmp_path):
+    """Dropping whole layers leaves a standard checkpoint of the family (fewer layers): HF loads it as it is."""
+    import transformers as T
+
+    from conftest import padded_batch
+
+    d, _ = tiny_hf_dir("bert")
+    teacher, enc, meta = load_classifier(d)
+    student, kept = student_from_layers(teacher, 1)
+    out = save_classifier(student, enc, tmp_path / "student", meta["id2label"])
+    hf = T.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert hf.config.num_hidden_layers == 1 and len(kept) == 1
+    ids, mask = padded_batch(0)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, student.eval()(ids, mask),
+                                   atol=1e-5, rtol=1e-5)

@@ -231,7 +231,7 @@ class DistillArgs(RecipeOptions):
     Args:
         teacher: fine-tuned model directory to learn from.
         train: training file (.csv, .tsv or .jsonl) with the teacher's labels.
-        eval: evaluation file; the best epoch on it is kept.
+        eval: evaluation file (required); the best epoch on it is kept.
         output: directory to write the student to.
         student: start from this model directory (e.g. the output of oztune prune --structured).
         student_layers: or build the student from this many evenly spaced teacher layers.

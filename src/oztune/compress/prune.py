@@ -281,7 +281,8 @@ class PruneArgs(RecipeOptions):
     Args:
         model: fine-tuned model directory.
         train: training file (.csv, .tsv or .jsonl) with the model's labels.
-        eval: evaluation file.
+        eval: evaluation file (required): the metrics before and after; with --structured, the best epoch of the
+            recovery is kept.
         output: directory to write the pruned model to.
         sparsity: share of weights removed, in [0, 1); with --structured, the share of heads and neurons.
         structured: remove whole heads, neurons and layers instead of single weights.

@@ -43,7 +43,7 @@ class CompressArgs(RecipeOptions):
     Args:
         model: fine-tuned model directory (from oztune finetune).
         train: training file for importance ranking and distillation (the model's labels).
-        eval: evaluation file: every variant is scored and timed on it.
+        eval: evaluation file (required): every variant is scored and timed on it.
         output: directory for the kept model, variants/<name>/, report.md, report.json and pareto.png.
         max_drop: accuracy budget: at most this many points (percent) below the fp32 model.
         recipes: comma-separated recipes to try: int8, prune, prune-int8.
