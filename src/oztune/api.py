@@ -12,7 +12,7 @@ from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import load_classifier
-from oztune.models.transformer import SequenceClassifier
+from oztune.models.transformer import SequenceClassifier, scores
 from oztune.data.tokenize import TextEncoder
 from oztune.train.loop import predict_logits
 from oztune.train.metrics import compute_metrics, label_report
@@ -37,7 +37,104 @@ def format_predictions(probs: np.ndarray, problem_type: str, id2label: dict[int,
     return out
 
 
-class Classifier:
+class Predictor:
+    """What every loaded classifier does, whatever runs it (:class:`Classifier`: PyTorch; an ONNX export:
+    :class:`oztune.serve.backends.OnnxClassifier`): ``logits``, ``predict`` and ``evaluate``.
+
+    A subclass sets ``encoder``, ``id2label``, ``problem_type`` and ``batch_size`` and implements
+    :meth:`encoded_logits`.
+    """
+
+    encoder: TextEncoder
+    id2label: dict[int, str]
+    problem_type: str
+    batch_size: int
+
+    def encoded_logits(self, data: EncodedData) -> np.ndarray:
+        """Raw outputs (N, num_labels) of tokenized examples, in their order."""
+        raise NotImplementedError
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Softmax (single-label) or sigmoid (multi-label) probabilities; regression values as they are."""
+        return scores(torch.from_numpy(logits), self.problem_type).numpy()
+
+    def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
+        """Raw outputs (N, num_labels), in input order."""
+        return self.encoded_logits(EncodedData(self.encoder.encode(list(texts), text_pairs), None, self.encoder.pad_id))
+
+    def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:
+        """One dict per text: ``label`` and ``score`` (and ``scores`` for every label with ``all_scores``).
+
+        Single-label: the most likely label and its probability. Multi-label: the list of labels with
+        probability >= 0.5 and the list of their probabilities. Regression: label None, score the value.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(text_pairs, str):  # one text and its pair, not the pair's characters
+            text_pairs = [text_pairs]
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs: give one second text per text")
+        if not len(texts):
+            return []
+        probs = self.probabilities(self.logits(texts, text_pairs))
+        return format_predictions(probs, self.problem_type, self.id2label, all_scores)
+
+    def evaluate(self, path: str, columns: Columns | None = None, per_label: bool = False,
+                 mistakes: bool = False) -> dict:
+        """Metrics on a labelled file (a label the model does not know is a DataError).
+
+        Args:
+            path: labelled file (.csv, .tsv or .jsonl).
+            columns: the columns holding text, second text and label (default: found by name).
+            per_label: also each label's precision, recall, F1 and support (``per_label``) and, for
+                single-label, the confusion matrix (``confusion_matrix``: rows gold, columns predicted).
+            mistakes: also the examples the model gets wrong (``mistakes``, classification only): file
+                line, text, gold ``label``, ``predicted`` and its ``score``; single-label ones most
+                confident first (where label noise and systematic errors show).
+        """
+        if mistakes and self.problem_type == "regression":
+            raise OztuneError("listing mistakes is for classification models; this one is a regression model")
+        examples = read_labelled(path, columns or Columns())
+        label2id = None if self.problem_type == "regression" else self.gold_label_ids([e.label for e in examples])
+        data = encode_examples(examples, self.encoder, label2id, self.problem_type, path)
+        logits = self.encoded_logits(data)
+        gold = data.labels.numpy()
+        out = {**compute_metrics(self.problem_type, logits, gold), "examples": len(examples)}
+        if per_label:
+            out.update(label_report(self.problem_type, logits, gold, self.id2label))
+        if mistakes:
+            out["mistakes"] = self._mistakes(examples, logits, gold)
+        return out
+
+    def _mistakes(self, examples: list, logits: np.ndarray, gold: np.ndarray) -> list[dict]:
+        """The wrongly predicted examples (see :meth:`evaluate`)."""
+        probs = self.probabilities(logits)
+        name = lambda i: self.id2label.get(int(i), str(int(i)))  # noqa: E731
+        out = []
+        if self.problem_type == "single_label":
+            pred = probs.argmax(-1)
+            for i in np.flatnonzero(pred != gold):
+                out.append({"line": examples[i].line, "text": examples[i].text, "text_pair": examples[i].text_pair,
+                            "label": name(gold[i]), "predicted": name(pred[i]), "score": float(probs[i, pred[i]])})
+            out.sort(key=lambda r: -r["score"])
+        else:
+            on, g = probs >= 0.5, gold > 0.5
+            for i in np.flatnonzero((on != g).any(-1)):
+                out.append({"line": examples[i].line, "text": examples[i].text, "text_pair": examples[i].text_pair,
+                            "label": [name(j) for j in np.flatnonzero(g[i])],
+                            "predicted": [name(j) for j in np.flatnonzero(on[i])],
+                            "score": [float(probs[i, j]) for j in np.flatnonzero(on[i])]})
+        for r in out:
+            if r["text_pair"] is None:
+                del r["text_pair"]
+        return out
+
+    def gold_label_ids(self, gold: list) -> dict[str, int]:
+        """label2id for reading gold labels (:func:`oztune.data.labels.gold_label2id`)."""
+        return gold_label2id(self.id2label, gold)
+
+
+class Classifier(Predictor):
     """A fine-tuned (possibly compressed) text classifier with its tokenizer and label names.
 
     Args:
@@ -76,79 +173,5 @@ class Classifier:
             model = ahead.load(model, path) or model
         return cls(model, enc, meta["id2label"], batch_size)
 
-    def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
-        """Raw outputs (N, num_labels), in input order."""
-        data = EncodedData(self.encoder.encode(list(texts), text_pairs), None, self.encoder.pad_id)
+    def encoded_logits(self, data: EncodedData) -> np.ndarray:
         return predict_logits(self.model, data, self.batch_size)
-
-    def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:
-        """One dict per text: ``label`` and ``score`` (and ``scores`` for every label with ``all_scores``).
-
-        Single-label: the most likely label and its probability. Multi-label: the list of labels with
-        probability >= 0.5 and the list of their probabilities. Regression: label None, score the value.
-        """
-        if isinstance(texts, str):
-            texts = [texts]
-        if isinstance(text_pairs, str):  # one text and its pair, not the pair's characters
-            text_pairs = [text_pairs]
-        if text_pairs is not None and len(text_pairs) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs: give one second text per text")
-        if not len(texts):
-            return []
-        logits = torch.from_numpy(self.logits(texts, text_pairs))
-        probs = self.model.scores(logits).numpy()
-        return format_predictions(probs, self.problem_type, self.id2label, all_scores)
-
-    def evaluate(self, path: str, columns: Columns | None = None, per_label: bool = False,
-                 mistakes: bool = False) -> dict:
-        """Metrics on a labelled file (a label the model does not know is a DataError).
-
-        Args:
-            path: labelled file (.csv, .tsv or .jsonl).
-            columns: the columns holding text, second text and label (default: found by name).
-            per_label: also each label's precision, recall, F1 and support (``per_label``) and, for
-                single-label, the confusion matrix (``confusion_matrix``: rows gold, columns predicted).
-            mistakes: also the examples the model gets wrong (``mistakes``, classification only): file
-                line, text, gold ``label``, ``predicted`` and its ``score``; single-label ones most
-                confident first (where label noise and systematic errors show).
-        """
-        if mistakes and self.problem_type == "regression":
-            raise OztuneError("listing mistakes is for classification models; this one is a regression model")
-        examples = read_labelled(path, columns or Columns())
-        label2id = None if self.problem_type == "regression" else self.gold_label_ids([e.label for e in examples])
-        data = encode_examples(examples, self.encoder, label2id, self.problem_type, path)
-        logits = predict_logits(self.model, data, self.batch_size)
-        gold = data.labels.numpy()
-        out = {**compute_metrics(self.problem_type, logits, gold), "examples": len(examples)}
-        if per_label:
-            out.update(label_report(self.problem_type, logits, gold, self.id2label))
-        if mistakes:
-            out["mistakes"] = self._mistakes(examples, logits, gold)
-        return out
-
-    def _mistakes(self, examples: list, logits: np.ndarray, gold: np.ndarray) -> list[dict]:
-        """The wrongly predicted examples (see :meth:`evaluate`)."""
-        probs = self.model.scores(torch.from_numpy(logits)).numpy()
-        name = lambda i: self.id2label.get(int(i), str(int(i)))  # noqa: E731
-        out = []
-        if self.problem_type == "single_label":
-            pred = probs.argmax(-1)
-            for i in np.flatnonzero(pred != gold):
-                out.append({"line": examples[i].line, "text": examples[i].text, "text_pair": examples[i].text_pair,
-                            "label": name(gold[i]), "predicted": name(pred[i]), "score": float(probs[i, pred[i]])})
-            out.sort(key=lambda r: -r["score"])
-        else:
-            on, g = probs >= 0.5, gold > 0.5
-            for i in np.flatnonzero((on != g).any(-1)):
-                out.append({"line": examples[i].line, "text": examples[i].text, "text_pair": examples[i].text_pair,
-                            "label": [name(j) for j in np.flatnonzero(g[i])],
-                            "predicted": [name(j) for j in np.flatnonzero(on[i])],
-                            "score": [float(probs[i, j]) for j in np.flatnonzero(on[i])]})
-        for r in out:
-            if r["text_pair"] is None:
-                del r["text_pair"]
-        return out
-
-    def gold_label_ids(self, gold: list) -> dict[str, int]:
-        """label2id for reading gold labels (:func:`oztune.data.labels.gold_label2id`)."""
-        return gold_label2id(self.id2label, gold)

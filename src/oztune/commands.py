@@ -57,7 +57,8 @@ class EvaluateArgs:
     """Evaluate a saved model on a labelled file.
 
     Args:
-        model: model directory (from oztune finetune, quantize, prune, distill or compress).
+        model: model directory (from oztune finetune, quantize, prune, distill or compress), or an oztune export
+            (ONNX: run on onnxruntime).
         data: labelled file (.csv, .tsv or .jsonl).
         json: print one JSON object instead of a table.
         batch_size: examples per forward pass.
@@ -91,7 +92,7 @@ def evaluate_cmd(a: EvaluateArgs) -> int:
     _check_batch_size(a.batch_size)
     if a.mistakes:
         _check_output_file(a.mistakes, "--mistakes")
-    clf = Classifier.from_pretrained(a.model, batch_size=a.batch_size)
+    clf = _open(a.model, a.batch_size)
     metrics = clf.evaluate(a.data, Columns(a.text_column, a.text_pair_column, a.label_column),
                            per_label=a.per_label, mistakes=bool(a.mistakes))
     wrong = metrics.pop("mistakes", None)
@@ -137,7 +138,7 @@ class PredictArgs:
 
     Args:
         texts: texts to classify.
-        model: model directory.
+        model: model directory, or an oztune export (ONNX: run on onnxruntime).
         input: file of texts (.csv, .tsv, .jsonl; labels not needed) or '-' for one text per line on stdin.
         output: write the JSON lines here instead of stdout.
         all_scores: add the score of every label.
@@ -178,7 +179,7 @@ def predict_cmd(a: PredictArgs) -> int:
     for i, t in enumerate(texts):
         if not t.strip():
             raise DataError(f"text {i + 1} is empty")
-    clf = Classifier.from_pretrained(a.model, batch_size=a.batch_size)
+    clf = _open(a.model, a.batch_size)
     lines = [json.dumps(p) for p in clf.predict(texts, pairs, all_scores=a.all_scores)]
     if a.output:
         _write_atomically(a.output, "\n".join(lines) + "\n")
@@ -196,6 +197,13 @@ def _write_atomically(path: str, text: str, option: str = "--output") -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
+
+
+def _open(model: str, batch_size: int):
+    """The model to evaluate or predict with: a model directory, an AOT export or an ONNX export."""
+    from oztune.serve.backends import open_predictor  # (onnxruntime is imported only for an ONNX export)
+
+    return open_predictor(model, batch_size)
 
 
 def _check_batch_size(n: int) -> None:

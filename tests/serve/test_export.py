@@ -55,6 +55,28 @@ def test_unstructured_pruned_model_exports_fp32_and_int8(tmp_path):
     assert int8_initializers(export_onnx(model_dir, tmp_path / "onnx8", int8=True)) > 0
 
 
+def test_evaluate_and_predict_run_an_onnx_export_like_the_model(tmp_path, capsys):
+    """``oztune evaluate`` and ``predict`` take an export directory: onnxruntime runs it, same answers."""
+    model_dir = save_tiny(tiny_classifier(), tmp_path / "model")
+    out = export_onnx(model_dir, tmp_path / "onnx")
+    texts = random_texts(30)
+    labels = [p["label"] for p in Classifier.from_pretrained(model_dir).predict(texts)]
+    labels[:5] = [{"neg": "pos", "neutral": "neg", "pos": "neutral"}[x] for x in labels[:5]]  # 5 wrong
+    data = tmp_path / "data.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(texts, labels)))
+    results = []
+    for d in (model_dir, out):
+        assert main(["evaluate", "--model", str(d), "--data", str(data), "--json", "--per-label"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["accuracy"] == results[1]["accuracy"] == 25 / 30
+    assert results[0]["confusion_matrix"] == results[1]["confusion_matrix"]
+    assert main(["predict", "--model", str(out), *texts[:3], "--all-scores"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ref = Classifier.from_pretrained(model_dir).predict(texts[:3], all_scores=True)
+    assert [r["label"] for r in rows] == [r["label"] for r in ref]
+    assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in ref], abs=1e-5)
+
+
 def int8_initializers(export_dir) -> int:
     graph = onnx.load(str(export_dir / "model.onnx")).graph
     return sum(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)

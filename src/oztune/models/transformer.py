@@ -383,12 +383,16 @@ class SequenceClassifier(nn.Module):
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities (softmax or sigmoid) or, for regression, the raw value."""
-        kind = self.head_cfg.problem_type
-        if kind == "single_label":
-            return logits.float().softmax(-1)
-        if kind == "multi_label":
-            return logits.float().sigmoid()
-        return logits.float()
+        return scores(logits, self.head_cfg.problem_type)
+
+
+def scores(logits: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Probabilities of ``problem_type``'s logits (softmax or sigmoid) or, for regression, the raw value."""
+    if problem_type == "single_label":
+        return logits.float().softmax(-1)
+    if problem_type == "multi_label":
+        return logits.float().sigmoid()
+    return logits.float()
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oztune.api import Classifier, format_predictions
+from oztune.api import Classifier, Predictor
 from oztune.config import ModelConfig
-from oztune.data.dataset import inference_batches
+from oztune.data.dataset import EncodedData, inference_batches
 from oztune.data.tokenize import TextEncoder, pad_batch
 from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import read_config, resolve_model, tokenizer_length
@@ -30,13 +30,14 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class OnnxClassifier:
-    """An ONNX export run by onnxruntime on CPU, with ``predict`` like :meth:`oztune.Classifier.predict`.
+class OnnxClassifier(Predictor):
+    """An ONNX export run by onnxruntime on CPU, with ``logits``, ``predict`` and ``evaluate`` as
+    :class:`oztune.Classifier` has them (the same tokenizer, batching and output format).
 
     Args:
         path: directory written by ``oztune export`` (model.onnx, tokenizer, config.json).
         threads: onnxruntime intra-op threads.
-        batch_size: texts per run in :meth:`predict`.
+        batch_size: texts per run.
         max_length: tokenizer truncation length (capped at the model's window); None: the model's own, as
             fine-tuned (recorded by the export).
     """
@@ -60,31 +61,30 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(path / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
+    def encoded_logits(self, data: EncodedData) -> np.ndarray:
         """Raw outputs (N, num_labels) in input order, computed in length-sorted batches."""
-        encoded = self.encoder.encode(list(texts), text_pairs)
         out = None
-        for idx in inference_batches(np.array([len(ids) for ids, _ in encoded]), self.batch_size):
-            b = pad_batch([encoded[i] for i in idx], self.encoder.pad_id)
+        for idx in inference_batches(data.lengths, self.batch_size):
+            b = pad_batch([data.encoded[i] for i in idx], self.encoder.pad_id)
             logits = self.session.run(None, {k: b[k].numpy() for k in self.inputs})[0]  # (B, L)
             if out is None:
-                out = np.zeros((len(encoded), logits.shape[-1]), dtype=np.float32)
+                out = np.zeros((len(data), logits.shape[-1]), dtype=np.float32)
             out[idx] = logits
-        return out
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
-    def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:
-        """One dict per text (``label``, ``score``), as :meth:`oztune.Classifier.predict`."""
-        if not len(texts):
-            return []
-        logits = self.logits(texts, text_pairs)
-        if self.problem_type == "single_label":
-            e = np.exp(logits - logits.max(-1, keepdims=True))
-            probs = e / e.sum(-1, keepdims=True)
-        elif self.problem_type == "multi_label":
-            probs = 1 / (1 + np.exp(-logits))
-        else:
-            probs = logits
-        return format_predictions(probs, self.problem_type, self.id2label, all_scores)
+
+def is_onnx_export(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by ``oztune export --format onnx``."""
+    return (Path(path) / ONNX_FILE).is_file()
+
+
+def open_predictor(model: str, batch_size: int = 64) -> Predictor:
+    """What ``oztune evaluate`` and ``predict`` run: an ONNX export on onnxruntime (every core), anything
+    else as :meth:`oztune.Classifier.from_pretrained` loads it."""
+    path = resolve_model(model)
+    if is_onnx_export(path):
+        return OnnxClassifier(path, default_threads(), batch_size)
+    return Classifier.from_pretrained(path, batch_size=batch_size)
 
 
 def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_size: int = 64,
@@ -107,7 +107,7 @@ def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_siz
         raise OztuneError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     threads = threads or default_threads()
     path = resolve_model(model)
-    is_export = (path / ONNX_FILE).is_file()
+    is_export = is_onnx_export(path)
     if backend == "torch":
         if is_export:
             raise ModelError(f"{path}: an ONNX export; serve it with --backend onnx, or give the model directory")
