@@ -371,14 +371,18 @@ class SequenceClassifier(nn.Module):
         how = self.head_cfg.pooling
         return None if how == "mean" else pooled_positions(attention_mask, how, *input_ids.shape, input_ids.device)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss of the problem type: cross-entropy, BCE-with-logits or MSE."""
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of the problem type: cross-entropy, BCE-with-logits or MSE.
+
+        ``weights`` (L,): single-label, each class's weight in the cross-entropy (the mean is weighted too);
+        multi-label, each label's weight of its positive examples (BCE's ``pos_weight``).
+        """
         logits = logits.float()
         kind = self.head_cfg.problem_type
         if kind == "single_label":
-            return F.cross_entropy(logits, labels)
+            return F.cross_entropy(logits, labels, weight=weights)
         if kind == "multi_label":
-            return F.binary_cross_entropy_with_logits(logits, labels.float())
+            return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
         return F.mse_loss(logits.squeeze(-1), labels.float())
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:

@@ -140,7 +140,7 @@ class Checkpointer:
                        "seed": cfg.seed, "bucket": cfg.bucket, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                        "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm,
                        "layer_lr_decay": cfg.layer_lr_decay, "precision": cfg.precision, "ema_decay": cfg.ema_decay,
-                       "freeze_embeddings": cfg.freeze_embeddings,
+                       "freeze_embeddings": cfg.freeze_embeddings, "class_weights": cfg.class_weights,
                        "parameters": sum(t.numel() for t in model.state_dict().values()),
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         ckpt = cls(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, fingerprint)

@@ -17,7 +17,7 @@ from oztune.models.hub import DEFAULT_MODEL, check_output_dir, load_classifier, 
 from oztune.models.lora import apply_lora, merge_lora
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints
-from oztune.train.loop import TrainConfig, fit, seed_everything
+from oztune.train.loop import TrainConfig, balanced_class_weights, fit, seed_everything
 from oztune.train.metrics import metric_values
 from oztune.train.tensorboard import check_available
 
@@ -100,6 +100,9 @@ class FinetuneArgs(RecipeOptions):
         lora_dropout: dropout on the input of the LoRA updates.
         label_names: names to show for the labels, in label-id order, comma-separated (e.g. negative,positive
             for SST-2's 0,1); files with the original integer labels still evaluate against the model.
+        class_weights: none, or balanced: weigh the loss so that every label counts as much in total, however
+            rare (single-label: class c weighs N / (labels x count_c); multi-label: each label's positives
+            weigh negatives / positives). For imbalanced data; the weights are printed and saved in run.json.
 
     Under torchrun (torchrun --nproc-per-node N -m oztune finetune ...), --batch-size is per process.
     """
@@ -134,6 +137,7 @@ class FinetuneArgs(RecipeOptions):
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "o", "up", "down"])
     lora_dropout: float = 0.0
     label_names: list[str] = field(default_factory=list)
+    class_weights: str = "none"
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
@@ -185,6 +189,8 @@ def check_args(a: FinetuneArgs) -> None:
         raise OztuneError(f"--layer-lr-decay must be in (0, 1], not {a.layer_lr_decay}")
     if a.problem_type not in (None, "single_label", "multi_label", "regression"):
         raise OztuneError(f"--problem-type must be single_label, multi_label or regression, not {a.problem_type!r}")
+    if a.class_weights not in ("none", "balanced"):
+        raise OztuneError(f"--class-weights must be none or balanced, not {a.class_weights!r}")
     check_output_dir(a.output, inputs=(a.train, a.eval, a.model))
     if a.tensorboard:
         check_available()
@@ -267,6 +273,13 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
               f"{total / 1e6:.3g}M parameters, {trainable / 1e6:.3g}M trainable ({100 * trainable / total:.1f}%"
               f"{lora}){procs}", flush=True)
     cfg = a.train_config()
+    if a.class_weights == "balanced":
+        if problem_type == "regression":
+            raise OztuneError("--class-weights balanced weighs labels: this is a regression task (no labels)")
+        cfg = replace(cfg, class_weights=[round(w, 6) for w in balanced_class_weights(train_data.labels, problem_type)])
+        if a.progress and env.is_main:
+            print("oztune: class weights " + ", ".join(f"{id2label[i]} {w:.3g}" for i, w in enumerate(cfg.class_weights)),
+                  flush=True)
     result = fit(model, train_data, cfg, eval_data)
     if a.lora_rank:
         merge_lora(model)
@@ -275,7 +288,7 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
            "eval_examples": len(eval_ex) if eval_ex else 0, "metrics": result.best, "history": result.history,
            "parameters": total, "trainable_parameters": trainable, "processes": env.world,
            "train_seconds": round(result.seconds, 1), "train_examples_per_s": round(result.examples_per_s, 1),
-           "tokenize_seconds": round(tokenize_s, 2), "torch": torch.__version__}
+           "tokenize_seconds": round(tokenize_s, 2), "torch": torch.__version__, "class_weights": cfg.class_weights}
     if env.is_main:
         save_classifier(model, enc, a.output, id2label, run=run, card=model_card(a, run, id2label),
                         extra_files={"train_log.csv": log_csv(result.log)})

@@ -53,6 +53,8 @@ class TrainConfig:
         ema_decay: keep an exponential moving average of the trainable weights with this decay (0: off);
             evaluations, the kept weights and the result use the average (see :class:`WeightEMA`).
         freeze_embeddings: keep the token-embedding table fixed (faster: no dense 30k-row gradient).
+        class_weights: per-label weights of the default loss (see ``SequenceClassifier.loss``; None: none),
+            e.g. from :func:`balanced_class_weights`.
         layer_lr_decay: layer-wise learning-rate decay: the task head trains at ``lr``, the top block at
             ``lr x d``, the one below at ``lr x d^2``, ..., the embeddings at ``lr x d^(L+1)`` (1: off).
         bucket: length bucketing, in batches per sorted mega-batch (1: off).
@@ -79,6 +81,7 @@ class TrainConfig:
     tensorboard: str | None = None
     ema_decay: float = 0.0
     freeze_embeddings: bool = False
+    class_weights: list[float] | None = None
     layer_lr_decay: float = 1.0
     bucket: int = 50
     progress: bool = True
@@ -122,6 +125,34 @@ def seed_everything(seed: int) -> None:
 def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
     return model.loss(logits, batch["labels"])
+
+
+def weighted_loss(weights: list[float]) -> LossFn:
+    """The default loss with per-label weights (``TrainConfig.class_weights``)."""
+    w = torch.tensor(weights, dtype=torch.float32)
+
+    def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
+        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return model.loss(logits, batch["labels"], w)
+
+    return loss_fn
+
+
+def balanced_class_weights(labels: torch.Tensor, problem_type: str) -> list[float]:
+    """Weights that give every label the same total weight (scikit-learn's "balanced").
+
+    Single-label, class c: N / (L * count_c). Multi-label, label l: negatives_l / positives_l (BCE's
+    ``pos_weight``: the positive examples weigh as much as the negative ones); 1 for a label that is never
+    or always on.
+    """
+    if problem_type == "single_label":
+        counts = torch.bincount(labels.long()).double()
+        return [float(len(labels) / (len(counts) * c)) if c else 1.0 for c in counts]
+    if problem_type == "multi_label":
+        pos = labels.float().sum(0).double()
+        neg = len(labels) - pos
+        return [float(n / p) if p and n else 1.0 for p, n in zip(pos, neg)]
+    raise ValueError(f"class weights are for classification, not {problem_type}")
 
 
 def layer_depth(name: str, num_layers: int) -> int:
@@ -240,6 +271,10 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     only rank 0 shows progress and evaluates. With ``cfg.checkpoint_dir`` the run writes checkpoints
     (:mod:`oztune.train.checkpoint`) and with ``cfg.resume`` continues from the newest valid one.
     """
+    if cfg.class_weights is not None:
+        if loss_fn is not default_loss:
+            raise ValueError("TrainConfig.class_weights weighs the default loss; this recipe has its own loss_fn")
+        loss_fn = weighted_loss(cfg.class_weights)
     tune_malloc()
     env = distributed.init_from_env()
     seed_everything(cfg.seed + env.rank)
