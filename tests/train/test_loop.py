@@ -410,3 +410,62 @@ def test_each_problem_type_keeps_the_epoch_of_its_main_metric(tiny_base, data, m
 
     result = fit(model, train, config(epochs=3), dev, loss_fn=ce)
     assert result.best["epoch"] == best  # micro-F1 for multi-label, Pearson for regression
+
+
+# Found by an audit of resumed runs and accumulation (session 9): each failed before its fix.
+
+def resumed(tiny_base, data, ck, every, crash, tb=None):
+    model, train, dev = new_model(tiny_base, data)
+    with pytest.raises(Crash):
+        fit(model, train, config(checkpoint_dir=ck, checkpoint_every=every, tensorboard=tb), dev, on_step=crash)
+    model, train, dev = new_model(tiny_base, data)
+    return fit(model, train, config(checkpoint_dir=ck, checkpoint_every=every, resume=True, tensorboard=tb), dev)
+
+
+def test_an_epoch_end_evaluation_is_logged_once_after_a_resume(tiny_base, data, tmp_path):
+    # 4 steps an epoch; the checkpoint of step 4 (an epoch's last) is written after that epoch's evaluation
+    got = resumed(tiny_base, data, str(tmp_path / "ck"), 4, crash_at(5), str(tmp_path / "tb"))
+    assert [s for s, _ in scalars(tmp_path / "tb")["eval/accuracy"]] == [h["step"] for h in got.history] == [4, 8]
+
+
+def test_resume_without_a_checkpoint_drops_the_earlier_tensorboard_events(tiny_base, data, tmp_path):
+    got = resumed(tiny_base, data, str(tmp_path / "ck"), 100, crash_at(6), str(tmp_path / "tb"))
+    assert [s for s, _ in scalars(tmp_path / "tb")["train/loss"]] == [r["step"] for r in got.log]
+
+
+def test_elapsed_seconds_and_examples_keep_counting_across_a_resume(tiny_base, data, tmp_path):
+    import time
+
+    def slow(s, total):
+        time.sleep(0.2)
+        crash_at(6)(s, total)
+
+    got = resumed(tiny_base, data, str(tmp_path / "ck"), 1, slow)
+    elapsed = [r["elapsed_s"] for r in got.log]
+    assert elapsed == sorted(elapsed) and got.seconds >= elapsed[-1] >= 5 * 0.2, elapsed
+    assert got.examples_per_s == pytest.approx(2 * 64 / got.seconds, rel=1e-6)  # 2 epochs of 64 examples
+
+
+def test_a_short_last_accumulation_step_has_the_gradient_of_its_mean_loss(tiny_base, data, monkeypatch):
+    import copy
+
+    import oztune.train.loop as loop
+    from oztune.models.transformer import Dropout
+
+    model, train, _ = new_model(tiny_base, data)
+    train = train.subset(list(range(56)))  # 7 batches of 8, 2 accumulated: the 4th step has 1 batch
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p = 0.0
+    batches, grads, before_last = [], [], []
+    monkeypatch.setattr(loop, "clipped_step", lambda opt, ps, mx: (grads.append(
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}), opt.step()))
+    fit(model, train, config(epochs=1, max_grad_norm=0.0),
+        loss_fn=lambda m, b: (batches.append(b), loop.default_loss(m, b))[1],
+        on_step=lambda s, t: s == 3 and before_last.append(copy.deepcopy(model)))
+    ref = before_last[0].train()
+    loop.default_loss(ref, batches[6]).backward()
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert len(grads) == 4 and want.keys() == grads[3].keys()
+    for n, g in want.items():
+        torch.testing.assert_close(grads[3][n], g, atol=1e-6, rtol=1e-4)

@@ -48,6 +48,8 @@ class Progress:
         history: one entry per evaluation (each epoch's end, and every ``eval_every`` steps).
         log: one row per optimizer step.
         ema: the moving average of the trainable weights (``TrainConfig.ema_decay``; None when off).
+        seconds: training time so far (evaluations excluded), over every attempt of a resumed run.
+        seen: examples trained on so far, over every attempt.
     """
 
     epoch: int = 0
@@ -59,6 +61,8 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     log: list[dict] = field(default_factory=list)
     ema: list | None = None
+    seconds: float = 0.0
+    seen: int = 0
 
 
 def rng_state() -> dict:

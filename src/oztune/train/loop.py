@@ -294,9 +294,10 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     ema = WeightEMA(params, cfg.ema_decay, run.ema) if cfg.ema_decay else None
     if ema is not None:
         run.ema = ema.shadow  # updated in place: checkpoints carry it
-    lengths, seen, start = train.lengths, 0, time.perf_counter()
+    lengths = train.lengths
+    seen, start = run.seen, time.perf_counter() - run.seconds  # a resumed run counts its earlier attempts too
     model.train()
-    board = Board(cfg.tensorboard, run.step) if cfg.tensorboard and env.is_main else None
+    board = Board(cfg.tensorboard, run.step if cfg.resume else None) if cfg.tensorboard and env.is_main else None
 
     def evaluate_now(epoch_at: float, title: str) -> float:
         """Evaluate (the weight average, if kept), show and log it; returns the seconds it took."""
@@ -318,11 +319,12 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             for i in range(run.batch, len(batches)):
                 mine = batches[i][env.rank::env.world]  # this rank's slice of the global batch
                 share = len(mine) / len(batches[i])  # its weight in the global batch's mean loss
+                group = min(cfg.grad_accum, len(batches) - i + i % cfg.grad_accum)  # micro-batches in this step
                 micro += 1
                 if len(mine):
                     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                         local = loss_fn(model, train.batch(mine))
-                    (local * (share / cfg.grad_accum)).backward()
+                    (local * (share / group)).backward()  # the step's gradient: that of its mean loss
                     step_loss += local.item() * share
                 seen += len(batches[i])
                 if (i + 1) % cfg.grad_accum and i + 1 < len(batches):
@@ -341,6 +343,7 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
                 if on_step is not None:
                     on_step(run.step, total_steps)
                 elapsed = time.perf_counter() - start
+                run.seconds, run.seen = elapsed, seen
                 row = {"step": run.step, "epoch": epoch + (i + 1) / len(batches), "loss": loss,
                        "lr": lr, "examples_per_s": seen / elapsed, "elapsed_s": elapsed}
                 run.log.append(row)
@@ -354,8 +357,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
                     start += evaluate_now(at, f"step {run.step} (epoch {at:.2f})")  # not training time
                     if cfg.patience and run.bad_evals >= cfg.patience:
                         break
-                if ckpt is not None and ckpt.due(run.step):
-                    ckpt.save_run(model, opt, sched, run, env)
+                if ckpt is not None and ckpt.due(run.step) and i + 1 < len(batches):
+                    ckpt.save_run(model, opt, sched, run, env)  # (the epoch's last step: after its evaluation)
             bar.close()
             if cfg.patience and run.bad_evals >= cfg.patience:
                 break  # stopped inside the epoch
@@ -363,6 +366,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             run.epoch, run.batch = epoch + 1, 0
             if cfg.patience and run.bad_evals >= cfg.patience:
                 break
+            if ckpt is not None and ckpt.due(run.step):  # a resumed run goes on with the next epoch
+                ckpt.save_run(model, opt, sched, run, env)
     finally:
         if board is not None:
             board.close()

@@ -26,15 +26,17 @@ class Board:
 
     Args:
         log_dir: folder for the event files (created if missing).
-        resume_step: optimizer steps already taken (a resumed run): later events of earlier attempts are dropped.
+        resume_step: for a resumed run (``--resume``), the optimizer steps already taken (0: none, the run
+            starts over): events of earlier attempts after that step are dropped. None: a fresh run.
     """
 
-    def __init__(self, log_dir: str, resume_step: int = 0):
+    def __init__(self, log_dir: str, resume_step: int | None = None):
         check_available()
         from torch.utils.tensorboard import SummaryWriter
 
         try:
-            self.writer = SummaryWriter(log_dir, purge_step=resume_step + 1 if resume_step else None, flush_secs=10)
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(log_dir, purge_step=purge, flush_secs=10)
         except OSError as e:
             raise OztuneError(f"--tensorboard {log_dir}: cannot write there: {e}") from None
 
