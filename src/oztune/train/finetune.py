@@ -310,14 +310,22 @@ def log_csv(rows: list[dict]) -> str:
 def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
     """A short README.md for the saved model: what it is, how it was trained, how well it does."""
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in metric_values(run["metrics"]).items())
+    ran = run["history"][-1]["epoch"] if run["history"] else a.epochs  # fewer than asked after an early stop
+    trained = f"{a.epochs} epoch(s)" if ran == a.epochs else f"{ran:g} of {a.epochs} epoch(s) (stopped early)"
+    kept = ""
+    if a.eval and run["history"]:
+        e = run["metrics"].get("epoch")
+        kept = (f" (kept: the best evaluation, at step {run['metrics'].get('step')}, epoch {e:.2f})"
+                if isinstance(e, float) else f" (kept: the best evaluation, epoch {e})")
+    weights = ", class weights " + ", ".join(f"{w:.3g}" for w in run["class_weights"]) if run.get("class_weights") else ""
     return f"""# Fine-tuned with oztune
 
 - Base model: `{a.model}`
 - Task: {run['problem_type']} on `{a.train}` ({run['train_examples']:,} examples), labels: {', '.join(map(str, id2label.values()))}
-- Training: {a.epochs} epoch(s), batch {a.batch_size}, lr {a.lr}, max length {run['max_length']}, precision {a.precision}, seed {a.seed}
+- Training: {trained}, batch {a.batch_size}, lr {a.lr}, max length {run['max_length']}, precision {a.precision}, seed {a.seed}{weights}
 - Time: {run['train_seconds']} s ({run['train_examples_per_s']} examples/s)
 
-## Evaluation{f' on `{a.eval}`' if a.eval else ''}
+## Evaluation{f' on `{a.eval}`{kept}' if a.eval else ' (no --eval file: the training loss)'}
 
 | metric | value |
 |---|---|
@@ -334,5 +342,5 @@ import oztune
 oztune.Classifier.from_pretrained("{a.output}").predict(["a charming and often affecting journey"])
 ```
 
-The run's arguments and per-epoch metrics are in `run.json`; every optimizer step is in `train_log.csv`.
+The run's arguments and the metrics of every evaluation are in `run.json`; every optimizer step is in `train_log.csv`.
 """
