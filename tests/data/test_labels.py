@@ -47,7 +47,7 @@ def test_parse_multi_label(raw, expected):
 
 
 def test_parse_multi_label_errors():
-    with pytest.raises(DataError, match=r"f\.csv: line 2: label .* looks like a JSON list but is not valid JSON"):
+    with pytest.raises(DataError, match=r"f\.csv: line 2: label .* looks like a list but is not one"):
         parse_multi_label('["a", ', where="f.csv: line 2")
     with pytest.raises(DataError, match=r"f\.csv: line 4: a multi-label value must list label names"):
         parse_multi_label([["a"]], where="f.csv: line 4")

@@ -4,13 +4,16 @@ Label *names* are always strings (a Hugging Face ``id2label`` maps int -> str). 
 named by their decimal form, so ``1``, ``"1"`` and ``"1.0"`` are all the label ``"1"``.
 
 Multi-label values may be JSON lists (``["a", "b"]``), strings holding a JSON list
-(``'["a", "b"]'``) or strings with ``|`` between names (``"a|b"``).
+(``'["a", "b"]'``) or a Python one as pandas writes list columns (``"['a', 'b']"``), or strings with ``|``
+between names (``"a|b"``).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import re
 
 from oztune.errors import DataError
 
@@ -19,18 +22,23 @@ PROBLEM_TYPES = ("single_label", "multi_label", "regression")
 _MAX_LISTED = 20  # how many known labels an error message lists
 
 
+# A number as people write one in a data file: Python's int()/float() also take "1_000" and other scripts'
+# digits, which would rename a label such as "1_1" to "11".
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
 def _as_number(raw: object) -> int | float | None:
     """``raw`` as a finite number if it is one (or a string spelling one), else None. Booleans are not numbers."""
     if isinstance(raw, bool):
         return None
     if isinstance(raw, str):
+        text = raw.strip()
+        if not _NUMBER.fullmatch(text):
+            return None
         try:
-            raw = int(raw)
+            raw = int(text)
         except ValueError:
-            try:
-                raw = float(raw)
-            except ValueError:
-                return None
+            raw = float(text)
     if isinstance(raw, int):
         return raw
     if isinstance(raw, float) and math.isfinite(raw):
@@ -67,10 +75,23 @@ def looks_multi_label(raw: object) -> bool:
         return False
     if "|" in raw:
         return True
+    return _list_from_text(raw) is not None
+
+
+def _list_from_text(raw: str) -> list | None:
+    """The list a label string spells: JSON (``["a", "b"]``) or Python's repr, as pandas writes a list column
+    to CSV (``['a', 'b']``); None for anything else (``[positive]`` is a name)."""
+    text = raw.strip()
+    if not (text.startswith("[") and text.endswith("]")) or len(text) > 100_000:
+        return None
     try:
-        return raw.strip().startswith("[") and isinstance(json.loads(raw), list)
+        value = json.loads(text)
     except ValueError:
-        return False
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return None
+    return value if isinstance(value, list) else None
 
 
 def infer_problem_type(raw_labels: list) -> str:
@@ -112,18 +133,19 @@ def parse_multi_label(raw: object, *, where: str) -> list[str]:
     if raw is None:
         return []
     if isinstance(raw, str) and raw.strip().startswith("["):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            raise DataError(f"{where}: label {raw!r} looks like a JSON list but is not valid JSON") from None
+        value = _list_from_text(raw)
+        if value is None:
+            raise DataError(f"{where}: label {raw!r} looks like a list but is not one (write it as "
+                            '["a", "b"], or as a|b)')
+        raw = value
     if isinstance(raw, str):
         raw = raw.split("|")
     if not isinstance(raw, list):
         raw = [raw]
     names = []
     for item in raw:
-        if isinstance(item, (list, dict)):
-            raise DataError(f"{where}: a multi-label value must list label names, found {item!r}")
+        if isinstance(item, (list, dict)) or item is None or isinstance(item, bool):
+            raise DataError(f"{where}: a multi-label value must list label names, found {json.dumps(item)}")
         name = _label_name(item)
         if name:
             names.append(name)
@@ -221,11 +243,22 @@ def gold_label2id(id2label: dict[int, str], gold: list) -> dict[str, int]:
     """
     label2id = {str(v): k for k, v in id2label.items()}
     names_are_ints = all(str(v).lstrip("-").isdigit() for v in id2label.values())
-    flat = [g for x in gold for g in (x if isinstance(x, list) else [x])]
-    if (not names_are_ints and flat and all(str(g).strip().lstrip("-").isdigit() for g in flat)
-            and not any(str(g).strip() in label2id for g in flat)):  # a gold label that is a name is that name
+    flat = [n for x in gold if x is not None and x != "" for n in _gold_names(x)]  # as encode_labels reads them
+    if (not names_are_ints and flat and all(n.lstrip("-").isdigit() for n in flat)
+            and not any(n in label2id for n in flat)):  # a gold label that is a name is that name
         return {str(k): k for k in id2label}
     return label2id
+
+
+def _gold_names(raw: object) -> list[str]:
+    """The label names of one raw gold label (several for a multi-label value), named as encode_labels names
+    them (``1.0`` is ``"1"``); a malformed list is left for encode_labels to report with its line."""
+    if isinstance(raw, list) or (isinstance(raw, str) and looks_multi_label(raw)):
+        try:
+            return parse_multi_label(raw, where="")
+        except DataError:
+            return [str(raw)]
+    return [_label_name(raw)]
 
 
 def _label_id(name: str, label2id: dict, where: str) -> int:

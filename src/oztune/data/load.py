@@ -27,12 +27,15 @@ def read_labelled(path: str, columns: Columns, require_label: bool = True,
     return examples[:max_examples] if max_examples else examples
 
 
-def label_setup(examples: list[Example], problem_type: str | None) -> tuple[str, dict[str, int] | None]:
-    """Problem type (inferred unless given) and label2id for training examples."""
+def label_setup(examples: list[Example], problem_type: str | None,
+                path: str | None = None) -> tuple[str, dict[str, int] | None]:
+    """Problem type (inferred unless given) and label2id for training examples (read from ``path``: named
+    in error messages)."""
     raw = [e.label for e in examples]
     problem_type = problem_type or infer_problem_type(raw)
     if problem_type == "multi_label":
-        raw = [parse_multi_label(r, where=f"line {e.line}") for r, e in zip(raw, examples)]
+        raw = [parse_multi_label(r, where=f"{path}: line {e.line}" if path else f"line {e.line}")
+               for r, e in zip(raw, examples)]
     return problem_type, build_label_map(raw, problem_type)
 
 

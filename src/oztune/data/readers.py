@@ -143,6 +143,7 @@ def _read_text(name: str) -> str:
 def _csv_records(text: str, name: str, delimiter: str,
                  quoting: int = csv.QUOTE_MINIMAL) -> tuple[list[str], list[tuple[int, dict]]]:
     """Split CSV/TSV text into its header and (start line, {column: cell}) records."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # long documents are valid fields (default: 128 KiB)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, quoting=quoting)
     header: list[str] | None = None
     records = []
@@ -178,6 +179,18 @@ def _csv_records(text: str, name: str, delimiter: str,
     return header, records
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _object_without_repeats(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict; a key given twice is an error (plain json keeps the last one silently)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _RepeatedKey(next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])))
+    return obj
+
+
 def _json_lines_records(text: str, name: str) -> tuple[list[str], list[tuple[int, dict]]]:
     """Parse JSON Lines text: one JSON object per non-blank line."""
     records = []
@@ -185,7 +198,9 @@ def _json_lines_records(text: str, name: str) -> tuple[list[str], list[tuple[int
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, object_pairs_hook=_object_without_repeats)
+        except _RepeatedKey as e:
+            raise DataError(f"{name}: line {line}: the key {e.args[0]!r} appears twice in one object") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{name}: line {line}: not a JSON object ({e.msg} at column {e.colno})") from None
         except (ValueError, RecursionError) as e:

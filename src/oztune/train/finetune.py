@@ -233,7 +233,7 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     cols = a.columns()
     train_ex = sample(read_labelled(a.train, cols), a.max_train_examples, a.seed)
     eval_ex = read_labelled(a.eval, cols) if a.eval else None
-    problem_type, label2id = label_setup(train_ex, a.problem_type)
+    problem_type, label2id = label_setup(train_ex, a.problem_type, a.train)
     num_labels = len(label2id) if label2id else 1
     if problem_type == "single_label" and num_labels < 2:
         raise OztuneError(f"{a.train}: every example has the label {next(iter(label2id), '?')!r}; "
