@@ -61,9 +61,14 @@ class TextEncoder:
         return cls(tok, pad_id, max_length, source=path)
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
-        """Encode texts (and optional second texts) to (ids, type_ids), truncated, unpadded."""
+        """Encode texts (and optional second texts) to (ids, type_ids), truncated, unpadded.
+
+        A text that encodes to no token at all (an empty text, where the tokenizer adds no special tokens,
+        as GPT-2's does not) is one pad token, attended to: a model needs a position to read, and a batch of
+        such texts would have no length.
+        """
         inputs = list(zip(texts, pairs)) if pairs is not None else texts
-        return [(e.ids, e.type_ids) for e in self.tokenizer.encode_batch(inputs)]
+        return [(e.ids, e.type_ids) if e.ids else ([self.pad_id], [0]) for e in self.tokenizer.encode_batch(inputs)]
 
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Encode and pad one batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` (B, T)."""

@@ -49,7 +49,8 @@ class OnnxClassifier(Predictor):
         hf = read_config(path)
         oz = hf.get("oztune", {})
         if not (path / ONNX_FILE).is_file() or "onnx" not in oz:
-            raise ModelError(f"{path}: not an ONNX export (no {ONNX_FILE}); "
+            missing = f"no {ONNX_FILE}" if not (path / ONNX_FILE).is_file() else "its config.json has no oztune export section"
+            raise ModelError(f"{path}: not an oztune ONNX export ({missing}); "
                              "make one with: oztune export --model DIR --output DIR")
         cfg = ModelConfig.from_dict(oz["model"])
         self.problem_type = oz["head"]["problem_type"]
@@ -74,8 +75,15 @@ class OnnxClassifier(Predictor):
 
 
 def is_onnx_export(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by ``oztune export --format onnx``."""
-    return (Path(path) / ONNX_FILE).is_file()
+    """Whether ``path`` is a directory written by ``oztune export --format onnx`` (its model.onnx and the
+    export's section in config.json: another tool's model.onnx beside a model's weights is not one)."""
+    path = Path(path)
+    if not (path / ONNX_FILE).is_file():
+        return False
+    try:
+        return "onnx" in read_config(path).get("oztune", {})
+    except OztuneError:
+        return False
 
 
 def open_predictor(model: str, batch_size: int = 64) -> Predictor:
