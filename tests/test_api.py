@@ -41,3 +41,23 @@ def test_a_lone_text_and_pair_are_one_example(tiny_base):
     assert one != clf.predict(["good movie"], ["t"])  # the pair is read, not ignored
     with pytest.raises(ValueError, match="2 texts but 1 text_pairs"):
         clf.predict(["a", "b"], ["c"])
+
+
+def test_multi_label_mistakes_agree_with_the_metrics(tiny_base, tmp_path):
+    """A logit just above 0 is a predicted label for the metrics and for the mistakes alike."""
+    import numpy as np
+
+    from oztune.api import Predictor
+    from oztune.data.tokenize import TextEncoder
+
+    class Fixed(Predictor):
+        encoder, id2label, problem_type, batch_size = TextEncoder.from_dir(tiny_base, 32), {0: "a", 1: "b"}, "multi_label", 8
+
+        def encoded_logits(self, data):
+            return np.array([[0.0, 4.0], [4.0, -4.0]], dtype=np.float32)
+
+    f = tmp_path / "gold.jsonl"
+    f.write_text('{"text": "good movie", "label": ["b"]}\n{"text": "bad plot", "label": ["a"]}\n')
+    out = Fixed().evaluate(str(f), per_label=True, mistakes=True)
+    assert out["subset_accuracy"] == 1.0 and out["per_label"]["a"]["precision"] == 1.0
+    assert out["mistakes"] == []

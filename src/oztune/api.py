@@ -118,7 +118,7 @@ class Predictor:
                             "label": name(gold[i]), "predicted": name(pred[i]), "score": float(probs[i, pred[i]])})
             out.sort(key=lambda r: -r["score"])
         else:
-            on, g = probs >= 0.5, gold > 0.5
+            on, g = logits > 0, gold > 0.5  # as the metrics threshold (p >= 0.5 rounds a logit of -3e-8 up)
             for i in np.flatnonzero((on != g).any(-1)):
                 out.append({"line": examples[i].line, "text": examples[i].text, "text_pair": examples[i].text_pair,
                             "label": [name(j) for j in np.flatnonzero(g[i])],

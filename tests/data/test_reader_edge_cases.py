@@ -63,3 +63,12 @@ def test_jsonl_duplicate_key_is_an_error_like_a_duplicate_csv_column(tmp_path):
     p = write(tmp_path, "t.jsonl", '{"text": "a", "label": "pos", "label": "neg"}\n{"text": "b", "label": "neg"}\n')
     with pytest.raises(DataError, match="line 1"):
         read_examples(p)
+
+
+@pytest.mark.parametrize("raw, value", [("١.٥", 1.5), ("٣", 3.0), ("１２", 12.0), ("1_000", 1000.0)])
+def test_regression_targets_read_before_are_still_numbers(raw, value):
+    """Only label names need plain ASCII numbers (1_1 is a name); targets take what Python reads."""
+    from oztune.data.labels import encode_labels, infer_problem_type
+
+    assert encode_labels([raw, "0.5"], None, "regression", path="f", lines=[2, 3]) == [value, 0.5]
+    assert infer_problem_type([raw, "0.5", "2.25"]) == "regression"

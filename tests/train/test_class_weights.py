@@ -49,7 +49,7 @@ def test_weighted_losses_weigh_each_example_by_its_label(tiny_base, data):
         got = weighted_loss(w)(model, batch)
     per_example = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
     wy = torch.tensor(w)[batch["labels"]]
-    assert got.item() == pytest.approx(((wy * per_example).sum() / wy.sum()).item(), rel=1e-5)
+    assert got.item() == pytest.approx((wy * per_example).mean().item(), rel=1e-5)  # over examples, not weights
     y = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     z = torch.tensor([[0.3, -1.0], [2.0, 0.5], [-0.2, 0.1]])
     model.head_cfg.problem_type = "multi_label"
@@ -106,3 +106,35 @@ def test_resuming_with_other_class_weights_is_refused(tiny_base, data, tmp_path)
     model, train = new_model(tiny_base, data)
     with pytest.raises(OztuneError, match="class_weights"):
         fit(model, train, TrainConfig(resume=True, **cfg))
+
+
+def test_class_weights_with_grad_accum_weigh_the_whole_step(tiny_base, sentiment_files, monkeypatch):
+    """Two accumulated micro-batches of 8 give the gradient of the step's 16 examples (review, session 9)."""
+    import copy
+
+    import oztune.train.loop as loop
+    from oztune.models.transformer import Dropout
+
+    tr = read_labelled(str(sentiment_files[0]), Columns())[:64]
+    problem, label2id = label_setup(tr, None)
+    loop.seed_everything(0)
+    model, enc, _ = load_classifier(tiny_base, num_labels=2, problem_type=problem)
+    train = encode_examples(tr, enc, label2id, problem, "train")
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p = 0.0
+    start, w, batches, grads, real = copy.deepcopy(model), [1.0, 5.0], [], [], loop.weighted_loss
+    monkeypatch.setattr(loop, "weighted_loss", lambda ws: (lambda m, b: (batches.append(b), real(ws)(m, b))[1]))
+    monkeypatch.setattr(loop, "clipped_step", lambda opt, ps, mx: (grads.append(
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}), opt.step()))
+    loop.fit(model, train, loop.TrainConfig(epochs=1, batch_size=8, grad_accum=2, precision="fp32",
+                                            max_grad_norm=0.0, progress=False, class_weights=w))
+    start.train()
+    logits = torch.cat([start(b["input_ids"], b["attention_mask"], b.get("token_type_ids")) for b in batches[:2]])
+    labels = torch.cat([b["labels"] for b in batches[:2]])
+    wy = torch.tensor(w)[labels]
+    assert wy[:8].sum() != wy[8:].sum()  # the two micro-batches weigh differently
+    (wy * F.cross_entropy(logits.float(), labels, reduction="none")).mean().backward()
+    for n, p in start.named_parameters():  # the step's 16 weighted losses' mean, as 1 batch of 16 or 2 procs x 8
+        if p.grad is not None:
+            torch.testing.assert_close(grads[0][n], p.grad, atol=1e-6, rtol=1e-4)

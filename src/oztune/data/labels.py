@@ -27,18 +27,24 @@ _MAX_LISTED = 20  # how many known labels an error message lists
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
-def _as_number(raw: object) -> int | float | None:
-    """``raw`` as a finite number if it is one (or a string spelling one), else None. Booleans are not numbers."""
+def _as_number(raw: object, plain: bool = False) -> int | float | None:
+    """``raw`` as a finite number if it is one (or a string spelling one), else None. Booleans are not numbers.
+
+    With ``plain``, only ASCII decimal spellings count (label names: ``"1_1"`` stays a name); otherwise
+    whatever Python reads as a number (regression targets: ``"1_000"``, other scripts' digits).
+    """
     if isinstance(raw, bool):
         return None
     if isinstance(raw, str):
-        text = raw.strip()
-        if not _NUMBER.fullmatch(text):
+        if plain and not _NUMBER.fullmatch(raw.strip()):
             return None
         try:
-            raw = int(text)
+            raw = int(raw)
         except ValueError:
-            raw = float(text)
+            try:
+                raw = float(raw)
+            except ValueError:
+                return None
     if isinstance(raw, int):
         return raw
     if isinstance(raw, float) and math.isfinite(raw):
@@ -61,7 +67,7 @@ def _is_integer(number: int | float | None) -> bool:
 
 def _label_name(raw: object) -> str:
     """The string name of one single label: integers (``1``, ``"1"``, ``1.0``) become ``"1"``."""
-    number = _as_number(raw)
+    number = _as_number(raw, plain=True)
     if _is_integer(number):
         return str(int(number))
     return raw.strip() if isinstance(raw, str) else str(raw)

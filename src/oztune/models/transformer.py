@@ -374,13 +374,17 @@ class SequenceClassifier(nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of the problem type: cross-entropy, BCE-with-logits or MSE.
 
-        ``weights`` (L,): single-label, each class's weight in the cross-entropy (the mean is weighted too);
-        multi-label, each label's weight of its positive examples (BCE's ``pos_weight``).
+        ``weights`` (L,): single-label, each example's loss times its class's weight; multi-label, each label's
+        weight of its positive examples (BCE's ``pos_weight``). Either way the mean divides by the number of
+        examples (not by their weights, as ``cross_entropy(weight=...)`` would): a step's loss is then the
+        same however its examples are split into micro-batches (``--grad-accum``) or processes.
         """
         logits = logits.float()
         kind = self.head_cfg.problem_type
         if kind == "single_label":
-            return F.cross_entropy(logits, labels, weight=weights)
+            if weights is not None:
+                return (F.cross_entropy(logits, labels, reduction="none") * weights[labels]).mean()
+            return F.cross_entropy(logits, labels)
         if kind == "multi_label":
             return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
         return F.mse_loss(logits.squeeze(-1), labels.float())
