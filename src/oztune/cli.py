@@ -12,7 +12,9 @@ import dataclasses
 import inspect
 import os
 import re
+import signal
 import sys
+import threading
 import types
 import typing
 from typing import Any, Callable
@@ -195,13 +197,28 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread: unwinds like Ctrl-C, so that half-written (staging) directories are
+    removed on the way out instead of being left behind by a process killed on the spot."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     ns = parser.parse_args(argv)
     cls, fn, _ = COMMANDS[ns.command]
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         args = build_args(cls, ns, parser)
         return int(fn(args) or 0)
+    except Terminated:
+        print(f"oztune {ns.command}: stopped by SIGTERM (output directories are written whole or not at all)",
+              file=sys.stderr)
+        return 143
     except OztuneError as e:
         print(f"oztune {ns.command}: error: {e}", file=sys.stderr)
         return 2
@@ -212,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oztune {ns.command}: interrupted (output directories are written whole or not at all)",
               file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def run_quantize(a: QuantizeArgs) -> dict:
     if a.qat_lr <= 0:
         raise OztuneError(f"--qat-lr must be positive, not {a.qat_lr}")
     check_output_dir(a.output, inputs=(a.model, a.eval, a.qat_train))
-    model, enc, meta = load_trained(a.model, "--model", a.max_length)
+    model, enc, meta = load_trained(a.model, "--model", a.max_length, int8_ok=True)  # refused below, in its words
     if read_config(meta["path"]).get("oztune", {}).get("quantization"):
         raise OztuneError(f"--model {a.model}: already quantized; quantize the fp32 model it came from")
     kind = model.head_cfg.problem_type

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from oztune.compress.prune import drop_layers_, evenly_spaced
+from oztune.compress.quantize import Int8Embedding, Int8Linear
 from oztune.compress.vocab import tokens_seen
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
@@ -27,6 +28,9 @@ from oztune.models.transformer import SequenceClassifier
 from oztune.train.finetune import RecipeOptions, sample
 from oztune.train.finetune import check_train_options as check_finetune_options
 from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
+
+
+QUANTIZED = (Int8Linear, Int8Embedding)
 
 
 @dataclass
@@ -175,14 +179,18 @@ def student_from_layers(teacher: SequenceClassifier, n: int) -> tuple[SequenceCl
 
 # --- shared by the prune, distill and compress recipes ------------------------------------------------------
 
-def load_trained(path: str, option: str = "--model", max_length: int | None = None):
-    """Load a fine-tuned classifier: (model, encoder, meta); a model without a task head is a ModelError."""
+def load_trained(path: str, option: str = "--model", max_length: int | None = None, int8_ok: bool = False):
+    """Load a fine-tuned classifier: (model, encoder, meta); a model without a task head is a ModelError, and
+    so is an int8 model unless ``int8_ok`` (training recipes need float weights)."""
     if not path:
         raise OztuneError(f"{option} is required")
     model, enc, meta = load_classifier(path, max_length=max_length)
     if not meta["trained"] or not meta["id2label"]:
         raise ModelError(f"{option} {path}: not a fine-tuned classifier (config.json has no task head or labels); "
                          "fine-tune it first with oztune finetune")
+    if not int8_ok and any(isinstance(m, QUANTIZED) for m in model.modules()):  # int8 weights do not train
+        raise ModelError(f"{option} {path}: an int8 model; prune, distil or compress the fp32 model it was "
+                         "quantized from (and quantize the result)")
     return model, enc, meta
 
 

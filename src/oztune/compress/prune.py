@@ -317,6 +317,10 @@ class PruneArgs(RecipeOptions):
         if not 0 <= self.sparsity < 1:
             raise OztuneError(f"--sparsity must be in [0, 1), not {self.sparsity}")
         if not self.structured:
+            given = [f"--{n}" for n in ("heads", "ffn", "layers") if getattr(self, n)]
+            if given:
+                raise OztuneError(f"{', '.join(given)} prune{'s' if len(given) == 1 else ''} whole parts: add "
+                                  "--structured (without it, --sparsity zeroes single weights)")
             return PruneConfig(sparsity=self.sparsity)
         return PruneConfig(heads=self.sparsity if self.heads is None else self.heads,
                            ffn=self.sparsity if self.ffn is None else self.ffn, layers=self.layers,

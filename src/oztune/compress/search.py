@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -79,7 +80,7 @@ class CompressArgs(RecipeOptions):
 
 
 def check_args(a: CompressArgs) -> None:
-    if a.max_drop < 0:
+    if not math.isfinite(a.max_drop) or a.max_drop < 0:
         raise OztuneError(f"--max-drop must be 0 or more (points of accuracy), not {a.max_drop}")
     unknown = [r for r in a.recipes if r not in RECIPES]
     if unknown or not a.recipes:

@@ -329,6 +329,9 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
     elif real == Path.cwd().resolve() or real in Path.cwd().resolve().parents:
         raise OztuneError(f"{option} {output}: the current directory or one above it; name a directory to write to")
     for given in inputs:
+        if given and real == Path(given).resolve():
+            raise OztuneError(f"{option} {output}: is the input {given}, which would be replaced; write to "
+                              "another directory")
         if given and real in Path(given).resolve().parents:
             raise OztuneError(f"{option} {output}: holds the input {given}, and would be replaced as a whole; "
                               "choose another directory")
