@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 POOLINGS = ("cls", "mean", "last")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "tanh", "silu", "none")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "tanh", "silu", "quick_gelu", "none")
 
 
 @dataclass

@@ -44,19 +44,12 @@ class TextEncoder:
     def from_dir(cls, path: str | Path, max_length: int, pad_token_id: int | None = None) -> "TextEncoder":
         """Load the tokenizer of a Hugging Face-format model directory."""
         path = Path(path)
-        if (path / "tokenizer.json").is_file():
-            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        elif (path / "vocab.txt").is_file():
-            from tokenizers.implementations import BertWordPieceTokenizer
-
-            lower = _tokenizer_config(path).get("do_lower_case", True)
-            tok = BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=lower)._tokenizer
-        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            from tokenizers.implementations import ByteLevelBPETokenizer
-
-            tok = ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))._tokenizer
-        else:
-            raise ModelError(f"{path}: no tokenizer (expected tokenizer.json, vocab.txt, or vocab.json + merges.txt)")
+        try:
+            tok = _load_tokenizer(path)
+        except ModelError:
+            raise
+        except Exception as e:  # tokenizers raises plain Exceptions for a corrupt file
+            raise ModelError(f"{path}: its tokenizer files cannot be read ({str(e).splitlines()[0] if str(e) else e!r})") from None
         pad_id = _find_pad_id(tok, path, pad_token_id)
         return cls(tok, pad_id, max_length, source=path)
 
@@ -97,9 +90,45 @@ def pad_batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
             "token_type_ids": torch.from_numpy(types)}
 
 
+def _load_tokenizer(path: Path) -> Tokenizer:
+    """The checkpoint's tokenizer: tokenizer.json, else a WordPiece vocab.txt (BERT), else a byte-level BPE
+    vocab.json + merges.txt (GPT-2's; or RoBERTa's, whose <s> and </s> go around each text)."""
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    if (path / "vocab.txt").is_file():
+        from tokenizers.implementations import BertWordPieceTokenizer
+
+        cfg = _tokenizer_config(path)
+        return BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=cfg.get("do_lower_case", True),
+                                      strip_accents=cfg.get("strip_accents"))._tokenizer
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        from tokenizers.implementations import ByteLevelBPETokenizer
+
+        tok = ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))._tokenizer
+        bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+        if bos is not None and eos is not None and _model_type(path) != "gpt2":  # RoBERTa's vocabulary
+            from tokenizers.processors import RobertaProcessing
+
+            tok.post_processor = RobertaProcessing(("</s>", eos), ("<s>", bos))
+        return tok
+    raise ModelError(f"{path}: no tokenizer (expected tokenizer.json, vocab.txt, or vocab.json + merges.txt)")
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
 def _tokenizer_config(path: Path) -> dict:
     f = path / "tokenizer_config.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{f}: not valid JSON ({e})") from None
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _find_pad_id(tok: Tokenizer, path: Path, pad_token_id: int | None) -> int:

@@ -69,14 +69,36 @@ def _gpt2_keys() -> dict:
     return m
 
 
+# Hugging Face's activation names -> oztune's (``oztune.config.ACTIVATIONS``); any other is refused by name.
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                   "relu": "relu", "tanh": "tanh", "silu": "silu", "swish": "silu", "quick_gelu": "quick_gelu"}
+
+
+def _activation(hf: dict, key: str, default: str) -> str:
+    name = hf.get(key, default)
+    if name not in _HF_ACTIVATIONS:
+        raise ModelError(f"config.json: {key} {name!r} is not one oztune computes ({', '.join(sorted(_HF_ACTIVATIONS))})")
+    return _HF_ACTIVATIONS[name]
+
+
+def _refuse(hf: dict, options: dict) -> None:
+    """Config options that change what the network computes and that oztune does not implement: an error
+    naming them, not a model that silently computes something else than the checkpoint's."""
+    for key, fine in options.items():
+        if key in hf and hf[key] != fine:
+            raise ModelError(f"config.json: {key}: {hf[key]!r} changes the network in a way oztune does not "
+                             f"implement (it computes {key}: {fine!r})")
+
+
 def _bert_config(hf: dict, family: str) -> ModelConfig:
-    act = hf.get("hidden_act", "gelu")
+    act = _activation(hf, "hidden_act", "gelu")
+    _refuse(hf, {"is_decoder": False, "position_embedding_type": "absolute"})
     return ModelConfig(
         family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
         intermediate_size=hf["intermediate_size"], max_positions=hf.get("max_position_embeddings", 512),
         type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-        activation={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act, act),
+        activation=act,
         position_offset=(hf.get("pad_token_id", 1) + 1) if family == "roberta" else 0,
         pad_token_id=hf.get("pad_token_id", 0) or 0,
         hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
@@ -88,21 +110,22 @@ def _distilbert_config(hf: dict, family: str) -> ModelConfig:
         family=family, vocab_size=hf["vocab_size"], hidden_size=hf["dim"], num_layers=hf["n_layers"],
         num_heads=hf["n_heads"], intermediate_size=hf["hidden_dim"],
         max_positions=hf.get("max_position_embeddings", 512), type_vocab_size=0, layer_norm_eps=1e-12,
-        activation=hf.get("activation", "gelu"), pad_token_id=hf.get("pad_token_id", 0) or 0,
+        activation=_activation(hf, "activation", "gelu"), pad_token_id=hf.get("pad_token_id", 0) or 0,
         hidden_dropout=hf.get("dropout", 0.1), attention_dropout=hf.get("attention_dropout", 0.1),
     )
 
 
 def _gpt2_config(hf: dict, family: str) -> ModelConfig:
     n_embd = hf["n_embd"]
-    act = hf.get("activation_function", "gelu_new")
+    act = _activation(hf, "activation_function", "gelu_new")
+    _refuse(hf, {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False})
     pad = hf.get("pad_token_id")
     return ModelConfig(
         family=family, vocab_size=hf["vocab_size"], hidden_size=n_embd, num_layers=hf["n_layer"],
         num_heads=hf["n_head"], intermediate_size=hf.get("n_inner") or 4 * n_embd,
         max_positions=hf.get("n_positions", 1024), type_vocab_size=0,
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        activation={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act, act),
+        activation=act,
         pre_norm=True, causal=True, pad_token_id=hf.get("eos_token_id", 50256) if pad is None else pad,
         hidden_dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
     )

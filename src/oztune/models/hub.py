@@ -78,9 +78,12 @@ def read_config(path: Path) -> dict:
     if not f.is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        config = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{f}: expected a JSON object of settings, found {type(config).__name__}")
+    return config
 
 
 def sha256_file(path: Path) -> str:
@@ -145,7 +148,12 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
     family = family_of(hf, str(path / "config.json"))
     sd = read_weights(path)
     native = oz.get("format") == "native"
-    cfg = ModelConfig.from_dict(oz["model"]) if "model" in oz else family.config(hf, family.name)
+    try:
+        cfg = ModelConfig.from_dict(oz["model"]) if "model" in oz else family.config(hf, family.name)
+    except KeyError as e:
+        raise ModelError(f"{path / 'config.json'}: lacks the field {e.args[0]!r} that a {family.name} model needs") from None
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{path / 'config.json'}: a field has a value oztune cannot use ({e})") from None
     id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
     trained = "head" in oz or any(hf_arch.endswith("ForSequenceClassification") for hf_arch in hf.get("architectures") or [])
     if trained:
@@ -166,17 +174,22 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
         from oztune.compress.quantize import prepare_quantized
 
         prepare_quantized(model, quant)
-    if native:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ModelError(f"{path}: weights do not match config.json (missing: {', '.join(missing[:5]) or '-'}; "
-                             f"unexpected: {', '.join(unexpected[:5]) or '-'})")
-    else:
-        backbone, head_sd = hf_to_oztune(sd, family, cfg, str(path), expect_head=trained)
-        model.backbone.load_state_dict(backbone, strict=True)
-        init_weights(model.head)
-        if head_sd:
-            _load_head(model, head_sd, trained, str(path))
+    try:
+        if native:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ModelError(f"{path}: weights do not match config.json (missing: {', '.join(missing[:5]) or '-'}; "
+                                 f"unexpected: {', '.join(unexpected[:5]) or '-'})")
+        else:
+            backbone, head_sd = hf_to_oztune(sd, family, cfg, str(path), expect_head=trained)
+            model.backbone.load_state_dict(backbone, strict=True)
+            init_weights(model.head)
+            if head_sd:
+                _load_head(model, head_sd, trained, str(path))
+    except RuntimeError as e:  # a weight's shape is not the one config.json describes
+        shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise ModelError(f"{path}: weights do not match config.json ({shapes[0] if shapes else str(e).splitlines()[0]}"
+                         f"{f' and {len(shapes) - 1} more' if len(shapes) > 1 else ''})") from None
     model.eval()
     enc = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length), pad_token_id=hf.get("pad_token_id"))
     label2id = {v: k for k, v in id2label.items()}
@@ -269,6 +282,9 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
     )
     if id2label:
         hf.pop("num_labels")  # HF derives it from id2label
+    for key in ("torch_dtype", "dtype"):  # the weights written are fp32 whatever the source's were (fp16 ...)
+        if key in hf:
+            hf[key] = "float32"
     if hf.get("pad_token_id") is None:  # GPT-2 has none: say which one oztune padded with, so that HF's
         hf["pad_token_id"] = encoder.pad_id  # GPT2ForSequenceClassification can run batches of several texts
     hf["oztune"] = {"format": "hf" if as_hf else "native", "model": model.cfg.to_dict(),

@@ -28,6 +28,7 @@ def activation_fn(name: str):
         "relu": F.relu,
         "tanh": torch.tanh,
         "silu": F.silu,
+        "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
         "none": lambda x: x,
     }[name]
 
