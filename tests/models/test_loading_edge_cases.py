@@ -158,3 +158,11 @@ def test_vocab_txt_strip_accents_from_tokenizer_config(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "strip_accents": False}))
     ref = T.BertTokenizerFast(str(tmp_path / "vocab.txt"), do_lower_case=True, strip_accents=False)
     assert TextEncoder.from_dir(tmp_path, 16).encode(["café"])[0][0] == ref("café")["input_ids"]
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "max_position_embeddings", "type_vocab_size"])
+def test_a_size_that_is_not_a_number_is_a_model_error(tiny_hf_dir, field):
+    d, _ = tiny_hf_dir("bert")
+    _edit_config(d, lambda c: {**c, field: "x"})
+    with pytest.raises(ModelError, match="config.json: a field has a value oztune cannot use"):
+        load_classifier(d)

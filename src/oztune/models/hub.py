@@ -163,7 +163,10 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
         head_cfg = default_head(family, cfg.hidden_size, num_labels or 2, problem_type or "single_label")
         head_cfg = HeadConfig.from_dict({**head_cfg.to_dict(), **(head or {})})
         id2label = {}
-    model = SequenceClassifier(cfg, head_cfg)
+    try:
+        model = SequenceClassifier(cfg, head_cfg)
+    except (TypeError, ValueError) as e:  # a size in config.json that is not a number ("vocab_size": "x")
+        raise ModelError(f"{path / 'config.json'}: a field has a value oztune cannot use ({e})") from None
     model.hf_config = {k: v for k, v in hf.items() if k != "oztune"}
     if oz.get("pruning"):  # before quantization: a pruned vocabulary's table may be quantized
         from oztune.compress.prune import prepare_pruned
