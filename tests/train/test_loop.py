@@ -469,3 +469,22 @@ def test_a_short_last_accumulation_step_has_the_gradient_of_its_mean_loss(tiny_b
     assert len(grads) == 4 and want.keys() == grads[3].keys()
     for n, g in want.items():
         torch.testing.assert_close(grads[3][n], g, atol=1e-6, rtol=1e-4)
+
+
+def test_resuming_with_other_evaluation_settings_is_refused(tiny_base, data, tmp_path):
+    """The best evaluation so far was chosen with these settings and on these examples."""
+    from oztune.errors import OztuneError
+
+    model, train, dev = new_model(tiny_base, data)
+    with pytest.raises(Crash):
+        fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, eval_every=2), dev,
+            on_step=crash_at(3))
+    model, train, dev = new_model(tiny_base, data)
+    with pytest.raises(OztuneError, match="eval_every 2 \\(now 1\\)"):
+        fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, eval_every=1, resume=True), dev)
+    with pytest.raises(OztuneError, match="patience 0 \\(now 3\\)"):
+        fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, eval_every=2, patience=3,
+                                 resume=True), dev)
+    with pytest.raises(OztuneError, match="eval_data"):
+        fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, eval_every=2, resume=True),
+            dev.subset(list(range(16))))

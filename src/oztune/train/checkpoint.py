@@ -124,7 +124,7 @@ class Checkpointer:
         self.fingerprint = fingerprint
 
     @classmethod
-    def for_run(cls, cfg, data, model: torch.nn.Module, env: DistEnv) -> "Checkpointer | None":
+    def for_run(cls, cfg, data, model: torch.nn.Module, env: DistEnv, eval_data=None) -> "Checkpointer | None":
         """The checkpointer of a training run (None when ``cfg`` asks for no checkpoints).
 
         Without ``cfg.resume``, a folder holding another run's checkpoints is an error: mixing two runs
@@ -136,6 +136,8 @@ class Checkpointer:
                 labels go into the fingerprint, so another file (or --max-length) is not resumed into.
             model: the model being trained (its parameter counts go into the fingerprint).
             env: this process's place in a distributed job.
+            eval_data: the evaluation examples (a digest goes into the fingerprint: the best evaluation so far
+                was chosen on them), or None.
         """
         if not cfg.checkpoint_dir or not (cfg.checkpoint_every or cfg.resume):
             return None
@@ -145,6 +147,8 @@ class Checkpointer:
                        "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm,
                        "layer_lr_decay": cfg.layer_lr_decay, "precision": cfg.precision, "ema_decay": cfg.ema_decay,
                        "freeze_embeddings": cfg.freeze_embeddings, "class_weights": cfg.class_weights,
+                       "eval_every": cfg.eval_every, "patience": cfg.patience,
+                       "eval_data": data_digest(eval_data) if eval_data is not None else None,
                        "parameters": sum(t.numel() for t in model.state_dict().values()),
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         ckpt = cls(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, fingerprint)

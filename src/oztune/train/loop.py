@@ -289,7 +289,7 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     params = [p for p in model.parameters() if p.requires_grad]
     if env.world > 1:
         distributed.broadcast_model(model)
-    ckpt = Checkpointer.for_run(cfg, train, model, env)
+    ckpt = Checkpointer.for_run(cfg, train, model, env, eval_data)
     run = (ckpt.resume_run(model, opt, sched, env) if ckpt and cfg.resume else None) or Progress()
     ema = WeightEMA(params, cfg.ema_decay, run.ema) if cfg.ema_decay else None
     if ema is not None:
