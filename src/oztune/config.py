@@ -13,6 +13,10 @@ POOLINGS = ("cls", "mean", "last")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "tanh", "silu", "quick_gelu", "none")
 
 
+# The scalar field types of ModelConfig and what a value of each may be (an int is a fine float).
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
 @dataclass
 class ModelConfig:
     """Shape and behaviour of a transformer backbone.
@@ -60,6 +64,10 @@ class ModelConfig:
     layer_ffn: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # values read from config.json: a "1e-12" string would otherwise load and fail later
+            value, want = getattr(self, f.name), _SCALARS.get(f.type)
+            if want and (not isinstance(value, want) or (f.type != "bool" and isinstance(value, bool))):
+                raise TypeError(f"{f.name} must be a {f.type}, not {value!r}")
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_heads
         if not self.layer_heads:

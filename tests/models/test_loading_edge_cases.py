@@ -166,3 +166,12 @@ def test_a_size_that_is_not_a_number_is_a_model_error(tiny_hf_dir, field):
     _edit_config(d, lambda c: {**c, field: "x"})
     with pytest.raises(ModelError, match="config.json: a field has a value oztune cannot use"):
         load_classifier(d)
+
+
+@pytest.mark.parametrize("field, value", [("layer_norm_eps", "1e-12"), ("hidden_dropout_prob", "0.1"),
+                                          ("pad_token_id", "x"), ("num_attention_heads", 4.0)])
+def test_a_setting_of_the_wrong_type_is_a_model_error(tiny_hf_dir, field, value):
+    d, _ = tiny_hf_dir("bert")
+    _edit_config(d, lambda c: {**c, field: value})
+    with pytest.raises(ModelError, match="config.json: a field has a value oztune cannot use"):
+        load_classifier(d)
