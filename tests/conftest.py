@@ -131,6 +131,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def tiny_finetuned(one_thread, tiny_base, sentiment_files, tmp_path_factory) -> Path:
+    """The tiny BERT fine-tuned on the synthetic sentiment task (labels neg, pos) and saved: a model to compress."""
+    from oztune.data.load import Columns, encode_examples, read_labelled
+    from oztune.models.hub import load_classifier, save_classifier
+    from oztune.train.loop import TrainConfig, fit
+
+    train, _ = sentiment_files
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    data = encode_examples(read_labelled(str(train), Columns()), enc, {"neg": 0, "pos": 1}, "single_label", str(train))
+    fit(model, data, TrainConfig(epochs=3, batch_size=16, lr=3e-3, progress=False, precision="fp32"))
+    return save_classifier(model, enc, tmp_path_factory.mktemp("ft") / "m", {0: "neg", 1: "pos"})
+
+
 def padded_batch(pad_id: int, lengths=(9, 4, 1, 7), low: int = 4, high: int = 64, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     T = max(lengths)

@@ -14,26 +14,15 @@ import pytest
 
 from oztune.cli import main
 from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
-from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.models.hub import load_classifier, save_classifier
-from oztune.train.loop import TrainConfig, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 @pytest.fixture(scope="module")
-def model_dir(one_thread, tiny_base, sentiment_files, tmp_path_factory):
-    train, _ = sentiment_files
-    model, enc, _ = load_classifier(tiny_base, num_labels=2)
-    data = encode_examples(read_labelled(str(train), Columns()), enc, {"neg": 0, "pos": 1}, "single_label", str(train))
-    fit(model, data, TrainConfig(epochs=3, batch_size=16, lr=3e-3, progress=False, precision="fp32"))
-    return save_classifier(model, enc, tmp_path_factory.mktemp("ft") / "m", {0: "neg", 1: "pos"})
-
-
-@pytest.fixture(scope="module")
-def int8_dir(model_dir, tmp_path_factory):
-    model, enc, meta = load_classifier(model_dir)
+def int8_dir(tiny_finetuned, tmp_path_factory):
+    model, enc, meta = load_classifier(tiny_finetuned)
     cfg = QuantConfig()
     quantize_(model, cfg)
     return save_classifier(model, enc, tmp_path_factory.mktemp("q") / "q", meta["id2label"],
@@ -47,7 +36,7 @@ def _one_line_exit_2(capsys, argv):
 
 
 @pytest.mark.parametrize("verb", ["prune", "prune-structured", "distill-teacher", "distill-student"])
-def test_int8_model_into_a_training_verb_is_one_clear_line(verb, model_dir, int8_dir, sentiment_files, tmp_path,
+def test_int8_model_into_a_training_verb_is_one_clear_line(verb, tiny_finetuned, int8_dir, sentiment_files, tmp_path,
                                                            capsys):
     train, dev = sentiment_files
     common = ["--train", str(train), "--eval", str(dev), "--output", str(tmp_path / "o"), "--epochs", "1",
@@ -55,7 +44,7 @@ def test_int8_model_into_a_training_verb_is_one_clear_line(verb, model_dir, int8
     argv = {"prune": ["prune", "--model", str(int8_dir)],
             "prune-structured": ["prune", "--model", str(int8_dir), "--structured"],
             "distill-teacher": ["distill", "--teacher", str(int8_dir), "--student-layers", "1"],
-            "distill-student": ["distill", "--teacher", str(model_dir), "--student", str(int8_dir)]}[verb]
+            "distill-student": ["distill", "--teacher", str(tiny_finetuned), "--student", str(int8_dir)]}[verb]
     _one_line_exit_2(capsys, argv + common)
     assert not (tmp_path / "o").exists()
 
@@ -85,38 +74,38 @@ def test_compress_of_an_int8_model_keeping_fp32_writes_a_loadable_model(int8_dir
 
 
 @pytest.mark.parametrize("extra", [["--layers", "1"], ["--heads", "0.5"], ["--ffn", "0.5"]])
-def test_structured_only_options_without_structured_are_refused(extra, model_dir, sentiment_files, tmp_path, capsys):
+def test_structured_only_options_without_structured_are_refused(extra, tiny_finetuned, sentiment_files, tmp_path, capsys):
     train, dev = sentiment_files
-    _one_line_exit_2(capsys, ["prune", "--model", str(model_dir), "--train", str(train), "--eval", str(dev),
+    _one_line_exit_2(capsys, ["prune", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev),
                               "--output", str(tmp_path / "o"), "--sparsity", "0.3", "--epochs", "1",
                               "--no-progress", "--precision", "fp32", *extra])
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("budget", ["nan", "inf"])
-def test_non_finite_max_drop_is_one_clear_line(budget, model_dir, sentiment_files, tmp_path, capsys):
+def test_non_finite_max_drop_is_one_clear_line(budget, tiny_finetuned, sentiment_files, tmp_path, capsys):
     train, dev = sentiment_files
-    _one_line_exit_2(capsys, ["compress", "--model", str(model_dir), "--train", str(train), "--eval", str(dev),
+    _one_line_exit_2(capsys, ["compress", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev),
                               "--output", str(tmp_path / "o"), "--recipes", "int8", "--max-drop", budget,
                               "--no-progress", "--precision", "fp32"])
     assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_output_equal_to_model_is_refused_and_the_model_kept(model_dir, tmp_path, capsys):
+def test_output_equal_to_model_is_refused_and_the_model_kept(tiny_finetuned, tmp_path, capsys):
     import shutil
 
     src = tmp_path / "m"
-    shutil.copytree(model_dir, src)
+    shutil.copytree(tiny_finetuned, src)
     before = (src / "model.safetensors").read_bytes()
     _one_line_exit_2(capsys, ["quantize", "--model", str(src), "--output", str(src), "--no-progress"])
     assert (src / "model.safetensors").read_bytes() == before  # the fp32 source is not replaced by int8
 
 
-def test_sigterm_during_compress_leaves_no_half_written_directory(model_dir, sentiment_files, tmp_path):
+def test_sigterm_during_compress_leaves_no_half_written_directory(tiny_finetuned, sentiment_files, tmp_path):
     train, dev = sentiment_files
     out = tmp_path / "o"
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "oztune", "compress", "--model", str(model_dir), "--train", str(train),
+    p = subprocess.Popen([sys.executable, "-m", "oztune", "compress", "--model", str(tiny_finetuned), "--train", str(train),
                           "--eval", str(dev), "--output", str(out), "--sizes", "0.5", "--epochs", "500",
                           "--no-progress", "--precision", "fp32"], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)

@@ -11,20 +11,9 @@ import pytest
 from oztune.cli import main
 from oztune.compress.search import plan
 from oztune.config import ModelConfig
-from oztune.data.load import Columns, encode_examples, read_labelled
-from oztune.models.hub import load_classifier, save_classifier
-from oztune.train.loop import TrainConfig, fit
+from oztune.models.hub import load_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(one_thread, tiny_base, sentiment_files, tmp_path_factory):
-    train, _ = sentiment_files
-    model, enc, _ = load_classifier(tiny_base, num_labels=2)
-    data = encode_examples(read_labelled(str(train), Columns()), enc, {"neg": 0, "pos": 1}, "single_label", str(train))
-    fit(model, data, TrainConfig(epochs=3, batch_size=16, lr=3e-3, progress=False, precision="fp32"))
-    return save_classifier(model, enc, tmp_path_factory.mktemp("ft") / "m", {0: "neg", 1: "pos"})
 
 
 def test_plan_splits_the_cut_between_depth_and_width():
@@ -39,10 +28,10 @@ def test_plan_splits_the_cut_between_depth_and_width():
     assert plan(ModelConfig(num_layers=2), 0.5).layers == 1
 
 
-def test_compress_end_to_end(model_dir, sentiment_files, tmp_path):
+def test_compress_end_to_end(tiny_finetuned, sentiment_files, tmp_path):
     train, dev = sentiment_files
     out = tmp_path / "small"
-    code = main(["compress", "--model", str(model_dir), "--train", str(train), "--eval", str(dev), "--output", str(out),
+    code = main(["compress", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev), "--output", str(out),
                  "--recipes", "int8,prune-int8", "--sizes", "0.5", "--epochs", "2", "--lr", "3e-3",
                  "--max-train-examples", "200", "--max-drop", "5", "--no-progress", "--precision", "fp32"])
     assert code == 0
@@ -78,16 +67,16 @@ def test_compress_end_to_end(model_dir, sentiment_files, tmp_path):
     (["--recipes", "int4"], "--recipes: unknown int4"),
     (["--sizes", "1.5"], "--sizes must be shares"),
 ])
-def test_compress_bad_options_exit_2(model_dir, sentiment_files, tmp_path, args, message, capsys):
+def test_compress_bad_options_exit_2(tiny_finetuned, sentiment_files, tmp_path, args, message, capsys):
     train, dev = sentiment_files
-    code = main(["compress", "--model", str(model_dir), "--train", str(train), "--eval", str(dev),
+    code = main(["compress", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev),
                  "--output", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
-def test_compress_bad_model_or_data_exit_2(model_dir, tiny_base, sentiment_files, tmp_path, capsys):
+def test_compress_bad_model_or_data_exit_2(tiny_finetuned, tiny_base, sentiment_files, tmp_path, capsys):
     train, dev = sentiment_files
     common = ["--train", str(train), "--output", str(tmp_path / "o"), "--no-progress", "--precision", "fp32"]
     assert main(["compress", "--model", str(tiny_base), "--eval", str(dev), *common]) == 2
@@ -97,13 +86,13 @@ def test_compress_bad_model_or_data_exit_2(model_dir, tiny_base, sentiment_files
     assert "not a model directory" in capsys.readouterr().err
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\ngood movie\tpos\nso so\tmixed\n")
-    assert main(["compress", "--model", str(model_dir), "--eval", str(bad), *common]) == 2
+    assert main(["compress", "--model", str(tiny_finetuned), "--eval", str(bad), *common]) == 2
     err = capsys.readouterr().err
     assert "mixed" in err and str(bad) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_nothing_in_budget_keeps_the_fp32_model(model_dir, sentiment_files, tmp_path, monkeypatch):
+def test_nothing_in_budget_keeps_the_fp32_model(tiny_finetuned, sentiment_files, tmp_path, monkeypatch):
     """With every variant scored below budget, the output is the input model, still a loadable classifier."""
     from oztune.compress import search
 
@@ -111,14 +100,14 @@ def test_nothing_in_budget_keeps_the_fp32_model(model_dir, sentiment_files, tmp_
 
     def worse(model, encoder, eval_data, texts, pairs, saved_in, *rest):
         m = real(model, encoder, eval_data, texts, pairs, saved_in, *rest)
-        if saved_in != model_dir:  # every variant but the input model
+        if saved_in != tiny_finetuned:  # every variant but the input model
             m["score"] -= 50
         return m
 
     monkeypatch.setattr(search, "measure", worse)
     train, dev = sentiment_files
     out = tmp_path / "o"
-    assert main(["compress", "--model", str(model_dir), "--train", str(train), "--eval", str(dev), "--output", str(out),
+    assert main(["compress", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev), "--output", str(out),
                  "--recipes", "int8", "--max-drop", "0.5", "--no-progress", "--precision", "fp32"]) == 0
     assert json.loads((out / "report.json").read_text())["chosen"] == "fp32"
     model, _, meta = load_classifier(out)
