@@ -122,15 +122,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_loss(model: nn.Module, batch: dict, weights: torch.Tensor | None = None) -> torch.Tensor:
+def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-    return model.loss(logits, batch["labels"], weights)
+    return model.loss(logits, batch["labels"])
 
 
 def weighted_loss(weights: list[float]) -> LossFn:
     """The default loss with per-label weights (``TrainConfig.class_weights``)."""
     w = torch.tensor(weights, dtype=torch.float32)
-    return lambda model, batch: default_loss(model, batch, w)
+
+    def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
+        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return model.loss(logits, batch["labels"], w)
+
+    return loss_fn
 
 
 def balanced_class_weights(labels: torch.Tensor, problem_type: str) -> list[float]:
