@@ -11,20 +11,15 @@ from oztune.cli import main
 from oztune.compress.distill import DistillConfig, default_layer_map, distill, soft_loss, student_from_layers
 from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.models.hub import load_classifier, save_classifier
-from oztune.train.loop import TrainConfig, evaluate, fit, predict_logits
+from oztune.train.loop import TrainConfig, evaluate, predict_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(one_thread, tiny_base, sentiment_files, tmp_path_factory):
+def teacher_dir(tiny_finetuned):
     """A tiny classifier trained on the synthetic sentiment task (accuracy near 1)."""
-    train, _ = sentiment_files
-    model, enc, _ = load_classifier(tiny_base, num_labels=2)
-    label2id = {"neg": 0, "pos": 1}
-    data = encode_examples(read_labelled(str(train), Columns()), enc, label2id, "single_label", str(train))
-    fit(model, data, TrainConfig(epochs=3, batch_size=16, lr=3e-3, progress=False, precision="fp32"))
-    return save_classifier(model, enc, tmp_path_factory.mktemp("teacher") / "t", {0: "neg", 1: "pos"})
+    return tiny_finetuned
 
 
 def encoded(path, enc):
