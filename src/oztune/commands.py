@@ -37,14 +37,18 @@ def finetune_cmd(a: FinetuneArgs) -> int:
     print(f"\nfine-tuned {a.model} on {run['train_examples']:,} examples in {run['train_seconds']:.0f} s "
           f"({run['train_examples_per_s']:.0f} examples/s); saved to {a.output}")
     if run["metrics"]:
-        print(f"{'eval' if a.eval else 'train'} metrics (best: {_when(run['metrics'])}): {_show_metrics(run['metrics'])}")
-    if a.eval:
+        print(f"{'eval' if a.evaluates else 'train'} metrics (best: {_when(run['metrics'])}): {_show_metrics(run['metrics'])}")
+    if a.evaluates:
         clf = Classifier.from_pretrained(a.output)
-        examples = read_labelled(a.eval, Columns(a.text_column, a.text_pair_column, a.label_column))[:5]
+        examples = read_labelled(a.eval or a.train, Columns(a.text_column, a.text_pair_column, a.label_column))
+        if a.eval_split:
+            held = set(run["eval_lines"][:5])
+            examples = [e for e in examples if e.line in held]
+        examples = examples[:5]
         preds = clf.predict([e.text for e in examples],
                             [e.text_pair for e in examples] if examples and examples[0].text_pair else None)
         gold_ids = clf.gold_label_ids([e.label for e in examples]) if clf.problem_type == "single_label" else {}
-        print("\nsome predictions on the eval file (reloaded from disk):")
+        print(f"\nsome predictions on the {'held-out examples' if a.eval_split else 'eval file'} (reloaded from disk):")
         for e, p in zip(examples, preds):
             gold = clf.id2label.get(gold_ids.get(str(e.label)), e.label)
             score = f"{p['score']:.3f}" if isinstance(p["score"], float) else ", ".join(f"{s:.3f}" for s in p["score"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from oztune.data.dataset import EncodedData, encode_data
 from oztune.data.labels import build_label_map, encode_labels, infer_problem_type, parse_multi_label
 from oztune.data.readers import Example, read_examples
@@ -37,6 +39,27 @@ def label_setup(examples: list[Example], problem_type: str | None,
         raw = [parse_multi_label(r, where=f"{path}: line {e.line}" if path else f"line {e.line}")
                for r, e in zip(raw, examples)]
     return problem_type, build_label_map(raw, problem_type)
+
+
+def hold_out(examples: list[Example], fraction: float, seed: int,
+             stratify: bool = True) -> tuple[list[Example], list[Example]]:
+    """Split training examples into (train, held out) for evaluation, seeded; both keep the file's order.
+
+    With ``stratify`` (single-label) each label gives up ``round(fraction x its count)`` examples, so the
+    held-out part has the labels in the same proportions, and every label keeps at least one training
+    example; otherwise a random ``round(fraction x N)``.
+    """
+    rng = np.random.default_rng(seed)
+    groups: dict = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(str(e.label) if stratify else "", []).append(i)
+    held = []
+    for key in sorted(groups):  # sorted: the same split whatever order the labels first appear in
+        idx = groups[key]
+        k = min(round(fraction * len(idx)), len(idx) - 1)
+        held.extend(rng.permutation(idx)[:k].tolist())
+    keep = set(held)
+    return [e for i, e in enumerate(examples) if i not in keep], [examples[i] for i in sorted(held)]
 
 
 def encode_examples(examples: list[Example], encoder: TextEncoder, label2id: dict[str, int] | None,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from oztune.data.load import Columns, encode_examples, label_setup, read_labelled
+from oztune.data.load import Columns, encode_examples, hold_out, label_setup, read_labelled
 from oztune.errors import OztuneError
 from oztune.models.hub import DEFAULT_MODEL, check_output_dir, load_classifier, new_head_, save_classifier
 from oztune.models.lora import apply_lora, merge_lora
@@ -65,6 +65,9 @@ class FinetuneArgs(RecipeOptions):
         train: training file (.csv, .tsv or .jsonl) with a text column and a label column.
         output: directory to write the fine-tuned model to (replaced atomically at the end).
         eval: evaluation file; metrics are printed each epoch and the best epoch is kept.
+        eval_split: instead of --eval FILE, hold out this share of the training examples (after
+            --max-train-examples; single-label: the same share of each label) as the evaluation set, seeded
+            by --seed; their file lines go into run.json (0: off).
         model: pre-trained model name or directory (default: the bundled all-MiniLM-L6-v2).
         epochs: passes over the training data.
         batch_size: examples per step (per process under torchrun).
@@ -110,6 +113,7 @@ class FinetuneArgs(RecipeOptions):
     train: str = ""
     output: str = ""
     eval: str | None = None
+    eval_split: float = 0.0
     model: str = DEFAULT_MODEL
     epochs: int = 3
     batch_size: int = 32
@@ -150,6 +154,11 @@ class FinetuneArgs(RecipeOptions):
                            checkpoint_dir=self.checkpoints_dir(), checkpoint_every=self.checkpoint_every,
                            keep_checkpoints=self.keep_checkpoints, resume=self.resume)
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run has an evaluation set (--eval FILE or --eval-split)."""
+        return bool(self.eval or self.eval_split)
+
     def checkpoints_dir(self) -> str:
         return self.checkpoint_dir or f"{self.output.rstrip('/')}.checkpoints"
 
@@ -180,9 +189,13 @@ def check_args(a: FinetuneArgs) -> None:
         raise OztuneError(f"--head-hidden {','.join(map(str, a.head_hidden))}: each width must be at least 1")
     if a.lora_alpha is not None and not a.lora_rank:
         raise OztuneError("--lora-alpha scales LoRA updates: give --lora-rank R too (without it every weight trains)")
+    if not 0 <= a.eval_split < 1:
+        raise OztuneError(f"--eval-split is the share of training examples held out, in [0, 1), not {a.eval_split}")
+    if a.eval_split and a.eval:
+        raise OztuneError("give --eval FILE or --eval-split, not both")
     for name in ("patience", "eval_every"):
-        if getattr(a, name) and not a.eval:
-            raise OztuneError(f"--{name.replace('_', '-')} works on the --eval metrics: give --eval FILE")
+        if getattr(a, name) and not a.evaluates:
+            raise OztuneError(f"--{name.replace('_', '-')} works on the --eval metrics: give --eval FILE or --eval-split")
     if a.pooling not in (None, "cls", "mean", "last"):
         raise OztuneError(f"--pooling must be cls, mean or last, not {a.pooling!r}")
     if not 0 < a.layer_lr_decay <= 1:
@@ -238,6 +251,11 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     if problem_type == "single_label" and num_labels < 2:
         raise OztuneError(f"{a.train}: every example has the label {next(iter(label2id), '?')!r}; "
                           "a classifier needs at least 2 labels")
+    if a.eval_split:  # after the label map: a label held out entirely would still have its output
+        train_ex, eval_ex = hold_out(train_ex, a.eval_split, a.seed, stratify=problem_type == "single_label")
+        if not eval_ex:
+            raise OztuneError(f"--eval-split {a.eval_split} of {len(train_ex)} training examples holds out none: "
+                              "give a larger share, more examples, or --eval FILE")
     if a.label_names and len(a.label_names) != num_labels:
         raise OztuneError(f"--label-names gives {len(a.label_names)} names but {a.train} has {num_labels} labels "
                           f"({', '.join(label2id or {})})")
@@ -258,7 +276,7 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
         new_head_(model, num_labels, problem_type, head)
     t0 = time.perf_counter()
     train_data = encode_examples(train_ex, enc, label2id, problem_type, a.train)
-    eval_data = encode_examples(eval_ex, enc, label2id, problem_type, a.eval) if eval_ex else None
+    eval_data = encode_examples(eval_ex, enc, label2id, problem_type, a.eval or a.train) if eval_ex else None
     tokenize_s = time.perf_counter() - t0
     if a.lora_rank:
         apply_lora(model, a.lora_rank, a.lora_alpha, a.lora_targets, a.lora_dropout)
@@ -289,6 +307,8 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
            "parameters": total, "trainable_parameters": trainable, "processes": env.world,
            "train_seconds": round(result.seconds, 1), "train_examples_per_s": round(result.examples_per_s, 1),
            "tokenize_seconds": round(tokenize_s, 2), "torch": torch.__version__, "class_weights": cfg.class_weights}
+    if a.eval_split:  # which lines of --train were evaluated on, not trained on
+        run["eval_lines"] = [e.line for e in eval_ex]
     if env.is_main:
         save_classifier(model, enc, a.output, id2label, run=run, card=model_card(a, run, id2label),
                         extra_files={"train_log.csv": log_csv(result.log)})
@@ -313,10 +333,14 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
     ran = run["history"][-1]["epoch"] if run["history"] else a.epochs  # fewer than asked after an early stop
     trained = f"{a.epochs} epoch(s)" if ran == a.epochs else f"{ran:g} of {a.epochs} epoch(s) (stopped early)"
     kept = ""
-    if a.eval and run["history"]:
+    if a.evaluates and run["history"]:
         e = run["metrics"].get("epoch")
         kept = (f" (kept: the best evaluation, at step {run['metrics'].get('step')}, epoch {e:.2f})"
                 if isinstance(e, float) else f" (kept: the best evaluation, epoch {e})")
+    if a.eval_split:
+        evaluated = f" on {run['eval_examples']:,} examples of `{a.train}` held out from training (--eval-split {a.eval_split}){kept}"
+    else:
+        evaluated = f" on `{a.eval}`{kept}" if a.eval else " (no --eval file: the training loss)"
     weights = ", class weights " + ", ".join(f"{w:.3g}" for w in run["class_weights"]) if run.get("class_weights") else ""
     return f"""# Fine-tuned with oztune
 
@@ -325,7 +349,7 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
 - Training: {trained}, batch {a.batch_size}, lr {a.lr}, max length {run['max_length']}, precision {a.precision}, seed {a.seed}{weights}
 - Time: {run['train_seconds']} s ({run['train_examples_per_s']} examples/s)
 
-## Evaluation{f' on `{a.eval}`{kept}' if a.eval else ' (no --eval file: the training loss)'}
+## Evaluation{evaluated}
 
 | metric | value |
 |---|---|
