@@ -37,6 +37,23 @@ def format_predictions(probs: np.ndarray, problem_type: str, id2label: dict[int,
     return out
 
 
+def _as_lists(texts, text_pairs) -> tuple[list[str], list[str] | None]:
+    """The texts (and pairs) as lists: one string is one text, not its characters; one second text per text."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if text_pairs is not None:
+        text_pairs = [text_pairs] if isinstance(text_pairs, str) else list(text_pairs)
+        if len(text_pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs: give one second text per text")
+    return texts, text_pairs
+
+
+def check_batch_size(batch_size: int) -> int:
+    """``batch_size`` if it is a whole number of at least 1, else a ValueError naming it."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
+    return int(batch_size)
+
+
 class Predictor:
     """What every loaded classifier does, whatever runs it (:class:`Classifier`: PyTorch; an ONNX export:
     :class:`oztune.serve.backends.OnnxClassifier`): ``logits``, ``predict`` and ``evaluate``.
@@ -59,8 +76,11 @@ class Predictor:
         return scores(torch.from_numpy(logits), self.problem_type).numpy()
 
     def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
-        """Raw outputs (N, num_labels), in input order."""
-        return self.encoded_logits(EncodedData(self.encoder.encode(list(texts), text_pairs), None, self.encoder.pad_id))
+        """Raw outputs (N, num_labels), in input order (one string: one text, N = 1)."""
+        texts, text_pairs = _as_lists(texts, text_pairs)
+        if not texts:
+            return np.zeros((0, len(self.id2label) or 1), dtype=np.float32)
+        return self.encoded_logits(EncodedData(self.encoder.encode(texts, text_pairs), None, self.encoder.pad_id))
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:
         """One dict per text: ``label`` and ``score`` (and ``scores`` for every label with ``all_scores``).
@@ -68,13 +88,8 @@ class Predictor:
         Single-label: the most likely label and its probability. Multi-label: the list of labels with
         probability >= 0.5 and the list of their probabilities. Regression: label None, score the value.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        if isinstance(text_pairs, str):  # one text and its pair, not the pair's characters
-            text_pairs = [text_pairs]
-        if text_pairs is not None and len(text_pairs) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs: give one second text per text")
-        if not len(texts):
+        texts, text_pairs = _as_lists(texts, text_pairs)
+        if not texts:
             return []
         probs = self.probabilities(self.logits(texts, text_pairs))
         return format_predictions(probs, self.problem_type, self.id2label, all_scores)
@@ -145,7 +160,7 @@ class Classifier(Predictor):
     """
 
     def __init__(self, model: SequenceClassifier, encoder: TextEncoder, id2label: dict[int, str], batch_size: int = 64):
-        self.model, self.encoder, self.batch_size = model.eval(), encoder, batch_size
+        self.model, self.encoder, self.batch_size = model.eval(), encoder, check_batch_size(batch_size)
         self.id2label = id2label
         self.label2id = {v: k for k, v in id2label.items()}
         self.problem_type = model.head_cfg.problem_type

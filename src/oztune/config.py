@@ -7,9 +7,11 @@ Per-layer sizes (``layer_heads``, ``layer_ffn``) let structured pruning shrink l
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 POOLINGS = ("cls", "mean", "last")
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "tanh", "silu", "quick_gelu", "none")
 
 
@@ -114,6 +116,10 @@ class HeadConfig:
     out_bias: bool = True
 
     def __post_init__(self) -> None:
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {', '.join(PROBLEM_TYPES)}, not {self.problem_type!r}")
+        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, numbers.Integral) or self.num_labels < 1:
+            raise ValueError(f"num_labels (the head's outputs) must be a whole number of at least 1, not {self.num_labels!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         if self.activation not in ACTIVATIONS:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from oztune.compress.prune import drop_layers_, evenly_spaced
-from oztune.compress.quantize import Int8Embedding, Int8Linear
+from oztune.compress.quantize import is_int8
 from oztune.compress.vocab import tokens_seen
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
@@ -30,7 +30,6 @@ from oztune.train.finetune import check_train_options as check_finetune_options
 from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
 
 
-QUANTIZED = (Int8Linear, Int8Embedding)
 
 
 @dataclass
@@ -146,6 +145,9 @@ def distill(teacher: SequenceClassifier, student: SequenceClassifier, train_data
         on_step: per-step callback passed to ``fit`` (e.g. a pruning schedule).
     """
     config = config or DistillConfig()
+    if is_int8(student):
+        raise OztuneError("the student is an int8 model, whose weights do not train: distil into an fp32 "
+                          "student, then quantize it")
     if teacher.head_cfg.num_labels != student.head_cfg.num_labels:
         raise OztuneError(f"teacher has {teacher.head_cfg.num_labels} outputs but the student "
                           f"{student.head_cfg.num_labels}")
@@ -156,6 +158,10 @@ def distill(teacher: SequenceClassifier, student: SequenceClassifier, train_data
                               f"student {student.cfg.hidden_size}")
         config = copy.copy(config)
         config.layer_map = config.layer_map or default_layer_map(student.cfg.num_layers, teacher.cfg.num_layers)
+        if len(config.layer_map) != student.cfg.num_layers or not all(
+                0 <= j < teacher.cfg.num_layers for j in config.layer_map):
+            raise OztuneError(f"layer_map {config.layer_map}: expected one teacher layer (0 to "
+                              f"{teacher.cfg.num_layers - 1}) for each of the student's {student.cfg.num_layers} layers")
         data, loss_fn = train_data, distill_loss_fn(teacher, config)
     else:
         if teacher_logits is None:
@@ -188,7 +194,7 @@ def load_trained(path: str, option: str = "--model", max_length: int | None = No
     if not meta["trained"] or not meta["id2label"]:
         raise ModelError(f"{option} {path}: not a fine-tuned classifier (config.json has no task head or labels); "
                          "fine-tune it first with oztune finetune")
-    if not int8_ok and any(isinstance(m, QUANTIZED) for m in model.modules()):  # int8 weights do not train
+    if not int8_ok and is_int8(model):  # int8 weights do not train
         raise ModelError(f"{option} {path}: an int8 model; prune, distil or compress the fp32 model it was "
                          "quantized from (and quantize the result)")
     return model, enc, meta

@@ -62,7 +62,8 @@ class QuantConfig:
             raise OztuneError(f"quantization scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
         if self.embeddings not in EMBEDDINGS:
             raise OztuneError(f"embeddings must be one of {', '.join(EMBEDDINGS)}, not {self.embeddings!r}")
-        self.skip = [p.strip() for p in self.skip if p.strip()]
+        skip = self.skip.split(",") if isinstance(self.skip, str) else self.skip  # "a.*,b.*" as the CLI takes it
+        self.skip = [p.strip() for p in skip if p.strip()]
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
@@ -306,3 +307,7 @@ def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Modu
             model.set_submodule(name, FakeQuantLinear.from_linear(m))
     return model
 
+
+def is_int8(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` holds int8 weights (from :func:`quantize_`): they do not train."""
+    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())

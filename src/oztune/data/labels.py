@@ -15,9 +15,9 @@ import json
 import math
 import re
 
+from oztune.config import PROBLEM_TYPES
 from oztune.errors import DataError
 
-PROBLEM_TYPES = ("single_label", "multi_label", "regression")
 
 _MAX_LISTED = 20  # how many known labels an error message lists
 

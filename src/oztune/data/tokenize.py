@@ -61,7 +61,15 @@ class TextEncoder:
         such texts would have no length.
         """
         inputs = list(zip(texts, pairs)) if pairs is not None else texts
-        return [(e.ids, e.type_ids) if e.ids else ([self.pad_id], [0]) for e in self.tokenizer.encode_batch(inputs)]
+        try:
+            encoded = self.tokenizer.encode_batch(inputs)
+        except Exception:  # tokenizers' own message names no text: say which one is not a string
+            for name, seq in (("text", texts), ("text pair", pairs or [])):
+                bad = next((i for i, t in enumerate(seq) if not isinstance(t, str)), None)
+                if bad is not None:
+                    raise TypeError(f"{name} {bad} is {seq[bad]!r} ({type(seq[bad]).__name__}): expected a string") from None
+            raise
+        return [(e.ids, e.type_ids) if e.ids else ([self.pad_id], [0]) for e in encoded]
 
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Encode and pad one batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` (B, T)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -157,10 +158,14 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
     id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
     trained = "head" in oz or any(hf_arch.endswith("ForSequenceClassification") for hf_arch in hf.get("architectures") or [])
     if trained:
-        head_cfg = HeadConfig.from_dict(oz["head"]) if "head" in oz else default_head(
-            family, cfg.hidden_size, len(id2label) or 2, _from_hf_problem(hf.get("problem_type"), len(id2label)))
+        try:
+            head_cfg = HeadConfig.from_dict(oz["head"]) if "head" in oz else default_head(
+                family, cfg.hidden_size, len(id2label) or 2, _from_hf_problem(hf.get("problem_type"), len(id2label)))
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"{path / 'config.json'}: its task head has a value oztune cannot use ({e})") from None
     else:
-        head_cfg = default_head(family, cfg.hidden_size, num_labels or 2, problem_type or "single_label")
+        head_cfg = default_head(family, cfg.hidden_size, 2 if num_labels is None else num_labels,
+                                problem_type or "single_label")
         head_cfg = HeadConfig.from_dict({**head_cfg.to_dict(), **(head or {})})
         id2label = {}
     try:
@@ -204,6 +209,8 @@ def tokenizer_length(oz: dict, cfg: ModelConfig, max_length: int | None) -> int:
     """The truncation length: ``max_length`` if given, else the one the model was fine-tuned with (config.json's
     ``oztune.max_length``, written by :func:`save_classifier` and exports), else the model's window; never
     beyond the window."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1):
+        raise ValueError(f"max_length must be a whole number of at least 1, not {max_length!r}")
     return min(max_length or oz.get("max_length") or cfg.max_length, cfg.max_length)
 
 

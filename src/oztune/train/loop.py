@@ -29,6 +29,7 @@ from oztune.train.ema import WeightEMA
 from oztune.train.metrics import MAIN_METRIC, compute_metrics, metric_values
 from oztune.train.tensorboard import Board
 
+PRECISIONS = ("auto", "bf16", "fp32")
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 
 
@@ -89,6 +90,15 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be at least 1, not {getattr(self, name)}")
+        if self.epochs < 0:
+            raise ValueError(f"TrainConfig.epochs must be 0 or more, not {self.epochs}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
 
 @dataclass
@@ -369,6 +379,7 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             if ckpt is not None and ckpt.due(run.step):  # a resumed run goes on with the next epoch
                 ckpt.save_run(model, opt, sched, run, env)
     finally:
+        word.requires_grad_(word_trainable)  # as it was, even after an interruption
         if board is not None:
             board.close()
     seconds = time.perf_counter() - start
@@ -380,7 +391,6 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             ema.copy_to_params()
         result.best = dict(run.history[-1]) if run.history else {}
     model.eval()
-    word.requires_grad_(word_trainable)
     return result
 
 
