@@ -69,7 +69,7 @@ def apply_lora(model: SequenceClassifier, rank: int, alpha: float | None = None,
     Returns:
         The number of trainable parameters.
     """
-    targets = list(targets or TARGETS)
+    targets = list(dict.fromkeys(targets or TARGETS))  # a name given twice is one target
     unknown = [t for t in targets if t not in TARGETS]
     if rank < 1:
         raise OztuneError(f"--lora-rank must be at least 1, not {rank}")

@@ -109,6 +109,16 @@ def data_digest(data) -> str:
     return h.hexdigest()[:16]
 
 
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """What the network is, beyond its parameter counts: the task head's settings, a digest of its weights'
+    names and shapes (which layers carry LoRA updates), and each LoRA update's scale and dropout."""
+    names = hashlib.sha256("\n".join(f"{k}:{tuple(t.shape)}" for k, t in model.state_dict().items()).encode())
+    lora = sorted({(round(float(m.scaling), 9), float(m.dropout.p)) for m in model.modules() if hasattr(m, "lora_a")})
+    head = getattr(model, "head_cfg", None)
+    return {"head": head.to_dict() if head is not None else None, "layout": names.hexdigest()[:16],
+            "lora": [list(x) for x in lora]}
+
+
 class Checkpointer:
     """Writes, lists, validates and loads the checkpoints of one run.
 
@@ -150,7 +160,8 @@ class Checkpointer:
                        "eval_every": cfg.eval_every, "patience": cfg.patience,
                        "eval_data": data_digest(eval_data) if eval_data is not None else None,
                        "parameters": sum(t.numel() for t in model.state_dict().values()),
-                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       **model_fingerprint(model)}
         ckpt = cls(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, fingerprint)
         if not cfg.resume:
             ckpt.check_fresh_start()
@@ -185,7 +196,8 @@ class Checkpointer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for _, old in self.checkpoints()[self.keep:]:
+        others = [p for _, p in self.checkpoints() if p != final]  # the one just written always stays
+        for old in others[self.keep - 1:]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 

@@ -14,7 +14,7 @@ import torch
 from oztune.data.load import Columns, encode_examples, hold_out, label_setup, read_labelled
 from oztune.errors import OztuneError
 from oztune.models.hub import DEFAULT_MODEL, check_output_dir, load_classifier, new_head_, save_classifier
-from oztune.models.lora import apply_lora, merge_lora
+from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, merge_lora
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints
 from oztune.train.loop import TrainConfig, balanced_class_weights, fit, seed_everything
@@ -138,7 +138,7 @@ class FinetuneArgs(RecipeOptions):
     resume: bool = False
     lora_rank: int = 0
     lora_alpha: float | None = None
-    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "o", "up", "down"])
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     lora_dropout: float = 0.0
     label_names: list[str] = field(default_factory=list)
     class_weights: str = "none"
@@ -187,8 +187,12 @@ def check_args(a: FinetuneArgs) -> None:
             raise OztuneError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(a, name)}")
     if any(w < 1 for w in a.head_hidden):
         raise OztuneError(f"--head-hidden {','.join(map(str, a.head_hidden))}: each width must be at least 1")
-    if a.lora_alpha is not None and not a.lora_rank:
-        raise OztuneError("--lora-alpha scales LoRA updates: give --lora-rank R too (without it every weight trains)")
+    if not a.lora_rank:
+        given = [name for name, v in (("--lora-alpha", a.lora_alpha is not None), ("--lora-dropout", a.lora_dropout),
+                                      ("--lora-targets", a.lora_targets != list(LORA_TARGETS))) if v]
+        if given:
+            raise OztuneError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} up LoRA updates: give "
+                              "--lora-rank R too (without it every weight trains)")
     if not 0 <= a.eval_split < 1:
         raise OztuneError(f"--eval-split is the share of training examples held out, in [0, 1), not {a.eval_split}")
     if a.eval_split and a.eval:
@@ -211,6 +215,9 @@ def check_args(a: FinetuneArgs) -> None:
             raise OztuneError(f"--tensorboard {a.tensorboard} is inside --output {a.output}, which is replaced when "
                               "the model is saved: give a folder outside it")
     if a.checkpoint_every or a.resume:
+        if Path(a.checkpoints_dir()).resolve().is_relative_to(Path(a.output).resolve()):
+            raise OztuneError(f"--checkpoint-dir {a.checkpoints_dir()} is inside --output {a.output}, which is replaced "
+                              "when the model is saved: give a folder outside it")
         check_output_dir(a.checkpoints_dir(), "--checkpoint-dir", replaced=False)
     if a.checkpoint_every and not a.resume:
         Checkpointer(a.checkpoints_dir(), a.checkpoint_every, a.keep_checkpoints, {}).check_fresh_start()
