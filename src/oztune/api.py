@@ -109,7 +109,7 @@ class Predictor:
         """
         if mistakes and self.problem_type == "regression":
             raise OztuneError("listing mistakes is for classification models; this one is a regression model")
-        examples = read_labelled(path, columns or Columns())
+        examples = read_labelled(path, columns or Columns(), problem_type=self.problem_type)
         label2id = None if self.problem_type == "regression" else self.gold_label_ids([e.label for e in examples])
         data = encode_examples(examples, self.encoder, label2id, self.problem_type, path)
         logits = self.encoded_logits(data)

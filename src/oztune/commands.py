@@ -40,7 +40,8 @@ def finetune_cmd(a: FinetuneArgs) -> int:
         print(f"{'eval' if a.evaluates else 'train'} metrics (best: {_when(run['metrics'])}): {_show_metrics(run['metrics'])}")
     if a.evaluates:
         clf = Classifier.from_pretrained(a.output)
-        examples = read_labelled(a.eval or a.train, Columns(a.text_column, a.text_pair_column, a.label_column))
+        examples = read_labelled(a.eval or a.train, Columns(a.text_column, a.text_pair_column, a.label_column),
+                                 problem_type=clf.problem_type)
         if a.eval_split:
             held = set(run["eval_lines"][:5])
             examples = [e for e in examples if e.line in held]

@@ -86,7 +86,7 @@ def run_quantize(a: QuantizeArgs) -> dict:
     cols = Columns(a.text_column, a.text_pair_column, a.label_column)
 
     def encoded(path: str):
-        examples = read_labelled(path, cols)
+        examples = read_labelled(path, cols, problem_type=kind)
         label2id = None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
         return encode_examples(examples, enc, label2id, kind, path)
 

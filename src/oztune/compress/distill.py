@@ -10,6 +10,7 @@ Students are the teacher with layers dropped (:func:`student_from_layers`) or a 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -49,7 +50,7 @@ class DistillConfig:
     layer_map: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise OztuneError(f"--temperature must be positive, not {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise OztuneError(f"--alpha must be in [0, 1], not {self.alpha}")
@@ -229,10 +230,10 @@ def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval:
     def label2id(examples):  # by name, or by class id (gold_label2id)
         return None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
 
-    train_ex = read_labelled(train, columns)
+    train_ex = read_labelled(train, columns, problem_type=kind)
     train_all = encode_examples(train_ex, enc, label2id(train_ex), kind, train)
     train_data = train_all.subset(sample(list(range(len(train_all))), max_train_examples, seed))
-    eval_ex = read_labelled(eval, columns)
+    eval_ex = read_labelled(eval, columns, problem_type=kind)
     pairs = [e.text_pair or "" for e in eval_ex] if any(e.text_pair is not None for e in eval_ex) else None
     return TaskData(train_data, encode_examples(eval_ex, enc, label2id(eval_ex), kind, eval), [e.text for e in eval_ex],
                     pairs, tokens_seen(train_all, model.cfg.vocab_size))

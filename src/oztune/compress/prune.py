@@ -59,6 +59,9 @@ class PruneConfig:
                 raise OztuneError(f"--{name} must be in [0, 1), not {v}")
         if self.layers < 0:
             raise OztuneError(f"--layers must be 0 or more, not {self.layers}")
+        for name in ("importance_batches", "batch_size"):
+            if getattr(self, name) < 1:
+                raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
 
     @property
     def structured(self) -> bool:

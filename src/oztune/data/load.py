@@ -22,10 +22,12 @@ class Columns:
 
 
 def read_labelled(path: str, columns: Columns, require_label: bool = True,
-                  max_examples: int | None = None) -> list[Example]:
-    """Read examples, keeping the first ``max_examples`` (None: all)."""
+                  max_examples: int | None = None, problem_type: str | None = None) -> list[Example]:
+    """Read examples, keeping the first ``max_examples`` (None: all); with ``problem_type`` multi_label a
+    blank label cell is an example with no labels (None: the file's other labels tell)."""
     examples = read_examples(path, text_column=columns.text, text_pair_column=columns.text_pair,
-                             label_column=columns.label, require_label=require_label)
+                             label_column=columns.label, require_label=require_label,
+                             multi_label=None if problem_type is None else problem_type == "multi_label")
     return examples[:max_examples] if max_examples else examples
 
 

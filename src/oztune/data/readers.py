@@ -58,6 +58,7 @@ def read_examples(
     text_pair_column: str | None = None,
     label_column: str | None = None,
     require_label: bool = True,
+    multi_label: bool | None = None,
 ) -> list[Example]:
     """Read every example of a ``.csv``, ``.tsv``/``.tab`` or ``.jsonl``/``.json`` file.
 
@@ -70,6 +71,8 @@ def read_examples(
         label_column: Column holding the label; by default the first of :data:`LABEL_COLUMNS`.
         require_label: If True, a missing label column or an empty label is an error; if False,
             such examples get ``label=None``.
+        multi_label: Whether the labels are multi-label ones, where a blank cell is an example with no
+            labels (``[]``); None: so when another cell of the column looks like a list of labels.
 
     Returns:
         The examples, in file order.
@@ -110,7 +113,8 @@ def read_examples(
         examples.append(Example(text_value, pair_value, label, line))
     blank = [e for e in examples if e.label is None] if label_col and require_label else []
     if blank:
-        if any(looks_multi_label(e.label) for e in examples):  # a multi-label column: a blank cell has no labels
+        if multi_label or (multi_label is None and any(looks_multi_label(e.label) for e in examples)):
+            # a multi-label column: a blank cell has no labels
             for e in blank:
                 e.label = []
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
@@ -168,8 +169,10 @@ def check_train_options(a, at_least_one: tuple = ()) -> None:
     for name in ("epochs", "batch_size", "max_length", *at_least_one):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(a, name)}")
-    if a.lr is not None and a.lr <= 0:
-        raise OztuneError(f"--lr must be positive, not {a.lr}")
+    if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
+        raise OztuneError(f"--lr must be a positive number, not {a.lr}")
+    if a.seed < 0:
+        raise OztuneError(f"--seed must be 0 or more, not {a.seed}")
     if a.max_train_examples is not None and a.max_train_examples < 1:
         raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
     if a.precision not in ("auto", "bf16", "fp32"):
@@ -179,9 +182,12 @@ def check_train_options(a, at_least_one: tuple = ()) -> None:
 def check_args(a: FinetuneArgs) -> None:
     """Reject bad option values and an unwritable output before any work is done."""
     check_train_options(a, ("grad_accum", "keep_checkpoints"))
-    for name in ("checkpoint_every", "lora_rank", "eval_every"):
-        if getattr(a, name) < 0:
-            raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(a, name)}")
+    for name in ("checkpoint_every", "lora_rank", "eval_every", "patience", "max_grad_norm", "weight_decay"):
+        v = getattr(a, name)
+        if not (v >= 0 and math.isfinite(v)):
+            raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {v}")
+    if a.lora_alpha is not None and not (a.lora_alpha > 0 and math.isfinite(a.lora_alpha)):
+        raise OztuneError(f"--lora-alpha must be a positive number, not {a.lora_alpha}")
     for name in ("lora_dropout", "head_dropout", "warmup_ratio", "ema_decay"):
         if not 0 <= getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(a, name)}")
@@ -251,9 +257,9 @@ def finetune(a: FinetuneArgs) -> dict:
 def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     seed_everything(a.seed)
     cols = a.columns()
-    train_ex = sample(read_labelled(a.train, cols), a.max_train_examples, a.seed)
-    eval_ex = read_labelled(a.eval, cols) if a.eval else None
+    train_ex = sample(read_labelled(a.train, cols, problem_type=a.problem_type), a.max_train_examples, a.seed)
     problem_type, label2id = label_setup(train_ex, a.problem_type, a.train)
+    eval_ex = read_labelled(a.eval, cols, problem_type=problem_type) if a.eval else None
     num_labels = len(label2id) if label2id else 1
     if problem_type == "single_label" and num_labels < 2:
         raise OztuneError(f"{a.train}: every example has the label {next(iter(label2id), '?')!r}; "
