@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tokenizers import Tokenizer
 
@@ -40,3 +41,20 @@ def test_pad_batch_pads_right_with_the_pad_id():
     assert got["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
     assert got["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert all(v.dtype == torch.int64 for v in got.values())
+
+
+def test_a_max_length_below_the_special_tokens_is_refused(tmp_path):
+    """Below the special tokens' count tokenizers stops truncating at all (texts came out whole)."""
+    from conftest import write_tiny_tokenizer
+    from oztune.data.tokenize import TextEncoder
+    from oztune.errors import OztuneError
+
+    write_tiny_tokenizer(tmp_path, 64)
+    with pytest.raises(OztuneError, match="max length 2 is too short: this tokenizer adds 2 special token"):
+        TextEncoder.from_dir(tmp_path, 2)
+    enc = TextEncoder.from_dir(tmp_path, 3)
+    assert all(len(ids) <= 3 for ids, _ in enc.encode(["a b c d e f g", "a"]))
+    with pytest.raises(OztuneError, match="too short for text pairs"):
+        enc.encode(["a b"], ["c d"])
+    enc.set_max_length(5)
+    assert all(len(ids) <= 5 for ids, _ in enc.encode(["a b c d e f g"], ["a b c d"]))

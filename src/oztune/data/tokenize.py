@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from oztune.errors import ModelError
+from oztune.errors import ModelError, OztuneError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt")
@@ -36,7 +36,16 @@ class TextEncoder:
         tokenizer.no_padding()
         self.set_max_length(max_length)
 
+    def special_tokens(self, pair: bool = False) -> int:
+        """How many special tokens the tokenizer adds around one text (or a pair)."""
+        post = self.tokenizer.post_processor
+        return post.num_special_tokens_to_add(pair) if post is not None else 0
+
     def set_max_length(self, max_length: int) -> None:
+        least = self.special_tokens() + 1
+        if max_length < least:  # below it, tokenizers silently stops truncating at all
+            raise OztuneError(f"max length {max_length} is too short: this tokenizer adds {least - 1} special "
+                              f"token(s) to each text, so the least is {least}")
         self.max_length = max_length
         self.tokenizer.enable_truncation(max_length, strategy="longest_first")
 
@@ -61,6 +70,10 @@ class TextEncoder:
         such texts would have no length.
         """
         inputs = list(zip(texts, pairs)) if pairs is not None else texts
+        if pairs is not None and self.max_length < self.special_tokens(pair=True) + 2:
+            raise OztuneError(f"max length {self.max_length} is too short for text pairs: this tokenizer adds "
+                              f"{self.special_tokens(pair=True)} special tokens to a pair, and each text needs one "
+                              f"token, so the least is {self.special_tokens(pair=True) + 2}")
         try:
             encoded = self.tokenizer.encode_batch(inputs)
         except Exception:  # tokenizers' own message names no text: say which one is not a string
