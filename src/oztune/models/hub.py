@@ -12,6 +12,7 @@ import hashlib
 import json
 import numbers
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -121,7 +122,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ModelError(f"{path / 'pytorch_model.bin'}: cannot be read as plain weights ({e})") from None
+            if isinstance(e, pickle.UnpicklingError):  # torch's text suggests weights_only=False: never here
+                why = "truncated, corrupt, or holding objects other than tensors, which oztune does not unpickle"
+            else:
+                why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ModelError(f"{path / 'pytorch_model.bin'}: cannot be read as plain weights ({why})") from None
     raise ModelError(f"{path}: no weights (expected model.safetensors or pytorch_model.bin)")
 
 
