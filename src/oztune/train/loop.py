@@ -325,22 +325,22 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             bar = tqdm(total=len(batches), initial=run.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and env.is_main), unit="batch", dynamic_ncols=True, leave=False,
                        mininterval=0.5 if sys.stderr.isatty() else 15)
-            step_loss, micro = 0.0, 0  # the step's micro-batches (--grad-accum): their mean loss is logged
+            step_loss = 0.0  # the step's mean loss over its examples (all micro-batches, all ranks)
             for i in range(run.batch, len(batches)):
                 mine = batches[i][env.rank::env.world]  # this rank's slice of the global batch
-                share = len(mine) / len(batches[i])  # its weight in the global batch's mean loss
-                group = min(cfg.grad_accum, len(batches) - i + i % cfg.grad_accum)  # micro-batches in this step
-                micro += 1
+                first = i - i % cfg.grad_accum  # the step's micro-batches (--grad-accum): first..first + k - 1
+                in_step = sum(len(b) for b in batches[first:first + cfg.grad_accum])
+                share = len(mine) / in_step  # its weight in the step's mean loss (a short batch weighs less)
                 if len(mine):
                     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                         local = loss_fn(model, train.batch(mine))
-                    (local * (share / group)).backward()  # the step's gradient: that of its mean loss
+                    (local * share).backward()  # the step's gradient: that of its mean loss
                     step_loss += local.item() * share
                 seen += len(batches[i])
                 if (i + 1) % cfg.grad_accum and i + 1 < len(batches):
                     bar.update(1)
                     continue
-                loss, step_loss, micro = step_loss / micro, 0.0, 0
+                loss, step_loss = step_loss, 0.0
                 if env.world > 1:
                     loss = distributed.sync_gradients(params, loss)
                 lr = sched.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
