@@ -138,3 +138,9 @@ def test_class_weights_with_grad_accum_weigh_the_whole_step(tiny_base, sentiment
     for n, p in start.named_parameters():  # the step's 16 weighted losses' mean, as 1 batch of 16 or 2 procs x 8
         if p.grad is not None:
             torch.testing.assert_close(grads[0][n], p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_balanced_weights_count_a_label_missing_from_the_data():
+    # labels 0 and 1 only, of 3: each present class weighs N / (3 x count), the absent one 1
+    assert balanced_class_weights(torch.tensor([0, 0, 0, 1]), "single_label", num_labels=3) == \
+        pytest.approx([4 / 9, 4 / 3, 1.0])

@@ -412,6 +412,13 @@ def test_each_problem_type_keeps_the_epoch_of_its_main_metric(tiny_base, data, m
     assert result.best["epoch"] == best  # micro-F1 for multi-label, Pearson for regression
 
 
+def test_a_lower_is_better_main_metric_keeps_its_smallest_value(tiny_base, data, monkeypatch):
+    scripted_evaluations(monkeypatch, [{"accuracy": 0.5, "mse": 0.3}, {"accuracy": 0.4, "mse": 0.1},
+                                       {"accuracy": 0.9, "mse": 0.2}])
+    model, train, dev = new_model(tiny_base, data)
+    assert fit(model, train, config(epochs=3), dev, main_metric="mse").best["epoch"] == 2
+
+
 # Found by an audit of resumed runs and accumulation (session 9): each failed before its fix.
 
 def resumed(tiny_base, data, ck, every, crash, tb=None):

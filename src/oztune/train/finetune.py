@@ -307,7 +307,7 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     if a.class_weights == "balanced":
         if problem_type == "regression":
             raise OztuneError("--class-weights balanced weighs labels: this is a regression task (no labels)")
-        cfg = replace(cfg, class_weights=[round(w, 6) for w in balanced_class_weights(train_data.labels, problem_type)])
+        cfg = replace(cfg, class_weights=[round(w, 6) for w in balanced_class_weights(train_data.labels, problem_type, num_labels)])
         if a.progress and env.is_main:
             print("oztune: class weights " + ", ".join(f"{id2label[i]} {w:.3g}" for i, w in enumerate(cfg.class_weights)),
                   flush=True)

@@ -30,6 +30,7 @@ from oztune.train.metrics import MAIN_METRIC, compute_metrics, metric_values
 from oztune.train.tensorboard import Board
 
 PRECISIONS = ("auto", "bf16", "fp32")
+LOWER_IS_BETTER = ("mse", "train_loss")  # metrics where a smaller value is the better model
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 
 
@@ -148,15 +149,15 @@ def weighted_loss(weights: list[float]) -> LossFn:
     return loss_fn
 
 
-def balanced_class_weights(labels: torch.Tensor, problem_type: str) -> list[float]:
+def balanced_class_weights(labels: torch.Tensor, problem_type: str, num_labels: int | None = None) -> list[float]:
     """Weights that give every label the same total weight (scikit-learn's "balanced").
 
-    Single-label, class c: N / (L * count_c). Multi-label, label l: negatives_l / positives_l (BCE's
-    ``pos_weight``: the positive examples weigh as much as the negative ones); 1 for a label that is never
-    or always on.
+    Single-label, class c: N / (L * count_c), L = ``num_labels`` (default: the largest label id + 1).
+    Multi-label, label l: negatives_l / positives_l (BCE's ``pos_weight``: the positive examples weigh as
+    much as the negative ones); 1 for a label that is never or always on.
     """
     if problem_type == "single_label":
-        counts = torch.bincount(labels.long()).double()
+        counts = torch.bincount(labels.long(), minlength=num_labels or 0).double()
         return [float(len(labels) / (len(counts) * c)) if c else 1.0 for c in counts]
     if problem_type == "multi_label":
         pos = labels.float().sum(0).double()
@@ -273,7 +274,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
         cfg: optimisation settings.
         eval_data: encoded evaluation data; without it the last weights are kept.
         loss_fn: ``loss_fn(model, batch) -> loss``; distillation passes its own.
-        main_metric: metric that decides the best epoch (default: by problem type).
+        main_metric: metric that decides the best epoch (default: by problem type); higher is better, except
+            for those in :data:`LOWER_IS_BETTER` (mse, train_loss).
         on_step: called as ``on_step(step, total_steps)`` after each optimizer step (pruning schedules).
 
     Under torchrun each process trains on its slice of every global batch of ``batch_size x processes``
@@ -411,7 +413,8 @@ def _evaluate(model: nn.Module, run: Progress, epoch: float, eval_data: EncodedD
         metrics = evaluate(model, eval_data) if env.is_main else None
         entry.update(distributed.broadcast_object(metrics) if env.world > 1 else metrics)
         model.train()
-        if not run.best or entry[main_metric] > run.best[main_metric]:
+        sign = -1 if main_metric in LOWER_IS_BETTER else 1
+        if not run.best or sign * entry[main_metric] > sign * run.best[main_metric]:
             run.best, run.bad_evals = dict(entry), 0
             run.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
