@@ -59,18 +59,13 @@ class QuantizeArgs:
     progress: bool = True
 
 
-def _weights_mb(path: Path) -> float:
-    files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")]
-    return sum(f.stat().st_size for f in files) / 1e6
-
-
 def run_quantize(a: QuantizeArgs) -> dict:
     """Load, (fine-tune with fake quantization,) quantize, evaluate and save; returns the run record."""
     from oztune.compress.distill import load_trained
     from oztune.compress.quantize import QuantConfig, prepare_qat_, quantization_record, quantize_
     from oztune.data.labels import gold_label2id
     from oztune.data.load import Columns, encode_examples, read_labelled
-    from oztune.models.hub import check_output_dir, read_config, save_classifier
+    from oztune.models.hub import check_output_dir, read_config, save_classifier, weights_mb
     from oztune.train.loop import TrainConfig, evaluate, fit
 
     config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
@@ -105,10 +100,10 @@ def run_quantize(a: QuantizeArgs) -> dict:
     record = quantization_record(config)
     run = {"command": "quantize", "source": str(a.model), "args": asdict(a), "quantization": record, "qat": qat,
            "metrics_before": before, "metrics": after, "seconds": round(time.perf_counter() - start, 1),
-           "file_mb_before": round(_weights_mb(Path(meta["path"])), 2), "torch": torch.__version__,
+           "file_mb_before": round(weights_mb(Path(meta["path"])), 2), "torch": torch.__version__,
            "source_run": meta.get("run", {})}
     save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record, card=_card(a, run))
-    run["file_mb"] = round(_weights_mb(Path(a.output)), 2)
+    run["file_mb"] = round(weights_mb(Path(a.output)), 2)
     return run
 
 

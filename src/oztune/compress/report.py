@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from oztune.data.dataset import EncodedData
+from oztune.models.hub import weights_mb
 from oztune.train.loop import evaluate
 from oztune.train.metrics import MAIN_METRIC
 
@@ -99,11 +100,6 @@ def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list
             "latency_p95_ms": p95, "batch64_seconds": seconds, "throughput": len(texts) / seconds}
 
 
-def weights_mb(model_dir: Path) -> float:
-    """Megabytes (1e6 bytes) of the weight files of a saved model."""
-    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 1e6
-
-
 def add_relative(rows: list[dict], baseline: dict, max_drop: float) -> None:
     """Fill ``drop`` (points below the baseline), ``speedup`` (throughput ratio) and ``within_budget``."""
     for r in rows:
@@ -140,6 +136,9 @@ def markdown(rows: list[dict], chosen: str, max_drop: float, settings: dict) -> 
             cells[0] = f"**{cells[0]}** (kept)"
         lines.append("| " + " | ".join(cells) + " |")
     base, best = rows[0], next(r for r in rows if r["name"] == chosen)
+    pruned = any(str(r.get("recipe", r["name"])).startswith("prune") for r in rows)
+    pruning = (f"; sizes (share of encoder weights kept): {settings.get('sizes')}; recovery: {settings.get('epochs')} "
+               f"epoch(s) of distillation from fp32 on {settings.get('train_examples')} examples") if pruned else ""
     return f"""# oztune compress report
 
 Model `{settings.get('model')}`, evaluated on `{settings.get('eval')}` ({settings.get('eval_examples')} examples);
@@ -154,9 +153,7 @@ budget: at most {max_drop:g} point(s) of {metric} below fp32 ({base['score']:.2f
   batch 64 on the eval texts sorted by token length; batch 1 over every eval text.
 - speed-up: batch-64 throughput relative to fp32. params: before quantization.
 - {"Every variant is saved under `variants/<name>/`; the" if settings.get("keep_variants", True) else "The"} kept one is this directory's model.
-- Recipes: {settings.get('recipes')}; sizes (share of encoder weights kept): {settings.get('sizes')};
-  recovery: {settings.get('epochs')} epoch(s) of distillation from fp32 on {settings.get('train_examples')} examples;
-  total time {settings.get('seconds', 0):.0f} s.
+- Recipes: {settings.get('recipes')}{pruning}; total time {settings.get('seconds', 0):.0f} s.
 
 ![accuracy against latency](pareto.png)
 """
@@ -182,7 +179,6 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> No
     pad_y = max(0.5, (y.max() - min(y.min(), y[0] - max_drop)) * 0.15)
     ax.set_ylim(min(y.min(), y[0] - max_drop) - pad_y, y.max() + pad_y)
     ax.set_xlim(0, x.max() * 1.35)
-    _labels(ax, fig, rows, x, y, np.sqrt(area / np.pi), chosen)
     ax.set_xlabel("batch-1 latency, p50 (ms, tokenization included)")
     ax.set_ylabel(f"{rows[0]['metric']} (%)")
     kept_fp32 = rows[0]["name"] == chosen  # nothing else within the budget: fp32 itself is kept (red)
@@ -190,7 +186,8 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> No
                  f"{'red = fp32, kept' if kept_fp32 else 'grey = fp32, red = kept'}", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout()  # before the labels: their places are chosen in the final layout's pixels
+    _labels(ax, fig, rows, x, y, np.sqrt(area / np.pi), chosen)
     fig.savefig(path)
     plt.close(fig)
 
@@ -198,7 +195,10 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> No
 def _labels(ax, fig, rows: list[dict], x: np.ndarray, y: np.ndarray, radius: np.ndarray, chosen: str) -> None:
     """Label each point beside its marker (``radius`` in points), at the first of a few places where the text
     overlaps no other label or point."""
-    offsets = [(1, 0), (1, -22), (-1, 0), (-1, -22), (1, 20), (1, -40), (-1, 20), (-1, -40)]
+    from matplotlib.text import Text
+
+    offsets = [(1, 0), (1, -22), (-1, 0), (-1, -22), (1, 20), (1, -40), (-1, 20), (-1, -40),
+               (1, 42), (1, -62), (-1, 42), (-1, -62)]  # the last ones for variants with tied scores
     renderer = fig.canvas.get_renderer()
     points = [ax.transData.transform((xi, yi)) for xi, yi in zip(x, y)]
     placed = []
@@ -208,9 +208,11 @@ def _labels(ax, fig, rows: list[dict], x: np.ndarray, y: np.ndarray, radius: np.
             dx = side * (radius[i] + 3)
             ann = ax.annotate(f"{r['name']}\n{r['score']:.2f}%, {r['file_mb']:.3g} MB", (x[i], y[i]),
                               textcoords="offset points", xytext=(dx, dy), fontsize=8,
-                              ha="left" if dx > 0 else "right", fontweight="bold" if r["name"] == chosen else "normal",
+                              ha="left" if dx > 0 else "right", multialignment="left" if dx > 0 else "right", fontweight="bold" if r["name"] == chosen else "normal",
                               arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6})
-            box = ann.get_window_extent(renderer).expanded(1.05, 1.15)
+            # the text's own box (an annotation's extent also spans its arrow, back to the marker's centre)
+            ann.update_positions(renderer)
+            box = Text.get_window_extent(ann, renderer).expanded(1.05, 1.15)
             clashes = sum(box.overlaps(b) for b in placed) + sum(box.contains(*p) for p in points)
             inside = ax.get_window_extent(renderer).contains(box.x0, box.y0) and \
                 ax.get_window_extent(renderer).contains(box.x1, box.y1)

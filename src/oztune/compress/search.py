@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from oztune.compress.distill import DistillConfig, check_train_options, distill, load_task_data, load_trained
@@ -89,6 +90,11 @@ def check_args(a: CompressArgs) -> None:
     bad = [s for s in a.sizes if not 0 < s < 1]
     if bad or (not a.sizes and any(r.startswith("prune") for r in a.recipes)):
         raise OztuneError(f"--sizes must be shares of weights kept, each in (0, 1); got {a.sizes}")
+    names = [f"prune{round(100 * s)}" for s in a.sizes]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice and any(r.startswith("prune") for r in a.recipes):
+        raise OztuneError(f"--sizes {','.join(map(str, a.sizes))}: sizes that round to the same percentage would be "
+                          f"one variant ({', '.join(twice)}); give sizes at least 0.01 apart")
     if a.max_train_examples == 0:
         a.max_train_examples = None
     if a.importance_batches < 1:
@@ -184,8 +190,8 @@ def _pruned(teacher, enc, data, keep: float, teacher_logits: torch.Tensor, a: Co
     result = distill(teacher, student, data.train, cfg, DistillConfig(a.temperature, a.alpha), data.eval,
                      teacher_logits=teacher_logits)
     unk = unk_id(enc)
-    if a.prune_vocab and unk is not None:
-        prune_vocab_(student, data.train_tokens, unk)
+    if a.prune_vocab and unk is not None and isinstance(student.backbone.embed.word, nn.Embedding):
+        prune_vocab_(student, data.train_tokens, unk)  # (a vocabulary pruned before, by an earlier compress, stays)
     return student, {"keep": keep, "prune": asdict(pcfg), "parameters": sum(p.numel() for p in student.parameters()),
                      "recovery": {"history": result.history, "seconds": round(result.seconds, 1)}}
 

@@ -107,18 +107,31 @@ def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{f}: cannot be read as safetensors ({e}); the file may be truncated or corrupt") from None
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint: model.safetensors (maybe sharded), else pytorch_model.bin (weights only)."""
+def weight_files(path: Path) -> list[Path]:
+    """The weight files :func:`read_weights` reads from a model directory (empty when there are none)."""
+    path = Path(path)
     if (path / "model.safetensors").is_file():
-        return _load_safetensors(path / "model.safetensors")
+        return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [path / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ModelError(f"{index}: not a safetensors index (expected JSON with a weight_map; {e})") from None
-        return {k: v for s in shards for k, v in _load_safetensors(path / s).items()}
-    if (path / "pytorch_model.bin").is_file():
+    return [path / "pytorch_model.bin"] if (path / "pytorch_model.bin").is_file() else []
+
+
+def weights_mb(path: Path) -> float:
+    """Megabytes (1e6 bytes) of the weights a model directory is loaded from (one format, when it has two)."""
+    return sum(f.stat().st_size for f in weight_files(path) if f.is_file()) / 1e6
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: model.safetensors (maybe sharded), else pytorch_model.bin (weights only)."""
+    files = weight_files(path)
+    if files and files[0].suffix == ".safetensors":  # (a missing shard is named by _load_safetensors)
+        return {k: v for f in files for k, v in _load_safetensors(f).items()}
+    if files:
         try:
             return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:
