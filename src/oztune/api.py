@@ -10,8 +10,8 @@ import torch
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
-from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import load_classifier
+from oztune.errors import OztuneError
+from oztune.models.hub import load_classifier, require_trained
 from oztune.models.transformer import SequenceClassifier, scores
 from oztune.data.tokenize import TextEncoder
 from oztune.train.loop import predict_logits
@@ -175,9 +175,7 @@ class Classifier(Predictor):
         runs compiled from the start (:mod:`oztune.models.aot`), unless ``aot`` is False.
         """
         model, enc, meta = load_classifier(path, max_length=max_length)
-        if not meta["trained"]:
-            raise ModelError(f"{path}: not a fine-tuned classifier (its checkpoint has no task head); "
-                             "fine-tune it first with oztune finetune")
+        require_trained(meta, path)
         if compile:
             from oztune.models.compiled import compile_for_inference
 

@@ -107,6 +107,14 @@ def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{f}: cannot be read as safetensors ({e}); the file may be truncated or corrupt") from None
 
 
+def require_trained(meta: dict, path) -> None:
+    """A ModelError unless :func:`load_classifier`'s ``meta`` is of a fine-tuned classifier (one with a task
+    head): a new, random head would give every text the same meaningless answer."""
+    if not meta["trained"]:
+        raise ModelError(f"{path}: not a fine-tuned classifier (its checkpoint has no task head); "
+                         "fine-tune it first with oztune finetune")
+
+
 def weight_files(path: Path) -> list[Path]:
     """The weight files :func:`read_weights` reads from a model directory (empty when there are none)."""
     path = Path(path)

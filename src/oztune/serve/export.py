@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import check_output_dir, load_classifier, read_config, resolve_model, staged_dir
+from oztune.models.hub import (check_output_dir, load_classifier, read_config, require_trained, resolve_model,
+                               staged_dir)
 from oztune.models.transformer import SequenceClassifier
 
 ONNX_FILE = "model.onnx"
@@ -149,6 +150,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, int8: bool = False, o
 
     src, out = _source_and_output(model_dir, output)
     model, enc, meta = load_classifier(src)
+    require_trained(meta, src)
     to_dense_(model)  # unstructured-pruned layers: the exporter reads weights from the state dict
     quantization = read_config(src).get("oztune", {}).get("quantization")
     if int8 and not quantization:
@@ -178,7 +180,8 @@ def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
     from oztune.models import aot
 
     src, out = _source_and_output(model_dir, output)
-    model, _, _ = load_classifier(src)
+    model, _, meta = load_classifier(src)
+    require_trained(meta, src)
     with staged_dir(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(aot.AOT_DIR))
         aot.build(model, tmp / aot.AOT_DIR, aot.weights_digest(tmp))
