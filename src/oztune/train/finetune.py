@@ -87,6 +87,9 @@ class FinetuneArgs(RecipeOptions):
         patience: stop after this many evaluations without improvement on --eval (0: never).
         eval_every: evaluate on --eval every this many optimizer steps too, not only at each epoch's end
             (0: epoch ends only); the best evaluation's weights are kept.
+        rdrop: R-Drop weight: run each batch twice with different dropout and add this weight x the two
+            predictions' symmetric KL divergence to the loss, a regulariser (0: off; 0.5-1 is usual; a step
+            costs about twice as much).
         ema_decay: evaluate and keep an exponential moving average of the weights with this decay, e.g.
             0.999 (0: off; the last or best weights as they are).
         tensorboard: also log every step and evaluation as TensorBoard events in this folder (needs the
@@ -132,6 +135,7 @@ class FinetuneArgs(RecipeOptions):
     eval_every: int = 0
     tensorboard: str | None = None
     ema_decay: float = 0.0
+    rdrop: float = 0.0
     freeze_embeddings: bool = True
     checkpoint_every: int = 500
     checkpoint_dir: str | None = None
@@ -150,7 +154,7 @@ class FinetuneArgs(RecipeOptions):
                            max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum,
                            precision=self.precision, seed=self.seed, patience=self.patience,
                            eval_every=self.eval_every, tensorboard=self.tensorboard,
-                           ema_decay=self.ema_decay,
+                           ema_decay=self.ema_decay, rdrop=self.rdrop,
                            freeze_embeddings=self.freeze_embeddings, progress=self.progress,
                            checkpoint_dir=self.checkpoints_dir(), checkpoint_every=self.checkpoint_every,
                            keep_checkpoints=self.keep_checkpoints, resume=self.resume)
@@ -182,7 +186,7 @@ def check_train_options(a, at_least_one: tuple = ()) -> None:
 def check_args(a: FinetuneArgs) -> None:
     """Reject bad option values and an unwritable output before any work is done."""
     check_train_options(a, ("grad_accum", "keep_checkpoints"))
-    for name in ("checkpoint_every", "lora_rank", "eval_every", "patience", "max_grad_norm", "weight_decay"):
+    for name in ("checkpoint_every", "lora_rank", "eval_every", "patience", "max_grad_norm", "weight_decay", "rdrop"):
         v = getattr(a, name)
         if not (v >= 0 and math.isfinite(v)):
             raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {v}")
@@ -354,12 +358,13 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
         evaluated = f" on {run['eval_examples']:,} examples of `{a.train}` held out from training (--eval-split {a.eval_split}){kept}"
     else:
         evaluated = f" on `{a.eval}`{kept}" if a.eval else " (no --eval file: the training loss)"
+    rdrop = f", R-Drop {a.rdrop:g}" if a.rdrop else ""
     weights = ", class weights " + ", ".join(f"{w:.3g}" for w in run["class_weights"]) if run.get("class_weights") else ""
     return f"""# Fine-tuned with oztune
 
 - Base model: `{a.model}`
 - Task: {run['problem_type']} on `{a.train}` ({run['train_examples']:,} examples), labels: {', '.join(map(str, id2label.values()))}
-- Training: {trained}, batch {a.batch_size}, lr {a.lr}, max length {run['max_length']}, precision {a.precision}, seed {a.seed}{weights}
+- Training: {trained}, batch {a.batch_size}, lr {a.lr}, max length {run['max_length']}, precision {a.precision}, seed {a.seed}{rdrop}{weights}
 - Time: {run['train_seconds']} s ({run['train_examples_per_s']} examples/s)
 
 ## Evaluation{evaluated}
