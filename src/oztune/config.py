@@ -118,8 +118,9 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {', '.join(PROBLEM_TYPES)}, not {self.problem_type!r}")
-        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, numbers.Integral) or self.num_labels < 1:
-            raise ValueError(f"num_labels (the head's outputs) must be a whole number of at least 1, not {self.num_labels!r}")
+        n = self.num_labels
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"num_labels (the head's outputs) must be a whole number of at least 1, not {n!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         if self.activation not in ACTIVATIONS:

@@ -31,8 +31,6 @@ from oztune.train.finetune import check_train_options as check_finetune_options
 from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
 
 
-
-
 @dataclass
 class DistillConfig:
     """How the student learns from the teacher.

@@ -208,7 +208,8 @@ def _labels(ax, fig, rows: list[dict], x: np.ndarray, y: np.ndarray, radius: np.
             dx = side * (radius[i] + 3)
             ann = ax.annotate(f"{r['name']}\n{r['score']:.2f}%, {r['file_mb']:.3g} MB", (x[i], y[i]),
                               textcoords="offset points", xytext=(dx, dy), fontsize=8,
-                              ha="left" if dx > 0 else "right", multialignment="left" if dx > 0 else "right", fontweight="bold" if r["name"] == chosen else "normal",
+                              ha="left" if dx > 0 else "right", multialignment="left" if dx > 0 else "right",
+                              fontweight="bold" if r["name"] == chosen else "normal",
                               arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6})
             # the text's own box (an annotation's extent also spans its arrow, back to the marker's centre)
             ann.update_positions(renderer)

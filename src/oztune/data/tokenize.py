@@ -80,7 +80,8 @@ class TextEncoder:
             for name, seq in (("text", texts), ("text pair", pairs or [])):
                 bad = next((i for i, t in enumerate(seq) if not isinstance(t, str)), None)
                 if bad is not None:
-                    raise TypeError(f"{name} {bad} is {seq[bad]!r} ({type(seq[bad]).__name__}): expected a string") from None
+                    raise TypeError(f"{name} {bad} is {seq[bad]!r} ({type(seq[bad]).__name__}): "
+                                    "expected a string") from None
             raise
         return [(e.ids, e.type_ids) if e.ids else ([self.pad_id], [0]) for e in encoded]
 

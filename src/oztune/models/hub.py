@@ -235,7 +235,8 @@ def tokenizer_length(oz: dict, cfg: ModelConfig, max_length: int | None) -> int:
     """The truncation length: ``max_length`` if given, else the one the model was fine-tuned with (config.json's
     ``oztune.max_length``, written by :func:`save_classifier` and exports), else the model's window; never
     beyond the window."""
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1):
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral)
+                                   or max_length < 1):
         raise ValueError(f"max_length must be a whole number of at least 1, not {max_length!r}")
     return min(max_length or oz.get("max_length") or cfg.max_length, cfg.max_length)
 

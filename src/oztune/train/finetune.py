@@ -311,7 +311,8 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     if a.class_weights == "balanced":
         if problem_type == "regression":
             raise OztuneError("--class-weights balanced weighs labels: this is a regression task (no labels)")
-        cfg = replace(cfg, class_weights=[round(w, 6) for w in balanced_class_weights(train_data.labels, problem_type, num_labels)])
+        weights = balanced_class_weights(train_data.labels, problem_type, num_labels)
+        cfg = replace(cfg, class_weights=[round(w, 6) for w in weights])
         if a.progress and env.is_main:
             print("oztune: class weights " + ", ".join(f"{id2label[i]} {w:.3g}" for i, w in enumerate(cfg.class_weights)),
                   flush=True)
@@ -355,7 +356,8 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
         kept = (f" (kept: the best evaluation, at step {run['metrics'].get('step')}, epoch {e:.2f})"
                 if isinstance(e, float) else f" (kept: the best evaluation, epoch {e})")
     if a.eval_split:
-        evaluated = f" on {run['eval_examples']:,} examples of `{a.train}` held out from training (--eval-split {a.eval_split}){kept}"
+        evaluated = (f" on {run['eval_examples']:,} examples of `{a.train}` held out from training "
+                     f"(--eval-split {a.eval_split}){kept}")
     else:
         evaluated = f" on `{a.eval}`{kept}" if a.eval else " (no --eval file: the training loss)"
     rdrop = f", R-Drop {a.rdrop:g}" if a.rdrop else ""
