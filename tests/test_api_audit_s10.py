@@ -171,3 +171,8 @@ def test_quant_config_skip_given_one_string(clf):
     assert cfg.skip == ["head.*"]
     quantize_(clf.model, cfg)
     assert type(clf.model.head.out) is torch.nn.Linear
+
+
+def test_load_classifier_refuses_unknown_head_settings(tiny_base):
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_classifier(tiny_base, num_labels=2, head={"pooling": "mean", "dropuot": 0.2})

@@ -104,6 +104,22 @@ def test_distill_cli_from_a_pruned_student(teacher_dir, sentiment_files, tmp_pat
     assert sum(run["student"]["heads"]) == 4 and run["metrics"]["accuracy"] >= 0.8
 
 
+def test_distill_refuses_a_student_with_another_vocabulary(teacher_dir, sentiment_files, tmp_path, capsys):
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    student = tmp_path / "student-in"
+    shutil.copytree(teacher_dir, student)
+    tok = Tokenizer.from_file(str(student / "tokenizer.json"))
+    tok.add_tokens(["brandnewword"])  # one more token: the teacher's ids no longer mean the same to it
+    tok.save(str(student / "tokenizer.json"))
+    train, dev = sentiment_files
+    assert main(["distill", "--teacher", str(teacher_dir), "--student", str(student), "--train", str(train),
+                 "--eval", str(dev), "--output", str(tmp_path / "out"), "--epochs", "1", "--no-progress"]) == 2
+    assert "its tokenizer's vocabulary differs from the teacher's" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--student-layers", "3"], "--student-layers must be between 1 and 2"),
     ([], "give exactly one of --student DIR or --student-layers N"),

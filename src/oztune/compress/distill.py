@@ -288,10 +288,13 @@ def run_distill(a: DistillArgs) -> dict:
         raise OztuneError("give exactly one of --student DIR or --student-layers N")
     teacher, enc, meta = load_trained(a.teacher, "--teacher", a.max_length)
     if a.student:
-        student, _, s_meta = load_trained(a.student, "--student", a.max_length)
+        student, s_enc, s_meta = load_trained(a.student, "--student", a.max_length)
         if s_meta["id2label"] != meta["id2label"]:
             raise OztuneError(f"--student {a.student}: labels {list(s_meta['id2label'].values())} differ from the "
                               f"teacher's {list(meta['id2label'].values())}")
+        if s_enc.tokenizer.get_vocab() != enc.tokenizer.get_vocab():  # it would read the teacher's token ids
+            raise OztuneError(f"--student {a.student}: its tokenizer's vocabulary differs from the teacher's; "
+                              "a student is trained on the teacher's tokens and saved with its tokenizer")
     else:
         student, kept = student_from_layers(teacher, a.student_layers)
         dcfg.layer_map = kept

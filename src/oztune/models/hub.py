@@ -192,6 +192,10 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
     else:
         head_cfg = default_head(family, cfg.hidden_size, 2 if num_labels is None else num_labels,
                                 problem_type or "single_label")
+        unknown = sorted(set(head or {}) - set(head_cfg.to_dict()))
+        if unknown:
+            raise ValueError(f"head: unknown setting(s) {', '.join(unknown)}; expected some of "
+                             f"{', '.join(head_cfg.to_dict())}")
         head_cfg = HeadConfig.from_dict({**head_cfg.to_dict(), **(head or {})})
         id2label = {}
     try:

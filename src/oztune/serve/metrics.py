@@ -50,7 +50,8 @@ class Metrics:
         self.texts = 0
         self.latency = Histogram("oztune_request_duration_seconds", "Time from request to response of POST /predict.",
                                  LATENCY_BUCKETS)
-        self.batch_size = Histogram("oztune_batch_size", "Texts per forward pass.", BATCH_BUCKETS)
+        self.batch_size = Histogram("oztune_batch_size", "Texts per batch taken from the queue (a model call may split it).",
+                                    BATCH_BUCKETS)
         self.batch_time = Histogram("oztune_batch_duration_seconds", "Tokenization plus forward pass per batch.",
                                     LATENCY_BUCKETS)
         self._batch_lock = threading.Lock()
