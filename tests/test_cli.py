@@ -142,6 +142,8 @@ BAD = [
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--tensorboard", "{tmp}/o/tb"], "is inside --output"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--lora-alpha", "8"], "--lora-alpha sets up LoRA updates"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--lora-rank", "4", "--no-freeze-embeddings"],
+     "with --lora-rank only the LoRA updates and the task head train"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--lora-dropout", "0.1", "--lora-targets", "qkv"],
      "--lora-dropout, --lora-targets set up LoRA updates: give --lora-rank R too"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1)"),

@@ -203,6 +203,9 @@ def check_args(a: FinetuneArgs) -> None:
         if given:
             raise OztuneError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} up LoRA updates: give "
                               "--lora-rank R too (without it every weight trains)")
+    if a.lora_rank and not a.freeze_embeddings:
+        raise OztuneError("--no-freeze-embeddings trains the token embeddings, but with --lora-rank only the LoRA "
+                          "updates and the task head train: drop one of the two")
     if not 0 <= a.eval_split < 1:
         raise OztuneError(f"--eval-split is the share of training examples held out, in [0, 1), not {a.eval_split}")
     if a.eval_split and a.eval:
