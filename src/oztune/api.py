@@ -7,6 +7,7 @@ import os
 import numpy as np
 import torch
 
+from oztune.config import check_count
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
@@ -45,13 +46,6 @@ def _as_lists(texts, text_pairs) -> tuple[list[str], list[str] | None]:
         if len(text_pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs: give one second text per text")
     return texts, text_pairs
-
-
-def check_batch_size(batch_size: int) -> int:
-    """``batch_size`` if it is a whole number of at least 1, else a ValueError naming it."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
-    return int(batch_size)
 
 
 class Predictor:
@@ -160,7 +154,7 @@ class Classifier(Predictor):
     """
 
     def __init__(self, model: SequenceClassifier, encoder: TextEncoder, id2label: dict[int, str], batch_size: int = 64):
-        self.model, self.encoder, self.batch_size = model.eval(), encoder, check_batch_size(batch_size)
+        self.model, self.encoder, self.batch_size = model.eval(), encoder, check_count("batch_size", batch_size)
         self.id2label = id2label
         self.label2id = {v: k for k, v in id2label.items()}
         self.problem_type = model.head_cfg.problem_type

@@ -11,6 +11,13 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 POOLINGS = ("cls", "mean", "last")
+
+
+def check_count(name: str, value) -> int:
+    """``value`` as an int if it is a whole number of at least 1 (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+    return int(value)
 PROBLEM_TYPES = ("single_label", "multi_label", "regression")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "tanh", "silu", "quick_gelu", "none")
 
@@ -118,9 +125,7 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {', '.join(PROBLEM_TYPES)}, not {self.problem_type!r}")
-        n = self.num_labels
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"num_labels (the head's outputs) must be a whole number of at least 1, not {n!r}")
+        check_count("num_labels (the head's outputs)", self.num_labels)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         if self.activation not in ACTIVATIONS:

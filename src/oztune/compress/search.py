@@ -80,6 +80,11 @@ class CompressArgs(RecipeOptions):
     keep_variants: bool = True
 
 
+def variant_name(size: float) -> str:
+    """The name of the pruned variant keeping ``size`` of the encoder's weights: prune50 for 0.5."""
+    return f"prune{round(100 * size)}"
+
+
 def check_args(a: CompressArgs) -> None:
     if not math.isfinite(a.max_drop) or a.max_drop < 0:
         raise OztuneError(f"--max-drop must be 0 or more (points of accuracy), not {a.max_drop}")
@@ -90,7 +95,7 @@ def check_args(a: CompressArgs) -> None:
     bad = [s for s in a.sizes if not 0 < s < 1]
     if bad or (not a.sizes and any(r.startswith("prune") for r in a.recipes)):
         raise OztuneError(f"--sizes must be shares of weights kept, each in (0, 1); got {a.sizes}")
-    names = [f"prune{round(100 * s)}" for s in a.sizes]
+    names = [variant_name(s) for s in a.sizes]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice and any(r.startswith("prune") for r in a.recipes):
         raise OztuneError(f"--sizes {','.join(map(str, a.sizes))}: sizes that round to the same percentage would be "
@@ -126,7 +131,7 @@ def compress(a: CompressArgs) -> dict:
     out = Path(a.output)
     sizes = a.sizes if any(r.startswith("prune") for r in a.recipes) else []
     steps = [("fp32", None)] + ([("int8", None)] if "int8" in a.recipes else []) + [
-        (f"prune{round(100 * s)}", s) for s in sizes]
+        (variant_name(s), s) for s in sizes]
     bar = tqdm(steps, desc="compress", unit="step", disable=not a.progress, dynamic_ncols=True)
     rows: list[dict] = []
     teacher_logits = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 import pickle
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from oztune.config import HeadConfig, ModelConfig
+from oztune.config import HeadConfig, ModelConfig, check_count
 from oztune.data.tokenize import TextEncoder
 from oztune.errors import ModelError, OztuneError
 from oztune.models.families import (FAMILIES, NATIVE_PREFIX, default_head, family_of, hf_to_oztune,
@@ -141,13 +140,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         return {k: v for f in files for k, v in _load_safetensors(f).items()}
     if files:
         try:
-            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            return torch.load(files[0], map_location="cpu", weights_only=True)
         except Exception as e:
             if isinstance(e, pickle.UnpicklingError):  # torch's text suggests weights_only=False: never here
                 why = "truncated, corrupt, or holding objects other than tensors, which oztune does not unpickle"
             else:
                 why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise ModelError(f"{path / 'pytorch_model.bin'}: cannot be read as plain weights ({why})") from None
+            raise ModelError(f"{files[0]}: cannot be read as plain weights ({why})") from None
     raise ModelError(f"{path}: no weights (expected model.safetensors or pytorch_model.bin)")
 
 
@@ -239,9 +238,8 @@ def tokenizer_length(oz: dict, cfg: ModelConfig, max_length: int | None) -> int:
     """The truncation length: ``max_length`` if given, else the one the model was fine-tuned with (config.json's
     ``oztune.max_length``, written by :func:`save_classifier` and exports), else the model's window; never
     beyond the window."""
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral)
-                                   or max_length < 1):
-        raise ValueError(f"max_length must be a whole number of at least 1, not {max_length!r}")
+    if max_length is not None:
+        check_count("max_length", max_length)
     return min(max_length or oz.get("max_length") or cfg.max_length, cfg.max_length)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oztune.api import Classifier, Predictor, check_batch_size
-from oztune.config import ModelConfig
+from oztune.api import Classifier, Predictor
+from oztune.config import ModelConfig, check_count
 from oztune.data.dataset import EncodedData, inference_batches
 from oztune.data.tokenize import TextEncoder, pad_batch
 from oztune.errors import ModelError, OztuneError
@@ -56,7 +56,7 @@ class OnnxClassifier(Predictor):
         self.problem_type = oz["head"]["problem_type"]
         self.id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
         self.encoder = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length), pad_token_id=hf.get("pad_token_id"))
-        self.batch_size = check_batch_size(batch_size)
+        self.batch_size = check_count("batch_size", batch_size)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(str(path / ONNX_FILE), opts, providers=["CPUExecutionProvider"])

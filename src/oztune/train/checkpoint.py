@@ -27,6 +27,7 @@ import torch
 
 from oztune.errors import OztuneError
 from oztune.models.hub import sha256_file
+from oztune.models.lora import LoRALinear
 from oztune.train.distributed import DistEnv, broadcast_object, gather_objects
 
 STATE, MANIFEST = "state.pt", "manifest.json"
@@ -113,7 +114,7 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
     """What the network is, beyond its parameter counts: the task head's settings, a digest of its weights'
     names and shapes (which layers carry LoRA updates), and each LoRA update's scale and dropout."""
     names = hashlib.sha256("\n".join(f"{k}:{tuple(t.shape)}" for k, t in model.state_dict().items()).encode())
-    lora = sorted({(round(float(m.scaling), 9), float(m.dropout.p)) for m in model.modules() if hasattr(m, "lora_a")})
+    lora = sorted({(round(float(m.scaling), 9), float(m.dropout.p)) for m in model.modules() if isinstance(m, LoRALinear)})
     head = getattr(model, "head_cfg", None)
     return {"head": head.to_dict() if head is not None else None, "layout": names.hexdigest()[:16],
             "lora": [list(x) for x in lora]}

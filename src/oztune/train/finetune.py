@@ -18,7 +18,7 @@ from oztune.models.hub import DEFAULT_MODEL, check_output_dir, load_classifier, 
 from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, merge_lora
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints
-from oztune.train.loop import TrainConfig, balanced_class_weights, fit, seed_everything
+from oztune.train.loop import PRECISIONS, TrainConfig, balanced_class_weights, fit, seed_everything
 from oztune.train.metrics import metric_values
 from oztune.train.tensorboard import check_available
 
@@ -179,7 +179,7 @@ def check_train_options(a, at_least_one: tuple = ()) -> None:
         raise OztuneError(f"--seed must be 0 or more, not {a.seed}")
     if a.max_train_examples is not None and a.max_train_examples < 1:
         raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
-    if a.precision not in ("auto", "bf16", "fp32"):
+    if a.precision not in PRECISIONS:
         raise OztuneError(f"--precision must be auto, bf16 or fp32, not {a.precision!r}")
 
 
@@ -224,16 +224,19 @@ def check_args(a: FinetuneArgs) -> None:
     check_output_dir(a.output, inputs=(a.train, a.eval, a.model))
     if a.tensorboard:
         check_available()
-        if Path(a.tensorboard).resolve().is_relative_to(Path(a.output).resolve()):
-            raise OztuneError(f"--tensorboard {a.tensorboard} is inside --output {a.output}, which is replaced when "
-                              "the model is saved: give a folder outside it")
+        _outside_output(a, "--tensorboard", a.tensorboard)
     if a.checkpoint_every or a.resume:
-        if Path(a.checkpoints_dir()).resolve().is_relative_to(Path(a.output).resolve()):
-            raise OztuneError(f"--checkpoint-dir {a.checkpoints_dir()} is inside --output {a.output}, which is replaced "
-                              "when the model is saved: give a folder outside it")
+        _outside_output(a, "--checkpoint-dir", a.checkpoints_dir())
         check_output_dir(a.checkpoints_dir(), "--checkpoint-dir", replaced=False)
     if a.checkpoint_every and not a.resume:
         Checkpointer(a.checkpoints_dir(), a.checkpoint_every, a.keep_checkpoints, {}).check_fresh_start()
+
+
+def _outside_output(a: FinetuneArgs, option: str, folder: str) -> None:
+    """A folder the run writes to while training must not be inside --output, which is replaced at the end."""
+    if Path(folder).resolve().is_relative_to(Path(a.output).resolve()):
+        raise OztuneError(f"{option} {folder} is inside --output {a.output}, which is replaced when the model is "
+                          "saved: give a folder outside it")
 
 
 def sample(examples: list, n: int | None, seed: int) -> list:

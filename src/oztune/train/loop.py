@@ -337,12 +337,12 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             bar = tqdm(total=len(batches), initial=run.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and env.is_main), unit="batch", dynamic_ncols=True, leave=False,
                        mininterval=0.5 if sys.stderr.isatty() else 15)
+            k = cfg.grad_accum  # micro-batches per optimizer step; the examples of each step:
+            in_step = [sum(len(b) for b in batches[s:s + k]) for s in range(0, len(batches), k)]
             step_loss = 0.0  # the step's mean loss over its examples (all micro-batches, all ranks)
             for i in range(run.batch, len(batches)):
                 mine = batches[i][env.rank::env.world]  # this rank's slice of the global batch
-                first = i - i % cfg.grad_accum  # the step's micro-batches (--grad-accum): first..first + k - 1
-                in_step = sum(len(b) for b in batches[first:first + cfg.grad_accum])
-                share = len(mine) / in_step  # its weight in the step's mean loss (a short batch weighs less)
+                share = len(mine) / in_step[i // k]  # its weight in the step's mean loss (a short batch weighs less)
                 if len(mine):
                     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                         local = loss_fn(model, train.batch(mine))
