@@ -107,25 +107,30 @@ class MicroBatcher:
         with self._cond:
             self._idle += 1
             try:
-                while True:  # checked again after every wait: another worker may have taken the queue
-                    while not self._queue:
-                        if self._closed:
-                            return None
-                        self._cond.wait()
-                    left = self._queue[0].arrived + self.max_wait - time.monotonic()
-                    if self.pending >= self.max_batch_size or self._closed or left <= 0:
-                        break
-                    self._cond.wait(left)
-                share = min(self.max_batch_size, -(-self.pending // self._idle))  # ceil(pending / idle workers)
-                batch = [self._queue.popleft()]
-                n = len(batch[0].texts)
-                while self._queue and n + len(self._queue[0].texts) <= share:
-                    n += len(self._queue[0].texts)
-                    batch.append(self._queue.popleft())
-                self.pending -= n
-                if self._queue:
-                    self._cond.notify()  # the rest is another idle worker's
-                return batch
+                while True:  # until a batch of requests still waited for is taken
+                    while True:  # checked again after every wait: another worker may have taken the queue
+                        while not self._queue:
+                            if self._closed:
+                                return None
+                            self._cond.wait()
+                        left = self._queue[0].arrived + self.max_wait - time.monotonic()
+                        if self.pending >= self.max_batch_size or self._closed or left <= 0:
+                            break
+                        self._cond.wait(left)
+                    share = min(self.max_batch_size, -(-self.pending // self._idle))  # ceil(pending / idle workers)
+                    batch, n = [], 0
+                    while self._queue and (not batch or n + len(self._queue[0].texts) <= share):
+                        r = self._queue.popleft()
+                        self.pending -= len(r.texts)
+                        # A future already done was cancelled: uvicorn's graceful shutdown ran out of time and
+                        # the request has been answered; running it would only delay the shutdown further.
+                        if not r.future.done():
+                            batch.append(r)
+                            n += len(r.texts)
+                    if self._queue:
+                        self._cond.notify()  # the rest is another idle worker's
+                    if batch:
+                        return batch
             finally:
                 self._idle -= 1
 
@@ -140,7 +145,10 @@ class MicroBatcher:
                     results += zip(group, self._run(predict, group))
             if self.on_batch is not None:
                 self.on_batch(sum(len(r.texts) for r in batch), time.perf_counter() - start)
-            self._loop.call_soon_threadsafe(_resolve, results)
+            try:
+                self._loop.call_soon_threadsafe(_resolve, results)
+            except RuntimeError:  # the event loop is closed: the server stopped while this batch ran, after its
+                return  # graceful timeout, and the batch's requests have been answered 503; nothing waits here
 
     @staticmethod
     def _run(predict: Predict, group: list[_Request]) -> list:

@@ -77,6 +77,7 @@ class Metrics:
                   f"oztune_texts_total {self.texts}",
                   "# HELP oztune_queue_texts Texts waiting for a batch.", "# TYPE oztune_queue_texts gauge",
                   f"oztune_queue_texts {queue_depth}"]
-        for h in (self.latency, self.batch_size, self.batch_time):
-            lines += h.render()
+        lines += self.latency.render()
+        with self._batch_lock:  # a batch worker may be halfway through on_batch: +Inf would not equal _count
+            lines += self.batch_size.render() + self.batch_time.render()
         return "\n".join(lines) + "\n"

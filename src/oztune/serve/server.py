@@ -9,8 +9,8 @@ Status codes: 422 for a body that is not JSON or has wrong types or a text that 
 (with a message saying which field), 413 for more texts than ``max_texts_per_request`` (or than
 ``max_queue``) or a body over ``max_body_bytes``, 503 when the queue is full or the server is shutting
 down, 500 when the model fails. Over-long texts are truncated by the tokenizer. On SIGTERM uvicorn stops
-accepting connections, lets in-flight requests finish (up to ``graceful_timeout_s``), then the batch
-worker drains and stops.
+accepting connections, lets in-flight requests finish (up to ``graceful_timeout_s``; those still unanswered
+then get 503 and are not run), then the batch worker finishes its batch and stops.
 """
 
 from __future__ import annotations
@@ -202,6 +202,13 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
             n, status, body = len(texts), 200, _dumps({"predictions": predictions})
         except HTTPError as e:
             status, body = e.status, _dumps({"detail": str(e)})
+        except asyncio.CancelledError:
+            # Only uvicorn cancels this task: its graceful shutdown ran out of time (graceful_timeout_s) with
+            # the request still queued, in the model or sending its body. Refuse it as shutting down (the
+            # batch worker skips it), instead of letting the cancellation out: uvicorn would log a traceback
+            # per request and answer a plain-text 500.
+            status, body = 503, _dumps({"detail": "the server is shutting down (its graceful timeout ran out "
+                                                  "before this request's turn)"})
         except Exception as e:  # a bug: still a JSON answer, and counted
             status, body = 500, _dumps({"detail": f"internal error: {type(e).__name__}: {e}"})
         metrics.on_request(status, n, time.perf_counter() - start)
