@@ -134,29 +134,64 @@ def build_args(cls: type, ns: argparse.Namespace, parser: argparse.ArgumentParse
 
 
 def _read_yaml(path: str, cls: type) -> dict:
+    """The options a YAML file sets, read as their types; errors name the file, and the line and option."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            text = fh.read()
     except FileNotFoundError:
         raise OztuneError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise OztuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except IsADirectoryError:
+        raise OztuneError(f"{path}: is a directory, not a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise OztuneError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise OztuneError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:  # the node tree too: its lines for the messages, and each scalar's text as written
+        loader = yaml.SafeLoader(text)
+        node = loader.get_single_node()
+        seen: dict[str, int] = {}
+        for key, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+            name, line = str(key.value).replace("-", "_"), key.start_mark.line + 1
+            if key.tag == "tag:yaml.org,2002:merge":
+                continue
+            if name in seen:
+                raise OztuneError(f"{path}: line {line}: {name} is given twice (first on line {seen[name]})")
+            seen[name] = line
+        data = loader.construct_document(node) if node is not None else None  # (merges `<<: *base` in node)
+    except (yaml.YAMLError, ValueError) as e:  # (ValueError: a tagged scalar such as `!!int x`)
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise OztuneError(f"{path}: {where}not valid YAML ({problem or str(e).splitlines()[0]})") from None
+    if data is None:  # only comments
+        return {}
     if not isinstance(data, dict):
         raise OztuneError(f"{path}: expected a mapping of option names to values")
+    given: dict[str, tuple[int, Any, Any]] = {}  # option -> (line, value, value node); a later pair wins a merge's
+    for key, value in node.value:
+        given[str(key.value).replace("-", "_")] = (key.start_mark.line + 1, loader.construct_object(value, True), value)
     names = {f.name for f in dataclasses.fields(cls)}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(given) - names)
     if unknown:
-        raise OztuneError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        raise OztuneError(f"{path}: unknown option(s) {', '.join(_elsewhere(n, cls) for n in unknown)}; "
+                          f"known: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
-    return {k: _yaml_value(v, hints[k], f"{path}: {k}") for k, v in data.items()}
+    return {name: _yaml_value(v, hints[name], f"{path}: line {line}: {name}", n) for name, (line, v, n) in given.items()}
 
 
-def _yaml_value(v: Any, tp: Any, where: str) -> Any:
+def _elsewhere(name: str, cls: type) -> str:
+    """An unknown option's name, with the commands that have it ("port (an option of serve)")."""
+    others = [c for c, (k, _, _) in COMMANDS.items() if k is not cls and name in {f.name for f in dataclasses.fields(k)}]
+    return f"{name} (an option of {', '.join(others)})" if others else name
+
+
+def _yaml_value(v: Any, tp: Any, where: str, node: Any = None) -> Any:
     """A YAML value as the option's type, as the command line would read it: YAML reads ``5e-5`` as a string
-    and ``a,b`` as one string; ``lr: fast`` or ``epochs: three`` are errors that name the key."""
+    and ``a,b`` as one string; ``lr: fast`` or ``epochs: three`` are errors that name the key. A text option
+    takes a scalar as written (``label_names: [yes, no]`` are the names yes and no, not booleans)."""
+    import yaml
+
     tp, optional = _base_type(tp)
     if v is None:
         if optional:
@@ -164,8 +199,13 @@ def _yaml_value(v: Any, tp: Any, where: str) -> Any:
         raise OztuneError(f"{where}: expected a value, got nothing")
     if typing.get_origin(tp) is list:
         item = typing.get_args(tp)[0]
-        items = v if isinstance(v, list) else [x for x in str(v).split(",") if x.strip()]
-        return [_yaml_value(x.strip() if isinstance(x, str) else x, item, where) for x in items]
+        if isinstance(v, dict):
+            raise OztuneError(f"{where}: expected a list, got {v!r}")
+        if isinstance(v, list):
+            nodes = node.value if isinstance(node, yaml.SequenceNode) else [None] * len(v)
+            return [_yaml_value(x.strip() if isinstance(x, str) else x, item, where, n) for x, n in zip(v, nodes)]
+        text = node.value if item is str and isinstance(node, yaml.ScalarNode) else str(v)
+        return [_yaml_value(x.strip(), item, where) for x in text.split(",") if x.strip()]
     if tp is bool:
         if isinstance(v, bool):
             return v
@@ -182,7 +222,9 @@ def _yaml_value(v: Any, tp: Any, where: str) -> Any:
         raise OztuneError(f"{where}: expected {'an integer' if tp is int else 'a number'}, got {v!r}")
     if tp is str and isinstance(v, (dict, list)):
         raise OztuneError(f"{where}: expected a text value, got {v!r}")
-    return tp(v) if tp is str else v
+    if tp is str:
+        return node.value if isinstance(node, yaml.ScalarNode) else str(v)
+    return v
 
 
 def make_parser() -> argparse.ArgumentParser:
