@@ -83,7 +83,9 @@ class Embeddings(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
         x = self.word(input_ids) + self.position(positions + self.position_offset)  # (B, T, C)
         if self.token_type is not None:
-            if token_type_ids is None:
+            # One row (RoBERTa): every text reads it, whatever type ids the tokenizer gives the second text of
+            # a pair, as in transformers, whose RoBERTa tokenizers return none (ids of 1 overran the table).
+            if token_type_ids is None or self.token_type.num_embeddings == 1:
                 x = x + self.token_type.weight[0]
             else:
                 x = x + self.token_type(token_type_ids)

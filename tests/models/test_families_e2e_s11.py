@@ -1,0 +1,51 @@
+"""End-to-end checks of the non-BERT families (RoBERTa, DistilBERT, GPT-2) as a user meets them: tiny random
+checkpoints saved by transformers, with the tokenizers those families really use (byte-level BPE)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_sentiment, tiny_hf_model, write_tiny_tokenizer
+
+TEXTS = ["the movie is good", "bad plot and it was very dull", "a", "nice film"]
+PAIRS = ["it was fine", "the film", "nice", "poor plot"]
+
+
+def _hf_logits(hf, encoded) -> np.ndarray:
+    """transformers' logits of each encoding on its own (no padding), given input ids only, as its RoBERTa,
+    DistilBERT and GPT-2 tokenizers give them (no token_type_ids)."""
+    with torch.no_grad():
+        return np.concatenate([hf(input_ids=torch.tensor([ids])).logits.numpy() for ids, _ in encoded])
+
+
+def test_roberta_text_pairs_with_a_tokenizer_that_types_the_second_text(tmp_path, one_thread):
+    """A RoBERTa checkpoint has one token-type row; a tokenizer whose pair template marks the second text with
+    type 1 (a WordPiece one, as this suite's own tiny models use, or a BERT tokenizer shipped with a RoBERTa
+    model) made every text pair an IndexError traceback. transformers' RoBERTa reads row 0 for every token."""
+    from oztune.api import Classifier
+
+    hf = tiny_hf_model("roberta", num_labels=2)
+    hf.save_pretrained(tmp_path / "m")
+    write_tiny_tokenizer(tmp_path / "m", 64)
+    clf = Classifier.from_pretrained(tmp_path / "m")
+    encoded = clf.encoder.encode(TEXTS, PAIRS)
+    assert any(1 in tt for _, tt in encoded)  # the premise of the test: the second text has type 1
+    np.testing.assert_allclose(clf.logits(TEXTS, PAIRS), _hf_logits(hf, encoded), atol=1e-5, rtol=1e-5)
+
+
+def test_roberta_text_pairs_typed_by_the_tokenizer_export_to_onnx(tmp_path, one_thread):
+    """The same checkpoint through ``oztune export``'s ONNX graph: the logits of torch fp32 within 1e-4."""
+    pytest.importorskip("onnxruntime")
+    from oztune.api import Classifier
+    from oztune.serve.backends import OnnxClassifier
+    from oztune.serve.export import export_onnx
+
+    hf = tiny_hf_model("roberta", num_labels=2)
+    hf.save_pretrained(tmp_path / "m")
+    write_tiny_tokenizer(tmp_path / "m", 64)
+    clf = Classifier.from_pretrained(tmp_path / "m")
+    export_onnx(tmp_path / "m", tmp_path / "onnx")
+    onnx = OnnxClassifier(tmp_path / "onnx")
+    np.testing.assert_allclose(onnx.logits(TEXTS, PAIRS), clf.logits(TEXTS, PAIRS), atol=1e-4, rtol=1e-4)
