@@ -49,3 +49,32 @@ def test_roberta_text_pairs_typed_by_the_tokenizer_export_to_onnx(tmp_path, one_
     export_onnx(tmp_path / "m", tmp_path / "onnx")
     onnx = OnnxClassifier(tmp_path / "onnx")
     np.testing.assert_allclose(onnx.logits(TEXTS, PAIRS), clf.logits(TEXTS, PAIRS), atol=1e-4, rtol=1e-4)
+
+
+def test_distill_into_a_student_with_a_shorter_position_window_truncates(tmp_path, one_thread, capsys):
+    """``oztune distill --student DIR`` encoded the training texts at the teacher's length; a student with
+    fewer position embeddings (a smaller checkpoint of the same vocabulary) then failed with an IndexError
+    traceback on the first long text. Texts are cut to the student's window, as everywhere else."""
+    import transformers as T
+
+    from conftest import write_tsv
+    from oztune.cli import main
+    from oztune.models.hub import load_classifier
+
+    labels = dict(num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    common = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=37, pad_token_id=1,
+                  type_vocab_size=1, **labels)
+    for name, positions, layers in (("teacher", 70, 2), ("student", 12, 1)):
+        torch.manual_seed(0)
+        cfg = T.RobertaConfig(max_position_embeddings=positions, num_hidden_layers=layers, **common)
+        T.RobertaForSequenceClassification(cfg).save_pretrained(tmp_path / name)
+        write_tiny_tokenizer(tmp_path / name, 64)
+    rows = [(" ".join(["good"] * 30), "pos"), (" ".join(["bad"] * 30), "neg")] * 4 + synthetic_sentiment(8)
+    train = write_tsv(tmp_path / "train.tsv", rows)
+    code = main(["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+                 "--train", str(train), "--eval", str(train), "--output", str(tmp_path / "out"), "--epochs", "1",
+                 "--batch-size", "4", "--no-progress", "--precision", "fp32"])
+    assert code == 0, capsys.readouterr().err
+    _, enc, _ = load_classifier(tmp_path / "out")
+    assert enc.max_length == 10  # 12 positions, RoBERTa's count from pad_token_id + 1 = 2
+    assert main(["predict", "--model", str(tmp_path / "out"), " ".join(["good"] * 30)]) == 0

@@ -295,6 +295,8 @@ def run_distill(a: DistillArgs) -> dict:
         if s_enc.tokenizer.get_vocab() != enc.tokenizer.get_vocab():  # it would read the teacher's token ids
             raise OztuneError(f"--student {a.student}: its tokenizer's vocabulary differs from the teacher's; "
                               "a student is trained on the teacher's tokens and saved with its tokenizer")
+        if student.cfg.max_length < enc.max_length:  # a student with fewer positions: texts cut to what it reads
+            enc.set_max_length(student.cfg.max_length)  # (not an IndexError in its position embedding)
     else:
         student, kept = student_from_layers(teacher, a.student_layers)
         dcfg.layer_map = kept
