@@ -3,6 +3,8 @@ checkpoints saved by transformers, with the tokenizers those families really use
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -78,3 +80,30 @@ def test_distill_into_a_student_with_a_shorter_position_window_truncates(tmp_pat
     _, enc, _ = load_classifier(tmp_path / "out")
     assert enc.max_length == 10  # 12 positions, RoBERTa's count from pad_token_id + 1 = 2
     assert main(["predict", "--model", str(tmp_path / "out"), " ".join(["good"] * 30)]) == 0
+
+
+def test_gpt2_with_a_pad_token_added_to_the_tokenizer_but_not_to_the_model_is_one_clear_error(tmp_path, capsys):
+    """GPT-2 has no pad token; adding one to the tokenizer without resizing the model's embeddings (a common
+    slip) gave a pad id past the embedding table: finetune and predict died with an IndexError traceback
+    (exit 1). Now one line naming the directory and the pad id, exit 2."""
+    import transformers as T
+    from tokenizers import AddedToken, Tokenizer
+
+    from conftest import write_tsv
+    from oztune.cli import main
+
+    torch.manual_seed(0)
+    T.GPT2Model(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)).save_pretrained(tmp_path / "m")
+    write_tiny_tokenizer(tmp_path / "m", 64)
+    tok = Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<pad>", special=True)])  # id 64, as tokenizer.add_special_tokens gives it
+    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    cfg = tmp_path / "m" / "config.json"
+    c = json.loads(cfg.read_text())
+    c["pad_token_id"] = 64  # the pad id written to the config, as tokenizer.pad_token_id would be
+    cfg.write_text(json.dumps(c))
+    train = write_tsv(tmp_path / "train.tsv", synthetic_sentiment(8))
+    code = main(["finetune", "--model", str(tmp_path / "m"), "--train", str(train), "--output", str(tmp_path / "out"),
+                 "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pad token id 64" in err and "Traceback" not in err

@@ -229,6 +229,9 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
                          f"{f' and {len(shapes) - 1} more' if len(shapes) > 1 else ''})") from None
     model.eval()
     enc = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length), pad_token_id=hf.get("pad_token_id"))
+    if not 0 <= enc.pad_id < cfg.vocab_size:  # padding (and an empty text) would overrun the token embedding
+        raise ModelError(f"{path}: the pad token id {enc.pad_id} is outside the model's {cfg.vocab_size} token "
+                         "embeddings (a pad token added to the tokenizer without resizing the model's embeddings?)")
     label2id = {v: k for k, v in id2label.items()}
     return model, enc, {"id2label": id2label, "label2id": label2id, "path": path, "run": oz.get("run", {}),
                         "trained": trained}
