@@ -444,14 +444,26 @@ def _replace_dir(new: Path, out: Path) -> None:
     before their work) is never replaced: ``new`` is kept beside it and the error names it.
     """
     _publish(new)
-    old = None
     if _holds_other_things(out):
         raise ModelError(f"{out}: exists and is not a model directory; not replaced, the result is in {new}")
     if out.exists() and not out.is_dir():
         raise ModelError(f"{out}: exists and is not a directory; not replaced, the result is in {new}")
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(new, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    # an earlier model is moved aside into a fresh folder (a ``.old-`` left by a run killed while removing it
+    # must not block this one) and put back if anything stops the swap half-way: ``out`` is always whole
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) if os.path.lexists(out) else None
+    try:
+        if aside is not None:
+            os.replace(out, aside / out.name)
+        os.replace(new, out)
+    except BaseException as e:
+        if aside is not None and not os.path.lexists(out) and os.path.lexists(aside / out.name):
+            os.replace(aside / out.name, out)  # stopped between the two renames: the earlier model goes back
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)  # empty, or the earlier model once the new one is in place
+        if not isinstance(e, Exception) or not new.exists():  # Ctrl-C, SIGTERM: nothing half-done is left
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        raise ModelError(f"{out}: cannot be replaced ({getattr(e, 'strerror', None) or e}); "
+                         f"{'it is kept as it was, ' if os.path.lexists(out) else ''}the result is in {new}") from None
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
