@@ -277,7 +277,8 @@ class DistillArgs(RecipeOptions):
 def check_train_options(a) -> None:
     """Shared checks of the training options of the prune, distill and compress recipes."""
     check_finetune_options(a)
-    check_output_dir(a.output, inputs=tuple(getattr(a, k, None) for k in ("model", "teacher", "train", "eval")))
+    check_output_dir(a.output, inputs=tuple(getattr(a, k, None) for k in ("model", "teacher", "student", "train",
+                                                                           "eval")))
 
 
 def run_distill(a: DistillArgs) -> dict:
