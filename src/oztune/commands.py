@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def evaluate_cmd(a: EvaluateArgs) -> int:
         raise OztuneError("--model and --data are required")
     _check_batch_size(a.batch_size)
     if a.mistakes:
-        _check_output_file(a.mistakes, "--mistakes")
+        _check_output_file(a.mistakes, "--mistakes", inputs=(a.data,), model=a.model)
     clf = _open(a.model, a.batch_size)
     metrics = clf.evaluate(a.data, Columns(a.text_column, a.text_pair_column, a.label_column),
                            per_label=a.per_label, mistakes=bool(a.mistakes))
@@ -168,7 +169,7 @@ def predict_cmd(a: PredictArgs) -> int:
         raise OztuneError("--model is required")
     _check_batch_size(a.batch_size)
     if a.output:
-        _check_output_file(a.output)
+        _check_output_file(a.output, inputs=(a.input,), model=a.model)
     texts, pairs = list(a.texts), None
     if a.input == "-":
         texts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -195,13 +196,22 @@ def predict_cmd(a: PredictArgs) -> int:
 
 def _write_atomically(path: str, text: str, option: str = "--output") -> None:
     """Write ``text`` through a temporary file beside ``path``: an old file is replaced whole or kept."""
-    tmp = Path(path + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
+    tmp = None
+    try:  # a fresh name (never a file of the user's such as PATH.tmp), removed whatever stops the write
+        fd, name = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=Path(path).absolute().parent)
+        tmp = Path(name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the mode of a new file, not mkstemp's 0600
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
+        raise
 
 
 def _open(model: str, batch_size: int):
@@ -216,13 +226,22 @@ def _check_batch_size(n: int) -> None:
         raise OztuneError(f"--batch-size must be at least 1, not {n}")
 
 
-def _check_output_file(output: str, option: str = "--output") -> None:
-    """``option`` names a file to write (atomically, through a temporary file beside it): say now if it cannot be."""
+def _check_output_file(output: str, option: str = "--output", inputs: tuple[str | None, ...] = (),
+                       model: str | None = None) -> None:
+    """``option`` names a file to write (atomically, through a temporary file beside it): say now if it cannot be.
+    It must not be one of ``inputs`` (read, then replaced by the results) or a file of the ``model`` directory."""
     path = Path(output)
     if path.is_dir():
         raise OztuneError(f"{option} {output}: is a directory; give a file name")
     if not path.absolute().parent.is_dir():
         raise OztuneError(f"{option} {output}: its directory {path.absolute().parent} does not exist")
+    real = path.resolve()
+    for given in inputs:
+        if given and given != "-" and real == Path(given).resolve():
+            raise OztuneError(f"{option} {output}: is the input {given}, which would be replaced; write to another file")
+    if model and path.exists() and Path(model).is_dir() and Path(model).resolve() in real.parents:
+        raise OztuneError(f"{option} {output}: is a file of the model {model}, which would be overwritten; "
+                          "write to another file")
 
 
 def _register_more() -> None:

@@ -1,0 +1,135 @@
+"""Crash safety of what commands write: an interrupted or failed save leaves the earlier output whole, and no
+command overwrites one of its own inputs (audit, session 11)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from oztune import cli
+from oztune.errors import OztuneError
+from oztune.models import hub
+from oztune.models.hub import load_classifier, save_classifier
+
+
+def _two_models(tiny_base, tmp_path):
+    """A saved model at tmp_path/m (labels a, b; run 1) and a second one in memory to save over it."""
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    out = save_classifier(model, enc, tmp_path / "m", {0: "a", 1: "b"}, run={"save": 1})
+    with torch.no_grad():
+        model.head.out.bias.fill_(3.0)
+    return out, model, enc
+
+
+def _replace_failing_at(monkeypatch, call: int, exc: BaseException):
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append((a, b))
+        if len(calls) == call:
+            raise exc
+        return real(a, b)
+
+    monkeypatch.setattr(hub.os, "replace", replace)
+    return calls
+
+
+def _assert_first_model_whole(out):
+    _, _, meta = load_classifier(out)
+    assert meta["id2label"] == {0: "a", 1: "b"}
+    assert json.loads((out / "run.json").read_text()) == {"save": 1}
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_save_stopped_between_its_two_renames_leaves_the_earlier_model_in_place(exc, tiny_base, tmp_path,
+                                                                                 monkeypatch):
+    # _replace_dir moved the earlier model aside, then the rename of the new one failed (or Ctrl-C / SIGTERM,
+    # raised by the signal handler between the two calls): the output directory was simply gone
+    out, model, enc = _two_models(tiny_base, tmp_path)
+    calls = _replace_failing_at(monkeypatch, 2, exc)
+    with pytest.raises((OztuneError, KeyboardInterrupt)):
+        save_classifier(model, enc, out, {0: "neg", 1: "pos"}, run={"save": 2})
+    assert len(calls) >= 2
+    monkeypatch.undo()
+    _assert_first_model_whole(out)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "m")
+    assert not [n for n in left if ".old-" in n], left  # the earlier model is not left aside
+    if isinstance(exc, KeyboardInterrupt):
+        assert left == [], left  # nothing half-done is left after Ctrl-C
+    else:  # the new result is kept and named
+        assert len(left) == 1 and left[0].startswith(".m.tmp-")
+    assert save_classifier(model, enc, out, {0: "neg", 1: "pos"}, run={"save": 2}) == out  # a rerun works
+    assert json.loads((out / "run.json").read_text()) == {"save": 2}
+
+
+def test_a_leftover_of_a_run_killed_while_removing_the_earlier_model_does_not_block_the_next_save(tiny_base,
+                                                                                                  tmp_path):
+    # the earlier model was set aside as .m.old-<pid>: a process killed while deleting it left the folder,
+    # and the next run with the same pid (containers) failed with "Directory not empty" (a traceback)
+    out, model, enc = _two_models(tiny_base, tmp_path)
+    stale = tmp_path / f".m.old-{os.getpid()}"
+    shutil.copytree(out, stale)
+    (stale / "model.safetensors").unlink()
+    save_classifier(model, enc, out, {0: "neg", 1: "pos"}, run={"save": 2})
+    assert json.loads((out / "run.json").read_text()) == {"save": 2}
+
+
+def test_distill_refuses_an_output_that_is_its_student(tiny_finetuned, sentiment_files, tmp_path, capsys):
+    student = tmp_path / "student"
+    shutil.copytree(tiny_finetuned, student)
+    before = {p.name: p.read_bytes() for p in student.iterdir()}
+    train, dev = map(str, sentiment_files)
+    rc = cli.main(["distill", "--teacher", str(tiny_finetuned), "--student", str(student), "--train", train,
+                   "--eval", dev, "--output", str(student), "--epochs", "1", "--max-train-examples", "8",
+                   "--no-progress"])
+    assert rc == 2 and "is the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in student.iterdir()} == before
+
+
+def test_predict_refuses_an_output_that_is_its_input_file(tiny_finetuned, sentiment_files, tmp_path, capsys):
+    texts = tmp_path / "texts.tsv"
+    texts.write_bytes(sentiment_files[1].read_bytes())
+    rc = cli.main(["predict", "--model", str(tiny_finetuned), "--input", str(texts), "--output", str(texts)])
+    assert rc == 2 and "is the input" in capsys.readouterr().err
+    assert texts.read_bytes() == sentiment_files[1].read_bytes()
+
+
+def test_evaluate_refuses_a_mistakes_file_that_is_its_data(tiny_finetuned, sentiment_files, tmp_path, capsys):
+    data = tmp_path / "dev.tsv"
+    data.write_bytes(sentiment_files[1].read_bytes())
+    rc = cli.main(["evaluate", "--model", str(tiny_finetuned), "--data", str(data), "--mistakes", str(data)])
+    assert rc == 2 and "is the input" in capsys.readouterr().err
+    assert data.read_bytes() == sentiment_files[1].read_bytes()
+
+
+def test_predict_refuses_to_overwrite_a_file_of_the_model(tiny_finetuned, tmp_path, capsys):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_finetuned, model)
+    config = (model / "config.json").read_bytes()
+    rc = cli.main(["predict", "--model", str(model), "good movie", "--output", str(model / "config.json")])
+    assert rc == 2 and "is a file of the model" in capsys.readouterr().err
+    assert (model / "config.json").read_bytes() == config
+
+
+def test_an_output_file_neither_clobbers_a_users_dot_tmp_file_nor_leaves_one_when_interrupted(tiny_finetuned,
+                                                                                             tmp_path, capsys,
+                                                                                             monkeypatch):
+    from oztune import commands
+
+    out = tmp_path / "p.jsonl"
+    (tmp_path / "p.jsonl.tmp").write_text("mine")  # was used, then renamed away, as the temporary file
+    assert cli.main(["predict", "--model", str(tiny_finetuned), "good movie", "--output", str(out)]) == 0
+    assert (tmp_path / "p.jsonl.tmp").read_text() == "mine"
+    first = out.read_text()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands.os, "replace", interrupted)
+    assert cli.main(["predict", "--model", str(tiny_finetuned), "bad movie", "--output", str(out)]) == 130
+    assert out.read_text() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "p.jsonl.tmp"]  # no temporary file left
