@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from oztune.api import Classifier
 from oztune.cli import command
 from oztune.data.load import Columns, read_labelled
+from oztune.data.readers import lone_surrogate
 from oztune.errors import DataError, OztuneError
 from oztune.train.finetune import FinetuneArgs, finetune
 from oztune.train.distributed import is_main_process
@@ -171,8 +173,12 @@ def predict_cmd(a: PredictArgs) -> int:
     if a.output:
         _check_output_file(a.output, inputs=(a.input,), model=a.model)
     texts, pairs = list(a.texts), None
+    for i, t in enumerate(texts):
+        bad = lone_surrogate(t)
+        if bad is not None:  # Python reads an undecodable byte of an argument as a lone surrogate
+            raise DataError(f"text {i + 1} is not valid UTF-8 (byte 0x{ord(t[bad]) & 0xFF:02x} at position {bad + 1})")
     if a.input == "-":
-        texts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts += [line for line in _stdin_lines() if line.strip()]
     elif a.input:
         ex = read_labelled(a.input, Columns(a.text_column, a.text_pair_column, None), require_label=False)
         if any(e.text_pair for e in ex) and texts:
@@ -192,6 +198,28 @@ def predict_cmd(a: PredictArgs) -> int:
     else:
         print("\n".join(lines))
     return 0
+
+
+def _stdin_lines() -> list[str]:
+    """The lines of standard input, read as UTF-8 (a leading BOM dropped; CRLF, CR or LF ends a line, as in
+    Python's text mode); bytes that are not UTF-8 are a DataError naming the line, not a traceback."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream put in place of stdin (io.StringIO): its text is already decoded
+        text = sys.stdin.read()
+        bad = lone_surrogate(text)
+        if bad is not None:
+            raise DataError(f"standard input: line {text.count(chr(10), 0, bad) + 1}: not valid UTF-8")
+        return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    data = buffer.read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"standard input: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+                        "give the texts as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def _write_atomically(path: str, text: str, option: str = "--output") -> None:

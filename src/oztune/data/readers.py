@@ -289,7 +289,23 @@ def _get_text(record: dict, col: str, where: str) -> str:
     value = value.strip()
     if not value:
         raise DataError(f"{where}: empty text in column '{col}'")
+    bad = lone_surrogate(value)
+    if bad is not None:  # a JSON "\ud800" escape: the tokenizer refuses the whole batch with a TypeError
+        raise DataError(f"{where}: column '{col}' is not valid Unicode (a lone surrogate, U+{ord(value[bad]):04X}, "
+                        f"at character {bad + 1})")
     return value
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first lone surrogate in ``text`` (which no UTF-8 file holds, but a JSON ``\\ud800``
+    escape or an undecodable command-line byte gives), else None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
 
 
 def _get_label(record: dict, col: str, where: str) -> object:

@@ -1,0 +1,52 @@
+"""Audit (session 11) of `oztune predict` and `oztune evaluate` as a user runs them: inputs that must be one
+clear error line (exit 2) instead of a traceback (output files that would replace an input: see
+tests/test_crash_safety_audit_s11.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+
+from oztune.cli import main
+
+
+def _stdin(monkeypatch, data: bytes) -> None:
+    """``sys.stdin`` as a pipe of raw bytes (UTF-8 text mode with surrogateescape, as under a C.UTF-8 locale)."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape"))
+
+
+def test_predict_stdin_non_utf8_is_one_line_naming_the_line(tiny_finetuned, monkeypatch, capsys):
+    _stdin(monkeypatch, b"good movie\ngood \xff movie\n")
+    assert main(["predict", "--model", str(tiny_finetuned), "--input", "-"]) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "UTF-8" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_stdin_bom_crlf_and_blank_lines(tiny_finetuned, monkeypatch, capsys):
+    _stdin(monkeypatch, b"\xef\xbb\xbfgood movie\r\n\r\nbad film\r\n")
+    assert main(["predict", "--model", str(tiny_finetuned), "--input", "-"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(out) == 2
+    from oztune import Classifier
+
+    assert out == Classifier.from_pretrained(tiny_finetuned).predict(["good movie", "bad film"])
+
+
+def test_predict_argument_text_with_undecodable_bytes_is_one_line(tiny_finetuned, capsys):
+    # Python hands a command-line argument holding the byte 0xff over as the lone surrogate U+DCFF.
+    assert main(["predict", "--model", str(tiny_finetuned), "good movie", "good \udcff movie"]) == 2
+    err = capsys.readouterr().err
+    assert "text 2" in err and "UTF-8" in err
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_jsonl_lone_surrogate_escape_names_file_line_and_column(command, tiny_finetuned, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "good movie", "label": "pos"}\n{"text": "good \\ud800 movie", "label": "pos"}\n')
+    opt = "--input" if command == "predict" else "--data"
+    assert main([command, "--model", str(tiny_finetuned), opt, str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: line 2" in err and "'text'" in err and "U+D800" in err
