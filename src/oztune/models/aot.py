@@ -130,7 +130,13 @@ def load(model: nn.Module, model_dir: str | Path) -> CompiledClassifier | None:
     folder = Path(model_dir) / AOT_DIR
     if not (folder / META).is_file():
         return None
-    meta = json.loads((folder / META).read_text())
+    try:  # written by build(); unreadable (cut short, edited by hand): the packages cannot be trusted either
+        meta = json.loads((folder / META).read_text())
+        max_t, with_query = int(meta["max_tokens"]), bool(meta["query_rows"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        warnings.warn(f"{folder / META}: unreadable ({type(e).__name__}: {e}): running eager (export it again)",
+                      stacklevel=2)
+        return None
     here = machine()
     if any(meta.get(k) != v for k, v in here.items()):
         warnings.warn(f"{folder}: built for {meta.get('torch')} / {meta.get('cpu_capability')}, this is "
@@ -145,7 +151,6 @@ def load(model: nn.Module, model_dir: str | Path) -> CompiledClassifier | None:
     except Exception as e:  # noqa: BLE001 - any failure to load means: run eager
         warnings.warn(f"{folder}: the compiled packages do not load ({e}): running eager", stacklevel=2)
         return None
-    max_t, with_query = meta["max_tokens"], meta["query_rows"]
 
     def run_packed(ids, mask, tt, index):
         b, t, q = index
