@@ -3,6 +3,7 @@ ahead-of-time packages): each test failed on the code before its fix."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -31,3 +32,27 @@ def test_an_unreadable_aoti_meta_json_runs_eager_with_a_warning_not_a_traceback(
     with pytest.warns(UserWarning, match="meta.json: unreadable"):
         assert main(["predict", "--model", str(src), "good film"]) == 0
     assert '"label"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("step", ["quantize", "qat", "prune"])
+def test_changing_a_model_that_runs_compiled_graphs_is_refused(tiny_hf_dir, step):
+    # Classifier.from_pretrained(an aoti export) wraps the model in a CompiledClassifier whose packages hold
+    # the weights compiled in: quantize_(clf.model) (the README's example) then changed only the eager copy, so
+    # every batch the packages take kept the fp32 logits, silently (shapes they do not take ran int8)
+    from oztune.compress import PruneConfig, QuantConfig, prune_, quantize_
+    from oztune.compress.quantize import prepare_qat_
+    from oztune.errors import OztuneError
+    from oztune.models.compiled import CompiledClassifier
+    from oztune.models.hub import load_classifier
+
+    model, _, _ = load_classifier(tiny_hf_dir("bert")[0])
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}  # what a package has compiled in
+    built = copy.deepcopy(model)
+    built.load_state_dict(frozen)
+    wrapped = CompiledClassifier(model, graphs=(lambda ids, mask, tt, index: built(ids, mask, tt, token_index=index),
+                                                lambda ids, tt: built(ids, None, tt)))
+    change = {"quantize": lambda: quantize_(wrapped, QuantConfig()), "qat": lambda: prepare_qat_(wrapped),
+              "prune": lambda: prune_(wrapped, PruneConfig(sparsity=0.5))}[step]
+    with pytest.raises(OztuneError, match="aot=False"):
+        change()
+    torch.testing.assert_close(model.state_dict(), frozen)  # nothing half-changed

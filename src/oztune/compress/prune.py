@@ -19,7 +19,7 @@ from torch import nn
 
 from oztune.compress.sparse import (GradualPruner, SparseLinear, apply_masks, magnitude_prune_, sparsity_of,
                                    swap_sparse, to_sparse_)
-from oztune.compress.quantize import is_int8
+from oztune.compress.quantize import check_not_compiled, is_int8
 from oztune.compress.vocab import VocabEmbedding
 from oztune.data.dataset import EncodedData, train_batches
 from oztune.errors import OztuneError
@@ -76,6 +76,7 @@ def prune_(model: SequenceClassifier, config: PruneConfig, data: EncodedData | N
         config: what to prune.
         data: labelled training data; needed for structured pruning (importance).
     """
+    check_not_compiled(model, "prune")
     if is_int8(model):
         raise OztuneError("an int8 model cannot be pruned: prune the fp32 model it was quantized from, then quantize")
     if config.structured:

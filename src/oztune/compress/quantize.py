@@ -244,6 +244,18 @@ def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module
     return out
 
 
+def check_not_compiled(model: nn.Module, action: str) -> None:
+    """Refuse a model wrapped for compiled inference (``from_pretrained`` of an ``oztune export --format aoti``
+    directory, or ``compile=True``): its graphs hold the weights as they were, so an in-place change would
+    not reach most predictions (only the shapes that run eager)."""
+    from oztune.models.compiled import CompiledClassifier
+
+    if isinstance(model, CompiledClassifier):
+        raise OztuneError(f"cannot {action} a model that runs compiled graphs (an aoti export or compile=True): "
+                          "its graphs keep the weights they were built with; load it with "
+                          "Classifier.from_pretrained(path, aot=False) or change its .eager model, then export again")
+
+
 def _check_skip(model: nn.Module, config: QuantConfig) -> None:
     names = [n for n, _ in model.named_modules() if n]
     for pat in config.skip:
@@ -269,6 +281,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         config: what to quantize (default: QuantConfig()).
     """
     config = config or QuantConfig()
+    check_not_compiled(model, "quantize")
     _check_skip(model, config)
     for name, m in _targets(model, config):
         q = Int8Linear.from_linear(m) if isinstance(m, nn.Linear) else Int8Embedding.from_embedding(m)
@@ -301,6 +314,7 @@ def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Modu
     """Swap every Linear that :func:`quantize_` would convert for a FakeQuantLinear (sharing its parameters),
     in place, for quantization-aware fine-tuning with the usual ``fit``; returns ``model``."""
     config = config or QuantConfig()
+    check_not_compiled(model, "fine-tune with fake quantization")
     _check_skip(model, config)
     for name, m in _targets(model, config):
         if type(m) is not FakeQuantLinear and isinstance(m, nn.Linear):
