@@ -56,3 +56,22 @@ def test_changing_a_model_that_runs_compiled_graphs_is_refused(tiny_hf_dir, step
     with pytest.raises(OztuneError, match="aot=False"):
         change()
     torch.testing.assert_close(model.state_dict(), frozen)  # nothing half-changed
+
+
+def test_distilling_an_unstructured_pruned_student_keeps_its_zeros(tiny_finetuned, sentiment_files, tmp_path):
+    # oztune distill --student <oztune prune output> trained every pruned weight back to non-zero (sparsity
+    # 80% -> 0%) and saved the now dense layers as bitmask + values: a larger file than the unpruned teacher's
+    from oztune.compress.sparse import magnitude_prune_, sparsity_of, to_sparse_
+    from oztune.models.hub import load_classifier, save_classifier
+
+    model, enc, meta = load_classifier(tiny_finetuned)
+    magnitude_prune_(model, 0.8)
+    assert to_sparse_(model)
+    pruned = save_classifier(model, enc, tmp_path / "pruned", meta["id2label"])
+    train, dev = sentiment_files
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(tiny_finetuned), "--student", str(pruned), "--train", str(train),
+                 "--eval", str(dev), "--output", str(out), "--epochs", "1", "--no-progress"]) == 0
+    student, _, _ = load_classifier(out)
+    assert sparsity_of(student) >= 0.79
+    assert (out / "model.safetensors").stat().st_size < (tiny_finetuned / "model.safetensors").stat().st_size
