@@ -75,3 +75,22 @@ def test_distilling_an_unstructured_pruned_student_keeps_its_zeros(tiny_finetune
     student, _, _ = load_classifier(out)
     assert sparsity_of(student) >= 0.79
     assert (out / "model.safetensors").stat().st_size < (tiny_finetuned / "model.safetensors").stat().st_size
+
+
+def test_structured_pruning_of_an_unstructured_pruned_model_keeps_its_zeros(tiny_finetuned, sentiment_files, tmp_path):
+    # oztune prune --structured on an `oztune prune` (unstructured) output: the layers it did not slice stayed
+    # SparseLinear while the recovery distillation trained their zeros back (the file grew, sparsity fell)
+    from oztune.compress.sparse import magnitude_prune_, sparsity_of, to_sparse_
+    from oztune.models.hub import load_classifier, save_classifier
+
+    model, enc, meta = load_classifier(tiny_finetuned)
+    magnitude_prune_(model, 0.8)
+    assert to_sparse_(model)
+    pruned = save_classifier(model, enc, tmp_path / "pruned", meta["id2label"])
+    train, dev = sentiment_files
+    out = tmp_path / "structured"
+    assert main(["prune", "--model", str(pruned), "--train", str(train), "--eval", str(dev), "--output", str(out),
+                 "--structured", "--sparsity", "0.25", "--epochs", "1", "--no-progress"]) == 0
+    student, _, _ = load_classifier(out)
+    assert sparsity_of(student) >= 0.7  # (about 0.78: the slices removed are not exactly 80% zeros)
+    assert (out / "model.safetensors").stat().st_size < (pruned / "model.safetensors").stat().st_size

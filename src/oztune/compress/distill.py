@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from oztune.compress.prune import drop_layers_, evenly_spaced
 from oztune.compress.quantize import is_int8
-from oztune.compress.sparse import SparseLinear, apply_masks
+from oztune.compress.sparse import zeros_keeper
 from oztune.compress.vocab import tokens_seen
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
@@ -304,11 +304,8 @@ def run_distill(a: DistillArgs) -> dict:
         dcfg.layer_map = kept
     data = load_task_data(teacher, enc, meta, a.train, a.eval, a.columns(), a.max_train_examples, a.seed)
     teacher_metrics = evaluate(teacher, data.eval)
-    # an unstructured-pruned student (oztune prune without --structured): its zeros stay zero while it trains,
-    # else they all grow back and the bitmask + values it is saved as take more room than the dense weights
-    masks = {n: m.weight.detach() != 0 for n, m in student.named_modules() if isinstance(m, SparseLinear)}
-    on_step = (lambda step, total: apply_masks(student, masks)) if masks else None
-    result = distill(teacher, student, data.train, a.train_config(), dcfg, data.eval, on_step=on_step)
+    # an unstructured-pruned student (oztune prune without --structured) keeps its zeros while it trains
+    result = distill(teacher, student, data.train, a.train_config(), dcfg, data.eval, on_step=zeros_keeper(student))
     run = {"command": "distill", "args": asdict(a), "teacher_metrics": teacher_metrics, "metrics": result.best,
            "history": result.history, "train_examples": len(data.train), "train_seconds": round(result.seconds, 1),
            "student": {"layers": student.cfg.num_layers, "heads": student.cfg.layer_heads, "ffn": student.cfg.layer_ffn,

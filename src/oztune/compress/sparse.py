@@ -45,6 +45,18 @@ def magnitude_prune_(model: nn.Module, sparsity: float) -> dict[str, torch.Tenso
     return masks
 
 
+def zeros_keeper(model: nn.Module, min_sparsity: float = 0.1):
+    """An ``on_step`` callback for ``fit`` that keeps the zeros of the encoder's sparse Linears (at least
+    ``min_sparsity`` zeros: an unstructured-pruned model) zero while the model trains; None if it has none.
+
+    Without it, training a pruned model again (distillation into it, structured pruning's recovery) trains
+    every zero back, and the layers saved as bitmask + values take more room than dense ones.
+    """
+    masks = {n: m.weight.detach() != 0 for n, m in encoder_linears(model).items()
+             if float((m.weight == 0).float().mean()) >= min_sparsity}
+    return (lambda step, total: apply_masks(model, masks)) if masks else None
+
+
 def sparsity_of(model: nn.Module) -> float:
     """Share of exact zeros among the encoder's Linear weights."""
     ws = [m.weight.detach() for m in encoder_linears(model).values()]
