@@ -94,3 +94,12 @@ def test_structured_pruning_of_an_unstructured_pruned_model_keeps_its_zeros(tiny
     student, _, _ = load_classifier(out)
     assert sparsity_of(student) >= 0.7  # (about 0.78: the slices removed are not exactly 80% zeros)
     assert (out / "model.safetensors").stat().st_size < (pruned / "model.safetensors").stat().st_size
+
+
+def test_skip_patterns_that_keep_every_layer_in_float_are_refused(tiny_finetuned, tmp_path, capsys):
+    # quantize --skip matching every Linear, with --embeddings none, wrote a "quantized" model holding no int8
+    # layer, which prune/quantize then refused as already quantized
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_finetuned), "--output", str(out), "--skip", "backbone.*,head.*",
+                 "--embeddings", "none"]) == 2
+    assert "nothing" in capsys.readouterr().err and not out.exists()

@@ -283,7 +283,11 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     config = config or QuantConfig()
     check_not_compiled(model, "quantize")
     _check_skip(model, config)
-    for name, m in _targets(model, config):
+    targets = _targets(model, config)
+    if not targets:  # a model recorded as quantized with no int8 layer: every later step would refuse it
+        raise OztuneError(f"nothing to quantize: the skip patterns {', '.join(config.skip) or '(none)'} keep every "
+                          f"Linear layer in fp32 (and the embeddings are {config.embeddings})")
+    for name, m in targets:
         q = Int8Linear.from_linear(m) if isinstance(m, nn.Linear) else Int8Embedding.from_embedding(m)
         model.set_submodule(name, q)
     _chunk_feed_forwards(model)
