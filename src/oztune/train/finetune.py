@@ -107,6 +107,7 @@ class FinetuneArgs(RecipeOptions):
         lora_dropout: dropout on the input of the LoRA updates.
         label_names: names to show for the labels, in label-id order, comma-separated (e.g. negative,positive
             for SST-2's 0,1); files with the original integer labels still evaluate against the model.
+            Only for integer labels: a file whose labels are names already is refused.
         class_weights: none, or balanced: weigh the loss so that every label counts as much in total, however
             rare (single-label: class c weighs N / (labels x count_c); multi-label: each label's positives
             weigh negatives / positives). For imbalanced data; the weights are printed and saved in run.json.
@@ -279,6 +280,11 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
         if not eval_ex:
             raise OztuneError(f"--eval-split {a.eval_split} of {len(train_ex)} training examples holds out none: "
                               "give a larger share, more examples, or --eval FILE")
+    if a.label_names and label2id and not all(str(k).lstrip("-").isdigit() for k in label2id):
+        # names for names: the model would know only the new ones, and this very --eval file (and every file
+        # labelled like it) would no longer evaluate against it
+        raise OztuneError(f"--label-names names integer class ids (e.g. SST-2's 0,1); {a.train}'s labels are "
+                          f"already names ({', '.join(map(str, label2id))}): use them as they are, or rename them in the file")
     if a.label_names and len(a.label_names) != num_labels:
         raise OztuneError(f"--label-names gives {len(a.label_names)} names but {a.train} has {num_labels} labels "
                           f"({', '.join(label2id or {})})")

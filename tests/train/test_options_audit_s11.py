@@ -1,0 +1,76 @@
+"""Audit (session 11) of finetune's options end to end: run.json, the saved weights, `oztune evaluate`.
+
+The tests pin semantics checked by the audit (and the --label-names refusal it led to).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import synthetic_sentiment, write_tsv
+
+
+def finetune(tiny_base, tmp_path, name, **kw):
+    from oztune.train.finetune import FinetuneArgs, finetune as run
+
+    train = write_tsv(tmp_path / "train.tsv", synthetic_sentiment(48, 1))
+    dev = write_tsv(tmp_path / "dev.tsv", synthetic_sentiment(16, 2))
+    args = dict(train=str(train), output=str(tmp_path / name), model=str(tiny_base), epochs=2, batch_size=8,
+                lr=3e-3, progress=False, precision="fp32", checkpoint_every=0)
+    args.update(kw)
+    record = run(FinetuneArgs(**args))
+    return record, load_file(str(tmp_path / name / "model.safetensors")), dev
+
+
+def test_seed_decides_the_weights_and_only_the_token_table_stays_frozen(one_thread, tiny_base, tmp_path):
+    _, a, _ = finetune(tiny_base, tmp_path, "a", seed=3)
+    _, b, _ = finetune(tiny_base, tmp_path, "b", seed=3)
+    _, c, _ = finetune(tiny_base, tmp_path, "c", seed=4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    base = load_file(str(tiny_base / "model.safetensors"))
+    for k, v in base.items():  # the default --freeze-embeddings: the word table only
+        assert torch.equal(v, a[f"bert.{k}"]) == (k == "embeddings.word_embeddings.weight"), k
+    _, d, _ = finetune(tiny_base, tmp_path, "d", seed=3, freeze_embeddings=False)
+    assert not torch.equal(base["embeddings.word_embeddings.weight"], d["bert.embeddings.word_embeddings.weight"])
+
+
+def test_the_saved_model_is_the_kept_evaluation_with_ema_and_step_evaluations(one_thread, tiny_base, tmp_path):
+    from oztune import Classifier
+
+    record, _, dev = finetune(tiny_base, tmp_path, "m", eval=str(tmp_path / "dev.tsv"), freeze_embeddings=False,
+                              ema_decay=0.5, eval_every=2, grad_accum=2)
+    # 6 batches of 8, 2 per optimizer step: 3 steps an epoch; evaluations at step 2 (epoch 4/6 of the
+    # batches), each epoch's end (steps 3 and 6) and step 4; step 6's is the epoch end's, not twice
+    assert [(h["epoch"], h["step"]) for h in record["history"]] == [
+        (pytest.approx(2 / 3), 2), (1, 3), (pytest.approx(4 / 3), 4), (2, 6)]
+    got = Classifier.from_pretrained(tmp_path / "m").evaluate(str(dev))
+    for k in ("accuracy", "macro_f1", "mcc"):
+        assert got[k] == pytest.approx(record["metrics"][k], abs=1e-9)
+
+
+def test_label_names_on_named_labels_are_refused(one_thread, tiny_base, tmp_path):
+    """--label-names on a file whose labels are names (neg/pos, not 0/1) renamed the classes, so the very --eval
+    file the run was scored on was refused afterwards by `oztune evaluate` ("label 'neg' is not one the model
+    knows"): --label-names names integer class ids only (as its help says), and is refused otherwise."""
+    from oztune.errors import OztuneError
+
+    with pytest.raises(OztuneError, match="--label-names names integer class ids"):
+        finetune(tiny_base, tmp_path, "n", eval=str(tmp_path / "dev.tsv"), label_names=["negative", "positive"])
+    assert not (tmp_path / "n").exists()
+
+
+def test_label_names_on_integer_labels_still_evaluate_the_integer_file(one_thread, tiny_base, tmp_path):
+    from oztune import Classifier
+
+    rows = [(t, "1" if y == "pos" else "0") for t, y in synthetic_sentiment(48, 1)]
+    train = write_tsv(tmp_path / "train01.tsv", rows)
+    record, _, _ = finetune(tiny_base, tmp_path, "i", train=str(train), eval=str(train),
+                            label_names=["negative", "positive"])
+    clf = Classifier.from_pretrained(tmp_path / "i")
+    assert set(clf.id2label.values()) == {"negative", "positive"}
+    assert clf.evaluate(str(train))["accuracy"] == pytest.approx(record["metrics"]["accuracy"], abs=1e-9)
