@@ -32,3 +32,8 @@ def test_without_an_eval_file_the_card_says_what_it_shows():
     history = [{"epoch": e, "step": 4 * e, "train_loss": 0.5} for e in (1, 2, 3)]
     text = card(history, history[-1], eval_file=None)
     assert "## Evaluation (no --eval file: the training loss)" in text and "kept" not in text
+
+
+def test_an_early_stop_at_a_fraction_of_an_epoch_is_rounded():
+    history = [{"epoch": 8 / 15, "step": 8, "accuracy": 0.9}]
+    assert "- Training: 0.53 of 3 epoch(s) (stopped early)" in card(history, history[0])

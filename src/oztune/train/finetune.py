@@ -361,7 +361,7 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
     """A short README.md for the saved model: what it is, how it was trained, how well it does."""
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in metric_values(run["metrics"]).items())
     ran = run["history"][-1]["epoch"] if run["history"] else a.epochs  # fewer than asked after an early stop
-    trained = f"{a.epochs} epoch(s)" if ran == a.epochs else f"{ran:g} of {a.epochs} epoch(s) (stopped early)"
+    trained = f"{a.epochs} epoch(s)" if ran == a.epochs else f"{round(ran, 2):g} of {a.epochs} epoch(s) (stopped early)"
     kept = ""
     if a.evaluates and run["history"]:
         e = run["metrics"].get("epoch")
