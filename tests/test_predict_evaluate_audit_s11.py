@@ -25,8 +25,8 @@ def test_predict_stdin_non_utf8_is_one_line_naming_the_line(tiny_finetuned, monk
     assert "line 2" in err and "UTF-8" in err and len(err.strip().splitlines()) == 1
 
 
-def test_predict_stdin_bom_crlf_and_blank_lines(tiny_finetuned, monkeypatch, capsys):
-    _stdin(monkeypatch, b"\xef\xbb\xbfgood movie\r\n\r\nbad film\r\n")
+def test_predict_stdin_bom_and_crlf(tiny_finetuned, monkeypatch, capsys):
+    _stdin(monkeypatch, b"\xef\xbb\xbfgood movie\r\nbad film\r\n")
     assert main(["predict", "--model", str(tiny_finetuned), "--input", "-"]) == 0
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(out) == 2
@@ -50,3 +50,10 @@ def test_jsonl_lone_surrogate_escape_names_file_line_and_column(command, tiny_fi
     assert main([command, "--model", str(tiny_finetuned), opt, str(data)]) == 2
     err = capsys.readouterr().err
     assert f"{data}: line 2" in err and "'text'" in err and "U+D800" in err
+
+
+def test_predict_stdin_blank_line_is_an_error_naming_it(tiny_finetuned, monkeypatch, capsys):
+    # a blank line was skipped: every later answer then stood on the output line of the text before it
+    _stdin(monkeypatch, b"good movie\n\nbad film\n")
+    assert main(["predict", "--model", str(tiny_finetuned), "--input", "-"]) == 2
+    assert "standard input: line 2 is empty" in capsys.readouterr().err

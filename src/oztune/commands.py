@@ -178,7 +178,14 @@ def predict_cmd(a: PredictArgs) -> int:
         if bad is not None:  # Python reads an undecodable byte of an argument as a lone surrogate
             raise DataError(f"text {i + 1} is not valid UTF-8 (byte 0x{ord(t[bad]) & 0xFF:02x} at position {bad + 1})")
     if a.input == "-":
-        texts += [line for line in _stdin_lines() if line.strip()]
+        lines = _stdin_lines()
+        if lines and not lines[-1]:
+            lines.pop()  # (the last line's newline)
+        for i, line in enumerate(lines):
+            if not line.strip():  # skipped, every later answer would sit on the line of the text before it
+                raise DataError(f"standard input: line {i + 1} is empty; every line is a text, answered by the "
+                                "output line of the same number")
+        texts += lines
     elif a.input:
         ex = read_labelled(a.input, Columns(a.text_column, a.text_pair_column, None), require_label=False)
         if any(e.text_pair for e in ex) and texts:
