@@ -75,6 +75,9 @@ class TextEncoder:
                               f"{self.special_tokens(pair=True)} special tokens to a pair, and each text needs one "
                               f"token, so the least is {self.special_tokens(pair=True) + 2}")
         try:
+            if pairs is not None and any(min(len(a), len(b)) > self.max_length for a, b in inputs
+                                         if isinstance(a, str) and isinstance(b, str)):
+                return self._encode_long_pairs(inputs)
             encoded = self.tokenizer.encode_batch(inputs)
         except Exception:  # tokenizers' own message names no text: say which one is not a string
             for name, seq in (("text", texts), ("text pair", pairs or [])):
@@ -84,6 +87,47 @@ class TextEncoder:
                                     "expected a string") from None
             raise
         return [(e.ids, e.type_ids) if e.ids else ([self.pad_id], [0]) for e in encoded]
+
+    def _encode_long_pairs(self, inputs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """Pairs encoded as tokenizers would ("longest_first"), without its overflow: where both texts are
+        longer than max_length, tokenizers cuts each into max_length-sized pieces and combines every piece
+        of one with every piece of the other (memory quadratic in the texts' length: two 10,000-word texts
+        took more than 20 GB). Here each text is encoded alone, cut, and the post-processor's template put
+        around the two."""
+        plain = Tokenizer.from_str(self.tokenizer.to_str())
+        plain.no_truncation()
+        plain.no_padding()
+        budget = self.max_length - self.special_tokens(pair=True)
+        layout = self._pair_template(plain)
+        out = []
+        for a, b in inputs:
+            ea, eb = plain.encode(a, add_special_tokens=False), plain.encode(b, add_special_tokens=False)
+            if not ea.ids or not eb.ids or len(ea.ids) + len(eb.ids) <= budget:
+                e = self.tokenizer.encode(a, b)  # short enough: no overflow to fear
+                out.append((e.ids, e.type_ids) if e.ids else ([self.pad_id], [0]))
+                continue
+            n1, n2 = _longest_first(len(ea.ids), len(eb.ids), budget)
+            ids, types = [], []
+            for kind, value, type_id in layout:
+                part = [value] if kind == "special" else (ea.ids[:n1] if value == 0 else eb.ids[:n2])
+                ids += part
+                types += [type_id] * len(part)
+            out.append((ids, types))
+        return out
+
+    def _pair_template(self, plain: Tokenizer) -> list[tuple[str, int, int]]:
+        """The post-processor's layout of a pair: ("special", id, type_id) and ("text", 0 or 1, type_id)."""
+        probe = next(e for e in (plain.encode(t, add_special_tokens=False) for t in ("a", "x", "0", ".", "[UNK]", "<unk>"))
+                     if len(e.ids) == 1)
+        pe = plain.post_process(probe, probe, add_special_tokens=True)
+        layout: list[tuple[str, int, int]] = []
+        texts = 0
+        for i, special in enumerate(pe.special_tokens_mask):  # the probe is one token: one per text
+            layout.append(("special", pe.ids[i], pe.type_ids[i]) if special else ("text", texts, pe.type_ids[i]))
+            texts += not special
+        if texts != 2:
+            raise OztuneError("this tokenizer's post-processor does not put both texts of a pair in its output")
+        return layout
 
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Encode and pad one batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` (B, T)."""
@@ -110,6 +154,19 @@ def pad_batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
         input_ids[i, :n], types[i, :n], mask[i, :n] = ids, tt, 1
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
             "token_type_ids": torch.from_numpy(types)}
+
+
+def _longest_first(n1: int, n2: int, budget: int) -> tuple[int, int]:
+    """Lengths the two texts of a pair keep under tokenizers' "longest_first" truncation (its algorithm:
+    the shorter text is kept whole if it can be, else each keeps half, the longer one the odd token)."""
+    swap = n1 > n2
+    if swap:
+        n1, n2 = n2, n1
+    n2 = n1 if n1 > budget else max(n1, budget - n1)
+    if n1 + n2 > budget:
+        n1 = budget // 2
+        n2 = n1 + budget % 2
+    return (n2, n1) if swap else (n1, n2)
 
 
 def _load_tokenizer(path: Path) -> Tokenizer:
