@@ -62,3 +62,25 @@ def test_long_pairs_match_transformers_longest_first(max_length):
     got = TextEncoder.from_dir(path, max_length).encode(a, b)
     assert [ids for ids, _ in got] == hf["input_ids"]
     assert [t for _, t in got] == hf["token_type_ids"]
+
+
+def test_vocab_json_merges_txt_honour_add_prefix_space_of_tokenizer_config(tmp_path):
+    """A RoBERTa-style vocab.json + merges.txt whose tokenizer_config.json says add_prefix_space: true:
+    transformers encodes "a" as "Ġa"; oztune ignored the setting and encoded "a"."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from oztune.data.tokenize import TextEncoder
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.train_from_iterator(["the movie was good", "a bad film"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.model.save(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_prefix_space": True}))
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    ids, _ = TextEncoder.from_dir(tmp_path, 16).encode(["a"])[0]
+    assert ids == [vocab["<s>"], vocab["\u0120a"], vocab["</s>"]]

@@ -183,12 +183,13 @@ def _load_tokenizer(path: Path) -> Tokenizer:
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         from tokenizers.implementations import ByteLevelBPETokenizer
 
-        tok = ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))._tokenizer
+        prefix = _tokenizer_config(path).get("add_prefix_space") is True  # as transformers reads it (default off)
+        tok = ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"), add_prefix_space=prefix)._tokenizer
         bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
         if bos is not None and eos is not None and _model_type(path) != "gpt2":  # RoBERTa's vocabulary
             from tokenizers.processors import RobertaProcessing
 
-            tok.post_processor = RobertaProcessing(("</s>", eos), ("<s>", bos))
+            tok.post_processor = RobertaProcessing(("</s>", eos), ("<s>", bos), add_prefix_space=prefix)
         return tok
     raise ModelError(f"{path}: no tokenizer (expected tokenizer.json, vocab.txt, or vocab.json + merges.txt)")
 
