@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peers import best_time
+from peers import QUANTIZE, best_time, need_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one repeat, 64 texts at batch 1, no variants")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "compiled.json"))
     a = ap.parse_args()
+    need_model(a.model, QUANTIZE.format(a.model))
     torch.set_num_threads(a.threads)
     from oztune.api import Classifier
     from oztune.data.readers import read_examples

@@ -19,13 +19,14 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from peers import best_time, export_hf_onnx, file_mb, ort_runner
+from peers import FINETUNE, best_time, export_hf_onnx, file_mb, need_model, ort_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "compress.json"))
     a = ap.parse_args()
+    need_model(a.model, FINETUNE.format(a.model))
+    if a.compressed and not (Path(a.compressed) / "report.json").is_file():
+        sys.exit(f"{sys.argv[0]}: {a.compressed}/report.json: no such file (--compressed takes the output of "
+                 f"oztune compress). Make it with: python bench/compress.py --model {a.model} --output "
+                 f"{a.compressed} (runs oztune compress's search, about 16 minutes on 2 cores)")
     from oztune.compress.search import CompressArgs, compress
     from oztune.data.readers import read_examples
     from oztune.models.hub import load_classifier

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peers import need_model
 
 from oztune import Classifier
 from oztune.data.labels import gold_label2id
@@ -37,6 +38,11 @@ def main() -> None:
     a = ap.parse_args()
     if len(a.models) < 2:
         ap.error("give two models or more")
+    for d in a.models:  # each is a run of BENCHMARKS.md's Full SST-2 section, made by the config of its name
+        config = ROOT / "configs" / f"{d.name}.yaml"
+        need_model(d, f"oztune finetune --config {config.relative_to(ROOT)} --output {d}" if config.is_file() else
+                   f"oztune finetune --config configs/<recipe>.yaml --output {d} (BENCHMARKS.md, Full SST-2, "
+                   "names each run's config)")
     torch.set_num_threads(2)
 
     examples = read_labelled(str(a.data), Columns())

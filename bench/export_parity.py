@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from peers import FINETUNE, need_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="200 dev sentences")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "export_parity.json"))
     a = p.parse_args()
+    need_model(a.model, FINETUNE.format(a.model))
 
     import torch
 

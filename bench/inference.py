@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peers import FINETUNE, need_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "inference.json"))
     a = ap.parse_args()
+    if a.model is not None:
+        need_model(a.model, FINETUNE.format(a.model))
     torch.set_num_threads(os.cpu_count() or 2)
     import transformers as T
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peers import best_time, export_hf_onnx, file_mb, ops_by_self_time, ort_runner
+from peers import FINETUNE, best_time, export_hf_onnx, file_mb, need_model, ops_by_self_time, ort_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -209,6 +209,7 @@ def main() -> None:
                     help="also profile oztune int8 on the sorted batches of 64 and at batch 1 (operators by self time)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "int8.json"))
     a = ap.parse_args()
+    need_model(a.model, FINETUNE.format(a.model))
     torch.set_num_threads(a.threads)
     from oztune.data.readers import read_examples
 

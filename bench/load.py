@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from peers import QUANTIZE, need_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"errors": 0, "served_over_offline": 0.8, "p99_ms": 100.0}
@@ -246,6 +247,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="300 requests x 8 clients, 256 offline texts")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     a = p.parse_args()
+    need_model(a.model, QUANTIZE.format(a.model))
     if a.quick:
         a.requests, a.concurrency, a.offline_texts = 300, 8, 256
     from oztune.models.hub import read_config, resolve_model

@@ -3,6 +3,7 @@ fp32 and ``onnxruntime.quantization.quantize_dynamic`` int8), so every script ti
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -10,7 +11,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# how to make the model a script is given (its message when the directory is missing); as bench/run_all.sh makes them
+FINETUNE = ("oztune finetune --train data/sst2/train.tsv --eval data/sst2/dev.tsv --output {} --epochs 1 "
+            "--max-train-examples 8000 --lr 1e-4 --seed 0 (bench/run_all.sh's runs/sst2-8k)")
+QUANTIZE = "oztune quantize --model <a fine-tuned model> --output {} (bench/run_all.sh's runs/sst2-8k-int8)"
 ORT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def need_model(path: str | Path, how: str) -> Path:
+    """``path`` if it is a model directory (config.json); else exit with a message naming it and ``how`` to make it.
+
+    Without this a missing directory was taken for a hub id: a download attempt and a traceback."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        what = "no such directory" if not p.exists() else "not a model directory (no config.json)"
+        sys.exit(f"{sys.argv[0]}: {p}: {what}. Make it with: {how}")
+    return p
 
 
 def best_time(fn, repeats: int) -> float:
