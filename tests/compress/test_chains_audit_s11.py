@@ -58,16 +58,24 @@ def test_changing_a_model_that_runs_compiled_graphs_is_refused(tiny_hf_dir, step
     torch.testing.assert_close(model.state_dict(), frozen)  # nothing half-changed
 
 
-def test_distilling_an_unstructured_pruned_student_keeps_its_zeros(tiny_finetuned, sentiment_files, tmp_path):
-    # oztune distill --student <oztune prune output> trained every pruned weight back to non-zero (sparsity
-    # 80% -> 0%) and saved the now dense layers as bitmask + values: a larger file than the unpruned teacher's
-    from oztune.compress.sparse import magnitude_prune_, sparsity_of, to_sparse_
+def _unstructured_pruned(tiny_finetuned, tmp_path):
+    """The tiny fine-tuned model with 80% of its encoder weights zeroed, saved as `oztune prune` saves it."""
+    from oztune.compress.sparse import magnitude_prune_, to_sparse_
     from oztune.models.hub import load_classifier, save_classifier
 
     model, enc, meta = load_classifier(tiny_finetuned)
     magnitude_prune_(model, 0.8)
     assert to_sparse_(model)
-    pruned = save_classifier(model, enc, tmp_path / "pruned", meta["id2label"])
+    return save_classifier(model, enc, tmp_path / "pruned", meta["id2label"])
+
+
+def test_distilling_an_unstructured_pruned_student_keeps_its_zeros(tiny_finetuned, sentiment_files, tmp_path):
+    # oztune distill --student <oztune prune output> trained every pruned weight back to non-zero (sparsity
+    # 80% -> 0%) and saved the now dense layers as bitmask + values: a larger file than the unpruned teacher's
+    from oztune.compress.sparse import sparsity_of
+    from oztune.models.hub import load_classifier
+
+    pruned = _unstructured_pruned(tiny_finetuned, tmp_path)
     train, dev = sentiment_files
     out = tmp_path / "student"
     assert main(["distill", "--teacher", str(tiny_finetuned), "--student", str(pruned), "--train", str(train),
@@ -80,13 +88,10 @@ def test_distilling_an_unstructured_pruned_student_keeps_its_zeros(tiny_finetune
 def test_structured_pruning_of_an_unstructured_pruned_model_keeps_its_zeros(tiny_finetuned, sentiment_files, tmp_path):
     # oztune prune --structured on an `oztune prune` (unstructured) output: the layers it did not slice stayed
     # SparseLinear while the recovery distillation trained their zeros back (the file grew, sparsity fell)
-    from oztune.compress.sparse import magnitude_prune_, sparsity_of, to_sparse_
-    from oztune.models.hub import load_classifier, save_classifier
+    from oztune.compress.sparse import sparsity_of
+    from oztune.models.hub import load_classifier
 
-    model, enc, meta = load_classifier(tiny_finetuned)
-    magnitude_prune_(model, 0.8)
-    assert to_sparse_(model)
-    pruned = save_classifier(model, enc, tmp_path / "pruned", meta["id2label"])
+    pruned = _unstructured_pruned(tiny_finetuned, tmp_path)
     train, dev = sentiment_files
     out = tmp_path / "structured"
     assert main(["prune", "--model", str(pruned), "--train", str(train), "--eval", str(dev), "--output", str(out),

@@ -5,8 +5,6 @@ The tests pin semantics checked by the audit (and the --label-names refusal it l
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
