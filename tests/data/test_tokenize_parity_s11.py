@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SST2 = Path("/work/main/data/sst2") if Path("/work/main/data/sst2").is_dir() else Path(__file__).parents[2] / "data/sst2"
+SST2 = Path(__file__).parents[2] / "data" / "sst2"
 
 
 def _bundled():
@@ -84,3 +84,24 @@ def test_vocab_json_merges_txt_honour_add_prefix_space_of_tokenizer_config(tmp_p
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     ids, _ = TextEncoder.from_dir(tmp_path, 16).encode(["a"])[0]
     assert ids == [vocab["<s>"], vocab["\u0120a"], vocab["</s>"]]
+
+
+def test_surrounding_whitespace_is_dropped_on_every_path_as_the_file_readers_drop_it(tmp_path):
+    """The file readers strip each text; the API, the server and `predict -` did not: for a byte-level BPE
+    model (GPT-2 style, no prefix space) " good" and "good" got other ids than the model was trained with."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from oztune.data.tokenize import TextEncoder
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the movie was good", "a bad film"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    enc = TextEncoder.from_dir(tmp_path, 16)
+    assert enc.encode([" good\n", "\tgood "]) == enc.encode(["good", "good"])
+    assert enc.encode(["good film"], [" bad "]) == enc.encode(["good film"], ["bad"])

@@ -67,8 +67,12 @@ class TextEncoder:
 
         A text that encodes to no token at all (an empty text, where the tokenizer adds no special tokens,
         as GPT-2's does not) is one pad token, attended to: a model needs a position to read, and a batch of
-        such texts would have no length.
+        such texts would have no length. Surrounding whitespace is dropped, as the file readers drop it (for a
+        byte-level BPE tokenizer " good" and "good" are other tokens): every path encodes a text alike.
         """
+        texts = [t.strip() if isinstance(t, str) else t for t in texts]
+        if pairs is not None:
+            pairs = [t.strip() if isinstance(t, str) else t for t in pairs]
         inputs = list(zip(texts, pairs)) if pairs is not None else texts
         if pairs is not None and self.max_length < self.special_tokens(pair=True) + 2:
             raise OztuneError(f"max length {self.max_length} is too short for text pairs: this tokenizer adds "
