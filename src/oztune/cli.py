@@ -1,8 +1,10 @@
 """The ``oztune`` command line, generated from the typed argument dataclasses of each command.
 
 Each command is a dataclass (its fields are the options, its docstring's Args the help) and a
-function taking it. ``--config FILE.yaml`` supplies defaults by field name; flags given on the
-command line win. Errors a user can fix print one line and exit with code 2.
+function taking it. ``--config FILE.yaml`` supplies defaults by field name, each read as its option's type
+(a text option keeps the scalar as written); flags given on the command line win, also one given with its
+default value. A bad config file (not YAML, an option given twice, an unknown option, a value not of its type) is an
+error naming the file and, where it can, the line. Errors a user can fix print one line and exit with code 2.
 """
 
 from __future__ import annotations

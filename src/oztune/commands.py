@@ -147,7 +147,8 @@ class PredictArgs:
     Args:
         texts: texts to classify.
         model: model directory, or an oztune export (ONNX: run on onnxruntime).
-        input: file of texts (.csv, .tsv, .jsonl; labels not needed) or '-' for one text per line on stdin.
+        input: file of texts (.csv, .tsv, .jsonl; labels not needed) or '-' for one text per line on stdin
+            (a blank line is an error).
         output: write the JSON lines here instead of stdout.
         all_scores: add the score of every label.
         batch_size: examples per forward pass.

@@ -26,7 +26,8 @@ class QuantizeArgs:
         model: fine-tuned model directory (from oztune finetune, prune or distill).
         output: directory to write the quantized model to (replaced atomically).
         scheme: int8 (dynamic per-token int8 activations x per-channel int8 weights in every Linear).
-        skip: module-name patterns kept in fp32, comma-separated (e.g. head.*,backbone.layers.5.*).
+        skip: module-name patterns kept in fp32, comma-separated (e.g. head.*,backbone.layers.5.*); patterns that
+            leave nothing to quantize are refused.
         embeddings: int8 (weight-only, one scale per row) or none (keep them fp32).
         eval: labelled file: print the metrics before and after quantization.
         qat_train: labelled file for quantization-aware fine-tuning before converting (default: none).

@@ -247,7 +247,8 @@ class DistillArgs(RecipeOptions):
         train: training file (.csv, .tsv or .jsonl) with the teacher's labels.
         eval: evaluation file (required); the best epoch on it is kept.
         output: directory to write the student to.
-        student: start from this model directory (e.g. the output of oztune prune --structured).
+        student: start from this model directory (e.g. the output of oztune prune --structured); an
+            unstructured-pruned student keeps its zeros while it trains.
         student_layers: or build the student from this many evenly spaced teacher layers.
         temperature: softmax temperature of the soft loss.
         alpha: weight of the teacher's soft loss (1 - alpha: the hard labels).

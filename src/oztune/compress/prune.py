@@ -292,7 +292,8 @@ class PruneArgs(RecipeOptions):
             recovery is kept.
         output: directory to write the pruned model to.
         sparsity: share of weights removed, in [0, 1); with --structured, the share of heads and neurons.
-        structured: remove whole heads, neurons and layers instead of single weights.
+        structured: remove whole heads, neurons and layers instead of single weights (the zeros of an
+            unstructured-pruned --model are kept through the recovery).
         heads: with --structured, share of heads to remove (default: --sparsity).
         ffn: with --structured, share of FFN neurons to remove (default: --sparsity).
         layers: with --structured, number of whole layers to remove.

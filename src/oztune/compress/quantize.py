@@ -3,7 +3,9 @@
 Every ``nn.Linear`` becomes an :class:`Int8Linear`: int8 weights with one fp32 scale per output
 channel, activations quantized dynamically to int8 with one scale per token, an int8 x int8 matmul
 (:mod:`oztune.compress.int8_ops`). Token and position embeddings become :class:`Int8Embedding`
-(int8 rows, one scale per row; weight-only). Modules named by ``skip`` stay fp32. Feed-forward blocks
+(int8 rows, one scale per row; weight-only). Modules named by ``skip`` stay fp32; a ``skip`` that leaves
+nothing to quantize is refused. A model that runs compiled graphs (``compile=True``, an aoti export) is
+refused by :func:`quantize_`, :func:`prepare_qat_` and ``prune_``: its graphs keep the old weights. Feed-forward blocks
 become :class:`ChunkedFeedForward` (the same layers, run a few hundred tokens at a time so that the wide
 intermediate stays in cache). For ``torch.compile`` on top see
 :mod:`oztune.models.compiled`.

@@ -4,6 +4,8 @@ Zeroes the smallest encoder Linear weights by global magnitude, at once or on a 
 during fine-tuning (Zhu & Gupta, 2017, :class:`GradualPruner`), and stores each sparse matrix as a bitmask
 plus its non-zero values (:class:`SparseLinear`). The zeros make the file smaller, not the CPU time: for
 that, structured pruning (:mod:`oztune.compress.prune`) removes whole heads, neurons and layers.
+Training such a model again (distillation into it, structured pruning's recovery) keeps its zeros zero
+(:func:`zeros_keeper`).
 """
 
 from __future__ import annotations

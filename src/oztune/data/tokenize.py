@@ -2,7 +2,9 @@
 
 The checkpoint's ``tokenizer.json`` is used as it is; a BERT-style ``vocab.txt`` or a GPT-2 style
 ``vocab.json`` + ``merges.txt`` is turned into one. Texts are encoded once without padding; batches are
-padded to their own longest sequence by :func:`pad_batch` (dynamic padding).
+padded to their own longest sequence by :func:`pad_batch` (dynamic padding). A text's surrounding whitespace
+is dropped before encoding, as the file readers drop it, so the API, ``predict`` and the server encode a
+text as training did.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ class ServeArgs:
             bench/compiled.py: 2.4x eager on 2 threads) and so do batches (see BENCHMARKS.md).
         worker_process: run the torch model in a process of its own, so that PyTorch's hold on the GIL
             does not stall the HTTP event loop (--no-worker-process: a thread of the server process).
-        graceful_timeout_s: on SIGTERM, how long in-flight requests may still take.
+        graceful_timeout_s: on SIGTERM, how long in-flight requests may still take; those still unanswered then get 503.
         log_level: uvicorn log level (critical, error, warning, info, debug, trace).
     """
 

@@ -42,7 +42,8 @@ class ServeLimits:
         max_queue: most texts waiting for a batch before requests get 503.
         max_texts_per_request: most texts in one request (more, or more than ``max_queue``: 413).
         max_body_bytes: largest request body (more: 413).
-        graceful_timeout_s: on shutdown, how long in-flight requests may still take.
+        graceful_timeout_s: on shutdown, how long in-flight requests may still take; those still
+            unanswered then get 503.
     """
 
     max_batch_size: int = 64
