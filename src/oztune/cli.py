@@ -172,7 +172,12 @@ def _read_yaml(path: str, cls: type) -> dict:
         raise OztuneError(f"{path}: expected a mapping of option names to values")
     given: dict[str, tuple[int, Any, Any]] = {}  # option -> (line, value, value node); a later pair wins a merge's
     for key, value in node.value:
-        given[str(key.value).replace("-", "_")] = (key.start_mark.line + 1, loader.construct_object(value, True), value)
+        try:  # (deep: an alias that holds itself, `a: &x [*x]`, is refused here, not in construct_document)
+            constructed = loader.construct_object(value, True)
+        except (yaml.YAMLError, ValueError) as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise OztuneError(f"{path}: line {key.start_mark.line + 1}: {key.value}: not valid YAML ({problem})") from None
+        given[str(key.value).replace("-", "_")] = (key.start_mark.line + 1, constructed, value)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(given) - names)
     if unknown:

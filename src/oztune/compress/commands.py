@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from oztune.cli import command
 
 
@@ -72,8 +74,10 @@ def run_quantize(a: QuantizeArgs) -> dict:
     config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
     if a.qat_epochs < 1 or a.batch_size < 1 or (a.max_length is not None and a.max_length < 1):
         raise OztuneError("--qat-epochs, --batch-size and --max-length must be at least 1")
-    if a.qat_lr <= 0:
-        raise OztuneError(f"--qat-lr must be positive, not {a.qat_lr}")
+    if not (a.qat_lr > 0 and math.isfinite(a.qat_lr)):  # (nan and inf too: they would train to a nan model)
+        raise OztuneError(f"--qat-lr must be a positive number, not {a.qat_lr}")
+    if not 0 <= a.seed < 2**63:  # (torch.manual_seed overflows beyond 64 bits)
+        raise OztuneError(f"--seed must be from 0 to 2**63 - 1, not {a.seed}")
     check_output_dir(a.output, inputs=(a.model, a.eval, a.qat_train))
     model, enc, meta = load_trained(a.model, "--model", a.max_length, int8_ok=True)  # refused below, in its words
     if read_config(meta["path"]).get("oztune", {}).get("quantization"):

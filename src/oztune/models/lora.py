@@ -84,6 +84,9 @@ def apply_lora(model: SequenceClassifier, rank: int, alpha: float | None = None,
             if type(layer) is not nn.Linear:
                 raise OztuneError(f"LoRA needs plain linear layers; layers.{i}.{TARGETS[t]} is a "
                                   f"{type(layer).__name__} (quantized or sparse models cannot take LoRA)")
+            if rank > max(layer.in_features, layer.out_features):  # (a huge rank: no overflow or giant allocation)
+                raise OztuneError(f"--lora-rank {rank} is more than the layers it adapts are wide "
+                                  f"(layers.{i}.{TARGETS[t]}: {layer.in_features} -> {layer.out_features})")
             if layer.in_features and layer.out_features:  # a fully pruned layer has nothing to adapt
                 setattr(parent, name, LoRALinear(layer, rank, alpha, dropout))
     model.head.requires_grad_(True)

@@ -176,8 +176,8 @@ def check_train_options(a, at_least_one: tuple = ()) -> None:
             raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(a, name)}")
     if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
         raise OztuneError(f"--lr must be a positive number, not {a.lr}")
-    if a.seed < 0:
-        raise OztuneError(f"--seed must be 0 or more, not {a.seed}")
+    if not 0 <= a.seed < 2**63:  # (torch.manual_seed overflows beyond 64 bits; fit adds the process rank)
+        raise OztuneError(f"--seed must be from 0 to 2**63 - 1, not {a.seed}")
     if a.max_train_examples is not None and a.max_train_examples < 1:
         raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
     if a.precision not in PRECISIONS:

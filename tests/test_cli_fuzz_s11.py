@@ -1,0 +1,50 @@
+"""Mechanical CLI fuzzing (session 11): bad input ends in one line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from oztune.cli import main
+
+
+@pytest.mark.parametrize("command, text", [
+    ("evaluate", "batch_size: &a [*a]\n"),                 # an alias that holds itself: an int option
+    ("finetune", "lora_targets: &a [*a]\n"),               # ... a list option
+    ("predict", "text_column: &a {k: *a}\n"),              # ... a mapping that holds itself
+])
+def test_recursive_yaml_alias_in_config_is_a_clear_error(command, text, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    assert main([command, "--config", str(cfg)]) == 2  # (a YAML error is raised before the command runs)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{cfg}: line 1: " in err and "recursive" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def files(sentiment_files, tiny_finetuned, tiny_base):
+    train, dev = sentiment_files
+    return {"train": str(train), "dev": str(dev), "ft": str(tiny_finetuned), "base": str(tiny_base)}
+
+
+HUGE = "99999999999999999999"  # > 2**64: torch raised "Overflow when unpacking long long"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["finetune", "--train", "{train}", "--model", "{base}", "--seed", HUGE], "--seed"),
+    (["finetune", "--train", "{train}", "--model", "{base}", "--lora-rank", HUGE], "--lora-rank"),
+    (["quantize", "--model", "{ft}", "--qat-train", "{train}", "--seed", HUGE], "--seed"),
+    (["quantize", "--model", "{ft}", "--qat-train", "{train}", "--seed", "-1"], "--seed"),
+    (["quantize", "--model", "{ft}", "--qat-train", "{train}", "--qat-lr", "nan"], "--qat-lr"),
+    (["quantize", "--model", "{ft}", "--qat-train", "{train}", "--qat-lr", "inf"], "--qat-lr"),
+    (["distill", "--teacher", "{ft}", "--train", "{train}", "--eval", "{dev}", "--student-layers", "1",
+      "--seed", HUGE], "--seed"),
+])
+def test_out_of_range_number_is_a_clear_error(argv, needle, files, tmp_path, capsys):
+    argv = [x.format(**files) for x in argv] + ["--output", str(tmp_path / "o"), "--no-progress", "--epochs" if
+            argv[0] != "quantize" else "--qat-epochs", "1", "--max-train-examples" if argv[0] != "quantize" else
+            "--batch-size", "16", *(["--checkpoint-every", "0"] if argv[0] == "finetune" else [])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
