@@ -75,7 +75,7 @@ def run_quantize(a: QuantizeArgs) -> dict:
     if a.qat_epochs < 1 or a.batch_size < 1 or (a.max_length is not None and a.max_length < 1):
         raise OztuneError("--qat-epochs, --batch-size and --max-length must be at least 1")
     if not (a.qat_lr > 0 and math.isfinite(a.qat_lr)):  # (nan and inf too: they would train to a nan model)
-        raise OztuneError(f"--qat-lr must be a positive number, not {a.qat_lr}")
+        raise OztuneError(f"--qat-lr must be positive and finite, not {a.qat_lr}")
     if not 0 <= a.seed < 2**63:  # (torch.manual_seed overflows beyond 64 bits)
         raise OztuneError(f"--seed must be from 0 to 2**63 - 1, not {a.seed}")
     check_output_dir(a.output, inputs=(a.model, a.eval, a.qat_train))
