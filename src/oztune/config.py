@@ -11,6 +11,8 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 POOLINGS = ("cls", "mean", "last")
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "tanh", "silu", "quick_gelu", "none")
 
 
 def check_count(name: str, value) -> int:
@@ -18,8 +20,6 @@ def check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
     return int(value)
-PROBLEM_TYPES = ("single_label", "multi_label", "regression")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "tanh", "silu", "quick_gelu", "none")
 
 
 # The scalar field types of ModelConfig and what a value of each may be (an int is a fine float).

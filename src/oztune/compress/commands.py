@@ -69,6 +69,7 @@ def run_quantize(a: QuantizeArgs) -> dict:
     from oztune.data.labels import gold_label2id
     from oztune.data.load import Columns, encode_examples, read_labelled
     from oztune.models.hub import check_output_dir, read_config, save_classifier, weights_mb
+    from oztune.train.finetune import check_seed
     from oztune.train.loop import TrainConfig, evaluate, fit
 
     config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
@@ -76,8 +77,7 @@ def run_quantize(a: QuantizeArgs) -> dict:
         raise OztuneError("--qat-epochs, --batch-size and --max-length must be at least 1")
     if not (a.qat_lr > 0 and math.isfinite(a.qat_lr)):  # (nan and inf too: they would train to a nan model)
         raise OztuneError(f"--qat-lr must be positive and finite, not {a.qat_lr}")
-    if not 0 <= a.seed < 2**63:  # (torch.manual_seed overflows beyond 64 bits)
-        raise OztuneError(f"--seed must be from 0 to 2**63 - 1, not {a.seed}")
+    check_seed(a.seed)
     check_output_dir(a.output, inputs=(a.model, a.eval, a.qat_train))
     model, enc, meta = load_trained(a.model, "--model", a.max_length, int8_ok=True)  # refused below, in its words
     if read_config(meta["path"]).get("oztune", {}).get("quantization"):

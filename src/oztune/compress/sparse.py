@@ -47,6 +47,11 @@ def magnitude_prune_(model: nn.Module, sparsity: float) -> dict[str, torch.Tenso
     return masks
 
 
+def _sparse(linear: nn.Module, min_sparsity: float) -> bool:
+    """Whether at least ``min_sparsity`` of the layer's weights are exact zeros (unstructured pruning's)."""
+    return float((linear.weight == 0).float().mean()) >= min_sparsity
+
+
 def zeros_keeper(model: nn.Module, min_sparsity: float = 0.1):
     """An ``on_step`` callback for ``fit`` that keeps the zeros of the encoder's sparse Linears (at least
     ``min_sparsity`` zeros: an unstructured-pruned model) zero while the model trains; None if it has none.
@@ -54,8 +59,7 @@ def zeros_keeper(model: nn.Module, min_sparsity: float = 0.1):
     Without it, training a pruned model again (distillation into it, structured pruning's recovery) trains
     every zero back, and the layers saved as bitmask + values take more room than dense ones.
     """
-    masks = {n: m.weight.detach() != 0 for n, m in encoder_linears(model).items()
-             if float((m.weight == 0).float().mean()) >= min_sparsity}
+    masks = {n: m.weight.detach() != 0 for n, m in encoder_linears(model).items() if _sparse(m, min_sparsity)}
     return (lambda step, total: apply_masks(model, masks)) if masks else None
 
 
@@ -156,7 +160,7 @@ def to_sparse_(model: nn.Module, min_sparsity: float = 0.1) -> list[str]:
     """
     names = []
     for name, m in encoder_linears(model).items():
-        if type(m) is nn.Linear and float((m.weight == 0).float().mean()) >= min_sparsity:
+        if type(m) is nn.Linear and _sparse(m, min_sparsity):
             swap_sparse(model, name, m)
             names.append(name)
     return names

@@ -235,6 +235,11 @@ def encode_labels(examples_labels: list, label2id: dict | None, problem_type: st
     return encoded
 
 
+def are_class_ids(names) -> bool:
+    """True if every label name is an integer written out ("0", "1", "-1"): class ids rather than names."""
+    return all(str(n).lstrip("-").isdigit() for n in names)
+
+
 def gold_label2id(id2label: dict[int, str], gold: list) -> dict[str, int]:
     """``label2id`` for reading a file's gold labels against a trained model's labels.
 
@@ -248,9 +253,8 @@ def gold_label2id(id2label: dict[int, str], gold: list) -> dict[str, int]:
         gold: the file's raw labels (multi-label: lists of them).
     """
     label2id = {str(v): k for k, v in id2label.items()}
-    names_are_ints = all(str(v).lstrip("-").isdigit() for v in id2label.values())
     flat = [n for x in gold if x is not None and x != "" for n in _gold_names(x)]  # as encode_labels reads them
-    if (not names_are_ints and flat and all(n.lstrip("-").isdigit() for n in flat)
+    if (not are_class_ids(id2label.values()) and flat and are_class_ids(flat)
             and not any(n in label2id for n in flat)):  # a gold label that is a name is that name
         return {str(k): k for k in id2label}
     return label2id

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
+from oztune.data.labels import are_class_ids
 from oztune.data.load import Columns, encode_examples, hold_out, label_setup, read_labelled
 from oztune.errors import OztuneError
 from oztune.models.hub import DEFAULT_MODEL, check_output_dir, load_classifier, new_head_, save_classifier
@@ -169,6 +170,12 @@ class FinetuneArgs(RecipeOptions):
         return self.checkpoint_dir or f"{self.output.rstrip('/')}.checkpoints"
 
 
+def check_seed(seed: int) -> None:
+    """A --seed torch can take: from 0 to 2**63 - 1 (torch.manual_seed overflows beyond; fit adds the rank)."""
+    if not 0 <= seed < 2**63:
+        raise OztuneError(f"--seed must be from 0 to 2**63 - 1, not {seed}")
+
+
 def check_train_options(a, at_least_one: tuple = ()) -> None:
     """Checks shared by the training recipes (finetune, prune, distill, compress); ``a.lr`` None means default."""
     for name in ("epochs", "batch_size", "max_length", *at_least_one):
@@ -176,8 +183,7 @@ def check_train_options(a, at_least_one: tuple = ()) -> None:
             raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(a, name)}")
     if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
         raise OztuneError(f"--lr must be a positive number, not {a.lr}")
-    if not 0 <= a.seed < 2**63:  # (torch.manual_seed overflows beyond 64 bits; fit adds the process rank)
-        raise OztuneError(f"--seed must be from 0 to 2**63 - 1, not {a.seed}")
+    check_seed(a.seed)
     if a.max_train_examples is not None and a.max_train_examples < 1:
         raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
     if a.precision not in PRECISIONS:
@@ -280,7 +286,7 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
         if not eval_ex:
             raise OztuneError(f"--eval-split {a.eval_split} of {len(train_ex)} training examples holds out none: "
                               "give a larger share, more examples, or --eval FILE")
-    if a.label_names and label2id and not all(str(k).lstrip("-").isdigit() for k in label2id):
+    if a.label_names and label2id and not are_class_ids(label2id):
         # names for names: the model would know only the new ones, and this very --eval file (and every file
         # labelled like it) would no longer evaluate against it
         raise OztuneError(f"--label-names names integer class ids (e.g. SST-2's 0,1); {a.train}'s labels are "
