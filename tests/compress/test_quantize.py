@@ -281,6 +281,8 @@ BAD = [
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--skip", "layers.7.*"], "'layers.7.*' matches no module"),
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--scheme", "int4"], "scheme must be one of int8"),
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--qat-lr", "0"], "--qat-lr must be positive"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--max-train-examples", "0"],
+     "--max-train-examples must be at least 1"),
 ]
 
 
@@ -291,6 +293,19 @@ def test_bad_input_exits_2_with_one_line(argv, message, finetuned, tiny_base, tm
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_qat_on_a_seeded_sample_of_the_train_file(finetuned, sentiment_files, tmp_path):
+    from oztune.compress.commands import QuantizeArgs, run_quantize
+    from oztune.train.finetune import sample
+
+    train, _ = sentiment_files
+    run = run_quantize(QuantizeArgs(model=str(finetuned), output=str(tmp_path / "q"), qat_train=str(train),
+                                    max_train_examples=37, seed=5, progress=False))
+    assert run["qat"]["examples"] == 37
+    texts = [e.text for e in read_labelled(str(train), Columns())]
+    assert sample(texts, 37, 5) != sample(texts, 37, 6)  # the sample depends on --seed
+    assert len(sample(texts, 10_000, 5)) == len(texts)
 
 
 def test_an_already_quantized_model_is_refused(finetuned, tmp_path, capsys):

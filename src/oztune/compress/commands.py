@@ -35,6 +35,8 @@ class QuantizeArgs:
         qat_train: labelled file for quantization-aware fine-tuning before converting (default: none).
         qat_epochs: epochs of quantization-aware fine-tuning.
         qat_lr: peak learning rate of quantization-aware fine-tuning.
+        max_train_examples: quantization-aware fine-tuning on a seeded random sample of this many examples of
+            --qat-train (the sample oztune finetune takes with the same number and --seed).
         batch_size: examples per step of quantization-aware fine-tuning and per forward pass of evaluation.
         max_length: longest input in tokens (default: the length the model was fine-tuned with).
         text_column: column holding the text.
@@ -53,6 +55,7 @@ class QuantizeArgs:
     qat_train: str | None = None
     qat_epochs: int = 1
     qat_lr: float = 2e-5
+    max_train_examples: int | None = None
     batch_size: int = 32
     max_length: int | None = None
     text_column: str | None = None
@@ -69,12 +72,14 @@ def run_quantize(a: QuantizeArgs) -> dict:
     from oztune.data.labels import gold_label2id
     from oztune.data.load import Columns, encode_examples, read_labelled
     from oztune.models.hub import check_output_dir, read_config, save_classifier, weights_mb
-    from oztune.train.finetune import check_seed
+    from oztune.train.finetune import check_seed, sample
     from oztune.train.loop import TrainConfig, evaluate, fit
 
     config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
     if a.qat_epochs < 1 or a.batch_size < 1 or (a.max_length is not None and a.max_length < 1):
         raise OztuneError("--qat-epochs, --batch-size and --max-length must be at least 1")
+    if a.max_train_examples is not None and a.max_train_examples < 1:
+        raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
     if not (a.qat_lr > 0 and math.isfinite(a.qat_lr)):  # (nan and inf too: they would train to a nan model)
         raise OztuneError(f"--qat-lr must be positive and finite, not {a.qat_lr}")
     check_seed(a.seed)
@@ -85,8 +90,8 @@ def run_quantize(a: QuantizeArgs) -> dict:
     kind = model.head_cfg.problem_type
     cols = Columns(a.text_column, a.text_pair_column, a.label_column)
 
-    def encoded(path: str):
-        examples = read_labelled(path, cols, problem_type=kind)
+    def encoded(path: str, n: int | None = None):
+        examples = sample(read_labelled(path, cols, problem_type=kind), n, a.seed)
         label2id = None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
         return encode_examples(examples, enc, label2id, kind, path)
 
@@ -94,7 +99,7 @@ def run_quantize(a: QuantizeArgs) -> dict:
     before = evaluate(model, eval_data, a.batch_size) if eval_data else {}
     start, qat = time.perf_counter(), {}
     if a.qat_train:
-        train = encoded(a.qat_train)
+        train = encoded(a.qat_train, a.max_train_examples)
         prepare_qat_(model, config)
         result = fit(model, train, TrainConfig(epochs=a.qat_epochs, batch_size=a.batch_size, lr=a.qat_lr, seed=a.seed,
                                                freeze_embeddings=True, progress=a.progress), eval_data)
