@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from oztune.cli import main
+from oztune.data.load import Columns, read_labelled
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -291,10 +292,32 @@ def test_help_shows_each_options_default(capsys):
 
 def test_predict_into_a_pipe_closed_early_is_no_traceback(trained, tmp_path):
     texts = tmp_path / "many.txt"
-    texts.write_text("a good film with a fine plot\n" * 4000)  # ~400 KB of output: more than a pipe holds
+    # ~1 MB of output, more than a pipe holds, written in three chunks (oztune.commands.PREDICT_CHUNK): the
+    # writes after the reader has gone fail (on some kernels a pipe takes a whole first write, gone reader or not)
+    texts.write_text("a good film with a fine plot\n" * 9000)
     p = subprocess.Popen([sys.executable, "-m", "oztune", "predict", "--model", str(trained), "--input", "-",
                           "--all-scores"], stdin=texts.open(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout.readline().startswith(b'{"label"')
     p.stdout.close()  # as `| head -1` does
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 141 and "Traceback" not in err and "Broken pipe" not in err
+
+
+def test_predict_answers_a_chunk_at_a_time_the_same_as_all_at_once(trained, sentiment_files, tmp_path, capsys,
+                                                                    monkeypatch):
+    import oztune.commands as commands
+    from oztune import Classifier
+
+    dev = str(sentiment_files[1])
+    texts = [e.text for e in read_labelled(dev, Columns())]
+    expected = [p["label"] for p in Classifier.from_pretrained(trained).predict(texts)]
+    calls = []
+    real = Classifier.predict
+    monkeypatch.setattr(Classifier, "predict", lambda self, t, *a, **k: calls.append(len(t)) or real(self, t, *a, **k))
+    monkeypatch.setattr(commands, "PREDICT_CHUNK", 7)
+    assert main(["predict", "--model", str(trained), "--input", dev]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["predict", "--model", str(trained), "--input", dev, "--output", str(tmp_path / "p.jsonl")]) == 0
+    written = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in shown] == [p["label"] for p in written] == expected
+    assert calls == [7] * 14 + [2] + [7] * 14 + [2]  # 100 texts, each a chunk's worth at a time
