@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -339,7 +340,7 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
     if pruning:
         hf["oztune"]["pruning"] = pruning
     with staged_dir(out) as tmp:
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        _save_tensors(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         (tmp / "run.json").write_text(json.dumps(run or {}, indent=2, default=str) + "\n")
         encoder.save(tmp)
@@ -348,6 +349,18 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], f: Path) -> None:
+    """``save_file``, whose failed write is the OSError it was: safetensors raises its own error for a full disk
+    ("I/O error: No space left on device (os error 28)"), which :func:`staged_dir` would not know for one."""
+    try:
+        save_file(tensors, f, metadata={"format": "pt"})
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if isinstance(e, OSError) or code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(f)) from None
 
 
 MODEL_FILES = ("config.json", "model.onnx")  # a directory holding one of these is a model oztune may replace
@@ -417,14 +430,28 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
 def staged_dir(out: Path) -> Iterator[Path]:
     """A temporary directory beside ``out`` to write into; when the block succeeds it replaces ``out`` as a
     whole (:func:`_replace_dir`), when it fails it is removed: ``out`` is never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise _not_written(out, e) from None
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only or unwritable place: the user's to fix
+            raise _not_written(out, e, tmp) from None
         raise
     _replace_dir(tmp, out)  # (where it refuses, it keeps tmp and its message names it)
+
+
+def _not_written(out: Path, e: OSError, tmp: Path | None = None) -> ModelError:
+    """The one-line error of a failed write of ``out`` (its temporary directory ``tmp`` already removed): a file
+    of ``tmp`` is named by its name alone (that path is gone), any other file in full."""
+    name = Path(e.filename) if e.filename else None
+    where = f", {name.name if tmp in name.parents else name}" if name else ""
+    kept = "what was there is kept as it was" if os.path.lexists(out) else "nothing was written"
+    return ModelError(f"{out}: cannot be written ({e.strerror or e}{where}); {kept}")
 
 
 def _publish(tmp: Path) -> None:

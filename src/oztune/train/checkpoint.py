@@ -89,6 +89,36 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+class _Writes:
+    """A file torch.save writes through, keeping the OSError of a failed write."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj, path: Path) -> None:
+    """``torch.save`` whose failed write raises the OSError it was: writing to a path, torch reports a full disk
+    as a RuntimeError ("unexpected pos 704 vs 598"), which :meth:`Checkpointer.save_run` would not know for one."""
+    with open(path, "wb") as f:
+        out = _Writes(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+
 def remove_checkpoints(directory: str | os.PathLike) -> None:
     """Delete the checkpoints (and partial writes) in ``directory``, and the folder itself if that empties it."""
     folder = Path(directory)
@@ -185,7 +215,7 @@ class Checkpointer:
         final = self.dir / f"step-{step:08d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.dir))
         try:
-            torch.save({**state, "step": step, "fingerprint": self.fingerprint}, tmp / STATE)
+            _torch_save({**state, "step": step, "fingerprint": self.fingerprint}, tmp / STATE)
             _fsync(tmp / STATE)
             manifest = {"step": step, "files": {STATE: {"bytes": (tmp / STATE).stat().st_size,
                                                         "sha256": sha256_file(tmp / STATE)}}}
