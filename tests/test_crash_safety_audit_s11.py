@@ -60,10 +60,11 @@ def test_a_save_stopped_between_its_two_renames_leaves_the_earlier_model_in_plac
     assert not [n for n in left if ".old-" in n], left  # the earlier model is not left aside
     if isinstance(exc, KeyboardInterrupt):
         assert left == [], left  # nothing half-done is left after Ctrl-C
-    else:  # the new result is kept and named
-        assert len(left) == 1 and left[0].startswith(".m.tmp-")
+    else:  # the new result is kept and named, under a name no later save takes for a killed save's leftover
+        assert len(left) == 1 and left[0].startswith(f".m.kept-{os.getpid()}@")
     assert save_classifier(model, enc, out, {0: "neg", 1: "pos"}, run={"save": 2}) == out  # a rerun works
     assert json.loads((out / "run.json").read_text()) == {"save": 2}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "m") == left
 
 
 def test_a_leftover_of_a_run_killed_while_removing_the_earlier_model_does_not_block_the_next_save(tiny_base,

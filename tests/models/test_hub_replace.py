@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import torch
 
@@ -21,3 +25,60 @@ def test_saving_twice_to_one_directory_holds_the_second_model_and_leaves_no_dot_
     assert meta["id2label"] == {0: "neg", 1: "pos"}
     assert json.loads((out / "run.json").read_text()) == {"save": 2}
     torch.testing.assert_close(again.head.out.bias, torch.full((2,), 3.0), rtol=0, atol=0)
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+def test_a_save_removes_the_leftovers_of_killed_saves_of_its_output_and_only_those(tiny_base, tmp_path):
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    out = save_classifier(model, enc, tmp_path / "m", {0: "x", 1: "y"})
+    dead, host = _dead_pid(), socket.gethostname()
+    names = {"dead": f".m.tmp-{dead}@{host}-a1b2", "dead_old": f".m.old-{dead}@{host}-c3d4",
+             "live": f".m.tmp-{os.getpid()}@{host}-e5f6", "other_host": f".m.tmp-{dead}@not-{host}-g7h8",
+             "no_pid": ".m.tmp-i9j0", "kept": f".m.kept-{dead}@{host}-k1l2", "other_output": f".n.tmp-{dead}@{host}-m3n4"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    save_classifier(model, enc, out, {0: "x", 1: "y"})
+    left = {n for n in os.listdir(tmp_path) if n != "m"}
+    assert left == {names[k] for k in ("live", "other_host", "no_pid", "kept", "other_output")}
+
+
+def test_an_earlier_model_set_aside_by_a_killed_save_stays_while_it_is_the_only_copy(tiny_base, tmp_path):
+    # killed between its two renames: the earlier model is in .m.old-*/m and m is missing
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    aside = tmp_path / f".m.old-{_dead_pid()}@{socket.gethostname()}-a1b2"
+    save_classifier(model, enc, aside / "m", {0: "x", 1: "y"})
+    save_classifier(model, enc, tmp_path / "m", {0: "x", 1: "y"})
+    assert (aside / "m" / "model.safetensors").is_file()
+    save_classifier(model, enc, tmp_path / "m", {0: "x", 1: "y"})  # m is whole again: the leftover goes
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_the_temporary_directory_of_a_save_killed_with_sigkill_is_removed_by_the_next_save(tiny_base, tmp_path):
+    out = tmp_path / "m"
+    script = f"""
+import time
+from oztune.models import hub
+def slow(*a, **k):
+    print("writing", flush=True)
+    time.sleep(60)
+hub.save_file = slow
+model, enc, _ = hub.load_classifier({str(tiny_base)!r}, num_labels=2)
+hub.save_classifier(model, enc, {str(out)!r}, {{0: "x", 1: "y"}})
+"""
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "writing\n"
+    finally:
+        p.kill()
+        p.wait()
+    assert [n.startswith(f".m.tmp-{p.pid}@") for n in os.listdir(tmp_path)] == [True]
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    save_classifier(model, enc, out, {0: "x", 1: "y"})
+    assert os.listdir(tmp_path) == ["m"]

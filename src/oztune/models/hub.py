@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -432,7 +433,8 @@ def staged_dir(out: Path) -> Iterator[Path]:
     whole (:func:`_replace_dir`), when it fails it is removed: ``out`` is never half-written."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=_stage_prefix(out, "tmp"), dir=out.parent))
     except OSError as e:
         raise _not_written(out, e) from None
     try:
@@ -443,6 +445,60 @@ def staged_dir(out: Path) -> Iterator[Path]:
             raise _not_written(out, e, tmp) from None
         raise
     _replace_dir(tmp, out)  # (where it refuses, it keeps tmp and its message names it)
+
+
+def _stage_prefix(out: Path, kind: str) -> str:
+    """The name of a temporary directory beside ``out`` (``kind``: tmp, being written; old, the earlier model
+    set aside) up to mkdtemp's random part: it names the writing process, so that a later save can tell the
+    leftover of one killed on the spot (kill -9, power loss: nothing ran to remove it) from a live run's."""
+    return f".{out.name}.{kind}-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the leftovers beside ``out`` of earlier saves of it whose process, on this host, no longer exists.
+
+    A live process's are left, and another host's (a shared file system: its process ids are not ours). An
+    earlier model set aside (``old``) by a save killed before it put the new one in place is the only copy of
+    ``out``: it is left while ``out`` is missing.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) asks about a process only on POSIX (on Windows it kills it)
+        return
+    left = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@(.+)-[^-]+")
+    try:
+        names = os.listdir(out.parent)
+    except OSError:  # (a folder we may write in but not list: nothing to clean, the save goes on)
+        return
+    for name in names:
+        m, p = left.fullmatch(name), out.parent / name
+        if (m and m[3] == socket.gethostname() and not _alive(int(m[2])) and p.is_dir() and not p.is_symlink()
+                and (m[1] == "tmp" or os.path.lexists(out))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts: it cannot be signalled, but it runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError; a number no process can have: not ours to judge
+        return True
+    return True
+
+
+def _kept(new: Path, out: Path) -> Path:
+    """A finished result that could not be put in place, renamed from ``.NAME.tmp-PID@HOST-*`` to
+    ``.NAME.kept-PID@HOST-*`` so that no later save takes it for the leftover of a killed one (``new`` itself
+    when it has another name or the rename fails)."""
+    prefix = f".{out.name}.tmp-"
+    if not new.name.startswith(prefix):
+        return new
+    kept = new.with_name(f".{out.name}.kept-{new.name[len(prefix):]}")
+    try:
+        os.rename(new, kept)
+    except OSError:
+        return new
+    return kept
 
 
 def _not_written(out: Path, e: OSError, tmp: Path | None = None) -> ModelError:
@@ -472,14 +528,15 @@ def _replace_dir(new: Path, out: Path) -> None:
     """
     _publish(new)
     if _holds_other_things(out):
-        raise ModelError(f"{out}: exists and is not a model directory; not replaced, the result is in {new}")
+        raise ModelError(f"{out}: exists and is not a model directory; not replaced, the result is in {_kept(new, out)}")
     if out.exists() and not out.is_dir():
-        raise ModelError(f"{out}: exists and is not a directory; not replaced, the result is in {new}")
+        raise ModelError(f"{out}: exists and is not a directory; not replaced, the result is in {_kept(new, out)}")
     # an earlier model is moved aside into a fresh folder (a ``.old-`` left by a run killed while removing it
     # must not block this one) and put back if anything stops the swap half-way: ``out`` is always whole
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) if os.path.lexists(out) else None
+    aside = None
     try:
-        if aside is not None:
+        if os.path.lexists(out):
+            aside = Path(tempfile.mkdtemp(prefix=_stage_prefix(out, "old"), dir=out.parent))
             os.replace(out, aside / out.name)
         os.replace(new, out)
     except BaseException as e:
@@ -491,6 +548,7 @@ def _replace_dir(new: Path, out: Path) -> None:
             shutil.rmtree(new, ignore_errors=True)
             raise
         raise ModelError(f"{out}: cannot be replaced ({getattr(e, 'strerror', None) or e}); "
-                         f"{'it is kept as it was, ' if os.path.lexists(out) else ''}the result is in {new}") from None
+                         f"{'it is kept as it was, ' if os.path.lexists(out) else ''}the result is in "
+                         f"{_kept(new, out)}") from None
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
