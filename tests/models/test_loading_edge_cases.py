@@ -175,3 +175,33 @@ def test_a_setting_of_the_wrong_type_is_a_model_error(tiny_hf_dir, field, value)
     _edit_config(d, lambda c: {**c, field: value})
     with pytest.raises(ModelError, match="config.json: a field has a value oztune cannot use"):
         load_classifier(d)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "gpt2"])
+def test_a_tokenizer_with_more_ids_than_the_token_embedding_is_refused_at_load_time(tiny_hf_dir, family, capsys):
+    # tokens added to the tokenizer without resizing the model's embeddings: a text holding one was an
+    # IndexError traceback at predict time ("index out of range in self")
+    from tokenizers import Tokenizer
+
+    from oztune.cli import main
+
+    d, _ = tiny_hf_dir(family)
+    load_classifier(d)  # the family's own tiny model (vocabulary 64, its tokenizer 64 ids) loads
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_tokens(["brandnewword"])  # id 64
+    tok.save(str(d / "tokenizer.json"))
+    with pytest.raises(ModelError) as e:
+        load_classifier(d)
+    assert str(e.value) == (f"{d}: its tokenizer has 65 token ids but the model's token embedding has 64 rows "
+                            "(tokens added to the tokenizer without resizing the model's embeddings?)")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(d), "a brandnewword"]) == 2
+    assert capsys.readouterr().err == f"oztune predict: error: {e.value}\n"
+
+
+def test_a_tokenizer_with_fewer_ids_than_the_token_embedding_loads(tmp_path):
+    # (real checkpoints round their table up, e.g. to a multiple of 8: the spare rows are never read)
+    d = tmp_path / "m"
+    _bert().save_pretrained(d)
+    write_tiny_tokenizer(d, 40)
+    load_classifier(d)

@@ -234,6 +234,9 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
     if not 0 <= enc.pad_id < cfg.vocab_size:  # padding (and an empty text) would overrun the token embedding
         raise ModelError(f"{path}: the pad token id {enc.pad_id} is outside the model's {cfg.vocab_size} token "
                          "embeddings (a pad token added to the tokenizer without resizing the model's embeddings?)")
+    if enc.id_count() > cfg.vocab_size:  # a text holding one of the extra tokens would overrun the embedding
+        raise ModelError(f"{path}: its tokenizer has {enc.id_count()} token ids but the model's token embedding has "
+                         f"{cfg.vocab_size} rows (tokens added to the tokenizer without resizing the model's embeddings?)")
     label2id = {v: k for k, v in id2label.items()}
     return model, enc, {"id2label": id2label, "label2id": label2id, "path": path, "run": oz.get("run", {}),
                         "trained": trained}
