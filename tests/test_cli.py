@@ -11,6 +11,7 @@ import torch
 
 from oztune.cli import main
 from oztune.data.load import Columns, read_labelled
+from oztune.train.loop import bf16_supported
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -32,6 +33,8 @@ def test_finetune_learns_and_saves_a_complete_directory(trained):
     assert {"config.json", "model.safetensors", "tokenizer.json", "run.json", "README.md", "train_log.csv"} <= names
     run = json.loads((trained / "run.json").read_text())
     assert run["metrics"]["accuracy"] >= 0.9  # the synthetic task is decided by one word
+    ran = "bf16 autocast" if bf16_supported() else "fp32"  # what --precision auto (the default) ran here
+    assert run["precision"] == ran and f"precision {ran} (auto), seed" in (trained / "README.md").read_text()
     cfg = json.loads((trained / "config.json").read_text())
     assert cfg["architectures"] == ["BertForSequenceClassification"]
     assert cfg["id2label"] == {"0": "neg", "1": "pos"} and cfg["problem_type"] == "single_label_classification"

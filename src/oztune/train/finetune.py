@@ -342,7 +342,8 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
            "eval_examples": len(eval_ex) if eval_ex else 0, "metrics": result.best, "history": result.history,
            "parameters": total, "trainable_parameters": trainable, "processes": env.world,
            "train_seconds": round(result.seconds, 1), "train_examples_per_s": round(result.examples_per_s, 1),
-           "tokenize_seconds": round(tokenize_s, 2), "torch": torch.__version__, "class_weights": cfg.class_weights}
+           "tokenize_seconds": round(tokenize_s, 2), "torch": torch.__version__, "class_weights": cfg.class_weights,
+           "precision": result.precision}
     if a.eval_split:  # which lines of --train were evaluated on, not trained on
         run["eval_lines"] = [e.line for e in eval_ex]
     if env.is_main:
@@ -380,11 +381,12 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
         evaluated = f" on `{a.eval}`{kept}" if a.eval else " (no --eval file: the training loss)"
     rdrop = f", R-Drop {a.rdrop:g}" if a.rdrop else ""
     weights = ", class weights " + ", ".join(f"{w:.3g}" for w in run["class_weights"]) if run.get("class_weights") else ""
+    precision = run.get("precision", a.precision) + (" (auto)" if a.precision == "auto" else "")  # what ran
     return f"""# Fine-tuned with oztune
 
 - Base model: `{a.model}`
 - Task: {run['problem_type']} on `{a.train}` ({run['train_examples']:,} examples), labels: {', '.join(map(str, id2label.values()))}
-- Training: {trained}, batch {a.batch_size}, lr {a.lr}, max length {run['max_length']}, precision {a.precision}, seed {a.seed}{rdrop}{weights}
+- Training: {trained}, batch {a.batch_size}, lr {a.lr}, max length {run['max_length']}, precision {precision}, seed {a.seed}{rdrop}{weights}
 - Time: {run['train_seconds']} s ({run['train_examples_per_s']} examples/s)
 
 ## Evaluation{evaluated}

@@ -117,6 +117,7 @@ class FitResult:
     log: list[dict] = field(default_factory=list)
     examples_per_s: float = 0.0
     seconds: float = 0.0
+    precision: str = "fp32"  # what ran: "bf16 autocast" or "fp32" ("auto" is decided by the CPU)
 
 
 def bf16_supported() -> bool:
@@ -395,7 +396,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
         if board is not None:
             board.close()
     seconds = time.perf_counter() - start
-    result = FitResult(run.best, run.history, run.log, seen / max(seconds, 1e-9), seconds)
+    result = FitResult(run.best, run.history, run.log, seen / max(seconds, 1e-9), seconds,
+                       "fp32" if dtype is None else "bf16 autocast")
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     else:
