@@ -35,6 +35,7 @@ class _Request:
     pairs: list[str] | None
     future: asyncio.Future
     arrived: float  # time.monotonic()
+    gone: Callable[[], bool] | None  # whether the client has disconnected
 
 
 class MicroBatcher:
@@ -71,15 +72,23 @@ class MicroBatcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, texts: list[str], pairs: list[str] | None = None) -> asyncio.Future:
-        """Queue one request; the future resolves to its predictions. Call from the event loop."""
+    def submit(self, texts: list[str], pairs: list[str] | None = None,
+               gone: Callable[[], bool] | None = None) -> asyncio.Future:
+        """Queue one request; the future resolves to its predictions. Call from the event loop.
+
+        Args:
+            texts: the texts to classify.
+            pairs: their text pairs, or None.
+            gone: whether the client has disconnected; checked as the request is taken for a batch, and a
+                request whose client is gone is skipped and its future cancelled.
+        """
         future = self._loop.create_future()
         with self._cond:
             if self._closed:
                 raise Closed("the server is shutting down")
             if self.pending + len(texts) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.pending} of {self.max_queue} texts waiting)")
-            self._queue.append(_Request(texts, pairs, future, time.monotonic()))
+            self._queue.append(_Request(texts, pairs, future, time.monotonic(), gone))
             self.pending += len(texts)
             # Wake the worker only when it may be waiting for this: a first request, or a full batch.
             if len(self._queue) == 1 or self.pending >= self.max_batch_size:
@@ -124,9 +133,13 @@ class MicroBatcher:
                         self.pending -= len(r.texts)
                         # A future already done was cancelled: uvicorn's graceful shutdown ran out of time and
                         # the request has been answered; running it would only delay the shutdown further.
-                        if not r.future.done():
-                            batch.append(r)
-                            n += len(r.texts)
+                        if r.future.done():
+                            continue
+                        if r.gone is not None and r.gone():  # nobody waits for the answer: run the others
+                            self._loop.call_soon_threadsafe(r.future.cancel)  # (the server counts it, 499)
+                            continue
+                        batch.append(r)
+                        n += len(r.texts)
                     if self._queue:
                         self._cond.notify()  # the rest is another idle worker's
                     if batch:

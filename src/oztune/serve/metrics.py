@@ -67,7 +67,8 @@ class Metrics:
             self.batch_time.observe(seconds)
 
     def render(self, queue_depth: int) -> str:
-        lines = ["# HELP oztune_requests_total POST /predict requests by HTTP status.",
+        lines = ["# HELP oztune_requests_total POST /predict requests by HTTP status (499: the client disconnected "
+                 "before its answer).",
                  "# TYPE oztune_requests_total counter"]
         lines += [f'oztune_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
         errors = sum(n for s, n in self.requests.items() if s >= 400)

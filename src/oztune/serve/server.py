@@ -8,7 +8,9 @@ model, no response model), and the work is queued to the batch worker (see :mod:
 Status codes: 422 for a body that is not JSON or has wrong types or a text that is not valid Unicode
 (with a message saying which field), 413 for more texts than ``max_texts_per_request`` (or than
 ``max_queue``) or a body over ``max_body_bytes``, 503 when the queue is full or the server is shutting
-down, 500 when the model fails. Over-long texts are truncated by the tokenizer. On SIGTERM uvicorn stops
+down, 500 when the model fails. A client that closes its connection before its answer is counted as 499
+(nginx's "client closed request"; nothing is sent), and its texts are not run if they are still queued.
+Over-long texts are truncated by the tokenizer. On SIGTERM uvicorn stops
 accepting connections, lets in-flight requests finish (up to ``graceful_timeout_s``; those still unanswered
 then get 503 and are not run), then the batch worker finishes its batch and stops.
 """
@@ -21,6 +23,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -79,7 +82,7 @@ async def _read_body(scope: dict, receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise HTTPError(400, "the client disconnected before sending the whole body")
+            raise HTTPError(499, "the client disconnected before sending the whole body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -87,6 +90,39 @@ async def _read_body(scope: dict, receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _client_gone(receive) -> Callable[[], bool] | None:
+    """A check of whether the request's client has disconnected, or None where the ASGI server offers none.
+
+    uvicorn's ``receive`` is a method of its request cycle, whose ``disconnected`` flag the connection sets when
+    it is lost; reading the flag costs next to nothing. The ASGI way, a task per request awaiting
+    ``http.disconnect`` beside the answer, took the /predict handler from 11.9 to 18.4 us per request (of ~70 us
+    the server spends per request in all, with a stub model).
+    """
+    cycle = getattr(receive, "__self__", None)
+    return (lambda: cycle.disconnected) if hasattr(cycle, "disconnected") else None
+
+
+async def _answer(future: asyncio.Future, gone: Callable[[], bool] | None) -> list[dict]:
+    """The batcher's answer to a request; HTTPError 499 if its client disconnected first, 500 if the model failed.
+
+    uvicorn drops an answer to a closed connection without a word: without this check it counted as a 200.
+
+    Args:
+        future: from :meth:`MicroBatcher.submit` (cancelled by the batcher when the client is gone).
+        gone: from :func:`_client_gone`.
+    """
+    try:
+        predictions = await future
+    except asyncio.CancelledError:
+        if gone is None or not gone():
+            raise  # the task itself was cancelled (see handle_predict)
+    except Exception as e:  # the model failed on this batch
+        raise HTTPError(500, f"prediction failed: {type(e).__name__}: {e}") from None
+    if gone is not None and gone():  # (also when it left after the answer came: that is not sent either)
+        raise HTTPError(499, "the client disconnected before its answer")
+    return predictions
 
 
 class PredictFastPath:
@@ -194,12 +230,12 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
         try:
             texts, pairs = parse_predict_body(await _read_body(scope, receive, limits.max_body_bytes),
                                               max_texts)
+            gone = _client_gone(receive)
             try:
-                predictions = await batcher.submit(texts, pairs)
+                future = batcher.submit(texts, pairs, gone)
             except (QueueFull, Closed) as e:
                 raise HTTPError(503, str(e)) from None
-            except Exception as e:  # the model failed on this batch
-                raise HTTPError(500, f"prediction failed: {type(e).__name__}: {e}") from None
+            predictions = await _answer(future, gone)
             n, status, body = len(texts), 200, _dumps({"predictions": predictions})
         except HTTPError as e:
             status, body = e.status, _dumps({"detail": str(e)})

@@ -1,0 +1,70 @@
+"""`oztune serve` against clients that leave: a client that disconnects before its answer (499, its queued texts
+not run). Each test failed before its fix."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+
+import httpx
+from servehelp import GatedModel, serving
+
+from oztune.serve.server import ServeLimits, create_app
+
+
+def eventually(condition, timeout: float = 5) -> bool:
+    """Whether ``condition()`` becomes true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def counted(url: str, status: int) -> int:
+    m = re.search(rf'^oztune_requests_total{{status="{status}"}} (\d+)$', httpx.get(f"{url}/metrics").text, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def raw_request(url: str, body: bytes, length: int | None = None) -> socket.socket:
+    """A connection that has sent a POST /predict with ``body`` (of a declared ``length``, by default its own)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    head = (f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n")
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def test_a_client_that_disconnects_while_queued_is_counted_499_and_its_texts_are_not_run():
+    # Before: counted as a 200 (uvicorn drops the answer to a closed connection without a word), and its texts
+    # were run in the next batch all the same.
+    model = GatedModel()
+    app = create_app(model, ServeLimits(max_batch_size=8, max_wait_ms=0))
+    with serving(app) as url, httpx.Client(base_url=url, timeout=20) as c:
+        first = threading.Thread(target=c.post, args=("/predict",), kwargs={"json": {"texts": ["first"]}})
+        first.start()
+        assert model.entered.wait(10)  # the model is busy with the first request
+        gone = raw_request(url, b'{"texts": ["gone", "also gone"]}')
+        assert eventually(lambda: app.state.batcher.pending == 2), "the request was not queued"
+        gone.close()
+        seen = getattr(app.state.batcher._queue[0], "gone", None) or (lambda: True)  # (before the fix: no check)
+        assert eventually(seen), "the server did not see the client leave"
+        kept = threading.Thread(target=c.post, args=("/predict",), kwargs={"json": {"texts": ["kept"]}})
+        kept.start()
+        assert eventually(lambda: app.state.batcher.pending == 3)  # queued behind the abandoned request
+        model.gate.set()
+        first.join(20)
+        kept.join(20)
+        assert model.batches == [1, 1]  # "first", then "kept" alone: the abandoned texts never reach the model
+        assert counted(url, 200) == 2 and counted(url, 499) == 1
+
+
+def test_a_client_that_disconnects_while_sending_its_body_is_counted_499_not_400():
+    with serving(create_app(GatedModel(gated=False))) as url:
+        raw_request(url, b'{"texts": [', length=100).close()
+        assert eventually(lambda: counted(url, 499) == 1), "the disconnect was not counted as 499"
+        assert counted(url, 400) == 0
