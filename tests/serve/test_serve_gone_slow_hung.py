@@ -1,14 +1,17 @@
-"""`oztune serve` against clients that leave: a client that disconnects before its answer (499, its queued texts
-not run). Each test failed before its fix."""
+"""`oztune serve` against clients that leave or stall: a client that disconnects before its answer (499, its
+queued texts not run), a request body that never finishes (408 after --body-timeout-s). Each test failed
+before its fix."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
 import time
 
 import httpx
+import pytest
 from servehelp import GatedModel, serving
 
 from oztune.serve.server import ServeLimits, create_app
@@ -37,6 +40,15 @@ def raw_request(url: str, body: bytes, length: int | None = None) -> socket.sock
             f"Content-Length: {len(body) if length is None else length}\r\n\r\n")
     sock.sendall(head.encode() + body)
     return sock
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(head, body) of the answer, read until the server closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
 
 
 def test_a_client_that_disconnects_while_queued_is_counted_499_and_its_texts_are_not_run():
@@ -68,3 +80,28 @@ def test_a_client_that_disconnects_while_sending_its_body_is_counted_499_not_400
         raw_request(url, b'{"texts": [', length=100).close()
         assert eventually(lambda: counted(url, 499) == 1), "the disconnect was not counted as 499"
         assert counted(url, 400) == 0
+
+
+@pytest.mark.parametrize("sent", [b"", b'{"texts": ["a'], ids=["no body", "part of the body"])
+def test_a_body_that_does_not_arrive_in_time_gets_a_json_408_and_the_connection_is_closed(sent):
+    # Before: the request (and its connection) waited for the rest of the body forever.
+    limits = ServeLimits(body_timeout_s=0.3)
+    with serving(create_app(GatedModel(gated=False), limits)) as url:
+        slow = raw_request(url, sent, length=100)
+        start = time.monotonic()
+        # Meanwhile other clients are answered as usual.
+        assert httpx.post(f"{url}/predict", json={"texts": ["a"]}, timeout=20).status_code == 200
+        head, body = read_response(slow)  # returns once the server closes the connection
+        waited = time.monotonic() - start
+        assert head.startswith(b"HTTP/1.1 408 "), head
+        assert b"content-type: application/json" in head.lower()
+        assert "did not arrive within 0.3 s" in json.loads(body)["detail"]
+        assert 0.25 < waited < 5
+        assert counted(url, 408) == 1
+
+
+def test_serve_cli_checks_the_body_timeout(tmp_path, capsys):
+    from oztune.cli import main
+
+    assert main(["serve", "--model", str(tmp_path), "--body-timeout-s", "inf"]) == 2
+    assert "--body-timeout-s inf: expected a number from 0 to 86,400" in capsys.readouterr().err

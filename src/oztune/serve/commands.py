@@ -103,6 +103,8 @@ class ServeArgs:
         worker_process: run the torch model in a process of its own, so that PyTorch's hold on the GIL
             does not stall the HTTP event loop (--no-worker-process: a thread of the server process).
         graceful_timeout_s: on SIGTERM, how long in-flight requests may still take; those still unanswered then get 503.
+        body_timeout_s: longest time for a request's body to arrive, from its headers; slower requests get 408
+            and their connection is closed (0: no limit).
         log_level: uvicorn log level (critical, error, warning, info, debug, trace).
     """
 
@@ -122,11 +124,13 @@ class ServeArgs:
     compile: bool = False
     worker_process: bool = True
     graceful_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0
     log_level: str = "info"
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
-MAX_FLOATS = {"max_wait_ms": 86_400_000, "graceful_timeout_s": 86_400}  # a day: thread waits need finite times
+# a day: thread waits need finite times
+MAX_FLOATS = {"max_wait_ms": 86_400_000, "graceful_timeout_s": 86_400, "body_timeout_s": 86_400}
 
 
 def _check(a: ServeArgs) -> None:
@@ -227,7 +231,7 @@ def _serve(a: ServeArgs) -> int:
         raise
     predicts = [c.predict for c in clfs] if processes else [clfs[0].predict] * workers
     limits = ServeLimits(a.max_batch_size, a.max_wait_ms, a.max_queue, a.max_texts_per_request, a.max_body_bytes,
-                         a.graceful_timeout_s)
+                         a.graceful_timeout_s, a.body_timeout_s)
     import gc
 
     gc.freeze()  # loaded once, kept for good: full collections need not walk it (a p99 spike otherwise)
