@@ -1,18 +1,22 @@
-"""`oztune serve` against clients that leave or stall: a client that disconnects before its answer (499, its
-queued texts not run), a request body that never finishes (408 after --body-timeout-s). Each test failed
-before its fix."""
+"""`oztune serve` against clients that leave or stall and a model that hangs: a client that disconnects before
+its answer (499, its queued texts not run), a request body that never finishes (408 after --body-timeout-s),
+a model call that never returns (504, /health 503, later requests 503 instead of waiting forever; a model
+process is replaced). Each test failed before its fix."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from servehelp import GatedModel, serving
+from servehelp import GatedModel, save_tiny, serving, tiny_classifier
 
 from oztune.serve.server import ServeLimits, create_app
 
@@ -100,8 +104,75 @@ def test_a_body_that_does_not_arrive_in_time_gets_a_json_408_and_the_connection_
         assert counted(url, 408) == 1
 
 
-def test_serve_cli_checks_the_body_timeout(tmp_path, capsys):
+def test_a_hung_model_call_gets_504_then_health_503_and_later_requests_503_until_it_returns():
+    # Before: the first request waited forever, and so did every request after it; /health said ok.
+    model = GatedModel()
+    app = create_app(model, ServeLimits(max_wait_ms=0, batch_timeout_s=0.3))
+    with serving(app) as url, httpx.Client(base_url=url, timeout=20) as c:
+        r = c.post("/predict", json={"texts": ["hangs"]})
+        assert r.status_code == 504 and "the model timed out" in r.json()["detail"], r.text
+        h = c.get("/health")
+        assert h.status_code == 503 and "over 0.3 s" in h.json()["detail"], h.text
+        r = c.post("/predict", json={"texts": ["later"]})
+        assert r.status_code == 503 and "not responding" in r.json()["detail"], r.text
+        model.gate.set()  # the call returns after all: the server serves again
+        assert eventually(lambda: c.get("/health").status_code == 200)
+        r = c.post("/predict", json={"texts": ["after"]})
+        assert r.status_code == 200 and r.json()["predictions"][0]["score"] == 5.0
+        assert counted(url, 504) == 1 and counted(url, 503) == 1
+    assert model.batches == [1, 1]  # "later" was refused, not run
+
+
+def test_a_request_queued_behind_a_hung_call_gets_503_when_the_call_times_out():
+    model = GatedModel()
+    app = create_app(model, ServeLimits(max_wait_ms=0, batch_timeout_s=0.3))
+    with serving(app) as url, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["a"]}, timeout=20)
+        assert model.entered.wait(10)
+        queued = httpx.post(f"{url}/predict", json={"texts": ["queued"]}, timeout=20)  # before the timeout
+        assert first.result().status_code == 504
+        assert queued.status_code == 503 and "not responding" in queued.json()["detail"], queued.text
+        model.gate.set()
+    assert model.batches == [1]
+
+
+def test_with_one_replica_hung_the_others_keep_serving_and_health_says_so():
+    hung, ok = GatedModel(), GatedModel(gated=False)
+    app = create_app([hung, ok], ServeLimits(max_batch_size=1, max_wait_ms=0, batch_timeout_s=0.3))
+    with serving(app) as url, httpx.Client(base_url=url, timeout=20) as c, ThreadPoolExecutor(4) as pool:
+        answers = [pool.submit(c.post, "/predict", json={"texts": [f"t{i}"]}) for i in range(4)]
+        assert hung.entered.wait(10)  # one request reached the replica that hangs (max_batch_size=1: only one)
+        assert sorted(f.result().status_code for f in answers) == [200, 200, 200, 504]
+        h = c.get("/health")
+        assert h.status_code == 503 and "over 0.3 s" in h.json()["detail"]
+        assert c.post("/predict", json={"texts": ["more"]}).status_code == 200
+        hung.gate.set()
+        assert eventually(lambda: c.get("/health").status_code == 200)
+
+
+def test_a_worker_process_that_hangs_is_killed_and_replaced(tmp_path):
+    from oztune.serve.backends import WorkerProcess
+    from oztune.serve.batching import ModelTimeout
+
+    model_dir = save_tiny(tiny_classifier(), tmp_path / "model")
+    worker = WorkerProcess(str(model_dir), threads=1, timeout=2.0)
+    try:
+        want = worker.predict(["good movie", "bad movie"])
+        first = worker.pid
+        os.kill(first, signal.SIGSTOP)  # hung, not dead
+        start = time.monotonic()
+        with pytest.raises(ModelTimeout, match="took over 2 s"):
+            worker.predict(["good movie"])
+        assert time.monotonic() - start < 60
+        assert worker.pid != first and worker.restarts == 1
+        assert worker.predict(["good movie", "bad movie"]) == want  # the new process serves
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("option", ["--body-timeout-s", "--batch-timeout-s"])
+def test_serve_cli_checks_the_timeouts(tmp_path, capsys, option):
     from oztune.cli import main
 
-    assert main(["serve", "--model", str(tmp_path), "--body-timeout-s", "inf"]) == 2
-    assert "--body-timeout-s inf: expected a number from 0 to 86,400" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), option, "inf"]) == 2
+    assert f"{option} inf: expected a number from 0 to 86,400" in capsys.readouterr().err

@@ -110,7 +110,7 @@ def test_health_is_503_once_a_batch_worker_thread_has_died(monkeypatch):
     app = create_app(GatedModel(gated=False))
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's traceback: expected here
 
-    def broken():
+    def broken(worker):
         raise RuntimeError("a bug in the batcher")
 
     with serving(app) as url, httpx.Client(base_url=url, timeout=20) as c:

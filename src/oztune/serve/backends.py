@@ -20,6 +20,7 @@ from oztune.data.dataset import EncodedData, inference_batches
 from oztune.data.tokenize import TextEncoder, pad_batch
 from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import read_config, resolve_model, tokenizer_length
+from oztune.serve.batching import ModelTimeout
 from oztune.serve.export import ONNX_FILE, export_onnx
 
 BACKENDS = ("torch", "onnx")
@@ -151,26 +152,30 @@ class WorkerProcess:
     predictions cross a pipe (a few hundred microseconds per batch). The worker ignores SIGINT and
     SIGTERM: the server finishes the requests in flight, then closes the pipe, and the worker exits.
     If the worker dies (killed for memory, a crash), the next batch starts a new one and is run again
-    there, once; ``restarts`` counts them.
+    there, once; if it hangs (no answer within ``timeout``), it is killed and replaced, and the batch fails
+    with :class:`ModelTimeout` (not run again: it might hang again). ``restarts`` counts both.
 
-    Args: those of :func:`load_backend`.
+    Args: those of :func:`load_backend`, and
+        timeout: longest wait for the answer to one batch, in seconds (None: no limit).
     """
 
     def __init__(self, model: str, backend: str = "torch", threads: int = 0, batch_size: int = 64,
-                 max_length: int | None = None, compile: bool = False, wait: bool = True):
+                 max_length: int | None = None, compile: bool = False, wait: bool = True,
+                 timeout: float | None = None):
         self._args = (model, backend, threads, batch_size, max_length, compile)
+        self.timeout = timeout
         self.restarts = 0
         self._spawn()
         if wait:
             self.wait_ready()
 
     @classmethod
-    def start_many(cls, n: int, *args) -> list["WorkerProcess"]:
+    def start_many(cls, n: int, *args, timeout: float | None = None) -> list["WorkerProcess"]:
         """``n`` worker processes loading (and compiling) side by side; returns once all are ready."""
         workers = []
         try:
             for _ in range(n):
-                workers.append(cls(*args, wait=False))
+                workers.append(cls(*args, wait=False, timeout=timeout))
             for w in workers:
                 w.wait_ready()
         except BaseException:
@@ -211,6 +216,10 @@ class WorkerProcess:
         for attempt in range(2):
             try:
                 self._conn.send((texts, text_pairs, all_scores))
+                if self.timeout and not self._conn.poll(self.timeout):  # (True at EOF too: recv raises then)
+                    self._replace_hung()
+                    raise ModelTimeout(f"the model timed out: the model process took over {self.timeout:g} s "
+                                       "on this batch")
                 ok, payload = self._conn.recv()
                 break
             except (EOFError, OSError):  # the worker is gone
@@ -224,6 +233,16 @@ class WorkerProcess:
         if not ok:
             raise RuntimeError(payload)
         return payload
+
+    def _replace_hung(self) -> None:
+        """Kill the worker, stuck in a call (a process, unlike a thread, can be stopped), and start another."""
+        print(f"oztune: the model process (pid {self._proc.pid}) has not answered a batch in {self.timeout:g} s; "
+              "killing it and starting a new one", file=sys.stderr, flush=True)
+        self._proc.kill()
+        self._proc.join(10)
+        self._conn.close()
+        self.restarts += 1
+        self._start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Let the worker exit and wait for it."""

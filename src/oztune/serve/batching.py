@@ -7,11 +7,20 @@ included, so the event loop only parses and answers HTTP; the backends sort the 
 run it in forward passes of ``--forward-batch-size`` texts), and resolves every future of the batch
 with one call into the loop. Under load the wait costs nothing: requests that arrive while a batch runs have already waited
 longer than ``max_wait_ms`` and go into the next batch at once.
+
+A model call that hangs (a deadlock, a stuck device; not a crash, which fails its batch) is caught by a
+check in the event loop, once a second at most: the requests of a batch past ``batch_timeout_s`` get
+:class:`ModelTimeout`, and while every replica is stuck so, queued and new requests get :class:`Stalled`
+instead of waiting forever. A thread cannot be stopped, so a replica in a thread (the onnx backend, or
+torch with ``--no-worker-process``) stays stuck until its call returns, if ever, and :meth:`MicroBatcher.problem`
+says so (/health: 503, for a supervisor to restart the server); a replica in a worker process
+(:class:`oztune.serve.backends.WorkerProcess`, torch's default) kills and replaces its process instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections import deque
@@ -27,6 +36,14 @@ class QueueFull(Exception):
 
 class Closed(Exception):
     """The batcher is shutting down and takes no new requests (HTTP 503)."""
+
+
+class ModelTimeout(Exception):
+    """The model call of this request's batch ran past the batch timeout (HTTP 504)."""
+
+
+class Stalled(Exception):
+    """Every model replica is stuck in a call past the batch timeout (HTTP 503)."""
 
 
 @dataclass
@@ -48,16 +65,21 @@ class MicroBatcher:
         max_wait_ms: longest wait, counted from the oldest queued request, for a batch to fill.
         max_queue: most texts waiting; :meth:`submit` raises :class:`QueueFull` beyond it.
         on_batch: called as ``on_batch(texts, seconds)`` after each batch (metrics), in the worker thread.
+        batch_timeout_s: longest model call per batch before its requests get :class:`ModelTimeout` (0: none).
     """
 
     def __init__(self, predict: Predict | list[Predict], max_batch_size: int = 64, max_wait_ms: float = 5.0,
-                 max_queue: int = 1024, on_batch: Callable[[int, float], None] | None = None):
+                 max_queue: int = 1024, on_batch: Callable[[int, float], None] | None = None,
+                 batch_timeout_s: float = 0):
         self.predicts = list(predict) if isinstance(predict, (list, tuple)) else [predict]
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch
+        self.batch_timeout = batch_timeout_s
         self.pending = 0  # texts queued, not yet taken by a worker
         self._idle = 0  # workers waiting for a batch
+        self._running: list[tuple[float, list[_Request]] | None] = [None] * len(self.predicts)  # (deadline, batch)
+        self._hung: set[int] = set()  # workers in a call past its deadline
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -67,10 +89,12 @@ class MicroBatcher:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the workers; futures are resolved in ``loop`` (the server's event loop)."""
         self._loop = loop
-        self._threads = [threading.Thread(target=self._work, args=(p,), name=f"oztune-batcher-{i}", daemon=True)
+        self._threads = [threading.Thread(target=self._work, args=(i, p), name=f"oztune-batcher-{i}", daemon=True)
                          for i, p in enumerate(self.predicts)]
         for t in self._threads:
             t.start()
+        if self.batch_timeout:
+            loop.call_later(self._check_period(), self._check_deadlines)
 
     def submit(self, texts: list[str], pairs: list[str] | None = None,
                gone: Callable[[], bool] | None = None) -> asyncio.Future:
@@ -86,6 +110,8 @@ class MicroBatcher:
         with self._cond:
             if self._closed:
                 raise Closed("the server is shutting down")
+            if self._hung and len(self._hung) == len(self.predicts):
+                raise Stalled(self._stalled_message())
             if self.pending + len(texts) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.pending} of {self.max_queue} texts waiting)")
             self._queue.append(_Request(texts, pairs, future, time.monotonic(), gone))
@@ -99,6 +125,47 @@ class MicroBatcher:
         """True while every worker thread runs (or before start, or once closed)."""
         return self._closed or all(t.is_alive() for t in self._threads)
 
+    def problem(self) -> str | None:
+        """Why the batcher cannot serve every request (a worker thread stopped or stuck in a call), or None."""
+        if not self.alive():
+            return "a batch worker thread has stopped"
+        if self._hung:
+            return (f"{len(self._hung)} of {len(self.predicts)} model replicas have been in one call for over "
+                    f"{self.batch_timeout:g} s")
+        return None
+
+    def _check_period(self) -> float:
+        return min(1.0, self.batch_timeout / 4)
+
+    def _stalled_message(self) -> str:
+        return (f"the model is not responding: every replica has been in one call for over "
+                f"{self.batch_timeout:g} s")
+
+    def _check_deadlines(self) -> None:
+        """Fail the requests of batches past their deadline, and the queued ones once every worker is stuck;
+        runs in the event loop, every period until closed.
+
+        Checked here rather than by a timer per batch: the workers' hot path only stores the deadline.
+        """
+        if self._closed:
+            return
+        now, failed = time.monotonic(), []
+        with self._cond:
+            for i, running in enumerate(self._running):
+                if running is not None and running[0] <= now and i not in self._hung:
+                    self._hung.add(i)
+                    error = ModelTimeout(f"the model timed out: its call on this batch has run for over "
+                                         f"{self.batch_timeout:g} s")
+                    failed += [(r, error) for r in running[1]]
+            if len(self._hung) == len(self.predicts) and self._queue:  # no worker will take them
+                failed += [(r, Stalled(self._stalled_message())) for r in self._queue]
+                self._queue.clear()
+                self.pending = 0
+        if failed:
+            print(f"oztune: {self.problem()}; their requests get 504", file=sys.stderr, flush=True)
+        _resolve(failed)
+        self._loop.call_later(self._check_period(), self._check_deadlines)
+
     def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, let the workers finish the queued ones, and wait for them."""
         with self._cond:
@@ -107,13 +174,18 @@ class MicroBatcher:
         for t in self._threads:
             t.join(timeout)
 
-    def _take(self) -> list[_Request] | None:
+    def _take(self, worker: int) -> list[_Request] | None:
         """Block until a batch is ready and take it; None once closed and drained.
 
         With several workers, the queued texts are shared out among the idle ones (each takes at most its
         share), so that replicas run side by side instead of one taking every request in turn.
+
+        Args:
+            worker: the index of the calling worker (its previous batch, if any, is done).
         """
         with self._cond:
+            self._running[worker] = None
+            self._hung.discard(worker)  # (stuck past its deadline, and back after all)
             self._idle += 1
             try:
                 while True:  # until a batch of requests still waited for is taken
@@ -143,12 +215,14 @@ class MicroBatcher:
                     if self._queue:
                         self._cond.notify()  # the rest is another idle worker's
                     if batch:
+                        if self.batch_timeout:
+                            self._running[worker] = (time.monotonic() + self.batch_timeout, batch)
                         return batch
             finally:
                 self._idle -= 1
 
-    def _work(self, predict: Predict) -> None:
-        while (batch := self._take()) is not None:
+    def _work(self, worker: int, predict: Predict) -> None:
+        while (batch := self._take(worker)) is not None:
             start = time.perf_counter()
             results: list = []
             # Requests with and without text pairs cannot share a tokenizer call.

@@ -105,6 +105,10 @@ class ServeArgs:
         graceful_timeout_s: on SIGTERM, how long in-flight requests may still take; those still unanswered then get 503.
         body_timeout_s: longest time for a request's body to arrive, from its headers; slower requests get 408
             and their connection is closed (0: no limit).
+        batch_timeout_s: longest model call on one batch (set it above the slowest batch the model may take);
+            past it the batch's requests get 504 and /health 503, a model process is killed and replaced,
+            a model in a thread (onnx, --no-worker-process) stays stuck until its call returns, and while
+            every replica is stuck, other requests get 503 (0: no limit).
         log_level: uvicorn log level (critical, error, warning, info, debug, trace).
     """
 
@@ -125,12 +129,14 @@ class ServeArgs:
     worker_process: bool = True
     graceful_timeout_s: float = 30.0
     body_timeout_s: float = 30.0
+    batch_timeout_s: float = 300.0
     log_level: str = "info"
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 # a day: thread waits need finite times
-MAX_FLOATS = {"max_wait_ms": 86_400_000, "graceful_timeout_s": 86_400, "body_timeout_s": 86_400}
+MAX_FLOATS = {"max_wait_ms": 86_400_000, "graceful_timeout_s": 86_400, "body_timeout_s": 86_400,
+              "batch_timeout_s": 86_400}
 
 
 def _check(a: ServeArgs) -> None:
@@ -225,13 +231,14 @@ def _serve(a: ServeArgs) -> int:
     workers, threads = replicas(a, processes)
     args = (a.model, a.backend, threads, forward_batch(a), a.max_length, a.compile)
     try:  # replicas in processes load (and compile) side by side
-        clfs = WorkerProcess.start_many(workers, *args) if processes else [load_backend(*args)]
+        clfs = (WorkerProcess.start_many(workers, *args, timeout=a.batch_timeout_s or None) if processes
+                else [load_backend(*args)])
     except BaseException:
         sock.close()
         raise
     predicts = [c.predict for c in clfs] if processes else [clfs[0].predict] * workers
     limits = ServeLimits(a.max_batch_size, a.max_wait_ms, a.max_queue, a.max_texts_per_request, a.max_body_bytes,
-                         a.graceful_timeout_s, a.body_timeout_s)
+                         a.graceful_timeout_s, a.body_timeout_s, a.batch_timeout_s)
     import gc
 
     gc.freeze()  # loaded once, kept for good: full collections need not walk it (a p99 spike otherwise)

@@ -7,13 +7,15 @@ model, no response model), and the work is queued to the batch worker (see :mod:
 
 Status codes: 422 for a body that is not JSON or has wrong types or a text that is not valid Unicode
 (with a message saying which field), 413 for more texts than ``max_texts_per_request`` (or than
-``max_queue``) or a body over ``max_body_bytes``, 503 when the queue is full or the server is shutting
-down, 500 when the model fails. A client that closes its connection before its answer is counted as 499
-(nginx's "client closed request"; nothing is sent), and its texts are not run if they are still queued; one
-whose body has not all arrived ``body_timeout_s`` after its headers gets 408 and its connection is closed.
-Over-long texts are truncated by the tokenizer. On SIGTERM uvicorn stops
-accepting connections, lets in-flight requests finish (up to ``graceful_timeout_s``; those still unanswered
-then get 503 and are not run), then the batch worker finishes its batch and stops.
+``max_queue``) or a body over ``max_body_bytes``, 408 for a body not all there ``body_timeout_s`` after its
+headers (and its connection is closed), 503 when the queue is full or the server is shutting down, 500 when
+the model fails, 504 when its call on a batch runs past ``batch_timeout_s`` (then 503 for other requests
+while every replica is stuck so; see :mod:`.batching`: a replica in a thread cannot be stopped, and /health
+says 503 until its call returns). A client that closes its connection before its answer is counted as 499
+(nginx's "client closed request"; nothing is sent), and its texts are not run if they are still queued.
+Over-long texts are truncated by the tokenizer. On SIGTERM uvicorn stops accepting connections, lets
+in-flight requests finish (up to ``graceful_timeout_s``; those still unanswered then get 503 and are not
+run), then the batch worker finishes its batch and stops.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from oztune.errors import OztuneError
-from oztune.serve.batching import Closed, MicroBatcher, Predict, QueueFull
+from oztune.serve.batching import Closed, MicroBatcher, ModelTimeout, Predict, QueueFull, Stalled
 from oztune.serve.metrics import Metrics
 
 
@@ -50,6 +52,8 @@ class ServeLimits:
             unanswered then get 503.
         body_timeout_s: longest time for a request's body to arrive, from its headers (more: 408, and the
             connection is closed); 0: no limit.
+        batch_timeout_s: longest model call per batch: past it the batch's requests get 504, /health 503,
+            and while every replica is stuck so, other requests 503 (see :mod:`.batching`); 0: no limit.
     """
 
     max_batch_size: int = 64
@@ -59,6 +63,7 @@ class ServeLimits:
     max_body_bytes: int = 1_000_000
     graceful_timeout_s: float = 30.0
     body_timeout_s: float = 30.0
+    batch_timeout_s: float = 300.0
 
 
 class HTTPError(Exception):
@@ -154,8 +159,19 @@ def _client_gone(receive) -> Callable[[], bool] | None:
     return (lambda: cycle.disconnected) if hasattr(cycle, "disconnected") else None
 
 
+def _model_error(e: Exception) -> HTTPError:
+    """The answer to a request whose batch failed: 504 past the batch timeout, 503 while every model replica is
+    stuck so, else 500."""
+    if isinstance(e, ModelTimeout):
+        return HTTPError(504, str(e))
+    if isinstance(e, Stalled):
+        return HTTPError(503, str(e))
+    return HTTPError(500, f"prediction failed: {type(e).__name__}: {e}")
+
+
 async def _answer(future: asyncio.Future, gone: Callable[[], bool] | None) -> list[dict]:
-    """The batcher's answer to a request; HTTPError 499 if its client disconnected first, 500 if the model failed.
+    """The batcher's answer to a request; HTTPError 499 if its client disconnected first, else as
+    :func:`_model_error` if its batch failed.
 
     uvicorn drops an answer to a closed connection without a word: without this check it counted as a 200.
 
@@ -168,8 +184,9 @@ async def _answer(future: asyncio.Future, gone: Callable[[], bool] | None) -> li
     except asyncio.CancelledError:
         if gone is None or not gone():
             raise  # the task itself was cancelled (see handle_predict)
-    except Exception as e:  # the model failed on this batch
-        raise HTTPError(500, f"prediction failed: {type(e).__name__}: {e}") from None
+    except Exception as e:  # the model failed on this batch, or hung
+        if gone is None or not gone():
+            raise _model_error(e) from None
     if gone is not None and gone():  # (also when it left after the answer came: that is not sent either)
         raise HTTPError(499, "the client disconnected before its answer")
     return predictions
@@ -257,7 +274,8 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
     metrics = Metrics()
     # A request with more texts than the queue holds could never be queued: 413, not 503 again and again.
     max_texts = min(limits.max_texts_per_request, limits.max_queue)
-    batcher = MicroBatcher(predict, limits.max_batch_size, limits.max_wait_ms, limits.max_queue, metrics.on_batch)
+    batcher = MicroBatcher(predict, limits.max_batch_size, limits.max_wait_ms, limits.max_queue, metrics.on_batch,
+                           limits.batch_timeout_s)
     deadlines = BodyDeadlines(limits.body_timeout_s)
 
     @asynccontextmanager
@@ -287,7 +305,7 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
             gone = _client_gone(receive)
             try:
                 future = batcher.submit(texts, pairs, gone)
-            except (QueueFull, Closed) as e:
+            except (QueueFull, Closed, Stalled) as e:
                 raise HTTPError(503, str(e)) from None
             predictions = await _answer(future, gone)
             n, status, body = len(texts), 200, _dumps({"predictions": predictions})
@@ -310,10 +328,11 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         """200 while the server takes requests (HEAD too, as health checkers send); 503 once a batch worker
-        thread has stopped (a bug: its share of the requests would wait forever), so that a supervisor
-        restarts the server."""
-        if not batcher.alive():
-            return _json(503, {"status": "unhealthy", "detail": "a batch worker thread has stopped"})
+        thread has stopped (a bug: its share of the requests would wait forever) or while a model call has
+        run past the batch timeout, so that a supervisor restarts the server."""
+        problem = batcher.problem()
+        if problem:
+            return _json(503, {"status": "unhealthy", "detail": problem})
         return _json(200, {"status": "ok", **(info or {})})
 
     @app.get("/metrics")
