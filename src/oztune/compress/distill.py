@@ -53,7 +53,7 @@ class DistillConfig:
             raise OztuneError(f"--temperature must be positive, not {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise OztuneError(f"--alpha must be in [0, 1], not {self.alpha}")
-        if self.hidden_weight < 0:
+        if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):  # nan, inf: a nan student
             raise OztuneError(f"--hidden-weight must be 0 or more, not {self.hidden_weight}")
 
 
@@ -287,7 +287,7 @@ def run_distill(a: DistillArgs) -> dict:
     """The distill recipe: load teacher and data, build the student, train it, save it; returns the run record."""
     check_train_options(a)
     dcfg = DistillConfig(a.temperature, a.alpha, a.hidden_weight)
-    if (a.student is None) == (a.student_layers is None):
+    if bool(a.student) == (a.student_layers is not None):  # (an empty --student is none given)
         raise OztuneError("give exactly one of --student DIR or --student-layers N")
     teacher, enc, meta = load_trained(a.teacher, "--teacher", a.max_length)
     if a.student:

@@ -1,0 +1,34 @@
+"""Mechanical CLI fuzzing (session 12) of distill, compress, export and serve: one bad value per run ends in one
+line naming the option and exit code 2, never a traceback, a nan model or a server that starts anyway."""
+
+from __future__ import annotations
+
+import pytest
+
+from oztune.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(sentiment_files, tiny_finetuned):
+    train, dev = sentiment_files
+    return {"train": str(train), "dev": str(dev), "ft": str(tiny_finetuned)}
+
+
+HUGE = "99999999999999999999"  # > 2**64
+DISTILL = ["distill", "--teacher", "{ft}", "--train", "{train}", "--eval", "{dev}", "--epochs", "1",
+           "--max-train-examples", "16", "--no-progress"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (DISTILL + ["--student", ""], "--student"),                           # was a TypeError traceback
+    (DISTILL + ["--student-layers", "1", "--hidden-weight", "nan"], "--hidden-weight"),  # were a nan student,
+    (DISTILL + ["--student-layers", "1", "--hidden-weight", "inf"], "--hidden-weight"),  # saved as a success
+    (DISTILL + ["--student-layers", "1", "--hidden-weight", "1e400"], "--hidden-weight"),
+])
+def test_bad_value_is_one_line_and_nothing_is_written(argv, needle, files, tmp_path, capsys):
+    argv = [x.format(**files) for x in argv] + ["--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
