@@ -17,6 +17,8 @@ def files(sentiment_files, tiny_finetuned):
 HUGE = "99999999999999999999"  # > 2**64
 DISTILL = ["distill", "--teacher", "{ft}", "--train", "{train}", "--eval", "{dev}", "--epochs", "1",
            "--max-train-examples", "16", "--no-progress"]
+COMPRESS = ["compress", "--model", "{ft}", "--train", "{train}", "--eval", "{dev}", "--epochs", "1",
+            "--max-train-examples", "16", "--recipes", "prune", "--no-progress"]
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -24,6 +26,9 @@ DISTILL = ["distill", "--teacher", "{ft}", "--train", "{train}", "--eval", "{dev
     (DISTILL + ["--student-layers", "1", "--hidden-weight", "nan"], "--hidden-weight"),  # were a nan student,
     (DISTILL + ["--student-layers", "1", "--hidden-weight", "inf"], "--hidden-weight"),  # saved as a success
     (DISTILL + ["--student-layers", "1", "--hidden-weight", "1e400"], "--hidden-weight"),
+    (COMPRESS + ["--sizes", "1e-300"], "--sizes"),                        # named --heads, an option of prune
+    (COMPRESS + ["--sizes", "0.001"], "--sizes"),                         # a variant named prune0
+    (COMPRESS + ["--sizes", "0.5,0.999"], "--sizes"),                     # ... and prune100
 ])
 def test_bad_value_is_one_line_and_nothing_is_written(argv, needle, files, tmp_path, capsys):
     argv = [x.format(**files) for x in argv] + ["--output", str(tmp_path / "o")]

@@ -49,7 +49,7 @@ class CompressArgs(RecipeOptions):
         output: directory for the kept model, variants/<name>/, report.md, report.json and pareto.png.
         max_drop: accuracy budget: at most this many points (percent) below the fp32 model.
         recipes: comma-separated recipes to try: int8, prune, prune-int8.
-        sizes: comma-separated shares of the encoder's weights that pruning keeps (each in (0, 1)).
+        sizes: comma-separated shares of the encoder's weights that pruning keeps (each from 0.01 to 0.99).
         importance_batches: training batches over which heads, neurons and layers are ranked.
         epochs: epochs of distillation that recover each pruned model.
         batch_size: examples per distillation step.
@@ -92,9 +92,9 @@ def check_args(a: CompressArgs) -> None:
     if unknown or not a.recipes:
         raise OztuneError(f"--recipes: unknown {', '.join(unknown) or '(none given)'}; "
                           f"choose from {', '.join(RECIPES)}")
-    bad = [s for s in a.sizes if not 0 < s < 1]
+    bad = [s for s in a.sizes if not 0.01 <= s <= 0.99]  # (a variant is named by its percentage: prune1 to prune99)
     if bad or (not a.sizes and any(r.startswith("prune") for r in a.recipes)):
-        raise OztuneError(f"--sizes must be shares of weights kept, each in (0, 1); got {a.sizes}")
+        raise OztuneError(f"--sizes must be shares of weights kept, each from 0.01 to 0.99; got {a.sizes}")
     names = [variant_name(s) for s in a.sizes]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice and any(r.startswith("prune") for r in a.recipes):
