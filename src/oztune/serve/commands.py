@@ -49,6 +49,8 @@ def export_cmd(a: ExportArgs) -> int:
     if a.format == "aoti":
         if a.int8:
             raise OztuneError("--int8 is for --format onnx; for aoti, quantize first (oztune quantize) and export that")
+        if a.opset != ExportArgs.opset:  # (not ignored: a bad value looked accepted)
+            raise OztuneError(f"--opset {a.opset}: an ONNX option, for --format onnx (aoti compiles no ONNX graph)")
         from oztune.serve.export import export_aoti
 
         t0 = time.perf_counter()
