@@ -38,3 +38,23 @@ def test_bad_value_is_one_line_and_nothing_is_written(argv, needle, files, tmp_p
     assert "Traceback" not in err and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
 
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--threads", HUGE], "--threads"),                     # torch: "Overflow when unpacking long long" traceback
+    (["--threads", str(2**31)], "--threads"),
+    (["--threads", "100000"], "--threads"),                 # started, to make 100,000 threads at the first request
+    (["--backend", "onnx", "--threads", HUGE], "--threads"),   # onnxruntime's TypeError traceback
+    (["--backend", "onnx", "--workers", HUGE], "--workers"),   # OverflowError traceback
+    (["--workers", "100000"], "--workers"),                 # torch: spawned model processes without end
+    (["--host", ""], "--host"),                             # listened on every interface, as http://:PORT
+])
+def test_serve_refuses_bad_start_up_values_before_loading(argv, needle, files, monkeypatch, capsys):
+    from oztune.serve import commands
+
+    def started(a):  # a bad value that got through: never serve from a test
+        raise AssertionError(f"serve started with {argv}")
+
+    monkeypatch.setattr(commands, "_serve", started)
+    assert main(["serve", "--model", files["ft"], "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and needle in err and len(err.strip().splitlines()) == 1, err

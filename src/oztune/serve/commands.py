@@ -93,12 +93,12 @@ class ServeArgs:
         max_length: longest tokenized text; longer texts are truncated (default: the length the model was
             fine-tuned with).
         threads: compute threads per model replica (0: the cores this process may use, shared out among
-            the replicas).
+            the replicas; at most 1,024).
         workers: model replicas, each fed its own batches from the one queue (0: one per core up to 4, with
             one thread each; torch in the server process, --no-worker-process, always has one). On 2 cores
             two single-thread replicas served more requests than one on two threads, for both backends
             (BENCHMARKS.md); a lone request then runs on one thread (--workers 1 for the lowest latency
-            at low load).
+            at low load; at most 256).
         compile: torch backend: run the model under torch.compile (compiled at start, 20-65 s for MiniLM on
             2 cores; padded batches packed as eager packs them): lone requests run faster (batch 1 in
             bench/compiled.py: 2.4x eager on 2 threads) and so do batches (see BENCHMARKS.md).
@@ -139,6 +139,9 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvico
 # a day: thread waits need finite times
 MAX_FLOATS = {"max_wait_ms": 86_400_000, "graceful_timeout_s": 86_400, "body_timeout_s": 86_400,
               "batch_timeout_s": 86_400}
+# Each replica is a process (torch) or a thread pool: a huge count started processes without end, and torch and
+# onnxruntime take no thread count beyond a C int (tracebacks); these are far beyond any machine's use.
+MAX_COUNTS = {"threads": 1024, "workers": 256}
 
 
 def _check(a: ServeArgs) -> None:
@@ -146,14 +149,19 @@ def _check(a: ServeArgs) -> None:
         raise OztuneError("--model is required")
     if a.backend not in ("torch", "onnx"):
         raise OztuneError(f"--backend {a.backend!r}: expected torch or onnx")
+    if not a.host:  # the socket would listen on every interface, shown as http://:PORT
+        raise OztuneError("--host '': expected an address to listen on (127.0.0.1: this machine only; "
+                          "0.0.0.0: every interface)")
     if not 0 <= a.port <= 65535:
         raise OztuneError(f"--port {a.port}: expected 0 to 65535")
     for name in ("max_batch_size", "max_queue", "max_texts_per_request", "max_body_bytes", "max_length"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a positive number")
-    for name in ("forward_batch_size", "threads", "workers"):
-        if (getattr(a, name) or 0) < 0:
-            raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected 0 or more")
+    if (a.forward_batch_size or 0) < 0:
+        raise OztuneError(f"--forward-batch-size {a.forward_batch_size}: expected 0 or more")
+    for name, most in MAX_COUNTS.items():
+        if not 0 <= getattr(a, name) <= most:
+            raise OztuneError(f"--{name} {getattr(a, name)}: expected 0 to {most:,}")
     for name, most in MAX_FLOATS.items():
         if not (math.isfinite(getattr(a, name)) and 0 <= getattr(a, name) <= most):  # not inf, not nan
             raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a number from 0 to {most:,}")
