@@ -1,4 +1,4 @@
-"""Audit (session 10): resume, LoRA and their CLI wiring. Each test fails on the code as audited.
+"""Resume, LoRA and their CLI wiring (an audit). Each test failed on the code before its fix.
 
 The interrupted runs are made in-process: ``Checkpointer.save_run`` is wrapped so that the run stops with an
 exception right after the checkpoint of step 2 is written, as if it had been killed there.

@@ -1,4 +1,4 @@
-"""Mechanical CLI fuzzing (session 12) of distill, compress, export and serve: one bad value per run ends in one
+"""Mechanical CLI fuzzing of distill, compress, export and serve: one bad value per run ends in one
 line naming the option and exit code 2, never a traceback, a nan model or a server that starts anyway."""
 
 from __future__ import annotations

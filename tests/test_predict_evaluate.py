@@ -1,6 +1,6 @@
-"""Audit (session 11) of `oztune predict` and `oztune evaluate` as a user runs them: inputs that must be one
+"""`oztune predict` and `oztune evaluate` as a user runs them: inputs that must be one
 clear error line (exit 2) instead of a traceback (output files that would replace an input: see
-tests/test_crash_safety_audit_s11.py)."""
+tests/test_crash_safety.py)."""
 
 from __future__ import annotations
 

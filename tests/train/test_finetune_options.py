@@ -1,4 +1,4 @@
-"""Audit (session 11) of finetune's options end to end: run.json, the saved weights, `oztune evaluate`.
+"""finetune's options end to end: run.json, the saved weights, `oztune evaluate`.
 
 The tests pin semantics checked by the audit (and the --label-names refusal it led to).
 """

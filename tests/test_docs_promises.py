@@ -1,6 +1,6 @@
-"""Audit (session 10): places where the README promises behaviour the code does not deliver.
+"""Places where the README promised behaviour the code did not deliver (an audit).
 
-Each test quotes the README line it checks; each fails on the code as audited.
+Each test quotes the README line it checks; each failed on the code before its fix.
 """
 
 from __future__ import annotations

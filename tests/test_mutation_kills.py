@@ -1,4 +1,4 @@
-"""Tests that kill mutations of this session's code which the suite let through (a mutation audit, session 9)."""
+"""Tests that kill mutations of the code which the rest of the suite let through (a mutation audit)."""
 
 from __future__ import annotations
 

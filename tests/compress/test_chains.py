@@ -1,5 +1,5 @@
-"""Session 11 audit of chains of compression steps and their less-travelled options (quantize, prune, export,
-ahead-of-time packages): each test failed on the code before its fix."""
+"""Chains of compression steps and their less-travelled options (quantize, prune, export, ahead-of-time
+packages): each test failed on the code before its fix."""
 
 from __future__ import annotations
 

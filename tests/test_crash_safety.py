@@ -1,5 +1,5 @@
 """Crash safety of what commands write: an interrupted or failed save leaves the earlier output whole, and no
-command overwrites one of its own inputs (audit, session 11)."""
+command overwrites one of its own inputs."""
 
 from __future__ import annotations
 

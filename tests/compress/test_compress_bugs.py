@@ -1,4 +1,4 @@
-"""Audit (s10) of oztune.compress: bugs confirmed by running the code; each test fails on the code as audited."""
+"""oztune.compress: bugs confirmed by running the code (an audit); each test failed on the code before its fix."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mechanical CLI fuzzing (session 11): bad input ends in one line and exit code 2, never a traceback."""
+"""Mechanical CLI fuzzing of finetune, evaluate, predict, quantize and prune: bad input ends in one line and exit code 2, never a traceback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`oztune serve` under failure conditions, from an audit (session 11): SIGTERM with requests still queued when
+"""`oztune serve` under failure conditions, from an audit: SIGTERM with requests still queued when
 the graceful timeout runs out, and /metrics read while a batch worker records a batch. Each test failed before
 its fix."""
 

@@ -1,4 +1,4 @@
-"""Audit (session 10) of the public Python API, as a library user calls it: each test fails on the code as audited.
+"""The public Python API as a library user calls it (an audit): each test failed on the code before its fix.
 
 Each test names what goes wrong in its docstring.
 """
