@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from oztune.errors import OztuneError
-from oztune.models.hub import _replace_dir, check_output_dir
+from oztune.outdir import _replace_dir, check_output_dir
 
 
 def writable(d: str) -> bool:

@@ -71,7 +71,8 @@ def run_quantize(a: QuantizeArgs) -> dict:
     from oztune.compress.quantize import QuantConfig, prepare_qat_, quantization_record, quantize_
     from oztune.data.labels import gold_label2id
     from oztune.data.load import Columns, encode_examples, read_labelled
-    from oztune.models.hub import check_output_dir, read_config, save_classifier, weights_mb
+    from oztune.models.hub import read_config, save_classifier, weights_mb
+    from oztune.outdir import check_output_dir
     from oztune.train.finetune import check_seed, sample
     from oztune.train.loop import TrainConfig, evaluate, fit
 

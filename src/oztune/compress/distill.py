@@ -25,7 +25,8 @@ from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import check_output_dir, load_classifier, save_classifier
+from oztune.models.hub import load_classifier, save_classifier
+from oztune.outdir import check_output_dir
 from oztune.models.transformer import SequenceClassifier
 from oztune.train.finetune import RecipeOptions, sample
 from oztune.train.finetune import check_train_options as check_finetune_options

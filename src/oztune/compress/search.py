@@ -27,7 +27,8 @@ from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
 from oztune.compress.report import add_relative, measure, write_report
 from oztune.config import ModelConfig
 from oztune.errors import OztuneError
-from oztune.models.hub import save_classifier, staged_dir
+from oztune.models.hub import save_classifier
+from oztune.outdir import staged_dir
 from oztune.train.finetune import RecipeOptions
 from oztune.train.loop import TrainConfig, predict_logits, seed_everything
 

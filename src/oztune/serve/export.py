@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import (check_output_dir, load_classifier, read_config, require_trained, resolve_model,
-                               staged_dir)
+from oztune.models.hub import load_classifier, read_config, require_trained, resolve_model
+from oztune.outdir import check_output_dir, staged_dir
 from oztune.models.transformer import SequenceClassifier
 
 ONNX_FILE = "model.onnx"

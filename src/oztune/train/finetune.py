@@ -15,7 +15,8 @@ import torch
 from oztune.data.labels import are_class_ids
 from oztune.data.load import Columns, encode_examples, hold_out, label_setup, read_labelled
 from oztune.errors import OztuneError
-from oztune.models.hub import DEFAULT_MODEL, check_output_dir, load_classifier, new_head_, save_classifier
+from oztune.models.hub import DEFAULT_MODEL, load_classifier, new_head_, save_classifier
+from oztune.outdir import check_output_dir
 from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, merge_lora
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints

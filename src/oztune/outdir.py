@@ -1,0 +1,209 @@
+"""Output directories written whole or not at all: checked before any work, written into a temporary sibling,
+swapped into place at the end (the earlier model put back if the swap is stopped half-way), and the leftovers
+of saves killed on the spot removed by the next save of the same output.
+
+Every command that writes a model directory (finetune, quantize, prune, distill, compress, export) goes through
+:func:`check_output_dir` before its work and :func:`staged_dir` for the write.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from oztune.errors import ModelError, OztuneError
+
+MODEL_FILES = ("config.json", "model.onnx")  # a directory holding one of these is a model oztune may replace
+
+
+def _holds_other_things(out: Path) -> bool:
+    """``out`` is a directory with files in it but no model: replacing it would delete them."""
+    return out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in MODEL_FILES)
+
+
+def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
+                     inputs: tuple[str | os.PathLike | None, ...] = (), replaced: bool = True) -> Path:
+    """Check, before any work, a directory that will be written: replaced as a whole, atomically, from a
+    sibling temporary directory. Nothing that is not a model is ever replaced.
+
+    Refused: no value; an existing file; an existing directory that holds files but no model (config.json
+    or model.onnx: the model of an earlier run is replaced, anything else would be deleted); the current
+    directory or one above it; a directory that holds one of ``inputs``; a path whose nearest existing
+    ancestor is not a directory we can create files in.
+
+    Args:
+        output: the directory.
+        option: the command-line option that named it, for the message.
+        inputs: the command's input files and directories (None entries are skipped).
+        replaced: False for a directory that is written into, not replaced (checkpoints): then only the
+            checks of a value, a file and a writable place apply.
+
+    Returns:
+        The absolute path.
+    """
+    if not output:
+        raise OztuneError(f"{option} is required")
+    out = Path(os.path.abspath(output))
+    real = out.resolve()
+    if not replaced:
+        inputs = ()
+    elif real == Path.cwd().resolve() or real in Path.cwd().resolve().parents:
+        raise OztuneError(f"{option} {output}: the current directory or one above it; name a directory to write to")
+    for given in inputs:
+        if given and real == Path(given).resolve():
+            raise OztuneError(f"{option} {output}: is the input {given}, which would be replaced; write to "
+                              "another directory")
+        if given and real in Path(given).resolve().parents:
+            raise OztuneError(f"{option} {output}: holds the input {given}, and would be replaced as a whole; "
+                              "choose another directory")
+    if out.exists() and not out.is_dir():
+        raise OztuneError(f"{option} {output}: exists and is not a directory")
+    if replaced and _holds_other_things(out):
+        held = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise OztuneError(f"{option} {output}: exists and is not a model directory (it holds {shown}); "
+                          "oztune replaces its output directory as a whole: choose a new one or empty this one")
+    parent = out.parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OztuneError(f"{option} {output}: cannot be created, {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OztuneError(f"{option} {output}: cannot write to {parent} ({e.strerror or e})") from None
+    return out
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temporary directory beside ``out`` to write into; when the block succeeds it replaces ``out`` as a
+    whole (:func:`_replace_dir`), when it fails it is removed: ``out`` is never half-written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=_stage_prefix(out, "tmp"), dir=out.parent))
+    except OSError as e:
+        raise _not_written(out, e) from None
+    try:
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only or unwritable place: the user's to fix
+            raise _not_written(out, e, tmp) from None
+        raise
+    _replace_dir(tmp, out)  # (where it refuses, it keeps tmp and its message names it)
+
+
+def _stage_prefix(out: Path, kind: str) -> str:
+    """The name of a temporary directory beside ``out`` (``kind``: tmp, being written; old, the earlier model
+    set aside) up to mkdtemp's random part: it names the writing process, so that a later save can tell the
+    leftover of one killed on the spot (kill -9, power loss: nothing ran to remove it) from a live run's."""
+    return f".{out.name}.{kind}-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the leftovers beside ``out`` of earlier saves of it whose process, on this host, no longer exists.
+
+    A live process's are left, and another host's (a shared file system: its process ids are not ours). An
+    earlier model set aside (``old``) by a save killed before it put the new one in place is the only copy of
+    ``out``: it is left while ``out`` is missing.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) asks about a process only on POSIX (on Windows it kills it)
+        return
+    left = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@(.+)-[^-]+")
+    try:
+        names = os.listdir(out.parent)
+    except OSError:  # (a folder we may write in but not list: nothing to clean, the save goes on)
+        return
+    for name in names:
+        m, p = left.fullmatch(name), out.parent / name
+        if (m and m[3] == socket.gethostname() and not _alive(int(m[2])) and p.is_dir() and not p.is_symlink()
+                and (m[1] == "tmp" or os.path.lexists(out))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts: it cannot be signalled, but it runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError; a number no process can have: not ours to judge
+        return True
+    return True
+
+
+def _kept(new: Path, out: Path) -> Path:
+    """A finished result that could not be put in place, renamed from ``.NAME.tmp-PID@HOST-*`` to
+    ``.NAME.kept-PID@HOST-*`` so that no later save takes it for the leftover of a killed one (``new`` itself
+    when it has another name or the rename fails)."""
+    prefix = f".{out.name}.tmp-"
+    if not new.name.startswith(prefix):
+        return new
+    kept = new.with_name(f".{out.name}.kept-{new.name[len(prefix):]}")
+    try:
+        os.rename(new, kept)
+    except OSError:
+        return new
+    return kept
+
+
+def _not_written(out: Path, e: OSError, tmp: Path | None = None) -> ModelError:
+    """The one-line error of a failed write of ``out`` (its temporary directory ``tmp`` already removed): a file
+    of ``tmp`` is named by its name alone (that path is gone), any other file in full."""
+    name = Path(e.filename) if e.filename else None
+    where = f", {name.name if tmp in name.parents else name}" if name else ""
+    kept = "what was there is kept as it was" if os.path.lexists(out) else "nothing was written"
+    return ModelError(f"{out}: cannot be written ({e.strerror or e}{where}); {kept}")
+
+
+def _publish(tmp: Path) -> None:
+    """Give a finished temporary directory (``mkdtemp``: 0700) and its files the modes of new ones (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(tmp):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is swapped out first and removed only afterwards.
+
+    An existing ``out`` that is not a model directory (see :func:`check_output_dir`, which commands call
+    before their work) is never replaced: ``new`` is kept beside it and the error names it.
+    """
+    _publish(new)
+    if _holds_other_things(out):
+        raise ModelError(f"{out}: exists and is not a model directory; not replaced, the result is in {_kept(new, out)}")
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out}: exists and is not a directory; not replaced, the result is in {_kept(new, out)}")
+    # an earlier model is moved aside into a fresh folder (a ``.old-`` left by a run killed while removing it
+    # must not block this one) and put back if anything stops the swap half-way: ``out`` is always whole
+    aside = None
+    try:
+        if os.path.lexists(out):
+            aside = Path(tempfile.mkdtemp(prefix=_stage_prefix(out, "old"), dir=out.parent))
+            os.replace(out, aside / out.name)
+        os.replace(new, out)
+    except BaseException as e:
+        if aside is not None and not os.path.lexists(out) and os.path.lexists(aside / out.name):
+            os.replace(aside / out.name, out)  # stopped between the two renames: the earlier model goes back
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)  # empty, or the earlier model once the new one is in place
+        if not isinstance(e, Exception) or not new.exists():  # Ctrl-C, SIGTERM: nothing half-done is left
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        raise ModelError(f"{out}: cannot be replaced ({getattr(e, 'strerror', None) or e}); "
+                         f"{'it is kept as it was, ' if os.path.lexists(out) else ''}the result is in "
+                         f"{_kept(new, out)}") from None
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
