@@ -12,6 +12,7 @@ about 1e-5 after 14 steps at lr 3e-3, where training moved weights by up to abou
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -103,3 +104,37 @@ def test_broadcast_model_gives_every_rank_rank_0s_parameters_and_buffers(tmp_pat
     result = json.loads(r.stdout.strip().splitlines()[-1])  # per tensor: [differed before, rank 0's after]
     assert all(differed for k, (differed, _) in result.items() if k != "1.num_batches_tracked")
     assert {k: same for k, (_, same) in result.items()} == dict.fromkeys(result, True)
+
+
+TEARDOWN = textwrap.dedent("""
+    import json
+    import os
+    import sys
+    import torch
+    from oztune.train import distributed as D
+
+    env = D.init_from_env()
+    model = torch.nn.Linear(4, 3)
+    model(torch.ones(2, 4)).sum().backward()
+    torch.optim.AdamW(model.parameters()).step()  # as in training: imports torch._dynamo after the group is joined
+    import torch._dynamo  # noqa: F401  (whichever step or module imports it)
+    D.barrier()
+    D.shutdown()
+    threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    with open(os.path.join(sys.argv[1], f"rank{env.rank}.json"), "w") as f:
+        json.dump(sorted(t for t in threads if "gloo" in t), f)
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through Linux's /proc")
+def test_shutdown_stops_the_groups_threads(tmp_path):
+    """Left running into interpreter shutdown, gloo's threads now and then abort a rank at exit ("terminate
+    called without an active exception"); torch.distributed.nn.functional, imported after the group was
+    joined, kept the group (and its threads) alive past destroy_process_group."""
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    left = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert left == {0: [], 1: []}, f"gloo threads still running after shutdown: {left}"

@@ -52,6 +52,11 @@ def init_from_env() -> DistEnv:
         return DistEnv(dist.get_rank(), dist.get_world_size())
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistEnv()
+    # Imported before the group exists: its functions take group.WORLD as a default argument, bound at import,
+    # and the first optimizer step imports it (through torch._dynamo). Imported later, it would keep the group
+    # alive past destroy_process_group, and the group's gloo threads would run on into interpreter shutdown,
+    # which now and then aborts a rank at exit ("terminate called without an active exception").
+    import torch.distributed.nn.functional  # noqa: F401
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     torch.set_num_threads(max(1, cpu_cores() // local))
