@@ -138,3 +138,29 @@ def test_shutdown_stops_the_groups_threads(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     left = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     assert left == {0: [], 1: []}, f"gloo threads still running after shutdown: {left}"
+
+
+def test_distill_in_two_processes_saves_once_and_matches_one_process(base_no_dropout, sentiment_files, tmp_path):
+    """`torchrun ... oztune distill` trains each rank's share of the batches; rank 0 alone saves and reports."""
+    train, dev = sentiment_files
+    teacher = tmp_path / "teacher"
+    assert main(finetune_args(base_no_dropout, sentiment_files, teacher, 32)) == 0
+
+    def distill(out, batch_size: int) -> list[str]:
+        return ["distill", "--teacher", str(teacher), "--train", str(train), "--eval", str(dev), "--output", str(out),
+                "--student-layers", "1", "--epochs", "1", "--batch-size", str(batch_size), "--max-train-examples",
+                str(EXAMPLES), "--lr", "3e-3", "--precision", "fp32", "--no-progress"]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(distill(one, 32)) == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "oztune", *distill(two, 16)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("saved to") == 1, "only rank 0 reports"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "teacher", "two"], "a rank's save left something"
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, f"2 x 16 differs from 1 x 32 by {worst:.2e}"
+    run1, run2 = (json.loads((d / "run.json").read_text()) for d in (one, two))
+    assert run2["history"][-1]["train_loss"] == pytest.approx(run1["history"][-1]["train_loss"], rel=1e-4)

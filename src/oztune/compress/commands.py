@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from oztune.errors import OztuneError  # noqa: E402
+from oztune.train.distributed import is_main_process  # noqa: E402
 
 
 @dataclass
@@ -163,6 +164,8 @@ def prune_cmd(a: PruneArgs) -> int:
 @command("distill", DistillArgs, "distil a fine-tuned teacher into a smaller student")
 def distill_cmd(a: DistillArgs) -> int:
     run = run_distill(a)
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return 0
     s = run["student"]
     print(f"\nstudent: {s['layers']} layers, {s['parameters'] / 1e6:.2f}M parameters; saved to {a.output}")
     print(f"teacher: {_score(run['teacher_metrics'])}\nstudent: {_score(run['metrics'])}")

@@ -26,8 +26,9 @@ from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import load_classifier, save_classifier
-from oztune.outdir import check_output_dir
 from oztune.models.transformer import SequenceClassifier
+from oztune.outdir import check_output_dir
+from oztune.train import distributed
 from oztune.train.finetune import RecipeOptions, sample
 from oztune.train.finetune import check_train_options as check_finetune_options
 from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
@@ -285,11 +286,25 @@ def check_train_options(a) -> None:
 
 
 def run_distill(a: DistillArgs) -> dict:
-    """The distill recipe: load teacher and data, build the student, train it, save it; returns the run record."""
+    """The distill recipe: load teacher and data, build the student, train it, save it; returns the run record.
+
+    Under torchrun every process runs this and trains its share of each batch; only rank 0 saves, the
+    others wait for it (as :func:`oztune.train.finetune.finetune`).
+    """
     check_train_options(a)
     dcfg = DistillConfig(a.temperature, a.alpha, a.hidden_weight)
     if bool(a.student) == (a.student_layers is not None):  # (an empty --student is none given)
         raise OztuneError("give exactly one of --student DIR or --student-layers N")
+    env = distributed.init_from_env()
+    try:
+        run = _run_distill(a, dcfg, env.is_main)
+        distributed.barrier()  # the other ranks wait while rank 0 saves
+    finally:
+        distributed.shutdown()
+    return run
+
+
+def _run_distill(a: DistillArgs, dcfg: DistillConfig, saves: bool) -> dict:
     teacher, enc, meta = load_trained(a.teacher, "--teacher", a.max_length)
     if a.student:
         student, s_enc, s_meta = load_trained(a.student, "--student", a.max_length)
@@ -312,6 +327,8 @@ def run_distill(a: DistillArgs) -> dict:
            "history": result.history, "train_examples": len(data.train), "train_seconds": round(result.seconds, 1),
            "student": {"layers": student.cfg.num_layers, "heads": student.cfg.layer_heads, "ffn": student.cfg.layer_ffn,
                        "parameters": sum(p.numel() for p in student.parameters())}}
+    if not saves:
+        return run
     shape = f"{student.cfg.num_layers} layers, {run['student']['parameters'] / 1e6:.3g}M parameters"
     save_classifier(student, enc, a.output, meta["id2label"], run=run,
                     card=recipe_card("distilled student (oztune distill)", [f"Source: `{a.teacher}`; this model: {shape}"],
