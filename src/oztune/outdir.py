@@ -79,7 +79,23 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
             pass
     except OSError as e:
         raise OztuneError(f"{option} {output}: cannot write to {parent} ({e.strerror or e})") from None
+    if replaced:
+        _check_name_length(out, parent, option, output)
     return out
+
+
+def _check_name_length(out: Path, parent: Path, option: str, output) -> None:
+    """Refuse, before any work, a name whose temporary siblings (:func:`_stage_prefix`: ~25 bytes and the host
+    name longer) the file system cannot hold: the save, at the end of the run, would fail on it."""
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # (no such query here: the save will say)
+        return
+    extra = len(os.fsencode(_stage_prefix(Path(""), "kept"))) + 8  # (.kept-, the longest; mkdtemp's 8 characters)
+    name = len(os.fsencode(out.name))
+    if name + extra > limit:
+        raise OztuneError(f"{option} {output}: its name is too long ({name} bytes; at most {limit - extra} here, "
+                          "for the temporary directory beside it)")
 
 
 @contextmanager

@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from oztune.models.hub import load_classifier, save_classifier
@@ -82,3 +84,20 @@ hub.save_classifier(model, enc, {str(out)!r}, {{0: "x", 1: "y"}})
     model, enc, _ = load_classifier(tiny_base, num_labels=2)
     save_classifier(model, enc, out, {0: "x", 1: "y"})
     assert os.listdir(tmp_path) == ["m"]
+
+
+def test_a_name_too_long_for_its_temporary_directory_is_refused_before_any_work(tmp_path):
+    # the temporary sibling .NAME.tmp-PID@HOST-XXXXXXXX is ~25 bytes (plus the host name) longer than NAME: a name
+    # the file system takes was accepted by the check and then failed at the save, after the whole run
+    from oztune.errors import OztuneError
+    from oztune.outdir import _stage_prefix, check_output_dir, staged_dir
+
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    longest = limit - len(_stage_prefix(Path(""), "kept").encode()) - 8  # (.NAME.kept-: the longest, a result kept)
+    out = check_output_dir(tmp_path / ("m" * longest))
+    with staged_dir(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert os.listdir(tmp_path) == [out.name]
+    with pytest.raises(OztuneError, match=rf"--output .*: its name is too long \({longest + 1} bytes; at most "
+                                          rf"{longest} here, for the temporary directory beside it\)"):
+        check_output_dir(tmp_path / ("m" * (longest + 1)))
