@@ -98,3 +98,21 @@ def test_prune_refuses_zero_importance_batches_as_compress_does(tiny_finetuned, 
     assert main(["prune", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev),
                  "--output", str(tmp_path / "p"), "--structured", "--importance-batches", "0", "--epochs", "1",
                  "--no-progress", "--precision", "fp32"]) == 2
+
+
+def test_predict_to_a_full_stdout_is_one_error_line_not_a_silent_truncation(tiny_finetuned, tmp_path):
+    # README, Errors: "a write that fails on the way (a full disk: the error names the output and the OS error
+    # ...)": predict's answers to a redirected stdout on a full disk (here a file-size limit) were cut short
+    # with exit 0 (a large write to sys.stdout that fits in part is not an error to Python)
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "answers.jsonl"
+    with open(out, "wb") as fh:
+        r = subprocess.run([sys.executable, "-m", "oztune", "predict", "--model", str(tiny_finetuned), "--input", "-"],
+                           input="good film and the plot is very nice\n" * 3000, stdout=fh, stderr=subprocess.PIPE,
+                           text=True, timeout=120,
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20480, 20480)))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "standard output" in r.stderr and "File too large" in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import json
 import os
 import sys
@@ -206,9 +207,31 @@ def predict_cmd(a: PredictArgs) -> int:
         _write_atomically(a.output, lines)
     else:
         for chunk in lines:
-            sys.stdout.write(chunk)
-            sys.stdout.flush()  # (each chunk's answers as soon as they are known: a pipe reads them as they come)
+            _write_stdout(chunk)  # (each chunk's answers as soon as they are known: a pipe reads them as they come)
     return 0
+
+
+def _write_stdout(text: str) -> None:
+    """Write ``text`` to standard output whole or say why not: a large write that fits only in part (a full disk,
+    a file-size limit) is a short count to Python, not an error, and the rest was silently lost (exit 0)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    try:
+        if buffer is None:  # a text stream put in place of stdout (io.StringIO)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        sys.stdout.flush()
+        data = memoryview(text.encode(sys.stdout.encoding or "utf-8"))
+        while data:
+            n = buffer.write(data)
+            if not n:  # (nothing taken and no error: retrying would spin)
+                raise OSError(errno.EIO, "nothing written")
+            data = data[n:]
+        buffer.flush()
+    except BrokenPipeError:
+        raise  # (stdout closed early: main's to handle)
+    except OSError as e:
+        raise OztuneError(f"standard output: cannot be written ({e.strerror or e})") from None
 
 
 PREDICT_CHUNK = 4096  # texts per call of the model's predict: sorted by length within it, so batches stay full
