@@ -283,6 +283,8 @@ BAD = [
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--qat-lr", "0"], "--qat-lr must be positive"),
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--max-train-examples", "0"],
      "--max-train-examples must be at least 1"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--max-train-examples", "8"],
+     "--max-train-examples samples --qat-train's examples; give --qat-train FILE too"),
 ]
 
 

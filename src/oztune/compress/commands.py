@@ -82,6 +82,8 @@ def run_quantize(a: QuantizeArgs) -> dict:
         raise OztuneError("--qat-epochs, --batch-size and --max-length must be at least 1")
     if a.max_train_examples is not None and a.max_train_examples < 1:
         raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
+    if a.max_train_examples is not None and not a.qat_train:  # (it would be ignored: no fine-tuning runs)
+        raise OztuneError("--max-train-examples samples --qat-train's examples; give --qat-train FILE too")
     if not (a.qat_lr > 0 and math.isfinite(a.qat_lr)):  # (nan and inf too: they would train to a nan model)
         raise OztuneError(f"--qat-lr must be positive and finite, not {a.qat_lr}")
     check_seed(a.seed)
