@@ -74,14 +74,13 @@ def run_quantize(a: QuantizeArgs) -> dict:
     from oztune.data.load import Columns, encode_examples, read_labelled
     from oztune.models.hub import read_config, save_classifier, weights_mb
     from oztune.outdir import check_output_dir
-    from oztune.train.finetune import check_seed, sample
+    from oztune.train.finetune import check_sample_size, check_seed, sample
     from oztune.train.loop import TrainConfig, evaluate, fit
 
     config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
     if a.qat_epochs < 1 or a.batch_size < 1 or (a.max_length is not None and a.max_length < 1):
         raise OztuneError("--qat-epochs, --batch-size and --max-length must be at least 1")
-    if a.max_train_examples is not None and a.max_train_examples < 1:
-        raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
+    check_sample_size(a.max_train_examples)
     if a.max_train_examples is not None and not a.qat_train:  # (it would be ignored: no fine-tuning runs)
         raise OztuneError("--max-train-examples samples --qat-train's examples; give --qat-train FILE too")
     if not (a.qat_lr > 0 and math.isfinite(a.qat_lr)):  # (nan and inf too: they would train to a nan model)

@@ -320,7 +320,7 @@ def _run_distill(a: DistillArgs, dcfg: DistillConfig, saves: bool) -> dict:
         student, kept = student_from_layers(teacher, a.student_layers)
         dcfg.layer_map = kept
     data = load_task_data(teacher, enc, meta, a.train, a.eval, a.columns(), a.max_train_examples, a.seed)
-    teacher_metrics = evaluate(teacher, data.eval)
+    teacher_metrics = evaluate(teacher, data.eval) if saves else {}  # (reported by rank 0 alone)
     # an unstructured-pruned student (oztune prune without --structured) keeps its zeros while it trains
     result = distill(teacher, student, data.train, a.train_config(), dcfg, data.eval, on_step=zeros_keeper(student))
     run = {"command": "distill", "args": asdict(a), "teacher_metrics": teacher_metrics, "metrics": result.best,

@@ -9,6 +9,7 @@ text as training did.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -105,11 +106,8 @@ class TextEncoder:
         of one with every piece of the other (memory quadratic in the texts' length: two 10,000-word texts
         took more than 20 GB). Here each text is encoded alone, cut, and the post-processor's template put
         around the two."""
-        plain = Tokenizer.from_str(self.tokenizer.to_str())
-        plain.no_truncation()
-        plain.no_padding()
+        plain, layout = self._untruncated
         budget = self.max_length - self.special_tokens(pair=True)
-        layout = self._pair_template(plain)
         out = []
         for a, b in inputs:
             ea, eb = plain.encode(a, add_special_tokens=False), plain.encode(b, add_special_tokens=False)
@@ -125,6 +123,15 @@ class TextEncoder:
                 types += [type_id] * len(part)
             out.append((ids, types))
         return out
+
+    @functools.cached_property
+    def _untruncated(self) -> tuple[Tokenizer, list[tuple[str, int, int]]]:
+        """A copy of the tokenizer without truncation or padding, and its pair layout (:meth:`_pair_template`);
+        made once (only truncation changes on the original, through :meth:`set_max_length`)."""
+        plain = Tokenizer.from_str(self.tokenizer.to_str())
+        plain.no_truncation()
+        plain.no_padding()
+        return plain, self._pair_template(plain)
 
     def _pair_template(self, plain: Tokenizer) -> list[tuple[str, int, int]]:
         """The post-processor's layout of a pair: ("special", id, type_id) and ("text", 0 or 1, type_id)."""

@@ -16,8 +16,8 @@ from oztune.data.labels import are_class_ids
 from oztune.data.load import Columns, encode_examples, hold_out, label_setup, read_labelled
 from oztune.errors import OztuneError
 from oztune.models.hub import DEFAULT_MODEL, load_classifier, new_head_, save_classifier
-from oztune.outdir import check_output_dir
 from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, merge_lora
+from oztune.outdir import check_output_dir
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints
 from oztune.train.loop import PRECISIONS, TrainConfig, balanced_class_weights, fit, seed_everything
@@ -177,6 +177,12 @@ def check_seed(seed: int) -> None:
         raise OztuneError(f"--seed must be from 0 to 2**63 - 1, not {seed}")
 
 
+def check_sample_size(n: int | None) -> None:
+    """A --max-train-examples :func:`sample` can take: none given, or at least 1."""
+    if n is not None and n < 1:
+        raise OztuneError(f"--max-train-examples must be at least 1, not {n}")
+
+
 def check_train_options(a, at_least_one: tuple = ()) -> None:
     """Checks shared by the training recipes (finetune, prune, distill, compress); ``a.lr`` None means default."""
     for name in ("epochs", "batch_size", "max_length", *at_least_one):
@@ -185,8 +191,7 @@ def check_train_options(a, at_least_one: tuple = ()) -> None:
     if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
         raise OztuneError(f"--lr must be a positive number, not {a.lr}")
     check_seed(a.seed)
-    if a.max_train_examples is not None and a.max_train_examples < 1:
-        raise OztuneError(f"--max-train-examples must be at least 1, not {a.max_train_examples}")
+    check_sample_size(a.max_train_examples)
     if a.precision not in PRECISIONS:
         raise OztuneError(f"--precision must be auto, bf16 or fp32, not {a.precision!r}")
 
