@@ -137,16 +137,22 @@ def test_a_request_queued_behind_a_hung_call_gets_503_when_the_call_times_out():
 
 
 def test_with_one_replica_hung_the_others_keep_serving_and_health_says_so():
-    hung, ok = GatedModel(), GatedModel(gated=False)
-    app = create_app([hung, ok], ServeLimits(max_batch_size=1, max_wait_ms=0, batch_timeout_s=0.3))
+    hung, ok = GatedModel(), GatedModel()
+    # The replica that works holds its first request until the other has one: a free replica takes whatever
+    # is queued, so an ungated one could answer all four before the other's thread woke (3 runs in 60 under
+    # load, once in CI). The timeout leaves it time for that under load.
+    ok.gate = hung.entered
+    app = create_app([hung, ok], ServeLimits(max_batch_size=1, max_wait_ms=0, batch_timeout_s=2.0))
     with serving(app) as url, httpx.Client(base_url=url, timeout=20) as c, ThreadPoolExecutor(4) as pool:
-        answers = [pool.submit(c.post, "/predict", json={"texts": [f"t{i}"]}) for i in range(4)]
-        assert hung.entered.wait(10)  # one request reached the replica that hangs (max_batch_size=1: only one)
-        assert sorted(f.result().status_code for f in answers) == [200, 200, 200, 504]
-        h = c.get("/health")
-        assert h.status_code == 503 and "over 0.3 s" in h.json()["detail"]
-        assert c.post("/predict", json={"texts": ["more"]}).status_code == 200
-        hung.gate.set()
+        try:
+            answers = [pool.submit(c.post, "/predict", json={"texts": [f"t{i}"]}) for i in range(4)]
+            assert hung.entered.wait(10)  # one request reached the replica that hangs (max_batch_size=1: one)
+            assert sorted(f.result().status_code for f in answers) == [200, 200, 200, 504]
+            h = c.get("/health")
+            assert h.status_code == 503 and "over 2 s" in h.json()["detail"]
+            assert c.post("/predict", json={"texts": ["more"]}).status_code == 200
+        finally:
+            hung.gate.set()  # (on a failure too: the server's shutdown would wait for the hung call)
         assert eventually(lambda: c.get("/health").status_code == 200)
 
 
