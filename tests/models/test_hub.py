@@ -112,6 +112,30 @@ def test_unknown_name_and_file_instead_of_directory(tmp_path):
         resolve_model(f)
 
 
+def test_hub_ids_with_and_without_owner_are_downloaded_and_paths_are_not(tmp_path, monkeypatch):
+    # Before: a bare legacy id (bert-base-uncased, gpt2), which the hub and transformers accept, was refused
+    # as "not a hub id" without trying.
+    from oztune.models import hub
+
+    asked = []
+    monkeypatch.setattr(hub, "_download", lambda name: asked.append(name) or tmp_path)
+    for name in ["bert-base-uncased", "gpt2", "google-bert/bert-base-uncased", "FacebookAI/roberta-base",
+                 "owner_1/model.v2"]:
+        assert resolve_model(name) == tmp_path
+    assert asked == ["bert-base-uncased", "gpt2", "google-bert/bert-base-uncased", "FacebookAI/roberta-base",
+                     "owner_1/model.v2"]
+    for path in ["runs/a/b", "./missing", "../missing", "/no/such/dir", "runs/sst2/", ".hidden", "-x", "a b"]:
+        with pytest.raises(ModelError, match=r"no such directory, and not a hub id \(owner/name, or a name"):
+            resolve_model(path)
+    assert len(asked) == 5
+
+
+def test_a_name_the_hub_does_not_give_says_so_in_one_line():
+    with pytest.raises(ModelError, match=r"unknown model 'no-such-model-here': no such directory, and the hub "
+                                         r"download failed \(\w+"):
+        resolve_model("no-such-model-here")
+
+
 def test_a_head_weight_missing_from_the_checkpoint_is_named(tiny_hf_dir):
     from safetensors.torch import load_file, save_file
 

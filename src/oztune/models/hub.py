@@ -29,6 +29,9 @@ from oztune.runtime import tune_malloc
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+# A hub repository id: owner/name, or a bare legacy name such as bert-base-uncased or gpt2 (the hub serves
+# those under their owners now). Letters, digits, '-', '_', '.'; neither part starts with '.' or '-'.
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9_][\w.-]*/)?[A-Za-z0-9_][\w.-]*")
 _HF_PROBLEM = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                "regression": "regression"}
 
@@ -37,7 +40,8 @@ def resolve_model(name_or_dir: str | os.PathLike | None) -> Path:
     """The local directory of a model: the bundled default, a directory, or a hub download.
 
     Args:
-        name_or_dir: None or "all-MiniLM-L6-v2" for the bundled default, a directory, or a hub id.
+        name_or_dir: None or "all-MiniLM-L6-v2" for the bundled default, a directory, or a hub id (owner/name,
+            or a bare legacy name such as bert-base-uncased), downloaded when it is no local directory.
     """
     name = str(name_or_dir) if name_or_dir is not None else DEFAULT_MODEL
     if name in _DEFAULT_ALIASES:
@@ -52,10 +56,10 @@ def resolve_model(name_or_dir: str | os.PathLike | None) -> Path:
         if not path.is_dir():
             raise ModelError(f"{path}: a model must be a directory holding config.json and model.safetensors")
         return path
-    if name.count("/") == 1 and not name.startswith((".", "/")):
+    if _HUB_ID.fullmatch(name) and len(name) <= 200:
         return _download(name)
-    raise ModelError(f"unknown model {name!r}: no such directory, and not a hub id (owner/name); "
-                     f"the bundled default is {DEFAULT_MODEL!r}")
+    raise ModelError(f"unknown model {name!r}: no such directory, and not a hub id (owner/name, or a name such "
+                     f"as bert-base-uncased); the bundled default is {DEFAULT_MODEL!r}")
 
 
 def _download(repo_id: str) -> Path:
