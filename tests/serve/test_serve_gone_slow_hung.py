@@ -79,6 +79,35 @@ def test_a_client_that_disconnects_while_queued_is_counted_499_and_its_texts_are
         assert counted(url, 200) == 2 and counted(url, 499) == 1
 
 
+def queue_texts(url: str) -> int:
+    return int(re.search(r"^oztune_queue_texts (\d+)$", httpx.get(f"{url}/metrics").text, re.M).group(1))
+
+
+def test_requests_of_clients_gone_do_not_fill_the_queue_for_live_ones():
+    # Before: an abandoned request counted toward --max-queue until a worker took it, so while the model was
+    # busy a queue full of them answered live clients 503 "the queue is full".
+    model = GatedModel()
+    app = create_app(model, ServeLimits(max_batch_size=8, max_wait_ms=0, max_queue=2))
+    with serving(app) as url, ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["first"]}, timeout=20)
+            assert model.entered.wait(10)  # the model is busy with the first request
+            gone = raw_request(url, b'{"texts": ["gone", "also gone"]}')
+            assert eventually(lambda: app.state.batcher.pending == 2), "the request was not queued"  # queue full
+            gone.close()
+            assert eventually(app.state.batcher._queue[0].gone), "the server did not see the client leave"
+            live = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["live"]}, timeout=20)
+            assert eventually(lambda: counted(url, 499) == 1 or live.done()), "the abandoned request was not dropped"
+            assert not live.done(), live.result().text  # queued, not refused
+            assert queue_texts(url) == 1  # "live" only
+        finally:
+            model.gate.set()  # (on a failure too: the server's shutdown would wait for the gate)
+        assert first.result().status_code == 200 and live.result().status_code == 200
+        assert model.batches == [1, 1]  # "first", then "live": the abandoned texts never reach the model
+        assert (counted(url, 200), counted(url, 499), counted(url, 503)) == (2, 1, 0), "counted twice or not at all"
+        assert queue_texts(url) == 0
+
+
 def test_a_client_that_disconnects_while_sending_its_body_is_counted_499_not_400():
     with serving(create_app(GatedModel(gated=False))) as url:
         raw_request(url, b'{"texts": [', length=100).close()

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 Predict = Callable[[list[str], "list[str] | None"], list[dict]]
 
+_DROP_PERIOD = 0.01  # seconds: how often a full queue may be checked for requests nobody waits for
+
 
 class QueueFull(Exception):
     """The queue holds ``max_queue`` texts already (HTTP 503)."""
@@ -81,6 +83,7 @@ class MicroBatcher:
         self._running: list[tuple[float, list[_Request]] | None] = [None] * len(self.predicts)  # (deadline, batch)
         self._hung: set[int] = set()  # workers in a call past its deadline
         self._queue: deque[_Request] = deque()
+        self._dropped_at = float("-inf")  # when the queue was last rid of abandoned requests (time.monotonic())
         self._cond = threading.Condition()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,7 +107,8 @@ class MicroBatcher:
             texts: the texts to classify.
             pairs: their text pairs, or None.
             gone: whether the client has disconnected; checked as the request is taken for a batch, and a
-                request whose client is gone is skipped and its future cancelled.
+                request whose client is gone is skipped and its future cancelled. Also checked when a request
+                finds the queue full: the requests of clients gone are dropped first and do not count.
         """
         future = self._loop.create_future()
         with self._cond:
@@ -113,13 +117,37 @@ class MicroBatcher:
             if self._hung and len(self._hung) == len(self.predicts):
                 raise Stalled(self._stalled_message())
             if self.pending + len(texts) > self.max_queue:
-                raise QueueFull(f"the queue is full ({self.pending} of {self.max_queue} texts waiting)")
+                self._drop_abandoned()
+                if self.pending + len(texts) > self.max_queue:
+                    raise QueueFull(f"the queue is full ({self.pending} of {self.max_queue} texts waiting)")
             self._queue.append(_Request(texts, pairs, future, time.monotonic(), gone))
             self.pending += len(texts)
             # Wake the worker only when it may be waiting for this: a first request, or a full batch.
             if len(self._queue) == 1 or self.pending >= self.max_batch_size:
                 self._cond.notify()
         return future
+
+    def _drop_abandoned(self) -> None:
+        """Take out of the queue the requests nobody waits for any more (client gone, or future cancelled), so
+        that they do not fill it for live ones; their futures are cancelled (the server counts them 499).
+        Call with the lock held, from the event loop.
+
+        Nothing tells the server when a client leaves (it reads a flag: ``gone``), so this checks every queued
+        request: only when the queue is full, and at most once per ``_DROP_PERIOD`` (under overload, each
+        request that finds the queue full would check it all again).
+        """
+        now = time.monotonic()
+        if now < self._dropped_at + _DROP_PERIOD:
+            return
+        self._dropped_at = now
+        kept: deque[_Request] = deque()
+        for r in self._queue:
+            if r.future.done() or (r.gone is not None and r.gone()):
+                self.pending -= len(r.texts)
+                r.future.cancel()
+            else:
+                kept.append(r)
+        self._queue = kept
 
     def alive(self) -> bool:
         """True while every worker thread runs (or before start, or once closed)."""

@@ -12,7 +12,8 @@ headers (and its connection is closed), 503 when the queue is full or the server
 the model fails, 504 when its call on a batch runs past ``batch_timeout_s`` (then 503 for other requests
 while every replica is stuck so; see :mod:`.batching`: a replica in a thread cannot be stopped, and /health
 says 503 until its call returns). A client that closes its connection before its answer is counted as 499
-(nginx's "client closed request"; nothing is sent), and its texts are not run if they are still queued.
+(nginx's "client closed request"; nothing is sent), and its texts are not run if they are still queued, nor
+count toward ``max_queue`` once the queue is full.
 Over-long texts are truncated by the tokenizer. On SIGTERM uvicorn stops accepting connections, lets
 in-flight requests finish (up to ``graceful_timeout_s``; those still unanswered then get 503 and are not
 run), then the batch worker finishes its batch and stops.
