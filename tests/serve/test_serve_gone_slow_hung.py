@@ -6,6 +6,7 @@ process is replaced). Each test failed before its fix."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -106,6 +108,51 @@ def test_requests_of_clients_gone_do_not_fill_the_queue_for_live_ones():
         assert model.batches == [1, 1]  # "first", then "live": the abandoned texts never reach the model
         assert (counted(url, 200), counted(url, 499), counted(url, 503)) == (2, 1, 0), "counted twice or not at all"
         assert queue_texts(url) == 0
+
+
+@contextmanager
+def logged_errors(name: str = "uvicorn.error"):
+    """The messages of the errors logged to logger ``name`` meanwhile (uvicorn's do not propagate to pytest's;
+    enter once uvicorn has configured its logging, which removes handlers)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger(name).addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger(name).removeHandler(handler)
+
+
+def test_a_client_that_pipelines_two_requests_and_disconnects_is_seen_gone():
+    # HTTP/1.1 pipelining: uvicorn (httptools) starts the second request only once the first is answered, and
+    # on a lost connection it flags only the newest request as disconnected, the second, which never starts.
+    # Before: the first one's client was never seen gone, so its texts were run and it was counted a 200.
+    model = GatedModel()
+    app = create_app(model, ServeLimits(max_batch_size=8, max_wait_ms=0))
+    with serving(app) as url, logged_errors() as errors, ThreadPoolExecutor(1) as pool:
+        try:
+            first = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["first"]}, timeout=20)
+            assert model.entered.wait(10)  # the model is busy with the first request
+            host, port = url.removeprefix("http://").split(":")
+            client = socket.create_connection((host, int(port)), timeout=20)
+            requests = [(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+                        for body in (b'{"texts": ["one", "two"]}', b'{"texts": ["three"]}')]
+            client.sendall(b"".join(requests))  # both at once, on one connection
+            assert eventually(lambda: app.state.batcher.pending == 2), "the first pipelined request was not queued"
+            client.close()
+            assert eventually(app.state.batcher._queue[0].gone), "the server did not see the client leave"
+        finally:
+            model.gate.set()
+        assert first.result().status_code == 200
+        assert eventually(lambda: counted(url, 499) == 1), "the abandoned request was not counted 499"
+        assert httpx.post(f"{url}/predict", json={"texts": ["after"]}, timeout=20).status_code == 200
+        # Neither pipelined request reached the model; the second was never started, so it is not counted at all.
+        assert model.batches == [1, 1]
+        assert (counted(url, 200), counted(url, 499)) == (2, 1)
+    # Before, also: "Exception in ASGI application", as uvloop refused to write the answer to the closed connection.
+    assert errors == []
 
 
 def test_a_client_that_disconnects_while_sending_its_body_is_counted_499_not_400():

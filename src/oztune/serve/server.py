@@ -13,7 +13,8 @@ the model fails, 504 when its call on a batch runs past ``batch_timeout_s`` (the
 while every replica is stuck so; see :mod:`.batching`: a replica in a thread cannot be stopped, and /health
 says 503 until its call returns). A client that closes its connection before its answer is counted as 499
 (nginx's "client closed request"; nothing is sent), and its texts are not run if they are still queued, nor
-count toward ``max_queue`` once the queue is full.
+count toward ``max_queue`` once the queue is full; a request it pipelined behind that one (HTTP/1.1) is never
+started by uvicorn, so neither run nor counted.
 Over-long texts are truncated by the tokenizer. On SIGTERM uvicorn stops accepting connections, lets
 in-flight requests finish (up to ``graceful_timeout_s``; those still unanswered then get 503 and are not
 run), then the batch worker finishes its batch and stops.
@@ -155,9 +156,26 @@ def _client_gone(receive) -> Callable[[], bool] | None:
     it is lost; reading the flag costs next to nothing. The ASGI way, a task per request awaiting
     ``http.disconnect`` beside the answer, took the /predict handler from 11.9 to 18.4 us per request (of ~70 us
     the server spends per request in all, with a stub model).
+
+    But uvicorn (httptools) sets the flag of the connection's newest request only: with HTTP/1.1 pipelining
+    that is a request queued behind the one in progress (it starts once that one is answered, so never
+    on a lost connection), and the one in progress was never seen gone. So the connection's transport is asked
+    too, and the request flagged, which also makes uvicorn send it nothing (a write to a closed uvloop
+    transport raises).
     """
     cycle = getattr(receive, "__self__", None)
-    return (lambda: cycle.disconnected) if hasattr(cycle, "disconnected") else None
+    if not hasattr(cycle, "disconnected"):
+        return None
+    transport = getattr(cycle, "transport", None)
+    if transport is None:
+        return lambda: cycle.disconnected
+
+    def gone() -> bool:
+        if not cycle.disconnected and transport.is_closing():
+            cycle.disconnected = True
+        return cycle.disconnected
+
+    return gone
 
 
 def _model_error(e: Exception) -> HTTPError:
