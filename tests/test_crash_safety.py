@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,79 @@ def test_an_output_file_neither_clobbers_a_users_dot_tmp_file_nor_leaves_one_whe
     assert cli.main(["predict", "--model", str(tiny_finetuned), "bad movie", "--output", str(out)]) == 130
     assert out.read_text() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "p.jsonl.tmp"]  # no temporary file left
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_an_output_file_write_removes_the_temporary_files_of_killed_writers_and_only_those(command, tiny_finetuned,
+                                                                                           sentiment_files, tmp_path,
+                                                                                           capsys):
+    # predict --output and evaluate --mistakes write through .NAME.tmp-PID@HOST-*: one left by a writer killed on the
+    # spot (kill -9: nothing ran to remove it) is removed by the next write of that file; a live writer's is kept,
+    # and another host's (a shared file system: its process ids are not ours), and anything else beside it
+    import socket
+
+    out = tmp_path / "p.jsonl"
+    dead, host = _dead_pid(), socket.gethostname()
+    names = {"dead": f".p.jsonl.tmp-{dead}@{host}-a1b2", "live": f".p.jsonl.tmp-{os.getpid()}@{host}-c3d4",
+             "other_host": f".p.jsonl.tmp-{dead}@not-{host}-e5f6", "no_pid": ".p.jsonl.tmp-g7h8",
+             "users": "p.jsonl.tmp", "other_output": f".q.jsonl.tmp-{dead}@{host}-i9j0"}
+    for name in names.values():
+        (tmp_path / name).write_text("partial")
+    if command == "predict":
+        args = ["predict", "--model", str(tiny_finetuned), "good movie", "--output", str(out)]
+    else:
+        args = ["evaluate", "--model", str(tiny_finetuned), "--data", str(sentiment_files[1]), "--mistakes", str(out)]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    left = {n for n in os.listdir(tmp_path) if n != "p.jsonl"}
+    assert left == {names[k] for k in ("live", "other_host", "no_pid", "users", "other_output")}
+    assert all((tmp_path / n).read_text() == "partial" for n in left)
+
+
+def test_the_temporary_file_of_a_predict_killed_with_sigkill_is_removed_by_the_next_one(tiny_finetuned, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.jsonl"
+    script = f"""
+import time
+from oztune import cli, commands
+def slow(*a, **k):
+    yield "{{}}\\n"
+    print("writing", flush=True)
+    time.sleep(60)
+commands._answer_lines = slow
+cli.main(["predict", "--model", {str(tiny_finetuned)!r}, "good movie", "--output", {str(out)!r}])
+"""
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "writing\n"
+    finally:
+        p.kill()
+        p.wait()
+    assert [n.startswith(f".p.jsonl.tmp-{p.pid}@") for n in os.listdir(tmp_path)] == [True]
+    assert cli.main(["predict", "--model", str(tiny_finetuned), "good movie", "--output", str(out)]) == 0
+    assert os.listdir(tmp_path) == ["p.jsonl"]
+
+
+def test_an_output_file_name_too_long_for_its_temporary_file_is_refused_before_any_work(tiny_finetuned, tmp_path,
+                                                                                        capsys):
+    # the temporary file .NAME.tmp-PID@HOST-XXXXXXXX is ~25 bytes (plus the host name) longer than NAME
+    from oztune.outdir import _stage_prefix
+
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX") - len(_stage_prefix(Path(""), "kept").encode()) - 8
+    ok = tmp_path / ("p" * longest)
+    assert cli.main(["predict", "--model", str(tiny_finetuned), "good movie", "--output", str(ok)]) == 0
+    assert os.listdir(tmp_path) == [ok.name]
+    rc = cli.main(["predict", "--model", str(tiny_finetuned), "good movie", "--output", str(ok) + "p"])
+    assert rc == 2 and "its name is too long" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == [ok.name]

@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from oztune.cli import command
 from oztune.data.load import Columns, read_labelled
 from oztune.data.readers import lone_surrogate
 from oztune.errors import DataError, OztuneError
+from oztune.outdir import check_name_length, staged_file
 from oztune.train.finetune import FinetuneArgs, finetune
 from oztune.train.distributed import is_main_process
 from oztune.train.metrics import metric_values
@@ -270,11 +270,11 @@ def _stdin_lines() -> list[str]:
 
 def _write_atomically(path: str, text: str | Iterable[str], option: str = "--output") -> None:
     """Write ``text`` (or its pieces, as they come) through a temporary file beside ``path``: an old file is
-    replaced whole or kept."""
+    replaced whole or kept. The temporary file is removed whatever stops the write; one left by a write killed
+    on the spot (kill -9) is removed by the next write of ``path`` (:func:`oztune.outdir.staged_file`)."""
     tmp = None
-    try:  # a fresh name (never a file of the user's such as PATH.tmp), removed whatever stops the write
-        fd, name = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=Path(path).absolute().parent)
-        tmp = Path(name)
+    try:  # a fresh name (.NAME.tmp-PID@HOST-*: never a file of the user's such as PATH.tmp)
+        fd, tmp = staged_file(Path(path).absolute())
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # the mode of a new file, not mkstemp's 0600
@@ -310,6 +310,7 @@ def _check_output_file(output: str, option: str = "--output", inputs: tuple[str 
         raise OztuneError(f"{option} {output}: is a directory; give a file name")
     if not path.absolute().parent.is_dir():
         raise OztuneError(f"{option} {output}: its directory {path.absolute().parent} does not exist")
+    check_name_length(path.absolute(), path.absolute().parent, option, output, "file")
     real = path.resolve()
     for given in inputs:
         if given and given != "-" and real == Path(given).resolve():

@@ -3,7 +3,8 @@ swapped into place at the end (the earlier model put back if the swap is stopped
 of saves killed on the spot removed by the next save of the same output.
 
 Every command that writes a model directory (finetune, quantize, prune, distill, compress, export) goes through
-:func:`check_output_dir` before its work and :func:`staged_dir` for the write.
+:func:`check_output_dir` before its work and :func:`staged_dir` for the write; a single file (predict --output,
+evaluate --mistakes) is written through :func:`staged_file`, whose leftovers are removed in the same way.
 """
 
 from __future__ import annotations
@@ -80,13 +81,14 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
     except OSError as e:
         raise OztuneError(f"{option} {output}: cannot write to {parent} ({e.strerror or e})") from None
     if replaced:
-        _check_name_length(out, parent, option, output)
+        check_name_length(out, parent, option, output)
     return out
 
 
-def _check_name_length(out: Path, parent: Path, option: str, output) -> None:
+def check_name_length(out: Path, parent: Path, option: str, output, what: str = "directory") -> None:
     """Refuse, before any work, a name whose temporary siblings (:func:`_stage_prefix`: ~25 bytes and the host
-    name longer) the file system cannot hold: the save, at the end of the run, would fail on it."""
+    name longer) the file system cannot hold: the save, at the end of the run, would fail on it. ``what``: the
+    temporary sibling's kind (directory, file), for the message."""
     try:
         limit = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # (no such query here: the save will say)
@@ -95,7 +97,7 @@ def _check_name_length(out: Path, parent: Path, option: str, output) -> None:
     name = len(os.fsencode(out.name))
     if name + extra > limit:
         raise OztuneError(f"{option} {output}: its name is too long ({name} bytes; at most {limit - extra} here, "
-                          "for the temporary directory beside it)")
+                          f"for the temporary {what} beside it)")
 
 
 @contextmanager
@@ -118,15 +120,27 @@ def staged_dir(out: Path) -> Iterator[Path]:
     _replace_dir(tmp, out)  # (where it refuses, it keeps tmp and its message names it)
 
 
+def staged_file(out: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``out`` (open descriptor and path; mode 0600, as ``mkstemp`` makes it) for the
+    caller to write and rename over ``out``. It is named as :func:`staged_dir`'s directories are, after the writing
+    process, and the leftovers of earlier writes of ``out`` killed on the spot are removed first, so a kill -9
+    during a write leaves its temporary file only until the next write of the same file.
+    """
+    _remove_stale(out)
+    fd, name = tempfile.mkstemp(prefix=_stage_prefix(out, "tmp"), dir=out.parent)
+    return fd, Path(name)
+
+
 def _stage_prefix(out: Path, kind: str) -> str:
-    """The name of a temporary directory beside ``out`` (``kind``: tmp, being written; old, the earlier model
-    set aside) up to mkdtemp's random part: it names the writing process, so that a later save can tell the
+    """The name of a temporary directory or file beside ``out`` (``kind``: tmp, being written; old, the earlier
+    model set aside) up to mkdtemp's (mkstemp's) random part: it names the writing process, so that a later save can tell the
     leftover of one killed on the spot (kill -9, power loss: nothing ran to remove it) from a live run's."""
     return f".{out.name}.{kind}-{os.getpid()}@{socket.gethostname()}-"
 
 
 def _remove_stale(out: Path) -> None:
-    """Remove the leftovers beside ``out`` of earlier saves of it whose process, on this host, no longer exists.
+    """Remove the leftovers beside ``out`` of earlier saves of it whose process, on this host, no longer exists:
+    temporary directories (:func:`staged_dir`) and temporary files (:func:`staged_file`).
 
     A live process's are left, and another host's (a shared file system: its process ids are not ours). An
     earlier model set aside (``old``) by a save killed before it put the new one in place is the only copy of
@@ -141,9 +155,15 @@ def _remove_stale(out: Path) -> None:
         return
     for name in names:
         m, p = left.fullmatch(name), out.parent / name
-        if (m and m[3] == socket.gethostname() and not _alive(int(m[2])) and p.is_dir() and not p.is_symlink()
-                and (m[1] == "tmp" or os.path.lexists(out))):
+        if not m or m[3] != socket.gethostname() or _alive(int(m[2])) or p.is_symlink():
+            continue
+        if p.is_dir() and (m[1] == "tmp" or os.path.lexists(out)):
             shutil.rmtree(p, ignore_errors=True)
+        elif m[1] == "tmp" and p.is_file():  # a file's (:func:`staged_file`)
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
 
 def _alive(pid: int) -> bool:
