@@ -156,6 +156,8 @@ def _score(metrics: dict) -> str:
 @command("prune", PruneArgs, "prune a fine-tuned model (weights, or heads/neurons/layers) with distillation recovery")
 def prune_cmd(a: PruneArgs) -> int:
     run = run_prune(a)
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return 0
     print(f"\npruned {a.model}: {run['shape']}, {run['parameters'] / 1e6:.2f}M parameters, "
           f"encoder sparsity {run['sparsity']:.1%}; saved to {a.output}")
     print(f"before: {_score(run['metrics_before'])}\nafter:  {_score(run['metrics'])}")

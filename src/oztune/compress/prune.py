@@ -25,6 +25,7 @@ from oztune.data.dataset import EncodedData, train_batches
 from oztune.errors import OztuneError
 from oztune.models.hub import save_classifier
 from oztune.models.transformer import SequenceClassifier
+from oztune.train import distributed
 from oztune.train.finetune import RecipeOptions
 from oztune.train.loop import TrainConfig, evaluate
 
@@ -85,6 +86,8 @@ def prune_(model: SequenceClassifier, config: PruneConfig, data: EncodedData | N
         if config.layers >= model.cfg.num_layers:
             raise OztuneError(f"--layers {config.layers}: the model has only {model.cfg.num_layers} layers")
         scores = importance(model, data, config.importance_batches, config.batch_size)
+        if distributed.world_size() > 1:  # under torchrun every rank cuts the same parts: rank 0's ranking (a
+            scores = distributed.broadcast_object(scores)  # rank with other threads could break a near-tie otherwise)
         shrink_(model, *choose(model, scores, config))
     if config.sparsity:
         magnitude_prune_(model, config.sparsity)
@@ -336,16 +339,31 @@ class PruneArgs(RecipeOptions):
 
 
 def run_prune(a: PruneArgs) -> dict:
-    """The prune recipe; returns the run record (saved with the model)."""
-    from oztune.compress.distill import (DistillConfig, check_train_options, distill, load_task_data,
-                                         load_trained, recipe_card)  # imported here: distill builds on this module
+    """The prune recipe; returns the run record (saved with the model).
+
+    Under torchrun every process runs this and trains its share of each batch of the recovery; only rank 0
+    evaluates and saves, the others wait for it (as :func:`oztune.compress.distill.run_distill`).
+    """
+    from oztune.compress.distill import DistillConfig, check_train_options  # (distill builds on this module)
 
     pcfg = a.prune_config()
     check_train_options(a)
     dcfg = DistillConfig(a.temperature, a.alpha)
+    env = distributed.init_from_env()
+    try:
+        run = _run_prune(a, pcfg, dcfg, env.is_main)
+        distributed.barrier()  # the other ranks wait while rank 0 saves
+    finally:
+        distributed.shutdown()
+    return run
+
+
+def _run_prune(a: PruneArgs, pcfg: PruneConfig, dcfg, saves: bool) -> dict:
+    from oztune.compress.distill import distill, load_task_data, load_trained, recipe_card
+
     teacher, enc, meta = load_trained(a.model, "--model", a.max_length)
     data = load_task_data(teacher, enc, meta, a.train, a.eval, a.columns(), a.max_train_examples, a.seed)
-    before = evaluate(teacher, data.eval)
+    before = evaluate(teacher, data.eval) if saves else {}  # (reported by rank 0 alone)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, precision=a.precision, seed=a.seed,
                       freeze_embeddings=True, progress=a.progress)
     student = copy.deepcopy(teacher)
@@ -360,11 +378,13 @@ def run_prune(a: PruneArgs) -> dict:
         result = distill(teacher, student, data.train, cfg, dcfg, on_step=pruner)
         apply_masks(student, pruner.masks)
         to_sparse_(student)
-    after = evaluate(student, data.eval)
+    after = evaluate(student, data.eval) if saves else {}
     run = {"command": "prune", "args": asdict(a), "metrics_before": before, "metrics": after,
            "sparsity": sparsity_of(student), "shape": describe(student), "history": result.history,
            "parameters": sum(p.numel() for p in student.parameters()), "train_seconds": round(result.seconds, 1),
            "train_examples": len(data.train)}
+    if not saves:
+        return run
     shape = f"{run['shape']}, {run['parameters'] / 1e6:.3g}M parameters, encoder sparsity {run['sparsity']:.1%}"
     save_classifier(student, enc, a.output, meta["id2label"], run=run,
                     card=recipe_card("pruned classifier (oztune prune)", [f"Source: `{a.model}`; this model: {shape}"],
