@@ -201,3 +201,26 @@ def test_prune_in_two_processes_trains_data_parallel_and_saves_once(base_no_drop
         assert run2["shape"] == run1["shape"]
         assert run2["history"][-1]["train_loss"] == pytest.approx(run1["history"][-1]["train_loss"], rel=1e-3)
 
+
+
+def test_compress_in_two_processes_trains_data_parallel_and_rank_0_alone_measures_and_saves(base_no_dropout,
+                                                                                           sentiment_files, tmp_path):
+    """`torchrun ... oztune compress`: the recoveries train data-parallel; rank 0 alone measures the variants,
+    chooses and writes. Every rank used to measure (each timing disturbed by the other), choose (not always the
+    same variant) and write the same output directory."""
+    train, dev = sentiment_files
+    teacher = tmp_path / "teacher"
+    assert main(finetune_args(base_no_dropout, sentiment_files, teacher, 32)) == 0
+    out = tmp_path / "out"
+    r = _torchrun(["compress", "--model", str(teacher), "--train", str(train), "--eval", str(dev), "--output", str(out),
+                   "--recipes", "prune", "--sizes", "0.5", "--epochs", "1", "--batch-size", "16", "--importance-batches",
+                   "2", "--max-train-examples", str(EXAMPLES), "--precision", "fp32", "--no-progress"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    measured, kept = [n for n in lines if n.startswith("fp32: ")], [n for n in lines if n.startswith("kept ")]
+    assert len(measured) == 1 and len(kept) == 1, "only rank 0 measures and reports"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "teacher"], "a rank's save left something"
+    report = json.loads((out / "report.json").read_text())
+    assert [v["name"] for v in report["variants"]] == ["fp32", "prune50"]
+    recovery = report["variants"][1]["recovery"]["history"]
+    assert [h["step"] for h in recovery] == [7], "one step per global batch of 2 x 16"

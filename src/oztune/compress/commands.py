@@ -178,6 +178,8 @@ def distill_cmd(a: DistillArgs) -> int:
 @command("compress", CompressArgs, "try int8, pruning and both; keep the fastest model within an accuracy budget")
 def compress_cmd(a: CompressArgs) -> int:
     report = compress(a)
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return 0
     best = next(r for r in report["variants"] if r["name"] == report["chosen"])
     print(f"\nkept {best['name']}: {best['metric']} {best['score']:.2f} ({best['drop']:+.2f} pt), "
           f"{best['file_mb']:.1f} MB, {best['speedup']:.2f}x fp32 throughput; "

@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from oztune.config import ModelConfig
 from oztune.errors import OztuneError
 from oztune.models.hub import save_classifier
 from oztune.outdir import staged_dir
+from oztune.train import distributed
 from oztune.train.finetune import RecipeOptions
 from oztune.train.loop import TrainConfig, predict_logits, seed_everything
 
@@ -122,8 +124,23 @@ def plan(cfg: ModelConfig, keep: float) -> PruneConfig:
 
 
 def compress(a: CompressArgs) -> dict:
-    """Run the search; writes ``a.output`` and returns the report (as report.json holds it)."""
+    """Run the search; writes ``a.output`` and returns the report (as report.json holds it).
+
+    Under torchrun every process runs this and trains its share of each batch of the recoveries; only rank 0
+    measures the variants (while the others wait, idle), chooses and writes the output; the other ranks return
+    an empty dict.
+    """
     check_args(a)
+    env = distributed.init_from_env()
+    try:
+        report = _compress(a, env.is_main)
+        distributed.barrier()  # the other ranks wait while rank 0 writes
+    finally:
+        distributed.shutdown()
+    return report
+
+
+def _compress(a: CompressArgs, main: bool) -> dict:
     start = time.perf_counter()
     seed_everything(a.seed)
     teacher, enc, meta = load_trained(a.model, "--model", a.max_length)
@@ -133,7 +150,7 @@ def compress(a: CompressArgs) -> dict:
     sizes = a.sizes if any(r.startswith("prune") for r in a.recipes) else []
     steps = [("fp32", None)] + ([("int8", None)] if "int8" in a.recipes else []) + [
         (variant_name(s), s) for s in sizes]
-    bar = tqdm(steps, desc="compress", unit="step", disable=not a.progress, dynamic_ncols=True)
+    bar = tqdm(steps, desc="compress", unit="step", disable=not (a.progress and main), dynamic_ncols=True)
     rows: list[dict] = []
     teacher_logits = None
     n_params = sum(p.numel() for p in teacher.parameters())
@@ -155,25 +172,30 @@ def compress(a: CompressArgs) -> dict:
                    f"{row['throughput']:.0f} texts/s at batch 64, batch-1 p50 {row['latency_p50_ms']:.2f} ms")
 
     try:
-        with staged_dir(out) as work:  # replaces the output as a whole at the end
+        with staged_dir(out) if main else nullcontext() as work:  # replaces the output as a whole at the end
             for name, keep in bar:
                 bar.set_description(f"compress: {name}")
                 if name == "fp32":
-                    add("fp32", teacher, "none", n_params)
+                    if main:
+                        add("fp32", teacher, "none", n_params)
                 elif name == "int8":
-                    q = QuantConfig()
-                    add("int8", quantize_(copy.deepcopy(teacher), q), "int8", n_params, quantization_record(q))
-                else:
+                    if main:
+                        q = QuantConfig()
+                        add("int8", quantize_(copy.deepcopy(teacher), q), "int8", n_params, quantization_record(q))
+                else:  # (every rank: the recovery trains data-parallel under torchrun)
                     if teacher_logits is None:
                         bar.set_postfix_str("teacher logits")
                         teacher_logits = torch.from_numpy(predict_logits(teacher, data.train, precision=a.precision))
                     student, info = _pruned(teacher, enc, data, keep, teacher_logits, a, bar)
-                    if "prune" in a.recipes:
+                    if main and "prune" in a.recipes:
                         add(name, student, "prune", info["parameters"], extra=info)
-                    if "prune-int8" in a.recipes:
+                    if main and "prune-int8" in a.recipes:
                         q = QuantConfig()
                         add(f"{name}-int8", quantize_(copy.deepcopy(student), q), "prune-int8", info["parameters"],
                             quantization_record(q), info)
+                distributed.barrier()  # under torchrun the others wait, idle, while rank 0 measures
+            if not main:
+                return {}
             bar.set_postfix_str("report")
             _finish(a, rows, work, teacher, enc, meta, data, start)
     finally:
