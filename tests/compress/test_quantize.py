@@ -285,6 +285,13 @@ BAD = [
      "--max-train-examples must be at least 1"),
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--max-train-examples", "8"],
      "--max-train-examples samples --qat-train's examples; give --qat-train FILE too"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--qat-epochs", "3"],
+     "--qat-epochs is for quantization-aware fine-tuning, which runs only with --qat-train; give --qat-train FILE too"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--qat-epochs", "1"],  # its default, given: refused too
+     "--qat-epochs is for quantization-aware fine-tuning"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--qat-lr", "1e-4"],
+     "--qat-lr is for quantization-aware fine-tuning, which runs only with --qat-train; give --qat-train FILE too"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--qat-lr", "2e-5"], "--qat-lr is for quantization-aware"),
 ]
 
 
@@ -305,6 +312,7 @@ def test_qat_on_a_seeded_sample_of_the_train_file(finetuned, sentiment_files, tm
     run = run_quantize(QuantizeArgs(model=str(finetuned), output=str(tmp_path / "q"), qat_train=str(train),
                                     max_train_examples=37, seed=5, progress=False))
     assert run["qat"]["examples"] == 37
+    assert (run["qat"]["epochs"], run["qat"]["lr"]) == (1, 2e-5)  # the defaults, when not given
     texts = [e.text for e in read_labelled(str(train), Columns())]
     assert sample(texts, 37, 5) != sample(texts, 37, 6)  # the sample depends on --seed
     assert len(sample(texts, 10_000, 5)) == len(texts)

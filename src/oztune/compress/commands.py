@@ -10,7 +10,7 @@ from oztune.cli import command
 # --- quantize --------------------------------------------------------------------------------------------------
 
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -34,8 +34,8 @@ class QuantizeArgs:
         embeddings: int8 (weight-only, one scale per row) or none (keep them fp32).
         eval: labelled file: print the metrics before and after quantization.
         qat_train: labelled file for quantization-aware fine-tuning before converting (default: none).
-        qat_epochs: epochs of quantization-aware fine-tuning.
-        qat_lr: peak learning rate of quantization-aware fine-tuning.
+        qat_epochs: epochs of quantization-aware fine-tuning (default 1; only with --qat-train).
+        qat_lr: peak learning rate of quantization-aware fine-tuning (default 2e-5; only with --qat-train).
         max_train_examples: quantization-aware fine-tuning on a seeded random sample of this many examples of
             --qat-train (the sample oztune finetune takes with the same number and --seed).
         batch_size: examples per step of quantization-aware fine-tuning and per forward pass of evaluation.
@@ -54,8 +54,8 @@ class QuantizeArgs:
     embeddings: str = "int8"
     eval: str | None = None
     qat_train: str | None = None
-    qat_epochs: int = 1
-    qat_lr: float = 2e-5
+    qat_epochs: int | None = None  # (None: not given, QAT_EPOCHS; so that one given without --qat-train is seen)
+    qat_lr: float | None = None  # (None: not given, QAT_LR)
     max_train_examples: int | None = None
     batch_size: int = 32
     max_length: int | None = None
@@ -64,6 +64,9 @@ class QuantizeArgs:
     label_column: str | None = None
     seed: int = 42
     progress: bool = True
+
+
+QAT_EPOCHS, QAT_LR = 1, 2e-5  # the defaults of --qat-epochs and --qat-lr
 
 
 def run_quantize(a: QuantizeArgs) -> dict:
@@ -78,13 +81,20 @@ def run_quantize(a: QuantizeArgs) -> dict:
     from oztune.train.loop import TrainConfig, evaluate, fit
 
     config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
-    if a.qat_epochs < 1 or a.batch_size < 1 or (a.max_length is not None and a.max_length < 1):
+    if (a.qat_epochs is not None and a.qat_epochs < 1) or a.batch_size < 1 or (
+            a.max_length is not None and a.max_length < 1):
         raise OztuneError("--qat-epochs, --batch-size and --max-length must be at least 1")
     check_sample_size(a.max_train_examples)
     if a.max_train_examples is not None and not a.qat_train:  # (it would be ignored: no fine-tuning runs)
         raise OztuneError("--max-train-examples samples --qat-train's examples; give --qat-train FILE too")
-    if not (a.qat_lr > 0 and math.isfinite(a.qat_lr)):  # (nan and inf too: they would train to a nan model)
+    if a.qat_lr is not None and not (a.qat_lr > 0 and math.isfinite(a.qat_lr)):  # (nan, inf: a nan model)
         raise OztuneError(f"--qat-lr must be positive and finite, not {a.qat_lr}")
+    for option, value in (("--qat-epochs", a.qat_epochs), ("--qat-lr", a.qat_lr)):
+        if value is not None and not a.qat_train:  # (it would be ignored, and look as if QAT had run)
+            raise OztuneError(f"{option} is for quantization-aware fine-tuning, which runs only with --qat-train; "
+                              "give --qat-train FILE too")
+    a = replace(a, qat_epochs=QAT_EPOCHS if a.qat_epochs is None else a.qat_epochs,
+                qat_lr=QAT_LR if a.qat_lr is None else a.qat_lr)
     check_seed(a.seed)
     check_output_dir(a.output, inputs=(a.model, a.eval, a.qat_train))
     model, enc, meta = load_trained(a.model, "--model", a.max_length, int8_ok=True)  # refused below, in its words
