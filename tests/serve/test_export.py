@@ -130,3 +130,10 @@ def test_export_cli_and_its_errors(tmp_path, capsys):
         argv = ["export", "--model", str(model_dir), "--output", str(tmp_path / "x"), *args]
         assert main(argv) == 2, args
         assert message in capsys.readouterr().err
+
+
+def test_opset_help_says_it_is_for_onnx_only(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--opset OPSET ONNX opset version, for --format onnx only (17 to 20; not for --format aoti)" in text

@@ -30,7 +30,7 @@ class ExportArgs:
             without compiling at start.
         int8: quantize a float model with oztune's int8 scheme (as oztune quantize does) before exporting;
             a quantized model always exports as int8.
-        opset: ONNX opset version (17 to 20).
+        opset: ONNX opset version, for --format onnx only (17 to 20; not for --format aoti).
     """
 
     model: str = ""
