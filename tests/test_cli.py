@@ -130,7 +130,7 @@ BAD = [
     (["finetune", "--train", "missing.tsv", "--output", "{tmp}/o"], "missing.tsv: file not found"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--text-column", "txt"], "no column 'txt'; columns are: sentence, label"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--model", "no-such-model"], "unknown model 'no-such-model'"),
-    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--model", "{tmp}"], "not a model directory"),
+    (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--model", "{tmp}/plain"], "not a model directory"),
     (["evaluate", "--model", "{trained}", "--data", "{badlabel}"], "label 'maybe' is not one the model knows (neg, pos)"),
     (["evaluate", "--model", "{tmp}", "--data", "{train}"], "not a model directory"),
     (["finetune", "--train", "{ragged}", "--output", "{tmp}/o"], "line 3: expected 2 fields"),
@@ -171,6 +171,7 @@ def test_bad_input_gives_one_line_and_exit_2(argv, message, trained, tiny_base, 
     (tmp_path / "one.tsv").write_text("sentence\tlabel\ngood\tpos\nfine\tpos\n")
     (tmp_path / "nan.csv").write_text("text,score\ngood,0.9\nbad,0.1\nmeh,nan\n")
     (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\na\tb\nc\td\n")
+    (tmp_path / "plain").mkdir()  # a directory, not a model
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for f in trained.iterdir():

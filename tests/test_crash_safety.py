@@ -211,3 +211,29 @@ def test_an_output_file_name_too_long_for_its_temporary_file_is_refused_before_a
     rc = cli.main(["predict", "--model", str(tiny_finetuned), "good movie", "--output", str(ok) + "p"])
     assert rc == 2 and "its name is too long" in capsys.readouterr().err
     assert os.listdir(tmp_path) == [ok.name]
+
+
+TRAIN = ["--train", "{train}", "--eval", "{dev}", "--epochs", "1", "--max-train-examples", "8", "--no-progress"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize", "--model", "{model}", "--no-progress"],
+    ["prune", "--model", "{model}", *TRAIN],
+    ["distill", "--teacher", "{model}", "--student-layers", "1", *TRAIN],
+    ["compress", "--model", "{model}", "--recipes", "int8", *TRAIN],
+    ["finetune", "--model", "{model}", *TRAIN],
+    ["export", "--model", "{model}"],
+], ids=lambda argv: argv[0])
+@pytest.mark.parametrize("inside", ["out", "sub/out"])
+def test_an_output_inside_an_input_model_directory_is_refused(argv, inside, tiny_finetuned, sentiment_files, tmp_path,
+                                                              capsys):
+    """A model written inside its input model: replacing (or copying) that directory later takes it along."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_finetuned, model)
+    before = sorted(p.relative_to(model) for p in model.rglob("*"))
+    train, dev = map(str, sentiment_files)
+    argv = [a.format(model=model, train=train, dev=dev) for a in argv]
+    assert cli.main([*argv, "--output", str(model / inside)]) == 2
+    err = capsys.readouterr().err
+    assert f"is inside the input {model}" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.relative_to(model) for p in model.rglob("*")) == before

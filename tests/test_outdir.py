@@ -119,3 +119,12 @@ def test_the_command_refuses_an_output_that_holds_its_training_file(tiny_base, s
                         str(tiny_base), "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "holds the input" in r.stderr and "Traceback" not in r.stderr
     assert train.read_bytes() == sentiment_files[0].read_bytes()
+
+
+def test_an_output_inside_an_input_directory_is_refused_but_not_inside_a_hub_name(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    for out in ("model/q", "model/a/b"):
+        with pytest.raises(OztuneError, match=r"is inside the input .*/model, and would go with it"):
+            check_output_dir(str(tmp_path / out), inputs=(str(tmp_path / "model"),))
+    monkeypatch.chdir(tmp_path)  # a hub model id, not a directory here: nothing to be inside of
+    assert check_output_dir("org/name/out", inputs=("org/name",)) == tmp_path / "org" / "name" / "out"

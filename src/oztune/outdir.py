@@ -35,8 +35,9 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
 
     Refused: no value; an existing file; an existing directory that holds files but no model (config.json
     or model.onnx: the model of an earlier run is replaced, anything else would be deleted); the current
-    directory or one above it; a directory that holds one of ``inputs``; a path whose nearest existing
-    ancestor is not a directory we can create files in.
+    directory or one above it; a directory that holds one of ``inputs``, or is inside one of them that is a
+    directory (a model inside its input model would go with it when that is replaced or copied); a path whose
+    nearest existing ancestor is not a directory we can create files in.
 
     Args:
         output: the directory.
@@ -63,6 +64,9 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
         if given and real in Path(given).resolve().parents:
             raise OztuneError(f"{option} {output}: holds the input {given}, and would be replaced as a whole; "
                               "choose another directory")
+        if given and os.path.isdir(given) and Path(given).resolve() in real.parents:
+            raise OztuneError(f"{option} {output}: is inside the input {given}, and would go with it when that is "
+                              "replaced or copied; write the result elsewhere")
     if out.exists() and not out.is_dir():
         raise OztuneError(f"{option} {output}: exists and is not a directory")
     if replaced and _holds_other_things(out):

@@ -275,7 +275,7 @@ def test_in_memory_quantized_model_predicts_like_the_saved_one(finetuned, sentim
 
 BAD = [
     (["quantize", "--model", "{base}", "--output", "{tmp}/o"], "not a fine-tuned classifier"),
-    (["quantize", "--model", "{tmp}", "--output", "{tmp}/o"], "not a model directory"),
+    (["quantize", "--model", "{tmp}/plain", "--output", "{tmp}/o"], "not a model directory"),
     (["quantize", "--output", "{tmp}/o"], "--model is required"),
     (["quantize", "--model", "{ft}"], "--output is required"),
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--skip", "layers.7.*"], "'layers.7.*' matches no module"),
@@ -298,6 +298,7 @@ BAD = [
 @pytest.mark.parametrize("argv,message", BAD)
 def test_bad_input_exits_2_with_one_line(argv, message, finetuned, tiny_base, tmp_path, capsys):
     fill = {"base": str(tiny_base), "tmp": str(tmp_path), "ft": str(finetuned)}
+    (tmp_path / "plain").mkdir()  # a directory, not a model
     assert main([a.format(**fill) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

@@ -123,7 +123,7 @@ def test_export_cli_and_its_errors(tmp_path, capsys):
     assert len(preds) == 2 and all(p["label"] in {"neg", "neutral", "pos"} and 1 / 3 <= p["score"] <= 1 for p in preds)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
     for args, message in [(["--format", "tflite"], "expected onnx or aoti"),
-                          (["--output", str(model_dir / "onnx")], "must not be the model directory"),
+                          (["--output", str(model_dir / "onnx")], "is inside the input"),
                           (["--model", str(out)], "already an ONNX export"),
                           (["--model", str(tmp_path / "missing")], "unknown model"),
                           (["--opset", "30"], "--opset 30: expected 17 to 20"), (["--opset", "16"], "17 to 20")]:
