@@ -48,3 +48,33 @@ def test_out_of_range_number_is_a_clear_error(argv, needle, files, tmp_path, cap
     err = capsys.readouterr().err
     assert "Traceback" not in err and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--train", "{train}", "--model", "{base}", "--epochs", "0"], "--epochs must be at least 1, not 0"),
+    (["finetune", "--train", "{train}", "--model", "{base}", "--lr", "0"], "--lr must be a positive number, not 0.0"),
+    (["finetune", "--train", "{train}", "--model", "{base}", "--lora-rank", "4", "--lora-alpha", "-1"],
+     "--lora-alpha must be a positive number, not -1.0"),
+    (["quantize", "--model", "{ft}", "--qat-train", "{train}", "--qat-epochs", "0"],
+     "--qat-epochs must be at least 1, not 0"),
+    (["quantize", "--model", "{ft}", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["quantize", "--model", "{ft}", "--max-length", "-3"], "--max-length must be at least 1, not -3"),
+    (["quantize", "--model", "{ft}", "--qat-train", "{train}", "--qat-lr", "0"],
+     "--qat-lr must be a positive number, not 0.0"),
+    (["distill", "--teacher", "{ft}", "--train", "{train}", "--student-layers", "1", "--temperature", "0"],
+     "--temperature must be a positive number, not 0.0"),
+    (["prune", "--model", "{ft}", "--train", "{train}", "--eval", "{dev}", "--structured", "--importance-batches", "0"],
+     "--importance-batches must be at least 1, not 0"),
+    (["compress", "--model", "{ft}", "--train", "{train}", "--eval", "{dev}", "--importance-batches", "0"],
+     "--importance-batches must be at least 1, not 0"),
+    (["evaluate", "--model", "{ft}", "--data", "{dev}", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["serve", "--model", "{ft}", "--max-batch-size", "0"], "--max-batch-size must be at least 1, not 0"),
+    (["serve", "--model", "{ft}", "--max-queue", "-1"], "--max-queue must be at least 1, not -1"),
+], ids=lambda x: " ".join(x[:1] + x[-2:]) if isinstance(x, list) else None)
+def test_a_count_below_1_or_a_rate_not_positive_reads_the_same_in_every_command(argv, message, files, tmp_path,
+                                                                                 capsys):
+    output = [] if argv[0] in ("evaluate", "serve") else ["--output", str(tmp_path / "o")]
+    assert main([x.format(**files) for x in argv] + output) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

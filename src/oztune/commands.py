@@ -15,7 +15,7 @@ from oztune.api import Classifier
 from oztune.cli import command
 from oztune.data.load import Columns, read_labelled
 from oztune.data.readers import lone_surrogate
-from oztune.errors import DataError, OztuneError
+from oztune.errors import DataError, OztuneError, check_at_least_1
 from oztune.outdir import check_name_length, staged_file
 from oztune.train.finetune import FinetuneArgs, finetune
 from oztune.train.distributed import is_main_process
@@ -297,8 +297,7 @@ def _open(model: str, batch_size: int):
 
 
 def _check_batch_size(n: int) -> None:
-    if n < 1:
-        raise OztuneError(f"--batch-size must be at least 1, not {n}")
+    check_at_least_1("--batch-size", n)
 
 
 def _check_output_file(output: str, option: str = "--output", inputs: tuple[str | None, ...] = (),

@@ -298,7 +298,7 @@ def test_serve_cli_refuses_bad_options_and_a_taken_port(model_dir, capsys):
     taken = free_socket()
     taken.listen()
     try:
-        for args, message in [(["--backend", "tf"], "--backend 'tf'"), (["--max-batch-size", "0"], "positive"),
+        for args, message in [(["--backend", "tf"], "--backend 'tf'"), (["--max-batch-size", "0"], "--max-batch-size must be at least 1, not 0"),
                               (["--port", str(taken.getsockname()[1])], "cannot listen")]:
             assert main(["serve", "--model", str(model_dir), "--port", "0", *args]) == 2, args
             assert message in capsys.readouterr().err

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from oztune.cli import command
 
 
@@ -15,7 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from oztune.errors import OztuneError  # noqa: E402
+from oztune.errors import OztuneError, check_at_least_1, check_positive  # noqa: E402
 from oztune.train.distributed import is_main_process  # noqa: E402
 
 
@@ -81,14 +79,13 @@ def run_quantize(a: QuantizeArgs) -> dict:
     from oztune.train.loop import TrainConfig, evaluate, fit
 
     config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
-    if (a.qat_epochs is not None and a.qat_epochs < 1) or a.batch_size < 1 or (
-            a.max_length is not None and a.max_length < 1):
-        raise OztuneError("--qat-epochs, --batch-size and --max-length must be at least 1")
+    for option, count in (("--qat-epochs", a.qat_epochs), ("--batch-size", a.batch_size),
+                          ("--max-length", a.max_length)):
+        check_at_least_1(option, count)
     check_sample_size(a.max_train_examples)
     if a.max_train_examples is not None and not a.qat_train:  # (it would be ignored: no fine-tuning runs)
         raise OztuneError("--max-train-examples samples --qat-train's examples; give --qat-train FILE too")
-    if a.qat_lr is not None and not (a.qat_lr > 0 and math.isfinite(a.qat_lr)):  # (nan, inf: a nan model)
-        raise OztuneError(f"--qat-lr must be positive and finite, not {a.qat_lr}")
+    check_positive("--qat-lr", a.qat_lr)
     for option, value in (("--qat-epochs", a.qat_epochs), ("--qat-lr", a.qat_lr)):
         if value is not None and not a.qat_train:  # (it would be ignored, and look as if QAT had run)
             raise OztuneError(f"{option} is for quantization-aware fine-tuning, which runs only with --qat-train; "

@@ -24,7 +24,7 @@ from oztune.compress.vocab import tokens_seen
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
-from oztune.errors import ModelError, OztuneError
+from oztune.errors import ModelError, OztuneError, check_positive
 from oztune.models.hub import load_classifier, save_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.outdir import check_output_dir
@@ -51,8 +51,7 @@ class DistillConfig:
     layer_map: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise OztuneError(f"--temperature must be positive, not {self.temperature}")
+        check_positive("--temperature", self.temperature)
         if not 0 <= self.alpha <= 1:
             raise OztuneError(f"--alpha must be in [0, 1], not {self.alpha}")
         if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):  # nan, inf: a nan student

@@ -22,7 +22,7 @@ from oztune.compress.sparse import (GradualPruner, SparseLinear, apply_masks, ma
 from oztune.compress.quantize import check_not_compiled, is_int8
 from oztune.compress.vocab import VocabEmbedding
 from oztune.data.dataset import EncodedData, train_batches
-from oztune.errors import OztuneError
+from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.hub import save_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.train import distributed
@@ -61,8 +61,7 @@ class PruneConfig:
         if self.layers < 0:
             raise OztuneError(f"--layers must be 0 or more, not {self.layers}")
         for name in ("importance_batches", "batch_size"):
-            if getattr(self, name) < 1:
-                raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+            check_at_least_1(f"--{name.replace('_', '-')}", getattr(self, name))
 
     @property
     def structured(self) -> bool:

@@ -27,7 +27,7 @@ from oztune.compress.vocab import prune_vocab_, unk_id
 from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
 from oztune.compress.report import add_relative, measure, write_report
 from oztune.config import ModelConfig
-from oztune.errors import OztuneError
+from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.hub import save_classifier
 from oztune.outdir import staged_dir
 from oztune.train import distributed
@@ -105,8 +105,7 @@ def check_args(a: CompressArgs) -> None:
                           f"one variant ({', '.join(twice)}); give sizes at least 0.01 apart")
     if a.max_train_examples == 0:
         a.max_train_examples = None
-    if a.importance_batches < 1:
-        raise OztuneError(f"--importance-batches must be at least 1, not {a.importance_batches}")
+    check_at_least_1("--importance-batches", a.importance_batches)
     DistillConfig(a.temperature, a.alpha)  # checks both
     check_train_options(a)
 

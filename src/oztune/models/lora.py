@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from oztune.errors import OztuneError
+from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.transformer import Dropout, SequenceClassifier
 
 # --lora-targets name -> attribute path inside each transformer block
@@ -71,8 +71,7 @@ def apply_lora(model: SequenceClassifier, rank: int, alpha: float | None = None,
     """
     targets = list(dict.fromkeys(targets or TARGETS))  # a name given twice is one target
     unknown = [t for t in targets if t not in TARGETS]
-    if rank < 1:
-        raise OztuneError(f"--lora-rank must be at least 1, not {rank}")
+    check_at_least_1("--lora-rank", rank)
     if unknown:
         raise OztuneError(f"--lora-targets: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     alpha = float(alpha if alpha is not None else 2 * rank)

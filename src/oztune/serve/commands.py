@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from oztune.cli import command
-from oztune.errors import OztuneError
+from oztune.errors import OztuneError, check_at_least_1
 
 # torch.onnx's TorchScript exporter (export.py traces with dynamo=False) supports opsets up to 20 in
 # torch 2.13 (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET); oztune's graph needs 17 or later.
@@ -155,8 +155,7 @@ def _check(a: ServeArgs) -> None:
     if not 0 <= a.port <= 65535:
         raise OztuneError(f"--port {a.port}: expected 0 to 65535")
     for name in ("max_batch_size", "max_queue", "max_texts_per_request", "max_body_bytes", "max_length"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise OztuneError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a positive number")
+        check_at_least_1(f"--{name.replace('_', '-')}", getattr(a, name))
     if (a.forward_batch_size or 0) < 0:
         raise OztuneError(f"--forward-batch-size {a.forward_batch_size}: expected 0 or more")
     for name, most in MAX_COUNTS.items():

@@ -14,7 +14,7 @@ import torch
 
 from oztune.data.labels import are_class_ids
 from oztune.data.load import Columns, encode_examples, hold_out, label_setup, read_labelled
-from oztune.errors import OztuneError
+from oztune.errors import OztuneError, check_at_least_1, check_positive
 from oztune.models.hub import DEFAULT_MODEL, load_classifier, new_head_, save_classifier
 from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, merge_lora
 from oztune.outdir import check_output_dir
@@ -179,17 +179,14 @@ def check_seed(seed: int) -> None:
 
 def check_sample_size(n: int | None) -> None:
     """A --max-train-examples :func:`sample` can take: none given, or at least 1."""
-    if n is not None and n < 1:
-        raise OztuneError(f"--max-train-examples must be at least 1, not {n}")
+    check_at_least_1("--max-train-examples", n)
 
 
 def check_train_options(a, at_least_one: tuple = ()) -> None:
     """Checks shared by the training recipes (finetune, prune, distill, compress); ``a.lr`` None means default."""
     for name in ("epochs", "batch_size", "max_length", *at_least_one):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise OztuneError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(a, name)}")
-    if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
-        raise OztuneError(f"--lr must be a positive number, not {a.lr}")
+        check_at_least_1(f"--{name.replace('_', '-')}", getattr(a, name))
+    check_positive("--lr", a.lr)
     check_seed(a.seed)
     check_sample_size(a.max_train_examples)
     if a.precision not in PRECISIONS:
@@ -203,8 +200,7 @@ def check_args(a: FinetuneArgs) -> None:
         v = getattr(a, name)
         if not (v >= 0 and math.isfinite(v)):
             raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {v}")
-    if a.lora_alpha is not None and not (a.lora_alpha > 0 and math.isfinite(a.lora_alpha)):
-        raise OztuneError(f"--lora-alpha must be a positive number, not {a.lora_alpha}")
+    check_positive("--lora-alpha", a.lora_alpha)
     for name in ("lora_dropout", "head_dropout", "warmup_ratio", "ema_decay"):
         if not 0 <= getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(a, name)}")
