@@ -83,3 +83,36 @@ def test_sentence_pairs_use_both_texts(tiny_base, tmp_path):
     assert json.loads((out / "run.json").read_text())["metrics"]["accuracy"] > 0.9
     preds = Classifier.from_pretrained(out).predict(["the good movie", "the bad movie"], ["it is bad", "it is good"])
     assert [p["label"] for p in preds] == ["bad", "good"]
+
+
+def test_correlations_of_constant_predictions_are_0_with_a_note(tiny_hf_dir, tmp_path, capsys):
+    """Pearson and Spearman are undefined when the predictions (or the gold scores) are all the same: the
+    metrics say 0 (a number in every JSON) and a note says why, instead of a 0 that looks like a weak model."""
+    import torch
+
+    from conftest import tiny_hf_model, write_tiny_tokenizer
+
+    hf = tiny_hf_model("bert", num_labels=1, problem_type="regression")
+    with torch.no_grad():
+        hf.classifier.weight.zero_()
+        hf.classifier.bias.fill_(0.5)  # 0.5 whatever the text
+    hf.save_pretrained(tmp_path / "m")
+    write_tiny_tokenizer(tmp_path / "m", 64)
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": t, "score": s} for t, s in [("good", 1.0), ("bad film", 0.0),
+                                                                              ("the plot", 0.5)]])
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--data", str(data), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["pearson"] == 0.0 and out["spearman"] == 0.0
+    assert out["note"] == "the predictions are all the same (0.5): pearson and spearman are undefined, given as 0"
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--data", str(data)]) == 0
+    assert "note: the predictions are all the same (0.5)" in capsys.readouterr().out
+    same = _jsonl(tmp_path / "same.jsonl", [{"text": t, "score": 2.0} for t in ["good", "bad film"]])
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--data", str(same), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["note"].startswith("the predictions are all the same")
+    hf.classifier.weight.data.normal_()  # predictions that differ, gold scores that do not
+    hf.save_pretrained(tmp_path / "m")
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--data", str(same), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["note"] == ("the gold scores are all the same (2): pearson and spearman "
+                                                           "are undefined, given as 0")
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--data", str(data), "--json"]) == 0
+    assert "note" not in json.loads(capsys.readouterr().out)

@@ -43,6 +43,8 @@ def finetune_cmd(a: FinetuneArgs) -> int:
           f"({run['train_examples_per_s']:.0f} examples/s); saved to {a.output}")
     if run["metrics"]:
         print(f"{'eval' if a.evaluates else 'train'} metrics (best: {_when(run['metrics'])}): {_show_metrics(run['metrics'])}")
+        if "note" in run["metrics"]:
+            print(f"note: {run['metrics']['note']}")
     if a.evaluates:
         clf = Classifier.from_pretrained(a.output)
         examples = read_labelled(a.eval or a.train, Columns(a.text_column, a.text_pair_column, a.label_column),
@@ -115,6 +117,8 @@ def evaluate_cmd(a: EvaluateArgs) -> int:
         for k, v in metrics.items():
             if isinstance(v, float):
                 print(f"  {k:<16} {v:.4f}")
+        if "note" in metrics:
+            print(f"note: {metrics['note']}")
         if "per_label" in metrics:
             _print_label_report(metrics)
     if wrong is not None:

@@ -68,11 +68,23 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / d) if d > 0 else 0.0
 
 
-def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
-    """Pearson, Spearman and mean squared error."""
+def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float | str]:
+    """Pearson, Spearman and mean squared error.
+
+    When the predictions or the gold scores are all the same, the correlations are undefined (scipy: nan and a
+    warning): they are given as 0, a number every JSON reader takes and early stopping can compare, and a
+    ``note`` (text, which :func:`metric_values` leaves out) says why, which the commands print: a 0 alone
+    looks like a weak model, not one that predicts a constant.
+    """
     pred, gold = pred.astype(float).ravel(), gold.astype(float).ravel()
-    return {"pearson": _pearson(pred, gold), "spearman": _pearson(_rank(pred), _rank(gold)),
-            "mse": float(((pred - gold) ** 2).mean())}
+    out: dict[str, float | str] = {"pearson": _pearson(pred, gold), "spearman": _pearson(_rank(pred), _rank(gold)),
+                                   "mse": float(((pred - gold) ** 2).mean())}
+    for what, x in (("predictions", pred), ("gold scores", gold)):
+        if len(x) and (x == x[0]).all():
+            out["note"] = (f"the {what} are all the same ({x[0]:.4g}): pearson and spearman are undefined, "
+                           "given as 0")
+            break
+    return out
 
 
 def _confusion(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> np.ndarray:
