@@ -202,7 +202,6 @@ def test_prune_in_two_processes_trains_data_parallel_and_saves_once(base_no_drop
         assert run2["history"][-1]["train_loss"] == pytest.approx(run1["history"][-1]["train_loss"], rel=1e-3)
 
 
-
 def test_compress_in_two_processes_trains_data_parallel_and_rank_0_alone_measures_and_saves(base_no_dropout,
                                                                                            sentiment_files, tmp_path):
     """`torchrun ... oztune compress`: the recoveries train data-parallel; rank 0 alone measures the variants,
@@ -224,3 +223,32 @@ def test_compress_in_two_processes_trains_data_parallel_and_rank_0_alone_measure
     assert [v["name"] for v in report["variants"]] == ["fp32", "prune50"]
     recovery = report["variants"][1]["recovery"]["history"]
     assert [h["step"] for h in recovery] == [7], "one step per global batch of 2 x 16"
+
+
+def test_quantize_with_qat_in_two_processes_trains_data_parallel_and_saves_once(base_no_dropout, sentiment_files,
+                                                                              tmp_path):
+    """`torchrun ... oztune quantize --qat-train`: the quantization-aware fine-tuning trains data-parallel (2 x 16
+    ends where 1 x 32 does); rank 0 alone evaluates, saves and reports. Both ranks used to save the same directory
+    at once and print the report twice."""
+    train, dev = sentiment_files
+    teacher = tmp_path / "teacher"
+    assert main(finetune_args(base_no_dropout, sentiment_files, teacher, 32)) == 0
+
+    def quantize(out, batch_size: int) -> list[str]:
+        return ["quantize", "--model", str(teacher), "--qat-train", str(train), "--eval", str(dev), "--output", str(out),
+                "--batch-size", str(batch_size), "--max-train-examples", str(EXAMPLES), "--qat-lr", "3e-3",
+                "--no-progress"]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(quantize(one, 32)) == 0
+    r = _torchrun(quantize(two, 16))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("saved to") == 1, "only rank 0 reports"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "teacher", "two"], "a rank's save left something"
+    run1, run2 = (json.loads((d / "run.json").read_text()) for d in (one, two))
+    assert [h["step"] for h in run2["qat"]["history"]] == [h["step"] for h in run1["qat"]["history"]] == [7]
+    assert run2["qat"]["history"][-1]["train_loss"] == pytest.approx(run1["qat"]["history"][-1]["train_loss"], rel=1e-3)
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    scales = [k for k in a if k.endswith("weight_scale")]
+    assert scales and max((a[k] - b[k]).abs().max().item() for k in scales) < 1e-4

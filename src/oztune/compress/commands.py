@@ -14,6 +14,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from oztune.errors import OztuneError, check_at_least_1, check_positive  # noqa: E402
+from oztune.train import distributed  # noqa: E402
 from oztune.train.distributed import is_main_process  # noqa: E402
 
 
@@ -68,15 +69,15 @@ QAT_EPOCHS, QAT_LR = 1, 2e-5  # the defaults of --qat-epochs and --qat-lr
 
 
 def run_quantize(a: QuantizeArgs) -> dict:
-    """Load, (fine-tune with fake quantization,) quantize, evaluate and save; returns the run record."""
-    from oztune.compress.distill import load_trained
-    from oztune.compress.quantize import QuantConfig, prepare_qat_, quantization_record, quantize_
-    from oztune.data.labels import gold_label2id
-    from oztune.data.load import Columns, encode_examples, read_labelled
-    from oztune.models.hub import read_config, save_classifier, weights_mb
+    """Load, (fine-tune with fake quantization,) quantize, evaluate and save; returns the run record.
+
+    Under torchrun every process runs this and trains its share of each batch of the quantization-aware
+    fine-tuning; only rank 0 evaluates and saves, the others wait for it (as
+    :func:`oztune.compress.distill.run_distill`).
+    """
+    from oztune.compress.quantize import QuantConfig
     from oztune.outdir import check_output_dir
-    from oztune.train.finetune import check_sample_size, check_seed, sample
-    from oztune.train.loop import TrainConfig, evaluate, fit
+    from oztune.train.finetune import check_sample_size, check_seed
 
     config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
     for option, count in (("--qat-epochs", a.qat_epochs), ("--batch-size", a.batch_size),
@@ -94,6 +95,24 @@ def run_quantize(a: QuantizeArgs) -> dict:
                 qat_lr=QAT_LR if a.qat_lr is None else a.qat_lr)
     check_seed(a.seed)
     check_output_dir(a.output, inputs=(a.model, a.eval, a.qat_train))
+    env = distributed.init_from_env()
+    try:
+        run = _run_quantize(a, config, env.is_main)
+        distributed.barrier()  # the other ranks wait while rank 0 saves
+    finally:
+        distributed.shutdown()
+    return run
+
+
+def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
+    from oztune.compress.distill import load_trained
+    from oztune.compress.quantize import prepare_qat_, quantization_record, quantize_
+    from oztune.data.labels import gold_label2id
+    from oztune.data.load import Columns, encode_examples, read_labelled
+    from oztune.models.hub import read_config, save_classifier, weights_mb
+    from oztune.train.finetune import sample
+    from oztune.train.loop import TrainConfig, evaluate, fit
+
     model, enc, meta = load_trained(a.model, "--model", a.max_length, int8_ok=True)  # refused below, in its words
     if read_config(meta["path"]).get("oztune", {}).get("quantization"):
         raise OztuneError(f"--model {a.model}: already quantized; quantize the fp32 model it came from")
@@ -106,7 +125,7 @@ def run_quantize(a: QuantizeArgs) -> dict:
         return encode_examples(examples, enc, label2id, kind, path)
 
     eval_data = encoded(a.eval) if a.eval else None
-    before = evaluate(model, eval_data, a.batch_size) if eval_data else {}
+    before = evaluate(model, eval_data, a.batch_size) if eval_data and saves else {}  # (rank 0 reports)
     start, qat = time.perf_counter(), {}
     if a.qat_train:
         train = encoded(a.qat_train, a.max_train_examples)
@@ -116,12 +135,14 @@ def run_quantize(a: QuantizeArgs) -> dict:
         qat = {"train": a.qat_train, "examples": len(train), "epochs": a.qat_epochs, "lr": a.qat_lr,
                "history": result.history, "seconds": round(result.seconds, 1)}
     quantize_(model.eval(), config)
-    after = evaluate(model, eval_data, a.batch_size) if eval_data else {}
+    after = evaluate(model, eval_data, a.batch_size) if eval_data and saves else {}
     record = quantization_record(config)
     run = {"command": "quantize", "source": str(a.model), "args": asdict(a), "quantization": record, "qat": qat,
            "metrics_before": before, "metrics": after, "seconds": round(time.perf_counter() - start, 1),
            "file_mb_before": round(weights_mb(Path(meta["path"])), 2), "torch": torch.__version__,
            "source_run": meta.get("run", {})}
+    if not saves:
+        return run
     save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record, card=_card(a, run))
     run["file_mb"] = round(weights_mb(Path(a.output)), 2)
     return run
@@ -140,6 +161,8 @@ def _card(a: QuantizeArgs, run: dict) -> str:
 @command("quantize", QuantizeArgs, "quantize a fine-tuned model to int8 (optionally after quantization-aware fine-tuning)")
 def quantize_cmd(a: QuantizeArgs) -> int:
     run = run_quantize(a)
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return 0
     print(f"\nquantized {a.model} ({a.scheme}, embeddings {a.embeddings}"
           f"{', fp32: ' + ','.join(a.skip) if a.skip else ''}); saved to {a.output}")
     print(f"weights: {run['file_mb_before']:.1f} MB -> {run['file_mb']:.1f} MB")
