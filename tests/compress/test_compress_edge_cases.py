@@ -73,7 +73,8 @@ def test_compress_of_an_int8_model_keeping_fp32_writes_a_loadable_model(int8_dir
     load_classifier(out)  # ModelError: weights do not match config.json (unexpected ...weight_scale)
 
 
-@pytest.mark.parametrize("extra", [["--layers", "1"], ["--heads", "0.5"], ["--ffn", "0.5"]])
+@pytest.mark.parametrize("extra", [["--layers", "1"], ["--heads", "0.5"], ["--ffn", "0.5"],
+                                   ["--importance-batches", "4"], ["--importance-batches", "32"]])
 def test_structured_only_options_without_structured_are_refused(extra, tiny_finetuned, sentiment_files, tmp_path, capsys):
     train, dev = sentiment_files
     _one_line_exit_2(capsys, ["prune", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev),

@@ -11,7 +11,7 @@ the saved model reloads with the smaller shapes.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -299,7 +299,7 @@ class PruneArgs(RecipeOptions):
         heads: with --structured, share of heads to remove (default: --sparsity).
         ffn: with --structured, share of FFN neurons to remove (default: --sparsity).
         layers: with --structured, number of whole layers to remove.
-        importance_batches: training batches over which importance is measured.
+        importance_batches: with --structured, training batches over which importance is measured (default 32).
         epochs: passes over the training data while pruning or recovering.
         batch_size: examples per step.
         lr: peak learning rate.
@@ -316,7 +316,7 @@ class PruneArgs(RecipeOptions):
     heads: float | None = None
     ffn: float | None = None
     layers: int = 0
-    importance_batches: int = 32
+    importance_batches: int | None = None  # (None: not given, so that one given without --structured is seen)
     epochs: int = 2
     batch_size: int = 32
     lr: float = 1e-4
@@ -331,10 +331,14 @@ class PruneArgs(RecipeOptions):
             if given:
                 raise OztuneError(f"{', '.join(given)} prune{'s' if len(given) == 1 else ''} whole parts: add "
                                   "--structured (without it, --sparsity zeroes single weights)")
+            if self.importance_batches is not None:  # (it would be ignored)
+                raise OztuneError("--importance-batches ranks the heads and neurons that --structured removes: add "
+                                  "--structured (without it, --sparsity zeroes the smallest weights)")
             return PruneConfig(sparsity=self.sparsity)
         return PruneConfig(heads=self.sparsity if self.heads is None else self.heads,
                            ffn=self.sparsity if self.ffn is None else self.ffn, layers=self.layers,
-                           importance_batches=self.importance_batches, batch_size=self.batch_size)
+                           importance_batches=32 if self.importance_batches is None else self.importance_batches,
+                           batch_size=self.batch_size)
 
 
 def run_prune(a: PruneArgs) -> dict:
@@ -346,6 +350,8 @@ def run_prune(a: PruneArgs) -> dict:
     from oztune.compress.distill import DistillConfig, check_train_options  # (distill builds on this module)
 
     pcfg = a.prune_config()
+    if a.structured:  # (the run record names the value used)
+        a = replace(a, importance_batches=pcfg.importance_batches)
     check_train_options(a)
     dcfg = DistillConfig(a.temperature, a.alpha)
     env = distributed.init_from_env()
