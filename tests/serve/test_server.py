@@ -232,20 +232,36 @@ SLOW_SERVER = textwrap.dedent("""
 
 
 def test_replicas_share_out_the_queue_and_run_side_by_side():
+    # Deterministic whatever the arrival times: with max_wait_ms out of reach, a worker takes a batch only once
+    # max_batch_size texts are queued. With a short max_wait_ms (200 ms before) the first worker took its share
+    # of whatever had arrived by then and the other worker took everything that came later: [1] and [9] (13 runs
+    # in 60 under load).
     a, b = GatedModel(), GatedModel()
-    app = create_app([a, b], ServeLimits(max_batch_size=64, max_wait_ms=200))
+    app = create_app([a, b], ServeLimits(max_batch_size=10, max_wait_ms=600_000))
+    batcher = app.state.batcher
     texts = ["x" * (i + 1) for i in range(10)]
-    with serving(app) as url, ThreadPoolExecutor(10) as pool:
-        futures = [pool.submit(httpx.post, f"{url}/predict", json={"texts": [t]}, timeout=20) for t in texts]
-        assert a.entered.wait(10) and b.entered.wait(10)  # both replicas busy at once
-        a.gate.set()
-        b.gate.set()
+    with serving(app) as url, ThreadPoolExecutor(11) as pool:
+        try:
+            wait_for(lambda: batcher._idle == 2, "both workers to wait for a batch")
+            futures = [pool.submit(httpx.post, f"{url}/predict", json={"texts": [t]}, timeout=20) for t in texts]
+            # The ten texts are queued, and the first worker free takes its share: half, not all ten.
+            wait_for(lambda: a.entered.is_set() or b.entered.is_set(), "a replica to take a batch")
+            wait_for(lambda: batcher.pending == 5, "the other half to be left in the queue")
+            first, other = (a, b) if a.entered.is_set() else (b, a)
+            assert first.batches == [5] and not other.entered.is_set()
+            # Five more texts fill a batch again: the other replica takes them all, side by side with the first.
+            more = ["y" * (i + 1) for i in range(5)]
+            futures.append(pool.submit(httpx.post, f"{url}/predict", json={"texts": more}, timeout=20))
+            assert other.entered.wait(10)
+            assert other.batches == [10] and first.batches == [5]  # both replicas busy at once
+        finally:
+            a.gate.set()  # (on a failure too: the server's shutdown would wait for the gated calls)
+            b.gate.set()
         for t, f in zip(texts, futures):
             assert f.result().json() == {"predictions": [{"label": "len", "score": len(t)}]}
+        assert futures[-1].result().json() == {"predictions": [{"label": "len", "score": len(t)} for t in more]}
         m = httpx.get(f"{url}/metrics").text
-    assert sum(a.batches) + sum(b.batches) == 10
-    assert max(a.batches[0], b.batches[0]) <= 5 + 1  # the first batches split what was queued between them
-    assert metric(m, "oztune_batch_size_count") == len(a.batches) + len(b.batches)
+    assert metric(m, "oztune_batch_size_count") == 2 and metric(m, "oztune_batch_size_sum") == 15
 
 
 def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(tmp_path):
