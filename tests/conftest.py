@@ -11,7 +11,7 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # A model name that is no directory is tried on the hub (oztune.models.hub.resolve_model): never reach the
 # network from a test, fail at once instead.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "dull", "movie", "film", "plot", "the", "a", "is",

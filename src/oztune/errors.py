@@ -31,4 +31,4 @@ def check_positive(option: str, value: float | None) -> None:
     """A rate or scale option (``--lr``): None (not given) or a positive, finite number (nan and inf would train
     to a nan model); the one wording of every command."""
     if value is not None and not (value > 0 and math.isfinite(value)):
-        raise OztuneError(f"{option} must be a positive number, not {value}")
+        raise OztuneError(f"{option} must be a positive, finite number, not {value}")

@@ -123,7 +123,7 @@ def test_distill_refuses_a_student_with_another_vocabulary(teacher_dir, sentimen
     (["--student-layers", "3"], "--student-layers must be between 1 and 2"),
     ([], "give exactly one of --student DIR or --student-layers N"),
     (["--student-layers", "1", "--alpha", "1.5"], "--alpha must be in [0, 1]"),
-    (["--student-layers", "1", "--temperature", "0"], "--temperature must be a positive number"),
+    (["--student-layers", "1", "--temperature", "0"], "--temperature must be a positive, finite number"),
 ])
 def test_distill_bad_options_exit_2(teacher_dir, sentiment_files, tmp_path, args, message, capsys):
     train, dev = sentiment_files

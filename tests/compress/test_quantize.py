@@ -280,7 +280,7 @@ BAD = [
     (["quantize", "--model", "{ft}"], "--output is required"),
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--skip", "layers.7.*"], "'layers.7.*' matches no module"),
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--scheme", "int4"], "scheme must be one of int8"),
-    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--qat-lr", "0"], "--qat-lr must be a positive number"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--qat-lr", "0"], "--qat-lr must be a positive, finite number"),
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--max-train-examples", "0"],
      "--max-train-examples must be at least 1"),
     (["quantize", "--model", "{ft}", "--output", "{tmp}/o", "--max-train-examples", "8"],

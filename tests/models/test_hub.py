@@ -124,7 +124,7 @@ def test_hub_ids_with_and_without_owner_are_downloaded_and_paths_are_not(tmp_pat
         assert resolve_model(name) == tmp_path
     assert asked == ["bert-base-uncased", "gpt2", "google-bert/bert-base-uncased", "FacebookAI/roberta-base",
                      "owner_1/model.v2"]
-    for path in ["runs/a/b", "./missing", "../missing", "/no/such/dir", "runs/sst2/", ".hidden", "-x", "a b"]:
+    for path in ["runs/a/b", "./missing", "../missing", "/no/such/dir", "runs/sst2/", ".hidden", "-x", "a b", "modèle"]:
         with pytest.raises(ModelError, match=r"no such directory, and not a hub id \(owner/name, or a name"):
             resolve_model(path)
     assert len(asked) == 5

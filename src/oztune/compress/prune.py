@@ -332,7 +332,7 @@ class PruneArgs(RecipeOptions):
                 raise OztuneError(f"{', '.join(given)} prune{'s' if len(given) == 1 else ''} whole parts: add "
                                   "--structured (without it, --sparsity zeroes single weights)")
             if self.importance_batches is not None:  # (it would be ignored)
-                raise OztuneError("--importance-batches ranks the heads and neurons that --structured removes: add "
+                raise OztuneError("--importance-batches ranks the heads, neurons and layers that --structured removes: add "
                                   "--structured (without it, --sparsity zeroes the smallest weights)")
             return PruneConfig(sparsity=self.sparsity)
         return PruneConfig(heads=self.sparsity if self.heads is None else self.heads,

@@ -30,8 +30,8 @@ from oztune.runtime import tune_malloc
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 # A hub repository id: owner/name, or a bare legacy name such as bert-base-uncased or gpt2 (the hub serves
-# those under their owners now). Letters, digits, '-', '_', '.'; neither part starts with '.' or '-'.
-_HUB_ID = re.compile(r"(?:[A-Za-z0-9_][\w.-]*/)?[A-Za-z0-9_][\w.-]*")
+# those under their owners now). ASCII letters, digits, '-', '_', '.'; neither part starts with '.' or '-'.
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)?[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _HF_PROBLEM = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                "regression": "regression"}
 
