@@ -158,3 +158,18 @@ def padded_batch(pad_id: int, lengths=(9, 4, 1, 7), low: int = 4, high: int = 64
         ids[i, :n] = torch.randint(low, high, (n,), generator=g)
         mask[i, :n] = 1
     return ids, mask
+
+
+def killed_while_writing(script: str) -> int:
+    """Run the Python ``script`` in a process of its own until it prints "writing", kill it there (SIGKILL, so
+    nothing of its own cleans up) and return its process id."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "writing\n"
+    finally:
+        p.kill()
+        p.wait()
+    return p.pid

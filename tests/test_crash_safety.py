@@ -174,8 +174,7 @@ def test_an_output_file_write_removes_the_temporary_files_of_killed_writers_and_
 
 
 def test_the_temporary_file_of_a_predict_killed_with_sigkill_is_removed_by_the_next_one(tiny_finetuned, tmp_path):
-    import subprocess
-    import sys
+    from conftest import killed_while_writing
 
     out = tmp_path / "p.jsonl"
     script = f"""
@@ -188,13 +187,8 @@ def slow(*a, **k):
 commands._answer_lines = slow
 cli.main(["predict", "--model", {str(tiny_finetuned)!r}, "good movie", "--output", {str(out)!r}])
 """
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline() == "writing\n"
-    finally:
-        p.kill()
-        p.wait()
-    assert [n.startswith(f".p.jsonl.tmp-{p.pid}@") for n in os.listdir(tmp_path)] == [True]
+    pid = killed_while_writing(script)
+    assert [n.startswith(f".p.jsonl.tmp-{pid}@") for n in os.listdir(tmp_path)] == [True]
     assert cli.main(["predict", "--model", str(tiny_finetuned), "good movie", "--output", str(out)]) == 0
     assert os.listdir(tmp_path) == ["p.jsonl"]
 

@@ -101,7 +101,7 @@ MAX_MATRIX_LABELS = 12
 def evaluate_cmd(a: EvaluateArgs) -> int:
     if not a.model or not a.data:
         raise OztuneError("--model and --data are required")
-    _check_batch_size(a.batch_size)
+    check_at_least_1("--batch-size", a.batch_size)
     if a.mistakes:
         _check_output_file(a.mistakes, "--mistakes", inputs=(a.data,), model=a.model)
     clf = _open(a.model, a.batch_size)
@@ -176,7 +176,7 @@ class PredictArgs:
 def predict_cmd(a: PredictArgs) -> int:
     if not a.model:
         raise OztuneError("--model is required")
-    _check_batch_size(a.batch_size)
+    check_at_least_1("--batch-size", a.batch_size)
     if a.output:
         _check_output_file(a.output, inputs=(a.input,), model=a.model)
     texts, pairs = list(a.texts), None
@@ -298,10 +298,6 @@ def _open(model: str, batch_size: int):
     from oztune.serve.backends import open_predictor  # (onnxruntime is imported only for an ONNX export)
 
     return open_predictor(model, batch_size)
-
-
-def _check_batch_size(n: int) -> None:
-    check_at_least_1("--batch-size", n)
 
 
 def _check_output_file(output: str, option: str = "--output", inputs: tuple[str | None, ...] = (),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import killed_while_writing
 
 from oztune.models.hub import load_classifier, save_classifier
 
@@ -74,13 +75,8 @@ hub.save_file = slow
 model, enc, _ = hub.load_classifier({str(tiny_base)!r}, num_labels=2)
 hub.save_classifier(model, enc, {str(out)!r}, {{0: "x", 1: "y"}})
 """
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline() == "writing\n"
-    finally:
-        p.kill()
-        p.wait()
-    assert [n.startswith(f".m.tmp-{p.pid}@") for n in os.listdir(tmp_path)] == [True]
+    pid = killed_while_writing(script)
+    assert [n.startswith(f".m.tmp-{pid}@") for n in os.listdir(tmp_path)] == [True]
     model, enc, _ = load_classifier(tiny_base, num_labels=2)
     save_classifier(model, enc, out, {0: "x", 1: "y"})
     assert os.listdir(tmp_path) == ["m"]

@@ -95,13 +95,8 @@ def run_quantize(a: QuantizeArgs) -> dict:
                 qat_lr=QAT_LR if a.qat_lr is None else a.qat_lr)
     check_seed(a.seed)
     check_output_dir(a.output, inputs=(a.model, a.eval, a.qat_train))
-    env = distributed.init_from_env()
-    try:
-        run = _run_quantize(a, config, env.is_main)
-        distributed.barrier()  # the other ranks wait while rank 0 saves
-    finally:
-        distributed.shutdown()
-    return run
+    with distributed.joined() as env:  # (the other ranks wait while rank 0 saves)
+        return _run_quantize(a, config, env.is_main)
 
 
 def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:

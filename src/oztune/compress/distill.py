@@ -294,13 +294,8 @@ def run_distill(a: DistillArgs) -> dict:
     dcfg = DistillConfig(a.temperature, a.alpha, a.hidden_weight)
     if bool(a.student) == (a.student_layers is not None):  # (an empty --student is none given)
         raise OztuneError("give exactly one of --student DIR or --student-layers N")
-    env = distributed.init_from_env()
-    try:
-        run = _run_distill(a, dcfg, env.is_main)
-        distributed.barrier()  # the other ranks wait while rank 0 saves
-    finally:
-        distributed.shutdown()
-    return run
+    with distributed.joined() as env:  # (the other ranks wait while rank 0 saves)
+        return _run_distill(a, dcfg, env.is_main)
 
 
 def _run_distill(a: DistillArgs, dcfg: DistillConfig, saves: bool) -> dict:

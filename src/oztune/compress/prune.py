@@ -354,13 +354,8 @@ def run_prune(a: PruneArgs) -> dict:
         a = replace(a, importance_batches=pcfg.importance_batches)
     check_train_options(a)
     dcfg = DistillConfig(a.temperature, a.alpha)
-    env = distributed.init_from_env()
-    try:
-        run = _run_prune(a, pcfg, dcfg, env.is_main)
-        distributed.barrier()  # the other ranks wait while rank 0 saves
-    finally:
-        distributed.shutdown()
-    return run
+    with distributed.joined() as env:  # (the other ranks wait while rank 0 saves)
+        return _run_prune(a, pcfg, dcfg, env.is_main)
 
 
 def _run_prune(a: PruneArgs, pcfg: PruneConfig, dcfg, saves: bool) -> dict:

@@ -130,13 +130,8 @@ def compress(a: CompressArgs) -> dict:
     an empty dict.
     """
     check_args(a)
-    env = distributed.init_from_env()
-    try:
-        report = _compress(a, env.is_main)
-        distributed.barrier()  # the other ranks wait while rank 0 writes
-    finally:
-        distributed.shutdown()
-    return report
+    with distributed.joined() as env:  # (the other ranks wait while rank 0 saves)
+        return _compress(a, env.is_main)
 
 
 def _compress(a: CompressArgs, main: bool) -> dict:

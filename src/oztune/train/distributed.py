@@ -16,6 +16,8 @@ for the same cores.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +85,22 @@ def shutdown() -> None:
     """Leave the process group (no barrier: after an error on one rank a barrier could hang the others)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def joined() -> Iterator[DistEnv]:
+    """A command's run inside torchrun's process group: joined on entry (one process: nothing to do), left on
+    exit whatever happens; a run that ends well ends with a barrier, so the other ranks wait while rank 0 saves.
+
+        with distributed.joined() as env:
+            run = _finetune(a, env)
+    """
+    env = init_from_env()
+    try:
+        yield env
+        barrier()  # (not after an error: the other ranks may never reach it)
+    finally:
+        shutdown()
 
 
 def broadcast_model(model: nn.Module) -> None:

@@ -264,13 +264,8 @@ def finetune(a: FinetuneArgs) -> dict:
     if a.lr is None:
         a = replace(a, lr=LORA_LR if a.lora_rank else FULL_LR)
     check_args(a)
-    env = distributed.init_from_env()
-    try:
-        run = _finetune(a, env)
-        distributed.barrier()  # the other ranks wait while rank 0 saves
-    finally:
-        distributed.shutdown()
-    return run
+    with distributed.joined() as env:  # (the other ranks wait while rank 0 saves)
+        return _finetune(a, env)
 
 
 def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
