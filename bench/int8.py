@@ -256,10 +256,14 @@ def main() -> None:
         kernel_rows = kernels(int(np.median([len(i) * lengths[i].max() for i in batches]))) if a.kernels else []
     load1 = os.getloadavg()[0]
 
+    def same_as_fp32(name: str) -> float:  # % of sentences labelled as by the same model in fp32
+        ref = logits["oztune fp32" if name.startswith("oztune") else "HF fp32"].argmax(1)
+        return round(100 * float((logits[name].argmax(1) == ref).mean()), 2)
+
     rows = [{"peer": name, "batch64_s": round(t64[name], 4), "batch64_unsorted_s": round(t64u[name], 4),
-             "batch1_s": round(t1[name], 4),
-             "file_mb": round(peers[name][1], 1), "accuracy": round(100 * float((logits[name].argmax(1) == gold).mean()), 2)}
-            for name in peers]
+             "batch1_s": round(t1[name], 4), "file_mb": round(peers[name][1], 1),
+             "accuracy": round(100 * float((logits[name].argmax(1) == gold).mean()), 2),
+             "same_label_as_fp32": same_as_fp32(name)} for name in peers]
     acc = {r["peer"]: r["accuracy"] for r in rows}
     token_ops, text_ops = linear_ops(int8.model)
     useful = 2 * (token_ops * int(lengths.sum()) + text_ops * len(texts)) / 1e9  # GOP on non-padding tokens
@@ -289,10 +293,12 @@ def main() -> None:
     }
     print(f"SST-2 dev, {len(texts)} sentences ({result['tokens']} tokens, {padded} with padding in sorted batches of 64), "
           f"{a.threads} threads, load average {load0:.1f} -> {load1:.1f}")
-    print(f"{'peer':<26}{'batch 64 sorted':>16}{'batch 64 unsorted':>18}{'batch 1':>10}{'file MB':>9}{'accuracy':>10}")
+    print(f"{'peer':<26}{'batch 64 sorted':>16}{'batch 64 unsorted':>18}{'batch 1':>10}{'file MB':>9}{'accuracy':>10}"
+          f"{'= fp32':>8}")
     for r in rows:
         print(f"{r['peer']:<26}{r['batch64_s']:>14.3f} s{r['batch64_unsorted_s']:>16.3f} s{r['batch1_s']:>8.3f} s"
-              f"{r['file_mb']:>9.1f}{r['accuracy']:>10.2f}")
+              f"{r['file_mb']:>9.1f}{r['accuracy']:>10.2f}{r['same_label_as_fp32']:>8.2f}")
+    print("(= fp32: % of sentences given the label the same model gives in fp32: oztune's own, HF's for the peers)")
     print(f"torch._int_mm ceiling (1536x384x1536): {ceiling:.0f} GOP/s; oztune int8 on useful tokens: {reached:.0f} GOP/s "
           f"= {reached / ceiling:.1%} of it")
     print(f"oztune int8 vs ORT int8: batch 64 {result['batch64_speedup_vs_ort_int8']:.2f}x faster "

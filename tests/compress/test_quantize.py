@@ -128,9 +128,10 @@ def test_chunked_feed_forward_is_exact(monkeypatch):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
-def test_activation_bound_covers_the_row_amax_and_keeps_the_output(activation):
-    """The feed-forward's down-projection gets each row's max |act(h)| as max(max h, floor): never below
-    the true one (else codes would clip), and close to it when the row's maximum is a few units."""
+def test_activation_bounds_cover_the_rows_and_keep_the_output(activation):
+    """The feed-forward's down-projection codes each row of act(h) over [-floor, max(max h, 0)]: never
+    narrower than the row's values (else codes would clip), and close to them when the row's maximum is a
+    few units."""
     from oztune.models.transformer import activation_fn
 
     floor = quantize.ACT_FLOORS[activation]
@@ -139,10 +140,9 @@ def test_activation_bound_covers_the_row_amax_and_keeps_the_output(activation):
     h = torch.cat([torch.randn(64, 300, generator=g) * 4,  # typical rows: maxima of 8 to 16
                    -torch.rand(4, 300, generator=g) * 3,  # every value negative (GELU's dip near -0.75)
                    torch.full((1, 300), -0.75), torch.full((1, 300), 1.0)])
-    true = act(h).abs().amax(-1, keepdim=True)
-    bound = h.amax(-1, keepdim=True).clamp_min(floor)
-    assert (bound >= true).all()
-    torch.testing.assert_close(bound[:64], true[:64], atol=0, rtol=1e-6)
+    top = h.amax(-1, keepdim=True).clamp_min(0)
+    assert (act(h) >= -floor).all() and (act(h) <= top).all()
+    torch.testing.assert_close(top[:64], act(h).amax(-1, keepdim=True)[:64], atol=0, rtol=1e-6)
 
     ffn = quantize_(tiny_classifier(activation=activation), QuantConfig()).backbone.layers[0].ffn
     assert type(ffn) is ChunkedFeedForward and ffn.act_floor == floor
@@ -152,6 +152,36 @@ def test_activation_bound_covers_the_row_amax_and_keeps_the_output(activation):
         ffn.act_floor = None
         plain = ffn(x)
     assert rel_err(with_bound, plain) < 0.02
+
+
+@pytest.mark.parametrize("M", [7, 300])  # torch._int_mm below ONEDNN_MIN_ROWS rows, oneDNN from there on
+@pytest.mark.parametrize("given_top", [True, False])
+def test_int8_linear_codes_inputs_with_a_floor_asymmetrically(M, given_top):
+    """Inputs known to be >= lower (a GELU's output) get 255 steps over [lower, row max]: both kernels compute
+    exactly those codes' product, which is much closer to fp32 than symmetric codes over [-max, max]."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    q = Int8Linear.from_linear(lin)
+    x = nn.functional.gelu(torch.randn(M, 96) * 3)
+    lower = -quantize.ACT_FLOORS["gelu"]
+    top = x.amax(-1, keepdim=True)
+    with torch.no_grad():
+        y = q(x, top if given_top else None, lower)
+        scale = (top - lower) / 255
+        coded = ((x - lower) / scale).round() * scale + lower
+        torch.testing.assert_close(y, nn.functional.linear(coded, q.dequantized_weight(), q.bias), atol=1e-4, rtol=1e-4)
+        ref = nn.functional.linear(x, q.dequantized_weight(), q.bias)  # the activations' rounding only
+        assert rel_err(y, ref) < 0.6 * rel_err(q(x), ref)
+
+
+def test_weight_sums_follow_loads_and_the_down_projections_use_them(tmp_path):
+    """``weight_sums`` is not saved: a loaded layer (e.g. ``prepare_quantized``'s empty one) recomputes it."""
+    a, b = (quantize_(tiny_classifier(seed), QuantConfig()) for seed in (0, 1))
+    down = a.backbone.layers[0].ffn.down
+    assert "weight_sums" not in a.state_dict() and (down.weight_sums != 0).any()
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(down.weight_sums, down.dequantized_weight().sum(1))
+    torch.testing.assert_close(down.weight_sums, b.backbone.layers[0].ffn.down.weight_sums, atol=0, rtol=0)
 
 
 def test_pruned_shapes_and_a_layer_without_heads():
@@ -218,6 +248,19 @@ def finetuned(one_thread, tiny_base, sentiment_files, tmp_path_factory):
     assert main(["finetune", "--train", str(train), "--eval", str(dev), "--output", str(out), "--model", str(tiny_base),
                  "--epochs", "4", "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--no-freeze-embeddings"]) == 0
     return out
+
+
+def test_qat_fake_quantizes_the_down_projections_from_the_activation_floor():
+    """QAT trains each feed-forward's down-projection on the asymmetric grid its int8 layer will use."""
+    model = tiny_classifier()
+    ref = quantize_(copy.deepcopy(model), QuantConfig())
+    prepare_qat_(model)
+    ffn = model.backbone.layers[0].ffn
+    assert ffn.down.lower == -quantize.ACT_FLOORS["gelu"] and ffn.up.lower is None
+    h = ffn.act(ffn.up(torch.randn(6, 32)))
+    with torch.no_grad():
+        torch.testing.assert_close(ffn.down(h), ref.backbone.layers[0].ffn.down(h, None, ffn.down.lower),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_qat_trains_and_converts(finetuned, sentiment_files):

@@ -83,6 +83,14 @@ def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     return x + ((x / scale).round() * scale - x).detach()
 
 
+def fake_quantize_from_floor(x: torch.Tensor, lower: float) -> torch.Tensor:
+    """``x`` (all ``>= lower``) rounded to its per-token asymmetric grid of :func:`int8_linear_from_floor`
+    (255 steps over [lower, max(max x, 0)]), with a straight-through gradient (identity)."""
+    x = x.float()
+    scale = ((x.amax(-1, keepdim=True).clamp_min(0) - lower).clamp_min(EPS) / 255).detach()
+    return x + (((x - lower) / scale).round() * scale + lower - x).detach()
+
+
 def fake_quantize_per_channel(w: torch.Tensor) -> torch.Tensor:
     """``w`` rounded (in fp32) to its per-output-row int8 grid, with a straight-through gradient (identity)."""
     w = w.float()
@@ -98,7 +106,8 @@ def pack_weight(wq: torch.Tensor) -> torch.Tensor | None:
 
 
 def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                packed: Callable[[], torch.Tensor | None], amax: torch.Tensor | None = None) -> torch.Tensor:
+                packed: Callable[[], torch.Tensor | None], amax: torch.Tensor | None = None,
+                lower: float | None = None, weight_sums: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T + bias`` for a float ``x`` (M, K) and an int8 weight, activations quantized here per row.
 
     Below ``ONEDNN_MIN_ROWS`` rows ``torch._int_mm`` is faster (oneDNN's kernel costs more per call and
@@ -111,7 +120,12 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
         bias: fp32 (N,) or None.
         packed: returns :func:`pack_weight` of ``wq`` (called only when oneDNN's kernel is used: eager, many
             rows; compiled, inductor fuses around ``torch._int_mm`` instead).
-        amax: (M, 1) each row's largest ``|x|``, when the caller knows it (see ``quantize_per_token``).
+        amax: (M, 1) each row's largest ``|x|``, when the caller knows it (see ``quantize_per_token``); with
+            ``lower``, each row's largest ``x``.
+        lower: a bound no ``x`` is below (an activation's minimum, e.g. GELU's -0.17), for asymmetric codes:
+            each row's 256 levels then span [lower, max x] instead of [-max |x|, max |x|], a step about half
+            as large for an activation that is mostly positive (see :func:`int8_linear_from_floor`).
+        weight_sums: (N,) ``wq.sum(1) * w_scale`` (each output's sum of weights), required with ``lower``.
 
     Returns:
         fp32 (M, N).
@@ -119,8 +133,10 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     # compiled: one formula and one kernel for every size (inductor fuses around torch._int_mm; a branch on
     # the number of rows would be a guard, and a second graph to compile)
     few_rows = torch.compiler.is_compiling() or x.shape[0] < ONEDNN_MIN_ROWS
-    q, scale = quantize_per_token(x, few_rows, amax)
     pw = None if few_rows else packed()
+    if lower is not None:
+        return int8_linear_from_floor(x, wq, w_scale, bias, pw, amax, lower, weight_sums)
+    q, scale = quantize_per_token(x, few_rows, amax)
     if pw is not None:
         u8 = q.view(torch.uint8).bitwise_xor_(128)  # q + 128: oneDNN's fast kernel takes u8 with zero point 128
         y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 128, pw, w_scale, _zeros(w_scale.shape[0]), None,
@@ -130,6 +146,33 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     if bias is None:
         return y.mul_(scale)
     return torch.addcmul(bias, y, scale, out=y)
+
+
+def int8_linear_from_floor(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                           pw: torch.Tensor | None, top: torch.Tensor | None, lower: float,
+                           weight_sums: torch.Tensor) -> torch.Tensor:
+    """:func:`int8_linear` with asymmetric codes, for inputs known to be ``>= lower`` (``pw``: the packed
+    weight, or None for ``torch._int_mm``; ``top``: each row's max, or None).
+
+    Each row is ``x ~ u * scale + lower`` with codes u = round((x - lower) / scale) in [0, 255] and
+    scale = (max x - lower) / 255. So ``x @ W.T + b = scale * (u @ W.T) + (b + lower * W.sum(1))``: the
+    lower bound is a constant, so its term is a per-output constant, not a per-token one, and the op count
+    is :func:`int8_linear`'s. oneDNN takes u as uint8 with zero point 0 (no sign flip needed);
+    ``torch._int_mm`` takes int8, so it gets u - 128 and ``128 * W.sum(1)`` is added back.
+    """
+    if top is None:
+        top = x.amax(-1, keepdim=True)
+    scale = (top - lower).clamp_min_(EPS).div_(255)  # (M, 1)
+    shift = 0 if pw is not None else 128
+    start = scale.reciprocal().mul_(-lower).sub_(shift)  # (M, 1): code of x = 0, minus the shift
+    codes = torch.addcdiv(start, x, scale).round_()  # (M, K): (x - lower) / scale - shift
+    if pw is not None:
+        y = torch.ops.onednn.qlinear_pointwise(codes.to(torch.uint8), 1.0, 0, pw, w_scale, _zeros(w_scale.shape[0]),
+                                               None, 1.0, 0, torch.float32, "none", [], "")  # (u @ wq.T) * w_scale
+    else:
+        y = torch.addcmul(weight_sums * 128, torch._int_mm(codes.to(torch.int8), wq.t()), w_scale)
+    const = weight_sums * lower if bias is None else torch.add(bias, weight_sums, alpha=lower)  # (N,)
+    return torch.addcmul(const, y, scale, out=y)
 
 
 _ZEROS: dict[int, torch.Tensor] = {}

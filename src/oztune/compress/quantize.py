@@ -28,17 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oztune.compress.int8_ops import (fake_quantize_per_channel, fake_quantize_per_token, int8_linear, pack_weight,
-                                      quantize_per_channel)
+from oztune.compress.int8_ops import (fake_quantize_from_floor, fake_quantize_per_channel, fake_quantize_per_token,
+                                      int8_linear, pack_weight, quantize_per_channel)
 from oztune.errors import OztuneError
 from oztune.models.transformer import FeedForward
 
 SCHEMES = ("int8",)
 EMBEDDINGS = ("int8", "none")
 RECORD_VERSION = 1
-# |act(x)| <= max(max x, floor) for every x of a row: 0 <= act(x) <= x for x >= 0, and for x < 0 |act(x)| is
-# at most the floor (GELU's minimum is -0.16997, tanh form -0.17004, near x = -0.75; ReLU gives 0). For GELU
-# the bound exceeds the true maximum by max h - GELU(max h): 0.1% of it at max h = 3 (a feed-forward row's
+# -floor <= act(x) <= max(max x, 0) for every x of a row: 0 <= act(x) <= x for x >= 0, and for x < 0 act(x) is
+# in [-floor, 0] (GELU's minimum is -0.16997, tanh form -0.17004, near x = -0.75; ReLU gives 0). The int8
+# feed-forward quantizes the down-projection's input over [-floor, max(max h, 0)] per row, both known before
+# act(h) is computed: 255 steps over an interval barely wider than GELU's mostly positive values, where
+# symmetric codes would spend half their levels on negative values that never come below -0.17. For GELU the
+# upper bound exceeds the true maximum by max h - GELU(max h): 0.1% of it at max h = 3 (a feed-forward row's
 # maximum is usually several units), 19% at 1, so a row's int8 step is at most that much coarser.
 ACT_FLOORS = {"gelu": 0.1701, "gelu_tanh": 0.1701, "relu": 0.0}
 CHUNK_ROWS = 256  # tokens per thread in a feed-forward chunk: a (256, 1536) fp32 intermediate is 1.5 MB
@@ -77,7 +80,9 @@ class Int8Linear(nn.Module):
     """A Linear with int8 weights (one fp32 scale per output row) and per-token int8 activations.
 
     Buffers (saved): ``weight`` int8 (out, in), ``weight_scale`` fp32 (out,), ``bias`` fp32 (out,) or absent.
-    The oneDNN-packed copy of the weight is a cache, rebuilt whenever ``weight`` changes (e.g. on load).
+    Not saved: ``weight_sums`` (out,), each output's sum of dequantized weights (for asymmetric inputs, see
+    ``forward``), set from the weight on creation and on load. The oneDNN-packed copy of the weight is a
+    cache, rebuilt whenever ``weight`` changes (e.g. on load).
 
     Args:
         in_features: input width K.
@@ -91,7 +96,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("weight_sums", torch.zeros(out_features), persistent=False)
+        self.register_load_state_dict_post_hook(Int8Linear._loaded)
         self._packed, self._packed_key = None, None
+
+    @staticmethod
+    def _loaded(module: "Int8Linear", _incompatible) -> None:  # (a named function: modules stay picklable)
+        module.sum_weights()
+
+    def sum_weights(self) -> None:
+        """Set ``weight_sums`` from ``weight`` and ``weight_scale`` (after they change)."""
+        self.weight_sums = self.weight.sum(1, dtype=torch.float32) * self.weight_scale
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -99,6 +114,7 @@ class Int8Linear(nn.Module):
         q.weight, q.weight_scale = quantize_per_channel(linear.weight)
         if linear.bias is not None:
             q.bias = linear.bias.detach().float().clone()
+        q.sum_weights()
         return q
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -112,10 +128,17 @@ class Int8Linear(nn.Module):
             self._packed, self._packed_key = pack_weight(self.weight), key
         return self._packed
 
-    takes_amax = True  # forward takes the rows' bound on |x| (ChunkedFeedForward passes one)
+    takes_amax = True  # forward takes the rows' bound on |x| and x's floor (ChunkedFeedForward passes them)
 
-    def forward(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ weight.T + bias`` for x (..., in); ``amax`` (..., 1): each row's largest ``|x|``, if known."""
+    def forward(self, x: torch.Tensor, amax: torch.Tensor | None = None, lower: float | None = None) -> torch.Tensor:
+        """``x @ weight.T + bias`` for x (..., in).
+
+        Args:
+            x: fp32 (..., in).
+            amax: (..., 1) each row's largest ``|x|`` (with ``lower``: largest ``x``), if known.
+            lower: a bound no ``x`` is below (an activation's minimum): each row's int8 codes then span
+                [lower, max x] rather than [-max |x|, max |x|] (asymmetric; about twice as fine for GELU).
+        """
         lead = x.shape[:-1]
         if x.numel() == 0 or self.in_features == 0 or self.out_features == 0:
             y = x.new_zeros(*lead, self.out_features)
@@ -125,7 +148,8 @@ class Int8Linear(nn.Module):
             rows = rows.float().contiguous()
         if amax is not None:
             amax = amax.reshape(-1, 1).float()
-        y = int8_linear(rows, self.weight, self.weight_scale, self.bias, self.packed_weight, amax)  # (M, N)
+        y = int8_linear(rows, self.weight, self.weight_scale, self.bias, self.packed_weight, amax,
+                        lower, self.weight_sums)  # (M, N)
         return y.view(*lead, self.out_features)
 
     def __getstate__(self):  # deepcopy/pickle: the packed weight is an opaque oneDNN tensor, rebuilt on use
@@ -179,8 +203,8 @@ class ChunkedFeedForward(nn.Module):
     def __init__(self, ffn: FeedForward):
         super().__init__()
         self.up, self.down, self.act = ffn.up, ffn.down, ffn.act
-        # For these activations a row's largest |act(h)| is at most max(max h, floor), known before act(h)
-        # is computed (see ACT_FLOORS). Compiled, inductor would otherwise evaluate the activation (erf, for
+        # For these activations a row of act(h) lies in [-floor, max(max h, 0)], known before act(h) is
+        # computed (see ACT_FLOORS). Compiled, inductor would otherwise evaluate the activation (erf, for
         # GELU) twice per element: once for the row maxima that quantize the down-projection's input, once
         # for the codes. (Bounding with act(max h), exact, was slower still: inductor recomputed that scalar
         # erf for every 16 elements.)
@@ -191,8 +215,8 @@ class ChunkedFeedForward(nn.Module):
         # (not for a down-projection kept in float; nor a feed-forward pruned to width 0)
         if self.act_floor is None or not getattr(self.down, "takes_amax", False) or h.shape[-1] == 0:
             return self.down(self.act(h))
-        amax = h.amax(-1, keepdim=True).clamp_min_(self.act_floor)  # (M, 1) >= max |act(h)| per row
-        return self.down(self.act(h), amax)
+        top = h.amax(-1, keepdim=True).clamp_min_(0)  # (M, 1) >= max act(h) per row
+        return self.down(self.act(h), top, -self.act_floor)  # asymmetric codes over [-floor, top]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # compiled, inductor fuses instead
@@ -209,7 +233,11 @@ class ChunkedFeedForward(nn.Module):
 
 class FakeQuantLinear(nn.Linear):
     """A Linear that trains as it will run in int8: per-channel weight and per-token activation fake
-    quantization with a straight-through gradient. Same parameters and state-dict names as nn.Linear."""
+    quantization with a straight-through gradient. Same parameters and state-dict names as nn.Linear.
+    ``lower``: the floor of its input, for a feed-forward's down-projection (asymmetric codes, as the int8
+    feed-forward quantizes it; see ACT_FLOORS), else None."""
+
+    lower: float | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FakeQuantLinear":
@@ -220,7 +248,8 @@ class FakeQuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_features == 0 or x.numel() == 0:
             return super().forward(x)
-        return F.linear(fake_quantize_per_token(x), fake_quantize_per_channel(self.weight), self.bias)
+        x = fake_quantize_per_token(x) if self.lower is None else fake_quantize_from_floor(x, self.lower)
+        return F.linear(x, fake_quantize_per_channel(self.weight), self.bias)
 
 
 def _skipped(name: str, patterns: list[str]) -> bool:
@@ -313,7 +342,8 @@ def quantization_record(config: QuantConfig) -> dict:
     """What ``save_classifier(..., quantization=...)`` stores in config.json: the config plus a description."""
     return {**asdict(config), "version": RECORD_VERSION,
             "weights": "int8, symmetric, one scale per output channel (embeddings: per row)",
-            "activations": "int8, symmetric, one scale per token, computed at run time"}
+            "activations": "int8, one scale per token, computed at run time: symmetric, except the "
+                           "feed-forward down-projection's input (asymmetric, over [activation minimum, row max])"}
 
 
 def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
@@ -325,6 +355,9 @@ def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Modu
     for name, m in _targets(model, config):
         if type(m) is not FakeQuantLinear and isinstance(m, nn.Linear):
             model.set_submodule(name, FakeQuantLinear.from_linear(m))
+    for ffn in model.modules():  # the down-projections the int8 feed-forward quantizes from the activation's floor
+        if isinstance(ffn, FeedForward) and type(ffn.down) is FakeQuantLinear and ffn.activation in ACT_FLOORS:
+            ffn.down.lower = -ACT_FLOORS[ffn.activation]
     return model
 
 

@@ -75,6 +75,35 @@ class _Int8LinearOp(torch.autograd.Function):
         return g.op("Add", g.op("Mul", y, w_scale), bias)
 
 
+class _Int8LinearFloorOp(torch.autograd.Function):
+    """:class:`_Int8LinearOp` with asymmetric codes, for inputs known to be ``>= lower`` (the int8
+    feed-forward's down-projection; :func:`oztune.compress.int8_ops.int8_linear_from_floor`):
+
+    scale = max(top - lower, eps) / 255 per token (``top``: each row's max x, or a bound on it);
+    u = uint8(Round((x - lower) / scale));
+    y = float(MatMulInteger(u, Wq.T, zero point 0)) * scale * w_scale + const, const = bias + lower * W.sum(1).
+    """
+
+    @staticmethod
+    def forward(ctx, x, wq_t, w_scale, const, top, lower):
+        from oztune.compress.int8_ops import EPS
+
+        scale = (top - lower).clamp_min(EPS) / 255  # (..., 1)
+        return (((x - lower) / scale).round() @ wq_t.float()) * scale * w_scale + const
+
+    @staticmethod
+    def symbolic(g, x, wq_t, w_scale, const, top, lower):
+        from oztune.compress.int8_ops import EPS
+
+        def c(v, dtype=torch.float32):
+            return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
+
+        scale = g.op("Div", g.op("Max", g.op("Sub", top, c(lower)), c(EPS)), c(255.0))
+        u = g.op("Cast", g.op("Round", g.op("Div", g.op("Sub", x, c(lower)), scale)), to_i=UINT8)
+        y = g.op("Cast", g.op("MatMulInteger", u, wq_t, c(0, torch.uint8)), to_i=FLOAT)
+        return g.op("Add", g.op("Mul", g.op("Mul", y, scale), w_scale), const)
+
+
 class OnnxInt8Linear(nn.Module):
     """An exportable stand-in for an ``Int8Linear`` (same int8 weights and scales).
 
@@ -87,11 +116,16 @@ class OnnxInt8Linear(nn.Module):
         self.register_buffer("wq_t", q.weight.t().contiguous())  # int8 (in, out)
         self.register_buffer("w_scale", q.weight_scale.float().clone())
         self.register_buffer("bias", q.bias.float().clone() if q.bias is not None else torch.zeros(q.out_features))
+        self.register_buffer("weight_sums", q.weight_sums.float().clone())
 
-    takes_amax = True  # as Int8Linear: the int8 feed-forward passes its rows' bound on |x|
+    takes_amax = True  # as Int8Linear: the int8 feed-forward passes its rows' bound and its input's floor
 
-    def forward(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
-        return _Int8LinearOp.apply(x, self.wq_t, self.w_scale, self.bias, amax)
+    def forward(self, x: torch.Tensor, amax: torch.Tensor | None = None, lower: float | None = None) -> torch.Tensor:
+        if lower is None:
+            return _Int8LinearOp.apply(x, self.wq_t, self.w_scale, self.bias, amax)
+        top = x.amax(-1, keepdim=True) if amax is None else amax
+        const = self.bias + lower * self.weight_sums  # (out,): folded into one constant by the exporter
+        return _Int8LinearFloorOp.apply(x, self.wq_t, self.w_scale, const, top, float(lower))
 
 
 def prepare_for_onnx(model: nn.Module) -> nn.Module:
