@@ -28,7 +28,7 @@ import torch
 from oztune.errors import OztuneError
 from oztune.models.hub import sha256_file
 from oztune.models.lora import LoRALinear
-from oztune.train.distributed import DistEnv, broadcast_object, gather_objects
+from oztune.train.distributed import DistEnv, barrier, broadcast_object, gather_objects
 
 STATE, MANIFEST = "state.pt", "manifest.json"
 _NAME = re.compile(r"step-(\d+)")
@@ -243,6 +243,8 @@ class Checkpointer:
                 self.save(progress.step, state)
             except OSError as e:
                 raise OztuneError(f"cannot write a checkpoint to {self.dir}: {e}") from None
+        if env.world > 1:
+            barrier()  # the others wait while rank 0 writes (not at the next step's all_reduce: no deadline here)
 
     def resume_run(self, model, opt, sched, env: DistEnv) -> Progress | None:
         """Load the newest valid checkpoint into model, optimizer, scheduler and RNGs; None when there is none.

@@ -11,6 +11,14 @@ ranks; it also needs ``no_sync`` for gradient accumulation and cannot take a ran
 batch is empty. One reduction after the last micro-batch has none of these problems; what it gives up is
 DDP's overlap of communication with the backward pass, which buys little on CPUs where both compete
 for the same cores.
+
+Waiting for rank 0: only rank 0 evaluates, checkpoints, measures and saves, while the other ranks wait for it
+at the next collective. Those waits (:func:`broadcast_model`, :func:`broadcast_object`, :func:`barrier`) go
+through a second group of the same ranks whose timeout, :data:`WAIT_FOR_RANK_0`, is longer than any such work:
+under the process group's 30 minutes, rank 0's evaluation of a large set or compress measuring its variants on
+CPU timed the others out and crashed the run. A rank 0 that fails still ends them at once: torchrun stops the
+processes of its host, and on other hosts gloo's connections to it close. The training steps' collectives
+(:func:`sync_gradients`, :func:`gather_objects`), which every rank reaches together, keep the 30 minutes.
 """
 
 from __future__ import annotations
@@ -19,10 +27,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+WAIT_FOR_RANK_0 = timedelta(days=7)  # the timeout of waits for rank 0's work alone (see the module's doc)
+_waits = None  # the group of those waits (None: the default group, when it was joined elsewhere)
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,8 @@ def init_from_env() -> DistEnv:
     # which now and then aborts a rank at exit ("terminate called without an active exception").
     import torch.distributed.nn.functional  # noqa: F401
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    global _waits
+    _waits = dist.new_group(timeout=WAIT_FOR_RANK_0)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     torch.set_num_threads(max(1, cpu_cores() // local))
     return DistEnv(dist.get_rank(), dist.get_world_size())
@@ -77,20 +91,26 @@ def world_size() -> int:
 
 
 def barrier() -> None:
+    """Every rank waits here until all are here (the others for rank 0's work alone: no deadline)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_waits)
 
 
 def shutdown() -> None:
     """Leave the process group (no barrier: after an error on one rank a barrier could hang the others)."""
+    global _waits
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # (every group: _waits too)
+    _waits = None
 
 
 @contextmanager
 def joined() -> Iterator[DistEnv]:
     """A command's run inside torchrun's process group: joined on entry (one process: nothing to do), left on
-    exit whatever happens; a run that ends well ends with a barrier, so the other ranks wait while rank 0 saves.
+    exit whatever happens; a run that ends well ends with a barrier, so the other ranks wait while rank 0
+    evaluates and saves (without a deadline: :func:`barrier`). They wait rather than end (torchrun on one host
+    would not mind): on several hosts, the torchrun of a host whose processes have all ended waits 5 minutes
+    for the others, then ends, and it may be the one serving the rendezvous store that rank 0's torchrun reads.
 
         with distributed.joined() as env:
             run = _finetune(a, env)
@@ -106,13 +126,13 @@ def joined() -> Iterator[DistEnv]:
 def broadcast_model(model: nn.Module) -> None:
     """Give every rank rank 0's parameters and buffers, so all start from the same weights."""
     for t in model.state_dict().values():
-        dist.broadcast(t, 0)
+        dist.broadcast(t, 0, group=_waits)  # (the others may be waiting for rank 0's evaluation of the teacher)
 
 
 def broadcast_object(obj, src: int = 0):
     """``obj`` of rank ``src`` on every rank (metrics, a checkpoint path)."""
     box = [obj]
-    dist.broadcast_object_list(box, src)
+    dist.broadcast_object_list(box, src, group=_waits)  # (the others wait for rank 0's work alone)
     return box[0]
 
 
