@@ -1,6 +1,7 @@
 """Tests for oztune.data.readers.read_examples."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,35 @@ def test_tsv_without_quoting_glue_style(tmp_path):
     assert [(e.text, e.label) for e in read_examples(path)] == [('"great" acting', "1"), ('he said "no', "0")]
     path = write(tmp_path, "q.tsv", 'sentence\tlabel\n"a\ttab"\t1\n')
     assert [(e.text, e.label) for e in read_examples(path)] == [("a\ttab", "1")]
+
+
+@pytest.mark.parametrize("content,lines", [
+    # a text opening with '"' and one three lines on closing with '"': quoted, lines 2-4 would be one row
+    ('sentence\tlabel\n"the start of a sentence\t1\na middle one\t0\nthe end of one"\t1\nanother\t0\n', "2-4"),
+    ('sentence\tlabel\nfirst\t1\n"opens\t1\ncloses"\t0\n', "3-4"),  # the next line: one row boundary swallowed
+    ('sentence1\tsentence2\tlabel\na\t"b\t1\nc\td"\t0\n', "2-3"),  # in the middle column of a pair file
+    ('sentence\tlabel\r\n"opens\t1\r\n\r\ncloses"\t0\r\n', "2-4"),  # CRLF, a blank line between
+])
+def test_glue_tsv_quotes_that_pair_up_across_lines_are_an_error(tmp_path, content, lines):
+    # Read with quoting these are fewer rows, read without (GLUE-style) every line is a row: never guess which
+    path = write(tmp_path, "g.tsv", content)
+    first, last = lines.split("-")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: line {first}: ambiguous quoting: the '\"' "
+                                        rf"here closes on line {last}; "):
+        read_examples(path)
+
+
+def test_quoted_tsv_fields_spanning_lines_still_read(tmp_path):
+    # without quoting these lines are not rows of the header's width, or the file shows it uses quoting: a quoted
+    # header (QUOTE_ALL), or a line break in a field unlike those ending the lines
+    for content, expected in [
+            ('sentence\tlabel\n"one\ntwo"\t1\n', [("one\ntwo", "1")]),
+            ('sentence\tlabel\n"a\tb\nc\td"\t1\n', [("a\tb\nc\td", "1")]),
+            ('"sentence"\t"label"\n"a\tb\nc"\t"1"\n', [("a\tb\nc", "1")]),
+            ('sentence\tlabel\r\n"a\tb\nc"\t1\r\n', [("a\tb\nc", "1")]),  # csv.writer's rows end in \r\n
+            ('sentence\tlabel\n"a\nb"\t1\n"c\td"\t0\n', [("a\nb", "1"), ("c\td", "0")])]:
+        path = write(tmp_path, "q.tsv", content)
+        assert [(e.text, e.label) for e in read_examples(path)] == expected
 
 
 def test_duplicate_header(tmp_path):

@@ -32,6 +32,7 @@ PAIR_COLUMNS = (
 LABEL_COLUMNS = ("label", "labels", "target", "score", "y")
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass
@@ -95,12 +96,7 @@ def read_examples(
         if ext == ".csv":
             columns, records = _csv_records(text, name, ",")
         else:
-            try:
-                columns, records = _csv_records(text, name, "\t")
-            except DataError as e:  # GLUE-style TSV: no quoting at all, a '"' is text ('"great" acting')
-                if "quot" not in str(e):
-                    raise
-                columns, records = _csv_records(text, name, "\t", csv.QUOTE_NONE)
+            columns, records = _tsv_records(text, name)
 
     text_col, pair_col, label_col = _choose_columns(
         name, columns, text_column, text_pair_column, label_column, require_label)
@@ -181,6 +177,42 @@ def _csv_records(text: str, name: str, delimiter: str,
     if not records:
         raise DataError(f"{name}: no examples (the file has a header but no rows)")
     return header, records
+
+
+def _tsv_records(text: str, name: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """Split TSV text as :func:`_csv_records` does: with quoting, or without for a GLUE-style file.
+
+    GLUE's TSVs quote nothing: a '"' is text ('"great" acting'), which mostly breaks the quoted reading,
+    and then the file is read without quoting. But a field opening with '"' and one on a later line
+    closing with '"' read with quoting as a single field holding the lines between, silently. So when the
+    quoted reading has a field spanning lines and the unquoted one is as regular (the same header, every
+    line a row of its width), the file means either and is refused, never guessed. Unless it shows it
+    uses quoting: a quoted header (as csv.QUOTE_ALL writes), or a quoted field holding a line break other
+    than the one the file's lines end with ('\n' in a cell, '\r\n' after each row: csv.writer's default).
+    """
+    try:
+        columns, records = _csv_records(text, name, "\t")
+    except DataError as e:
+        if "quot" not in str(e):
+            raise
+        return _csv_records(text, name, "\t", csv.QUOTE_NONE)
+    first = next(((line, value) for line, record in records for value in record.values()
+                  if "\n" in value or "\r" in value), None)
+    if first is None:
+        return columns, records
+    try:
+        plain_columns, plain_records = _csv_records(text, name, "\t", csv.QUOTE_NONE)
+    except DataError:
+        return columns, records
+    breaks = {b for _, record in records for value in record.values() for b in _LINE_BREAK.findall(value)}
+    if plain_columns != columns or breaks - {_LINE_BREAK.search(text).group()}:
+        return columns, records
+    start, value = first
+    end = start + len(_LINE_BREAK.findall(value))
+    rows = sum(start <= line <= end for line, _ in plain_records)
+    raise DataError(f"{name}: line {start}: ambiguous quoting: the '\"' here closes on line {end}; read with quoting, "
+                    f"lines {start}-{end} are one row, read without (GLUE-style, '\"' as text) {rows} rows; save the "
+                    f"file as CSV or JSON Lines, or as TSV with every field in quotes (csv.QUOTE_ALL)")
 
 
 class _RepeatedKey(ValueError):
