@@ -180,15 +180,16 @@ def _csv_records(text: str, name: str, delimiter: str,
 
 
 def _tsv_records(text: str, name: str) -> tuple[list[str], list[tuple[int, dict]]]:
-    """Split TSV text as :func:`_csv_records` does: with quoting, or without for a GLUE-style file.
+    r"""Split TSV text as :func:`_csv_records` does: with quoting, or without it for a GLUE-style file.
 
-    GLUE's TSVs quote nothing: a '"' is text ('"great" acting'), which mostly breaks the quoted reading,
-    and then the file is read without quoting. But a field opening with '"' and one on a later line
-    closing with '"' read with quoting as a single field holding the lines between, silently. So when the
-    quoted reading has a field spanning lines and the unquoted one is as regular (the same header, every
-    line a row of its width), the file means either and is refused, never guessed. Unless it shows it
-    uses quoting: a quoted header (as csv.QUOTE_ALL writes), or a quoted field holding a line break other
-    than the one the file's lines end with ('\n' in a cell, '\r\n' after each row: csv.writer's default).
+    GLUE's TSVs quote nothing: a '"' is text ('"great" acting'). That mostly breaks the quoted reading,
+    and then the file is read without quoting. But where a field opens with '"' and a field on a later
+    line closes with '"', the quoted reading silently makes the lines between one field. The rule: when
+    the quoted reading has a field spanning lines and the unquoted reading is as regular (the same
+    header, every line a row of its width), the file means either and is refused, never guessed, unless
+    it shows it uses quoting: a quoted header (csv.QUOTE_ALL), or a quoted field holding a line break
+    other than the one the file's lines end with (a '\n' in a cell, '\r\n' after rows: csv.writer's
+    default). A cell holding tabs and the file's own line break is byte for byte a GLUE table.
     """
     try:
         columns, records = _csv_records(text, name, "\t")
