@@ -1,5 +1,7 @@
 """Tests for oztune.data.readers.read_examples."""
 
+import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -235,6 +237,7 @@ def test_tsv_without_quoting_glue_style(tmp_path):
     ('sentence\tlabel\nfirst\t1\n"opens\t1\ncloses"\t0\n', "3-4"),  # the next line: one row boundary swallowed
     ('sentence1\tsentence2\tlabel\na\t"b\t1\nc\td"\t0\n', "2-3"),  # in the middle column of a pair file
     ('sentence\tlabel\r\n"opens\t1\r\n\r\ncloses"\t0\r\n', "2-4"),  # CRLF, a blank line between
+    ('text\n"one\ntwo"\n', "2-3"),  # one column: every line is a row of its width, so nothing tells them apart
 ])
 def test_glue_tsv_quotes_that_pair_up_across_lines_are_an_error(tmp_path, content, lines):
     # Read with quoting these are fewer rows, read without (GLUE-style) every line is a row: never guess which
@@ -243,6 +246,24 @@ def test_glue_tsv_quotes_that_pair_up_across_lines_are_an_error(tmp_path, conten
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: line {first}: ambiguous quoting: the '\"' "
                                         rf"here closes on line {last}; "):
         read_examples(path)
+
+
+def test_a_csv_writer_tsv_that_is_also_a_glue_table_is_refused(tmp_path):
+    # The limit of any rule: a cell holding tabs and the file's own line break is byte for byte a GLUE table
+    buffer = io.StringIO()
+    csv.writer(buffer, delimiter="\t").writerows([["sentence", "label"], ["opens\t1\r\ncloses", "0"]])
+    assert buffer.getvalue() == 'sentence\tlabel\r\n"opens\t1\r\ncloses"\t0\r\n'
+    with pytest.raises(DataError, match=r"w\.tsv: line 2: ambiguous quoting: .* read without \(GLUE-style, '\"' as text\) 2 rows"):
+        read_examples(write(tmp_path, "w.tsv", buffer.getvalue()))
+
+
+def test_the_fix_the_ambiguity_error_names_reads_either_meaning(tmp_path):
+    # csv.QUOTE_ALL quotes the header, which settles it: the GLUE rows and the one quoted row both read back
+    for rows in ([['"opens', "1"], ['closes"', "0"]], [["opens\t1\ncloses", "0"]]):
+        buffer = io.StringIO()
+        csv.writer(buffer, delimiter="\t", quoting=csv.QUOTE_ALL).writerows([["sentence", "label"], *rows])
+        path = write(tmp_path, "fixed.tsv", buffer.getvalue())
+        assert [[e.text, e.label] for e in read_examples(path)] == rows
 
 
 def test_quoted_tsv_fields_spanning_lines_still_read(tmp_path):
