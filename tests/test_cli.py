@@ -135,6 +135,7 @@ BAD = [
     (["evaluate", "--model", "{tmp}", "--data", "{train}"], "not a model directory"),
     (["finetune", "--train", "{ragged}", "--output", "{tmp}/o"], "line 3: expected 2 fields"),
     (["finetune", "--train", "{binary}", "--output", "{tmp}/o"], "not valid UTF-8"),
+    (["evaluate", "--model", "{trained}", "--data", "{glue}"], "glue.tsv: line 2: ambiguous quoting: the '\"' here closes on line 3"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--epochs", "0"], "--epochs must be at least 1"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--layer-lr-decay", "1.5"], "--layer-lr-decay must be in (0, 1]"),
     (["finetune", "--train", "{train}", "--output", "{tmp}/o", "--pooling", "max"], "--pooling must be cls, mean or last"),
@@ -171,6 +172,7 @@ def test_bad_input_gives_one_line_and_exit_2(argv, message, trained, tiny_base, 
     (tmp_path / "one.tsv").write_text("sentence\tlabel\ngood\tpos\nfine\tpos\n")
     (tmp_path / "nan.csv").write_text("text,score\ngood,0.9\nbad,0.1\nmeh,nan\n")
     (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\na\tb\nc\td\n")
+    (tmp_path / "glue.tsv").write_text('sentence\tlabel\n"opens\tpos\ncloses"\tneg\n')  # 1 row quoted, 2 not
     (tmp_path / "plain").mkdir()  # a directory, not a model
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -179,6 +181,7 @@ def test_bad_input_gives_one_line_and_exit_2(argv, message, trained, tiny_base, 
     fill = {"tmp": str(tmp_path), "train": str(sentiment_files[0]), "trained": str(trained),
             "badlabel": str(tmp_path / "bad.tsv"), "ragged": str(tmp_path / "ragged.tsv"), "binary": str(tmp_path / "bin.tsv"),
             "onelabel": str(tmp_path / "one.tsv"), "nan": str(tmp_path / "nan.csv"), "pairs": str(tmp_path / "pairs.tsv"),
+            "glue": str(tmp_path / "glue.tsv"),
             "base": str(tiny_base), "corrupt": str(corrupt)}
     r = run(*[a.format(**fill) for a in argv])
     assert r.returncode == 2, r.stderr
