@@ -1,8 +1,8 @@
 """Read training and evaluation examples from CSV, TSV and JSON Lines files.
 
 :func:`read_examples` turns a data file into a list of :class:`Example` records. It never drops
-a row silently: every problem (bad encoding, ragged row, broken quoting, malformed JSON, unknown
-or empty column) raises :class:`~oztune.errors.DataError` naming the file and the line.
+a row silently: every problem (bad encoding, ragged row, broken or ambiguous quoting, malformed
+JSON, unknown or empty column) raises :class:`~oztune.errors.DataError` naming the file and the line.
 
 Labels are returned raw (strings for CSV/TSV, JSON values for JSON Lines); converting them to
 ids is the job of :mod:`oztune.data.labels`.
