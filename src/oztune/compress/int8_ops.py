@@ -40,27 +40,22 @@ def _has_onednn() -> bool:
 HAS_ONEDNN = _has_onednn()
 
 
-def quantize_per_token(x: torch.Tensor, few_rows: bool = True,
-                       amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, few_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantization of each row of ``x`` (M, K).
 
     Args:
         x: fp32 (M, K).
         few_rows: compute the row maxima with the fewest operators (``|x|`` then one reduction), rather
             than with two vectorised reductions and no ``|x|`` temporary (faster on many rows, eager).
-        amax: (M, 1) each row's largest ``|x|`` (or a bound on it), when the caller knows it already.
 
     Returns:
         (q, scale): int8 codes (M, K) in [-127, 127] and the row scales (M, 1), ``x ~ q * scale``.
     """
-    if amax is not None:
-        scale = amax.clamp_min(EPS).div_(127)  # (not in place: the caller's tensor)
-    else:
-        if few_rows:
-            amax = x.abs().amax(-1, keepdim=True)
-        else:  # two vectorised reductions, no |x| temporary
-            amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
-        scale = amax.clamp_min_(EPS).div_(127)
+    if few_rows:
+        amax = x.abs().amax(-1, keepdim=True)
+    else:  # two vectorised reductions, no |x| temporary
+        amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
+    scale = amax.clamp_min_(EPS).div_(127)
     return torch.div(x, scale).round_().to(torch.int8), scale
 
 
@@ -106,7 +101,7 @@ def pack_weight(wq: torch.Tensor) -> torch.Tensor | None:
 
 
 def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                packed: Callable[[], torch.Tensor | None], amax: torch.Tensor | None = None,
+                packed: Callable[[], torch.Tensor | None], top: torch.Tensor | None = None,
                 lower: float | None = None, weight_sums: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T + bias`` for a float ``x`` (M, K) and an int8 weight, activations quantized here per row.
 
@@ -120,11 +115,10 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
         bias: fp32 (N,) or None.
         packed: returns :func:`pack_weight` of ``wq`` (called only when oneDNN's kernel is used: eager, many
             rows; compiled, inductor fuses around ``torch._int_mm`` instead).
-        amax: (M, 1) each row's largest ``|x|``, when the caller knows it (see ``quantize_per_token``); with
-            ``lower``, each row's largest ``x``.
         lower: a bound no ``x`` is below (an activation's minimum, e.g. GELU's -0.17), for asymmetric codes:
             each row's 256 levels then span [lower, max x] instead of [-max |x|, max |x|], a step about half
             as large for an activation that is mostly positive (see :func:`int8_linear_from_floor`).
+        top: (M, 1) with ``lower``: each row's largest ``x`` or a bound on it, when the caller knows it.
         weight_sums: (N,) ``wq.sum(1) * w_scale`` (each output's sum of weights), required with ``lower``.
 
     Returns:
@@ -135,8 +129,8 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     few_rows = torch.compiler.is_compiling() or x.shape[0] < ONEDNN_MIN_ROWS
     pw = None if few_rows else packed()
     if lower is not None:
-        return int8_linear_from_floor(x, wq, w_scale, bias, pw, amax, lower, weight_sums)
-    q, scale = quantize_per_token(x, few_rows, amax)
+        return int8_linear_from_floor(x, wq, w_scale, bias, pw, top, lower, weight_sums)
+    q, scale = quantize_per_token(x, few_rows)
     if pw is not None:
         u8 = q.view(torch.uint8).bitwise_xor_(128)  # q + 128: oneDNN's fast kernel takes u8 with zero point 128
         y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 128, pw, w_scale, _zeros(w_scale.shape[0]), None,

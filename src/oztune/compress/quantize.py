@@ -128,14 +128,14 @@ class Int8Linear(nn.Module):
             self._packed, self._packed_key = pack_weight(self.weight), key
         return self._packed
 
-    takes_amax = True  # forward takes the rows' bound on |x| and x's floor (ChunkedFeedForward passes them)
+    takes_bounds = True  # forward takes x's floor and its rows' maxima (ChunkedFeedForward passes them)
 
-    def forward(self, x: torch.Tensor, amax: torch.Tensor | None = None, lower: float | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, top: torch.Tensor | None = None, lower: float | None = None) -> torch.Tensor:
         """``x @ weight.T + bias`` for x (..., in).
 
         Args:
             x: fp32 (..., in).
-            amax: (..., 1) each row's largest ``|x|`` (with ``lower``: largest ``x``), if known.
+            top: (..., 1) with ``lower``: each row's largest ``x`` (or a bound on it), if known.
             lower: a bound no ``x`` is below (an activation's minimum): each row's int8 codes then span
                 [lower, max x] rather than [-max |x|, max |x|] (asymmetric; about twice as fine for GELU).
         """
@@ -146,9 +146,9 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.dtype != torch.float32 or not rows.is_contiguous():
             rows = rows.float().contiguous()
-        if amax is not None:
-            amax = amax.reshape(-1, 1).float()
-        y = int8_linear(rows, self.weight, self.weight_scale, self.bias, self.packed_weight, amax,
+        if top is not None:
+            top = top.reshape(-1, 1).float()
+        y = int8_linear(rows, self.weight, self.weight_scale, self.bias, self.packed_weight, top,
                         lower, self.weight_sums)  # (M, N)
         return y.view(*lead, self.out_features)
 
@@ -213,7 +213,7 @@ class ChunkedFeedForward(nn.Module):
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)  # (M, F)
         # (not for a down-projection kept in float; nor a feed-forward pruned to width 0)
-        if self.act_floor is None or not getattr(self.down, "takes_amax", False) or h.shape[-1] == 0:
+        if self.act_floor is None or not getattr(self.down, "takes_bounds", False) or h.shape[-1] == 0:
             return self.down(self.act(h))
         top = h.amax(-1, keepdim=True).clamp_min_(0)  # (M, 1) >= max act(h) per row
         return self.down(self.act(h), top, -self.act_floor)  # asymmetric codes over [-floor, top]

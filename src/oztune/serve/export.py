@@ -41,7 +41,7 @@ FLOAT, UINT8 = 1, 2  # ONNX TensorProto data types
 class _Int8LinearOp(torch.autograd.Function):
     """``x @ W.T + bias`` the way :class:`oztune.compress.quantize.Int8Linear` computes it, as ONNX ops.
 
-    amax = max(ReduceMax(|x|), eps) per token (or the given bound, as the int8 feed-forward passes one);
+    amax = max(ReduceMax(|x|), eps) per token;
     q = uint8(Round(x * 127 / amax) + 128);
     y = float(MatMulInteger(q, Wq.T, zero point 128)) * amax / 127 * w_scale + bias.
     The codes are shifted to uint8 (zero point 128) because onnxruntime's fast int8 kernels are u8 x s8.
@@ -49,24 +49,23 @@ class _Int8LinearOp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, wq_t, w_scale, bias, amax=None):
+    def forward(ctx, x, wq_t, w_scale, bias):
         from oztune.compress.int8_ops import EPS
 
-        amax = (x.abs().amax(-1, keepdim=True) if amax is None else amax).clamp_min(EPS)  # (..., 1)
+        amax = x.abs().amax(-1, keepdim=True).clamp_min(EPS)  # (..., 1)
         return ((x * (127.0 / amax)).round() @ wq_t.float()) * (amax * (1 / 127)) * w_scale + bias
 
     @staticmethod
-    def symbolic(g, x, wq_t, w_scale, bias, amax=None):
+    def symbolic(g, x, wq_t, w_scale, bias):
         from oztune.compress.int8_ops import EPS
 
         def const(v, dtype=torch.float32):
             return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
 
-        if amax is None or amax.node().mustBeNone():
-            if g.opset >= 18:  # from opset 18 on, ReduceMax takes its axes as an input
-                amax = g.op("ReduceMax", g.op("Abs", x), const([-1], torch.int64), keepdims_i=1)
-            else:
-                amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+        if g.opset >= 18:  # from opset 18 on, ReduceMax takes its axes as an input
+            amax = g.op("ReduceMax", g.op("Abs", x), const([-1], torch.int64), keepdims_i=1)
+        else:
+            amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
         amax = g.op("Max", amax, const(EPS))
         q = g.op("Mul", x, g.op("Div", const(127.0), amax))
         q = g.op("Cast", g.op("Add", g.op("Round", q), const(128.0)), to_i=UINT8)
@@ -118,12 +117,12 @@ class OnnxInt8Linear(nn.Module):
         self.register_buffer("bias", q.bias.float().clone() if q.bias is not None else torch.zeros(q.out_features))
         self.register_buffer("weight_sums", q.weight_sums.float().clone())
 
-    takes_amax = True  # as Int8Linear: the int8 feed-forward passes its rows' bound and its input's floor
+    takes_bounds = True  # as Int8Linear: the int8 feed-forward passes its input's floor and rows' maxima
 
-    def forward(self, x: torch.Tensor, amax: torch.Tensor | None = None, lower: float | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, top: torch.Tensor | None = None, lower: float | None = None) -> torch.Tensor:
         if lower is None:
-            return _Int8LinearOp.apply(x, self.wq_t, self.w_scale, self.bias, amax)
-        top = x.amax(-1, keepdim=True) if amax is None else amax
+            return _Int8LinearOp.apply(x, self.wq_t, self.w_scale, self.bias)
+        top = x.amax(-1, keepdim=True) if top is None else top
         const = self.bias + lower * self.weight_sums  # (out,): folded into one constant by the exporter
         return _Int8LinearFloorOp.apply(x, self.wq_t, self.w_scale, const, top, float(lower))
 
