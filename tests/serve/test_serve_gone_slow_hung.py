@@ -110,6 +110,31 @@ def test_requests_of_clients_gone_do_not_fill_the_queue_for_live_ones():
         assert queue_texts(url) == 0
 
 
+def test_texts_of_clients_gone_do_not_count_as_waiting_in_the_queue():
+    # Before: oztune_queue_texts counted an abandoned request's texts until a worker took it (or a full queue
+    # dropped it), though they will never be run.
+    model = GatedModel()
+    app = create_app(model, ServeLimits(max_batch_size=8, max_wait_ms=0))  # (the queue far from full)
+    with serving(app) as url, ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["first"]}, timeout=20)
+            assert model.entered.wait(10)  # the model is busy with the first request
+            gone = raw_request(url, b'{"texts": ["gone", "also gone"]}')
+            assert eventually(lambda: app.state.batcher.pending == 2), "the request was not queued"
+            live = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["live"]}, timeout=20)
+            assert eventually(lambda: app.state.batcher.pending == 3), "the live request was not queued"
+            assert queue_texts(url) == 3  # while their clients wait, all count
+            gone.close()
+            assert eventually(app.state.batcher._queue[0].gone), "the server did not see the client leave"
+            assert queue_texts(url) == 1  # "live" only
+        finally:
+            model.gate.set()  # (on a failure too: the server's shutdown would wait for the gate)
+        assert first.result().status_code == 200 and live.result().status_code == 200
+        assert eventually(lambda: counted(url, 499) == 1), "the abandoned request was not counted 499"
+        assert model.batches == [1, 1]
+        assert queue_texts(url) == 0
+
+
 @contextmanager
 def logged_errors(name: str = "uvicorn.error"):
     """The messages of the errors logged to logger ``name`` meanwhile (uvicorn's do not propagate to pytest's;

@@ -142,12 +142,20 @@ class MicroBatcher:
         self._dropped_at = now
         kept: deque[_Request] = deque()
         for r in self._queue:
-            if r.future.done() or (r.gone is not None and r.gone()):
+            if _abandoned(r):
                 self.pending -= len(r.texts)
                 r.future.cancel()
             else:
                 kept.append(r)
         self._queue = kept
+
+    def waiting(self) -> int:
+        """Texts queued for clients still waiting: :attr:`pending` less the texts of requests nobody waits for
+        any more, which will not be run (they stay in ``pending``, counting toward ``max_queue``, until a worker
+        or a full queue takes them out). For /metrics; checks every queued request, so not for the request path.
+        Call from the event loop."""
+        with self._cond:
+            return sum(len(r.texts) for r in self._queue if not _abandoned(r))
 
     def alive(self) -> bool:
         """True while every worker thread runs (or before start, or once closed)."""
@@ -279,6 +287,12 @@ class MicroBatcher:
             out.append(preds[i:i + len(r.texts)])
             i += len(r.texts)
         return out
+
+
+def _abandoned(request: _Request) -> bool:
+    """Whether nobody waits for the request's answer any more: its client is gone, or its future was cancelled
+    (uvicorn's graceful shutdown ran out of time and the request has been answered)."""
+    return request.future.done() or (request.gone is not None and request.gone())
 
 
 def _resolve(results: list[tuple[_Request, object]]) -> None:

@@ -76,7 +76,8 @@ class Metrics:
                   "# TYPE oztune_request_errors_total counter", f"oztune_request_errors_total {errors}",
                   "# HELP oztune_texts_total Texts classified.", "# TYPE oztune_texts_total counter",
                   f"oztune_texts_total {self.texts}",
-                  "# HELP oztune_queue_texts Texts waiting for a batch.", "# TYPE oztune_queue_texts gauge",
+                  "# HELP oztune_queue_texts Texts waiting for a batch, not counting those of clients that have "
+                  "disconnected (they will not be run).", "# TYPE oztune_queue_texts gauge",
                   f"oztune_queue_texts {queue_depth}"]
         lines += self.latency.render()
         with self._batch_lock:  # a batch worker may be halfway through on_batch: +Inf would not equal _count

@@ -357,7 +357,7 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
     @app.get("/metrics")
     async def metrics_route() -> Response:
         """Counters and histograms in the Prometheus text format."""
-        return Response(metrics.render(batcher.pending), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(batcher.waiting()), media_type="text/plain; version=0.0.4")
 
     return app
 
