@@ -135,6 +135,30 @@ def test_texts_of_clients_gone_do_not_count_as_waiting_in_the_queue():
         assert queue_texts(url) == 0
 
 
+def texts_classified(url: str) -> int:
+    return int(re.search(r"^oztune_texts_total (\d+)$", httpx.get(f"{url}/metrics").text, re.M).group(1))
+
+
+def test_texts_classified_for_a_client_that_left_before_its_answer_count_as_classified():
+    # Before: oztune_texts_total ("Texts classified") counted the texts of 200 answers only, so texts the
+    # model did classify, for a client that then left (499), were missing from it.
+    model = GatedModel()
+    app = create_app(model, ServeLimits(max_batch_size=8, max_wait_ms=0))  # (batch timeout 300 s: _running set)
+    with serving(app) as url:
+        try:
+            gone = raw_request(url, b'{"texts": ["gone", "also gone"]}')
+            assert model.entered.wait(10)  # its texts are in the model
+            gone.close()
+            assert eventually(app.state.batcher._running[0][1][0].gone), "the server did not see the client leave"
+        finally:
+            model.gate.set()
+        assert eventually(lambda: counted(url, 499) == 1), "the request was not counted 499"
+        assert texts_classified(url) == 2
+        assert httpx.post(f"{url}/predict", json={"texts": ["after"]}, timeout=20).status_code == 200
+        assert texts_classified(url) == 3
+        assert model.batches == [2, 1]
+
+
 @contextmanager
 def logged_errors(name: str = "uvicorn.error"):
     """The messages of the errors logged to logger ``name`` meanwhile (uvicorn's do not propagate to pytest's;
@@ -221,6 +245,7 @@ def test_a_hung_model_call_gets_504_then_health_503_and_later_requests_503_until
         r = c.post("/predict", json={"texts": ["after"]})
         assert r.status_code == 200 and r.json()["predictions"][0]["score"] == 5.0
         assert counted(url, 504) == 1 and counted(url, 503) == 1
+        assert texts_classified(url) == 2  # "after", and "hangs": classified in the end, though answered 504
     assert model.batches == [1, 1]  # "later" was refused, not run
 
 

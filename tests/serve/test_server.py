@@ -178,6 +178,7 @@ def test_a_failing_model_gets_500_and_the_server_keeps_going():
         r = httpx.post(f"{url}/predict", json={"texts": ["boom"]}, timeout=20)
         assert r.status_code == 500 and "out of memory" in r.json()["detail"]
         assert httpx.post(f"{url}/predict", json={"texts": ["fine"]}, timeout=20).status_code == 200
+        assert metric(httpx.get(f"{url}/metrics").text, "oztune_texts_total") == 1  # "fine"; "boom" failed
 
 
 def test_full_queue_gets_503_and_queued_requests_still_finish():

@@ -1,4 +1,5 @@
-"""The /metrics exposition: Prometheus bucket bounds are inclusive; errors count every 4xx and 5xx answer."""
+"""The /metrics exposition: Prometheus bucket bounds are inclusive; errors count every 4xx and 5xx answer; texts
+classified are counted per batch, as the model returns them."""
 
 from __future__ import annotations
 
@@ -17,10 +18,19 @@ def test_a_value_on_a_bucket_bound_counts_in_that_bucket():
 
 def test_errors_count_client_and_server_errors_not_successes():
     m = Metrics()
-    m.on_request(200, 2, 0.001)
-    m.on_request(422, 0, 0.001)
+    m.on_request(200, 0.001)
+    m.on_request(422, 0.001)
     assert "oztune_request_errors_total 1" in m.render(0).splitlines()  # a 4xx is an error answer too
-    m.on_request(503, 0, 0.001)
-    m.on_request(413, 0, 0.001)
+    m.on_request(503, 0.001)
+    m.on_request(413, 0.001)
     lines = m.render(0).splitlines()
     assert "oztune_request_errors_total 3" in lines and 'oztune_requests_total{status="422"} 1' in lines
+
+
+def test_texts_classified_are_counted_per_batch_less_those_of_a_failed_model_call():
+    m = Metrics()
+    m.on_batch(5, 0.01, classified=3)  # two of its texts were in a model call that failed
+    m.on_batch(2, 0.01)  # all classified
+    m.on_request(200, 0.001)  # answers do not count texts: a 499's texts were classified all the same
+    lines = m.render(0).splitlines()
+    assert "oztune_texts_total 5" in lines and "oztune_batch_size_sum 7.0" in lines

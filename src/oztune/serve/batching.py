@@ -66,7 +66,8 @@ class MicroBatcher:
         max_batch_size: most texts per call of ``predict`` (one request with more is run alone).
         max_wait_ms: longest wait, counted from the oldest queued request, for a batch to fill.
         max_queue: most texts waiting; :meth:`submit` raises :class:`QueueFull` beyond it.
-        on_batch: called as ``on_batch(texts, seconds)`` after each batch (metrics), in the worker thread.
+        on_batch: called as ``on_batch(texts, seconds, classified)`` after each batch (metrics), in the worker
+            thread: ``classified`` of its ``texts`` got predictions (the others were in a model call that failed).
         batch_timeout_s: longest model call per batch before its requests get :class:`ModelTimeout` (0: none).
     """
 
@@ -267,7 +268,8 @@ class MicroBatcher:
                 if group:
                     results += zip(group, self._run(predict, group))
             if self.on_batch is not None:
-                self.on_batch(sum(len(r.texts) for r in batch), time.perf_counter() - start)
+                classified = sum(len(r.texts) for r, result in results if not isinstance(result, Exception))
+                self.on_batch(sum(len(r.texts) for r in batch), time.perf_counter() - start, classified)
             try:
                 self._loop.call_soon_threadsafe(_resolve, results)
             except RuntimeError:  # the event loop is closed: the server stopped while this batch ran, after its

@@ -1,7 +1,7 @@
 """The server's counters and histograms, rendered in the Prometheus text format (version 0.0.4).
 
-Request metrics change only in the event loop; batch metrics in the batch workers (one thread per model
-replica), under a lock.
+Request metrics change only in the event loop; batch metrics and texts classified in the batch workers (one
+thread per model replica), under a lock.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Metrics:
 
     def __init__(self):
         self.requests: Counter[int] = Counter()  # by HTTP status
-        self.texts = 0
+        self.texts = 0  # classified: the model returned their predictions (counted in the batch workers)
         self.latency = Histogram("oztune_request_duration_seconds", "Time from request to response of POST /predict.",
                                  LATENCY_BUCKETS)
         self.batch_size = Histogram("oztune_batch_size", "Texts per batch taken from the queue (a model call may split it).",
@@ -56,17 +56,21 @@ class Metrics:
                                     LATENCY_BUCKETS)
         self._batch_lock = threading.Lock()
 
-    def on_request(self, status: int, texts: int, seconds: float) -> None:
+    def on_request(self, status: int, seconds: float) -> None:
         self.requests[status] += 1
-        self.texts += texts
         self.latency.observe(seconds)
 
-    def on_batch(self, texts: int, seconds: float) -> None:
+    def on_batch(self, texts: int, seconds: float, classified: int | None = None) -> None:
+        """A batch of ``texts`` texts run in ``seconds``, of which the model classified ``classified`` (the rest
+        were in a model call that failed; None: all of them)."""
         with self._batch_lock:
             self.batch_size.observe(texts)
             self.batch_time.observe(seconds)
+            self.texts += texts if classified is None else classified
 
     def render(self, queue_depth: int) -> str:
+        with self._batch_lock:  # a batch worker may be halfway through on_batch: +Inf would not equal _count
+            texts, batches = self.texts, self.batch_size.render() + self.batch_time.render()
         lines = ["# HELP oztune_requests_total POST /predict requests by HTTP status (499: the client disconnected "
                  "before its answer).",
                  "# TYPE oztune_requests_total counter"]
@@ -74,12 +78,12 @@ class Metrics:
         errors = sum(n for s, n in self.requests.items() if s >= 400)
         lines += ["# HELP oztune_request_errors_total POST /predict requests answered with an error status.",
                   "# TYPE oztune_request_errors_total counter", f"oztune_request_errors_total {errors}",
-                  "# HELP oztune_texts_total Texts classified.", "# TYPE oztune_texts_total counter",
-                  f"oztune_texts_total {self.texts}",
+                  "# HELP oztune_texts_total Texts the model classified, whether or not the answer reached its "
+                  "client (also those of clients that disconnected first, 499, or of a model call that returned "
+                  "past the batch timeout, 504); not those of a model call that failed.",
+                  "# TYPE oztune_texts_total counter", f"oztune_texts_total {texts}",
                   "# HELP oztune_queue_texts Texts waiting for a batch, not counting those of clients that have "
                   "disconnected (they will not be run).", "# TYPE oztune_queue_texts gauge",
                   f"oztune_queue_texts {queue_depth}"]
-        lines += self.latency.render()
-        with self._batch_lock:  # a batch worker may be halfway through on_batch: +Inf would not equal _count
-            lines += self.batch_size.render() + self.batch_time.render()
+        lines += self.latency.render() + batches
         return "\n".join(lines) + "\n"
