@@ -55,15 +55,16 @@ def test_export_aoti_dir_runs_compiled_with_the_same_predictions(tiny_hf_dir, tm
                                    atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("other", [{"torch": "0.1.0"}, {"cpu_capability": "NO_AVX"}])  # either one differing
+# any one differing; a package from before oztune recorded its graphs' version has none (read as 1)
+@pytest.mark.parametrize("other", [{"torch": "0.1.0"}, {"cpu_capability": "NO_AVX"}, {"graphs": 1}, {"graphs": None}])
 def test_packages_for_another_machine_are_not_used(tiny_hf_dir, tmp_path, other):
     src = tiny_hf_dir("bert")[0]
     model, _, _ = load_classifier(src)
     folder = tmp_path / aot.AOT_DIR
     folder.mkdir()
-    meta = {**aot.machine(), **other}
+    meta = {k: v for k, v in {**aot.machine(), **other}.items() if v is not None}
     (folder / aot.META).write_text(json.dumps({**meta, "max_tokens": 64, "query_rows": True}))
-    built_for = f"built for {meta['torch']} / {meta['cpu_capability']}, this is "
+    built_for = f"built for {meta['torch']} / {meta['cpu_capability']} / oztune graphs {meta.get('graphs', 1)}, this is "
     with pytest.warns(UserWarning, match=re.escape(built_for)):  # not "do not load": it stops at the machine
         assert aot.load(model, tmp_path) is None
     assert aot.load(model, src) is None  # no packages at all: None, quietly

@@ -2,7 +2,9 @@
 
 Scheme: a weight (N, K) is stored as int8 ``wq`` with one fp32 scale per output row (symmetric,
 ``w ~ wq * w_scale[:, None]``); an activation (M, K) is quantized at run time with one scale per row
-(token), ``x ~ xq * amax / 127``. Then ``y = (xq @ wq.T) * amax / 127 * w_scale + bias``.
+(token), ``x ~ xq * amax / 127``. Then ``y = (xq @ wq.T) * amax / 127 * w_scale + bias``. An input known to be
+``>= lower`` (an activation's output, GELU's >= -0.17) is coded asymmetrically instead, over [lower, row max]
+(:func:`int8_linear_from_floor`).
 
 Two int8 kernels, both oneDNN underneath, chosen by the number of rows M (measured on a 2-core AVX512-VNNI
 EPYC, bench/int8.py --kernels; both reach ~400 GOP/s per thread on large matrices, like ONNX Runtime's MLAS):
@@ -12,7 +14,8 @@ EPYC, bench/int8.py --kernels; both reach ~400 GOP/s per thread on large matrice
 - M >= ``ONEDNN_MIN_ROWS``: ``torch.ops.onednn.qlinear_pointwise`` (the op PyTorch's inductor lowers
   quantized linears to) on a weight pre-packed once into oneDNN's blocked layout. It applies ``w_scale``
   and writes fp32 directly, saving the int32 tensor and a pass over it. It wants unsigned activations
-  with zero point 128, so the int8 codes get their sign bit flipped (``q + 128`` as uint8, a byte pass).
+  with zero point 128, so the int8 codes get their sign bit flipped (``q + 128`` as uint8, a byte pass;
+  asymmetric codes are flipped the same way and go in with zero point 0).
 
 Per-token scales of large inputs come from ``amax`` and ``amin`` (two vectorised reductions; ``aminmax``
 and the inf-norm are several times slower on CPU, ``abs()`` writes a temporary), rounding is in place,

@@ -2,7 +2,9 @@
 
 Every ``nn.Linear`` becomes an :class:`Int8Linear`: int8 weights with one fp32 scale per output
 channel, activations quantized dynamically to int8 with one scale per token, an int8 x int8 matmul
-(:mod:`oztune.compress.int8_ops`). Token and position embeddings become :class:`Int8Embedding`
+(:mod:`oztune.compress.int8_ops`). Activation codes are symmetric, except the feed-forward down-projection's
+input: an activation's output with a known minimum (GELU: -0.17) is coded over [minimum, row max] (see
+ACT_FLOORS). Token and position embeddings become :class:`Int8Embedding`
 (int8 rows, one scale per row; weight-only). Modules named by ``skip`` stay fp32; a ``skip`` that leaves
 nothing to quantize is refused. A model that runs compiled graphs (``compile=True``, an aoti export) is
 refused by :func:`quantize_`, :func:`prepare_qat_` and ``prune_``: its graphs keep the old weights. Feed-forward blocks
@@ -16,7 +18,8 @@ the usual training loop can adapt the weights; :func:`quantize_` then converts t
 
 Saving: quantized modules keep their state in buffers named like the float ones (``weight`` is int8,
 plus ``weight_scale``), so ``save_classifier(..., quantization=quantization_record(cfg))`` writes them
-to safetensors and ``load_classifier`` calls :func:`prepare_quantized` to rebuild the modules first.
+to safetensors and ``load_classifier`` calls :func:`prepare_quantized` to rebuild the modules first
+(``Int8Linear.weight_sums`` is not saved: it is derived from the weight on load).
 """
 
 from __future__ import annotations
@@ -138,6 +141,10 @@ class Int8Linear(nn.Module):
             top: (..., 1) with ``lower``: each row's largest ``x`` (or a bound on it), if known.
             lower: a bound no ``x`` is below (an activation's minimum): each row's int8 codes then span
                 [lower, max x] rather than [-max |x|, max |x|] (asymmetric; about twice as fine for GELU).
+                Trusted, not checked (a check would cost a pass): an ``x`` below it gives wrong codes.
+
+        After changing ``weight`` or ``weight_scale`` other than by loading a state dict, call
+        :meth:`sum_weights`.
         """
         lead = x.shape[:-1]
         if x.numel() == 0 or self.in_features == 0 or self.out_features == 0:
@@ -235,7 +242,9 @@ class FakeQuantLinear(nn.Linear):
     """A Linear that trains as it will run in int8: per-channel weight and per-token activation fake
     quantization with a straight-through gradient. Same parameters and state-dict names as nn.Linear.
     ``lower``: the floor of its input, for a feed-forward's down-projection (asymmetric codes, as the int8
-    feed-forward quantizes it; see ACT_FLOORS), else None."""
+    feed-forward quantizes it; see ACT_FLOORS), else None. Its rows' upper bound is their max: the int8 layer's
+    is max(max h, 0) of the activation's input, known earlier and up to 19% looser where max h is near 1
+    (ACT_FLOORS), so QAT's grid is that much finer on such rows."""
 
     lower: float | None = None
 

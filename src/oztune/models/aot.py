@@ -61,9 +61,19 @@ def weights_digest(model_dir: str | Path) -> str | None:
     return None
 
 
+# What oztune compiles into a package, raised whenever the model computes differently: a package built before
+# would run the old arithmetic for the shapes it takes, eager code the new one for the others.
+# 2: the int8 feed-forward's down-projection codes its input asymmetrically (oztune.compress.int8_ops).
+GRAPHS = 2
+
+
 def machine() -> dict:
-    """What a package depends on: the torch version and the CPU's vector instruction set."""
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    """What a package depends on: the torch version, the CPU's vector instruction set and oztune's graphs."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "graphs": GRAPHS}
+
+
+def _built_for(meta: dict) -> str:
+    return f"{meta.get('torch')} / {meta.get('cpu_capability')} / oztune graphs {meta.get('graphs', 1)}"
 
 
 def _example(model: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -139,8 +149,8 @@ def load(model: nn.Module, model_dir: str | Path) -> CompiledClassifier | None:
         return None
     here = machine()
     if any(meta.get(k) != v for k, v in here.items()):
-        warnings.warn(f"{folder}: built for {meta.get('torch')} / {meta.get('cpu_capability')}, this is "
-                      f"{here['torch']} / {here['cpu_capability']}: running eager (export it again here)", stacklevel=2)
+        warnings.warn(f"{folder}: built for {_built_for(meta)}, this is {_built_for(here)}: running eager "
+                      f"(export it again here)", stacklevel=2)
         return None
     if meta.get("weights_sha256") and meta["weights_sha256"] != weights_digest(model_dir):
         warnings.warn(f"{folder}: built for other weights than {model_dir}'s: running eager (export it again)",

@@ -72,7 +72,7 @@ class MicroBatcher:
     """
 
     def __init__(self, predict: Predict | list[Predict], max_batch_size: int = 64, max_wait_ms: float = 5.0,
-                 max_queue: int = 1024, on_batch: Callable[[int, float], None] | None = None,
+                 max_queue: int = 1024, on_batch: Callable[[int, float, int], None] | None = None,
                  batch_timeout_s: float = 0):
         self.predicts = list(predict) if isinstance(predict, (list, tuple)) else [predict]
         self.max_batch_size, self.max_queue = max_batch_size, max_queue

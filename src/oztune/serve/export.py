@@ -38,6 +38,11 @@ OPSET = 17
 FLOAT, UINT8 = 1, 2  # ONNX TensorProto data types
 
 
+def _const(g, v, dtype=torch.float32):
+    """An ONNX Constant node holding ``v``."""
+    return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
+
+
 class _Int8LinearOp(torch.autograd.Function):
     """``x @ W.T + bias`` the way :class:`oztune.compress.quantize.Int8Linear` computes it, as ONNX ops.
 
@@ -59,18 +64,15 @@ class _Int8LinearOp(torch.autograd.Function):
     def symbolic(g, x, wq_t, w_scale, bias):
         from oztune.compress.int8_ops import EPS
 
-        def const(v, dtype=torch.float32):
-            return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
-
         if g.opset >= 18:  # from opset 18 on, ReduceMax takes its axes as an input
-            amax = g.op("ReduceMax", g.op("Abs", x), const([-1], torch.int64), keepdims_i=1)
+            amax = g.op("ReduceMax", g.op("Abs", x), _const(g, [-1], torch.int64), keepdims_i=1)
         else:
             amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
-        amax = g.op("Max", amax, const(EPS))
-        q = g.op("Mul", x, g.op("Div", const(127.0), amax))
-        q = g.op("Cast", g.op("Add", g.op("Round", q), const(128.0)), to_i=UINT8)
-        y = g.op("Cast", g.op("MatMulInteger", q, wq_t, const(128, torch.uint8)), to_i=FLOAT)
-        y = g.op("Mul", y, g.op("Mul", amax, const(1 / 127)))
+        amax = g.op("Max", amax, _const(g, EPS))
+        q = g.op("Mul", x, g.op("Div", _const(g, 127.0), amax))
+        q = g.op("Cast", g.op("Add", g.op("Round", q), _const(g, 128.0)), to_i=UINT8)
+        y = g.op("Cast", g.op("MatMulInteger", q, wq_t, _const(g, 128, torch.uint8)), to_i=FLOAT)
+        y = g.op("Mul", y, g.op("Mul", amax, _const(g, 1 / 127)))
         return g.op("Add", g.op("Mul", y, w_scale), bias)
 
 
@@ -94,12 +96,9 @@ class _Int8LinearFloorOp(torch.autograd.Function):
     def symbolic(g, x, wq_t, w_scale, const, top, lower):
         from oztune.compress.int8_ops import EPS
 
-        def c(v, dtype=torch.float32):
-            return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
-
-        scale = g.op("Div", g.op("Max", g.op("Sub", top, c(lower)), c(EPS)), c(255.0))
-        u = g.op("Cast", g.op("Round", g.op("Div", g.op("Sub", x, c(lower)), scale)), to_i=UINT8)
-        y = g.op("Cast", g.op("MatMulInteger", u, wq_t, c(0, torch.uint8)), to_i=FLOAT)
+        scale = g.op("Div", g.op("Max", g.op("Sub", top, _const(g, lower)), _const(g, EPS)), _const(g, 255.0))
+        u = g.op("Cast", g.op("Round", g.op("Div", g.op("Sub", x, _const(g, lower)), scale)), to_i=UINT8)
+        y = g.op("Cast", g.op("MatMulInteger", u, wq_t, _const(g, 0, torch.uint8)), to_i=FLOAT)
         return g.op("Add", g.op("Mul", g.op("Mul", y, scale), w_scale), const)
 
 
@@ -120,9 +119,9 @@ class OnnxInt8Linear(nn.Module):
     takes_bounds = True  # as Int8Linear: the int8 feed-forward passes its input's floor and rows' maxima
 
     def forward(self, x: torch.Tensor, top: torch.Tensor | None = None, lower: float | None = None) -> torch.Tensor:
+        """As ``Int8Linear.forward``; with ``lower``, ``top`` is required (the int8 feed-forward passes both)."""
         if lower is None:
             return _Int8LinearOp.apply(x, self.wq_t, self.w_scale, self.bias)
-        top = x.amax(-1, keepdim=True) if top is None else top
         const = self.bias + lower * self.weight_sums  # (out,): folded into one constant by the exporter
         return _Int8LinearFloorOp.apply(x, self.wq_t, self.w_scale, const, top, float(lower))
 
