@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +141,24 @@ def test_shutdown_stops_the_groups_threads(tmp_path):
     assert left == {0: [], 1: []}, f"gloo threads still running after shutdown: {left}"
 
 
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "oztune", *args], capture_output=True, text=True, timeout=600)
+
+
+def _one_then_two_processes(tmp_path, args) -> tuple[Path, Path, dict, dict]:
+    """``args(out, 32)`` in one process, then ``args(out, 16)`` under torchrun in two, beside the ``teacher``
+    directory: only rank 0 reports and saves. Returns the two output directories and their run records."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(args(one, 32)) == 0
+    r = _torchrun(args(two, 16))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("saved to") == 1, "only rank 0 reports"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "teacher", "two"], "a rank's save left something"
+    run1, run2 = (json.loads((d / "run.json").read_text()) for d in (one, two))
+    return one, two, run1, run2
+
+
 def test_distill_in_two_processes_saves_once_and_matches_one_process(base_no_dropout, sentiment_files, tmp_path):
     """`torchrun ... oztune distill` trains each rank's share of the batches; rank 0 alone saves and reports."""
     train, dev = sentiment_files
@@ -151,24 +170,12 @@ def test_distill_in_two_processes_saves_once_and_matches_one_process(base_no_dro
                 "--student-layers", "1", "--epochs", "1", "--batch-size", str(batch_size), "--max-train-examples",
                 str(EXAMPLES), "--lr", "3e-3", "--precision", "fp32", "--no-progress"]
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(distill(one, 32)) == 0
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "oztune", *distill(two, 16)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("saved to") == 1, "only rank 0 reports"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "teacher", "two"], "a rank's save left something"
+    one, two, run1, run2 = _one_then_two_processes(tmp_path, distill)
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-4, f"2 x 16 differs from 1 x 32 by {worst:.2e}"
-    run1, run2 = (json.loads((d / "run.json").read_text()) for d in (one, two))
     assert run2["history"][-1]["train_loss"] == pytest.approx(run1["history"][-1]["train_loss"], rel=1e-4)
-
-
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "oztune", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("structured", [False, True])
@@ -187,13 +194,7 @@ def test_prune_in_two_processes_trains_data_parallel_and_saves_once(base_no_drop
                 "--precision", "fp32", "--no-progress", "--sparsity", "0.5",
                 *(["--structured", "--importance-batches", "2"] if structured else [])]
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(prune(one, 32)) == 0
-    r = _torchrun(prune(two, 16))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("saved to") == 1, "only rank 0 reports"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "teacher", "two"], "a rank's save left something"
-    run1, run2 = (json.loads((d / "run.json").read_text()) for d in (one, two))
+    _, _, run1, run2 = _one_then_two_processes(tmp_path, prune)
     assert [h["step"] for h in run2["history"]] == [h["step"] for h in run1["history"]] == [7]  # global batches of 32
     assert run2["parameters"] == run1["parameters"] and run2["sparsity"] == pytest.approx(run1["sparsity"], abs=0.01)
     if not structured:  # (--structured ranks its parts on batches of --batch-size, 16 here and 32 there: which
@@ -239,13 +240,7 @@ def test_quantize_with_qat_in_two_processes_trains_data_parallel_and_saves_once(
                 "--batch-size", str(batch_size), "--max-train-examples", str(EXAMPLES), "--qat-lr", "3e-3",
                 "--no-progress"]
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(quantize(one, 32)) == 0
-    r = _torchrun(quantize(two, 16))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("saved to") == 1, "only rank 0 reports"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "teacher", "two"], "a rank's save left something"
-    run1, run2 = (json.loads((d / "run.json").read_text()) for d in (one, two))
+    one, two, run1, run2 = _one_then_two_processes(tmp_path, quantize)
     assert [h["step"] for h in run2["qat"]["history"]] == [h["step"] for h in run1["qat"]["history"]] == [7]
     assert run2["qat"]["history"][-1]["train_loss"] == pytest.approx(run1["qat"]["history"][-1]["train_loss"], rel=1e-3)
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")

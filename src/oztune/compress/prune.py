@@ -31,6 +31,7 @@ from oztune.train.loop import TrainConfig, evaluate
 
 _HF_LAYER_KEY = {"bert": "num_hidden_layers", "roberta": "num_hidden_layers", "distilbert": "n_layers",
                  "gpt2": "n_layer"}
+IMPORTANCE_BATCHES = 32  # training batches over which --structured measures importance, by default
 
 
 @dataclass
@@ -50,7 +51,7 @@ class PruneConfig:
     heads: float = 0.0
     ffn: float = 0.0
     layers: int = 0
-    importance_batches: int = 32
+    importance_batches: int = IMPORTANCE_BATCHES
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -104,7 +105,7 @@ class Importance:
     layers: torch.Tensor
 
 
-def importance(model: SequenceClassifier, data: EncodedData, batches: int = 32, batch_size: int = 32,
+def importance(model: SequenceClassifier, data: EncodedData, batches: int = IMPORTANCE_BATCHES, batch_size: int = 32,
                seed: int = 0) -> Importance:
     """Sum over training batches of |dL/dg| for gates on every head, FFN neuron and layer (hard-label loss).
 
@@ -337,7 +338,7 @@ class PruneArgs(RecipeOptions):
             return PruneConfig(sparsity=self.sparsity)
         return PruneConfig(heads=self.sparsity if self.heads is None else self.heads,
                            ffn=self.sparsity if self.ffn is None else self.ffn, layers=self.layers,
-                           importance_batches=32 if self.importance_batches is None else self.importance_batches,
+                           importance_batches=IMPORTANCE_BATCHES if self.importance_batches is None else self.importance_batches,
                            batch_size=self.batch_size)
 
 
