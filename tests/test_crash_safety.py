@@ -153,13 +153,17 @@ def test_an_output_file_write_removes_the_temporary_files_of_killed_writers_and_
                                                                                            capsys):
     # predict --output and evaluate --mistakes write through .NAME.tmp-PID@HOST-*: one left by a writer killed on the
     # spot (kill -9: nothing ran to remove it) is removed by the next write of that file; a live writer's is kept,
-    # and another host's (a shared file system: its process ids are not ours), and anything else beside it
+    # and another host's or container's (a shared file system: its process ids are not ours), and anything else
+    # beside it
     import socket
 
+    from oztune.outdir import process_space
+
     out = tmp_path / "p.jsonl"
-    dead, host = _dead_pid(), socket.gethostname()
+    dead, host = _dead_pid(), process_space()
     names = {"dead": f".p.jsonl.tmp-{dead}@{host}-a1b2", "live": f".p.jsonl.tmp-{os.getpid()}@{host}-c3d4",
              "other_host": f".p.jsonl.tmp-{dead}@not-{host}-e5f6", "no_pid": ".p.jsonl.tmp-g7h8",
+             "other_container": f".p.jsonl.tmp-{dead}@{socket.gethostname()}+1-k1l2",
              "users": "p.jsonl.tmp", "other_output": f".q.jsonl.tmp-{dead}@{host}-i9j0"}
     for name in names.values():
         (tmp_path / name).write_text("partial")
@@ -169,7 +173,7 @@ def test_an_output_file_write_removes_the_temporary_files_of_killed_writers_and_
         args = ["evaluate", "--model", str(tiny_finetuned), "--data", str(sentiment_files[1]), "--mistakes", str(out)]
     assert cli.main(args) == 0, capsys.readouterr().err
     left = {n for n in os.listdir(tmp_path) if n != "p.jsonl"}
-    assert left == {names[k] for k in ("live", "other_host", "no_pid", "users", "other_output")}
+    assert left == {names[k] for k in ("live", "other_host", "no_pid", "users", "other_output", "other_container")}
     assert all((tmp_path / n).read_text() == "partial" for n in left)
 
 

@@ -139,16 +139,25 @@ def _stage_prefix(out: Path, kind: str) -> str:
     """The name of a temporary directory or file beside ``out`` (``kind``: tmp, being written; old, the earlier
     model set aside) up to mkdtemp's (mkstemp's) random part: it names the writing process, so that a later save can tell the
     leftover of one killed on the spot (kill -9, power loss: nothing ran to remove it) from a live run's."""
-    return f".{out.name}.{kind}-{os.getpid()}@{socket.gethostname()}-"
+    return f".{out.name}.{kind}-{os.getpid()}@{process_space()}-"
+
+
+def process_space() -> str:
+    """Where this process's id means something: the host name, and on Linux the id of its PID namespace (two
+    containers that share a host name, with host networking, and a folder each count processes from 1)."""
+    try:
+        return f"{socket.gethostname()}+{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux, or /proc not mounted
+        return socket.gethostname()
 
 
 def _remove_stale(out: Path) -> None:
     """Remove the leftovers beside ``out`` of earlier saves of it whose process, on this host, no longer exists:
     temporary directories (:func:`staged_dir`) and temporary files (:func:`staged_file`).
 
-    A live process's are left, and another host's (a shared file system: its process ids are not ours). An
-    earlier model set aside (``old``) by a save killed before it put the new one in place is the only copy of
-    ``out``: it is left while ``out`` is missing.
+    A live process's are left, and another host's or container's (a shared file system: its process ids are not
+    ours, :func:`process_space`). An earlier model set aside (``old``) by a save killed before it put the new one
+    in place is the only copy of ``out``: it is left while ``out`` is missing.
     """
     if os.name != "posix":  # os.kill(pid, 0) asks about a process only on POSIX (on Windows it kills it)
         return
@@ -159,7 +168,7 @@ def _remove_stale(out: Path) -> None:
         return
     for name in names:
         m, p = left.fullmatch(name), out.parent / name
-        if not m or m[3] != socket.gethostname() or _alive(int(m[2])) or p.is_symlink():
+        if not m or m[3] != process_space() or _alive(int(m[2])) or p.is_symlink():
             continue
         if p.is_dir() and (m[1] == "tmp" or os.path.lexists(out)):
             shutil.rmtree(p, ignore_errors=True)

@@ -14,6 +14,7 @@ import torch
 from conftest import killed_while_writing
 
 from oztune.models.hub import load_classifier, save_classifier
+from oztune.outdir import process_space
 
 
 def test_saving_twice_to_one_directory_holds_the_second_model_and_leaves_no_dot_entries(tiny_base, tmp_path):
@@ -40,22 +41,23 @@ def _dead_pid() -> int:
 def test_a_save_removes_the_leftovers_of_killed_saves_of_its_output_and_only_those(tiny_base, tmp_path):
     model, enc, _ = load_classifier(tiny_base, num_labels=2)
     out = save_classifier(model, enc, tmp_path / "m", {0: "x", 1: "y"})
-    dead, host = _dead_pid(), socket.gethostname()
+    dead, host = _dead_pid(), process_space()
     names = {"dead": f".m.tmp-{dead}@{host}-a1b2", "dead_old": f".m.old-{dead}@{host}-c3d4",
              "live": f".m.tmp-{os.getpid()}@{host}-e5f6", "other_host": f".m.tmp-{dead}@not-{host}-g7h8",
-             "no_pid": ".m.tmp-i9j0", "kept": f".m.kept-{dead}@{host}-k1l2", "other_output": f".n.tmp-{dead}@{host}-m3n4"}
+             "no_pid": ".m.tmp-i9j0", "kept": f".m.kept-{dead}@{host}-k1l2", "other_output": f".n.tmp-{dead}@{host}-m3n4",
+             "other_container": f".m.tmp-{dead}@{socket.gethostname()}+1-o5p6"}  # same host name, another PID namespace
     for name in names.values():
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"partial")
     save_classifier(model, enc, out, {0: "x", 1: "y"})
     left = {n for n in os.listdir(tmp_path) if n != "m"}
-    assert left == {names[k] for k in ("live", "other_host", "no_pid", "kept", "other_output")}
+    assert left == {names[k] for k in ("live", "other_host", "no_pid", "kept", "other_output", "other_container")}
 
 
 def test_an_earlier_model_set_aside_by_a_killed_save_stays_while_it_is_the_only_copy(tiny_base, tmp_path):
     # killed between its two renames: the earlier model is in .m.old-*/m and m is missing
     model, enc, _ = load_classifier(tiny_base, num_labels=2)
-    aside = tmp_path / f".m.old-{_dead_pid()}@{socket.gethostname()}-a1b2"
+    aside = tmp_path / f".m.old-{_dead_pid()}@{process_space()}-a1b2"
     save_classifier(model, enc, aside / "m", {0: "x", 1: "y"})
     save_classifier(model, enc, tmp_path / "m", {0: "x", 1: "y"})
     assert (aside / "m" / "model.safetensors").is_file()
