@@ -14,7 +14,7 @@ from torch import nn
 from oztune.api import Classifier
 from oztune.cli import main
 from oztune.compress import int8_ops, quantize
-from oztune.compress.quantize import (ChunkedFeedForward, FakeQuantLinear, Int8Embedding, Int8Linear, QuantConfig,
+from oztune.compress.quantize import (BoundedFeedForward, ChunkedFeedForward, FakeQuantLinear, Int8Embedding, Int8Linear, QuantConfig,
                                       prepare_qat_, quantization_record, quantize_)
 from oztune.config import HeadConfig, ModelConfig
 from oztune.data.load import Columns, encode_examples, read_labelled
@@ -250,17 +250,27 @@ def finetuned(one_thread, tiny_base, sentiment_files, tmp_path_factory):
     return out
 
 
-def test_qat_fake_quantizes_the_down_projections_from_the_activation_floor():
-    """QAT trains each feed-forward's down-projection on the asymmetric grid its int8 layer will use."""
+def test_qat_fake_quantizes_the_down_projections_on_their_int8_grid():
+    """QAT trains each feed-forward's down-projection on the asymmetric grid its int8 layer will use, whose
+    upper bound is max(max h, 0) of the activation's input h, not the activation output's max (with the
+    small h here, GELU's max is well under it: QAT's grid would be finer than int8's)."""
     model = tiny_classifier()
     ref = quantize_(copy.deepcopy(model), QuantConfig())
     prepare_qat_(model)
-    ffn = model.backbone.layers[0].ffn
-    assert ffn.down.lower == -quantize.ACT_FLOORS["gelu"] and ffn.up.lower is None
-    h = ffn.act(ffn.up(torch.randn(6, 32)))
+    ffn, int8_ffn = model.backbone.layers[0].ffn, ref.backbone.layers[0].ffn
+    assert type(ffn) is BoundedFeedForward and type(ffn.down) is FakeQuantLinear
+    assert type(model.backbone.layers[0].ffn.up) is FakeQuantLinear
+    x = torch.randn(6, 32) * 0.1
     with torch.no_grad():
-        torch.testing.assert_close(ffn.down(h), ref.backbone.layers[0].ffn.down(h, None, ffn.down.lower),
-                                   atol=1e-4, rtol=1e-4)
+        h = ffn.up(x)
+        assert (h.amax(-1) > 1.2 * ffn.act(h).amax(-1)).all()  # the two bounds differ: the test can tell them apart
+        fp32 = int8_ffn.down.dequantized_weight()
+        want = nn.functional.linear(int8_ops.fake_quantize_from_floor(ffn.act(h), -quantize.ACT_FLOORS["gelu"],
+                                                                      h.amax(-1, keepdim=True).clamp_min(0)),
+                                    fp32, int8_ffn.down.bias)
+        torch.testing.assert_close(ffn.down(ffn.act(h), h.amax(-1, keepdim=True).clamp_min(0), -0.1701), want)
+        torch.testing.assert_close(ffn(x), want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(int8_ffn(x), want, atol=1e-5, rtol=1e-3)  # the int8 kernel, up to rounding
 
 
 def test_qat_trains_and_converts(finetuned, sentiment_files):

@@ -81,11 +81,13 @@ def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     return x + ((x / scale).round() * scale - x).detach()
 
 
-def fake_quantize_from_floor(x: torch.Tensor, lower: float) -> torch.Tensor:
+def fake_quantize_from_floor(x: torch.Tensor, lower: float, top: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` (all ``>= lower``) rounded to its per-token asymmetric grid of :func:`int8_linear_from_floor`
-    (255 steps over [lower, max(max x, 0)]), with a straight-through gradient (identity)."""
+    (255 steps over [lower, top], ``top`` (..., 1) each row's bound, by default max(max x, 0)), with a
+    straight-through gradient (identity)."""
     x = x.float()
-    scale = ((x.amax(-1, keepdim=True).clamp_min(0) - lower).clamp_min(EPS) / 255).detach()
+    top = x.amax(-1, keepdim=True).clamp_min(0) if top is None else top.float()
+    scale = ((top - lower).clamp_min(EPS) / 255).detach()
     return x + (((x - lower) / scale).round() * scale + lower - x).detach()
 
 

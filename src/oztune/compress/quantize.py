@@ -195,21 +195,18 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-class ChunkedFeedForward(nn.Module):
-    """A feed-forward block evaluated ``CHUNK_ROWS`` tokens per thread at a time (inference only).
-
-    The (rows, F) intermediate between the up- and down-projection (int32/fp32 output, activation,
-    int8 codes) then stays in the core's cache instead of streaming (M, F) through memory: for a batch
-    of 64 SST-2 sentences (M ~ 1,800 tokens) the int8 FFN takes ~45% less time. Rows are independent,
-    so the result is the same. Holds the original ``up``/``down``/``act``: state-dict names do not change.
+class BoundedFeedForward(nn.Module):
+    """A feed-forward block that tells its down-projection the range of its input, known before the
+    activation runs (int8 and QAT: asymmetric codes over [-floor, max(max h, 0)] per token, see ACT_FLOORS).
+    Holds the original ``up``/``down``/``act``: state-dict names do not change.
 
     Args:
-        ffn: the FeedForward block to wrap.
+        ffn: the FeedForward block to wrap (or another BoundedFeedForward).
     """
 
-    def __init__(self, ffn: FeedForward):
+    def __init__(self, ffn: nn.Module):
         super().__init__()
-        self.up, self.down, self.act = ffn.up, ffn.down, ffn.act
+        self.up, self.down, self.act, self.activation = ffn.up, ffn.down, ffn.act, ffn.activation
         # For these activations a row of act(h) lies in [-floor, max(max h, 0)], known before act(h) is
         # computed (see ACT_FLOORS). Compiled, inductor would otherwise evaluate the activation (erf, for
         # GELU) twice per element: once for the row maxima that quantize the down-projection's input, once
@@ -217,7 +214,7 @@ class ChunkedFeedForward(nn.Module):
         # erf for every 16 elements.)
         self.act_floor = ACT_FLOORS.get(ffn.activation)
 
-    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)  # (M, F)
         # (not for a down-projection kept in float; nor a feed-forward pruned to width 0)
         if self.act_floor is None or not getattr(self.down, "takes_bounds", False) or h.shape[-1] == 0:
@@ -225,28 +222,36 @@ class ChunkedFeedForward(nn.Module):
         top = h.amax(-1, keepdim=True).clamp_min_(0)  # (M, 1) >= max act(h) per row
         return self.down(self.act(h), top, -self.act_floor)  # asymmetric codes over [-floor, top]
 
+
+class ChunkedFeedForward(BoundedFeedForward):
+    """A feed-forward block evaluated ``CHUNK_ROWS`` tokens per thread at a time (inference only).
+
+    The (rows, F) intermediate between the up- and down-projection (int32/fp32 output, activation,
+    int8 codes) then stays in the core's cache instead of streaming (M, F) through memory: for a batch
+    of 64 SST-2 sentences (M ~ 1,800 tokens) the int8 FFN takes ~45% less time. Rows are independent,
+    so the result is the same.
+    """
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # compiled, inductor fuses instead
-            return self._ffn(x)
+            return super().forward(x)
         rows = x.reshape(-1, x.shape[-1])  # (M, C)
         chunk = CHUNK_ROWS * torch.get_num_threads()  # each thread's share of a chunk stays in its core's cache
         if rows.shape[0] <= chunk:
-            return self._ffn(x)
+            return super().forward(x)
         out = rows.new_empty(rows.shape[0], self.down.out_features)
         for part, dst in zip(rows.split(chunk), out.split(chunk)):
-            dst.copy_(self._ffn(part))
+            dst.copy_(super().forward(part))
         return out.view(*x.shape[:-1], -1)
 
 
 class FakeQuantLinear(nn.Linear):
     """A Linear that trains as it will run in int8: per-channel weight and per-token activation fake
     quantization with a straight-through gradient. Same parameters and state-dict names as nn.Linear.
-    ``lower``: the floor of its input, for a feed-forward's down-projection (asymmetric codes, as the int8
-    feed-forward quantizes it; see ACT_FLOORS), else None. Its rows' upper bound is their max: the int8 layer's
-    is max(max h, 0) of the activation's input, known earlier and up to 19% looser where max h is near 1
-    (ACT_FLOORS), so QAT's grid is that much finer on such rows."""
+    A feed-forward's down-projection gets its input's bounds from :class:`BoundedFeedForward`, as the int8
+    layer does, and fake-quantizes on the same asymmetric grid."""
 
-    lower: float | None = None
+    takes_bounds = True  # as Int8Linear
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FakeQuantLinear":
@@ -254,10 +259,11 @@ class FakeQuantLinear(nn.Linear):
         fq.weight, fq.bias = linear.weight, linear.bias  # shared, not copied
         return fq
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, top: torch.Tensor | None = None, lower: float | None = None) -> torch.Tensor:
+        """Args as :meth:`Int8Linear.forward`'s."""
         if self.in_features == 0 or x.numel() == 0:
             return super().forward(x)
-        x = fake_quantize_per_token(x) if self.lower is None else fake_quantize_from_floor(x, self.lower)
+        x = fake_quantize_per_token(x) if lower is None else fake_quantize_from_floor(x, lower, top)
         return F.linear(x, fake_quantize_per_channel(self.weight), self.bias)
 
 
@@ -307,7 +313,7 @@ def _check_skip(model: nn.Module, config: QuantConfig) -> None:
 
 def _chunk_feed_forwards(model: nn.Module) -> None:
     for name, m in list(model.named_modules()):
-        if isinstance(m, FeedForward):
+        if isinstance(m, FeedForward) or type(m) is BoundedFeedForward:  # (a QAT model's: see prepare_qat_)
             model.set_submodule(name, ChunkedFeedForward(m))
 
 
@@ -364,9 +370,9 @@ def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Modu
     for name, m in _targets(model, config):
         if type(m) is not FakeQuantLinear and isinstance(m, nn.Linear):
             model.set_submodule(name, FakeQuantLinear.from_linear(m))
-    for ffn in model.modules():  # the down-projections the int8 feed-forward quantizes from the activation's floor
+    for name, ffn in list(model.named_modules()):  # down-projections told their input's range, as in int8
         if isinstance(ffn, FeedForward) and type(ffn.down) is FakeQuantLinear and ffn.activation in ACT_FLOORS:
-            ffn.down.lower = -ACT_FLOORS[ffn.activation]
+            model.set_submodule(name, BoundedFeedForward(ffn))
     return model
 
 
