@@ -273,6 +273,24 @@ def test_qat_fake_quantizes_the_down_projections_on_their_int8_grid():
         torch.testing.assert_close(int8_ffn(x), want, atol=1e-5, rtol=1e-3)  # the int8 kernel, up to rounding
 
 
+@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(embeddings="none", skip=["head.*"])])
+def test_a_qat_model_computes_what_its_int8_model_will(config):
+    """Every layer int8 converts is simulated, embeddings included, and nothing else: a QAT model's logits (what
+    training evaluates and keeps the best of) are the int8 model's, up to the int8 kernel's rounding."""
+    model = tiny_classifier()
+    fp32 = copy.deepcopy(model)
+    ref = quantize_(copy.deepcopy(model), config)
+    prepare_qat_(model, config)
+    assert isinstance(model.backbone.embed.word, quantize.FakeQuantEmbedding) == (config.embeddings == "int8")
+    assert type(model.backbone.embed.token_type) is nn.Embedding  # int8 keeps it fp32 too
+    assert (type(model.head.out) is FakeQuantLinear) == (not config.skip)
+    ids, mask = random_batch()
+    with torch.no_grad():
+        want, qat = ref(ids, mask), model(ids, mask)
+        assert rel_err(qat, want) < 1e-5
+        assert rel_err(fp32(ids, mask), want) > 20 * rel_err(qat, want)  # int8 is not simply fp32 here
+
+
 def test_qat_trains_and_converts(finetuned, sentiment_files):
     train, _ = sentiment_files
     model, enc, meta = load_classifier(finetuned)

@@ -12,9 +12,10 @@ become :class:`ChunkedFeedForward` (the same layers, run a few hundred tokens at
 intermediate stays in cache). For ``torch.compile`` on top see
 :mod:`oztune.models.compiled`.
 
-When post-training quantization loses too much, :func:`prepare_qat_` swaps the Linear layers for
-:class:`FakeQuantLinear` (the same rounding, simulated in float with a straight-through gradient) so
-the usual training loop can adapt the weights; :func:`quantize_` then converts them.
+When post-training quantization loses too much, :func:`prepare_qat_` swaps the Linear and Embedding layers
+for :class:`FakeQuantLinear` and :class:`FakeQuantEmbedding` (the same rounding, simulated in float with a
+straight-through gradient) so the usual training loop can adapt the weights; :func:`quantize_` then converts
+them.
 
 Saving: quantized modules keep their state in buffers named like the float ones (``weight`` is int8,
 plus ``weight_scale``), so ``save_classifier(..., quantization=quantization_record(cfg))`` writes them
@@ -267,6 +268,21 @@ class FakeQuantLinear(nn.Linear):
         return F.linear(x, fake_quantize_per_channel(self.weight), self.bias)
 
 
+class FakeQuantEmbedding(nn.Embedding):
+    """An Embedding that trains as it will run in int8 (:class:`Int8Embedding`: each row on its own symmetric
+    grid), rounding only the rows it looks up, with a straight-through gradient. Same parameter and state-dict
+    names as nn.Embedding."""
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> "FakeQuantEmbedding":
+        fq = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta")
+        fq.weight = emb.weight  # shared, not copied
+        return fq
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_per_token(super().forward(ids))  # a looked-up row's grid is its table row's
+
+
 def _skipped(name: str, patterns: list[str]) -> bool:
     """Whether a pattern matches the module's name or the name of a module containing it."""
     parts = name.split(".")
@@ -320,7 +336,8 @@ def _chunk_feed_forwards(model: nn.Module) -> None:
 def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Quantize ``model`` in place (Linear -> Int8Linear, Embedding -> Int8Embedding) and return it.
 
-    FakeQuantLinear layers from :func:`prepare_qat_` are converted like any Linear.
+    FakeQuantLinear and FakeQuantEmbedding layers from :func:`prepare_qat_` are converted like any Linear and
+    Embedding.
 
     Args:
         model: a SequenceClassifier (any module works: every nn.Linear / nn.Embedding found is converted).
@@ -362,14 +379,18 @@ def quantization_record(config: QuantConfig) -> dict:
 
 
 def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
-    """Swap every Linear that :func:`quantize_` would convert for a FakeQuantLinear (sharing its parameters),
-    in place, for quantization-aware fine-tuning with the usual ``fit``; returns ``model``."""
+    """Swap every Linear and Embedding that :func:`quantize_` would convert for a FakeQuantLinear or
+    FakeQuantEmbedding (sharing its parameters), in place, for quantization-aware fine-tuning with the usual
+    ``fit``: its forward computes what the int8 model will (up to the int8 kernel's rounding), so the
+    evaluations during training are the int8 model's. Returns ``model``."""
     config = config or QuantConfig()
     check_not_compiled(model, "fine-tune with fake quantization")
     _check_skip(model, config)
     for name, m in _targets(model, config):
         if type(m) is not FakeQuantLinear and isinstance(m, nn.Linear):
             model.set_submodule(name, FakeQuantLinear.from_linear(m))
+        elif type(m) is not FakeQuantEmbedding and isinstance(m, nn.Embedding):
+            model.set_submodule(name, FakeQuantEmbedding.from_embedding(m))
     for name, ffn in list(model.named_modules()):  # down-projections told their input's range, as in int8
         if isinstance(ffn, FeedForward) and type(ffn.down) is FakeQuantLinear and ffn.activation in ACT_FLOORS:
             model.set_submodule(name, BoundedFeedForward(ffn))
