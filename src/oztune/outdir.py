@@ -166,9 +166,10 @@ def _remove_stale(out: Path) -> None:
         names = os.listdir(out.parent)
     except OSError:  # (a folder we may write in but not list: nothing to clean, the save goes on)
         return
+    ours = (process_space(), socket.gethostname())  # (the host name alone: names written by earlier versions)
     for name in names:
         m, p = left.fullmatch(name), out.parent / name
-        if not m or m[3] != process_space() or _alive(int(m[2])) or p.is_symlink():
+        if not m or m[3] not in ours or _alive(int(m[2])) or p.is_symlink():
             continue
         if p.is_dir() and (m[1] == "tmp" or os.path.lexists(out)):
             shutil.rmtree(p, ignore_errors=True)

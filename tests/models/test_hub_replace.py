@@ -45,7 +45,8 @@ def test_a_save_removes_the_leftovers_of_killed_saves_of_its_output_and_only_tho
     names = {"dead": f".m.tmp-{dead}@{host}-a1b2", "dead_old": f".m.old-{dead}@{host}-c3d4",
              "live": f".m.tmp-{os.getpid()}@{host}-e5f6", "other_host": f".m.tmp-{dead}@not-{host}-g7h8",
              "no_pid": ".m.tmp-i9j0", "kept": f".m.kept-{dead}@{host}-k1l2", "other_output": f".n.tmp-{dead}@{host}-m3n4",
-             "other_container": f".m.tmp-{dead}@{socket.gethostname()}+1-o5p6"}  # same host name, another PID namespace
+             "other_container": f".m.tmp-{dead}@{socket.gethostname()}+1-o5p6",  # same host name, another PID namespace
+             "dead_earlier_version": f".m.tmp-{dead}@{socket.gethostname()}-q7r8"}  # named by the host name alone
     for name in names.values():
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"partial")
