@@ -8,7 +8,12 @@ runs twice: as its users get it, and with the allocator settings oztune applies 
 
     python bench/train_speed.py            # full (about 3 x 1-2 minutes of training on 2 cores)
     python bench/train_speed.py --quick    # 1,000 examples
+    python bench/train_speed.py --pairs 3  # + 3 pairs of fresh processes, Trainer then oztune's default
 Prints a table and writes bench/results/train_speed.json.
+
+On this shared VM a slow spell that hits one side of a run moves the ratio by 10-20%. ``--pairs N`` then
+runs N more pairs, each run in a fresh process (so the Trainer runs as its users get it, without the settings
+oztune applied to this one), alternating, and reports each pair's ratio and their median.
 """
 
 from __future__ import annotations
@@ -86,12 +91,20 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=8000)
     ap.add_argument("--quick", action="store_true", help="1,000 examples")
     ap.add_argument("--no-hf-malloc", action="store_true", help="skip the Trainer run with oztune's allocator settings")
+    ap.add_argument("--pairs", type=int, default=0, help="then N pairs of fresh processes: Trainer, oztune default")
+    ap.add_argument("--one", choices=["hf", "oztune"], help=argparse.SUPPRESS)  # (a pair's run: JSON on stdout)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_speed.json"))
     a = ap.parse_args()
     n = 1000 if a.quick else a.examples
     torch.set_num_threads(os.cpu_count() or 2)
     train, dev = sst2(n)
     import tempfile
+
+    if a.one:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_hf_trainer(train, dev, tmp) if a.one == "hf" else run_oztune(train, dev, freeze=True)
+        print("RESULT " + json.dumps(r))
+        return
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,9 +124,27 @@ def main() -> None:
     for name, r in rows.items():
         r["speedup_vs_hf_trainer"] = r["examples_per_s"] / base
         print(f"{name:<50} {r['examples_per_s']:>10.1f} {r['speedup_vs_hf_trainer']:>5.2f}x {r['train_s']:>8.1f} {100 * r['dev_accuracy']:>7.1f}%")
+    pairs = [{"hf": one_process("hf", n), "oztune": one_process("oztune", n)} for _ in range(a.pairs)]
+    if pairs:
+        print(f"\n{'pair (fresh processes)':<24} {'Trainer ex/s':>12} {'oztune ex/s':>12} {'ratio':>6} {'dev acc':>14}")
+        for i, p in enumerate(pairs, 1):
+            p["ratio"] = p["oztune"]["examples_per_s"] / p["hf"]["examples_per_s"]
+            print(f"{i:<24} {p['hf']['examples_per_s']:>12.1f} {p['oztune']['examples_per_s']:>12.1f} {p['ratio']:>5.2f}x "
+                  f"{100 * p['hf']['dev_accuracy']:>6.1f}/{100 * p['oztune']['dev_accuracy']:.1f}%")
+        print(f"median ratio of the {len(pairs)} pairs: {float(np.median([p['ratio'] for p in pairs])):.2f}x")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"examples": n, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                                       "rows": rows}, indent=2) + "\n")
+                                       "rows": rows, "pairs": pairs}, indent=2) + "\n")
+
+
+def one_process(which: str, n: int) -> dict:
+    """One training run ("hf" or "oztune", the default) in a fresh Python process: its result."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, __file__, "--one", which, "--examples", str(n)], capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
 
 
 if __name__ == "__main__":
