@@ -58,7 +58,7 @@ def test_compress_of_an_int8_model_keeping_fp32_writes_a_loadable_model(int8_dir
 
     def fp32_fastest(model, encoder, eval_data, texts, pairs, saved_in, *rest):
         m = real(model, encoder, eval_data, texts, pairs, saved_in, *rest)
-        m["throughput"] = 1e9 if Path(saved_in) == Path(int8_dir) else 1.0  # (timing noise decides this for real)
+        m["throughput"] = 1e9 if "variants" not in Path(saved_in).parts else 1.0  # (timing noise decides this for real)
         return m
 
     monkeypatch.setattr(search, "measure", fp32_fastest)

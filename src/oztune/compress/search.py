@@ -151,15 +151,15 @@ def _compress(a: CompressArgs, main: bool) -> dict:
     n_params = sum(p.numel() for p in teacher.parameters())
 
     def add(name: str, model, recipe: str, params: int, quant: dict | None = None, extra: dict | None = None) -> None:
-        """Save a variant under work/variants/<name> (fp32: weigh the input's files) and measure it.
+        """Save a variant under work/variants/<name> (fp32: work/fp32, the output if it is kept) and measure it.
 
         ``params``: the parameter count before quantization (int8 weights are buffers, not parameters).
+        fp32 is weighed as saved (fp32 safetensors), not as the input's files (fp16, pytorch_model.bin ...).
         """
         bar.set_postfix_str(f"measuring {name}")
-        d = meta["path"] if name == "fp32" else work / "variants" / name
-        if name != "fp32":
-            run = {"command": "compress", "variant": name, "recipe": recipe, "source": str(a.model), **(extra or {})}
-            save_classifier(model, enc, d, meta["id2label"], run=run, quantization=quant)
+        d = work / "fp32" if name == "fp32" else work / "variants" / name
+        run = {"command": "compress", "variant": name, "recipe": recipe, "source": str(a.model), **(extra or {})}
+        save_classifier(model, enc, d, meta["id2label"], run=run, quantization=quant)
         row = {"name": name, "recipe": recipe, "shape": shape(model), **(extra or {}),
                **measure(model, enc, data.eval, data.eval_texts, data.eval_pairs, d, params)}
         rows.append(row)
@@ -192,7 +192,7 @@ def _compress(a: CompressArgs, main: bool) -> dict:
             if not main:
                 return {}
             bar.set_postfix_str("report")
-            _finish(a, rows, work, teacher, enc, meta, data, start)
+            _finish(a, rows, work, data, start)
     finally:
         bar.close()
     return json.loads((out / "report.json").read_text())
@@ -228,15 +228,12 @@ def shape(model) -> str:
     return f"L{c.num_layers} H{sum(c.layer_heads)} F{sum(c.layer_ffn)} V{model.backbone.embed.word.weight.shape[0]}"
 
 
-def _finish(a: CompressArgs, rows: list[dict], work: Path, teacher, enc, meta: dict, data, start: float) -> None:
+def _finish(a: CompressArgs, rows: list[dict], work: Path, data, start: float) -> None:
     """Pick the fastest variant in budget, put it at the top of the output and write the report."""
     add_relative(rows, rows[0], a.max_drop)
     chosen = max((r for r in rows if r["within_budget"]), key=lambda r: (r["throughput"], -r["file_mb"]))["name"]
-    if chosen == "fp32":  # nothing smaller kept the accuracy: the output is the input model
-        save_classifier(teacher, enc, work / "fp32", meta["id2label"], run={"command": "compress", "variant": "fp32"})
-        src = work / "fp32"
-    else:
-        src = work / "variants" / chosen
+    # fp32: nothing smaller kept the accuracy, the output is the input model (as measured, saved in fp32)
+    src = work / "fp32" if chosen == "fp32" else work / "variants" / chosen
     for f in src.iterdir():
         shutil.copy2(f, work / f.name)
     shutil.rmtree(work / "fp32", ignore_errors=True)
