@@ -114,3 +114,25 @@ def test_default_alpha_gives_a_scale_of_two(model):
     apply_lora(model, rank=4)
     scales = {m.scaling for m in model.modules() if isinstance(m, LoRALinear)}
     assert scales == {2.0}
+
+
+@pytest.mark.parametrize("targets, message", [
+    ("q,v", "--lora-targets: unknown q, v; choose from qkv, o, up, down"),
+    (",", "--lora-targets: give at least one of qkv, o, up, down"),
+], ids=["unknown", "empty"])
+def test_bad_lora_targets_are_refused_before_any_work(tiny_base, tmp_path, monkeypatch, capsys, targets, message):
+    """Unknown names (PEFT's q,v) were refused only after reading the data, tokenizing it and loading the model;
+    an empty list (``--lora-targets ""``) silently adapted every linear while run.json recorded none."""
+    import oztune.train.finetune as ft
+
+    def no_reading(*a, **k):
+        raise AssertionError("the training file was read before the options were checked")
+
+    monkeypatch.setattr(ft, "read_labelled", no_reading)
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\ngood\tpos\nbad\tneg\n")
+    assert main(["finetune", "--train", str(train), "--model", str(tiny_base), "--output", str(tmp_path / "o"),
+                 "--lora-rank", "4", "--lora-targets", targets, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(OztuneError, match="give at least one of"):
+        apply_lora(load_classifier(tiny_base, num_labels=2)[0], rank=4, targets=[])

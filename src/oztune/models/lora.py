@@ -55,6 +55,15 @@ def _parent_and_name(block: nn.Module, path: str) -> tuple[nn.Module, str]:
     return block.get_submodule(parent_path), name
 
 
+def check_targets(targets: list[str]) -> None:
+    """A --lora-targets list :func:`apply_lora` can take: one or more names from :data:`TARGETS`."""
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise OztuneError(f"--lora-targets: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    if not targets:
+        raise OztuneError(f"--lora-targets: give at least one of {', '.join(TARGETS)}")
+
+
 def apply_lora(model: SequenceClassifier, rank: int, alpha: float | None = None, targets: list[str] | None = None,
                dropout: float = 0.0) -> int:
     """Wrap the target linears of every block in :class:`LoRALinear` and freeze everything but LoRA and the head.
@@ -69,11 +78,9 @@ def apply_lora(model: SequenceClassifier, rank: int, alpha: float | None = None,
     Returns:
         The number of trainable parameters.
     """
-    targets = list(dict.fromkeys(targets or TARGETS))  # a name given twice is one target
-    unknown = [t for t in targets if t not in TARGETS]
+    targets = list(dict.fromkeys(TARGETS if targets is None else targets))  # a name given twice is one target
+    check_targets(targets)
     check_at_least_1("--lora-rank", rank)
-    if unknown:
-        raise OztuneError(f"--lora-targets: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     alpha = float(alpha if alpha is not None else 2 * rank)
     model.requires_grad_(False)
     for i, block in enumerate(model.backbone.layers):

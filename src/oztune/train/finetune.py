@@ -16,7 +16,7 @@ from oztune.data.labels import are_class_ids
 from oztune.data.load import Columns, encode_examples, hold_out, label_setup, read_labelled
 from oztune.errors import OztuneError, check_at_least_1, check_positive
 from oztune.models.hub import DEFAULT_MODEL, load_classifier, new_head_, save_classifier
-from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, merge_lora
+from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, check_targets, merge_lora
 from oztune.outdir import check_output_dir
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints
@@ -212,6 +212,8 @@ def check_args(a: FinetuneArgs) -> None:
         if given:
             raise OztuneError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} up LoRA updates: give "
                               "--lora-rank R too (without it every weight trains)")
+    if a.lora_rank:
+        check_targets(a.lora_targets)
     if a.lora_rank and not a.freeze_embeddings:
         raise OztuneError("--no-freeze-embeddings trains the token embeddings, but with --lora-rank only the LoRA "
                           "updates and the task head train: drop one of the two")
