@@ -334,6 +334,14 @@ def test_weight_ema_without_evaluation_data_ends_on_the_average(tiny_base, data)
             torch.testing.assert_close(p.double(), want[n], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decay", [-0.5, 1.0, 1.5, float("nan")])
+def test_a_weight_ema_decay_outside_0_1_is_refused(decay):
+    """Only finetune's CLI checked it: in Python a negative decay extrapolated past the weights (lerp by 1 - d > 1),
+    nan made every weight nan, and the saved model was that average, with no error."""
+    with pytest.raises(ValueError, match=r"TrainConfig.ema_decay must be in \[0, 1\)"):
+        TrainConfig(ema_decay=decay)
+
+
 def test_resume_with_weight_ema_matches_an_uninterrupted_run(tiny_base, data, tmp_path):
     model, train, _ = new_model(tiny_base, data)  # no evaluation: the result is the average at the end
     fit(model, train, config(ema_decay=0.9))

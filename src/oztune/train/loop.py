@@ -104,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.epochs must be 0 or more, not {self.epochs}")
         if not (self.rdrop >= 0 and math.isfinite(self.rdrop)):
             raise ValueError(f"TrainConfig.rdrop must be 0 or more, not {self.rdrop}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), not {self.ema_decay}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
