@@ -136,3 +136,19 @@ def test_bad_lora_targets_are_refused_before_any_work(tiny_base, tmp_path, monke
     assert message in capsys.readouterr().err
     with pytest.raises(OztuneError, match="give at least one of"):
         apply_lora(load_classifier(tiny_base, num_labels=2)[0], rank=4, targets=[])
+
+
+def test_saving_unmerged_lora_updates_is_refused_not_written_unloadable(model, tiny_base, tmp_path):
+    """save_classifier wrote a model with LoRA updates still beside their layers in oztune's own format, under
+    names (``attn.qkv.base.weight``, ``attn.qkv.lora_a``) that neither oztune nor transformers load: the error
+    came only when the directory was loaded, and the training was lost."""
+    from oztune.models.hub import save_classifier
+
+    enc = load_classifier(tiny_base, num_labels=2)[1]
+    apply_lora(model, rank=2)
+    with pytest.raises(ValueError, match="merge_lora"):
+        save_classifier(model, enc, tmp_path / "m", {0: "neg", 1: "pos"})
+    assert not (tmp_path / "m").exists()
+    merge_lora(model)
+    save_classifier(model, enc, tmp_path / "m", {0: "neg", 1: "pos"})
+    torch.testing.assert_close(logits(load_classifier(tmp_path / "m")[0]), logits(model), rtol=1e-6, atol=1e-6)

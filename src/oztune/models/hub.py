@@ -23,6 +23,7 @@ from oztune.data.tokenize import TextEncoder
 from oztune.errors import ModelError
 from oztune.models.families import (FAMILIES, NATIVE_PREFIX, default_head, family_of, hf_to_oztune,
                                     is_default_head, oztune_to_hf)
+from oztune.models.lora import LoRALinear
 from oztune.models.transformer import SequenceClassifier, TaskHead, init_weights
 from oztune.outdir import staged_dir
 from oztune.runtime import tune_malloc
@@ -308,6 +309,9 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         quantization: the quantization recipe, when the model holds quantized layers.
         extra_files: more text files to write into the directory (name -> content).
     """
+    if any(isinstance(m, LoRALinear) for m in model.modules()):  # (their names load nowhere)
+        raise ValueError("the model holds LoRA updates beside its layers: fold them in with "
+                         "oztune.models.lora.merge_lora(model) before saving it")
     out = Path(out)
     family = FAMILIES[model.cfg.family]
     as_hf = hf_compatible(model) and not quantization
