@@ -47,7 +47,7 @@ def test_multi_label_learns_each_label(tiny_base, tmp_path):
     assert m["per_label"]["pos"]["precision"] == 0.0 and "confusion_matrix" not in m
 
 
-def test_regression_learns_a_score(tiny_base, tmp_path):
+def test_regression_learns_a_score(tiny_base, tmp_path, capsys):
     rng = random.Random(1)
     rows = []
     for _ in range(300):
@@ -62,6 +62,11 @@ def test_regression_learns_a_score(tiny_base, tmp_path):
                  "--pooling", "mean"]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["problem_type"] == "regression" and run["metrics"]["pearson"] > 0.8
+    # finetune's closing lines show each prediction as a value beside the gold value (there is no label)
+    shown = capsys.readouterr().out.split("(reloaded from disk):\n")[1].splitlines()[:5]
+    first = Classifier.from_pretrained(out).predict([rows[0]["text"]])[0]["score"]
+    assert shown[0].split() == [f"{first:.3f}", "gold", f"{rows[0]['score']:.3f}", *rows[0]["text"].split()]
+    assert not any("None" in line for line in shown)
     lo, hi = Classifier.from_pretrained(out).predict(["movie film", "good good good film"])
     assert lo["score"] < hi["score"]
     assert main(["evaluate", "--model", str(out), "--data", str(train), "--per-label"]) == 0  # no labels: no table

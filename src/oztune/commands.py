@@ -58,6 +58,9 @@ def finetune_cmd(a: FinetuneArgs) -> int:
         gold_ids = clf.gold_label_ids([e.label for e in examples]) if clf.problem_type == "single_label" else {}
         print(f"\nsome predictions on the {'held-out examples' if a.eval_split else 'eval file'} (reloaded from disk):")
         for e, p in zip(examples, preds):
+            if clf.problem_type == "regression":  # a value, no label
+                print(f"  {p['score']:>8.3f}  gold {float(e.label):>8.3f}  {e.text[:70]}")
+                continue
             gold = clf.id2label.get(gold_ids.get(str(e.label)), e.label)
             score = f"{p['score']:.3f}" if isinstance(p["score"], float) else ", ".join(f"{s:.3f}" for s in p["score"])
             print(f"  {str(p['label']):>8} ({score})  gold {str(gold):>8}  {e.text[:70]}")
