@@ -137,3 +137,14 @@ def test_opset_help_says_it_is_for_onnx_only(capsys):
         main(["export", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--opset OPSET ONNX opset version, for --format onnx only (17 to 20; not for --format aoti)" in text
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_config_names_the_inputs_the_graph_takes(family, tiny_hf_dir, tmp_path):
+    """config.json's onnx.inputs is what a client feeds: RoBERTa's one token-type row ignores the ids, so its
+    graph has no token_type_ids input (the config named one, and onnxruntime refuses an unknown input)."""
+    import onnxruntime as ort
+
+    out = export_onnx(tiny_hf_dir(family)[0], tmp_path / "onnx")
+    graph_inputs = [i.name for i in ort.InferenceSession(str(out / "model.onnx")).get_inputs()]
+    assert json.loads((out / "config.json").read_text())["oztune"]["onnx"]["inputs"] == graph_inputs

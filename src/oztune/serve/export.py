@@ -148,11 +148,12 @@ def prepare_for_onnx(model: nn.Module) -> nn.Module:
 
 
 def _example_inputs(model: SequenceClassifier) -> tuple[torch.Tensor, ...]:
-    """(input_ids, attention_mask[, token_type_ids]) of shape (2, 8) with padding in the second row."""
+    """(input_ids, attention_mask[, token_type_ids]) of shape (2, 8) with padding in the second row; token
+    types only where the model reads them (one row, RoBERTa's, ignores them: the graph would have no such input)."""
     ids = torch.full((2, 8), min(5, model.cfg.vocab_size - 1), dtype=torch.long)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0  # padded, so that the trace records the masked attention path
-    if model.cfg.type_vocab_size:
+    if model.cfg.type_vocab_size > 1:
         return ids, mask, torch.zeros_like(ids)
     return ids, mask
 
