@@ -148,3 +148,15 @@ def test_config_names_the_inputs_the_graph_takes(family, tiny_hf_dir, tmp_path):
     out = export_onnx(tiny_hf_dir(family)[0], tmp_path / "onnx")
     graph_inputs = [i.name for i in ort.InferenceSession(str(out / "model.onnx")).get_inputs()]
     assert json.loads((out / "config.json").read_text())["oztune"]["onnx"]["inputs"] == graph_inputs
+
+
+def test_loading_an_onnx_export_with_pytorch_says_what_it_is(tmp_path, capsys):
+    """An export holds model.onnx and no PyTorch weights: Classifier.from_pretrained and the commands that
+    load a model with PyTorch said only "no weights (expected model.safetensors or pytorch_model.bin)"."""
+    from oztune.errors import ModelError
+
+    out = export_onnx(save_tiny(tiny_classifier(), tmp_path / "model"), tmp_path / "onnx")
+    with pytest.raises(ModelError, match="an ONNX export"):
+        Classifier.from_pretrained(out)
+    assert main(["quantize", "--model", str(out), "--output", str(tmp_path / "q")]) == 2
+    assert "an ONNX export" in capsys.readouterr().err

@@ -174,6 +174,10 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
     path = resolve_model(name_or_dir)
     hf = read_config(path)
     oz = hf.get("oztune", {})
+    if oz.get("format") == "onnx":  # (it has no PyTorch weights: "no weights" would not say why)
+        raise ModelError(f"{path}: an ONNX export, which PyTorch does not load; run it with oztune predict, evaluate "
+                         "or serve --backend onnx (oztune.serve.backends.OnnxClassifier), or give the model "
+                         "directory it was exported from")
     family = family_of(hf, str(path / "config.json"))
     sd = read_weights(path)
     native = oz.get("format") == "native"
