@@ -160,3 +160,12 @@ def test_loading_an_onnx_export_with_pytorch_says_what_it_is(tmp_path, capsys):
         Classifier.from_pretrained(out)
     assert main(["quantize", "--model", str(out), "--output", str(tmp_path / "q")]) == 2
     assert "an ONNX export" in capsys.readouterr().err
+
+
+def test_a_model_directory_with_a_stray_model_onnx_still_exports(tmp_path):
+    """Another tool's model.onnx beside a model's weights does not make the directory an oztune export (as
+    is_onnx_export has it): export refused it with "already an ONNX export; give the model directory"."""
+    model_dir = save_tiny(tiny_classifier(), tmp_path / "model")
+    (model_dir / "model.onnx").write_bytes(b"not oztune's")
+    out = export_onnx(model_dir, tmp_path / "onnx")
+    assert max_logit_diff(model_dir, out, random_texts(10)) < 1e-4

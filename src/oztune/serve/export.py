@@ -225,7 +225,7 @@ def _source_and_output(model_dir: str | Path, output: str | Path) -> tuple[Path,
     """The model directory to export and the output, checked: not an export itself, not inside each other."""
     src, out = resolve_model(model_dir), Path(output)
     check_output_dir(output, inputs=(src,))  # (refuses the model directory, one inside it and one holding it)
-    if (src / ONNX_FILE).is_file():
+    if (src / ONNX_FILE).is_file() and "onnx" in read_config(src).get("oztune", {}):  # (not another tool's file)
         raise ModelError(f"{src}: already an ONNX export; give the model directory it was exported from")
     return src, out
 
