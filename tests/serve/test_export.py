@@ -169,3 +169,42 @@ def test_a_model_directory_with_a_stray_model_onnx_still_exports(tmp_path):
     (model_dir / "model.onnx").write_bytes(b"not oztune's")
     out = export_onnx(model_dir, tmp_path / "onnx")
     assert max_logit_diff(model_dir, out, random_texts(10)) < 1e-4
+
+
+GPT2_LIKE = dict(family="gpt2", pre_norm=True, causal=True, type_vocab_size=0, activation="gelu_tanh")
+
+
+@pytest.mark.parametrize("cfg,head", [({}, dict(pooling="mean", hidden_sizes=[16, 8])),
+                                      ({}, dict(pooling="last", problem_type="regression", num_labels=1)),
+                                      (GPT2_LIKE, dict(pooling="last", out_bias=False))])
+def test_fp32_predictions_match_for_every_pooling_and_head_at_batch_sizes_64_and_1(cfg, head, tmp_path):
+    """Pooling mean (with hidden head layers) and last (a regression's raw value; a causal decoder's last
+    real token, also for left-padded rows fed to the graph directly) predict as the torch model does."""
+    import onnxruntime as ort
+    import torch
+
+    from oztune.config import HeadConfig, ModelConfig
+    from oztune.models.transformer import SequenceClassifier, init_weights
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(ModelConfig(**{**dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                                     intermediate_size=37, max_positions=64), **cfg}),
+                               HeadConfig(**{"num_labels": 3, **head}))
+    init_weights(model, std=0.2)
+    model_dir = save_tiny(model.eval(), tmp_path / "model")
+    out = export_onnx(model_dir, tmp_path / "onnx")
+    clf, onnx_clf = Classifier.from_pretrained(model_dir), OnnxClassifier(out)
+    texts = random_texts(20, seed=6) + [LONG, "a"]
+    for batch_size in (64, 1):
+        clf.batch_size = onnx_clf.batch_size = batch_size
+        want, got = clf.predict(texts, all_scores=True), onnx_clf.predict(texts, all_scores=True)
+        assert [g["label"] for g in got] == [w["label"] for w in want]
+        assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-5)
+    ids = torch.randint(4, 64, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4], mask[1, :8], mask[2, 6:] = 0, 0, 0  # left-padded (one with a single token), right-padded
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    feeds = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    got = session.run(None, {i.name: feeds[i.name].numpy() for i in session.get_inputs()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(ids * mask, mask).numpy(), atol=1e-5)
