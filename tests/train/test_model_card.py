@@ -8,8 +8,8 @@ import torch
 from oztune.train.finetune import FinetuneArgs, model_card
 
 
-def card(history, best, eval_file="dev.tsv", class_weights=None, precision="auto", ran="fp32"):
-    a = FinetuneArgs(train="train.tsv", eval=eval_file, output="runs/x", epochs=3, lr=1e-4, precision=precision)
+def card(history, best, eval_file="dev.tsv", class_weights=None, precision="auto", ran="fp32", **args):
+    a = FinetuneArgs(train="train.tsv", eval=eval_file, output="runs/x", epochs=3, lr=1e-4, precision=precision, **args)
     run = {"metrics": best, "history": history, "problem_type": "single_label", "train_examples": 100,
            "max_length": 128, "train_seconds": 1.0, "train_examples_per_s": 100.0, "class_weights": class_weights,
            "precision": ran}
@@ -68,3 +68,12 @@ def test_fit_records_the_precision_that_ran(precision, bf16, ran, monkeypatch):
     data = EncodedData([([1, 2, 3], [0, 0, 0]), ([4, 5], [0, 0])], torch.tensor([0, 1]), 0)
     result = loop.fit(model, data, loop.TrainConfig(epochs=1, batch_size=2, progress=False, precision=precision))
     assert result.precision == ran
+
+
+def test_lora_updates_and_a_weight_average_are_named():
+    history = [{"epoch": e, "step": 4 * e, "accuracy": 0.8} for e in (1, 2, 3)]
+    text = card(history, history[-1], lora_rank=8, lora_targets=["qkv", "o"], ema_decay=0.999)
+    assert "LoRA rank 8 on qkv, o (alpha 16, merged into the weights)" in text
+    assert "the kept weights are a moving average (decay 0.999)" in text
+    plain = card(history, history[-1])
+    assert "LoRA" not in plain and "moving average" not in plain

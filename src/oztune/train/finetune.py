@@ -378,14 +378,19 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
                      f"(--eval-split {a.eval_split}){kept}")
     else:
         evaluated = f" on `{a.eval}`{kept}" if a.eval else " (no --eval file: the training loss)"
-    rdrop = f", R-Drop {a.rdrop:g}" if a.rdrop else ""
+    extras = f", R-Drop {a.rdrop:g}" if a.rdrop else ""
+    if a.lora_rank:
+        alpha = a.lora_alpha if a.lora_alpha is not None else 2 * a.lora_rank
+        extras += f", LoRA rank {a.lora_rank} on {', '.join(a.lora_targets)} (alpha {alpha:g}, merged into the weights)"
+    if a.ema_decay:
+        extras += f"; the kept weights are a moving average (decay {a.ema_decay:g})"
     weights = ", class weights " + ", ".join(f"{w:.3g}" for w in run["class_weights"]) if run.get("class_weights") else ""
     precision = run.get("precision", a.precision) + (" (auto)" if a.precision == "auto" else "")  # what ran
     return f"""# Fine-tuned with oztune
 
 - Base model: `{a.model}`
 - Task: {run['problem_type']} on `{a.train}` ({run['train_examples']:,} examples), labels: {', '.join(map(str, id2label.values()))}
-- Training: {trained}, batch {a.batch_size}, lr {a.lr}, max length {run['max_length']}, precision {precision}, seed {a.seed}{rdrop}{weights}
+- Training: {trained}, batch {a.batch_size}, lr {a.lr}, max length {run['max_length']}, precision {precision}, seed {a.seed}{extras}{weights}
 - Time: {run['train_seconds']} s ({run['train_examples_per_s']} examples/s)
 
 ## Evaluation{evaluated}
