@@ -240,6 +240,24 @@ def test_finetuning_a_finetuned_model_on_other_labels_gets_a_new_head(trained, t
         Classifier.from_pretrained(trained).predict(["a", "b", "c"], ["x"])
 
 
+def test_a_finetuned_model_whose_config_names_no_labels_is_said_so(trained, tmp_path):
+    # transformers 5 leaves default label names (LABEL_0, ...) out of config.json
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(trained, bare)
+    cfg = json.loads((bare / "config.json").read_text())
+    cfg.pop("id2label"), cfg.pop("label2id")
+    (bare / "config.json").write_text(json.dumps(cfg))
+    three = tmp_path / "three.tsv"
+    three.write_text("sentence\tlabel\n" + "".join(f"{w} film\t{lab}\n" for w, lab in
+                                                    [("good", "pos"), ("bad", "neg"), ("ok", "mid")] * 10))
+    r = run("finetune", "--model", str(bare), "--train", str(three), "--output", str(tmp_path / "m3"),
+            "--epochs", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "was fine-tuned for other labels (unnamed in its config.json); its task head is replaced" in r.stdout
+
+
 def test_model_directory_without_weights(trained, tmp_path):
     d = tmp_path / "noweights"
     d.mkdir()
