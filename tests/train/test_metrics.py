@@ -90,3 +90,14 @@ def test_label_report_matches_sklearn_multi_label():
     assert [r["per_label"][n]["support"] for n in "xyz"] == list(s)
     assert "confusion_matrix" not in r
     assert label_report("regression", logits[:, :1], gold[:, 0], {}) == {}
+
+
+@pytest.mark.parametrize("n", [3, 7, 10])
+def test_correlations_of_constant_predictions_and_gold_are_0_as_the_note_says(n):
+    """The mean of n copies of 0.1 (float64) is not exactly 0.1: centred, both sides are a constant residue
+    whose correlation came out 1.0, beside a note saying it is given as 0."""
+    m = regression_metrics(np.full(n, 0.1), np.full(n, 0.7))
+    assert (m["pearson"], m["spearman"]) == (0.0, 0.0)
+    assert m["note"].startswith("the predictions are all the same (0.1)")
+    m = regression_metrics(np.full(n, 0.3), np.arange(n, dtype=float))  # only the predictions constant
+    assert (m["pearson"], m["spearman"]) == (0.0, 0.0)

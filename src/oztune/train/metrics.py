@@ -80,7 +80,8 @@ def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float | 
     out: dict[str, float | str] = {"pearson": _pearson(pred, gold), "spearman": _pearson(_rank(pred), _rank(gold)),
                                    "mse": float(((pred - gold) ** 2).mean())}
     for what, x in (("predictions", pred), ("gold scores", gold)):
-        if len(x) and (x == x[0]).all():
+        if len(x) and (x == x[0]).all():  # 0 as said: centring on a rounded mean can leave a constant residue (±1)
+            out["pearson"] = out["spearman"] = 0.0
             out["note"] = (f"the {what} are all the same ({x[0]:.4g}): pearson and spearman are undefined, "
                            "given as 0")
             break
