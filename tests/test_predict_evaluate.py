@@ -57,3 +57,26 @@ def test_predict_stdin_blank_line_is_an_error_naming_it(tiny_finetuned, monkeypa
     _stdin(monkeypatch, b"good movie\n\nbad film\n")
     assert main(["predict", "--model", str(tiny_finetuned), "--input", "-"]) == 2
     assert "standard input: line 2 is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_evaluate_a_model_whose_outputs_are_nan_is_one_line_not_bare_nan_json(num_labels, tmp_path, capsys):
+    """A model whose weights went to nan (a diverged run) gave --json '"mse": NaN' (not JSON) for regression
+    and, for classification, the metrics of argmax(nan) = the first label."""
+    import torch
+
+    from conftest import tiny_hf_model, write_tiny_tokenizer
+
+    hf = tiny_hf_model("bert", num_labels=num_labels)
+    with torch.no_grad():
+        hf.classifier.bias[-1] = float("nan")
+    hf.save_pretrained(tmp_path / "m")
+    write_tiny_tokenizer(tmp_path / "m", 64)
+    data = tmp_path / "d.jsonl"
+    labels = [0.5, 1.5] if num_labels == 1 else ["LABEL_0", "LABEL_2"]
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(["good", "bad film"], labels)))
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--data", str(data), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert f"{data}: line 1: the model's output is not a finite number" in err and "2 of 2 examples" in err

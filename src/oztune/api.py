@@ -107,6 +107,11 @@ class Predictor:
         label2id = None if self.problem_type == "regression" else self.gold_label_ids([e.label for e in examples])
         data = encode_examples(examples, self.encoder, label2id, self.problem_type, path)
         logits = self.encoded_logits(data)
+        bad = np.flatnonzero(~np.isfinite(logits).all(-1))
+        if len(bad):  # metrics of nan would be nan (not JSON) or an argmax that means nothing
+            raise OztuneError(f"{path}: line {examples[bad[0]].line}: the model's output is not a finite number "
+                              f"({logits[bad[0]].tolist()}; {len(bad)} of {len(examples)} examples): no metric means "
+                              "anything (weights gone to nan in training?)")
         gold = data.labels.numpy()
         out = {**compute_metrics(self.problem_type, logits, gold), "examples": len(examples)}
         if per_label:
