@@ -80,3 +80,28 @@ def test_evaluate_a_model_whose_outputs_are_nan_is_one_line_not_bare_nan_json(nu
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert f"{data}: line 1: the model's output is not a finite number" in err and "2 of 2 examples" in err
+
+
+def test_evaluate_a_two_label_hf_model_whose_config_leaves_the_default_names_out(tmp_path, capsys):
+    """transformers >= 5 writes no id2label for 2 labels named LABEL_0, LABEL_1 (its defaults): the model had
+    no labels, so every gold label was 'not one the model knows ()' (and prune/distill called it untrained)."""
+    import torch
+
+    from conftest import tiny_hf_model, write_tiny_tokenizer
+
+    hf = tiny_hf_model("bert", num_labels=2)
+    hf.save_pretrained(tmp_path / "m")
+    write_tiny_tokenizer(tmp_path / "m", 64)
+    texts, gold = ["good", "bad film", "the plot was dull", "nice"], [0, 1, 1, 0]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, gold)))
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--data", str(data), "--json", "--per-label"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json"))
+    with torch.no_grad():  # transformers' own predictions
+        pred = [int(hf(input_ids=torch.tensor([tok.encode(t).ids])).logits.argmax()) for t in texts]
+    assert out["accuracy"] == sum(p == g for p, g in zip(pred, gold)) / 4
+    assert list(out["per_label"]) == ["LABEL_0", "LABEL_1"] and out["per_label"]["LABEL_1"]["support"] == 2

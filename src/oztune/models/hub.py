@@ -195,6 +195,8 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
                 family, cfg.hidden_size, len(id2label) or 2, _from_hf_problem(hf.get("problem_type"), len(id2label)))
         except (TypeError, ValueError) as e:
             raise ModelError(f"{path / 'config.json'}: its task head has a value oztune cannot use ({e})") from None
+        if not id2label:  # transformers >= 5 leaves the default names out of config.json (of 2 labels): its names
+            id2label = {i: f"LABEL_{i}" for i in range(head_cfg.num_labels)}
     else:
         head_cfg = default_head(family, cfg.hidden_size, 2 if num_labels is None else num_labels,
                                 problem_type or "single_label")
