@@ -240,8 +240,8 @@ def test_finetuning_a_finetuned_model_on_other_labels_gets_a_new_head(trained, t
         Classifier.from_pretrained(trained).predict(["a", "b", "c"], ["x"])
 
 
-def test_a_finetuned_model_whose_config_names_no_labels_is_said_so(trained, tmp_path):
-    # transformers 5 leaves default label names (LABEL_0, ...) out of config.json
+def test_a_finetuned_model_whose_config_names_no_labels_has_transformers_default_names(trained, tmp_path):
+    # transformers 5 leaves default label names (LABEL_0, ...) out of config.json; it reads them back as those
     import shutil
 
     bare = tmp_path / "bare"
@@ -255,7 +255,7 @@ def test_a_finetuned_model_whose_config_names_no_labels_is_said_so(trained, tmp_
     r = run("finetune", "--model", str(bare), "--train", str(three), "--output", str(tmp_path / "m3"),
             "--epochs", "1", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "was fine-tuned for other labels (unnamed in its config.json); its task head is replaced" in r.stdout
+    assert "was fine-tuned for other labels (LABEL_0, LABEL_1); its task head is replaced" in r.stdout
 
 
 def test_model_directory_without_weights(trained, tmp_path):

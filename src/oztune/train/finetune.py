@@ -305,10 +305,8 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
         id2label = dict(enumerate(a.label_names))
     if meta["trained"] and (model.head_cfg.problem_type, meta["id2label"]) != (problem_type, id2label):
         if env.is_main:  # a fine-tuned model on other labels: its head's outputs would mean something else
-            # (transformers 5 leaves default label names out of config.json)
-            names = ", ".join(map(str, meta["id2label"].values())) or "unnamed in its config.json"
-            print(f"oztune: {a.model} was fine-tuned for other labels ({names}); its task head is replaced by a new one",
-                  flush=True)
+            print(f"oztune: {a.model} was fine-tuned for other labels ({', '.join(map(str, meta['id2label'].values()))}"
+                  f"); its task head is replaced by a new one", flush=True)
         new_head_(model, num_labels, problem_type, head)
     t0 = time.perf_counter()
     train_data = encode_examples(train_ex, enc, label2id, problem_type, a.train)
