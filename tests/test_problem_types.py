@@ -17,7 +17,7 @@ def _jsonl(path, rows):
     return path
 
 
-def test_multi_label_learns_each_label(tiny_base, tmp_path):
+def test_multi_label_learns_each_label(tiny_base, tmp_path, capsys):
     rng = random.Random(0)
     rows = []
     for _ in range(300):
@@ -37,6 +37,14 @@ def test_multi_label_learns_each_label(tiny_base, tmp_path):
                  "--pooling", "mean"]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["problem_type"] == "multi_label" and run["metrics"]["micro_f1"] > 0.85
+    # finetune's closing lines name the predicted and gold labels ("pos, story (0.9, 0.8)"; none: "(none)"), not
+    # Python lists with empty parentheses ("[] ()")
+    shown = capsys.readouterr().out.split("(reloaded from disk):\n")[1].splitlines()[:5]
+    assert any(not r["labels"] for r in rows[:5]) and any(r["labels"] for r in rows[:5])
+    for line, p, r in zip(shown, Classifier.from_pretrained(out).predict([r["text"] for r in rows[:5]]), rows):
+        pred = f"{', '.join(p['label'])} ({', '.join(f'{s:.3f}' for s in p['score'])})" if p["label"] else "(none)"
+        assert line.split() == [*pred.split(), "gold", *(", ".join(r["labels"]) or "(none)").split(),
+                                *r["text"].split()]
     preds = Classifier.from_pretrained(out).predict(["good movie", "the plot", "good plot"])
     assert [sorted(p["label"]) for p in preds] == [["pos"], ["story"], ["pos", "story"]]
     wrong = _jsonl(tmp_path / "wrong.jsonl", [{"text": "good movie", "labels": ["story"]},

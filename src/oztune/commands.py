@@ -13,6 +13,7 @@ from pathlib import Path
 
 from oztune.api import Classifier
 from oztune.cli import command
+from oztune.data.labels import parse_multi_label
 from oztune.data.load import Columns, read_labelled
 from oztune.data.readers import lone_surrogate
 from oztune.errors import DataError, OztuneError, check_at_least_1
@@ -58,12 +59,18 @@ def finetune_cmd(a: FinetuneArgs) -> int:
         gold_ids = clf.gold_label_ids([e.label for e in examples]) if clf.problem_type == "single_label" else {}
         print(f"\nsome predictions on the {'held-out examples' if a.eval_split else 'eval file'} (reloaded from disk):")
         for e, p in zip(examples, preds):
+            text = e.text[:70]
             if clf.problem_type == "regression":  # a value, no label
-                print(f"  {p['score']:>8.3f}  gold {float(e.label):>8.3f}  {e.text[:70]}")
+                print(f"  {p['score']:>8.3f}  gold {float(e.label):>8.3f}  {text}")
+                continue
+            if clf.problem_type == "multi_label":  # the labels named, not a Python list; none: "(none)", not "[] ()"
+                shown = f"{', '.join(map(str, p['label']))} ({', '.join(f'{s:.3f}' for s in p['score'])})" \
+                    if p["label"] else "(none)"
+                gold = ", ".join(map(str, parse_multi_label(e.label, where=f"line {e.line}"))) or "(none)"
+                print(f"  {shown:>14}  gold {gold:>8}  {text}")
                 continue
             gold = clf.id2label.get(gold_ids.get(str(e.label)), e.label)
-            score = f"{p['score']:.3f}" if isinstance(p["score"], float) else ", ".join(f"{s:.3f}" for s in p["score"])
-            print(f"  {str(p['label']):>8} ({score})  gold {str(gold):>8}  {e.text[:70]}")
+            print(f"  {str(p['label']):>8} ({p['score']:.3f})  gold {str(gold):>8}  {text}")
     return 0
 
 
