@@ -82,7 +82,7 @@ def test_regression_learns_a_score(tiny_base, tmp_path, capsys):
     assert not (tmp_path / "w.jsonl").exists()
 
 
-def test_sentence_pairs_use_both_texts(tiny_base, tmp_path):
+def test_sentence_pairs_use_both_texts(tiny_base, tmp_path, capsys):
     rng = random.Random(2)
     lines = ["sentence1\tsentence2\tlabel"]
     for _ in range(300):
@@ -94,6 +94,11 @@ def test_sentence_pairs_use_both_texts(tiny_base, tmp_path):
     assert main(["finetune", "--train", str(train), "--eval", str(train), "--output", str(out), "--model", str(tiny_base),
                  "--epochs", "8", "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--no-freeze-embeddings"]) == 0
     assert json.loads((out / "run.json").read_text())["metrics"]["accuracy"] > 0.9
+    # finetune's closing lines show both texts of a pair: the label hangs on the second one here
+    shown = capsys.readouterr().out.split("(reloaded from disk):\n")[1].splitlines()[:5]
+    for line, row in zip(shown, lines[1:]):
+        a, b, label = row.split("\t")
+        assert line.endswith(f"gold {label:>8}  {a} | {b}"), line
     preds = Classifier.from_pretrained(out).predict(["the good movie", "the bad movie"], ["it is bad", "it is good"])
     assert [p["label"] for p in preds] == ["bad", "good"]
 

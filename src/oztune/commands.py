@@ -59,7 +59,8 @@ def finetune_cmd(a: FinetuneArgs) -> int:
         gold_ids = clf.gold_label_ids([e.label for e in examples]) if clf.problem_type == "single_label" else {}
         print(f"\nsome predictions on the {'held-out examples' if a.eval_split else 'eval file'} (reloaded from disk):")
         for e, p in zip(examples, preds):
-            text = e.text[:70]
+            # a pair's second text too: the label may hang on it alone
+            text = f"{e.text[:40]} | {e.text_pair[:40]}" if e.text_pair else e.text[:70]
             if clf.problem_type == "regression":  # a value, no label
                 print(f"  {p['score']:>8.3f}  gold {float(e.label):>8.3f}  {text}")
                 continue
