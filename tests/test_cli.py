@@ -315,6 +315,15 @@ def test_help_shows_each_options_default(capsys):
     assert "(default: None)" not in text
 
 
+def test_python_m_oztune_cli_has_the_commands():
+    """`python -m oztune.cli` (the module named in the console script) runs the same command line as `oztune`: it
+    listed no commands ("invalid choice: 'evaluate' (choose from )"), since they register in oztune.cli, and run
+    as a script the module is __main__, another module."""
+    r = subprocess.run([sys.executable, "-m", "oztune.cli", "evaluate", "--help"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "--per-label" in r.stdout, r.stderr
+
+
 def test_predict_into_a_pipe_closed_early_is_no_traceback(trained, tmp_path):
     texts = tmp_path / "many.txt"
     # ~1 MB of output, more than a pipe holds, written in three chunks (oztune.commands.PREDICT_CHUNK): the

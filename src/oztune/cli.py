@@ -288,5 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m oztune.cli: the commands register in oztune.cli, which this __main__ is not
+    from oztune.cli import main as cli_main
+
+    sys.exit(cli_main())
