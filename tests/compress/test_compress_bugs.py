@@ -145,3 +145,24 @@ def test_pareto_labels_do_not_overlap_when_variants_score_the_same(tmp_path, mon
     overlapping = [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb)]
     real_close(fig)
     assert not overlapping, f"labels drawn over each other: {overlapping}"
+
+
+@pytest.mark.parametrize("metric,title", [("pearson", "Pearson"), ("micro_f1", "Micro_f1"),
+                                          ("accuracy", "Accuracy")])
+def test_pareto_title_names_the_metric_plotted(tmp_path, monkeypatch, metric, title):
+    """A regression model's plot (pearson on the y axis) was titled "Accuracy against latency"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from oztune.compress.report import pareto_png
+
+    rows = [{"name": n, "score": s, "latency_p50_ms": l, "file_mb": 0.1, "metric": metric}
+            for n, s, l in [("fp32", 83.2, 0.46), ("int8", 80.1, 0.30)]]
+    kept, real_close = {}, plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.setdefault("fig", fig))
+    pareto_png(rows, "int8", 5.0, tmp_path / "pareto.png")
+    ax = kept["fig"].axes[0]
+    real_close(kept["fig"])
+    assert ax.get_title().splitlines()[0] == f"{title} against latency" and ax.get_ylabel() == f"{metric} (%)"

@@ -155,7 +155,7 @@ budget: at most {max_drop:g} point(s) of {metric} below fp32 ({base['score']:.2f
 - {"Every variant is saved under `variants/<name>/`; the" if settings.get("keep_variants", True) else "The"} kept one is this directory's model.
 - Recipes: {settings.get('recipes')}{pruning}; total time {settings.get('seconds', 0):.0f} s.
 
-![accuracy against latency](pareto.png)
+![{metric} against latency](pareto.png)
 """
 
 
@@ -182,7 +182,8 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> No
     ax.set_xlabel("batch-1 latency, p50 (ms, tokenization included)")
     ax.set_ylabel(f"{rows[0]['metric']} (%)")
     kept_fp32 = rows[0]["name"] == chosen  # nothing else within the budget: fp32 itself is kept (red)
-    ax.set_title("Accuracy against latency\nmarker area = file size; "
+    metric = rows[0]["metric"]  # (as on the y axis and in report.md: pearson for regression, micro_f1 multi-label)
+    ax.set_title(f"{metric[:1].upper()}{metric[1:]} against latency\nmarker area = file size; "
                  f"{'red = fp32, kept' if kept_fp32 else 'grey = fp32, red = kept'}", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
