@@ -55,6 +55,20 @@ def test_multi_label_learns_each_label(tiny_base, tmp_path, capsys):
     assert m["per_label"]["pos"]["precision"] == 0.0 and "confusion_matrix" not in m
 
 
+def test_multi_label_class_ids_with_label_names_show_the_names(tiny_base, tmp_path, capsys):
+    """Multi-label class ids named with --label-names: finetune's closing lines give the gold labels by name, as the
+    predictions are (they showed the ids, "gold 0, 1" beside "pos, story")."""
+    rows = [{"text": t, "labels": l} for t, l in [("good movie", [0]), ("the plot", [1]), ("good plot", [0, 1]),
+                                                  ("the movie", [])] * 5]
+    train = _jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "m"
+    assert main(["finetune", "--train", str(train), "--eval", str(train), "--output", str(out), "--model", str(tiny_base),
+                 "--epochs", "1", "--batch-size", "8", "--no-progress", "--label-names", "pos,story"]) == 0
+    shown = capsys.readouterr().out.split("(reloaded from disk):\n")[1].splitlines()[:4]
+    golds = [line.split("  gold ")[1].rsplit("  ", 1)[0].strip() for line in shown]
+    assert golds == ["pos", "story", "pos, story", "(none)"], shown
+
+
 def test_regression_learns_a_score(tiny_base, tmp_path, capsys):
     rng = random.Random(1)
     rows = []

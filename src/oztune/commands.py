@@ -56,7 +56,7 @@ def finetune_cmd(a: FinetuneArgs) -> int:
         examples = examples[:5]
         preds = clf.predict([e.text for e in examples],
                             [e.text_pair for e in examples] if examples and examples[0].text_pair else None)
-        gold_ids = clf.gold_label_ids([e.label for e in examples]) if clf.problem_type == "single_label" else {}
+        gold_ids = clf.gold_label_ids([e.label for e in examples]) if clf.problem_type != "regression" else {}
         print(f"\nsome predictions on the {'held-out examples' if a.eval_split else 'eval file'} (reloaded from disk):")
         for e, p in zip(examples, preds):
             # a pair's second text too: the label may hang on it alone
@@ -67,7 +67,8 @@ def finetune_cmd(a: FinetuneArgs) -> int:
             if clf.problem_type == "multi_label":  # the labels named, not a Python list; none: "(none)", not "[] ()"
                 shown = f"{', '.join(map(str, p['label']))} ({', '.join(f'{s:.3f}' for s in p['score'])})" \
                     if p["label"] else "(none)"
-                gold = ", ".join(map(str, parse_multi_label(e.label, where=f"line {e.line}"))) or "(none)"
+                gold = ", ".join(str(clf.id2label.get(gold_ids.get(str(n)), n))  # (class ids: --label-names)
+                                 for n in parse_multi_label(e.label, where=f"line {e.line}")) or "(none)"
                 print(f"  {shown:>14}  gold {gold:>8}  {text}")
                 continue
             gold = clf.id2label.get(gold_ids.get(str(e.label)), e.label)
