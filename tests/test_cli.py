@@ -118,6 +118,14 @@ def test_python_api_predict(trained):
     assert [p["label"] for p in preds] == ["pos", "neg"] and all(0.5 < p["score"] <= 1 for p in preds)
 
 
+def test_finetune_without_eval_says_its_metrics_are_the_last_epochs(tiny_base, sentiment_files, tmp_path, capsys):
+    """Without --eval nothing picks a best epoch (the last one is saved): the closing line said "best: epoch 2"."""
+    assert main(["finetune", "--train", str(sentiment_files[0]), "--output", str(tmp_path / "m"), "--model",
+                 str(tiny_base), "--epochs", "2", "--max-train-examples", "40", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "train metrics (last: epoch 2): train_loss " in out and "best" not in out, out
+
+
 def test_config_yaml_supplies_options(tiny_base, sentiment_files, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"train: {sentiment_files[0]}\nmodel: {tiny_base}\nepochs: 1\nmax_train_examples: 40\nprogress: false\n")

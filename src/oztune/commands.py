@@ -43,7 +43,8 @@ def finetune_cmd(a: FinetuneArgs) -> int:
     print(f"\nfine-tuned {a.model} on {run['train_examples']:,} examples in {run['train_seconds']:.0f} s "
           f"({run['train_examples_per_s']:.0f} examples/s); saved to {a.output}")
     if run["metrics"]:
-        print(f"{'eval' if a.evaluates else 'train'} metrics (best: {_when(run['metrics'])}): {_show_metrics(run['metrics'])}")
+        print(f"{'eval' if a.evaluates else 'train'} metrics ({'best' if a.evaluates else 'last'}: "  # (no eval: no choice)
+              f"{_when(run['metrics'])}): {_show_metrics(run['metrics'])}")
         if "note" in run["metrics"]:
             print(f"note: {run['metrics']['note']}")
     if a.evaluates:
