@@ -126,6 +126,8 @@ class HeadConfig:
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {', '.join(PROBLEM_TYPES)}, not {self.problem_type!r}")
         check_count("num_labels (the head's outputs)", self.num_labels)
+        if self.problem_type == "regression" and self.num_labels != 1:
+            raise ValueError(f"a regression head has one output (num_labels 1), not {self.num_labels}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         if self.activation not in ACTIVATIONS:

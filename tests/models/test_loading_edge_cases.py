@@ -205,3 +205,10 @@ def test_a_tokenizer_with_fewer_ids_than_the_token_embedding_loads(tmp_path):
     _bert().save_pretrained(d)
     write_tiny_tokenizer(d, 40)
     load_classifier(d)
+
+
+def test_a_regression_head_of_several_outputs_is_refused_by_name(tiny_hf_dir):
+    # oztune's regression predicts one value per text; HF's several would reach evaluate as 3N values for N scores
+    d, _ = tiny_hf_dir("bert", num_labels=3, problem_type="regression")
+    with pytest.raises(ModelError, match=r"config.json: .*a regression head has one output \(num_labels 1\), not 3"):
+        load_classifier(d)
