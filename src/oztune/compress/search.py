@@ -51,7 +51,8 @@ class CompressArgs(RecipeOptions):
         train: training file for importance ranking and distillation (the model's labels).
         eval: evaluation file (required): every variant is scored and timed on it.
         output: directory for the kept model, variants/<name>/, report.md, report.json and pareto.png.
-        max_drop: accuracy budget: at most this many points (percent) below the fp32 model.
+        max_drop: accuracy budget: at most this many points (percent) of the model's metric below the fp32 model
+            (accuracy; micro-F1 for multi-label, Pearson for regression).
         recipes: comma-separated recipes to try: int8, prune, prune-int8.
         sizes: comma-separated shares of the encoder's weights that pruning keeps (each from 0.01 to 0.99).
         importance_batches: training batches over which heads, neurons and layers are ranked.
