@@ -203,3 +203,27 @@ def test_saved_problem_type_is_the_one_transformers_reads(tiny_base, tmp_path, o
     out = save_classifier(model, enc, tmp_path / "m", labels)
     assert json.loads((out / "config.json").read_text())["problem_type"] == hf_problem
     assert T.AutoConfig.from_pretrained(out).problem_type == hf_problem
+
+
+def test_run_json_is_strict_json_when_a_metric_is_not_a_number(tmp_path):
+    # a run whose weights went to nan records nan metrics: run.json says null (NaN is not JSON: jq, JS refuse it)
+    from conftest import write_tiny_tokenizer
+
+    from oztune.config import HeadConfig, ModelConfig
+    from oztune.data.tokenize import TextEncoder
+    from oztune.models.transformer import SequenceClassifier
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    write_tiny_tokenizer(d, 64)
+    model = SequenceClassifier(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                                           intermediate_size=48, max_positions=64), HeadConfig(num_labels=2))
+    run = {"metrics": {"accuracy": 0.5, "train_loss": float("nan")}, "history": [{"mse": float("inf")}]}
+    out = save_classifier(model, TextEncoder.from_dir(d, 16), tmp_path / "m", {0: "a", 1: "b"}, run=run)
+    text = (out / "run.json").read_text()
+
+    def refuse(name):
+        raise ValueError(name)
+
+    saved = json.loads(text, parse_constant=refuse)
+    assert saved["metrics"] == {"accuracy": 0.5, "train_loss": None} and saved["history"] == [{"mse": None}]

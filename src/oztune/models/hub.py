@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -284,6 +285,17 @@ def _load_head(model: SequenceClassifier, head_sd: dict, strict: bool, where: st
     model.head.load_state_dict(fits, strict=False)
 
 
+def _finite(obj):
+    """``obj`` with every float that is not finite (a metric of a run gone to nan) as None: strict JSON's null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _from_hf_problem(p: str | None, num_labels: int) -> str:
     if p is None:
         return "regression" if num_labels == 1 else "single_label"
@@ -356,7 +368,7 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
     with staged_dir(out) as tmp:
         _save_tensors(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        (tmp / "run.json").write_text(json.dumps(run or {}, indent=2, default=str) + "\n")
+        (tmp / "run.json").write_text(json.dumps(_finite(run or {}), indent=2, default=str) + "\n")
         encoder.save(tmp)
         if card:
             (tmp / "README.md").write_text(card)
