@@ -233,13 +233,19 @@ def test_the_training_max_length_is_the_reloaded_models(tiny_base, sentiment_fil
     assert clf.evaluate(str(long_dev))["accuracy"] == pytest.approx(recorded)
 
 
-def test_finetuning_a_finetuned_model_on_other_labels_gets_a_new_head(trained, tmp_path):
+def _finetune_on_three_labels(model, tmp_path):
+    """finetune ``model`` on a file of three labels (neg, mid, pos) into tmp_path / "m3": the finished process."""
     three = tmp_path / "three.tsv"
     three.write_text("sentence\tlabel\n" + "".join(f"{w} film\t{lab}\n" for w, lab in
                                                     [("good", "pos"), ("bad", "neg"), ("ok", "mid")] * 10))
-    r = run("finetune", "--model", str(trained), "--train", str(three), "--output", str(tmp_path / "m3"),
+    r = run("finetune", "--model", str(model), "--train", str(three), "--output", str(tmp_path / "m3"),
             "--epochs", "1", "--no-progress")
     assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_finetuning_a_finetuned_model_on_other_labels_gets_a_new_head(trained, tmp_path):
+    r = _finetune_on_three_labels(trained, tmp_path)
     assert "its task head is replaced by a new one" in r.stdout
     from oztune import Classifier
 
@@ -257,12 +263,7 @@ def test_a_finetuned_model_whose_config_names_no_labels_has_transformers_default
     cfg = json.loads((bare / "config.json").read_text())
     cfg.pop("id2label"), cfg.pop("label2id")
     (bare / "config.json").write_text(json.dumps(cfg))
-    three = tmp_path / "three.tsv"
-    three.write_text("sentence\tlabel\n" + "".join(f"{w} film\t{lab}\n" for w, lab in
-                                                    [("good", "pos"), ("bad", "neg"), ("ok", "mid")] * 10))
-    r = run("finetune", "--model", str(bare), "--train", str(three), "--output", str(tmp_path / "m3"),
-            "--epochs", "1", "--no-progress")
-    assert r.returncode == 0, r.stderr
+    r = _finetune_on_three_labels(bare, tmp_path)
     assert "was fine-tuned for other labels (LABEL_0, LABEL_1); its task head is replaced" in r.stdout
 
 
