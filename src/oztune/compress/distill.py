@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from oztune.compress.prune import drop_layers_, evenly_spaced
 from oztune.compress.quantize import is_int8
-from oztune.compress.sparse import zeros_keeper
+from oztune.compress.sparse import to_sparse_, zeros_keeper
 from oztune.compress.vocab import tokens_seen
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
@@ -143,7 +143,9 @@ def distill(teacher: SequenceClassifier, student: SequenceClassifier, train_data
         config: distillation settings.
         eval_data: labelled data evaluated each epoch (the best epoch is kept).
         teacher_logits: the teacher's logits on ``train_data`` (N, L), when already computed.
-        on_step: per-step callback passed to ``fit`` (e.g. a pruning schedule).
+        on_step: per-step callback passed to ``fit`` (e.g. a pruning schedule). By default, the zeros of a
+            student pruned without structure stay zero (:func:`~oztune.compress.sparse.zeros_keeper`), and its
+            layers that are plain Linears again (sliced by structured pruning) are stored compactly after.
     """
     config = config or DistillConfig()
     if is_int8(student):
@@ -171,11 +173,15 @@ def distill(teacher: SequenceClassifier, student: SequenceClassifier, train_data
         loss_fn = distill_loss_fn(None, config)
     grads = [p.requires_grad for p in teacher.parameters()]
     teacher.requires_grad_(False)
+    kept = zeros_keeper(student) if on_step is None else None  # (None too for a student without sparse layers)
     try:
-        return fit(student, data, cfg, eval_data, loss_fn=loss_fn, on_step=on_step)
+        result = fit(student, data, cfg, eval_data, loss_fn=loss_fn, on_step=on_step or kept)
     finally:
         for p, g in zip(teacher.parameters(), grads):
             p.requires_grad_(g)
+    if kept is not None:
+        to_sparse_(student)
+    return result
 
 
 def student_from_layers(teacher: SequenceClassifier, n: int) -> tuple[SequenceClassifier, list[int]]:
@@ -315,8 +321,8 @@ def _run_distill(a: DistillArgs, dcfg: DistillConfig, saves: bool) -> dict:
         dcfg.layer_map = kept
     data = load_task_data(teacher, enc, meta, a.train, a.eval, a.columns(), a.max_train_examples, a.seed)
     teacher_metrics = evaluate(teacher, data.eval) if saves else {}  # (reported by rank 0 alone)
-    # an unstructured-pruned student (oztune prune without --structured) keeps its zeros while it trains
-    result = distill(teacher, student, data.train, a.train_config(), dcfg, data.eval, on_step=zeros_keeper(student))
+    # (an unstructured-pruned student, from oztune prune without --structured, keeps its zeros: see distill)
+    result = distill(teacher, student, data.train, a.train_config(), dcfg, data.eval)
     run = {"command": "distill", "args": asdict(a), "teacher_metrics": teacher_metrics, "metrics": result.best,
            "history": result.history, "train_examples": len(data.train), "train_seconds": round(result.seconds, 1),
            "student": {"layers": student.cfg.num_layers, "heads": student.cfg.layer_heads, "ffn": student.cfg.layer_ffn,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from oztune.compress.sparse import (GradualPruner, SparseLinear, apply_masks, magnitude_prune_, sparsity_of,
-                                   swap_sparse, to_sparse_, zeros_keeper)
+                                   swap_sparse, to_sparse_)
 from oztune.compress.quantize import check_not_compiled, is_int8
 from oztune.compress.vocab import VocabEmbedding
 from oztune.data.dataset import EncodedData, train_batches
@@ -370,10 +370,8 @@ def _run_prune(a: PruneArgs, pcfg: PruneConfig, dcfg, saves: bool) -> dict:
     student = copy.deepcopy(teacher)
     if a.structured:
         prune_(student, pcfg, data.train)
-        keep = zeros_keeper(student)  # an unstructured-pruned model's zeros stay zero through the recovery
-        result = distill(teacher, student, data.train, cfg, dcfg, data.eval, on_step=keep)
-        if keep is not None:
-            to_sparse_(student)  # (the layers it sliced are plain Linears again: stored compactly)
+        # (an unstructured-pruned model's zeros stay zero through the recovery: see distill)
+        result = distill(teacher, student, data.train, cfg, dcfg, data.eval)
     else:  # no per-epoch best: an earlier, less sparse epoch must not win
         pruner = GradualPruner(student, pcfg.sparsity)
         result = distill(teacher, student, data.train, cfg, dcfg, on_step=pruner)

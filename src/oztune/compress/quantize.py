@@ -392,7 +392,7 @@ def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Modu
         elif type(m) is not FakeQuantEmbedding and isinstance(m, nn.Embedding):
             model.set_submodule(name, FakeQuantEmbedding.from_embedding(m))
     for name, ffn in list(model.named_modules()):  # down-projections told their input's range, as in int8
-        if isinstance(ffn, FeedForward) and type(ffn.down) is FakeQuantLinear and ffn.activation in ACT_FLOORS:
+        if isinstance(ffn, FeedForward):  # (one kept in fp32, or another activation: BoundedFeedForward runs it plainly)
             model.set_submodule(name, BoundedFeedForward(ffn))
     return model
 

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from oztune.compress.distill import DistillConfig, check_train_options, distill, load_task_data, load_trained
 from oztune.compress.prune import PruneConfig, prune_
-from oztune.compress.sparse import to_sparse_, zeros_keeper
 from oztune.compress.vocab import prune_vocab_, unk_id
 from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
 from oztune.compress.report import add_relative, measure, write_report
@@ -211,11 +210,9 @@ def _pruned(teacher, enc, data, keep: float, teacher_logits: torch.Tensor, a: Co
     bar.set_postfix_str(f"recovering {shape(student)}")
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, precision=a.precision, seed=a.seed,
                       freeze_embeddings=True, progress=a.progress)
-    zeros = zeros_keeper(student)  # an unstructured-pruned input's zeros stay zero through the recovery
+    # (an unstructured-pruned input's zeros stay zero through the recovery: see distill)
     result = distill(teacher, student, data.train, cfg, DistillConfig(a.temperature, a.alpha), data.eval,
-                     teacher_logits=teacher_logits, on_step=zeros)
-    if zeros is not None:
-        to_sparse_(student)  # (the layers it sliced are plain Linears again: stored compactly)
+                     teacher_logits=teacher_logits)
     unk = unk_id(enc)
     if a.prune_vocab and unk is not None and isinstance(student.backbone.embed.word, nn.Embedding):
         prune_vocab_(student, data.train_tokens, unk)  # (a vocabulary pruned before, by an earlier compress, stays)

@@ -21,7 +21,7 @@ from oztune.data.tokenize import TextEncoder, pad_batch
 from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import read_config, resolve_model, tokenizer_length
 from oztune.serve.batching import ModelTimeout
-from oztune.serve.export import ONNX_FILE, export_onnx
+from oztune.serve.export import ONNX_FILE, export_onnx, is_onnx_export
 
 BACKENDS = ("torch", "onnx")
 
@@ -73,18 +73,6 @@ class OnnxClassifier(Predictor):
                 out = np.zeros((len(data), logits.shape[-1]), dtype=np.float32)
             out[idx] = logits
         return out if out is not None else np.zeros((0, 0), dtype=np.float32)
-
-
-def is_onnx_export(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by ``oztune export --format onnx`` (its model.onnx and the
-    export's section in config.json: another tool's model.onnx beside a model's weights is not one)."""
-    path = Path(path)
-    if not (path / ONNX_FILE).is_file():
-        return False
-    try:
-        return "onnx" in read_config(path).get("oztune", {})
-    except OztuneError:
-        return False
 
 
 def open_predictor(model: str, batch_size: int = 64) -> Predictor:

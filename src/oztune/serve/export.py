@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from oztune.errors import ModelError
+from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import load_classifier, read_config, require_trained, resolve_model
 from oztune.outdir import check_output_dir, staged_dir
 from oztune.models.transformer import SequenceClassifier
@@ -221,11 +221,23 @@ def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
     return out
 
 
+def is_onnx_export(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by ``oztune export --format onnx`` (its model.onnx and the
+    export's section in config.json: another tool's model.onnx beside a model's weights is not one)."""
+    path = Path(path)
+    if not (path / ONNX_FILE).is_file():
+        return False
+    try:
+        return "onnx" in read_config(path).get("oztune", {})
+    except OztuneError:
+        return False
+
+
 def _source_and_output(model_dir: str | Path, output: str | Path) -> tuple[Path, Path]:
     """The model directory to export and the output, checked: not an export itself, not inside each other."""
     src, out = resolve_model(model_dir), Path(output)
     check_output_dir(output, inputs=(src,))  # (refuses the model directory, one inside it and one holding it)
-    if (src / ONNX_FILE).is_file() and "onnx" in read_config(src).get("oztune", {}):  # (not another tool's file)
+    if is_onnx_export(src):  # (not another tool's model.onnx beside the weights)
         raise ModelError(f"{src}: already an ONNX export; give the model directory it was exported from")
     return src, out
 

@@ -63,6 +63,9 @@ def _rank(x: np.ndarray) -> np.ndarray:
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    # undefined for a constant: 0 (centred on its rounded mean, a constant can leave a residue that correlates)
+    if not len(a) or (a == a[0]).all() or (b == b[0]).all():
+        return 0.0
     a, b = a - a.mean(), b - b.mean()
     d = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / d) if d > 0 else 0.0
@@ -80,8 +83,7 @@ def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float | 
     out: dict[str, float | str] = {"pearson": _pearson(pred, gold), "spearman": _pearson(_rank(pred), _rank(gold)),
                                    "mse": float(((pred - gold) ** 2).mean())}
     for what, x in (("predictions", pred), ("gold scores", gold)):
-        if len(x) and (x == x[0]).all():  # 0 as said: centring on a rounded mean can leave a constant residue (±1)
-            out["pearson"] = out["spearman"] = 0.0
+        if len(x) and (x == x[0]).all():  # (_pearson gives 0)
             out["note"] = (f"the {what} are all the same ({x[0]:.4g}): pearson and spearman are undefined, "
                            "given as 0")
             break
