@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +13,12 @@ import torch
 from oztune.api import Classifier
 from oztune.cli import main
 from oztune.compress.quantize import QuantConfig, quantize_
+from oztune.config import HeadConfig, ModelConfig
 from oztune.models import aot
 from oztune.models.compiled import CompiledClassifier
 from oztune.models.hub import load_classifier
+from oztune.models.packing import token_index
+from oztune.models.transformer import SequenceClassifier
 
 from conftest import padded_batch
 
@@ -37,6 +41,25 @@ def test_aot_logits_match_eager(tiny_hf_dir, tmp_path, one_thread, family, pooli
         for ids, mask in batches:
             # int8: inductor computes x / scale in another order, so a code can round the other way
             torch.testing.assert_close(wrapped(ids, mask), model(ids, mask), atol=2e-2 if int8 else 1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("window", [3, 5])
+def test_a_window_shorter_than_the_example_batch_exports_graphs_that_fit_it(tmp_path, monkeypatch, one_thread,
+                                                                             window):
+    """The example batch fits the position window (T 7 overran it; a window of 3 gets T 2, B being 3). Only the
+    export runs here: the compiler, a minute's work, gets the graphs as they are."""
+    built = {}
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda program, package_path: built.setdefault(Path(package_path).name, program.module()))
+    torch.manual_seed(0)
+    model = SequenceClassifier(ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                           intermediate_size=37, max_positions=window), HeadConfig(num_labels=3))
+    aot.build(model.eval(), tmp_path)
+    ids, mask = padded_batch(0, lengths=(window, 2, window - 1, 1))
+    b, t, q = token_index(mask, model.pooled_positions(ids, mask))
+    with torch.no_grad():
+        torch.testing.assert_close(built[aot.PACKED](ids, mask, torch.zeros_like(ids), b, t, q), model(ids, mask))
+        torch.testing.assert_close(built[aot.SINGLE](ids[:1], torch.zeros_like(ids[:1])), model(ids[:1]))
 
 
 def test_export_aoti_dir_runs_compiled_with_the_same_predictions(tiny_hf_dir, tmp_path, one_thread):

@@ -12,6 +12,7 @@ from servehelp import random_texts, save_tiny, tiny_classifier
 from oztune import Classifier
 from oztune.cli import main
 from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
+from oztune.errors import ModelError
 from oztune.serve.backends import OnnxClassifier
 from oztune.serve.export import export_onnx
 
@@ -53,6 +54,28 @@ def test_unstructured_pruned_model_exports_fp32_and_int8(tmp_path):
     out = export_onnx(model_dir, tmp_path / "onnx")
     assert max_logit_diff(model_dir, out, random_texts(40) + [LONG]) < 1e-4
     assert int8_initializers(export_onnx(model_dir, tmp_path / "onnx8", int8=True)) > 0
+
+
+@pytest.mark.parametrize("window", [3, 5])
+def test_a_model_whose_window_is_shorter_than_the_example_batch_exports(window, tmp_path):
+    """The traced example batch fits the position window (it was 8 tokens long: an IndexError)."""
+    model_dir = save_tiny(tiny_classifier(max_positions=window), tmp_path / "short")
+    out = export_onnx(model_dir, tmp_path / "onnx")
+    assert max_logit_diff(model_dir, out, random_texts(40) + [LONG, "a"]) < 1e-4  # truncated to the window
+
+
+def test_a_model_whose_window_holds_one_token_is_refused_by_name(tmp_path):
+    """One token leaves no room for the padded example batch the export traces: a ModelError names the model and
+    its window (a tokenizer adding no special tokens can load it)."""
+    from oztune.serve.export import export_aoti
+
+    model_dir = save_tiny(tiny_classifier(max_positions=1), tmp_path / "one")
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    (model_dir / "tokenizer.json").write_text(json.dumps({**tokenizer, "post_processor": None}))
+    for export in (export_onnx, export_aoti):
+        with pytest.raises(ModelError, match=f"{model_dir}: its position window holds 1 token.*at least 2"):
+            export(model_dir, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_and_predict_run_an_onnx_export_like_the_model(tmp_path, capsys):

@@ -77,12 +77,16 @@ def _built_for(meta: dict) -> str:
 
 
 def _example(model: nn.Module) -> tuple[torch.Tensor, ...]:
-    """A padded batch whose sizes all differ (B 3, T 7, N 15 real tokens), so no two get one symbol."""
-    B, T = 3, 7
+    """A padded batch whose sizes all differ (B 3, T 7, N 15 real tokens), so no two get one symbol; T is
+    shorter where the position window is (2 tokens at least: :func:`oztune.serve.export.export_aoti` checks),
+    and never B."""
+    B = 3
+    T = min(7, model.cfg.max_length)
+    T -= T == B
     ids = torch.full((B, T), min(5, model.cfg.vocab_size - 1), dtype=torch.long)
     mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, 5:] = 0
-    mask[2, 3:] = 0
+    mask[1, min(5, T - 1):] = 0
+    mask[2, min(3, T - 1):] = 0
     return ids, mask, torch.zeros_like(ids)
 
 

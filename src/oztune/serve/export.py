@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from oztune.data.tokenize import TextEncoder
 from oztune.errors import ModelError, OztuneError
 from oztune.models.hub import load_classifier, read_config, require_trained, resolve_model
 from oztune.outdir import check_output_dir, staged_dir
@@ -148,11 +149,13 @@ def prepare_for_onnx(model: nn.Module) -> nn.Module:
 
 
 def _example_inputs(model: SequenceClassifier) -> tuple[torch.Tensor, ...]:
-    """(input_ids, attention_mask[, token_type_ids]) of shape (2, 8) with padding in the second row; token
-    types only where the model reads them (one row, RoBERTa's, ignores them: the graph would have no such input)."""
-    ids = torch.full((2, 8), min(5, model.cfg.vocab_size - 1), dtype=torch.long)
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, 5:] = 0  # padded, so that the trace records the masked attention path
+    """(input_ids, attention_mask[, token_type_ids]) of shape (2, 8), or shorter where the position window is
+    (2 tokens at least: :func:`_load_exportable`), with padding in the second row; token types only where the
+    model reads them (one row, RoBERTa's, ignores them: the graph would have no such input)."""
+    T = min(8, model.cfg.max_length)
+    ids = torch.full((2, T), min(5, model.cfg.vocab_size - 1), dtype=torch.long)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, min(5, T - 1):] = 0  # padded, so that the trace records the masked attention path
     if model.cfg.type_vocab_size > 1:
         return ids, mask, torch.zeros_like(ids)
     return ids, mask
@@ -182,8 +185,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, int8: bool = False, o
     from oztune.compress.sparse import to_dense_
 
     src, out = _source_and_output(model_dir, output)
-    model, enc, meta = load_classifier(src)
-    require_trained(meta, src)
+    model, enc, meta = _load_exportable(src)
     to_dense_(model)  # unstructured-pruned layers: the exporter reads weights from the state dict
     quantization = read_config(src).get("oztune", {}).get("quantization")
     if int8 and not quantization:
@@ -213,8 +215,7 @@ def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
     from oztune.models import aot
 
     src, out = _source_and_output(model_dir, output)
-    model, _, meta = load_classifier(src)
-    require_trained(meta, src)
+    model, _, _ = _load_exportable(src)
     with staged_dir(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(aot.AOT_DIR))
         aot.build(model, tmp / aot.AOT_DIR, aot.weights_digest(tmp))
@@ -240,6 +241,17 @@ def _source_and_output(model_dir: str | Path, output: str | Path) -> tuple[Path,
     if is_onnx_export(src):  # (not another tool's model.onnx beside the weights)
         raise ModelError(f"{src}: already an ONNX export; give the model directory it was exported from")
     return src, out
+
+
+def _load_exportable(src: Path) -> tuple[SequenceClassifier, TextEncoder, dict]:
+    """:func:`load_classifier`'s model, encoder and meta, checked: a fine-tuned classifier whose position window
+    holds the padded example batch the exports trace (2 tokens at least: one real, one padding)."""
+    model, enc, meta = load_classifier(src)
+    require_trained(meta, src)
+    if model.cfg.max_length < 2:
+        raise ModelError(f"{src}: its position window holds {model.cfg.max_length} token(s); exporting traces a "
+                         "padded batch, which needs at least 2")
+    return model, enc, meta
 
 
 def _export_config(src: Path, model: SequenceClassifier, id2label: dict[int, str], max_length: int,
