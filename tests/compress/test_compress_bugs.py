@@ -88,7 +88,7 @@ def test_compress_with_pruning_of_a_vocabulary_pruned_model(tiny_finetuned, sent
     train, dev = sentiment_files
     model, enc, meta = load_classifier(tiny_finetuned)
     data = encode_examples(read_labelled(str(train), Columns()), enc, {"neg": 0, "pos": 1}, "single_label", str(train))
-    prune_vocab_(model, tokens_seen(data, model.cfg.vocab_size), unk_id(enc))
+    prune_vocab_(model, tokens_seen(data, model.cfg.vocab_size), unk_id(enc), enc.pad_id)
     src = save_classifier(model, enc, tmp_path / "vocab-pruned", meta["id2label"])
 
     distilled = []

@@ -188,7 +188,7 @@ def test_vocabulary_pruning_keeps_seen_tokens_and_reloads_quantized(classifier_d
         b = enc(texts)
         return m(b["input_ids"], b["attention_mask"], b["token_type_ids"])
 
-    small = prune_vocab_(copy.deepcopy(model), seen, unk)
+    small = prune_vocab_(copy.deepcopy(model), seen, unk, enc.pad_id)
     assert isinstance(small.backbone.embed.word, VocabEmbedding)
     assert small.backbone.embed.word.table.num_embeddings == int(seen.sum()) + 2  # + [UNK] and [PAD]
     assert torch.equal(logits(small, seen_texts), logits(model, seen_texts))
@@ -205,6 +205,40 @@ def test_vocabulary_pruning_keeps_seen_tokens_and_reloads_quantized(classifier_d
     again, _, _ = load_classifier(tmp_path / "vq")
     assert torch.equal(logits(again, seen_texts + unseen), logits(small, seen_texts + unseen))
     assert (tmp_path / "vq" / "model.safetensors").stat().st_size < (tmp_path / "v" / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("eos", [50256, 3])
+def test_vocabulary_pruning_keeps_the_pad_row_the_encoder_pads_with(eos, tmp_path):
+    """A GPT-2 config without a pad id: the model's config took eos as its pad id while the encoder pads with
+    [PAD]. Pruning kept eos's row (GPT-2's 50256, outside these 64 ids: an IndexError) and not [PAD]'s, which an
+    empty text then read [UNK] for (one pad token, attended: like GPT-2's, this tokenizer adds no special tokens)."""
+    from conftest import tiny_hf_model, write_tiny_tokenizer
+
+    from oztune.compress.vocab import unk_id
+
+    hf = tiny_hf_model("gpt2")
+    hf.config.pad_token_id, hf.config.eos_token_id = None, eos
+    hf.save_pretrained(tmp_path / "src")
+    write_tiny_tokenizer(tmp_path / "src", 64)
+    tokenizer = json.loads((tmp_path / "src" / "tokenizer.json").read_text())
+    (tmp_path / "src" / "tokenizer.json").write_text(json.dumps({**tokenizer, "post_processor": None}))
+    model, enc, meta = load_classifier(tmp_path / "src")
+    texts = ["good movie", "the plot was very dull", ""]  # padded to 5 tokens; the empty text is one pad token
+    b = enc(texts)
+    with torch.no_grad():
+        want = model(b["input_ids"], b["attention_mask"])
+    pad_row = model.backbone.embed.word.weight[enc.pad_id].clone()
+    seen = tokens_seen(EncodedData(enc.encode(texts[:2]), None, enc.pad_id), model.cfg.vocab_size)
+    prune_vocab_(model, seen, unk_id(enc), enc.pad_id)
+    out = save_classifier(model, enc, tmp_path / "pruned", meta["id2label"])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["pad_token_id"] == saved["oztune"]["model"]["pad_token_id"] == enc.pad_id
+    again, enc, _ = load_classifier(out)
+    word = again.backbone.embed.word
+    assert again.cfg.pad_token_id == enc.pad_id and torch.equal(word.weight[word.remap[enc.pad_id]], pad_row)
+    b = enc(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(again(b["input_ids"], b["attention_mask"]), want, atol=0, rtol=0)
 
 
 def test_dropping_whole_layers_stays_loadable_by_transformers(classifier_dir, tmp_path):

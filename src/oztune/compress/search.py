@@ -215,7 +215,7 @@ def _pruned(teacher, enc, data, keep: float, teacher_logits: torch.Tensor, a: Co
                      teacher_logits=teacher_logits)
     unk = unk_id(enc)
     if a.prune_vocab and unk is not None and isinstance(student.backbone.embed.word, nn.Embedding):
-        prune_vocab_(student, data.train_tokens, unk)  # (a vocabulary pruned before, by an earlier compress, stays)
+        prune_vocab_(student, data.train_tokens, unk, enc.pad_id)  # (a vocabulary pruned before, by an earlier compress, stays)
     return student, {"keep": keep, "prune": asdict(pcfg), "parameters": sum(p.numel() for p in student.parameters()),
                      "recovery": {"history": result.history, "seconds": round(result.seconds, 1)}}
 
