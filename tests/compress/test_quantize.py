@@ -334,6 +334,16 @@ def test_cli_quantize_then_evaluate_and_predict_in_fresh_processes(finetuned, se
     assert json.loads(r.stdout)["accuracy"] == pytest.approx(run_json["metrics"]["accuracy"])
 
 
+def test_quantize_prints_a_tiny_models_sizes_in_kb(tiny_hf_dir, tmp_path, capsys):
+    """Sizes printed with one decimal in MB read 0.1 MB -> 0.0 MB for a tiny model; run.json's file_mb_before
+    stays a number of MB, to the byte (it was rounded to 10 kB)."""
+    src, out = tiny_hf_dir("bert")[0], tmp_path / "q"
+    assert main(["quantize", "--model", str(src), "--output", str(out), "--no-progress"]) == 0
+    before, after = ((d / "model.safetensors").stat().st_size / 1e6 for d in (src, out))
+    assert f"weights: {before * 1e3:.3g} kB -> {after * 1e3:.3g} kB\n" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["file_mb_before"] == pytest.approx(before)
+
+
 def test_in_memory_quantized_model_predicts_like_the_saved_one(finetuned, sentiment_files, tmp_path):
     _, dev = sentiment_files
     model, enc, meta = load_classifier(finetuned)

@@ -50,6 +50,15 @@ def test_report_files(rows, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_report_shows_sizes_under_a_megabyte_in_kb(rows, tmp_path):
+    """One decimal in MB showed a 12.3 kB model as 0.0 MB; report.json keeps file_mb, a number of MB."""
+    rows[3]["file_mb"] = 0.0123
+    write_report(tmp_path, rows, "prune50-int8", 1.0, {"model": "m", "eval": "dev.tsv", "threads": 2})
+    md = (tmp_path / "report.md").read_text()
+    assert "(-0.80 pt), 12.3 kB," in md and "| 12.3 kB |" in md and "| 90.9 MB |" in md and "| file size |" in md
+    assert json.loads((tmp_path / "report.json").read_text())["variants"][3]["file_mb"] == 0.0123
+
+
 class Tok:
     """A stand-in encoder: one token per word."""
 

@@ -29,7 +29,7 @@ def test_plan_splits_the_cut_between_depth_and_width():
     assert plan(ModelConfig(num_layers=2), 0.5).layers == 1
 
 
-def test_compress_end_to_end(tiny_finetuned, sentiment_files, tmp_path):
+def test_compress_end_to_end(tiny_finetuned, sentiment_files, tmp_path, capsys):
     train, dev = sentiment_files
     out = tmp_path / "small"
     code = main(["compress", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev), "--output", str(out),
@@ -52,6 +52,10 @@ def test_compress_end_to_end(tiny_finetuned, sentiment_files, tmp_path):
     assert variants["int8"]["parameters"] == variants["fp32"]["parameters"]
     assert variants["int8"]["file_mb"] < variants["fp32"]["file_mb"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+    shown = capsys.readouterr().out  # a tiny model's sizes in kB (one decimal in MB: 0.1 MB for each)
+    for v in variants.values():
+        assert f"{v['name']}: accuracy {v['score']:.2f}, {v['file_mb'] * 1e3:.3g} kB, " in shown
+    assert f"({chosen['drop']:+.2f} pt), {chosen['file_mb'] * 1e3:.3g} kB, " in shown
 
     r = subprocess.run([sys.executable, "-m", "oztune", "evaluate", "--model", str(out), "--data", str(dev), "--json"],
                        capture_output=True, text=True, timeout=120)

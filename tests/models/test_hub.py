@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from oztune.errors import ModelError
-from oztune.models.hub import load_classifier, resolve_model, save_classifier
+from oztune.models.hub import format_size, load_classifier, resolve_model, save_classifier
 
 
 def test_missing_key_is_named(tiny_hf_dir):
@@ -227,3 +227,9 @@ def test_run_json_is_strict_json_when_a_metric_is_not_a_number(tmp_path):
 
     saved = json.loads(text, parse_constant=refuse)
     assert saved["metrics"] == {"accuracy": 0.5, "train_loss": None} and saved["history"] == [{"mse": None}]
+
+
+@pytest.mark.parametrize("mb,shown", [(0, "0 B"), (0.000512, "512 B"), (0.0123456, "12.3 kB"), (0.09, "90 kB"),
+                                      (0.9997, "1 MB"), (85.24, "85.2 MB"), (1234.5, "1.23 GB"), (4.2e6, "4.2 TB")])
+def test_sizes_are_shown_with_three_significant_digits_in_a_unit_that_fits(mb, shown):
+    assert format_size(mb) == shown

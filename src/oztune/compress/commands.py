@@ -14,6 +14,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from oztune.errors import OztuneError, check_at_least_1, check_positive  # noqa: E402
+from oztune.models.hub import format_size  # noqa: E402
 from oztune.train import distributed  # noqa: E402
 from oztune.train.distributed import is_main_process  # noqa: E402
 
@@ -134,12 +135,12 @@ def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
     record = quantization_record(config)
     run = {"command": "quantize", "source": str(a.model), "args": asdict(a), "quantization": record, "qat": qat,
            "metrics_before": before, "metrics": after, "seconds": round(time.perf_counter() - start, 1),
-           "file_mb_before": round(weights_mb(Path(meta["path"])), 2), "torch": torch.__version__,
+           "file_mb_before": round(weights_mb(Path(meta["path"])), 6), "torch": torch.__version__,
            "source_run": meta.get("run", {})}
     if not saves:
         return run
     save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record, card=_card(a, run))
-    run["file_mb"] = round(weights_mb(Path(a.output)), 2)
+    run["file_mb"] = round(weights_mb(Path(a.output)), 6)
     return run
 
 
@@ -160,7 +161,7 @@ def quantize_cmd(a: QuantizeArgs) -> int:
         return 0
     print(f"\nquantized {a.model} ({a.scheme}, embeddings {a.embeddings}"
           f"{', fp32: ' + ','.join(a.skip) if a.skip else ''}); saved to {a.output}")
-    print(f"weights: {run['file_mb_before']:.1f} MB -> {run['file_mb']:.1f} MB")
+    print(f"weights: {format_size(run['file_mb_before'])} -> {format_size(run['file_mb'])}")
     for k, v in run["metrics"].items():
         if isinstance(v, float):
             print(f"{k} on {a.eval}: {run['metrics_before'][k]:.4f} (fp32) -> {v:.4f} (int8)")
@@ -207,6 +208,6 @@ def compress_cmd(a: CompressArgs) -> int:
         return 0
     best = next(r for r in report["variants"] if r["name"] == report["chosen"])
     print(f"\nkept {best['name']}: {best['metric']} {best['score']:.2f} ({best['drop']:+.2f} pt), "
-          f"{best['file_mb']:.1f} MB, {best['speedup']:.2f}x fp32 throughput; "
+          f"{format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput; "
           f"saved to {a.output} (report.md, pareto.png)")
     return 0

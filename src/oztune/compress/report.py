@@ -16,16 +16,17 @@ import numpy as np
 import torch
 
 from oztune.data.dataset import EncodedData
-from oztune.models.hub import weights_mb
+from oztune.models.hub import format_size, weights_mb
 from oztune.train.loop import evaluate
 from oztune.train.metrics import MAIN_METRIC
 
-COLUMNS = [  # (key, header, format)
-    ("name", "variant", "{}"), ("shape", "layers heads FFN vocab", "{}"), ("score", "{metric}", "{:.2f}"),
-    ("drop", "drop (pt)", "{:+.2f}"),
-    ("macro_f1", "macro-F1", "{:.2f}"), ("file_mb", "file MB", "{:.1f}"), ("parameters", "params (M)", "{:.2f}"),
-    ("latency_p50_ms", "batch-1 p50 ms", "{:.2f}"), ("latency_p95_ms", "batch-1 p95 ms", "{:.2f}"),
-    ("throughput", "batch-64 texts/s", "{:.0f}"), ("speedup", "speed-up", "{:.2f}x"),
+COLUMNS = [  # (key, header, value -> cell)
+    ("name", "variant", str), ("shape", "layers heads FFN vocab", str), ("score", "{metric}", "{:.2f}".format),
+    ("drop", "drop (pt)", "{:+.2f}".format),
+    ("macro_f1", "macro-F1", "{:.2f}".format), ("file_mb", "file size", format_size),
+    ("parameters", "params (M)", "{:.2f}".format),
+    ("latency_p50_ms", "batch-1 p50 ms", "{:.2f}".format), ("latency_p95_ms", "batch-1 p95 ms", "{:.2f}".format),
+    ("throughput", "batch-64 texts/s", "{:.0f}".format), ("speedup", "speed-up", "{:.2f}x".format),
 ]
 
 
@@ -131,7 +132,7 @@ def markdown(rows: list[dict], chosen: str, max_drop: float, settings: dict) -> 
     head = [h.format(metric=metric) for _, h, _ in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = ["-" if r.get(k) is None else f.format(r[k]) for k, _, f in COLUMNS]
+        cells = ["-" if r.get(k) is None else cell(r[k]) for k, _, cell in COLUMNS]
         if r["name"] == chosen:
             cells[0] = f"**{cells[0]}** (kept)"
         lines.append("| " + " | ".join(cells) + " |")
@@ -144,7 +145,7 @@ def markdown(rows: list[dict], chosen: str, max_drop: float, settings: dict) -> 
 Model `{settings.get('model')}`, evaluated on `{settings.get('eval')}` ({settings.get('eval_examples')} examples);
 budget: at most {max_drop:g} point(s) of {metric} below fp32 ({base['score']:.2f}).
 
-**Kept: `{chosen}`**: {metric} {best['score']:.2f} ({best['drop']:+.2f} pt), {best['file_mb']:.1f} MB,
+**Kept: `{chosen}`**: {metric} {best['score']:.2f} ({best['drop']:+.2f} pt), {format_size(best['file_mb'])},
 {best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x fp32), batch-1 p50 {best['latency_p50_ms']:.2f} ms.
 
 {chr(10).join(lines)}
@@ -207,7 +208,7 @@ def _labels(ax, fig, rows: list[dict], x: np.ndarray, y: np.ndarray, radius: np.
         r, best = rows[i], None
         for side, dy in offsets:
             dx = side * (radius[i] + 3)
-            ann = ax.annotate(f"{r['name']}\n{r['score']:.2f}%, {r['file_mb']:.3g} MB", (x[i], y[i]),
+            ann = ax.annotate(f"{r['name']}\n{r['score']:.2f}%, {format_size(r['file_mb'])}", (x[i], y[i]),
                               textcoords="offset points", xytext=(dx, dy), fontsize=8,
                               ha="left" if dx > 0 else "right", multialignment="left" if dx > 0 else "right",
                               fontweight="bold" if r["name"] == chosen else "normal",

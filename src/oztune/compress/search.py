@@ -28,7 +28,7 @@ from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
 from oztune.compress.report import add_relative, measure, write_report
 from oztune.config import ModelConfig
 from oztune.errors import OztuneError, check_at_least_1
-from oztune.models.hub import save_classifier
+from oztune.models.hub import format_size, save_classifier
 from oztune.outdir import staged_dir
 from oztune.train import distributed
 from oztune.train.finetune import RecipeOptions
@@ -163,7 +163,7 @@ def _compress(a: CompressArgs, main: bool) -> dict:
         row = {"name": name, "recipe": recipe, "shape": shape(model), **(extra or {}),
                **measure(model, enc, data.eval, data.eval_texts, data.eval_pairs, d, params)}
         rows.append(row)
-        tqdm.write(f"{name}: {row['metric']} {row['score']:.2f}, {row['file_mb']:.1f} MB, "
+        tqdm.write(f"{name}: {row['metric']} {row['score']:.2f}, {format_size(row['file_mb'])}, "
                    f"{row['throughput']:.0f} texts/s at batch 64, batch-1 p50 {row['latency_p50_ms']:.2f} ms")
 
     try:

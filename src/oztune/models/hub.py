@@ -137,6 +137,22 @@ def weights_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in weight_files(path) if f.is_file()) / 1e6
 
 
+SIZE_UNITS = ("B", "kB", "MB", "GB", "TB")
+
+
+def format_size(mb: float) -> str:
+    """A size for people: 3 significant digits in the unit that fits (0.0123 -> "12.3 kB", 85.24 -> "85.2 MB").
+
+    Args:
+        mb: megabytes (1e6 bytes, as :func:`weights_mb` and the reports' ``file_mb``).
+    """
+    size, unit = float(f"{mb * 1e6:.3g}"), 0  # rounded first, so that 999.7 kB reads 1 MB, not 1e+03 kB
+    while size >= 1000 and unit < len(SIZE_UNITS) - 1:
+        size /= 1000
+        unit += 1
+    return f"{size:.3g} {SIZE_UNITS[unit]}"
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint: model.safetensors (maybe sharded), else pytorch_model.bin (weights only)."""
     files = weight_files(path)

@@ -61,12 +61,13 @@ def export_cmd(a: ExportArgs) -> int:
     if not MIN_OPSET <= a.opset <= MAX_OPSET:
         raise OztuneError(f"--opset {a.opset}: expected {MIN_OPSET} to {MAX_OPSET} (torch's TorchScript ONNX exporter "
                           f"supports up to {MAX_OPSET})")
+    from oztune.models.hub import format_size
     from oztune.serve.export import export_onnx
 
     out = export_onnx(a.model, a.output, int8=a.int8, opset=a.opset)
     int8 = json.loads((out / "config.json").read_text())["oztune"]["onnx"]["int8"]
-    size = (out / "model.onnx").stat().st_size / 2**20
-    print(f"exported {a.model} to {out}/model.onnx ({'int8' if int8 else 'fp32'}, {size:.1f} MiB); "
+    size = format_size((out / "model.onnx").stat().st_size / 1e6)
+    print(f"exported {a.model} to {out}/model.onnx ({'int8' if int8 else 'fp32'}, {size}); "
           f"serve it with: oztune serve --model {out} --backend onnx")
     return 0
 
