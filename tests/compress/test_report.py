@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 
-from oztune.compress.report import _frontier, add_relative, latency_ms, sorted_batches, time_batches, write_report
+from oztune.compress.report import (_frontier, add_relative, round_robin, sorted_batches, time_batches,
+                                   write_report)
 
 
 def row(name: str, score: float, ms: float, mb: float, tput: float) -> dict:
@@ -78,6 +80,35 @@ def test_timers_run_every_text():
     seconds = time_batches(lambda t, p: seen.extend(t), texts, None, [np.array([0, 1, 2]), np.array([3, 4, 5, 6])],
                            repeats=2)
     assert seconds >= 0 and sorted(seen) == sorted(texts[:3] + texts * 2)
-    seen.clear()
-    p50, p95 = latency_ms(lambda t, p: seen.append(t), texts, warmup=2)
-    assert 0 <= p50 <= p95 and len(seen) == 9
+
+
+
+def test_round_robin_times_every_model_in_turns_on_every_text():
+    calls = []
+    texts = [f"t{i}" for i in range(7)]
+    batches = [np.array([0, 1, 2]), np.array([3, 4, 5, 6])]
+    runs = [lambda t, p, k=k: calls.append((k, t[0])) for k in "ab"]
+    (s_a, p50_a, p95_a), (s_b, p50_b, p95_b) = round_robin(runs, texts, None, batches, repeats=2, warmup=2, chunk=3)
+    assert s_a > 0 and s_b > 0 and 0 <= p50_a <= p95_a and 0 <= p50_b <= p95_b
+    passes, singles = calls[:2 * 2 * 3], calls[2 * 2 * 3:]  # 2 repeats x 2 models x (warm-up + 2 batches)
+    assert [k for k, _ in passes] == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3  # each pass every model once
+    turn = lambda k, ts: [(k, ts[0])] + [(k, t) for t in ts]  # noqa: E731  (an untimed call, then the chunk)
+    assert singles == [("a", "t0"), ("b", "t0"),  # warm-up
+                       *turn("a", ["t0", "t1", "t2"]), *turn("b", ["t0", "t1", "t2"]),
+                       *turn("a", ["t3", "t4", "t5"]), *turn("b", ["t3", "t4", "t5"]), *turn("a", ["t6"]), *turn("b", ["t6"])]
+
+
+def test_round_robin_does_not_time_the_call_after_the_other_models_turn():
+    """The other model's threads may still spin when a turn starts: that call is not timed."""
+    last = []
+
+    def run(name):
+        def f(t, p):
+            if last and last[-1] != name:
+                time.sleep(0.05)  # slowed by the model before
+            last.append(name)
+        return f
+
+    texts = [f"t{i}" for i in range(8)]
+    (_, _, p95_a), (_, _, p95_b) = round_robin([run("a"), run("b")], texts, None, [np.arange(8)], repeats=1, chunk=4)
+    assert p95_a < 20 and p95_b < 20  # ms: no timed call was one after a switch

@@ -211,3 +211,24 @@ def compress_cmd(a: CompressArgs) -> int:
           f"{format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput; "
           f"saved to {a.output} (report.md, pareto.png)")
     return 0
+
+
+# --- compare ------------------------------------------------------------------------------------------------
+
+from oztune.compress.compare import MARK, CompareArgs, compare  # noqa: E402
+
+
+@command("compare", CompareArgs, "measure saved models side by side: score, size, latency, throughput")
+def compare_cmd(a: CompareArgs) -> int:
+    report = compare(a)
+    rows = report["variants"]
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'model':<{width}}  {rows[0]['metric']:>9}  {'drop':>6}  {'size':>8}  {'batch-1 ms':>10}  "
+          f"{'texts/s':>8}  {'speed-up':>8}")
+    for r in rows:
+        flag = f"  <- {MARK}" if r["name"] == report["chosen"] else ""
+        print(f"{r['name']:<{width}}  {r['score']:>9.2f}  {r['drop']:>+6.2f}  {format_size(r['file_mb']):>8}  "
+              f"{r['latency_p50_ms']:>10.2f}  {r['throughput']:>8.0f}  {r['speedup']:>7.2f}x{flag}")
+    if a.output:
+        print(f"report: {a.output}/report.md, report.json, pareto.png")
+    return 0

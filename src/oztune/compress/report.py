@@ -64,17 +64,6 @@ def time_batches(run: Callable, texts: list[str], pairs: list[str] | None, batch
     return float(np.min(times))
 
 
-def latency_ms(run: Callable, texts: list[str], pairs: list[str] | None = None, warmup: int = 5) -> tuple[float, float]:
-    """(p50, p95) milliseconds of one text at a time."""
-    times = []
-    for i in [*range(min(warmup, len(texts))), *range(len(texts))]:
-        t0 = time.perf_counter()
-        run([texts[i]], None if pairs is None else [pairs[i]])
-        times.append(time.perf_counter() - t0)
-    times = times[min(warmup, len(texts)):]
-    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 95) * 1e3)
-
-
 def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list[str], pairs: list[str] | None,
             model_dir: Path, parameters: int, repeats: int = 3) -> dict:
     """Quality and speed of one variant: metrics on ``eval_data``, file size, latency and throughput.
@@ -90,15 +79,45 @@ def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list
         repeats: throughput runs; the fastest counts.
     """
     metrics = evaluate(model, eval_data)
-    kind = model.head_cfg.problem_type
     run = model_runner(model, encoder)
-    batches = sorted_batches(encoder, texts, pairs)
-    seconds = time_batches(run, texts, pairs, batches, repeats)
-    p50, p95 = latency_ms(run, texts, pairs)
+    timings = round_robin([run], texts, pairs, sorted_batches(encoder, texts, pairs), repeats)[0]
+    return row(metrics, model.head_cfg.problem_type, weights_mb(model_dir), parameters, len(texts), *timings)
+
+
+def row(metrics: dict, kind: str, file_mb: float, parameters: int | None, texts: int, seconds: float,
+        p50_ms: float, p95_ms: float) -> dict:
+    """One variant's report row from its ``metrics`` (of problem type ``kind``), size and timings: ``seconds``
+    for the ``texts`` in batches of 64, batch-1 latency percentiles."""
     return {"score": 100 * metrics[MAIN_METRIC[kind]], "metric": MAIN_METRIC[kind],
             "macro_f1": 100 * metrics["macro_f1"] if "macro_f1" in metrics else None, "metrics": metrics,
-            "file_mb": weights_mb(model_dir), "parameters": parameters / 1e6, "latency_p50_ms": p50,
-            "latency_p95_ms": p95, "batch64_seconds": seconds, "throughput": len(texts) / seconds}
+            "file_mb": file_mb, "parameters": None if parameters is None else parameters / 1e6,
+            "latency_p50_ms": p50_ms, "latency_p95_ms": p95_ms, "batch64_seconds": seconds,
+            "throughput": texts / seconds}
+
+
+def round_robin(runs: list[Callable], texts: list[str], pairs: list[str] | None, batches: list[np.ndarray],
+                repeats: int = 3, warmup: int = 5, chunk: int = 16) -> list[tuple[float, float, float]]:
+    """(batch-64 seconds, batch-1 p50 ms, p95 ms) of each of ``runs`` timed in turns, so that a spell of
+    contention on a shared machine slows them all rather than one: each throughput pass runs every model once
+    (the fastest of ``repeats`` counts), and batch 1 goes ``chunk`` texts per model in turn. Each turn starts
+    with an untimed call (after ``warmup`` of them at first): the threads of the model before may still be
+    spinning, waiting for work (PyTorch's OpenMP, ONNX Runtime), and would slow its first text."""
+    seconds = [min(vals) for vals in zip(*[[time_batches(run, texts, pairs, batches, 1) for run in runs]
+                                           for _ in range(repeats)])]
+    one = (lambda i: [pairs[i]]) if pairs is not None else (lambda i: None)
+    for run in runs:
+        for i in range(min(warmup, len(texts)) - 1):
+            run([texts[i]], one(i))
+    times: list[list[float]] = [[] for _ in runs]
+    for start in range(0, len(texts), chunk):
+        for run, ts in zip(runs, times):
+            run([texts[start]], one(start))
+            for i in range(start, min(start + chunk, len(texts))):
+                t0 = time.perf_counter()
+                run([texts[i]], one(i))
+                ts.append(time.perf_counter() - t0)
+    return [(s, float(np.percentile(ts, 50) * 1e3), float(np.percentile(ts, 95) * 1e3))
+            for s, ts in zip(seconds, times)]
 
 
 def add_relative(rows: list[dict], baseline: dict, max_drop: float) -> None:
@@ -127,15 +146,20 @@ def write_report(out: Path, rows: list[dict], chosen: str, max_drop: float, sett
     pareto_png(rows, chosen, max_drop, out / "pareto.png")
 
 
-def markdown(rows: list[dict], chosen: str, max_drop: float, settings: dict) -> str:
-    metric = rows[0]["metric"]
-    head = [h.format(metric=metric) for _, h, _ in COLUMNS]
+def table(rows: list[dict], chosen: str, mark: str = "kept", columns: list[tuple] = COLUMNS) -> str:
+    """The rows as a markdown table of ``columns``, the ``chosen`` one in bold with ``mark`` after its name."""
+    head = [h.format(metric=rows[0]["metric"]) for _, h, _ in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = ["-" if r.get(k) is None else cell(r[k]) for k, _, cell in COLUMNS]
+        cells = ["-" if r.get(k) is None else cell(r[k]) for k, _, cell in columns]
         if r["name"] == chosen:
-            cells[0] = f"**{cells[0]}** (kept)"
+            cells[0] = f"**{cells[0]}** ({mark})"
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], chosen: str, max_drop: float, settings: dict) -> str:
+    metric = rows[0]["metric"]
     base, best = rows[0], next(r for r in rows if r["name"] == chosen)
     pruned = any(str(r.get("recipe", r["name"])).startswith("prune") for r in rows)
     pruning = (f"; sizes (share of encoder weights kept): {settings.get('sizes')}; recovery: {settings.get('epochs')} "
@@ -148,7 +172,7 @@ budget: at most {max_drop:g} point(s) of {metric} below fp32 ({base['score']:.2f
 **Kept: `{chosen}`**: {metric} {best['score']:.2f} ({best['drop']:+.2f} pt), {format_size(best['file_mb'])},
 {best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x fp32), batch-1 p50 {best['latency_p50_ms']:.2f} ms.
 
-{chr(10).join(lines)}
+{table(rows, chosen)}
 
 - Scores in points (percent). Timings end to end, tokenization included, {settings.get('threads')} thread(s);
   batch 64 on the eval texts sorted by token length; batch 1 over every eval text.
@@ -160,8 +184,10 @@ budget: at most {max_drop:g} point(s) of {metric} below fp32 ({base['score']:.2f
 """
 
 
-def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> None:
-    """Accuracy against batch-1 latency, marker area by file size, labelled, fp32 and budget marked."""
+def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path, baseline: str = "fp32",
+               mark: str = "kept") -> None:
+    """Accuracy against batch-1 latency, marker area by file size, labelled, the baseline (the first row, called
+    ``baseline``), the budget and the ``chosen`` row (red, ``mark`` in the title) marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,16 +202,16 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path) -> No
     ax.scatter(x, y, s=area, c=colors, alpha=0.5, edgecolors="black", linewidths=0.8, zorder=3)
     front = _frontier(x, y)
     ax.plot(x[front], y[front], color="#555555", lw=1, ls=":", zorder=2, label="Pareto front")
-    ax.axhline(y[0] - max_drop, color="#d62728", lw=1, ls="--", label=f"budget: fp32 - {max_drop:g} pt")
+    ax.axhline(y[0] - max_drop, color="#d62728", lw=1, ls="--", label=f"budget: {baseline} - {max_drop:g} pt")
     pad_y = max(0.5, (y.max() - min(y.min(), y[0] - max_drop)) * 0.15)
     ax.set_ylim(min(y.min(), y[0] - max_drop) - pad_y, y.max() + pad_y)
     ax.set_xlim(0, x.max() * 1.35)
     ax.set_xlabel("batch-1 latency, p50 (ms, tokenization included)")
     ax.set_ylabel(f"{rows[0]['metric']} (%)")
-    kept_fp32 = rows[0]["name"] == chosen  # nothing else within the budget: fp32 itself is kept (red)
+    kept_base = rows[0]["name"] == chosen  # nothing else within the budget: the baseline itself is kept (red)
     metric = rows[0]["metric"]  # (as on the y axis and in report.md: pearson for regression, micro_f1 multi-label)
     ax.set_title(f"{metric[:1].upper()}{metric[1:]} against latency\nmarker area = file size; "
-                 f"{'red = fp32, kept' if kept_fp32 else 'grey = fp32, red = kept'}", fontsize=11)
+                 f"{f'red = {baseline}, {mark}' if kept_base else f'grey = {baseline}, red = {mark}'}", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()  # before the labels: their places are chosen in the final layout's pixels

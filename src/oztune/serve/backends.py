@@ -41,9 +41,13 @@ class OnnxClassifier(Predictor):
         batch_size: texts per run.
         max_length: tokenizer truncation length (capped at the model's window); None: the model's own, as
             fine-tuned (recorded by the export).
+        spin: let onnxruntime's threads spin, waiting for work, after each run (its default: the next run starts
+            sooner, but those threads keep cores busy a while: a PyTorch model run right after one ran at half
+            speed, at batch 1).
     """
 
-    def __init__(self, path: str | Path, threads: int = 1, batch_size: int = 64, max_length: int | None = None):
+    def __init__(self, path: str | Path, threads: int = 1, batch_size: int = 64, max_length: int | None = None,
+                 spin: bool = True):
         import onnxruntime as ort
 
         path = Path(path)
@@ -60,6 +64,8 @@ class OnnxClassifier(Predictor):
         self.batch_size = check_count("batch_size", batch_size)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
@@ -75,12 +81,12 @@ class OnnxClassifier(Predictor):
         return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
-def open_predictor(model: str, batch_size: int = 64) -> Predictor:
-    """What ``oztune evaluate`` and ``predict`` run: an ONNX export on onnxruntime (every core), anything
-    else as :meth:`oztune.Classifier.from_pretrained` loads it."""
+def open_predictor(model: str, batch_size: int = 64, spin: bool = True) -> Predictor:
+    """What ``oztune evaluate`` and ``predict`` run: an ONNX export on onnxruntime (every core; ``spin``: see
+    :class:`OnnxClassifier`), anything else as :meth:`oztune.Classifier.from_pretrained` loads it."""
     path = resolve_model(model)
     if is_onnx_export(path):
-        return OnnxClassifier(path, default_threads(), batch_size)
+        return OnnxClassifier(path, default_threads(), batch_size, spin=spin)
     return Classifier.from_pretrained(path, batch_size=batch_size)
 
 

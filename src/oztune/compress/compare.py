@@ -1,0 +1,166 @@
+"""``oztune compare``: saved models measured the same way, side by side.
+
+``oztune compress`` reports the variants it makes itself; a user who fine-tuned, quantized, pruned, distilled
+or exported models one command at a time wants the same table for those: each model is scored on one labelled
+file and timed end to end on its texts (:mod:`oztune.compress.report`: batch-64 throughput over length-sorted
+batches, batch-1 latency), and the fastest model within an accuracy budget of the first one is marked.
+Model directories run on PyTorch (an ``oztune export --format aoti`` package compiled), ONNX exports on
+onnxruntime, each as ``oztune evaluate`` runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from oztune.api import Classifier
+from oztune.compress.report import COLUMNS, add_relative, pareto_png, round_robin, row, sorted_batches, table
+from oztune.data.load import Columns, read_labelled
+from oztune.errors import OztuneError
+from oztune.models.hub import format_size, resolve_model, weight_files
+from oztune.serve.backends import open_predictor
+from oztune.serve.export import ONNX_FILE
+
+MARK = "fastest in budget"
+
+
+@dataclass
+class CompareArgs:
+    """Measure saved models the same way, side by side: score, file size, batch-1 latency, batch-64 throughput.
+
+    Args:
+        models: model directories (from finetune, quantize, prune, distill, compress) or exports (ONNX, aoti);
+            the first is the baseline the others are compared with.
+        eval: labelled file (.csv, .tsv or .jsonl) every model is scored and timed on.
+        output: directory to write report.md, report.json and pareto.png into (other files in it are kept).
+        max_drop: accuracy budget: the fastest model at most this many points below the first one is marked.
+        text_column: column holding the text.
+        text_pair_column: column holding the second text of a pair.
+        label_column: column holding the label.
+    """
+
+    models: list[str] = field(default_factory=list, metadata={"positional": True})
+    eval: str = ""
+    output: str | None = None
+    max_drop: float = 1.0
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+
+
+def compare(a: CompareArgs) -> dict:
+    """Measure every model of ``a.models`` on ``a.eval``; write the report if ``a.output``; return it as a dict
+    (``variants``: one row per model, the first the baseline; ``chosen``: the fastest within the budget)."""
+    if not a.models or not a.eval:
+        raise OztuneError("give one or more model directories, and --eval FILE to measure them on")
+    if not math.isfinite(a.max_drop) or a.max_drop < 0:
+        raise OztuneError(f"--max-drop must be 0 or more (points of accuracy), not {a.max_drop}")
+    start = time.perf_counter()
+    models = [resolve_model(m) for m in a.models]  # every path checked before the first model is measured
+    names = variant_names(a.models)
+    cols = Columns(a.text_column, a.text_pair_column, a.label_column)
+    if a.output and Path(a.output).exists() and not Path(a.output).is_dir():
+        raise OztuneError(f"--output {a.output}: exists and is not a directory")
+    clfs, rows, measured = [], [], []
+    for given, path, name in zip(a.models, models, names):
+        clf = open_predictor(str(path), spin=False)  # (ONNX Runtime's spinning threads would slow the next model)
+        kind = clf.problem_type
+        if clfs and kind != clfs[0].problem_type:
+            raise OztuneError(f"{given}: a {kind} model; {a.models[0]} is {clfs[0].problem_type}: compare models "
+                              "of one task")
+        runtime = "onnxruntime" if (path / ONNX_FILE).is_file() else "torch"
+        rows.append({"name": name, "path": str(given), "runtime": runtime, "problem_type": kind})
+        measured.append((clf.evaluate(a.eval, cols), model_mb(path), stored_weights(clf)))
+        clfs.append(clf)
+    examples = read_labelled(a.eval, cols, problem_type=clfs[0].problem_type)
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair is not None for e in examples) else None
+    # timed in turns (a slow spell of a shared machine slows every model), on the same length-sorted batches
+    timings = round_robin([c.logits for c in clfs], texts, pairs, sorted_batches(clfs[0].encoder, texts, pairs))
+    rows = [{**r, **row(metrics, r["problem_type"], mb, weights, len(texts), *t)}
+            for r, (metrics, mb, weights), t in zip(rows, measured, timings)]
+    add_relative(rows, rows[0], a.max_drop)
+    chosen = max((r for r in rows if r["within_budget"]), key=lambda r: (r["throughput"], -r["file_mb"]))["name"]
+    report = {"chosen": chosen, "max_drop": a.max_drop, "variants": rows,
+              "settings": {**asdict(a), "eval_examples": len(texts), "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "seconds": time.perf_counter() - start}}
+    if a.output:
+        write_compare_report(Path(a.output), report)
+    return report
+
+
+def variant_names(models: list[str]) -> list[str]:
+    """Short names for the table: each directory's name, or the path as given where two names are the same."""
+    short = [Path(os.path.normpath(m)).name or m for m in models]
+    return [s if short.count(s) == 1 else m for s, m in zip(short, models)]
+
+
+def model_mb(path: Path) -> float:
+    """Megabytes of what a model is loaded from: its weights, or an export's model file(s)."""
+    files = weight_files(path) or [f for f in path.iterdir() if f.suffix in (".onnx", ".pt2", ".data")]
+    return sum(f.stat().st_size for f in files if f.is_file()) / 1e6
+
+
+def stored_weights(clf) -> int | None:
+    """The model's weights and biases, int8 ones included (not their scales), or None where the runtime does
+    not show them (ONNX)."""
+    if not isinstance(clf, Classifier):
+        return None
+    model = getattr(clf.model, "eager", clf.model)  # (compiled: the wrapped model)
+    held = [*model.parameters(), *(b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("weight", "bias"))]
+    return sum(t.numel() for t in held)
+
+
+COMPARE_COLUMNS = [("name", "model", str), ("runtime", "runtime", str),
+                   *[c for c in COLUMNS if c[0] not in ("name", "shape")]]
+
+
+def markdown(report: dict) -> str:
+    """report.md of a comparison: the table, what was measured, the plot."""
+    rows, s, chosen = report["variants"], report["settings"], report["chosen"]
+    base, best = rows[0], next(r for r in rows if r["name"] == chosen)
+    metric = base["metric"]
+    return f"""# oztune compare report
+
+{len(rows)} models, evaluated on `{s['eval']}` ({s['eval_examples']} examples); budget: at most {report['max_drop']:g}
+point(s) of {metric} below `{base['name']}` ({base['score']:.2f}).
+
+**Fastest within the budget: `{chosen}`**: {metric} {best['score']:.2f} ({best['drop']:+.2f} pt), {format_size(best['file_mb'])},
+{best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x `{base['name']}`), batch-1 p50
+{best['latency_p50_ms']:.2f} ms.
+
+{table(rows, chosen, MARK, COMPARE_COLUMNS)}
+
+- Scores in points (percent). Timings end to end, tokenization included, {s['threads']} thread(s); batch 64 on
+  the eval texts sorted by token length (the fastest of three passes); batch 1 over every eval text.
+- speed-up: batch-64 throughput relative to `{base['name']}`. params: weights and biases, int8 ones included (an
+  ONNX export's are not counted). Total time {s['seconds']:.0f} s.
+
+![{metric} against latency](pareto.png)
+"""
+
+
+def write_compare_report(out: Path, report: dict) -> None:
+    """report.json, report.md and pareto.png into ``out`` (made if missing), each replaced whole or kept."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".oztune-compare-", dir=out))
+    except OSError as e:
+        raise OztuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+    try:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (tmp / "report.md").write_text(markdown(report))
+        rows = report["variants"]
+        pareto_png(rows, report["chosen"], report["max_drop"], tmp / "pareto.png", rows[0]["name"], MARK)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""oztune compare: saved models (PyTorch and ONNX) measured the same way, side by side, with a report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from oztune.cli import main
+from oztune.compress.compare import CompareArgs, compare, variant_names
+from oztune.models.hub import load_classifier, save_classifier
+from oztune.serve.backends import OnnxClassifier
+from oztune.serve.export import export_onnx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_finetuned, tmp_path_factory):
+    """The tiny fine-tuned model, its int8 model and the int8 model's ONNX export."""
+    from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
+
+    d = tmp_path_factory.mktemp("variants")
+    model, enc, meta = load_classifier(tiny_finetuned)
+    q = QuantConfig()
+    int8 = save_classifier(quantize_(model, q), enc, d / "int8", meta["id2label"], quantization=quantization_record(q))
+    return tiny_finetuned, int8, export_onnx(int8, d / "onnx")
+
+
+def test_compare_scores_weighs_and_times_every_model_as_evaluate_does(variants, sentiment_files, tmp_path, capsys):
+    fp32, int8, onnx = variants
+    _, dev = sentiment_files
+    out = tmp_path / "report"
+    (out / "notes.txt").parent.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["compare", str(fp32), str(int8), str(onnx), "--eval", str(dev), "--output", str(out),
+                 "--max-drop", "100"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["variants"]}
+    assert list(rows) == [fp32.name, "int8", "onnx"] and report["variants"][0]["drop"] == 0
+    assert [rows[n]["runtime"] for n in rows] == ["torch", "torch", "onnxruntime"]
+    want = {n: main(["evaluate", "--model", str(p), "--data", str(dev), "--json"]) for n, p in
+            ((fp32.name, fp32), ("int8", int8), ("onnx", onnx))}
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert all(v == 0 for v in want.values()) and len(printed) == 3
+    for row, metrics in zip(rows.values(), printed):  # the scores oztune evaluate gives
+        assert row["score"] == pytest.approx(100 * metrics["accuracy"])
+        assert row["throughput"] > 0 and 0 < row["latency_p50_ms"] <= row["latency_p95_ms"]
+    assert rows["int8"]["file_mb"] < rows[fp32.name]["file_mb"] / 2  # int8 weights: about a quarter
+    assert rows["onnx"]["file_mb"] == pytest.approx((onnx / "model.onnx").stat().st_size / 1e6)
+    assert rows["onnx"]["parameters"] is None and rows["int8"]["parameters"] == rows[fp32.name]["parameters"]
+    fastest = max(rows.values(), key=lambda r: r["throughput"])["name"]  # budget 100: every model is within it
+    assert report["chosen"] == fastest
+    md = (out / "report.md").read_text()
+    assert f"**{fastest}** (fastest in budget)" in md and "| onnx | onnxruntime |" in md.replace(
+        "**onnx** (fastest in budget)", "onnx")
+    assert (out / "pareto.png").stat().st_size > 10_000 and (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_the_budget_counts_from_the_first_model(variants, sentiment_files):
+    fp32, int8, _ = variants
+    _, dev = sentiment_files
+    report = compare(CompareArgs(models=[str(int8), str(fp32)], eval=str(dev), max_drop=0))
+    base, other = report["variants"]
+    assert base["name"] == "int8" and base["drop"] == 0 and other["drop"] == pytest.approx(other["score"] - base["score"])
+    assert other["within_budget"] == (other["score"] >= base["score"])
+    assert report["chosen"] in ("int8", "m") and (report["chosen"] == "int8" or other["within_budget"])
+
+
+def test_compare_refuses_what_it_cannot_measure(variants, sentiment_files, tmp_path, tiny_base, capsys):
+    fp32, _, _ = variants
+    _, dev = sentiment_files
+    for argv, words in ((["--eval", str(dev)], "model directories"), ([str(fp32)], "--eval"),
+                        ([str(fp32), "--eval", str(dev), "--max-drop", "-1"], "--max-drop"),
+                        ([str(fp32), str(tmp_path / "nope"), "--eval", str(dev)], "nope"),
+                        ([str(fp32), str(tiny_base), "--eval", str(dev)], "fine-tune"),
+                        ([str(fp32), "--eval", str(dev), "--output", str(dev)], "not a directory")):
+        assert main(["compare", *argv]) == 2 and words in capsys.readouterr().err, argv
+
+
+def test_names_are_directory_names_unless_two_are_the_same():
+    assert variant_names(["runs/a/model", "runs/b/", "c"]) == ["model", "b", "c"]
+    assert variant_names(["x/model", "y/model", "z"]) == ["x/model", "y/model", "z"]
+
+
+def test_onnx_sessions_can_leave_their_threads_idle_between_runs(variants):
+    _, _, onnx = variants
+    spin, still = OnnxClassifier(onnx), OnnxClassifier(onnx, spin=False)
+    assert still.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert np.array_equal(spin.logits(["a good film"]), still.logits(["a good film"]))
