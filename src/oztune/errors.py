@@ -32,3 +32,32 @@ def check_positive(option: str, value: float | None) -> None:
     to a nan model); the one wording of every command."""
     if value is not None and not (value > 0 and math.isfinite(value)):
         raise OztuneError(f"{option} must be a positive, finite number, not {value}")
+
+
+# How to give each text its second text, and how to give texts alone: in a data file (or on the command line),
+# and in a call of the Python API or a request to the server.
+_PAIR_FIXES = {
+    "file": ("give a file with a column of second texts (--text-pair-column C names it)",
+             "give a file of single texts, or name its text column alone (--text-column C)"),
+    "call": ("give text_pairs, one second text per text", "leave text_pairs out"),
+}
+
+
+def check_text_pairs(model_pairs: bool | None, pairs: bool, where: str, source: str = "file") -> None:
+    """A DataError for texts of the other kind than the model was fine-tuned on (text pairs for a model of
+    single texts, single texts for a model of pairs): its scores of them would mean nothing. The one check and
+    wording of predict, evaluate, the training recipes' files, the Python API and the server.
+
+    Args:
+        model_pairs: whether the model was fine-tuned on text pairs; None (a model saved before oztune recorded
+            it): both kinds are scored.
+        pairs: whether the texts come with second texts.
+        where: what holds the texts, named first in the message (a file, "texts").
+        source: "file" (a data file or the command line) or "call" (the Python API or a request to the server,
+            where second texts are ``text_pairs``): which fix the message gives.
+    """
+    if model_pairs is None or pairs == model_pairs:
+        return
+    given, trained = ("text pairs", "single texts") if pairs else ("single texts", "text pairs")
+    raise DataError(f"{where}: {given}, but the model was fine-tuned on {trained} (its scores of {given} would "
+                    f"mean nothing); {_PAIR_FIXES[source][pairs]}")

@@ -10,6 +10,7 @@ from oztune.data.dataset import EncodedData, encode_data
 from oztune.data.labels import build_label_map, encode_labels, infer_problem_type, parse_multi_label
 from oztune.data.readers import Example, read_examples
 from oztune.data.tokenize import TextEncoder
+from oztune.errors import check_text_pairs
 
 
 @dataclass
@@ -22,13 +23,22 @@ class Columns:
 
 
 def read_labelled(path: str, columns: Columns, require_label: bool = True,
-                  max_examples: int | None = None, problem_type: str | None = None) -> list[Example]:
+                  max_examples: int | None = None, problem_type: str | None = None,
+                  text_pairs: bool | None = None) -> list[Example]:
     """Read examples, keeping the first ``max_examples`` (None: all); with ``problem_type`` multi_label a
-    blank label cell is an example with no labels (None: the file's other labels tell)."""
+    blank label cell is an example with no labels (None: the file's other labels tell). With ``text_pairs``
+    (whether the model they are for was fine-tuned on text pairs), a file of the other kind is a DataError
+    (:func:`~oztune.errors.check_text_pairs`)."""
     examples = read_examples(path, text_column=columns.text, text_pair_column=columns.text_pair,
                              label_column=columns.label, require_label=require_label,
                              multi_label=None if problem_type is None else problem_type == "multi_label")
+    check_text_pairs(text_pairs, holds_pairs(examples), path)
     return examples[:max_examples] if max_examples else examples
+
+
+def holds_pairs(examples: list[Example]) -> bool:
+    """Whether the examples are text pairs (their file's column of second texts was read)."""
+    return any(e.text_pair is not None for e in examples)
 
 
 def label_setup(examples: list[Example], problem_type: str | None,
@@ -68,7 +78,7 @@ def encode_examples(examples: list[Example], encoder: TextEncoder, label2id: dic
                     problem_type: str, path: str, with_labels: bool = True) -> EncodedData:
     """Tokenize examples and encode their labels (a label the model does not know is a DataError)."""
     texts = [e.text for e in examples]
-    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair is not None for e in examples) else None
+    pairs = [e.text_pair or "" for e in examples] if holds_pairs(examples) else None
     labels = None
     if with_labels:
         labels = encode_labels([e.label for e in examples], label2id, problem_type, path=path,

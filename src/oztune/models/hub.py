@@ -185,7 +185,8 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
 
     Returns:
         (model in eval mode, tokenizer, meta) where meta holds ``id2label``, ``label2id``, ``path``, ``run``
-        (oztune's record) and ``trained`` (False: the checkpoint had no task head, a new one was made).
+        (oztune's record), ``trained`` (False: the checkpoint had no task head, a new one was made) and
+        ``text_pairs`` (whether it was fine-tuned on text pairs; None: not recorded, as by oztune before it did).
     """
     tune_malloc()  # whoever loads a model runs it: keep freed memory for reuse (oztune.runtime)
     path = resolve_model(name_or_dir)
@@ -263,7 +264,7 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
                          f"{cfg.vocab_size} rows (tokens added to the tokenizer without resizing the model's embeddings?)")
     label2id = {v: k for k, v in id2label.items()}
     return model, enc, {"id2label": id2label, "label2id": label2id, "path": path, "run": oz.get("run", {}),
-                        "trained": trained}
+                        "trained": trained, "text_pairs": oz.get("text_pairs")}
 
 
 def tokenizer_length(oz: dict, cfg: ModelConfig, max_length: int | None) -> int:
@@ -330,7 +331,8 @@ def hf_compatible(model: SequenceClassifier) -> bool:
 
 def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | os.PathLike,
                     id2label: dict[int, str], run: dict | None = None, card: str | None = None,
-                    quantization: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+                    quantization: dict | None = None, extra_files: dict[str, str] | None = None,
+                    text_pairs: bool | None = None) -> Path:
     """Write model, config, tokenizer and run record to ``out`` atomically.
 
     Args:
@@ -342,6 +344,9 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         card: text of the model card README.md.
         quantization: the quantization recipe, when the model holds quantized layers.
         extra_files: more text files to write into the directory (name -> content).
+        text_pairs: whether the model was fine-tuned on text pairs (config.json's ``oztune.text_pairs``: the other
+            kind of input is then refused, see :func:`oztune.errors.check_text_pairs`); None: not recorded. A model
+            made from another (quantized, pruned, distilled) passes on its source's ``meta["text_pairs"]``.
     """
     if any(isinstance(m, LoRALinear) for m in model.modules()):  # (their names load nowhere)
         raise ValueError("the model holds LoRA updates beside its layers: fold them in with "
@@ -374,6 +379,8 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         hf["pad_token_id"] = encoder.pad_id  # GPT2ForSequenceClassification can run batches of several texts
     hf["oztune"] = {"format": "hf" if as_hf else "native", "model": model.cfg.to_dict(),
                     "head": model.head_cfg.to_dict(), "max_length": encoder.max_length, "run": run or {}}
+    if text_pairs is not None:
+        hf["oztune"]["text_pairs"] = text_pairs
     if quantization:
         hf["oztune"]["quantization"] = quantization
     from oztune.compress.prune import pruning_record

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from oztune.data.labels import are_class_ids
-from oztune.data.load import Columns, encode_examples, hold_out, label_setup, read_labelled
+from oztune.data.load import Columns, encode_examples, hold_out, holds_pairs, label_setup, read_labelled
 from oztune.errors import OztuneError, check_at_least_1, check_positive
 from oztune.models.hub import DEFAULT_MODEL, load_classifier, new_head_, save_classifier
 from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, check_targets, merge_lora
@@ -275,7 +275,8 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     cols = a.columns()
     train_ex = sample(read_labelled(a.train, cols, problem_type=a.problem_type), a.max_train_examples, a.seed)
     problem_type, label2id = label_setup(train_ex, a.problem_type, a.train)
-    eval_ex = read_labelled(a.eval, cols, problem_type=problem_type) if a.eval else None
+    text_pairs = holds_pairs(train_ex)  # recorded with the model, which then refuses the other kind of input
+    eval_ex = read_labelled(a.eval, cols, problem_type=problem_type, text_pairs=text_pairs) if a.eval else None
     num_labels = len(label2id) if label2id else 1
     if problem_type == "single_label" and num_labels < 2:
         raise OztuneError(f"{a.train}: every example has the label {next(iter(label2id), '?')!r}; "
@@ -347,7 +348,7 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
         run["eval_lines"] = [e.line for e in eval_ex]
     if env.is_main:
         save_classifier(model, enc, a.output, id2label, run=run, card=model_card(a, run, id2label),
-                        extra_files={"train_log.csv": log_csv(result.log)})
+                        extra_files={"train_log.csv": log_csv(result.log)}, text_pairs=text_pairs)
         if cfg.checkpoint_dir and (cfg.checkpoint_every or cfg.resume):
             remove_checkpoints(cfg.checkpoint_dir)  # the run is finished and saved
     return run
