@@ -6,10 +6,13 @@ recorded it scores both, as it always did. The server's 422: tests/serve/test_se
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
+from oztune import Classifier
 from oztune.cli import main
+from oztune.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,3 +59,63 @@ def test_finetune_refuses_an_eval_file_of_the_other_kind_before_training(files, 
     err = capsys.readouterr().err
     assert f"{files['single']}: single texts, but the model was fine-tuned on text pairs" in err
     assert "--text-pair-column" in err and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_cli_refuses_a_file_of_the_other_kind_naming_it(command, models, files, capsys):
+    option = "--input" if command == "predict" else "--data"
+    assert main([command, "--model", str(models["pair"]), option, str(files["single"])]) == 2
+    err = capsys.readouterr().err
+    assert f"{files['single']}: single texts, but the model was fine-tuned on text pairs" in err
+    assert "--text-pair-column" in err and len(err.strip().splitlines()) == 1
+    assert main([command, "--model", str(models["single"]), option, str(files["pairs"])]) == 2
+    err = capsys.readouterr().err
+    assert f"{files['pairs']}: text pairs, but the model was fine-tuned on single texts" in err
+    assert "--text-column" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_refuses_texts_given_as_arguments_to_a_pair_model(models, capsys):
+    assert main(["predict", "--model", str(models["pair"]), "the good movie"]) == 2
+    err = capsys.readouterr().err
+    assert "the texts given as arguments" in err and "fine-tuned on text pairs" in err and "--input" in err
+
+
+def test_cli_scores_files_of_the_model_s_own_kind(models, files, capsys):
+    for kind in ("pair", "single"):
+        data = str(files["pairs" if kind == "pair" else "single"])
+        assert main(["predict", "--model", str(models[kind]), "--input", data]) == 0
+        assert main(["evaluate", "--model", str(models[kind]), "--data", data, "--json"]) == 0
+    assert main(["predict", "--model", str(models["single"]), "the good movie"]) == 0
+    capsys.readouterr()
+
+
+def test_api_refuses_the_other_kind(models, files):
+    pair, single = Classifier.from_pretrained(models["pair"]), Classifier.from_pretrained(models["single"])
+    for call in (pair.predict, pair.logits):
+        with pytest.raises(DataError, match="texts: single texts, but the model was fine-tuned on text pairs.*"
+                                            "give text_pairs"):
+            call(["the good movie"])
+    for call in (single.predict, single.logits):
+        with pytest.raises(DataError, match="texts: text pairs, but the model was fine-tuned on single texts.*"
+                                            "leave text_pairs out"):
+            call(["the good movie"], ["it is good"])
+    with pytest.raises(DataError, match="single texts, but the model was fine-tuned on text pairs"):
+        pair.evaluate(str(files["single"]))
+    with pytest.raises(DataError, match="text pairs, but the model was fine-tuned on single texts"):
+        single.evaluate(str(files["pairs"]))
+    assert len(pair.predict(["the good movie"], ["it is good"])) == 1 and len(single.predict(["a fine film"])) == 1
+
+
+def test_a_model_saved_without_the_record_scores_both_kinds(models, files, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(models["pair"], old)
+    config = json.loads((old / "config.json").read_text())
+    del config["oztune"]["text_pairs"]  # as oztune wrote it before it recorded this
+    (old / "config.json").write_text(json.dumps(config))
+    clf = Classifier.from_pretrained(old)
+    assert len(clf.predict(["the good movie"])) == len(clf.predict(["the good movie"], ["it is good"])) == 1
+    for data in (files["pairs"], files["single"]):
+        assert clf.evaluate(str(data))["examples"] == len(ROWS)
+        assert main(["predict", "--model", str(old), "--input", str(data)]) == 0
+    assert main(["predict", "--model", str(old), "the good movie"]) == 0
+    capsys.readouterr()

@@ -11,7 +11,7 @@ from oztune.config import check_count
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
-from oztune.errors import OztuneError
+from oztune.errors import OztuneError, check_text_pairs
 from oztune.models.hub import load_classifier, require_trained
 from oztune.models.transformer import SequenceClassifier, scores
 from oztune.data.tokenize import TextEncoder
@@ -52,7 +52,9 @@ class Predictor:
     """What every loaded classifier does, whatever runs it (:class:`Classifier`: PyTorch; an ONNX export:
     :class:`oztune.serve.backends.OnnxClassifier`): ``logits``, ``predict`` and ``evaluate``.
 
-    A subclass sets ``encoder``, ``id2label``, ``problem_type`` and ``batch_size`` and implements
+    A subclass sets ``encoder``, ``id2label``, ``problem_type``, ``batch_size`` and ``text_pairs`` (whether the
+    model was fine-tuned on text pairs: texts of the other kind are then refused, see
+    :func:`oztune.errors.check_text_pairs`; None, not recorded: both kinds are scored) and implements
     :meth:`encoded_logits`.
     """
 
@@ -60,6 +62,7 @@ class Predictor:
     id2label: dict[int, str]
     problem_type: str
     batch_size: int
+    text_pairs: bool | None = None
 
     def encoded_logits(self, data: EncodedData) -> np.ndarray:
         """Raw outputs (N, num_labels) of tokenized examples, in their order."""
@@ -72,6 +75,7 @@ class Predictor:
     def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
         """Raw outputs (N, num_labels), in input order (one string: one text, N = 1)."""
         texts, text_pairs = _as_lists(texts, text_pairs)
+        check_text_pairs(self.text_pairs, text_pairs is not None, "texts", "call")
         if not texts:
             return np.zeros((0, len(self.id2label) or 1), dtype=np.float32)
         return self.encoded_logits(EncodedData(self.encoder.encode(texts, text_pairs), None, self.encoder.pad_id))
@@ -90,7 +94,8 @@ class Predictor:
 
     def evaluate(self, path: str, columns: Columns | None = None, per_label: bool = False,
                  mistakes: bool = False) -> dict:
-        """Metrics on a labelled file (a label the model does not know is a DataError).
+        """Metrics on a labelled file (a label the model does not know is a DataError, and so is a file of the
+        other kind, text pairs or single texts, than the model was fine-tuned on).
 
         Args:
             path: labelled file (.csv, .tsv or .jsonl).
@@ -103,7 +108,7 @@ class Predictor:
         """
         if mistakes and self.problem_type == "regression":
             raise OztuneError("listing mistakes is for classification models; this one is a regression model")
-        examples = read_labelled(path, columns or Columns(), problem_type=self.problem_type)
+        examples = read_labelled(path, columns or Columns(), problem_type=self.problem_type, text_pairs=self.text_pairs)
         label2id = None if self.problem_type == "regression" else self.gold_label_ids([e.label for e in examples])
         data = encode_examples(examples, self.encoder, label2id, self.problem_type, path)
         logits = self.encoded_logits(data)
@@ -156,11 +161,13 @@ class Classifier(Predictor):
         encoder: its tokenizer.
         id2label: label name of each output.
         batch_size: examples per forward pass in :meth:`predict`.
+        text_pairs: whether the model was fine-tuned on text pairs (None: unknown, both kinds are scored).
     """
 
-    def __init__(self, model: SequenceClassifier, encoder: TextEncoder, id2label: dict[int, str], batch_size: int = 64):
+    def __init__(self, model: SequenceClassifier, encoder: TextEncoder, id2label: dict[int, str], batch_size: int = 64,
+                 text_pairs: bool | None = None):
         self.model, self.encoder, self.batch_size = model.eval(), encoder, check_count("batch_size", batch_size)
-        self.id2label = id2label
+        self.id2label, self.text_pairs = id2label, text_pairs
         self.label2id = {v: k for k, v in id2label.items()}
         self.problem_type = model.head_cfg.problem_type
 
@@ -183,7 +190,7 @@ class Classifier(Predictor):
             from oztune.models import aot as ahead
 
             model = ahead.load(model, path) or model
-        return cls(model, enc, meta["id2label"], batch_size)
+        return cls(model, enc, meta["id2label"], batch_size, meta["text_pairs"])
 
     def encoded_logits(self, data: EncodedData) -> np.ndarray:
         return predict_logits(self.model, data, self.batch_size)

@@ -16,7 +16,7 @@ from oztune.cli import command
 from oztune.data.labels import parse_multi_label
 from oztune.data.load import Columns, read_labelled
 from oztune.data.readers import lone_surrogate
-from oztune.errors import DataError, OztuneError, check_at_least_1
+from oztune.errors import DataError, OztuneError, check_at_least_1, check_text_pairs
 from oztune.outdir import check_name_length, staged_file
 from oztune.train.finetune import FinetuneArgs, finetune
 from oztune.train.distributed import is_main_process
@@ -219,6 +219,8 @@ def predict_cmd(a: PredictArgs) -> int:
         if not t.strip():
             raise DataError(f"text {i + 1} is empty")
     clf = _open(a.model, a.batch_size)
+    check_text_pairs(clf.text_pairs, pairs is not None,
+                     f"--input {a.input}" if a.input else "the texts given as arguments (pairs come in an --input file)")
     lines = _answer_lines(clf, texts, pairs, a.all_scores)
     if a.output:
         _write_atomically(a.output, lines)

@@ -31,6 +31,10 @@ def models(one_thread, tiny_base, sentiment_files, tmp_path_factory):
     assert main(["quantize", "--model", str(ft), "--output", str(q), "--no-progress"]) == 0
     for src in (ft, q):
         assert main(["export", "--model", str(src), "--output", str(d / f"{src.name}-onnx")]) == 0
+    for name in ("ft", "q", "ft-onnx", "q-onnx"):  # fed pairs too, which a model fine-tuned on single texts refuses:
+        config = json.loads((d / name / "config.json").read_text())  # these compare encodings, so they run as
+        config["oztune"].pop("text_pairs", None)  # a model saved before oztune recorded it, which takes both
+        (d / name / "config.json").write_text(json.dumps(config))
     return d
 
 

@@ -59,6 +59,7 @@ class OnnxClassifier(Predictor):
                              "make one with: oztune export --model DIR --output DIR")
         cfg = ModelConfig.from_dict(oz["model"])
         self.problem_type = oz["head"]["problem_type"]
+        self.text_pairs = oz.get("text_pairs")  # (exported from a model saved before oztune recorded it: None)
         self.id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
         self.encoder = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length), pad_token_id=hf.get("pad_token_id"))
         self.batch_size = check_count("batch_size", batch_size)
@@ -117,9 +118,11 @@ def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_siz
         torch.set_num_threads(threads)
         clf = Classifier.from_pretrained(path, batch_size=batch_size, max_length=max_length, compile=compile)
         if compile:  # the graphs for one text and for batches (of distinct sizes, texts and tokens: see
-            # torch.compile's "duck sizing", which gives equal sizes one symbol until a recompile)
-            clf.predict(["a first text to compile the model with"])
-            clf.predict(["a second text", "and a third, longer one, so that the batch has padding", "a fourth"])
+            # torch.compile's "duck sizing", which gives equal sizes one symbol until a recompile); pairs for a
+            # model fine-tuned on them (it refuses single texts)
+            for texts in (["a first text to compile the model with"],
+                          ["a second text", "and a third, longer one, so that the batch has padding", "a fourth"]):
+                clf.predict(texts, texts[::-1] if clf.text_pairs else None)
         return clf
     if compile:
         raise OztuneError("--compile is for --backend torch (ONNX Runtime optimizes its own graph)")
