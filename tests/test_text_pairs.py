@@ -119,3 +119,38 @@ def test_a_model_saved_without_the_record_scores_both_kinds(models, files, tmp_p
         assert main(["predict", "--model", str(old), "--input", str(data)]) == 0
     assert main(["predict", "--model", str(old), "the good movie"]) == 0
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize"],
+    ["prune", "--train", "{pairs}", "--eval", "{pairs}", "--sparsity", "0.5", "--epochs", "1"],
+    ["distill", "--train", "{pairs}", "--eval", "{pairs}", "--student-layers", "1", "--epochs", "1"],
+    ["compress", "--train", "{pairs}", "--eval", "{pairs}", "--recipes", "int8", "--max-drop", "100"],
+], ids=lambda argv: argv[0])
+def test_a_model_made_from_a_pair_model_is_a_pair_model(argv, models, files, tmp_path, capsys):
+    source = "--teacher" if argv[0] == "distill" else "--model"
+    out = tmp_path / "out"
+    argv = [a.format(pairs=files["pairs"]) for a in argv]
+    assert main([*argv, source, str(models["pair"]), "--output", str(out), "--no-progress"]) == 0
+    assert _recorded(out) is True
+    with pytest.raises(DataError, match="fine-tuned on text pairs"):
+        Classifier.from_pretrained(out).predict(["the good movie"])
+    capsys.readouterr()
+
+
+def test_recipes_refuse_data_of_the_other_kind(models, files, tmp_path, capsys):
+    assert main(["prune", "--model", str(models["pair"]), "--train", str(files["single"]), "--eval", str(files["pairs"]),
+                 "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert f"{files['single']}: single texts, but the model was fine-tuned on text pairs" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(models["single"]), "--eval", str(files["pairs"]),
+                 "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert f"{files['pairs']}: text pairs, but the model was fine-tuned on single texts" in capsys.readouterr().err
+
+
+def test_an_onnx_export_of_a_pair_model_is_a_pair_model(models, files, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", str(models["pair"]), "--output", str(out)]) == 0
+    assert _recorded(out) is True
+    assert main(["evaluate", "--model", str(out), "--data", str(files["single"])]) == 2
+    assert "single texts, but the model was fine-tuned on text pairs" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(out), "--data", str(files["pairs"])]) == 0

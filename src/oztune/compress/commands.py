@@ -116,7 +116,7 @@ def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
     cols = Columns(a.text_column, a.text_pair_column, a.label_column)
 
     def encoded(path: str, n: int | None = None):
-        examples = sample(read_labelled(path, cols, problem_type=kind), n, a.seed)
+        examples = sample(read_labelled(path, cols, problem_type=kind, text_pairs=meta["text_pairs"]), n, a.seed)
         label2id = None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
         return encode_examples(examples, enc, label2id, kind, path)
 
@@ -139,7 +139,8 @@ def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
            "source_run": meta.get("run", {})}
     if not saves:
         return run
-    save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record, card=_card(a, run))
+    save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record, card=_card(a, run),
+                    text_pairs=meta["text_pairs"])
     run["file_mb"] = round(weights_mb(Path(a.output)), 6)
     return run
 

@@ -23,7 +23,7 @@ from oztune.compress.sparse import to_sparse_, zeros_keeper
 from oztune.compress.vocab import tokens_seen
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
-from oztune.data.load import Columns, encode_examples, read_labelled
+from oztune.data.load import Columns, encode_examples, holds_pairs, read_labelled
 from oztune.errors import ModelError, OztuneError, check_positive
 from oztune.models.hub import load_classifier, save_classifier
 from oztune.models.transformer import SequenceClassifier
@@ -228,7 +228,8 @@ class TaskData:
 
 def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval: str, columns: Columns,
                    max_train_examples: int | None, seed: int) -> TaskData:
-    """Read and encode the train (sampled) and eval files with the model's labels; unknown labels are DataErrors."""
+    """Read and encode the train (sampled) and eval files with the model's labels; unknown labels are DataErrors,
+    and so is a file of the other kind (text pairs or single texts) than the model was fine-tuned on."""
     if not train or not eval:
         raise OztuneError("--train and --eval are required")
     kind = model.head_cfg.problem_type
@@ -236,11 +237,11 @@ def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval:
     def label2id(examples):  # by name, or by class id (gold_label2id)
         return None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
 
-    train_ex = read_labelled(train, columns, problem_type=kind)
+    train_ex = read_labelled(train, columns, problem_type=kind, text_pairs=meta["text_pairs"])
     train_all = encode_examples(train_ex, enc, label2id(train_ex), kind, train)
     train_data = train_all.subset(sample(list(range(len(train_all))), max_train_examples, seed))
-    eval_ex = read_labelled(eval, columns, problem_type=kind)
-    pairs = [e.text_pair or "" for e in eval_ex] if any(e.text_pair is not None for e in eval_ex) else None
+    eval_ex = read_labelled(eval, columns, problem_type=kind, text_pairs=meta["text_pairs"])
+    pairs = [e.text_pair or "" for e in eval_ex] if holds_pairs(eval_ex) else None
     return TaskData(train_data, encode_examples(eval_ex, enc, label2id(eval_ex), kind, eval), [e.text for e in eval_ex],
                     pairs, tokens_seen(train_all, model.cfg.vocab_size))
 
@@ -332,7 +333,7 @@ def _run_distill(a: DistillArgs, dcfg: DistillConfig, saves: bool) -> dict:
     shape = f"{student.cfg.num_layers} layers, {run['student']['parameters'] / 1e6:.3g}M parameters"
     save_classifier(student, enc, a.output, meta["id2label"], run=run,
                     card=recipe_card("distilled student (oztune distill)", [f"Source: `{a.teacher}`; this model: {shape}"],
-                                     teacher_metrics, result.best, a.output))
+                                     teacher_metrics, result.best, a.output), text_pairs=meta["text_pairs"])
     return run
 
 

@@ -345,7 +345,7 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         quantization: the quantization recipe, when the model holds quantized layers.
         extra_files: more text files to write into the directory (name -> content).
         text_pairs: whether the model was fine-tuned on text pairs (config.json's ``oztune.text_pairs``: the other
-            kind of input is then refused, see :func:`oztune.errors.check_text_pairs`); None: not recorded. A model
+            kind of input is then refused, see :func:`oztune.errors.check_text_pairs`); None: unknown. A model
             made from another (quantized, pruned, distilled) passes on its source's ``meta["text_pairs"]``.
     """
     if any(isinstance(m, LoRALinear) for m in model.modules()):  # (their names load nowhere)
@@ -378,9 +378,8 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
     if hf.get("pad_token_id") is None:  # GPT-2 has none: say which one oztune padded with, so that HF's
         hf["pad_token_id"] = encoder.pad_id  # GPT2ForSequenceClassification can run batches of several texts
     hf["oztune"] = {"format": "hf" if as_hf else "native", "model": model.cfg.to_dict(),
-                    "head": model.head_cfg.to_dict(), "max_length": encoder.max_length, "run": run or {}}
-    if text_pairs is not None:
-        hf["oztune"]["text_pairs"] = text_pairs
+                    "head": model.head_cfg.to_dict(), "max_length": encoder.max_length, "text_pairs": text_pairs,
+                    "run": run or {}}
     if quantization:
         hf["oztune"]["quantization"] = quantization
     from oztune.compress.prune import pruning_record

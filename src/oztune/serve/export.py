@@ -198,7 +198,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, int8: bool = False, o
     with staged_dir(out) as tmp:
         inputs = export_torch_to_onnx(model, tmp / ONNX_FILE, opset)
         enc.save(tmp)
-        (tmp / "config.json").write_text(json.dumps(_export_config(src, model, meta["id2label"], enc.max_length, {
+        (tmp / "config.json").write_text(json.dumps(_export_config(src, model, meta, enc.max_length, {
             "file": ONNX_FILE, "inputs": inputs, "opset": opset, "int8": bool(quantization),
             "quantization": quantization, "source": str(src)}), indent=2) + "\n")
     return out
@@ -254,11 +254,12 @@ def _load_exportable(src: Path) -> tuple[SequenceClassifier, TextEncoder, dict]:
     return model, enc, meta
 
 
-def _export_config(src: Path, model: SequenceClassifier, id2label: dict[int, str], max_length: int,
-                   onnx_info: dict) -> dict:
-    """The source's config.json with the resolved model, head, labels, tokenizer length and the export's description."""
+def _export_config(src: Path, model: SequenceClassifier, meta: dict, max_length: int, onnx_info: dict) -> dict:
+    """The source's config.json with the resolved model, head, labels (and whether it was fine-tuned on text
+    pairs, as :func:`load_classifier`'s ``meta`` says), tokenizer length and the export's description."""
     hf = {k: v for k, v in read_config(src).items() if k != "oztune"}
+    id2label = meta["id2label"]
     hf.update(id2label={str(i): n for i, n in id2label.items()}, label2id={n: i for i, n in id2label.items()})
     hf["oztune"] = {"format": "onnx", "model": model.cfg.to_dict(), "head": model.head_cfg.to_dict(),
-                    "max_length": max_length, "onnx": onnx_info}
+                    "max_length": max_length, "text_pairs": meta["text_pairs"], "onnx": onnx_info}
     return hf
