@@ -17,3 +17,14 @@ def test_text_pairs_of_another_count_than_texts_get_422(body):
 
 def test_one_pair_per_text_is_accepted():
     assert parse_predict_body(b'{"texts": ["a", "b"], "text_pairs": ["x", "y"]}', 64) == (["a", "b"], ["x", "y"])
+
+
+@pytest.mark.parametrize("model_pairs,body,message", [
+    (True, b'{"texts": ["a"]}', "texts: single texts, but the model was fine-tuned on text pairs"),
+    (False, b'{"texts": ["a"], "text_pairs": ["x"]}', "texts: text pairs, but the model was fine-tuned on single texts"),
+])
+def test_texts_of_the_other_kind_than_the_model_s_get_422(model_pairs, body, message):
+    with pytest.raises(HTTPError, match=message) as e:
+        parse_predict_body(body, 64, text_pairs=model_pairs)
+    assert e.value.status == 422 and "text_pairs" in str(e.value)
+    parse_predict_body(body, 64)  # a model that does not say which it was fine-tuned on takes both

@@ -410,6 +410,28 @@ def test_serve_command_runs_the_torch_model_in_a_worker_process_and_stops_it(mod
             proc.wait()
 
 
+def test_serve_answers_422_to_texts_of_the_other_kind_than_the_model_s(tmp_path):
+    """A model fine-tuned on text pairs gets single texts: 422 naming text_pairs, not meaningless scores (the
+    model process tells the server which kind its model takes)."""
+    pair_model = save_tiny(tiny_classifier(), tmp_path / "pair", text_pairs=True)
+    proc = subprocess.Popen([sys.executable, "-m", "oztune", "serve", "--model", str(pair_model), "--port", "0",
+                             "--workers", "1", "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", proc.stdout.readline()).group(1)
+        r = httpx.post(f"{url}/predict", json={"texts": ["good movie"]}, timeout=20)
+        assert r.status_code == 422
+        assert r.json()["detail"].startswith("texts: single texts, but the model was fine-tuned on text pairs")
+        assert "give text_pairs" in r.json()["detail"]
+        r = httpx.post(f"{url}/predict", json={"texts": ["good movie"], "text_pairs": ["bad plot"]}, timeout=20)
+        assert r.status_code == 200, r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_worker_process_reports_a_bad_model_as_an_error(tmp_path):
     from oztune.errors import OztuneError
     from oztune.serve.backends import WorkerProcess

@@ -154,6 +154,8 @@ class WorkerProcess:
 
     Args: those of :func:`load_backend`, and
         timeout: longest wait for the answer to one batch, in seconds (None: no limit).
+
+    Once ready, ``text_pairs`` is the loaded model's (whether it was fine-tuned on text pairs; None: not recorded).
     """
 
     def __init__(self, model: str, backend: str = "torch", threads: int = 0, batch_size: int = 64,
@@ -162,6 +164,7 @@ class WorkerProcess:
         self._args = (model, backend, threads, batch_size, max_length, compile)
         self.timeout = timeout
         self.restarts = 0
+        self.text_pairs: bool | None = None
         self._spawn()
         if wait:
             self.wait_ready()
@@ -203,6 +206,7 @@ class WorkerProcess:
         if kind == "error":
             self.close()
             raise (ModelError if payload.startswith("ModelError") else OztuneError)(payload.split(": ", 1)[-1])
+        self.text_pairs = payload
 
     @property
     def pid(self) -> int | None:
@@ -256,7 +260,8 @@ class WorkerProcess:
 
 def _serve_worker(conn, model: str, backend: str, threads: int, batch_size: int, max_length: int,
                   compile: bool = False) -> None:
-    """The model process: load, say so, then answer (texts, pairs, all_scores) until None or EOF."""
+    """The model process: load, say so (with whether the model takes text pairs), then answer
+    (texts, pairs, all_scores) until None or EOF."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -269,7 +274,7 @@ def _serve_worker(conn, model: str, backend: str, threads: int, batch_size: int,
     import gc
 
     gc.freeze()  # the loaded model and libraries are never garbage: keep the collector from walking them
-    conn.send(("ready", None))
+    conn.send(("ready", clf.text_pairs))
     while True:
         try:
             msg = conn.recv()

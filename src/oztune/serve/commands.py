@@ -257,7 +257,8 @@ def _serve(a: ServeArgs) -> int:
           f"thread{'s' if threads > 1 else ''}) on http://{a.host}:{sock.getsockname()[1]}  "
           "(POST /predict, GET /health, GET /metrics)", flush=True)
     try:
-        run_server(predicts, sock, limits, {"model": a.model, "backend": a.backend, "workers": workers}, a.log_level)
+        run_server(predicts, sock, limits, {"model": a.model, "backend": a.backend, "workers": workers}, a.log_level,
+                   clfs[0].text_pairs)
     finally:
         for clf in clfs:
             if isinstance(clf, WorkerProcess):

@@ -6,7 +6,8 @@ The request path is kept cheap: the body is read with a size limit and checked b
 model, no response model), and the work is queued to the batch worker (see :mod:`.batching`).
 
 Status codes: 422 for a body that is not JSON or has wrong types or a text that is not valid Unicode
-(with a message saying which field), 413 for more texts than ``max_texts_per_request`` (or than
+(with a message saying which field), or whose texts are of the other kind (text pairs or single texts) than the
+model was fine-tuned on, 413 for more texts than ``max_texts_per_request`` (or than
 ``max_queue``) or a body over ``max_body_bytes``, 408 for a body not all there ``body_timeout_s`` after its
 headers (and its connection is closed), 503 when the queue is full or the server is shutting down, 500 when
 the model fails, 504 when its call on a batch runs past ``batch_timeout_s`` (then 503 for other requests
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from oztune.errors import OztuneError
+from oztune.errors import DataError, OztuneError, check_text_pairs
 from oztune.serve.batching import Closed, MicroBatcher, ModelTimeout, Predict, QueueFull, Stalled
 from oztune.serve.metrics import Metrics
 
@@ -253,8 +254,10 @@ def _string_list(body: dict, field: str) -> list[str]:
     return value
 
 
-def parse_predict_body(raw: bytes, max_texts: int) -> tuple[list[str], list[str] | None]:
-    """(texts, text_pairs or None) from a /predict body; HTTPError 422 or 413 when it is not acceptable."""
+def parse_predict_body(raw: bytes, max_texts: int, text_pairs: bool | None = None) -> tuple[list[str], list[str] | None]:
+    """(texts, text_pairs or None) from a /predict body; HTTPError 422 or 413 when it is not acceptable, 422 too
+    for text pairs when ``text_pairs`` is False (the model was fine-tuned on single texts) and for single texts
+    when it is True (None: the model does not say, both are taken)."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -276,11 +279,15 @@ def parse_predict_body(raw: bytes, max_texts: int) -> tuple[list[str], list[str]
         pairs = _string_list(body, "text_pairs")
         if len(pairs) != len(texts):
             raise HTTPError(422, f"text_pairs: expected one per text ({len(texts)}), got {len(pairs)}")
+    try:
+        check_text_pairs(text_pairs, pairs is not None, "texts", "call")
+    except DataError as e:
+        raise HTTPError(422, str(e)) from None
     return texts, pairs
 
 
 def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = None,
-               info: dict | None = None) -> FastAPI:
+               info: dict | None = None, text_pairs: bool | None = None) -> FastAPI:
     """The FastAPI application serving ``predict`` through a micro-batcher.
 
     Args:
@@ -288,6 +295,8 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
             of them (model replicas, each fed batches by a worker thread of its own).
         limits: batching and request limits.
         info: extra fields for GET /health (model path, backend).
+        text_pairs: whether the model was fine-tuned on text pairs: requests of the other kind get 422 (None:
+            not recorded, both kinds are run).
     """
     limits = limits or ServeLimits()
     metrics = Metrics()
@@ -320,7 +329,8 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
     async def handle_predict(scope: dict, receive) -> tuple[int, bytes]:
         start = time.perf_counter()
         try:
-            texts, pairs = parse_predict_body(await deadlines.read(scope, receive, limits.max_body_bytes), max_texts)
+            texts, pairs = parse_predict_body(await deadlines.read(scope, receive, limits.max_body_bytes), max_texts,
+                                              text_pairs)
             gone = _client_gone(receive)
             try:
                 future = batcher.submit(texts, pairs, gone)
@@ -376,12 +386,13 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def run_server(predict: Predict | list[Predict], sock: socket.socket, limits: ServeLimits | None = None, info: dict | None = None,
-               log_level: str = "info") -> None:
-    """Serve on ``sock`` until SIGINT/SIGTERM, then stop accepting, finish the requests in flight, and return."""
+               log_level: str = "info", text_pairs: bool | None = None) -> None:
+    """Serve on ``sock`` until SIGINT/SIGTERM, then stop accepting, finish the requests in flight, and return
+    (``text_pairs``: whether the model was fine-tuned on text pairs, see :func:`create_app`)."""
     import uvicorn
 
     limits = limits or ServeLimits()
-    config = uvicorn.Config(create_app(predict, limits, info), log_level=log_level, access_log=False,
+    config = uvicorn.Config(create_app(predict, limits, info, text_pairs), log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=limits.graceful_timeout_s)
     # uvicorn re-raises the stopping signal after its graceful shutdown; let that be a normal return.
     main = threading.current_thread() is threading.main_thread()
