@@ -14,7 +14,7 @@ from pathlib import Path
 from oztune.api import Classifier
 from oztune.cli import command
 from oztune.data.labels import parse_multi_label
-from oztune.data.load import Columns, read_labelled
+from oztune.data.load import Columns, holds_pairs, read_labelled
 from oztune.data.readers import lone_surrogate
 from oztune.errors import DataError, OztuneError, check_at_least_1, check_text_pairs
 from oztune.outdir import check_name_length, staged_file
@@ -208,11 +208,11 @@ def predict_cmd(a: PredictArgs) -> int:
         texts += lines
     elif a.input:
         ex = read_labelled(a.input, Columns(a.text_column, a.text_pair_column, None), require_label=False)
-        if any(e.text_pair for e in ex) and texts:
+        if holds_pairs(ex) and texts:
             raise OztuneError(f"--input {a.input} holds text pairs: texts given as arguments have no second text; "
                               "give them in the file")
         texts += [e.text for e in ex]
-        pairs = [e.text_pair or "" for e in ex] if any(e.text_pair for e in ex) else None
+        pairs = [e.text_pair or "" for e in ex] if holds_pairs(ex) else None
     if not texts:
         raise OztuneError("no texts: give them as arguments or with --input FILE")
     for i, t in enumerate(texts):

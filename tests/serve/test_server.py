@@ -424,6 +424,7 @@ def test_serve_answers_422_to_texts_of_the_other_kind_than_the_model_s(tmp_path)
         assert "give text_pairs" in r.json()["detail"]
         r = httpx.post(f"{url}/predict", json={"texts": ["good movie"], "text_pairs": ["bad plot"]}, timeout=20)
         assert r.status_code == 200, r.text
+        assert httpx.get(f"{url}/health", timeout=20).json()["text_pairs"] is True  # what a client should send
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:

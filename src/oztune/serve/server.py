@@ -294,7 +294,7 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
         predict: ``predict(texts, pairs) -> [{"label", "score"}, ...]``, e.g. ``Classifier.predict``; or a list
             of them (model replicas, each fed batches by a worker thread of its own).
         limits: batching and request limits.
-        info: extra fields for GET /health (model path, backend).
+        info: extra fields for GET /health (model path, backend); it also says ``text_pairs``.
         text_pairs: whether the model was fine-tuned on text pairs: requests of the other kind get 422 (None:
             not recorded, both kinds are run).
     """
@@ -362,7 +362,7 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
         problem = batcher.problem()
         if problem:
             return _json(503, {"status": "unhealthy", "detail": problem})
-        return _json(200, {"status": "ok", **(info or {})})
+        return _json(200, {"status": "ok", **(info or {}), "text_pairs": text_pairs})
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
