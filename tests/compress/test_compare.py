@@ -90,3 +90,16 @@ def test_onnx_sessions_can_leave_their_threads_idle_between_runs(variants):
     spin, still = OnnxClassifier(onnx), OnnxClassifier(onnx, spin=False)
     assert still.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert np.array_equal(spin.logits(["a good film"]), still.logits(["a good film"]))
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_model_is_measured(variants, sentiment_files,
+                                                                                  monkeypatch, capsys):
+    fp32, _, _ = variants
+    _, dev = sentiment_files
+
+    def measured(*args, **kw):
+        raise AssertionError("a model was opened before --output was checked")
+
+    monkeypatch.setattr("oztune.compress.compare.open_predictor", measured)
+    assert main(["compare", str(fp32), "--eval", str(dev), "--output", str(dev / "report")]) == 2
+    assert f"--output {dev / 'report'}: cannot be created, {dev} is not a directory" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from oztune.compress.report import COLUMNS, add_relative, pareto_png, round_robi
 from oztune.data.load import Columns, read_labelled
 from oztune.errors import OztuneError
 from oztune.models.hub import format_size, resolve_model, weight_files
+from oztune.outdir import check_output_dir
 from oztune.serve.backends import open_predictor
 from oztune.serve.export import ONNX_FILE
 
@@ -67,8 +68,8 @@ def compare(a: CompareArgs) -> dict:
     models = [resolve_model(m) for m in a.models]  # every path checked before the first model is measured
     names = variant_names(a.models)
     cols = Columns(a.text_column, a.text_pair_column, a.label_column)
-    if a.output and Path(a.output).exists() and not Path(a.output).is_dir():
-        raise OztuneError(f"--output {a.output}: exists and is not a directory")
+    if a.output:  # (a place that cannot be written refused now, not after minutes of measuring)
+        check_output_dir(a.output, replaced=False)
     clfs, rows, measured = [], [], []
     for given, path, name in zip(a.models, models, names):
         clf = open_predictor(str(path), spin=False)  # (ONNX Runtime's spinning threads would slow the next model)
