@@ -103,3 +103,17 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_model_is_measure
     monkeypatch.setattr("oztune.compress.compare.open_predictor", measured)
     assert main(["compare", str(fp32), "--eval", str(dev), "--output", str(dev / "report")]) == 2
     assert f"--output {dev / 'report'}: cannot be created, {dev} is not a directory" in capsys.readouterr().err
+
+
+def test_an_output_that_is_one_of_the_models_is_refused(variants, sentiment_files, tmp_path, capsys):
+    """oztune compress writes report.md, report.json and pareto.png into its model directory: a comparison
+    written there would replace them."""
+    import shutil
+
+    fp32, int8, _ = variants
+    _, dev = sentiment_files
+    compressed = shutil.copytree(int8, tmp_path / "compressed")
+    (compressed / "report.json").write_text('{"chosen": "int8"}\n')
+    assert main(["compare", str(fp32), str(compressed), "--eval", str(dev), "--output", f"{compressed}/"]) == 2
+    assert f"--output {compressed}/: is the model {compressed}" in capsys.readouterr().err
+    assert (compressed / "report.json").read_text() == '{"chosen": "int8"}\n'

@@ -68,8 +68,8 @@ def compare(a: CompareArgs) -> dict:
     models = [resolve_model(m) for m in a.models]  # every path checked before the first model is measured
     names = variant_names(a.models)
     cols = Columns(a.text_column, a.text_pair_column, a.label_column)
-    if a.output:  # (a place that cannot be written refused now, not after minutes of measuring)
-        check_output_dir(a.output, replaced=False)
+    if a.output:  # (refused now, not after minutes of measuring)
+        check_output(a.output, a.models)
     clfs, rows, measured = [], [], []
     for given, path, name in zip(a.models, models, names):
         clf = open_predictor(str(path), spin=False)  # (ONNX Runtime's spinning threads would slow the next model)
@@ -96,6 +96,16 @@ def compare(a: CompareArgs) -> dict:
     if a.output:
         write_compare_report(Path(a.output), report)
     return report
+
+
+def check_output(output: str, models: list[str]) -> None:
+    """Refuse an ``--output`` that cannot be written, or that is one of the ``models`` (``oztune compress`` keeps
+    its own report.md, report.json and pareto.png in its model directory: the comparison would replace them)."""
+    check_output_dir(output, replaced=False)
+    for given in models:
+        if Path(output).resolve() == Path(given).resolve():
+            raise OztuneError(f"--output {output}: is the model {given}, whose report files it would replace; "
+                              "write the comparison to a directory of its own")
 
 
 def variant_names(models: list[str]) -> list[str]:
