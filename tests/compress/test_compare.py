@@ -117,3 +117,13 @@ def test_an_output_that_is_one_of_the_models_is_refused(variants, sentiment_file
     assert main(["compare", str(fp32), str(compressed), "--eval", str(dev), "--output", f"{compressed}/"]) == 2
     assert f"--output {compressed}/: is the model {compressed}" in capsys.readouterr().err
     assert (compressed / "report.json").read_text() == '{"chosen": "int8"}\n'
+
+
+def test_a_model_given_twice_is_refused_before_any_model_is_measured(variants, sentiment_files, monkeypatch, capsys):
+    """Twice the same name in the table, both rows marked the fastest in budget: refused instead."""
+    fp32, int8, _ = variants
+    _, dev = sentiment_files
+    monkeypatch.setattr("oztune.compress.compare.open_predictor", lambda *a, **kw: pytest.fail("a model was opened"))
+    for again in (str(fp32), f"{fp32}/"):
+        assert main(["compare", str(fp32), str(int8), again, "--eval", str(dev)]) == 2
+        assert f"{again}: given twice (as {fp32} too); give each model once" in capsys.readouterr().err

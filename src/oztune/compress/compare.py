@@ -66,6 +66,7 @@ def compare(a: CompareArgs) -> dict:
         raise OztuneError(f"--max-drop must be 0 or more (points of accuracy), not {a.max_drop}")
     start = time.perf_counter()
     models = [resolve_model(m) for m in a.models]  # every path checked before the first model is measured
+    check_distinct(a.models, models)
     names = variant_names(a.models)
     cols = Columns(a.text_column, a.text_pair_column, a.label_column)
     if a.output:  # (refused now, not after minutes of measuring)
@@ -96,6 +97,15 @@ def compare(a: CompareArgs) -> dict:
     if a.output:
         write_compare_report(Path(a.output), report)
     return report
+
+
+def check_distinct(given: list[str], paths: list[Path]) -> None:
+    """Refuse a model given twice (its two rows would have one name, both marked when it is the fastest)."""
+    seen: dict[Path, str] = {}
+    for g, p in zip(given, paths):
+        if p.resolve() in seen:
+            raise OztuneError(f"{g}: given twice (as {seen[p.resolve()]} too); give each model once")
+        seen[p.resolve()] = g
 
 
 def check_output(output: str, models: list[str]) -> None:
