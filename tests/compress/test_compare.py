@@ -127,3 +127,18 @@ def test_a_model_given_twice_is_refused_before_any_model_is_measured(variants, s
     for again in (str(fp32), f"{fp32}/"):
         assert main(["compare", str(fp32), str(int8), again, "--eval", str(dev)]) == 2
         assert f"{again}: given twice (as {fp32} too); give each model once" in capsys.readouterr().err
+
+
+def test_a_model_that_refuses_the_eval_file_is_named(variants, sentiment_files, tmp_path, capsys):
+    """Which of the models was fine-tuned on text pairs (and so refuses a file of single texts) is said."""
+    import shutil
+
+    fp32, _, _ = variants
+    _, dev = sentiment_files
+    pair = shutil.copytree(fp32, tmp_path / "pair")
+    config = json.loads((pair / "config.json").read_text())
+    config["oztune"]["text_pairs"] = True
+    (pair / "config.json").write_text(json.dumps(config))
+    assert main(["compare", str(fp32), str(pair), "--eval", str(dev)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {pair}: {dev}: single texts, but the model was fine-tuned on text pairs" in err

@@ -80,7 +80,7 @@ def compare(a: CompareArgs) -> dict:
                               "of one task")
         runtime = "onnxruntime" if (path / ONNX_FILE).is_file() else "torch"
         rows.append({"name": name, "path": str(given), "runtime": runtime, "problem_type": kind})
-        measured.append((clf.evaluate(a.eval, cols), model_mb(path), stored_weights(clf)))
+        measured.append((scored(clf, given, a.eval, cols), model_mb(path), stored_weights(clf)))
         clfs.append(clf)
     examples = read_labelled(a.eval, cols, problem_type=clfs[0].problem_type)
     texts = [e.text for e in examples]
@@ -97,6 +97,15 @@ def compare(a: CompareArgs) -> dict:
     if a.output:
         write_compare_report(Path(a.output), report)
     return report
+
+
+def scored(clf, given: str, eval_file: str, cols: Columns) -> dict:
+    """``clf``'s metrics on ``eval_file``, as ``oztune evaluate`` gives them; an error names the model
+    (``given``), which one of several refused the file (text pairs for a single-text model, say)."""
+    try:
+        return clf.evaluate(eval_file, cols)
+    except OztuneError as e:
+        raise type(e)(f"{given}: {e}") from None
 
 
 def check_distinct(given: list[str], paths: list[Path]) -> None:
