@@ -142,3 +142,13 @@ def test_a_model_that_refuses_the_eval_file_is_named(variants, sentiment_files, 
     assert main(["compare", str(fp32), str(pair), "--eval", str(dev)]) == 2
     err = capsys.readouterr().err
     assert f"error: {pair}: {dev}: single texts, but the model was fine-tuned on text pairs" in err
+
+
+def test_the_printed_table_lines_up_under_its_header_with_short_names(variants, sentiment_files, capsys):
+    fp32, int8, _ = variants  # "m" and "int8": shorter than the header "model"
+    _, dev = sentiment_files
+    assert main(["compare", str(fp32), str(int8), "--eval", str(dev)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    for column in ("accuracy", "drop", "texts/s"):
+        end = header.index(column) + len(column)  # right-aligned: each value ends where its header does
+        assert all(r[end - 1].isdigit() and r[end] == " " for r in rows), (header, rows)

@@ -223,7 +223,7 @@ from oztune.compress.compare import MARK, CompareArgs, compare  # noqa: E402
 def compare_cmd(a: CompareArgs) -> int:
     report = compare(a)
     rows = report["variants"]
-    width = max(len(r["name"]) for r in rows)
+    width = max(len("model"), *(len(r["name"]) for r in rows))  # (the header, were every name shorter)
     print(f"{'model':<{width}}  {rows[0]['metric']:>9}  {'drop':>6}  {'size':>8}  {'batch-1 ms':>10}  "
           f"{'texts/s':>8}  {'speed-up':>8}")
     for r in rows:
