@@ -152,3 +152,15 @@ def test_the_printed_table_lines_up_under_its_header_with_short_names(variants, 
     for column in ("accuracy", "drop", "texts/s"):
         end = header.index(column) + len(column)  # right-aligned: each value ends where its header does
         assert all(r[end - 1].isdigit() and r[end] == " " for r in rows), (header, rows)
+
+
+def test_the_runtime_column_tells_an_aoti_package_from_an_eager_model(variants, monkeypatch):
+    from oztune import Classifier
+    from oztune.compress.compare import runtime_of
+    from oztune.models.compiled import CompiledClassifier
+
+    fp32, _, onnx = variants
+    eager = Classifier.from_pretrained(fp32)
+    assert runtime_of(eager) == "torch" and runtime_of(OnnxClassifier(onnx)) == "onnxruntime"
+    eager.model = CompiledClassifier(eager.model, graphs=(None, None))  # as an aoti package loads (not run here)
+    assert runtime_of(eager) == "torch compiled"

@@ -25,10 +25,10 @@ from oztune.api import Classifier
 from oztune.compress.report import COLUMNS, add_relative, pareto_png, round_robin, row, sorted_batches, table
 from oztune.data.load import Columns, read_labelled
 from oztune.errors import OztuneError
+from oztune.models.compiled import CompiledClassifier
 from oztune.models.hub import format_size, resolve_model, weight_files
 from oztune.outdir import check_output_dir
 from oztune.serve.backends import open_predictor
-from oztune.serve.export import ONNX_FILE
 
 MARK = "fastest in budget"
 
@@ -78,7 +78,7 @@ def compare(a: CompareArgs) -> dict:
         if clfs and kind != clfs[0].problem_type:
             raise OztuneError(f"{given}: a {kind} model; {a.models[0]} is {clfs[0].problem_type}: compare models "
                               "of one task")
-        runtime = "onnxruntime" if (path / ONNX_FILE).is_file() else "torch"
+        runtime = runtime_of(clf)
         rows.append({"name": name, "path": str(given), "runtime": runtime, "problem_type": kind})
         measured.append((scored(clf, given, a.eval, cols), model_mb(path), stored_weights(clf)))
         clfs.append(clf)
@@ -125,6 +125,13 @@ def check_output(output: str, models: list[str]) -> None:
         if Path(output).resolve() == Path(given).resolve():
             raise OztuneError(f"--output {output}: is the model {given}, whose report files it would replace; "
                               "write the comparison to a directory of its own")
+
+
+def runtime_of(clf) -> str:
+    """What runs the model: "onnxruntime", "torch compiled" (an aoti package) or "torch"."""
+    if not isinstance(clf, Classifier):
+        return "onnxruntime"
+    return "torch compiled" if isinstance(clf.model, CompiledClassifier) else "torch"
 
 
 def variant_names(models: list[str]) -> list[str]:
