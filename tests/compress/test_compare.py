@@ -164,3 +164,21 @@ def test_the_runtime_column_tells_an_aoti_package_from_an_eager_model(variants, 
     assert runtime_of(eager) == "torch" and runtime_of(OnnxClassifier(onnx)) == "onnxruntime"
     eager.model = CompiledClassifier(eager.model, graphs=(None, None))  # as an aoti package loads (not run here)
     assert runtime_of(eager) == "torch compiled"
+
+
+def test_a_metrics_note_is_printed_and_in_the_report(variants, sentiment_files, tmp_path, monkeypatch, capsys):
+    """A score that means nothing (pearson of constant predictions: 0, with a note) says so, as evaluate does."""
+    from oztune import Classifier
+
+    fp32, int8, _ = variants
+    _, dev = sentiment_files
+    evaluate = Classifier.evaluate
+
+    def with_note(self, *args, **kwargs):
+        return {**evaluate(self, *args, **kwargs), "note": "the predictions are all the same"}
+
+    monkeypatch.setattr(Classifier, "evaluate", with_note)
+    assert main(["compare", str(fp32), str(int8), "--eval", str(dev), "--output", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert f"note, {fp32.name}: the predictions are all the same" in out and "note, int8: the predictions" in out
+    assert "- Note, `int8`: the predictions are all the same" in (tmp_path / "r" / "report.md").read_text()

@@ -230,6 +230,9 @@ def compare_cmd(a: CompareArgs) -> int:
         flag = f"  <- {MARK}" if r["name"] == report["chosen"] else ""
         print(f"{r['name']:<{width}}  {r['score']:>9.2f}  {r['drop']:>+6.2f}  {format_size(r['file_mb']):>8}  "
               f"{r['latency_p50_ms']:>10.2f}  {r['throughput']:>8.0f}  {r['speedup']:>7.2f}x{flag}")
+    for r in rows:  # (a score that means nothing, e.g. pearson of constant predictions, says so)
+        if "note" in r["metrics"]:
+            print(f"note, {r['name']}: {r['metrics']['note']}")
     if a.output:
         print(f"report: {a.output}/report.md, report.json, pareto.png")
     return 0

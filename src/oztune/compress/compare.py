@@ -181,8 +181,14 @@ point(s) of {metric} below `{base['name']}` ({base['score']:.2f}).
 - speed-up: batch-64 throughput relative to `{base['name']}`. params: weights and biases, int8 ones included (an
   ONNX export's are not counted). Total time {s['seconds']:.0f} s.
 
-![{metric} against latency](pareto.png)
+{notes(rows)}![{metric} against latency](pareto.png)
 """
+
+
+def notes(rows: list[dict]) -> str:
+    """The metrics' notes (a score that means nothing, e.g. pearson of constant predictions), as list items."""
+    said = [f"- Note, `{r['name']}`: {r['metrics']['note']}" for r in rows if "note" in r["metrics"]]
+    return "\n".join(said) + "\n\n" if said else ""
 
 
 def write_compare_report(out: Path, report: dict) -> None:
