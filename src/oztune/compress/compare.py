@@ -23,7 +23,7 @@ import torch
 
 from oztune.api import Classifier
 from oztune.compress.report import COLUMNS, add_relative, pareto_png, round_robin, row, sorted_batches, table
-from oztune.data.load import Columns, read_labelled
+from oztune.data.load import Columns, holds_pairs, read_labelled
 from oztune.errors import OztuneError
 from oztune.models.compiled import CompiledClassifier
 from oztune.models.hub import format_size, resolve_model, weight_files
@@ -78,13 +78,12 @@ def compare(a: CompareArgs) -> dict:
         if clfs and kind != clfs[0].problem_type:
             raise OztuneError(f"{given}: a {kind} model; {a.models[0]} is {clfs[0].problem_type}: compare models "
                               "of one task")
-        runtime = runtime_of(clf)
-        rows.append({"name": name, "path": str(given), "runtime": runtime, "problem_type": kind})
+        rows.append({"name": name, "path": str(given), "runtime": runtime_of(clf), "problem_type": kind})
         measured.append((scored(clf, given, a.eval, cols), model_mb(path), stored_weights(clf)))
         clfs.append(clf)
     examples = read_labelled(a.eval, cols, problem_type=clfs[0].problem_type)
     texts = [e.text for e in examples]
-    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair is not None for e in examples) else None
+    pairs = [e.text_pair or "" for e in examples] if holds_pairs(examples) else None
     # timed in turns (a slow spell of a shared machine slows every model), on the same length-sorted batches
     timings = round_robin([c.logits for c in clfs], texts, pairs, sorted_batches(clfs[0].encoder, texts, pairs))
     rows = [{**r, **row(metrics, r["problem_type"], mb, weights, len(texts), *t)}

@@ -48,20 +48,15 @@ def model_runner(model: torch.nn.Module, encoder) -> Callable[[list[str], list[s
     return run
 
 
-def time_batches(run: Callable, texts: list[str], pairs: list[str] | None, batches: list[np.ndarray],
-                 repeats: int = 3) -> float:
-    """Seconds to run every batch once (after one warm-up batch): the fastest of ``repeats`` passes, since
-    on a shared machine other work only ever adds time (a median of three let one burst of contention
-    flip which variant compress kept)."""
+def time_batches(run: Callable, texts: list[str], pairs: list[str] | None, batches: list[np.ndarray]) -> float:
+    """Seconds to run every batch once, after one untimed warm-up batch (:func:`round_robin` keeps the fastest
+    of several passes: on a shared machine other work only ever adds time)."""
     take = (lambda idx: [pairs[i] for i in idx]) if pairs is not None else (lambda idx: None)
     run([texts[i] for i in batches[0]], take(batches[0]))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for idx in batches:
-            run([texts[i] for i in idx], take(idx))
-        times.append(time.perf_counter() - t0)
-    return float(np.min(times))
+    t0 = time.perf_counter()
+    for idx in batches:
+        run([texts[i] for i in idx], take(idx))
+    return time.perf_counter() - t0
 
 
 def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list[str], pairs: list[str] | None,
@@ -102,7 +97,8 @@ def round_robin(runs: list[Callable], texts: list[str], pairs: list[str] | None,
     (the fastest of ``repeats`` counts), and batch 1 goes ``chunk`` texts per model in turn. Each turn starts
     with an untimed call (after ``warmup`` of them at first): the threads of the model before may still be
     spinning, waiting for work (PyTorch's OpenMP, ONNX Runtime), and would slow its first text."""
-    seconds = [min(vals) for vals in zip(*[[time_batches(run, texts, pairs, batches, 1) for run in runs]
+    # (the fastest pass: a median of three let one burst of contention flip which variant compress kept)
+    seconds = [min(vals) for vals in zip(*[[time_batches(run, texts, pairs, batches) for run in runs]
                                            for _ in range(repeats)])]
     one = (lambda i: [pairs[i]]) if pairs is not None else (lambda i: None)
     for run in runs:
