@@ -106,6 +106,18 @@ def test_api_refuses_the_other_kind(models, files):
     assert len(pair.predict(["the good movie"], ["it is good"])) == 1 and len(single.predict(["a fine film"])) == 1
 
 
+def test_api_refuses_the_other_kind_with_no_texts_too(models):
+    """predict([]) checks the kind as logits([]) does: a caller who forgot text_pairs learns it on the first call,
+    not on the first call that happens to hold texts."""
+    pair, single = Classifier.from_pretrained(models["pair"]), Classifier.from_pretrained(models["single"])
+    for call in (pair.predict, pair.logits):
+        with pytest.raises(DataError, match="single texts, but the model was fine-tuned on text pairs"):
+            call([])
+    with pytest.raises(DataError, match="text pairs, but the model was fine-tuned on single texts"):
+        single.predict([], [])
+    assert pair.predict([], []) == [] and single.predict([]) == []
+
+
 def test_a_model_saved_without_the_record_scores_both_kinds(models, files, tmp_path, capsys):
     old = tmp_path / "old"
     shutil.copytree(models["pair"], old)

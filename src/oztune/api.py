@@ -87,6 +87,7 @@ class Predictor:
         probability >= 0.5 and the list of their probabilities. Regression: label None, score the value.
         """
         texts, text_pairs = _as_lists(texts, text_pairs)
+        check_text_pairs(self.text_pairs, text_pairs is not None, "texts", "call")  # (no texts too, as logits)
         if not texts:
             return []
         probs = self.probabilities(self.logits(texts, text_pairs))
