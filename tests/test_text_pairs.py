@@ -53,6 +53,18 @@ def test_finetune_records_whether_it_trained_on_text_pairs(models):
     assert _recorded(models["single"]) is False
 
 
+def _card_usage(model_dir) -> str:
+    """The README.md's ``oztune predict`` line (and Python call, where the card has one)."""
+    return "\n".join(line for line in (model_dir / "README.md").read_text().splitlines()
+                     if line.startswith(("oztune predict", "oztune.Classifier")))
+
+
+def test_the_model_card_shows_how_to_predict_the_kind_the_model_takes(models):
+    usage = _card_usage(models["pair"])  # (a text as an argument, or predict of one text: refused)
+    assert "--input" in usage and '"a charming' not in usage and '.predict(["a man is playing a guitar"], [' in usage
+    assert '"a charming and often affecting journey"' in _card_usage(models["single"])
+
+
 def test_finetune_refuses_an_eval_file_of_the_other_kind_before_training(files, tiny_base, tmp_path, capsys):
     argv = ["--output", str(tmp_path / "m"), "--model", str(tiny_base), "--no-progress"]
     assert main(["finetune", "--train", str(files["pairs"]), "--eval", str(files["single"]), *argv]) == 2
@@ -147,6 +159,8 @@ def test_a_model_made_from_a_pair_model_is_a_pair_model(argv, models, files, tmp
     assert _recorded(out) is True
     with pytest.raises(DataError, match="fine-tuned on text pairs"):
         Classifier.from_pretrained(out).predict(["the good movie"])
+    if argv[0] != "compress":  # (its output's README is the report)
+        assert "--input" in _card_usage(out) and '"a charming' not in _card_usage(out)
     capsys.readouterr()
 
 

@@ -139,20 +139,21 @@ def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
            "source_run": meta.get("run", {})}
     if not saves:
         return run
-    save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record, card=_card(a, run),
+    save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record, card=_card(a, run, meta["text_pairs"]),
                     text_pairs=meta["text_pairs"])
     run["file_mb"] = round(weights_mb(Path(a.output)), 6)
     return run
 
 
-def _card(a: QuantizeArgs, run: dict) -> str:
+def _card(a: QuantizeArgs, run: dict, text_pairs: bool | None) -> str:
     from oztune.compress.distill import recipe_card
 
     return recipe_card("int8 classifier (oztune quantize)", [
         f"Source: `{a.model}`; every Linear int8 x int8 (weights per output channel, activations per token at run "
         f"time),\n  embeddings: {a.embeddings}; kept fp32: {', '.join(a.skip) or 'nothing'}",
         "Quantization-aware fine-tuning: " + (f"{a.qat_epochs} epoch(s) on `{a.qat_train}`" if a.qat_train else "none"),
-    ], run["metrics_before"], run["metrics"], a.output, columns=("fp32", "int8"))
+    ], run["metrics_before"], run["metrics"], a.output, columns=("fp32", "int8"),
+                       text_pairs=text_pairs)
 
 
 @command("quantize", QuantizeArgs, "quantize a fine-tuned model to int8 (optionally after quantization-aware fine-tuning)")

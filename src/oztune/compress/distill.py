@@ -29,7 +29,7 @@ from oztune.models.hub import load_classifier, save_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.outdir import check_output_dir
 from oztune.train import distributed
-from oztune.train.finetune import RecipeOptions, sample
+from oztune.train.finetune import RecipeOptions, predict_usage, sample
 from oztune.train.finetune import check_train_options as check_finetune_options
 from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
 
@@ -333,14 +333,16 @@ def _run_distill(a: DistillArgs, dcfg: DistillConfig, saves: bool) -> dict:
     shape = f"{student.cfg.num_layers} layers, {run['student']['parameters'] / 1e6:.3g}M parameters"
     save_classifier(student, enc, a.output, meta["id2label"], run=run,
                     card=recipe_card("distilled student (oztune distill)", [f"Source: `{a.teacher}`; this model: {shape}"],
-                                     teacher_metrics, result.best, a.output), text_pairs=meta["text_pairs"])
+                                     teacher_metrics, result.best, a.output, text_pairs=meta["text_pairs"]),
+                    text_pairs=meta["text_pairs"])
     return run
 
 
 def recipe_card(title: str, lines: list[str], before: dict, after: dict, output: str,
-                columns: tuple[str, str] = ("source", "this model")) -> str:
-    """The model card README.md of a compressed model (quantize, prune, distill): what it came from, and its
-    metrics beside the source's."""
+                columns: tuple[str, str] = ("source", "this model"), text_pairs: bool | None = None) -> str:
+    """The model card README.md of a compressed model (quantize, prune, distill): what it came from, its
+    metrics beside the source's, and its ``oztune predict`` command (of text pairs for a model fine-tuned on them,
+    see :func:`oztune.train.finetune.predict_usage`)."""
     rows = "\n".join(f"| {k} | {before.get(k, float('nan')):.4f} | {v:.4f} |"
                      for k, v in after.items() if isinstance(v, float))
     bullets = "\n".join(f"- {line}" for line in lines)
@@ -353,6 +355,6 @@ def recipe_card(title: str, lines: list[str], before: dict, after: dict, output:
 {rows}
 
 ```bash
-oztune predict --model {output} "a charming and often affecting journey"
+{predict_usage(output, text_pairs)[0]}
 ```
 """

@@ -347,7 +347,7 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     if a.eval_split:  # which lines of --train were evaluated on, not trained on
         run["eval_lines"] = [e.line for e in eval_ex]
     if env.is_main:
-        save_classifier(model, enc, a.output, id2label, run=run, card=model_card(a, run, id2label),
+        save_classifier(model, enc, a.output, id2label, run=run, card=model_card(a, run, id2label, text_pairs),
                         extra_files={"train_log.csv": log_csv(result.log)}, text_pairs=text_pairs)
         if cfg.checkpoint_dir and (cfg.checkpoint_every or cfg.resume):
             remove_checkpoints(cfg.checkpoint_dir)  # the run is finished and saved
@@ -364,8 +364,21 @@ def log_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
-    """A short README.md for the saved model: what it is, how it was trained, how well it does."""
+def predict_usage(output: str, text_pairs: bool | None) -> tuple[str, str]:
+    """The model card's ``oztune predict`` command and Python call: of a text, or for a model fine-tuned on text
+    pairs (which refuses single texts) of a file of pairs and of a text with its second text."""
+    if text_pairs:
+        return (f"oztune predict --model {output} --input pairs.tsv  # columns sentence1, sentence2 "
+                "(or name them: --text-column, --text-pair-column)",
+                f'oztune.Classifier.from_pretrained("{output}").predict(["a man is playing a guitar"], '
+                '["someone plays an instrument"])')
+    return (f'oztune predict --model {output} "a charming and often affecting journey"',
+            f'oztune.Classifier.from_pretrained("{output}").predict(["a charming and often affecting journey"])')
+
+
+def model_card(a: FinetuneArgs, run: dict, id2label: dict, text_pairs: bool | None = None) -> str:
+    """A short README.md for the saved model: what it is, how it was trained, how well it does, how to use it
+    (``text_pairs``: whether it was fine-tuned on text pairs, see :func:`predict_usage`)."""
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in metric_values(run["metrics"]).items())
     ran = run["history"][-1]["epoch"] if run["history"] else a.epochs  # fewer than asked after an early stop
     trained = f"{a.epochs} epoch(s)" if ran == a.epochs else f"{round(ran, 2):g} of {a.epochs} epoch(s) (stopped early)"
@@ -387,6 +400,7 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
         extras += f"; the kept weights are a moving average (decay {a.ema_decay:g})"
     weights = ", class weights " + ", ".join(f"{w:.3g}" for w in run["class_weights"]) if run.get("class_weights") else ""
     precision = run.get("precision", a.precision) + (" (auto)" if a.precision == "auto" else "")  # what ran
+    command, call = predict_usage(a.output, text_pairs)
     return f"""# Fine-tuned with oztune
 
 - Base model: `{a.model}`
@@ -403,12 +417,12 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict) -> str:
 ## Use
 
 ```bash
-oztune predict --model {a.output} "a charming and often affecting journey"
+{command}
 ```
 
 ```python
 import oztune
-oztune.Classifier.from_pretrained("{a.output}").predict(["a charming and often affecting journey"])
+{call}
 ```
 
 The run's arguments and the metrics of every evaluation are in `run.json`; every optimizer step is in `train_log.csv`.
