@@ -164,6 +164,29 @@ def test_a_model_made_from_a_pair_model_is_a_pair_model(argv, models, files, tmp
     capsys.readouterr()
 
 
+def _unrecorded(model_dir, out):
+    """A copy of ``model_dir`` as oztune saved it before it recorded text_pairs."""
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    del config["oztune"]["text_pairs"]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("recipe", [["distill", "--student-layers", "1"], ["prune", "--sparsity", "0.5"]],
+                         ids=lambda argv: argv[0])
+def test_a_recipe_on_a_model_without_the_record_goes_by_its_train_file(recipe, models, files, tmp_path, capsys):
+    """As finetune: the eval file must be of the train file's kind, and the model trained on it records that kind."""
+    old = _unrecorded(models["pair"], tmp_path / "old")
+    source = ["--teacher" if recipe[0] == "distill" else "--model", str(old)]
+    argv = [*recipe, *source, "--train", str(files["pairs"]), "--epochs", "1", "--no-progress"]
+    assert main([*argv, "--eval", str(files["single"]), "--output", str(tmp_path / "mixed")]) == 2
+    assert f"{files['single']}: single texts, but the model was fine-tuned on text pairs" in capsys.readouterr().err
+    assert main([*argv, "--eval", str(files["pairs"]), "--output", str(tmp_path / "out")]) == 0
+    assert _recorded(tmp_path / "out") is True
+    capsys.readouterr()
+
+
 def test_recipes_refuse_data_of_the_other_kind(models, files, tmp_path, capsys):
     assert main(["prune", "--model", str(models["pair"]), "--train", str(files["single"]), "--eval", str(files["pairs"]),
                  "--output", str(tmp_path / "o"), "--no-progress"]) == 2

@@ -217,6 +217,8 @@ class TaskData:
         eval_texts: the evaluation texts, for end-to-end timings.
         eval_pairs: their second texts, or None.
         train_tokens: (vocab_size,) bool, token ids occurring anywhere in the training file.
+        text_pairs: whether the texts are text pairs: the model's record, or for a model saved before oztune
+            recorded it, the training file's kind (what a model trained on it records).
     """
 
     train: EncodedData
@@ -224,6 +226,7 @@ class TaskData:
     eval_texts: list[str]
     eval_pairs: list[str] | None
     train_tokens: torch.Tensor
+    text_pairs: bool
 
 
 def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval: str, columns: Columns,
@@ -238,12 +241,14 @@ def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval:
         return None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
 
     train_ex = read_labelled(train, columns, problem_type=kind, text_pairs=meta["text_pairs"])
+    # (a model that does not record its kind: the eval file must be of the train file's, as in finetune)
+    text_pairs = holds_pairs(train_ex) if meta["text_pairs"] is None else meta["text_pairs"]
     train_all = encode_examples(train_ex, enc, label2id(train_ex), kind, train)
     train_data = train_all.subset(sample(list(range(len(train_all))), max_train_examples, seed))
-    eval_ex = read_labelled(eval, columns, problem_type=kind, text_pairs=meta["text_pairs"])
+    eval_ex = read_labelled(eval, columns, problem_type=kind, text_pairs=text_pairs)
     pairs = [e.text_pair or "" for e in eval_ex] if holds_pairs(eval_ex) else None
     return TaskData(train_data, encode_examples(eval_ex, enc, label2id(eval_ex), kind, eval), [e.text for e in eval_ex],
-                    pairs, tokens_seen(train_all, model.cfg.vocab_size))
+                    pairs, tokens_seen(train_all, model.cfg.vocab_size), text_pairs)
 
 
 @dataclass
@@ -333,8 +338,8 @@ def _run_distill(a: DistillArgs, dcfg: DistillConfig, saves: bool) -> dict:
     shape = f"{student.cfg.num_layers} layers, {run['student']['parameters'] / 1e6:.3g}M parameters"
     save_classifier(student, enc, a.output, meta["id2label"], run=run,
                     card=recipe_card("distilled student (oztune distill)", [f"Source: `{a.teacher}`; this model: {shape}"],
-                                     teacher_metrics, result.best, a.output, text_pairs=meta["text_pairs"]),
-                    text_pairs=meta["text_pairs"])
+                                     teacher_metrics, result.best, a.output, text_pairs=data.text_pairs),
+                    text_pairs=data.text_pairs)
     return run
 
 

@@ -387,6 +387,6 @@ def _run_prune(a: PruneArgs, pcfg: PruneConfig, dcfg, saves: bool) -> dict:
     shape = f"{run['shape']}, {run['parameters'] / 1e6:.3g}M parameters, encoder sparsity {run['sparsity']:.1%}"
     save_classifier(student, enc, a.output, meta["id2label"], run=run,
                     card=recipe_card("pruned classifier (oztune prune)", [f"Source: `{a.model}`; this model: {shape}"],
-                                     before, after, a.output, text_pairs=meta["text_pairs"]),
-                    text_pairs=meta["text_pairs"])
+                                     before, after, a.output, text_pairs=data.text_pairs),
+                    text_pairs=data.text_pairs)
     return run

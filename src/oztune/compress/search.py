@@ -159,7 +159,7 @@ def _compress(a: CompressArgs, main: bool) -> dict:
         bar.set_postfix_str(f"measuring {name}")
         d = work / "fp32" if name == "fp32" else work / "variants" / name
         run = {"command": "compress", "variant": name, "recipe": recipe, "source": str(a.model), **(extra or {})}
-        save_classifier(model, enc, d, meta["id2label"], run=run, quantization=quant, text_pairs=meta["text_pairs"])
+        save_classifier(model, enc, d, meta["id2label"], run=run, quantization=quant, text_pairs=data.text_pairs)
         row = {"name": name, "recipe": recipe, "shape": shape(model), **(extra or {}),
                **measure(model, enc, data.eval, data.eval_texts, data.eval_pairs, d, params)}
         rows.append(row)
