@@ -114,6 +114,10 @@ def test_sentence_pair_defaults(tmp_path):
     assert read_examples(path) == [Example("P", "H", "entailment", 1)]
     path = write(tmp_path, "qnli.csv", "question,sentence,label\nQ?,S.,1\n")
     assert read_examples(path) == [Example("Q?", "S.", "1", 2)]
+    path = write(tmp_path, "qqp.tsv", "question1\tquestion2\tlabel\nQ1?\tQ2?\t0\n")
+    assert read_examples(path) == [Example("Q1?", "Q2?", "0", 2)]
+    path = write(tmp_path, "hf.jsonl", json.dumps({"text": "T", "text_pair": "P", "label": "1"}))
+    assert read_examples(path) == [Example("T", "P", "1", 1)]  # (before: single texts, text_pair ignored)
 
 
 def test_explicit_columns(tmp_path):

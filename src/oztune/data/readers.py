@@ -28,6 +28,7 @@ PAIR_COLUMNS = (
     ("premise", "hypothesis"),
     ("question", "sentence"),
     ("question1", "question2"),
+    ("text", "text_pair"),  # the names of Hugging Face tokenizers' arguments, which some data sets use
 )
 LABEL_COLUMNS = ("label", "labels", "target", "score", "y")
 
