@@ -145,6 +145,16 @@ def test_a_model_saved_without_the_record_scores_both_kinds(models, files, tmp_p
     capsys.readouterr()
 
 
+def test_a_record_that_is_not_true_false_or_null_is_refused_naming_the_field(models, files, tmp_path, capsys):
+    edited = tmp_path / "edited"
+    shutil.copytree(models["pair"], edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["oztune"]["text_pairs"] = "true"  # a hand edit: a string, which compared as "not pairs"
+    (edited / "config.json").write_text(json.dumps(config))
+    assert main(["evaluate", "--model", str(edited), "--data", str(files["pairs"])]) == 2
+    assert "oztune.text_pairs is 'true'; expected true, false or null" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [
     ["quantize"],
     ["prune", "--train", "{pairs}", "--eval", "{pairs}", "--sparsity", "0.5", "--epochs", "1"],

@@ -78,6 +78,16 @@ def _download(repo_id: str) -> Path:
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def recorded_text_pairs(oz: dict, path: Path) -> bool | None:
+    """config.json's ``oztune.text_pairs`` (``oz``: its oztune section): whether the model was fine-tuned on text
+    pairs, None where not recorded; anything but true, false or null is a ModelError (a hand edit, say)."""
+    value = oz.get("text_pairs")
+    if value is not None and not isinstance(value, bool):
+        raise ModelError(f"{Path(path) / 'config.json'}: oztune.text_pairs is {value!r}; expected true, false or null "
+                         "(whether the model was fine-tuned on text pairs)")
+    return value
+
+
 def read_config(path: Path) -> dict:
     f = path / "config.json"
     if not f.is_file():
@@ -264,7 +274,7 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
                          f"{cfg.vocab_size} rows (tokens added to the tokenizer without resizing the model's embeddings?)")
     label2id = {v: k for k, v in id2label.items()}
     return model, enc, {"id2label": id2label, "label2id": label2id, "path": path, "run": oz.get("run", {}),
-                        "trained": trained, "text_pairs": oz.get("text_pairs")}
+                        "trained": trained, "text_pairs": recorded_text_pairs(oz, path)}
 
 
 def tokenizer_length(oz: dict, cfg: ModelConfig, max_length: int | None) -> int:

@@ -19,7 +19,7 @@ from oztune.config import ModelConfig, check_count
 from oztune.data.dataset import EncodedData, inference_batches
 from oztune.data.tokenize import TextEncoder, pad_batch
 from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import read_config, resolve_model, tokenizer_length
+from oztune.models.hub import read_config, recorded_text_pairs, resolve_model, tokenizer_length
 from oztune.serve.batching import ModelTimeout
 from oztune.serve.export import ONNX_FILE, export_onnx, is_onnx_export
 
@@ -59,7 +59,7 @@ class OnnxClassifier(Predictor):
                              "make one with: oztune export --model DIR --output DIR")
         cfg = ModelConfig.from_dict(oz["model"])
         self.problem_type = oz["head"]["problem_type"]
-        self.text_pairs = oz.get("text_pairs")  # (exported from a model saved before oztune recorded it: None)
+        self.text_pairs = recorded_text_pairs(oz, path)  # (exported from a model saved before it was recorded: None)
         self.id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
         self.encoder = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length), pad_token_id=hf.get("pad_token_id"))
         self.batch_size = check_count("batch_size", batch_size)
