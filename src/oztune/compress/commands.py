@@ -139,8 +139,8 @@ def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
            "source_run": meta.get("run", {})}
     if not saves:
         return run
-    save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record, card=_card(a, run, meta["text_pairs"]),
-                    text_pairs=meta["text_pairs"])
+    save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record,
+                    card=_card(a, run, meta["text_pairs"]), text_pairs=meta["text_pairs"])
     run["file_mb"] = round(weights_mb(Path(a.output)), 6)
     return run
 
