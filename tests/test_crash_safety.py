@@ -120,7 +120,7 @@ def test_predict_refuses_to_overwrite_a_file_of_the_model(tiny_finetuned, tmp_pa
 def test_an_output_file_neither_clobbers_a_users_dot_tmp_file_nor_leaves_one_when_interrupted(tiny_finetuned,
                                                                                              tmp_path, capsys,
                                                                                              monkeypatch):
-    from oztune import commands
+    from oztune import outdir
 
     out = tmp_path / "p.jsonl"
     (tmp_path / "p.jsonl.tmp").write_text("mine")  # was used, then renamed away, as the temporary file
@@ -131,7 +131,7 @@ def test_an_output_file_neither_clobbers_a_users_dot_tmp_file_nor_leaves_one_whe
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(commands.os, "replace", interrupted)
+    monkeypatch.setattr(outdir.os, "replace", interrupted)  # (the writer of output files: outdir.write_atomically)
     assert cli.main(["predict", "--model", str(tiny_finetuned), "bad movie", "--output", str(out)]) == 130
     assert out.read_text() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "p.jsonl.tmp"]  # no temporary file left

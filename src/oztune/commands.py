@@ -5,9 +5,8 @@ from __future__ import annotations
 import codecs
 import errno
 import json
-import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from oztune.data.labels import parse_multi_label
 from oztune.data.load import Columns, holds_pairs, read_labelled
 from oztune.data.readers import lone_surrogate
 from oztune.errors import DataError, OztuneError, check_at_least_1, check_text_pairs
-from oztune.outdir import check_name_length, staged_file
+from oztune.outdir import check_name_length
+from oztune.outdir import write_atomically as _write_atomically
 from oztune.train.finetune import FinetuneArgs, finetune
 from oztune.train.distributed import is_main_process
 from oztune.train.metrics import metric_values
@@ -285,27 +285,6 @@ def _stdin_lines() -> list[str]:
         raise DataError(f"standard input: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
                         "give the texts as UTF-8") from None
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-
-
-def _write_atomically(path: str, text: str | Iterable[str], option: str = "--output") -> None:
-    """Write ``text`` (or its pieces, as they come) through a temporary file beside ``path``: an old file is
-    replaced whole or kept. The temporary file is removed whatever stops the write; one left by a write killed
-    on the spot (kill -9) is removed by the next write of ``path`` (:func:`oztune.outdir.staged_file`)."""
-    tmp = None
-    try:  # a fresh name (.NAME.tmp-PID@HOST-*: never a file of the user's such as PATH.tmp)
-        fd, tmp = staged_file(Path(path).absolute())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # the mode of a new file, not mkstemp's 0600
-        with open(fd, "w", encoding="utf-8") as f:
-            f.writelines([text] if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
-        raise
 
 
 def _open(model: str, batch_size: int):

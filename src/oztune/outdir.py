@@ -14,7 +14,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,6 +133,31 @@ def staged_file(out: Path) -> tuple[int, Path]:
     _remove_stale(out)
     fd, name = tempfile.mkstemp(prefix=_stage_prefix(out, "tmp"), dir=out.parent)
     return fd, Path(name)
+
+
+def write_atomically(path: str | os.PathLike, text: str | bytes | Iterable[str], option: str = "--output") -> None:
+    """Write ``text`` (or its pieces, as they come; or bytes) through a temporary file beside ``path``: an old file is
+    replaced whole or kept. The temporary file is removed whatever stops the write; one left by a write killed
+    on the spot (kill -9) is removed by the next write of ``path`` (:func:`staged_file`)."""
+    tmp = None
+    try:  # a fresh name (.NAME.tmp-PID@HOST-*: never a file of the user's such as PATH.tmp)
+        fd, tmp = staged_file(Path(path).absolute())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the mode of a new file, not mkstemp's 0600
+        if isinstance(text, bytes):
+            with open(fd, "wb") as f:
+                f.write(text)
+        else:
+            with open(fd, "w", encoding="utf-8") as f:
+                f.writelines([text] if isinstance(text, str) else text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
+        raise
 
 
 def _stage_prefix(out: Path, kind: str) -> str:

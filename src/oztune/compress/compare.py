@@ -10,11 +10,10 @@ onnxruntime, each as ``oztune evaluate`` runs it.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from oztune.data.load import Columns, holds_pairs, read_labelled
 from oztune.errors import OztuneError
 from oztune.models.compiled import CompiledClassifier
 from oztune.models.hub import format_size, resolve_model, weight_files
-from oztune.outdir import check_output_dir
+from oztune.outdir import check_output_dir, write_atomically
 from oztune.serve.backends import open_predictor
 
 MARK = "fastest in budget"
@@ -192,17 +191,12 @@ def notes(rows: list[dict]) -> str:
 
 def write_compare_report(out: Path, report: dict) -> None:
     """report.json, report.md and pareto.png into ``out`` (made if missing), each replaced whole or kept."""
+    rows, png = report["variants"], io.BytesIO()
+    pareto_png(rows, report["chosen"], report["max_drop"], png, rows[0]["name"], MARK)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".oztune-compare-", dir=out))
     except OSError as e:
         raise OztuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
-    try:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (tmp / "report.md").write_text(markdown(report))
-        rows = report["variants"]
-        pareto_png(rows, report["chosen"], report["max_drop"], tmp / "pareto.png", rows[0]["name"], MARK)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_atomically(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_atomically(out / "report.md", markdown(report))
+    write_atomically(out / "pareto.png", png.getvalue())

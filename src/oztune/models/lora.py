@@ -64,6 +64,11 @@ def check_targets(targets: list[str]) -> None:
         raise OztuneError(f"--lora-targets: give at least one of {', '.join(TARGETS)}")
 
 
+def lora_alpha(rank: int, alpha: float | None) -> float:
+    """The scale numerator ``alpha``, by default ``2 * rank`` (a scale of 2)."""
+    return float(alpha if alpha is not None else 2 * rank)
+
+
 def apply_lora(model: SequenceClassifier, rank: int, alpha: float | None = None, targets: list[str] | None = None,
                dropout: float = 0.0) -> int:
     """Wrap the target linears of every block in :class:`LoRALinear` and freeze everything but LoRA and the head.
@@ -81,7 +86,7 @@ def apply_lora(model: SequenceClassifier, rank: int, alpha: float | None = None,
     targets = list(dict.fromkeys(TARGETS if targets is None else targets))  # a name given twice is one target
     check_targets(targets)
     check_at_least_1("--lora-rank", rank)
-    alpha = float(alpha if alpha is not None else 2 * rank)
+    alpha = lora_alpha(rank, alpha)
     model.requires_grad_(False)
     for i, block in enumerate(model.backbone.layers):
         for t in targets:

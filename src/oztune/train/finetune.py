@@ -16,7 +16,7 @@ from oztune.data.labels import are_class_ids
 from oztune.data.load import Columns, encode_examples, hold_out, holds_pairs, label_setup, read_labelled
 from oztune.errors import OztuneError, check_at_least_1, check_positive
 from oztune.models.hub import DEFAULT_MODEL, load_classifier, new_head_, save_classifier
-from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, check_targets, merge_lora
+from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, check_targets, lora_alpha, merge_lora
 from oztune.outdir import check_output_dir
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints
@@ -394,8 +394,8 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict, text_pairs: bool | No
         evaluated = f" on `{a.eval}`{kept}" if a.eval else " (no --eval file: the training loss)"
     extras = f", R-Drop {a.rdrop:g}" if a.rdrop else ""
     if a.lora_rank:
-        alpha = a.lora_alpha if a.lora_alpha is not None else 2 * a.lora_rank
-        extras += f", LoRA rank {a.lora_rank} on {', '.join(a.lora_targets)} (alpha {alpha:g}, merged into the weights)"
+        extras += (f", LoRA rank {a.lora_rank} on {', '.join(a.lora_targets)} "
+                   f"(alpha {lora_alpha(a.lora_rank, a.lora_alpha):g}, merged into the weights)")
     if a.ema_decay:
         extras += f"; the kept weights are a moving average (decay {a.ema_decay:g})"
     weights = ", class weights " + ", ".join(f"{w:.3g}" for w in run["class_weights"]) if run.get("class_weights") else ""
