@@ -111,3 +111,20 @@ def test_export_aoti_with_int8_exits_2(tiny_hf_dir, tmp_path, capsys):
     src = tiny_hf_dir("bert")[0]
     assert main(["export", "--model", str(src), "--output", str(tmp_path / "o"), "--format", "aoti", "--int8"]) == 2
     assert "--int8 is for --format onnx" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_graphs_take_at_most_the_position_window(tmp_path, monkeypatch, one_thread):
+    """A RoBERTa-like model (position ids start at 2) holds max_positions - 2 tokens: the graphs and the meta
+    that bounds what is sent to them say so (they took the table's rows, 2 more than the window)."""
+    built = {}
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda program, package_path: built.setdefault(Path(package_path).name, program))
+    torch.manual_seed(0)
+    model = SequenceClassifier(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                                           intermediate_size=37, max_positions=12, position_offset=2),
+                               HeadConfig(num_labels=2))
+    aot.build(model.eval(), tmp_path)
+    assert json.loads((tmp_path / aot.META).read_text())["max_tokens"] == model.cfg.max_length == 10
+    for name in (aot.PACKED, aot.SINGLE):
+        tokens = built[name].range_constraints
+        assert max(int(r.upper) for r in tokens.values() if int(r.upper) < 1000) == 10

@@ -105,7 +105,7 @@ def build(model: nn.Module, out_dir: str | Path, weights: str | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     ids, mask, tt = _example(model)
     b, t, q = token_index(mask, model.pooled_positions(ids, mask))
-    max_t = int(model.cfg.max_positions)
+    max_t = int(model.cfg.max_length)  # the position window (RoBERTa: the table's rows - 2)
     B = torch.export.Dim("batch", min=2, max=1 << 16)
     T = torch.export.Dim("tokens", min=2, max=max(3, max_t))
     N = torch.export.Dim("real_tokens", min=2, max=1 << 24)
