@@ -197,6 +197,20 @@ def test_a_recipe_on_a_model_without_the_record_goes_by_its_train_file(recipe, m
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("train, other", [("pairs", "single"), ("single", "pairs")])
+def test_quantize_on_a_model_without_the_record_checks_eval_against_qat_train(train, other, models, files, tmp_path,
+                                                                               capsys):
+    """As the other recipes' train and eval files: --eval must be of --qat-train's kind (the model is fine-tuned on
+    it), else quantize would report the int8 model's scores of texts of another kind than it was fine-tuned on."""
+    old = _unrecorded(models["pair" if train == "pairs" else "single"], tmp_path / "old")
+    assert main(["quantize", "--model", str(old), "--qat-train", str(files[train]), "--eval", str(files[other]),
+                 "--output", str(tmp_path / "mixed"), "--no-progress"]) == 2
+    given, trained = ("single texts", "text pairs") if train == "pairs" else ("text pairs", "single texts")
+    err = capsys.readouterr().err
+    assert f"{files[other]}: {given}, but the model was fine-tuned on {trained}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "mixed").exists()
+
+
 def test_recipes_refuse_data_of_the_other_kind(models, files, tmp_path, capsys):
     assert main(["prune", "--model", str(models["pair"]), "--train", str(files["single"]), "--eval", str(files["pairs"]),
                  "--output", str(tmp_path / "o"), "--no-progress"]) == 2

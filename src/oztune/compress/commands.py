@@ -101,7 +101,7 @@ def run_quantize(a: QuantizeArgs) -> dict:
 
 
 def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
-    from oztune.compress.distill import load_trained
+    from oztune.compress.distill import load_trained, trained_text_pairs
     from oztune.compress.quantize import prepare_qat_, quantization_record, quantize_
     from oztune.data.labels import gold_label2id
     from oztune.data.load import Columns, encode_examples, read_labelled
@@ -115,16 +115,21 @@ def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
     kind = model.head_cfg.problem_type
     cols = Columns(a.text_column, a.text_pair_column, a.label_column)
 
-    def encoded(path: str, n: int | None = None):
-        examples = sample(read_labelled(path, cols, problem_type=kind, text_pairs=meta["text_pairs"]), n, a.seed)
+    def read(path: str, text_pairs: bool | None) -> list:
+        return read_labelled(path, cols, problem_type=kind, text_pairs=text_pairs)
+
+    def encoded(examples: list, path: str):
         label2id = None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
         return encode_examples(examples, enc, label2id, kind, path)
 
-    eval_data = encoded(a.eval) if a.eval else None
+    train_ex = read(a.qat_train, meta["text_pairs"]) if a.qat_train else None
+    # (a model that does not record its kind: --eval must be of --qat-train's, as the other recipes' eval files)
+    text_pairs = trained_text_pairs(meta["text_pairs"], train_ex)
+    eval_data = encoded(read(a.eval, text_pairs), a.eval) if a.eval else None
     before = evaluate(model, eval_data, a.batch_size) if eval_data and saves else {}  # (rank 0 reports)
     start, qat = time.perf_counter(), {}
     if a.qat_train:
-        train = encoded(a.qat_train, a.max_train_examples)
+        train = encoded(sample(train_ex, a.max_train_examples, a.seed), a.qat_train)
         prepare_qat_(model, config)
         result = fit(model, train, TrainConfig(epochs=a.qat_epochs, batch_size=a.batch_size, lr=a.qat_lr, seed=a.seed,
                                                freeze_embeddings=True, progress=a.progress), eval_data)

@@ -229,6 +229,16 @@ class TaskData:
     text_pairs: bool
 
 
+def trained_text_pairs(recorded: bool | None, train_examples: list | None) -> bool | None:
+    """Whether a model fine-tuned (further) on ``train_examples`` takes text pairs: its record (``recorded``,
+    ``meta["text_pairs"]``), or for a model saved before oztune recorded it, the train file's kind (what a model
+    trained on it records, as in finetune; the eval file must then be of that kind). None: not recorded and no
+    train file (``train_examples`` None), nothing tells."""
+    if recorded is not None or train_examples is None:
+        return recorded
+    return holds_pairs(train_examples)
+
+
 def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval: str, columns: Columns,
                    max_train_examples: int | None, seed: int) -> TaskData:
     """Read and encode the train (sampled) and eval files with the model's labels; unknown labels are DataErrors,
@@ -241,8 +251,7 @@ def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval:
         return None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
 
     train_ex = read_labelled(train, columns, problem_type=kind, text_pairs=meta["text_pairs"])
-    # (a model that does not record its kind: the eval file must be of the train file's, as in finetune)
-    text_pairs = holds_pairs(train_ex) if meta["text_pairs"] is None else meta["text_pairs"]
+    text_pairs = trained_text_pairs(meta["text_pairs"], train_ex)
     train_all = encode_examples(train_ex, enc, label2id(train_ex), kind, train)
     train_data = train_all.subset(sample(list(range(len(train_all))), max_train_examples, seed))
     eval_ex = read_labelled(eval, columns, problem_type=kind, text_pairs=text_pairs)
