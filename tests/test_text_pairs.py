@@ -211,6 +211,36 @@ def test_quantize_on_a_model_without_the_record_checks_eval_against_qat_train(tr
     assert not (tmp_path / "mixed").exists()
 
 
+@pytest.mark.parametrize("train", ["pairs", "single"])
+def test_quantization_aware_fine_tuning_of_a_model_without_the_record_records_its_train_file_s_kind(
+        train, models, files, tmp_path, capsys):
+    """As finetune, distill and prune: the model now fine-tuned on --qat-train's kind records it (and refuses the
+    other kind), and its card shows how to predict that kind."""
+    old = _unrecorded(models["pair" if train == "pairs" else "single"], tmp_path / "old")
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(old), "--qat-train", str(files[train]), "--eval", str(files[train]),
+                 "--output", str(out), "--no-progress"]) == 0
+    assert _recorded(out) is (train == "pairs")
+    other = "single" if train == "pairs" else "pairs"
+    assert main(["evaluate", "--model", str(out), "--data", str(files[other])]) == 2
+    assert "but the model was fine-tuned on" in capsys.readouterr().err
+    assert ("--input" in _card_usage(out)) is (train == "pairs")
+
+
+def test_post_training_quantization_of_a_model_without_the_record_leaves_it_unrecorded(models, files, tmp_path,
+                                                                                        capsys):
+    """Without --qat-train nothing is learnt about the input: --eval's kind is not taken for the model's (it may be
+    either), so the int8 model scores both kinds, as its source does."""
+    old = _unrecorded(models["pair"], tmp_path / "old")
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(old), "--eval", str(files["single"]), "--output", str(out),
+                 "--no-progress"]) == 0
+    assert _recorded(out) is None
+    for data in (files["pairs"], files["single"]):
+        assert main(["evaluate", "--model", str(out), "--data", str(data)]) == 0
+    capsys.readouterr()
+
+
 def test_recipes_refuse_data_of_the_other_kind(models, files, tmp_path, capsys):
     assert main(["prune", "--model", str(models["pair"]), "--train", str(files["single"]), "--eval", str(files["pairs"]),
                  "--output", str(tmp_path / "o"), "--no-progress"]) == 2

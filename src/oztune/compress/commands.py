@@ -123,7 +123,8 @@ def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
         return encode_examples(examples, enc, label2id, kind, path)
 
     train_ex = read(a.qat_train, meta["text_pairs"]) if a.qat_train else None
-    # (a model that does not record its kind: --eval must be of --qat-train's, as the other recipes' eval files)
+    # (a model that does not record its kind: --eval must be of --qat-train's, as the other recipes' eval files,
+    # and the model fine-tuned on it records that kind; without --qat-train it stays unrecorded)
     text_pairs = trained_text_pairs(meta["text_pairs"], train_ex)
     eval_data = encoded(read(a.eval, text_pairs), a.eval) if a.eval else None
     before = evaluate(model, eval_data, a.batch_size) if eval_data and saves else {}  # (rank 0 reports)
@@ -145,7 +146,7 @@ def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
     if not saves:
         return run
     save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record,
-                    card=_card(a, run, meta["text_pairs"]), text_pairs=meta["text_pairs"])
+                    card=_card(a, run, text_pairs), text_pairs=text_pairs)
     run["file_mb"] = round(weights_mb(Path(a.output)), 6)
     return run
 

@@ -356,7 +356,9 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         extra_files: more text files to write into the directory (name -> content).
         text_pairs: whether the model was fine-tuned on text pairs (config.json's ``oztune.text_pairs``: the other
             kind of input is then refused, see :func:`oztune.errors.check_text_pairs`); None: unknown. A model
-            made from another (quantized, pruned, distilled) passes on its source's ``meta["text_pairs"]``.
+            made from another (quantized, pruned, distilled) passes on its source's ``meta["text_pairs"]``, or for
+            a source without the record, the kind of the file it was trained on (None still where it was trained
+            on none: quantized without --qat-train), :func:`oztune.compress.distill.trained_text_pairs`.
     """
     if any(isinstance(m, LoRALinear) for m in model.modules()):  # (their names load nowhere)
         raise ValueError("the model holds LoRA updates beside its layers: fold them in with "
