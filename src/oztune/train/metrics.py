@@ -19,8 +19,10 @@ def metric_values(entry: dict) -> dict[str, float]:
 
 
 def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """F1 = 2 tp / (2 tp + fp + fn); 1 where tp + fp + fn = 0 (nothing to find, nothing predicted: a perfect
+    answer, scikit-learn's ``zero_division=1.0``), as for a multi-label eval set in which no example has a label."""
     denom = 2 * tp + fp + fn
-    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
 
 
 def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> dict[str, float]:
@@ -40,7 +42,8 @@ def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_labels: int) 
 
 
 def multilabel_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
-    """Subset accuracy, micro-F1 and macro-F1 of 0/1 matrices (N, L)."""
+    """Subset accuracy, micro-F1 and macro-F1 (over every label) of 0/1 matrices (N, L). Where there is nothing
+    to find and nothing was predicted, F1 is 1: overall for micro-F1, per label for macro-F1 (see :func:`_f1`)."""
     pred, gold = pred.astype(bool), gold.astype(bool)
     tp = (pred & gold).sum(0).astype(float)
     fp = (pred & ~gold).sum(0).astype(float)
@@ -108,7 +111,8 @@ def label_report(problem_type: str, logits: np.ndarray, gold: np.ndarray, id2lab
 
     Returns:
         ``{"per_label": {name: {"precision", "recall", "f1", "support"}}}``, plus ``"confusion_matrix"``
-        (a list of rows: gold label, then predicted label, both in output order) for single-label.
+        (a list of rows: gold label, then predicted label, both in output order) for single-label. An undefined
+        precision or recall is 0, but 1 for a label neither in gold nor predicted (whose F1 is 1, see :func:`_f1`).
     """
     if problem_type not in ("single_label", "multi_label"):
         return {}
@@ -121,8 +125,9 @@ def label_report(problem_type: str, logits: np.ndarray, gold: np.ndarray, id2lab
         pred, g = logits > 0, gold > 0.5
         tp = (pred & g).sum(0).astype(float)
         fp, fn = (pred & ~g).sum(0).astype(float), (~pred & g).sum(0).astype(float)
-    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
-    recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+    # undefined: 0, but 1 for a label neither in gold nor predicted (its F1 is 1 too, see _f1)
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), (fn == 0).astype(float))
+    recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), (fp == 0).astype(float))
     f1 = _f1(tp, fp, fn)
     names = [id2label.get(i, str(i)) for i in range(L)]
     out = {"per_label": {n: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),

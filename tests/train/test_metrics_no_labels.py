@@ -1,0 +1,57 @@
+"""Multi-label metrics where there is nothing to find: scikit-learn's ``zero_division=1.0`` (checked against it
+where it is installed). Predicting no label for examples that have none is a perfect answer, not a 0."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from oztune.train.metrics import compute_metrics, label_report, multilabel_metrics
+
+NO_LABELS = np.zeros((4, 3), dtype=bool)
+
+
+def test_predicting_no_label_where_there_is_none_scores_1():
+    """micro_f1 (early stopping's metric) and macro_f1 came out 0 for this perfect answer."""
+    assert multilabel_metrics(NO_LABELS, NO_LABELS) == {"subset_accuracy": 1.0, "micro_f1": 1.0, "macro_f1": 1.0}
+    m = compute_metrics("multi_label", np.full((4, 3), -2.0), NO_LABELS.astype(np.float32))  # (from logits)
+    assert (m["micro_f1"], m["macro_f1"]) == (1.0, 1.0)
+
+
+def test_predicting_labels_where_there_are_none_scores_0():
+    pred = NO_LABELS.copy()
+    pred[0, 1] = True  # one label predicted, none to find
+    m = multilabel_metrics(pred, NO_LABELS)
+    assert m["micro_f1"] == 0.0 and m["subset_accuracy"] == 0.75
+    assert m["macro_f1"] == pytest.approx((1 + 0 + 1) / 3)  # labels 0 and 2: nothing to find, nothing predicted
+
+
+def test_a_label_absent_from_gold_and_predictions_counts_as_right():
+    """Per label as in the micro average: a label nobody has and nobody predicted is 1 in macro_f1 and in
+    label_report (precision, recall and F1), as scikit-learn's zero_division=1.0 has it."""
+    gold = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=bool)  # label 2: never gold, never predicted
+    pred = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 0]], dtype=bool)
+    m = multilabel_metrics(pred, gold)
+    assert m["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 0 + 1))
+    assert m["macro_f1"] == pytest.approx((1 + 2 / 3 + 1) / 3)
+    rows = label_report("multi_label", np.where(pred, 2.0, -2.0), gold.astype(np.float32), {0: "a", 1: "b", 2: "c"})
+    assert rows["per_label"]["c"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 0}
+    assert rows["per_label"]["b"]["f1"] == pytest.approx(2 / 3)
+    assert np.mean([r["f1"] for r in rows["per_label"].values()]) == pytest.approx(m["macro_f1"])
+    sk = pytest.importorskip("sklearn.metrics")
+    assert m["micro_f1"] == pytest.approx(sk.f1_score(gold, pred, average="micro", zero_division=1.0))
+    assert m["macro_f1"] == pytest.approx(sk.f1_score(gold, pred, average="macro", zero_division=1.0))
+    for pred_ in (NO_LABELS, np.eye(4, 3, dtype=bool)):
+        m = multilabel_metrics(pred_, NO_LABELS)
+        assert m["micro_f1"] == sk.f1_score(NO_LABELS, pred_, average="micro", zero_division=1.0)
+        assert m["macro_f1"] == pytest.approx(sk.f1_score(NO_LABELS, pred_, average="macro", zero_division=1.0))
+
+
+def test_a_label_missed_or_invented_still_has_precision_or_recall_0():
+    """Only where there was nothing to find and nothing predicted: a label with gold examples and no prediction
+    keeps precision 0 (scikit-learn's zero_division=1.0 would say 1 there, with recall and F1 0)."""
+    gold = np.array([[1, 0], [1, 0]], dtype=np.float32)
+    logits = np.array([[-1.0, 1.0], [-1.0, -1.0]])  # label 0 missed, label 1 invented
+    rows = label_report("multi_label", logits, gold, {0: "a", 1: "b"})["per_label"]
+    assert rows["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert rows["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
