@@ -443,3 +443,22 @@ def test_fake_quantization_matches_the_int8_model_it_trains_for():
         torch.testing.assert_close(fq(x), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(q(x), want, atol=1e-3, rtol=1e-3)  # the int8 kernel: the same up to rounding
         assert (fq(x) - linear(x)).abs().max() > 1e-4  # and not simply the fp32 layer
+
+
+@pytest.mark.parametrize("M", [7, 300])  # torch._int_mm below ONEDNN_MIN_ROWS rows, oneDNN from there on
+def test_fake_quantization_from_a_floor_matches_int8_without_a_given_top(M):
+    """Without ``top`` both grids span [lower, max x] per row: QAT's defaulted to max(max x, 0), int8's to max x,
+    which differ for a row whose values are all below 0 (row 1: GELU of negative inputs)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    fq, q = FakeQuantLinear.from_linear(linear), Int8Linear.from_linear(linear)
+    x = nn.functional.gelu(torch.randn(M, 96) * 3)
+    x[1] = nn.functional.gelu(-0.4 - 1.5 * torch.rand(96))  # in [-0.17, -0.05]
+    lower = -quantize.ACT_FLOORS["gelu"]
+    assert (x[1] < 0).all() and (x.amax(-1) > 0).sum() == M - 1
+    with torch.no_grad():
+        want = nn.functional.linear(int8_ops.fake_quantize_from_floor(x, lower), q.dequantized_weight(), linear.bias)
+        torch.testing.assert_close(q(x, None, lower), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fq(x, None, lower), want, atol=1e-5, rtol=1e-5)
+        top = x.amax(-1, keepdim=True)  # the default: each row's own max
+        torch.testing.assert_close(int8_ops.fake_quantize_from_floor(x, lower), int8_ops.fake_quantize_from_floor(x, lower, top))

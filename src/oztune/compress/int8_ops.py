@@ -83,10 +83,10 @@ def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
 
 def fake_quantize_from_floor(x: torch.Tensor, lower: float, top: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` (all ``>= lower``) rounded to its per-token asymmetric grid of :func:`int8_linear_from_floor`
-    (255 steps over [lower, top], ``top`` (..., 1) each row's bound, by default max(max x, 0)), with a
+    (255 steps over [lower, top], ``top`` (..., 1) each row's bound, by default its max, as int8's), with a
     straight-through gradient (identity)."""
     x = x.float()
-    top = x.amax(-1, keepdim=True).clamp_min(0) if top is None else top.float()
+    top = x.amax(-1, keepdim=True) if top is None else top.float()
     scale = ((top - lower).clamp_min(EPS) / 255).detach()
     return x + (((x - lower) / scale).round() * scale + lower - x).detach()
 
@@ -151,7 +151,8 @@ def int8_linear_from_floor(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Ten
                            pw: torch.Tensor | None, top: torch.Tensor | None, lower: float,
                            weight_sums: torch.Tensor) -> torch.Tensor:
     """:func:`int8_linear` with asymmetric codes, for inputs known to be ``>= lower`` (``pw``: the packed
-    weight, or None for ``torch._int_mm``; ``top``: each row's max, or None).
+    weight, or None for ``torch._int_mm``; ``top``: each row's max or a bound on it, None: its max, as for
+    :func:`fake_quantize_from_floor`, which QAT trains with).
 
     Each row is ``x ~ u * scale + lower`` with codes u = round((x - lower) / scale) in [0, 255] and
     scale = (max x - lower) / 255. So ``x @ W.T + b = scale * (u @ W.T) + (b + lower * W.sum(1))``: the
