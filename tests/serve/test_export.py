@@ -232,3 +232,38 @@ def test_fp32_predictions_match_for_every_pooling_and_head_at_batch_sizes_64_and
     got = session.run(None, {i.name: feeds[i.name].numpy() for i in session.get_inputs()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(ids * mask, mask).numpy(), atol=1e-5)
+
+
+def _edited(model_dir, onnx_file: bool, section: bool, fmt: str | None):
+    """``model_dir`` as an export or not: a model.onnx, config.json's export section and its oztune.format."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config["oztune"].pop("onnx", None)
+    config["oztune"].update({"onnx": {"file": "model.onnx"}} if section else {})
+    config["oztune"].update(format=fmt) if fmt else config["oztune"].pop("format", None)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "model.onnx").unlink(missing_ok=True)
+    if onnx_file:
+        (model_dir / "model.onnx").write_bytes(b"an export's graph")
+    return model_dir
+
+
+@pytest.mark.parametrize("onnx_file,section,fmt", [
+    (False, False, "onnx"),  # hub said "an ONNX export", serve's test "not one" (predict, serve: refused by hub)
+    (True, True, None),      # serve's test said "an export", hub loaded the weights beside it
+    (True, True, "onnx"),    # an export
+    (True, False, "hf"),     # another tool's model.onnx beside the weights
+])
+def test_loading_and_serving_agree_on_what_an_onnx_export_is(onnx_file, section, fmt, tmp_path):
+    """One test decides (hub's load_classifier read oztune.format, the serving side model.onnx and the export's
+    section): PyTorch refuses exactly the directories the serving side runs as exports."""
+    from oztune.models import hub
+    from oztune.serve import export
+
+    d = _edited(save_tiny(tiny_classifier(), tmp_path / "model"), onnx_file, section, fmt)
+    try:
+        hub.load_classifier(d)
+        refused = False
+    except ModelError as e:
+        refused = "an ONNX export" in str(e)
+    assert refused == export.is_onnx_export(d) == (onnx_file and section)
+    assert export.is_onnx_export is hub.is_onnx_export and export.ONNX_FILE == hub.ONNX_FILE

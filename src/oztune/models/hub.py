@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from oztune.config import HeadConfig, ModelConfig, check_count
 from oztune.data.tokenize import TextEncoder
-from oztune.errors import ModelError
+from oztune.errors import ModelError, OztuneError
 from oztune.models.families import (FAMILIES, NATIVE_PREFIX, default_head, family_of, hf_to_oztune,
                                     is_default_head, oztune_to_hf)
 from oztune.models.lora import LoRALinear
@@ -99,6 +99,26 @@ def read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise ModelError(f"{f}: expected a JSON object of settings, found {type(config).__name__}")
     return config
+
+
+ONNX_FILE = "model.onnx"  # the graph of an ONNX export (oztune.serve.export)
+
+
+def is_onnx_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``oztune export --format onnx`` (its model.onnx and the
+    export's section in config.json: another tool's model.onnx beside a model's weights is not one).
+
+    The one test of it: :func:`load_classifier` refuses what it accepts, and the serving side
+    (:mod:`oztune.serve.backends`) runs it on onnxruntime. Here, not in :mod:`oztune.serve.export`, which
+    imports this module.
+    """
+    path = Path(path)
+    if not (path / ONNX_FILE).is_file():
+        return False
+    try:
+        return "onnx" in read_config(path).get("oztune", {})
+    except OztuneError:
+        return False
 
 
 def sha256_file(path: Path) -> str:
@@ -202,7 +222,7 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
     path = resolve_model(name_or_dir)
     hf = read_config(path)
     oz = hf.get("oztune", {})
-    if oz.get("format") == "onnx":  # (it has no PyTorch weights: "no weights" would not say why)
+    if is_onnx_export(path):  # (it has no PyTorch weights: "no weights" would not say why)
         raise ModelError(f"{path}: an ONNX export, which PyTorch does not load; run it with oztune predict, evaluate "
                          "or serve --backend onnx (oztune.serve.backends.OnnxClassifier), or give the model "
                          "directory it was exported from")

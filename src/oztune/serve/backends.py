@@ -19,9 +19,10 @@ from oztune.config import ModelConfig, check_count
 from oztune.data.dataset import EncodedData, inference_batches
 from oztune.data.tokenize import TextEncoder, pad_batch
 from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import read_config, recorded_text_pairs, resolve_model, tokenizer_length
+from oztune.models.hub import (ONNX_FILE, is_onnx_export, read_config, recorded_text_pairs, resolve_model,
+                               tokenizer_length)
 from oztune.serve.batching import ModelTimeout
-from oztune.serve.export import ONNX_FILE, export_onnx, is_onnx_export
+from oztune.serve.export import export_onnx
 
 BACKENDS = ("torch", "onnx")
 

@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from oztune.data.tokenize import TextEncoder
-from oztune.errors import ModelError, OztuneError
-from oztune.models.hub import load_classifier, read_config, require_trained, resolve_model
+from oztune.errors import ModelError
+# (ONNX_FILE and is_onnx_export are hub's, whose load_classifier refuses exports: hub cannot import this module)
+from oztune.models.hub import ONNX_FILE, is_onnx_export, load_classifier, read_config, require_trained, resolve_model
 from oztune.outdir import check_output_dir, staged_dir
 from oztune.models.transformer import SequenceClassifier
 
-ONNX_FILE = "model.onnx"
 OPSET = 17
 FLOAT, UINT8 = 1, 2  # ONNX TensorProto data types
 
@@ -220,18 +220,6 @@ def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(aot.AOT_DIR))
         aot.build(model, tmp / aot.AOT_DIR, aot.weights_digest(tmp))
     return out
-
-
-def is_onnx_export(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by ``oztune export --format onnx`` (its model.onnx and the
-    export's section in config.json: another tool's model.onnx beside a model's weights is not one)."""
-    path = Path(path)
-    if not (path / ONNX_FILE).is_file():
-        return False
-    try:
-        return "onnx" in read_config(path).get("oztune", {})
-    except OztuneError:
-        return False
 
 
 def _source_and_output(model_dir: str | Path, output: str | Path) -> tuple[Path, Path]:
