@@ -48,6 +48,10 @@ def test_report_files(rows, tmp_path):
     assert data["chosen"] == "prune50-int8" and [v["name"] for v in data["variants"]] == [r["name"] for r in rows]
     md = (tmp_path / "report.md").read_text()
     assert "**prune50-int8** (kept)" in md and "| prune33-int8 |" in md and "-0.80" in md and "pareto.png" in md
+    # accuracy's points are percent, said as before (pearson and micro-F1 x100: test_report_units)
+    assert "budget: at most 1 point(s) of accuracy below fp32 (86.60)." in md and "- Scores in points (percent)." in md
+    assert "| variant | layers heads FFN vocab | accuracy | drop (pt) |" in md
+    assert "**Kept: `prune50-int8`**: accuracy 85.80" in md
     png = (tmp_path / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -180,6 +180,7 @@ def quantize_cmd(a: QuantizeArgs) -> int:
 
 from oztune.compress.distill import DistillArgs, run_distill  # noqa: E402
 from oztune.compress.prune import PruneArgs, run_prune  # noqa: E402
+from oztune.compress.report import points_of  # noqa: E402
 from oztune.compress.search import CompressArgs, compress  # noqa: E402
 
 
@@ -215,7 +216,7 @@ def compress_cmd(a: CompressArgs) -> int:
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
     best = next(r for r in report["variants"] if r["name"] == report["chosen"])
-    print(f"\nkept {best['name']}: {best['metric']} {best['score']:.2f} ({best['drop']:+.2f} pt), "
+    print(f"\nkept {best['name']}: {points_of(best['metric'])} {best['score']:.2f} ({best['drop']:+.2f} pt), "
           f"{format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput; "
           f"saved to {a.output} (report.md, pareto.png)")
     return 0
@@ -231,11 +232,13 @@ def compare_cmd(a: CompareArgs) -> int:
     report = compare(a)
     rows = report["variants"]
     width = max(len("model"), *(len(r["name"]) for r in rows))  # (the header, were every name shorter)
-    print(f"{'model':<{width}}  {rows[0]['metric']:>9}  {'drop':>6}  {'size':>8}  {'batch-1 ms':>10}  "
+    points = points_of(rows[0]["metric"])  # accuracy, or pearson x100 and micro_f1 x100
+    score = max(9, len(points))
+    print(f"{'model':<{width}}  {points:>{score}}  {'drop':>6}  {'size':>8}  {'batch-1 ms':>10}  "
           f"{'texts/s':>8}  {'speed-up':>8}")
     for r in rows:
         flag = f"  <- {MARK}" if r["name"] == report["chosen"] else ""
-        print(f"{r['name']:<{width}}  {r['score']:>9.2f}  {r['drop']:>+6.2f}  {format_size(r['file_mb']):>8}  "
+        print(f"{r['name']:<{width}}  {r['score']:>{score}.2f}  {r['drop']:>+6.2f}  {format_size(r['file_mb']):>8}  "
               f"{r['latency_p50_ms']:>10.2f}  {r['throughput']:>8.0f}  {r['speedup']:>7.2f}x{flag}")
     for r in rows:  # (a score that means nothing, e.g. pearson of constant predictions, says so)
         if "note" in r["metrics"]:

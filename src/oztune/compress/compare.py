@@ -3,7 +3,8 @@
 ``oztune compress`` reports the variants it makes itself; a user who fine-tuned, quantized, pruned, distilled
 or exported models one command at a time wants the same table for those: each model is scored on one labelled
 file and timed end to end on its texts (:mod:`oztune.compress.report`: batch-64 throughput over length-sorted
-batches, batch-1 latency), and the fastest model within an accuracy budget of the first one is marked.
+batches, batch-1 latency), and the fastest model within a budget of the first one's score (``--max-drop``
+points: the main metric x100) is marked.
 Model directories run on PyTorch (an ``oztune export --format aoti`` package compiled), ONNX exports on
 onnxruntime, each as ``oztune evaluate`` runs it.
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 from oztune.api import Classifier
-from oztune.compress.report import COLUMNS, add_relative, pareto_png, round_robin, row, sorted_batches, table
+from oztune.compress.report import (COLUMNS, MAX_DROP_UNIT, UNITS, add_relative, budget_words, pareto_png,
+                                   points_of, round_robin, row, scale_words, sorted_batches, table)
 from oztune.data.load import Columns, holds_pairs, read_labelled
 from oztune.errors import OztuneError
 from oztune.models.compiled import CompiledClassifier
@@ -41,7 +43,9 @@ class CompareArgs:
             the first is the baseline the others are compared with.
         eval: labelled file (.csv, .tsv or .jsonl) every model is scored and timed on.
         output: directory to write report.md, report.json and pareto.png into (other files in it are kept).
-        max_drop: accuracy budget: the fastest model at most this many points below the first one is marked.
+        max_drop: budget: the fastest model at most this many points of the main metric below the first one is
+            marked; points are percent of accuracy (single-label), micro-F1 x100 (multi-label) or Pearson x100
+            (regression): 1 point = 0.01 of the metric.
         text_column: column holding the text.
         text_pair_column: column holding the second text of a pair.
         label_column: column holding the label.
@@ -62,7 +66,7 @@ def compare(a: CompareArgs) -> dict:
     if not a.models or not a.eval:
         raise OztuneError("give one or more model directories, and --eval FILE to measure them on")
     if not math.isfinite(a.max_drop) or a.max_drop < 0:
-        raise OztuneError(f"--max-drop must be 0 or more (points of accuracy), not {a.max_drop}")
+        raise OztuneError(f"--max-drop must be 0 or more ({MAX_DROP_UNIT}), not {a.max_drop}")
     start = time.perf_counter()
     models = [resolve_model(m) for m in a.models]  # every path checked before the first model is measured
     check_distinct(a.models, models)
@@ -89,7 +93,7 @@ def compare(a: CompareArgs) -> dict:
             for r, (metrics, mb, weights), t in zip(rows, measured, timings)]
     add_relative(rows, rows[0], a.max_drop)
     chosen = max((r for r in rows if r["within_budget"]), key=lambda r: (r["throughput"], -r["file_mb"]))["name"]
-    report = {"chosen": chosen, "max_drop": a.max_drop, "variants": rows,
+    report = {"chosen": chosen, "max_drop": a.max_drop, "units": UNITS, "variants": rows,
               "settings": {**asdict(a), "eval_examples": len(texts), "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "seconds": time.perf_counter() - start}}
     if a.output:
@@ -165,16 +169,16 @@ def markdown(report: dict) -> str:
     metric = base["metric"]
     return f"""# oztune compare report
 
-{len(rows)} models, evaluated on `{s['eval']}` ({s['eval_examples']} examples); budget: at most {report['max_drop']:g}
-point(s) of {metric} below `{base['name']}` ({base['score']:.2f}).
+{len(rows)} models, evaluated on `{s['eval']}` ({s['eval_examples']} examples); budget: at most
+{budget_words(report['max_drop'], metric)} below `{base['name']}` ({base['score']:.2f}).
 
-**Fastest within the budget: `{chosen}`**: {metric} {best['score']:.2f} ({best['drop']:+.2f} pt), {format_size(best['file_mb'])},
-{best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x `{base['name']}`), batch-1 p50
-{best['latency_p50_ms']:.2f} ms.
+**Fastest within the budget: `{chosen}`**: {points_of(metric)} {best['score']:.2f} ({best['drop']:+.2f} pt),
+{format_size(best['file_mb'])}, {best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x
+`{base['name']}`), batch-1 p50 {best['latency_p50_ms']:.2f} ms.
 
 {table(rows, chosen, MARK, COMPARE_COLUMNS)}
 
-- Scores in points (percent). Timings end to end, tokenization included, {s['threads']} thread(s); batch 64 on
+- {scale_words(metric)} Timings end to end, tokenization included, {s['threads']} thread(s); batch 64 on
   the eval texts sorted by token length (the fastest of three passes); batch 1 over every eval text.
 - speed-up: batch-64 throughput relative to `{base['name']}`. params: weights and biases, int8 ones included (an
   ONNX export's are not counted). Total time {s['seconds']:.0f} s.

@@ -3,6 +3,10 @@
 Timings are end to end, tokenization included, with the threads torch has. Throughput: the eval texts
 sorted by token length and cut into batches of 64 (the same batches for every variant and peer).
 Latency: one text at a time, p50 and p95 over the eval texts.
+
+Scores, drops and budgets are points: the main metric x100 (:data:`UNITS`). For accuracy these are percent; a
+Pearson correlation x100 (regression) or a micro-F1 x100 (multi-label) is named so (:func:`points_of`), since
+oztune evaluate prints those metrics on their own scale.
 """
 
 from __future__ import annotations
@@ -21,13 +25,35 @@ from oztune.train.loop import evaluate
 from oztune.train.metrics import MAIN_METRIC
 
 COLUMNS = [  # (key, header, value -> cell)
-    ("name", "variant", str), ("shape", "layers heads FFN vocab", str), ("score", "{metric}", "{:.2f}".format),
+    ("name", "variant", str), ("shape", "layers heads FFN vocab", str), ("score", "{points}", "{:.2f}".format),
     ("drop", "drop (pt)", "{:+.2f}".format),
     ("macro_f1", "macro-F1", "{:.2f}".format), ("file_mb", "file size", format_size),
     ("parameters", "params (M)", "{:.2f}".format),
     ("latency_p50_ms", "batch-1 p50 ms", "{:.2f}".format), ("latency_p95_ms", "batch-1 p95 ms", "{:.2f}".format),
     ("throughput", "batch-64 texts/s", "{:.0f}".format), ("speedup", "speed-up", "{:.2f}x".format),
 ]
+MAX_DROP_UNIT = "points: percent of accuracy, micro-F1 or Pearson x100"  # (--max-drop's errors)
+UNITS = "points: the main metric x100 (score, drop, macro_f1, max_drop); metrics: as oztune evaluate gives them"
+
+
+def points_of(metric: str) -> str:
+    """What a score is points of: accuracy (points are percent), else the metric x100 (pearson x100)."""
+    return metric if metric == "accuracy" else f"{metric} x100"
+
+
+def budget_words(max_drop: float, metric: str) -> str:
+    """The budget in the reports' words: "1 point(s) of accuracy", "1 point(s) of pearson x100 (0.01 of
+    pearson)"."""
+    said = f"{max_drop:g} point(s) of {points_of(metric)}"
+    return said if metric == "accuracy" else f"{said} ({max_drop / 100:g} of {metric})"
+
+
+def scale_words(metric: str) -> str:
+    """The reports' note on the scores' scale."""
+    if metric == "accuracy":
+        return "Scores in points (percent)."
+    macro = ", macro-F1 x100 too" if metric == "micro_f1" else ""
+    return f"Scores in points: {metric} x100 (1 pt = 0.01 of {metric}){macro}."
 
 
 def sorted_batches(encoder, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> list[np.ndarray]:
@@ -132,19 +158,19 @@ def write_report(out: Path, rows: list[dict], chosen: str, max_drop: float, sett
         out: directory to write to.
         rows: one dict per variant, the fp32 baseline first (from :func:`measure` plus name, shape, recipe).
         chosen: name of the kept variant.
-        max_drop: the accuracy budget in points.
+        max_drop: the budget in points (the main metric x100).
         settings: the run's options and environment, kept in report.json.
     """
     out = Path(out)
-    (out / "report.json").write_text(json.dumps({"chosen": chosen, "max_drop": max_drop, "variants": rows,
-                                                 "settings": settings}, indent=2, default=str) + "\n")
+    (out / "report.json").write_text(json.dumps({"chosen": chosen, "max_drop": max_drop, "units": UNITS,
+                                                 "variants": rows, "settings": settings}, indent=2, default=str) + "\n")
     (out / "report.md").write_text(markdown(rows, chosen, max_drop, settings))
     pareto_png(rows, chosen, max_drop, out / "pareto.png")
 
 
 def table(rows: list[dict], chosen: str, mark: str = "kept", columns: list[tuple] = COLUMNS) -> str:
     """The rows as a markdown table of ``columns``, the ``chosen`` one in bold with ``mark`` after its name."""
-    head = [h.format(metric=rows[0]["metric"]) for _, h, _ in columns]
+    head = [h.format(points=points_of(rows[0]["metric"])) for _, h, _ in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = ["-" if r.get(k) is None else cell(r[k]) for k, _, cell in columns]
@@ -163,14 +189,14 @@ def markdown(rows: list[dict], chosen: str, max_drop: float, settings: dict) -> 
     return f"""# oztune compress report
 
 Model `{settings.get('model')}`, evaluated on `{settings.get('eval')}` ({settings.get('eval_examples')} examples);
-budget: at most {max_drop:g} point(s) of {metric} below fp32 ({base['score']:.2f}).
+budget: at most {budget_words(max_drop, metric)} below fp32 ({base['score']:.2f}).
 
-**Kept: `{chosen}`**: {metric} {best['score']:.2f} ({best['drop']:+.2f} pt), {format_size(best['file_mb'])},
+**Kept: `{chosen}`**: {points_of(metric)} {best['score']:.2f} ({best['drop']:+.2f} pt), {format_size(best['file_mb'])},
 {best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x fp32), batch-1 p50 {best['latency_p50_ms']:.2f} ms.
 
 {table(rows, chosen)}
 
-- Scores in points (percent). Timings end to end, tokenization included, {settings.get('threads')} thread(s);
+- {scale_words(metric)} Timings end to end, tokenization included, {settings.get('threads')} thread(s);
   batch 64 on the eval texts sorted by token length; batch 1 over every eval text.
 - speed-up: batch-64 throughput relative to fp32. params: before quantization.
 - {"Every variant is saved under `variants/<name>/`; the" if settings.get("keep_variants", True) else "The"} kept one is this directory's model.
@@ -182,7 +208,7 @@ budget: at most {max_drop:g} point(s) of {metric} below fp32 ({base['score']:.2f
 
 def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path, baseline: str = "fp32",
                mark: str = "kept") -> None:
-    """Accuracy against batch-1 latency, marker area by file size, labelled, the baseline (the first row, called
+    """The score against batch-1 latency, marker area by file size, labelled, the baseline (the first row, called
     ``baseline``), the budget and the ``chosen`` row (red, ``mark`` in the title) marked."""
     import matplotlib
 
@@ -203,9 +229,9 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path, basel
     ax.set_ylim(min(y.min(), y[0] - max_drop) - pad_y, y.max() + pad_y)
     ax.set_xlim(0, x.max() * 1.35)
     ax.set_xlabel("batch-1 latency, p50 (ms, tokenization included)")
-    ax.set_ylabel(f"{rows[0]['metric']} (%)")
+    metric = rows[0]["metric"]  # (as in report.md: pearson for regression, micro_f1 multi-label)
+    ax.set_ylabel("accuracy (%)" if metric == "accuracy" else points_of(metric))
     kept_base = rows[0]["name"] == chosen  # nothing else within the budget: the baseline itself is kept (red)
-    metric = rows[0]["metric"]  # (as on the y axis and in report.md: pearson for regression, micro_f1 multi-label)
     ax.set_title(f"{metric[:1].upper()}{metric[1:]} against latency\nmarker area = file size; "
                  f"{f'red = {baseline}, {mark}' if kept_base else f'grey = {baseline}, red = {mark}'}", fontsize=11)
     ax.grid(alpha=0.3)
@@ -230,7 +256,8 @@ def _labels(ax, fig, rows: list[dict], x: np.ndarray, y: np.ndarray, radius: np.
         r, best = rows[i], None
         for side, dy in offsets:
             dx = side * (radius[i] + 3)
-            ann = ax.annotate(f"{r['name']}\n{r['score']:.2f}%, {format_size(r['file_mb'])}", (x[i], y[i]),
+            percent = "%" if r["metric"] == "accuracy" else ""  # (a Pearson x100 is no percentage)
+            ann = ax.annotate(f"{r['name']}\n{r['score']:.2f}{percent}, {format_size(r['file_mb'])}", (x[i], y[i]),
                               textcoords="offset points", xytext=(dx, dy), fontsize=8,
                               ha="left" if dx > 0 else "right", multialignment="left" if dx > 0 else "right",
                               fontweight="bold" if r["name"] == chosen else "normal",

@@ -25,7 +25,7 @@ from oztune.compress.distill import DistillConfig, check_train_options, distill,
 from oztune.compress.prune import PruneConfig, prune_
 from oztune.compress.vocab import prune_vocab_, unk_id
 from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
-from oztune.compress.report import add_relative, measure, write_report
+from oztune.compress.report import MAX_DROP_UNIT, add_relative, measure, points_of, write_report
 from oztune.config import ModelConfig
 from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.hub import format_size, save_classifier
@@ -50,8 +50,9 @@ class CompressArgs(RecipeOptions):
         train: training file for importance ranking and distillation (the model's labels).
         eval: evaluation file (required): every variant is scored and timed on it.
         output: directory for the kept model, variants/<name>/, report.md, report.json and pareto.png.
-        max_drop: accuracy budget: at most this many points (percent) of the model's metric below the fp32 model
-            (accuracy; micro-F1 for multi-label, Pearson for regression).
+        max_drop: budget: at most this many points of the model's main metric below the fp32 model; points are
+            percent of accuracy (single-label), micro-F1 x100 (multi-label) or Pearson x100 (regression):
+            1 point = 0.01 of the metric.
         recipes: comma-separated recipes to try: int8, prune, prune-int8.
         sizes: comma-separated shares of the encoder's weights that pruning keeps (each from 0.01 to 0.99).
         importance_batches: training batches over which heads, neurons and layers are ranked.
@@ -91,7 +92,7 @@ def variant_name(size: float) -> str:
 
 def check_args(a: CompressArgs) -> None:
     if not math.isfinite(a.max_drop) or a.max_drop < 0:
-        raise OztuneError(f"--max-drop must be 0 or more (points of accuracy), not {a.max_drop}")
+        raise OztuneError(f"--max-drop must be 0 or more ({MAX_DROP_UNIT}), not {a.max_drop}")
     unknown = [r for r in a.recipes if r not in RECIPES]
     if unknown or not a.recipes:
         raise OztuneError(f"--recipes: unknown {', '.join(unknown) or '(none given)'}; "
@@ -163,7 +164,7 @@ def _compress(a: CompressArgs, main: bool) -> dict:
         row = {"name": name, "recipe": recipe, "shape": shape(model), **(extra or {}),
                **measure(model, enc, data.eval, data.eval_texts, data.eval_pairs, d, params)}
         rows.append(row)
-        tqdm.write(f"{name}: {row['metric']} {row['score']:.2f}, {format_size(row['file_mb'])}, "
+        tqdm.write(f"{name}: {points_of(row['metric'])} {row['score']:.2f}, {format_size(row['file_mb'])}, "
                    f"{row['throughput']:.0f} texts/s at batch 64, batch-1 p50 {row['latency_p50_ms']:.2f} ms")
 
     try:
