@@ -47,6 +47,7 @@ def test_compare_scores_weighs_and_times_every_model_as_evaluate_does(variants, 
     for row, metrics in zip(rows.values(), printed):  # the scores oztune evaluate gives
         assert row["score"] == pytest.approx(100 * metrics["accuracy"])
         assert row["throughput"] > 0 and 0 < row["latency_p50_ms"] <= row["latency_p95_ms"]
+        assert row["latency_texts"] == 100  # no more eval texts than --latency-texts' 256: batch 1 on every one
     assert rows["int8"]["file_mb"] < rows[fp32.name]["file_mb"] / 2  # int8 weights: about a quarter
     assert rows["onnx"]["file_mb"] == pytest.approx((onnx / "model.onnx").stat().st_size / 1e6)
     assert rows["onnx"]["parameters"] is None and rows["int8"]["parameters"] == rows[fp32.name]["parameters"]
@@ -76,7 +77,10 @@ def test_compare_refuses_what_it_cannot_measure(variants, sentiment_files, tmp_p
                         ([str(fp32), "--eval", str(dev), "--max-drop", "-1"], "--max-drop"),
                         ([str(fp32), str(tmp_path / "nope"), "--eval", str(dev)], "nope"),
                         ([str(fp32), str(tiny_base), "--eval", str(dev)], "fine-tune"),
-                        ([str(fp32), "--eval", str(dev), "--output", str(dev)], "not a directory")):
+                        ([str(fp32), "--eval", str(dev), "--output", str(dev)], "not a directory"),
+                        ([str(fp32), "--eval", str(dev), "--latency-texts", "0"],
+                         "--latency-texts must be at least 1, not 0"),
+                        ([str(fp32), "--eval", str(dev), "--latency-texts", "-3"], "at least 1, not -3")):
         assert main(["compare", *argv]) == 2 and words in capsys.readouterr().err, argv
 
 
@@ -148,7 +152,8 @@ def test_the_printed_table_lines_up_under_its_header_with_short_names(variants, 
     fp32, int8, _ = variants  # "m" and "int8": shorter than the header "model"
     _, dev = sentiment_files
     assert main(["compare", str(fp32), str(int8), "--eval", str(dev)]) == 0
-    header, *rows = capsys.readouterr().out.splitlines()
+    header, *rows, timed = capsys.readouterr().out.splitlines()
+    assert timed == "batch-1 ms: p50 over every eval text; texts/s: batch 64 over every eval text"
     for column in ("accuracy", "drop", "texts/s"):
         end = header.index(column) + len(column)  # right-aligned: each value ends where its header does
         assert all(r[end - 1].isdigit() and r[end] == " " for r in rows), (header, rows)
@@ -182,3 +187,30 @@ def test_a_metrics_note_is_printed_and_in_the_report(variants, sentiment_files, 
     out = capsys.readouterr().out
     assert f"note, {fp32.name}: the predictions are all the same" in out and "note, int8: the predictions" in out
     assert "- Note, `int8`: the predictions are all the same" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_batch_1_latency_is_timed_on_latency_texts_spread_over_the_file(variants, sentiment_files, tmp_path,
+                                                                        monkeypatch, capsys):
+    """Batch 1 goes one text at a time: over a large eval file it took minutes. It is timed on --latency-texts of
+    them, spread evenly over the file (the same ones for every model); batch 64 still runs on every text."""
+    from oztune.compress import compare as module
+    from oztune.compress.report import round_robin
+
+    fp32, int8, _ = variants
+    _, dev = sentiment_files
+    seen = {}
+
+    def spy(runs, texts, pairs, batches, *args, **kw):
+        seen.update(texts=len(texts), batched=sum(len(b) for b in batches), latency=kw.get("latency"))
+        return round_robin(runs, texts, pairs, batches, *args, **kw)
+
+    monkeypatch.setattr(module, "round_robin", spy)
+    out = tmp_path / "r"
+    assert main(["compare", str(fp32), str(int8), "--eval", str(dev), "--latency-texts", "7",
+                 "--output", str(out)]) == 0
+    assert seen["texts"] == seen["batched"] == 100 and list(seen["latency"]) == [0, 14, 28, 42, 57, 71, 85]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["latency_texts"] for r in report["variants"]] == [7, 7] and report["settings"]["latency_texts"] == 7
+    said = "7 of the 100 eval texts (spread evenly over the file)"
+    assert f"batch 1 over {said}" in " ".join((out / "report.md").read_text().split())
+    assert f"batch-1 ms: p50 over {said}; texts/s: batch 64 over all 100" in capsys.readouterr().out

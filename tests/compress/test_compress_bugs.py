@@ -111,7 +111,7 @@ def test_report_md_claims_no_distillation_when_no_pruned_variant_was_made():
 
     rows = [{"name": n, "shape": "L2 H8 F128 V64", "score": s, "metric": "accuracy", "drop": s - 90.0,
              "macro_f1": s, "file_mb": mb, "parameters": 0.02, "latency_p50_ms": 1.0, "latency_p95_ms": 2.0,
-             "throughput": t, "speedup": t / 100} for n, s, mb, t in [("fp32", 90.0, 0.1, 100), ("int8", 89.5, 0.03, 150)]]
+             "latency_texts": 100, "throughput": t, "speedup": t / 100} for n, s, mb, t in [("fp32", 90.0, 0.1, 100), ("int8", 89.5, 0.03, 150)]]
     settings = {"model": "m", "eval": "dev.tsv", "eval_examples": 100, "recipes": ["int8"], "sizes": [0.5, 0.33],
                 "epochs": 2, "train_examples": 200, "threads": 1, "seconds": 3.0, "keep_variants": True}
     md = markdown(rows, "int8", 1.0, settings)

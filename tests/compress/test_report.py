@@ -15,7 +15,7 @@ from oztune.compress.report import (_frontier, add_relative, round_robin, sorted
 def row(name: str, score: float, ms: float, mb: float, tput: float) -> dict:
     return {"name": name, "recipe": name.split("-")[0], "shape": "L6 H72 F9216", "score": score, "metric": "accuracy",
             "macro_f1": score - 0.1, "file_mb": mb, "parameters": 22.7, "latency_p50_ms": ms,
-            "latency_p95_ms": ms * 1.4, "throughput": tput, "batch64_seconds": 872 / tput}
+            "latency_p95_ms": ms * 1.4, "latency_texts": 256, "throughput": tput, "batch64_seconds": 872 / tput}
 
 
 @pytest.fixture
@@ -115,3 +115,26 @@ def test_round_robin_does_not_time_the_call_after_the_other_models_turn():
     texts = [f"t{i}" for i in range(8)]
     (_, _, p95_a), (_, _, p95_b) = round_robin([run("a"), run("b")], texts, None, [np.arange(8)], repeats=1, chunk=4)
     assert p95_a < 20 and p95_b < 20  # ms: no timed call was one after a switch
+
+
+def test_the_latency_sample_is_spread_over_the_file_and_the_same_every_time():
+    from oztune.compress.report import LATENCY_TEXTS, latency_sample
+
+    picked = latency_sample(872)
+    assert len(picked) == LATENCY_TEXTS == 256 and picked == latency_sample(872)
+    assert picked[0] == 0 and all(0 < b - a <= 4 for a, b in zip(picked, picked[1:])) and picked[-1] >= 872 - 4
+    assert latency_sample(100) == list(range(100))  # no more texts than the cap: every one
+    assert latency_sample(10, 3) == [0, 3, 6] and latency_sample(10, 1) == [0]
+
+
+def test_round_robin_times_batch_1_on_the_sample_alone_and_batch_64_on_every_text():
+    calls = []
+    texts = [f"t{i}" for i in range(7)]
+    batches = [np.array([0, 1, 2]), np.array([3, 4, 5, 6])]
+    runs = [lambda t, p, k=k: calls.append((k, list(t))) for k in "ab"]
+    round_robin(runs, texts, None, batches, repeats=1, warmup=2, chunk=2, latency=[1, 4, 6])
+    passes, singles = calls[:2 * 3], calls[2 * 3:]  # 1 repeat x 2 models x (warm-up + 2 batches)
+    assert sorted(t for k, ts in passes[1:3] for t in ts) == texts  # throughput: every text
+    turn = lambda k, ts: [(k, [ts[0]])] + [(k, [t]) for t in ts]  # noqa: E731  (an untimed call, then the chunk)
+    assert singles == [("a", ["t1"]), ("b", ["t1"]),  # warm-up, on the sample too
+                       *turn("a", ["t1", "t4"]), *turn("b", ["t1", "t4"]), *turn("a", ["t6"]), *turn("b", ["t6"])]

@@ -11,12 +11,17 @@ from oztune.config import HeadConfig
 
 
 class Enc:
-    """A stand-in encoder: one token per word."""
+    """A stand-in encoder: one token per word; ``singles``: the texts it encoded one at a time."""
+
+    def __init__(self):
+        self.singles = set()
 
     def encode(self, texts, pairs=None):
         return [(t.split(), []) for t in texts]
 
     def __call__(self, texts, pairs=None):
+        if len(texts) == 1:
+            self.singles.add(texts[0])
         ids = torch.ones(len(texts), 4, dtype=torch.long)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
@@ -38,6 +43,15 @@ def test_measured_macro_f1_is_in_points_like_the_score(monkeypatch, tmp_path):
     assert row["metrics"] == metrics and row["parameters"] == 1.0
     monkeypatch.setattr(report, "evaluate", lambda model, data: {"accuracy": 0.5})
     assert report.measure(Model(), Enc(), None, texts, None, tmp_path, 1, repeats=1)["macro_f1"] is None
+
+
+def test_batch_1_latency_is_timed_on_a_sample_of_at_most_latency_texts(monkeypatch, tmp_path):
+    monkeypatch.setattr(report, "evaluate", lambda model, data: {"accuracy": 0.5})
+    monkeypatch.setattr(report, "LATENCY_TEXTS", 3)
+    texts, enc = [f"text {i}" for i in range(10)], Enc()
+    row = report.measure(Model(), enc, None, texts, None, tmp_path, 1, repeats=1)
+    assert row["latency_texts"] == 3 and enc.singles == {"text 0", "text 3", "text 6"}
+    assert row["throughput"] == pytest.approx(10 / row["batch64_seconds"])  # batch 64: every text
 
 
 def test_pareto_front_ties_keep_the_better_point():

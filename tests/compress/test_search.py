@@ -117,3 +117,17 @@ def test_nothing_in_budget_keeps_the_fp32_model(tiny_finetuned, sentiment_files,
     assert json.loads((out / "report.json").read_text())["chosen"] == "fp32"
     model, _, meta = load_classifier(out)
     assert meta["id2label"] == {0: "neg", 1: "pos"} and model.cfg.num_layers == 2
+
+
+def test_compress_times_batch_1_on_at_most_latency_texts(tiny_finetuned, sentiment_files, tmp_path, monkeypatch):
+    """Batch 1 over every eval text took minutes on a large eval file: it runs on LATENCY_TEXTS of them, spread
+    over the file, and the report says how many."""
+    monkeypatch.setattr("oztune.compress.report.LATENCY_TEXTS", 7)
+    train, dev = sentiment_files
+    out = tmp_path / "o"
+    assert main(["compress", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev), "--output",
+                 str(out), "--recipes", "int8", "--max-drop", "100", "--no-progress", "--precision", "fp32"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [v["latency_texts"] for v in report["variants"]] == [7, 7]
+    assert "batch 1 over 7 of the 100 eval texts (spread evenly over the file)" in " ".join(
+        (out / "report.md").read_text().split())

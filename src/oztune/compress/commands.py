@@ -180,7 +180,7 @@ def quantize_cmd(a: QuantizeArgs) -> int:
 
 from oztune.compress.distill import DistillArgs, run_distill  # noqa: E402
 from oztune.compress.prune import PruneArgs, run_prune  # noqa: E402
-from oztune.compress.report import points_of  # noqa: E402
+from oztune.compress.report import latency_words, points_of  # noqa: E402
 from oztune.compress.search import CompressArgs, compress  # noqa: E402
 
 
@@ -240,6 +240,9 @@ def compare_cmd(a: CompareArgs) -> int:
         flag = f"  <- {MARK}" if r["name"] == report["chosen"] else ""
         print(f"{r['name']:<{width}}  {r['score']:>{score}.2f}  {r['drop']:>+6.2f}  {format_size(r['file_mb']):>8}  "
               f"{r['latency_p50_ms']:>10.2f}  {r['throughput']:>8.0f}  {r['speedup']:>7.2f}x{flag}")
+    timed, total = rows[0]["latency_texts"], report["settings"]["eval_examples"]
+    every = "every eval text" if timed >= total else f"all {total}"
+    print(f"batch-1 ms: p50 over {latency_words(timed, total)}; texts/s: batch 64 over {every}")
     for r in rows:  # (a score that means nothing, e.g. pearson of constant predictions, says so)
         if "note" in r["metrics"]:
             print(f"note, {r['name']}: {r['metrics']['note']}")

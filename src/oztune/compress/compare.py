@@ -3,8 +3,8 @@
 ``oztune compress`` reports the variants it makes itself; a user who fine-tuned, quantized, pruned, distilled
 or exported models one command at a time wants the same table for those: each model is scored on one labelled
 file and timed end to end on its texts (:mod:`oztune.compress.report`: batch-64 throughput over length-sorted
-batches, batch-1 latency), and the fastest model within a budget of the first one's score (``--max-drop``
-points: the main metric x100) is marked.
+batches, batch-1 latency on at most ``--latency-texts`` of them), and the fastest model within a budget of the
+first one's score (``--max-drop`` points: the main metric x100) is marked.
 Model directories run on PyTorch (an ``oztune export --format aoti`` package compiled), ONNX exports on
 onnxruntime, each as ``oztune evaluate`` runs it.
 """
@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from oztune.api import Classifier
-from oztune.compress.report import (COLUMNS, MAX_DROP_UNIT, UNITS, add_relative, budget_words, pareto_png,
-                                   points_of, round_robin, row, scale_words, sorted_batches, table)
+from oztune.compress.report import (COLUMNS, LATENCY_TEXTS, MAX_DROP_UNIT, UNITS, add_relative, budget_words,
+                                   latency_sample, latency_words, pareto_png, points_of, round_robin, row,
+                                   scale_words, sorted_batches, table)
 from oztune.data.load import Columns, holds_pairs, read_labelled
-from oztune.errors import OztuneError
+from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.compiled import CompiledClassifier
 from oztune.models.hub import format_size, resolve_model, weight_files
 from oztune.outdir import check_output_dir, write_atomically
@@ -49,6 +50,8 @@ class CompareArgs:
         text_column: column holding the text.
         text_pair_column: column holding the second text of a pair.
         label_column: column holding the label.
+        latency_texts: batch-1 latency is timed on at most this many eval texts, spread evenly over the file
+            (batch-64 throughput on every one).
     """
 
     models: list[str] = field(default_factory=list, metadata={"positional": True})
@@ -58,6 +61,7 @@ class CompareArgs:
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
+    latency_texts: int = LATENCY_TEXTS
 
 
 def compare(a: CompareArgs) -> dict:
@@ -67,6 +71,7 @@ def compare(a: CompareArgs) -> dict:
         raise OztuneError("give one or more model directories, and --eval FILE to measure them on")
     if not math.isfinite(a.max_drop) or a.max_drop < 0:
         raise OztuneError(f"--max-drop must be 0 or more ({MAX_DROP_UNIT}), not {a.max_drop}")
+    check_at_least_1("--latency-texts", a.latency_texts)
     start = time.perf_counter()
     models = [resolve_model(m) for m in a.models]  # every path checked before the first model is measured
     check_distinct(a.models, models)
@@ -87,9 +92,12 @@ def compare(a: CompareArgs) -> dict:
     examples = read_labelled(a.eval, cols, problem_type=clfs[0].problem_type)
     texts = [e.text for e in examples]
     pairs = [e.text_pair or "" for e in examples] if holds_pairs(examples) else None
-    # timed in turns (a slow spell of a shared machine slows every model), on the same length-sorted batches
-    timings = round_robin([c.logits for c in clfs], texts, pairs, sorted_batches(clfs[0].encoder, texts, pairs))
-    rows = [{**r, **row(metrics, r["problem_type"], mb, weights, len(texts), *t)}
+    # timed in turns (a slow spell of a shared machine slows every model), on the same length-sorted batches and
+    # the same sample of texts at batch 1
+    sample = latency_sample(len(texts), a.latency_texts)
+    timings = round_robin([c.logits for c in clfs], texts, pairs, sorted_batches(clfs[0].encoder, texts, pairs),
+                          latency=sample)
+    rows = [{**r, **row(metrics, r["problem_type"], mb, weights, len(texts), len(sample), *t)}
             for r, (metrics, mb, weights), t in zip(rows, measured, timings)]
     add_relative(rows, rows[0], a.max_drop)
     chosen = max((r for r in rows if r["within_budget"]), key=lambda r: (r["throughput"], -r["file_mb"]))["name"]
@@ -179,7 +187,8 @@ def markdown(report: dict) -> str:
 {table(rows, chosen, MARK, COMPARE_COLUMNS)}
 
 - {scale_words(metric)} Timings end to end, tokenization included, {s['threads']} thread(s); batch 64 on
-  the eval texts sorted by token length (the fastest of three passes); batch 1 over every eval text.
+  the eval texts sorted by token length (the fastest of three passes); batch 1 over
+  {latency_words(base['latency_texts'], s['eval_examples'])}.
 - speed-up: batch-64 throughput relative to `{base['name']}`. params: weights and biases, int8 ones included (an
   ONNX export's are not counted). Total time {s['seconds']:.0f} s.
 

@@ -2,7 +2,8 @@
 
 Timings are end to end, tokenization included, with the threads torch has. Throughput: the eval texts
 sorted by token length and cut into batches of 64 (the same batches for every variant and peer).
-Latency: one text at a time, p50 and p95 over the eval texts.
+Latency: one text at a time, p50 and p95 over at most :data:`LATENCY_TEXTS` of the eval texts, spread evenly
+over the file (:func:`latency_sample`: the same texts for every variant and peer).
 
 Scores, drops and budgets are points: the main metric x100 (:data:`UNITS`). For accuracy these are percent; a
 Pearson correlation x100 (regression) or a micro-F1 x100 (multi-label) is named so (:func:`points_of`), since
@@ -32,6 +33,7 @@ COLUMNS = [  # (key, header, value -> cell)
     ("latency_p50_ms", "batch-1 p50 ms", "{:.2f}".format), ("latency_p95_ms", "batch-1 p95 ms", "{:.2f}".format),
     ("throughput", "batch-64 texts/s", "{:.0f}".format), ("speedup", "speed-up", "{:.2f}x".format),
 ]
+LATENCY_TEXTS = 256  # batch-1 latency is timed on at most this many eval texts (p50 and p95 settle well before)
 MAX_DROP_UNIT = "points: percent of accuracy, micro-F1 or Pearson x100"  # (--max-drop's errors)
 UNITS = "points: the main metric x100 (score, drop, macro_f1, max_drop); metrics: as oztune evaluate gives them"
 
@@ -54,6 +56,19 @@ def scale_words(metric: str) -> str:
         return "Scores in points (percent)."
     macro = ", macro-F1 x100 too" if metric == "micro_f1" else ""
     return f"Scores in points: {metric} x100 (1 pt = 0.01 of {metric}){macro}."
+
+
+def latency_sample(n: int, cap: int | None = None) -> list[int]:
+    """Indices of the texts batch-1 latency is timed on: all ``n``, or ``cap`` (default :data:`LATENCY_TEXTS`)
+    of them spread evenly over the file (every n/cap-th), the same every run."""
+    cap = LATENCY_TEXTS if cap is None else cap
+    return list(range(n)) if n <= cap else [i * n // cap for i in range(cap)]
+
+
+def latency_words(timed: int, total: int) -> str:
+    """Which eval texts batch 1 was timed on, in the reports' words: "every eval text", or "256 of the 872 eval
+    texts (spread evenly over the file)"."""
+    return "every eval text" if timed >= total else f"{timed} of the {total} eval texts (spread evenly over the file)"
 
 
 def sorted_batches(encoder, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> list[np.ndarray]:
@@ -87,7 +102,8 @@ def time_batches(run: Callable, texts: list[str], pairs: list[str] | None, batch
 
 def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list[str], pairs: list[str] | None,
             model_dir: Path, parameters: int, repeats: int = 3) -> dict:
-    """Quality and speed of one variant: metrics on ``eval_data``, file size, latency and throughput.
+    """Quality and speed of one variant: metrics on ``eval_data``, file size, latency (on
+    :func:`latency_sample` of the texts) and throughput (on every text).
 
     Args:
         model: the variant, in eval mode.
@@ -101,40 +117,46 @@ def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list
     """
     metrics = evaluate(model, eval_data)
     run = model_runner(model, encoder)
-    timings = round_robin([run], texts, pairs, sorted_batches(encoder, texts, pairs), repeats)[0]
-    return row(metrics, model.head_cfg.problem_type, weights_mb(model_dir), parameters, len(texts), *timings)
+    sample = latency_sample(len(texts))
+    timings = round_robin([run], texts, pairs, sorted_batches(encoder, texts, pairs), repeats, latency=sample)[0]
+    return row(metrics, model.head_cfg.problem_type, weights_mb(model_dir), parameters, len(texts), len(sample),
+               *timings)
 
 
-def row(metrics: dict, kind: str, file_mb: float, parameters: int | None, texts: int, seconds: float,
-        p50_ms: float, p95_ms: float) -> dict:
+def row(metrics: dict, kind: str, file_mb: float, parameters: int | None, texts: int, latency_texts: int,
+        seconds: float, p50_ms: float, p95_ms: float) -> dict:
     """One variant's report row from its ``metrics`` (of problem type ``kind``), size and timings: ``seconds``
-    for the ``texts`` in batches of 64, batch-1 latency percentiles."""
+    for the ``texts`` in batches of 64, batch-1 latency percentiles over ``latency_texts`` of them."""
     return {"score": 100 * metrics[MAIN_METRIC[kind]], "metric": MAIN_METRIC[kind],
             "macro_f1": 100 * metrics["macro_f1"] if "macro_f1" in metrics else None, "metrics": metrics,
             "file_mb": file_mb, "parameters": None if parameters is None else parameters / 1e6,
-            "latency_p50_ms": p50_ms, "latency_p95_ms": p95_ms, "batch64_seconds": seconds,
+            "latency_p50_ms": p50_ms, "latency_p95_ms": p95_ms, "latency_texts": latency_texts,
+            "batch64_seconds": seconds,
             "throughput": texts / seconds}
 
 
 def round_robin(runs: list[Callable], texts: list[str], pairs: list[str] | None, batches: list[np.ndarray],
-                repeats: int = 3, warmup: int = 5, chunk: int = 16) -> list[tuple[float, float, float]]:
+                repeats: int = 3, warmup: int = 5, chunk: int = 16,
+                latency: list[int] | None = None) -> list[tuple[float, float, float]]:
     """(batch-64 seconds, batch-1 p50 ms, p95 ms) of each of ``runs`` timed in turns, so that a spell of
     contention on a shared machine slows them all rather than one: each throughput pass runs every model once
-    (the fastest of ``repeats`` counts), and batch 1 goes ``chunk`` texts per model in turn. Each turn starts
+    on every batch (the fastest of ``repeats`` counts), and batch 1 goes ``chunk`` texts per model in turn over
+    the texts of indices ``latency`` (None: every text; see :func:`latency_sample`). Each turn starts
     with an untimed call (after ``warmup`` of them at first): the threads of the model before may still be
     spinning, waiting for work (PyTorch's OpenMP, ONNX Runtime), and would slow its first text."""
     # (the fastest pass: a median of three let one burst of contention flip which variant compress kept)
     seconds = [min(vals) for vals in zip(*[[time_batches(run, texts, pairs, batches) for run in runs]
                                            for _ in range(repeats)])]
     one = (lambda i: [pairs[i]]) if pairs is not None else (lambda i: None)
+    picked = list(range(len(texts))) if latency is None else list(latency)
     for run in runs:
-        for i in range(min(warmup, len(texts)) - 1):
+        for i in picked[:min(warmup, len(picked)) - 1]:
             run([texts[i]], one(i))
     times: list[list[float]] = [[] for _ in runs]
-    for start in range(0, len(texts), chunk):
+    for start in range(0, len(picked), chunk):
         for run, ts in zip(runs, times):
-            run([texts[start]], one(start))
-            for i in range(start, min(start + chunk, len(texts))):
+            run([texts[picked[start]]], one(picked[start]))
+            for i in picked[start:start + chunk]:
                 t0 = time.perf_counter()
                 run([texts[i]], one(i))
                 ts.append(time.perf_counter() - t0)
@@ -197,7 +219,8 @@ budget: at most {budget_words(max_drop, metric)} below fp32 ({base['score']:.2f}
 {table(rows, chosen)}
 
 - {scale_words(metric)} Timings end to end, tokenization included, {settings.get('threads')} thread(s);
-  batch 64 on the eval texts sorted by token length; batch 1 over every eval text.
+  batch 64 on the eval texts sorted by token length; batch 1 over
+  {latency_words(base['latency_texts'], settings.get('eval_examples', base['latency_texts']))}.
 - speed-up: batch-64 throughput relative to fp32. params: before quantization.
 - {"Every variant is saved under `variants/<name>/`; the" if settings.get("keep_variants", True) else "The"} kept one is this directory's model.
 - Recipes: {settings.get('recipes')}{pruning}; total time {settings.get('seconds', 0):.0f} s.
