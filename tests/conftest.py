@@ -47,10 +47,12 @@ def tiny_hf_model(family: str, num_labels: int = 3, problem_type: str | None = N
         cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                            max_position_embeddings=64, **common)
         return T.BertForSequenceClassification(cfg).eval()
-    if family == "roberta":
-        cfg = T.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                              max_position_embeddings=70, pad_token_id=1, type_vocab_size=1, **common)
-        return T.RobertaForSequenceClassification(cfg).eval()
+    if family in ("roberta", "xlm-roberta", "camembert"):  # (the last two: RoBERTa under other names)
+        kind = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert"}[family]
+        cfg = getattr(T, f"{kind}Config")(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=37, max_position_embeddings=70, pad_token_id=1,
+                                          type_vocab_size=1, **common)
+        return getattr(T, f"{kind}ForSequenceClassification")(cfg).eval()
     if family == "distilbert":
         cfg = T.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64, **common)
         return T.DistilBertForSequenceClassification(cfg).eval()

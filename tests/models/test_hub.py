@@ -46,7 +46,7 @@ def test_unsupported_family_is_named(tiny_hf_dir):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "mamba"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="model_type 'mamba' is not supported; supported: bert, roberta, distilbert, gpt2"):
+    with pytest.raises(ModelError, match="model_type 'mamba' is not supported; supported: bert, roberta, xlm-roberta, camembert, distilbert, gpt2"):
         load_classifier(d)
 
 

@@ -4,6 +4,7 @@ failed before its fix)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -212,3 +213,23 @@ def test_a_regression_head_of_several_outputs_is_refused_by_name(tiny_hf_dir):
     d, _ = tiny_hf_dir("bert", num_labels=3, problem_type="regression")
     with pytest.raises(ModelError, match=r"config.json: .*a regression head has one output \(num_labels 1\), not 3"):
         load_classifier(d)
+
+
+@pytest.mark.parametrize("family, nulls, says", [
+    ("roberta", ("pad_token_id",), "pad_token_id is null; a roberta model numbers its positions from pad_token_id + 1: "
+                                   "expected an integer"),
+    ("gpt2", ("pad_token_id", "eos_token_id"), "pad_token_id and eos_token_id are both null; GPT-2 pads batches with "
+                                               "one of them: expected an integer")])
+def test_a_null_token_id_the_family_needs_is_named(tiny_hf_dir, capsys, family, nulls, says):
+    # it was "unsupported operand type(s) for +: 'NoneType' and 'int'" (RoBERTa), "pad_token_id must be a int,
+    # not None" (GPT-2 whose eos is null too)
+    from oztune.cli import main
+
+    d, _ = tiny_hf_dir(family)
+    _edit_config(d, lambda c: {**c, **{k: None for k in nulls}})
+    with pytest.raises(ModelError, match=re.escape(f"{d / 'config.json'}: {says}")):
+        load_classifier(d)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(d), "a text"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and str(d) in err and err.count("\n") == 1

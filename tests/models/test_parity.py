@@ -9,7 +9,7 @@ from conftest import padded_batch
 
 from oztune.models.hub import load_classifier, resolve_model
 
-FAMILIES = ["bert", "roberta", "distilbert", "gpt2"]
+FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "xlm-roberta", "camembert"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -105,3 +105,30 @@ def test_gpt2_left_padded_batch_reads_each_rows_last_token_like_hf(tiny_hf_dir):
         ref = hf(input_ids=ids, attention_mask=mask).logits
         out = model(ids, mask)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["xlm-roberta", "camembert"])
+def test_roberta_under_another_name_saves_back_as_itself(tiny_hf_dir, tmp_path, family):
+    """XLM-RoBERTa and CamemBERT are RoBERTa's network under their own model_type: a fine-tuned one saves back
+    as its own class, which transformers loads to the same logits (and structured pruning keeps its layer count
+    field right)."""
+    import json
+
+    import transformers as T
+
+    from oztune.compress.prune import drop_layers_
+    from oztune.models.hub import save_classifier
+
+    d, hf = tiny_hf_dir(family)
+    model, enc, meta = load_classifier(d)
+    drop_layers_(model, [1])
+    out = save_classifier(model, enc, tmp_path / "out", meta["id2label"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == [type(hf).__name__]
+    assert config["num_hidden_layers"] == 1
+    again = T.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(again) is type(hf)
+    ids, mask = padded_batch(hf.config.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, model(ids, mask),
+                                   atol=1e-5, rtol=1e-5)

@@ -23,14 +23,12 @@ from oztune.compress.quantize import check_not_compiled, is_int8
 from oztune.compress.vocab import VocabEmbedding
 from oztune.data.dataset import EncodedData, train_batches
 from oztune.errors import OztuneError, check_at_least_1
+from oztune.models.families import FAMILIES
 from oztune.models.hub import save_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.train import distributed
 from oztune.train.finetune import RecipeOptions
 from oztune.train.loop import TrainConfig, evaluate
-
-_HF_LAYER_KEY = {"bert": "num_hidden_layers", "roberta": "num_hidden_layers", "distilbert": "n_layers",
-                 "gpt2": "n_layer"}
 IMPORTANCE_BATCHES = 32  # training batches over which --structured measures importance, by default
 
 
@@ -228,8 +226,9 @@ def shrink_(model: SequenceClassifier, layers: list[int], heads: list[list[int]]
     cfg.layer_heads = [b.attn.num_heads for b in blocks]
     cfg.layer_ffn = [b.ffn.up.out_features for b in blocks]
     hf = getattr(model, "hf_config", None)
-    if hf and _HF_LAYER_KEY.get(cfg.family) in hf:
-        hf[_HF_LAYER_KEY[cfg.family]] = cfg.num_layers  # a model with fewer full layers stays HF-loadable
+    key = FAMILIES[cfg.family].layers_key if cfg.family in FAMILIES else None
+    if hf and key in hf:
+        hf[key] = cfg.num_layers  # a model with fewer full layers stays HF-loadable
     return model
 
 

@@ -69,6 +69,10 @@ def _gpt2_keys() -> dict:
     return m
 
 
+class ConfigError(ModelError):
+    """A config.json field a family cannot use, in the field's words; the loader says which file."""
+
+
 # Hugging Face's activation names -> oztune's (``oztune.config.ACTIVATIONS``); any other is refused by name.
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                    "relu": "relu", "tanh": "tanh", "silu": "silu", "swish": "silu", "quick_gelu": "quick_gelu"}
@@ -77,7 +81,7 @@ _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh":
 def _activation(hf: dict, key: str, default: str) -> str:
     name = hf.get(key, default)
     if name not in _HF_ACTIVATIONS:
-        raise ModelError(f"config.json: {key} {name!r} is not one oztune computes ({', '.join(sorted(_HF_ACTIVATIONS))})")
+        raise ConfigError(f"{key} {name!r} is not one oztune computes ({', '.join(sorted(_HF_ACTIVATIONS))})")
     return _HF_ACTIVATIONS[name]
 
 
@@ -86,11 +90,11 @@ def _refuse(hf: dict, options: dict) -> None:
     naming them, not a model that silently computes something else than the checkpoint's."""
     for key, fine in options.items():
         if key in hf and hf[key] != fine:
-            raise ModelError(f"config.json: {key}: {hf[key]!r} changes the network in a way oztune does not "
+            raise ConfigError(f"{key}: {hf[key]!r} changes the network in a way oztune does not "
                              f"implement (it computes {key}: {fine!r})")
 
 
-def _bert_config(hf: dict, family: str) -> ModelConfig:
+def _bert_config(hf: dict, family: str, position_offset: int = 0) -> ModelConfig:
     act = _activation(hf, "hidden_act", "gelu")
     _refuse(hf, {"is_decoder": False, "position_embedding_type": "absolute"})
     return ModelConfig(
@@ -98,11 +102,18 @@ def _bert_config(hf: dict, family: str) -> ModelConfig:
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
         intermediate_size=hf["intermediate_size"], max_positions=hf.get("max_position_embeddings", 512),
         type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-        activation=act,
-        position_offset=(hf.get("pad_token_id", 1) + 1) if family == "roberta" else 0,
-        pad_token_id=hf.get("pad_token_id", 0) or 0,
+        activation=act, position_offset=position_offset, pad_token_id=hf.get("pad_token_id", 0) or 0,
         hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
     )
+
+
+def _roberta_config(hf: dict, family: str) -> ModelConfig:
+    """BERT's, with position ids numbered from ``pad_token_id + 1`` (RoBERTa, XLM-RoBERTa, CamemBERT)."""
+    pad = hf.get("pad_token_id", 1)
+    if not isinstance(pad, int) or isinstance(pad, bool):
+        raise ConfigError(f"pad_token_id is {'null' if pad is None else repr(pad)}; a {family} model numbers its positions from "
+                         "pad_token_id + 1: expected an integer (RoBERTa's is 1)")
+    return _bert_config(hf, family, position_offset=pad + 1)
 
 
 def _distilbert_config(hf: dict, family: str) -> ModelConfig:
@@ -120,13 +131,17 @@ def _gpt2_config(hf: dict, family: str) -> ModelConfig:
     act = _activation(hf, "activation_function", "gelu_new")
     _refuse(hf, {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False})
     pad = hf.get("pad_token_id")
+    pad = hf.get("eos_token_id", 50256) if pad is None else pad
+    if pad is None:
+        raise ConfigError("pad_token_id and eos_token_id are both null; GPT-2 pads batches with one of "
+                         "them: expected an integer in either (GPT-2's eos is 50256)")
     return ModelConfig(
         family=family, vocab_size=hf["vocab_size"], hidden_size=n_embd, num_layers=hf["n_layer"],
         num_heads=hf["n_head"], intermediate_size=hf.get("n_inner") or 4 * n_embd,
         max_positions=hf.get("n_positions", 1024), type_vocab_size=0,
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         activation=act,
-        pre_norm=True, causal=True, pad_token_id=hf.get("eos_token_id", 50256) if pad is None else pad,
+        pre_norm=True, causal=True, pad_token_id=pad,
         hidden_dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
     )
 
@@ -143,6 +158,7 @@ class Family:
         head_keys: oztune head module -> HF module of the family's classification head.
         head: the family's standard head (what its ``ForSequenceClassification`` does).
         config: HF config dict -> ModelConfig.
+        layers_key: the HF config's field holding the number of layers (kept right when pruning drops layers).
         ignore: regexes of checkpoint keys oztune does not use (buffers, pre-training heads).
     """
 
@@ -153,7 +169,20 @@ class Family:
     head_keys: dict
     head: dict
     config: Callable[[dict, str], ModelConfig]
+    layers_key: str
     ignore: tuple = ()
+
+
+def _roberta_family(name: str, architecture: str) -> Family:
+    """RoBERTa and the models that are RoBERTa under another ``model_type`` (XLM-RoBERTa, CamemBERT: the same
+    network, the same key names under ``roberta.``; their tokenizers differ, and come with the checkpoint)."""
+    return Family(
+        name, architecture, "roberta.",
+        {**_bert_embeddings(), **_bert_layer("encoder.layer.{i}.")},
+        {"hidden.0": "classifier.dense", "out": "classifier.out_proj"},
+        {"pooling": "cls", "hidden_sizes": ["C"], "activation": "tanh"},
+        _roberta_config, "num_hidden_layers", (r"position_ids$", r"^lm_head\.", r"^pooler\.", r"^roberta\.pooler\."),
+    )
 
 
 FAMILIES: dict[str, Family] = {
@@ -163,26 +192,22 @@ FAMILIES: dict[str, Family] = {
         # BERT's pooler lives inside the base model: "bert.pooler.dense"
         {"hidden.0": "bert.pooler.dense", "out": "classifier"},
         {"pooling": "cls", "hidden_sizes": ["C"], "activation": "tanh"},
-        _bert_config, (r"position_ids$", r"^cls\.", r"^bert\.embeddings\.position_ids"),
+        _bert_config, "num_hidden_layers", (r"position_ids$", r"^cls\.", r"^bert\.embeddings\.position_ids"),
     ),
-    "roberta": Family(
-        "roberta", "RobertaForSequenceClassification", "roberta.",
-        {**_bert_embeddings(), **_bert_layer("encoder.layer.{i}.")},
-        {"hidden.0": "classifier.dense", "out": "classifier.out_proj"},
-        {"pooling": "cls", "hidden_sizes": ["C"], "activation": "tanh"},
-        _bert_config, (r"position_ids$", r"^lm_head\.", r"^pooler\.", r"^roberta\.pooler\."),
-    ),
+    **{name: _roberta_family(name, arch) for name, arch in (
+        ("roberta", "RobertaForSequenceClassification"), ("xlm-roberta", "XLMRobertaForSequenceClassification"),
+        ("camembert", "CamembertForSequenceClassification"))},
     "distilbert": Family(
         "distilbert", "DistilBertForSequenceClassification", "distilbert.", _distilbert_keys(),
         {"hidden.0": "pre_classifier", "out": "classifier"},
         {"pooling": "cls", "hidden_sizes": ["C"], "activation": "relu"},
-        _distilbert_config, (r"position_ids$", r"^vocab_(transform|layer_norm|projector)\."),
+        _distilbert_config, "n_layers", (r"position_ids$", r"^vocab_(transform|layer_norm|projector)\."),
     ),
     "gpt2": Family(
         "gpt2", "GPT2ForSequenceClassification", "transformer.", _gpt2_keys(),
         {"out": "score"},
         {"pooling": "last", "hidden_sizes": [], "activation": "none", "out_bias": False},
-        _gpt2_config, (r"\.attn\.(masked_)?bias$", r"^lm_head\."),
+        _gpt2_config, "n_layer", (r"\.attn\.(masked_)?bias$", r"^lm_head\."),
     ),
 }
 

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from oztune.config import HeadConfig, ModelConfig, check_count
 from oztune.data.tokenize import TextEncoder
 from oztune.errors import ModelError, OztuneError
-from oztune.models.families import (FAMILIES, NATIVE_PREFIX, default_head, family_of, hf_to_oztune,
-                                    is_default_head, oztune_to_hf)
+from oztune.models.families import (FAMILIES, NATIVE_PREFIX, ConfigError, default_head, family_of,
+                                    hf_to_oztune, is_default_head, oztune_to_hf)
 from oztune.models.lora import LoRALinear
 from oztune.models.transformer import SequenceClassifier, TaskHead, init_weights
 from oztune.outdir import staged_dir
@@ -231,6 +231,8 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
     native = oz.get("format") == "native"
     try:
         cfg = ModelConfig.from_dict(oz["model"]) if "model" in oz else family.config(hf, family.name)
+    except ConfigError as e:
+        raise ModelError(f"{path / 'config.json'}: {e}") from None
     except KeyError as e:
         raise ModelError(f"{path / 'config.json'}: lacks the field {e.args[0]!r} that a {family.name} model needs") from None
     except (TypeError, ValueError) as e:
