@@ -503,3 +503,12 @@ def test_resuming_with_other_evaluation_settings_is_refused(tiny_base, data, tmp
     with pytest.raises(OztuneError, match="eval_data"):
         fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, eval_every=2, resume=True),
             dev.subset(list(range(16))))
+
+
+@pytest.mark.parametrize("name", ["patience", "eval_every", "checkpoint_every"])
+def test_a_negative_patience_eval_every_or_checkpoint_every_is_refused(name):
+    """Only finetune's CLI checked them: in Python patience -1 stopped the run after its first epoch without
+    evaluating it (0 bad evaluations >= -1), eval_every -3 evaluated every 3 steps, and checkpoint_every -1
+    wrote no checkpoint, each with no error."""
+    with pytest.raises(ValueError, match=rf"TrainConfig.{name} must be 0 or more, not -1"):
+        TrainConfig(**{name: -1})

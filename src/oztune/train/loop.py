@@ -100,8 +100,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, not {getattr(self, name)}")
-        if self.epochs < 0:
-            raise ValueError(f"TrainConfig.epochs must be 0 or more, not {self.epochs}")
+        for name in ("epochs", "patience", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be 0 or more, not {getattr(self, name)}")
         if not (self.rdrop >= 0 and math.isfinite(self.rdrop)):
             raise ValueError(f"TrainConfig.rdrop must be 0 or more, not {self.rdrop}")
         if not 0 <= self.ema_decay < 1:
