@@ -72,3 +72,16 @@ def test_label_names_on_integer_labels_still_evaluate_the_integer_file(one_threa
     clf = Classifier.from_pretrained(tmp_path / "i")
     assert set(clf.id2label.values()) == {"negative", "positive"}
     assert clf.evaluate(str(train))["accuracy"] == pytest.approx(record["metrics"]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("suffix", ["/.", "/./", "//"])
+def test_the_default_checkpoint_dir_of_an_output_ending_in_a_dot_is_beside_it(tmp_path, monkeypatch, suffix):
+    """--output runs/m/. (the same directory as runs/m) was refused: its default --checkpoint-dir was
+    runs/m/..checkpoints, inside the output, and the error blamed a --checkpoint-dir never given."""
+    from oztune.train.finetune import FinetuneArgs, check_args
+
+    monkeypatch.chdir(tmp_path)
+    train = write_tsv(tmp_path / "train.tsv", synthetic_sentiment(8, 1))
+    a = FinetuneArgs(train=str(train), output="runs/m" + suffix, lr=1e-4)
+    check_args(a)
+    assert a.checkpoints_dir() == "runs/m.checkpoints"

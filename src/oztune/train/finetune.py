@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
@@ -168,7 +169,8 @@ class FinetuneArgs(RecipeOptions):
         return bool(self.eval or self.eval_split)
 
     def checkpoints_dir(self) -> str:
-        return self.checkpoint_dir or f"{self.output.rstrip('/')}.checkpoints"
+        """--checkpoint-dir, or by default OUTPUT.checkpoints beside the output (runs/m/. is runs/m)."""
+        return self.checkpoint_dir or f"{os.path.normpath(self.output)}.checkpoints"
 
 
 def check_seed(seed: int) -> None:
