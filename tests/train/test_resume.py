@@ -145,3 +145,23 @@ def test_fresh_start_over_an_unfinished_run_is_refused(tiny_base, sentiment_file
     assert r.returncode == 2
     assert "holds checkpoints of an unfinished run (newest: step 7): pass --resume" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+@pytest.mark.parametrize("manifest", ['{"files": []}', '{"files": null}', '{"files": {"state.pt": 5}}',
+                                      '{"files": {"state.pt": {}}}', '{"files": {"state.pt": {"bytes": "9", "sha256": 1}}}',
+                                      '{"files": {}}', '{"files": {"notes.txt": {"bytes": 0, "sha256": "%s"}}}' % EMPTY_SHA256])
+def test_a_manifest_of_another_shape_is_skipped_not_a_traceback_nor_trusted(tmp_path, capsys, manifest):
+    """A manifest.json that is JSON but not what save writes raised AttributeError, TypeError, KeyError or
+    ValueError out of newest_valid (a traceback instead of skipping the checkpoint), and one that listed no
+    state.pt passed as valid: its state.pt was loaded unchecked."""
+    ck = Checkpointer(tmp_path, every=1, keep=5, fingerprint={})
+    older, newer = ck.save(1, state(1)), ck.save(2, state(2))
+    (newer / "manifest.json").write_text(manifest)
+    (newer / "state.pt").write_bytes(b"not a checkpoint")
+    (newer / "notes.txt").write_bytes(b"")
+
+    assert ck.newest_valid() == older
+    assert "skipping checkpoint" in capsys.readouterr().err

@@ -150,6 +150,18 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
             "lora": [list(x) for x in lora]}
 
 
+def _listed_files(manifest) -> dict[str, tuple[int, str]]:
+    """{name: (bytes, sha256)} of a manifest as :meth:`Checkpointer.save` writes it, which lists state.pt.
+
+    Anything else is an error (ValueError, KeyError, TypeError or AttributeError): a manifest that does not
+    list state.pt would let it be loaded unchecked.
+    """
+    files = {name: (want["bytes"], want["sha256"]) for name, want in manifest["files"].items()}
+    if STATE not in files or not all(type(n) is int and isinstance(d, str) for n, d in files.values()):
+        raise ValueError(f"expected the size and SHA-256 of {STATE}")
+    return files
+
+
 class Checkpointer:
     """Writes, lists, validates and loads the checkpoints of one run.
 
@@ -273,19 +285,18 @@ class Checkpointer:
     def problem(self, path: Path) -> str | None:
         """Why the checkpoint at ``path`` cannot be loaded, or None when its files match its manifest."""
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
-            files = manifest["files"]
+            files = _listed_files(json.loads((path / MANIFEST).read_text()))
         except FileNotFoundError:
             return "no manifest.json (the write did not finish)"
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             return f"manifest.json is unreadable ({type(e).__name__})"
-        for name, want in files.items():
+        for name, (size, digest) in files.items():
             f = path / name
             if not f.is_file():
                 return f"{name} is missing"
-            if f.stat().st_size != want["bytes"]:
-                return f"{name} has {f.stat().st_size:,} bytes, the manifest says {want['bytes']:,} (truncated?)"
-            if sha256_file(f) != want["sha256"]:
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size:,} bytes, the manifest says {size:,} (truncated?)"
+            if sha256_file(f) != digest:
                 return f"{name} does not match its SHA-256 checksum (corrupted)"
         return None
 
