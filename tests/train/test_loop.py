@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -172,6 +174,27 @@ def test_resuming_into_another_training_set_is_refused(tiny_base, data, tmp_path
     with pytest.raises(OztuneError, match="lr 0.003 \\(now 0.001\\)"):
         fit(model, train, config(checkpoint_dir=str(tmp_path), checkpoint_every=1, resume=True, lr=1e-3))
 
+
+def test_resuming_from_another_pre_trained_model_of_the_same_shape_is_refused(tiny_base, data, tmp_path, capsys):
+    """finetune --resume --model B took a checkpoint of a run from --model A of the same architecture: training
+    went on from A's weights while run.json and the model card named B. The pre-trained weights are now part of
+    what must match; the new task head is not (a caller may initialise it otherwise: the checkpoint replaces it)."""
+    from oztune.errors import OztuneError
+
+    ck = config(checkpoint_dir=str(tmp_path), checkpoint_every=1)
+    model, train, _ = new_model(tiny_base, data)
+    with pytest.raises(Crash):
+        fit(model, train, ck, on_step=crash_at(2))
+    model, train, _ = new_model(tiny_base, data)
+    with torch.no_grad():
+        model.backbone.embed.word.weight[5, 0] += 1  # another pre-trained model, of the same shape
+    with pytest.raises(OztuneError, match="other settings: base_weights"):
+        fit(model, train, replace(ck, resume=True))
+    model, train, _ = new_model(tiny_base, data)
+    for p in model.head.parameters():
+        torch.nn.init.normal_(p)
+    fit(model, train, replace(ck, resume=True))
+    assert "resuming from" in capsys.readouterr().err
 
 def scripted_evaluations(monkeypatch, accuracies):
     """Make fit's evaluations return ``accuracies`` in turn; returns the (step, weights) seen at each one."""

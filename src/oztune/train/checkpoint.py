@@ -140,6 +140,18 @@ def data_digest(data) -> str:
     return h.hexdigest()[:16]
 
 
+def base_weights_digest(model: torch.nn.Module) -> str:
+    """A short SHA-256 of the pre-trained encoder's weights as training starts: the backbone's, without the LoRA
+    updates and the task head that a run initialises itself, so that another pre-trained model of the same
+    shape (``--model``) is not resumed into."""
+    h = hashlib.sha256()
+    for name, t in model.backbone.state_dict().items():
+        if name.rsplit(".", 1)[-1] not in ("lora_a", "lora_b"):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 def model_fingerprint(model: torch.nn.Module) -> dict:
     """What the network is, beyond its parameter counts: the task head's settings, a digest of its weights'
     names and shapes (which layers carry LoRA updates), and each LoRA update's scale and dropout."""
@@ -187,7 +199,8 @@ class Checkpointer:
             cfg: the run's TrainConfig.
             data: the training examples (EncodedData): their number and a digest of their token ids and
                 labels go into the fingerprint, so another file (or --max-length) is not resumed into.
-            model: the model being trained (its parameter counts go into the fingerprint).
+            model: the model being trained (its parameter counts, layout and pre-trained weights' digest go into
+                the fingerprint).
             env: this process's place in a distributed job.
             eval_data: the evaluation examples (a digest goes into the fingerprint: the best evaluation so far
                 was chosen on them), or None.
@@ -205,6 +218,7 @@ class Checkpointer:
                        "eval_data": data_digest(eval_data) if eval_data is not None else None,
                        "parameters": sum(t.numel() for t in model.state_dict().values()),
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       "base_weights": base_weights_digest(model),
                        **model_fingerprint(model)}
         ckpt = cls(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, fingerprint)
         if not cfg.resume:
