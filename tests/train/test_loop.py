@@ -196,6 +196,24 @@ def test_resuming_from_another_pre_trained_model_of_the_same_shape_is_refused(ti
     fit(model, train, replace(ck, resume=True))
     assert "resuming from" in capsys.readouterr().err
 
+
+def test_the_resume_message_says_where_the_checkpoint_stands(tiny_base, data, tmp_path, capsys):
+    """A checkpoint written at an epoch's end resumes at the next epoch's first batch: the message said "epoch 3"
+    for the last checkpoint of a 2-epoch run; it says "after epoch 2" (inside an epoch: "in epoch N")."""
+    ck = config(checkpoint_dir=str(tmp_path), checkpoint_every=3)  # 64 examples, 8 a batch, 2 accumulated: 4 steps
+    model, train, _ = new_model(tiny_base, data)
+    with pytest.raises(Crash):
+        fit(model, train, ck, on_step=crash_at(4))  # a checkpoint at step 3, inside epoch 1
+    model, train, _ = new_model(tiny_base, data)
+    fit(model, train, replace(ck, resume=True, checkpoint_every=4))  # then at epoch ends: steps 4 and 8
+    err = capsys.readouterr().err
+    assert "(in epoch 1, step 3)" in err, err
+    model, train, _ = new_model(tiny_base, data)
+    fit(model, train, replace(ck, resume=True))  # fit leaves its checkpoints (finetune deletes them): the last
+    err = capsys.readouterr().err
+    assert "(after epoch 2, step 8)" in err and "epoch 3" not in err, err
+
+
 def scripted_evaluations(monkeypatch, accuracies):
     """Make fit's evaluations return ``accuracies`` in turn; returns the (step, weights) seen at each one."""
     import oztune.train.loop as loop

@@ -292,7 +292,9 @@ class Checkpointer:
         set_rng_state(state["rng"][env.rank])
         progress = Progress(**state["progress"])
         if env.is_main:
-            print(f"oztune: resuming from {path} (epoch {progress.epoch + 1}, step {progress.step})",
+            # (a checkpoint at an epoch's end resumes at the next one's first batch: "after epoch N", not N + 1)
+            where = f"after epoch {progress.epoch}" if progress.batch == 0 else f"in epoch {progress.epoch + 1}"
+            print(f"oztune: resuming from {path} ({where}, step {progress.step})",
                   file=sys.stderr, flush=True)
         return progress
 
