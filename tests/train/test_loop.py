@@ -65,6 +65,70 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(uninterrupted, tiny_b
     assert [(r["step"], r["loss"], r["lr"]) for r in got.log] == [(r["step"], r["loss"], r["lr"]) for r in want.log]
 
 
+class Stopped(BaseException):
+    pass
+
+
+# SIGTERM at step 2 (mid-epoch 1), at the epoch's last step 4 (held over its evaluation), at the last step 8
+@pytest.mark.parametrize("term_step", [2, 4, 8])
+def test_sigterm_writes_a_checkpoint_at_the_step_then_stops_and_the_run_resumes_exactly(
+        uninterrupted, tiny_base, data, tmp_path, term_step):
+    """A preempted run (SIGTERM) lost every step since its last scheduled checkpoint (here: none, every 1,000
+    steps). It now writes one where the SIGTERM came, after the step, then stops as the SIGTERM's handler says;
+    the resumed run ends with the uninterrupted run's weights, bit for bit."""
+    import os
+    import signal
+
+    def stopped(signum, frame):
+        raise Stopped
+
+    def term_at(step):
+        def on_step(s, total):
+            if s == step:
+                os.kill(os.getpid(), signal.SIGTERM)  # (handled between bytecodes: before fit goes on)
+        return on_step
+
+    want, want_sd = uninterrupted
+    ck = config(checkpoint_dir=str(tmp_path), checkpoint_every=1000)
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        model, train, dev = new_model(tiny_base, data)
+        with pytest.raises(Stopped):
+            fit(model, train, ck, dev, on_step=term_at(term_step))
+        assert signal.getsignal(signal.SIGTERM) is stopped  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step-{term_step:08d}"]
+    model, train, dev = new_model(tiny_base, data)
+    got = fit(model, train, replace(ck, resume=True), dev)
+    assert all(torch.equal(want_sd[k], v) for k, v in model.state_dict().items())
+    assert got.history == want.history and got.best == want.best
+
+
+def test_without_checkpoints_sigterm_stops_at_once(tiny_base, data, tmp_path):
+    import os
+    import signal
+
+    steps = []
+
+    def stopped(signum, frame):
+        raise Stopped
+
+    def on_step(s, total):
+        steps.append(s)
+        if s == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        model, train, _ = new_model(tiny_base, data)
+        with pytest.raises(Stopped):
+            fit(model, train, config(), on_step=on_step)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert steps == [1, 2]  # stopped inside step 2's callback, no step after it
+
+
 def test_epoch_records_average_their_own_steps(uninterrupted):
     result, _ = uninterrupted
     steps = len(result.log) // 2

@@ -165,3 +165,32 @@ def test_a_manifest_of_another_shape_is_skipped_not_a_traceback_nor_trusted(tmp_
 
     assert ck.newest_valid() == older
     assert "skipping checkpoint" in capsys.readouterr().err
+
+
+def test_sigterm_checkpoints_the_step_it_came_in_and_the_resumed_run_is_bit_identical(reference, tiny_base,
+                                                                                       sentiment_files, tmp_path):
+    """A preempted job (SIGTERM): finetune writes a checkpoint at the step it was told to stop in (none was due:
+    one every 1,000 steps), exits 143, and --resume ends with the uninterrupted run's weights. Before, it
+    stopped at once and the run started again from the beginning."""
+    out, ckpt = tmp_path / "model", tmp_path / "model.checkpoints"
+    cmd = [sys.executable, "-m", "oztune", *args(tiny_base, sentiment_files, out), "--checkpoint-every", "1000",
+           "--resume"]
+    cmd.remove("--no-progress")  # the progress bar says when training has begun
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = b""
+    while b"epoch 1/2" not in seen:
+        chunk = p.stderr.read1(4096)
+        assert chunk, seen.decode()
+        seen += chunk
+    p.send_signal(signal.SIGTERM)  # (in the first steps: held until the step ends)
+    err = (seen + p.communicate(timeout=120)[1]).decode()
+    assert p.returncode == 143 and "stopped by SIGTERM" in err, err
+    step = newest_step(ckpt)
+    assert 0 < step < STEPS and not out.exists(), step
+    assert Checkpointer(ckpt, 1000, 1, {}).problem(ckpt / f"step-{step:08d}") is None  # whole: its manifest matches
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    assert r.returncode == 0 and f"step-{step:08d}" in r.stderr, r.stderr
+    want, got = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -17,8 +17,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +174,50 @@ def _listed_files(manifest) -> dict[str, tuple[int, str]]:
     if STATE not in files or not all(type(n) is int and isinstance(d, str) for n, d in files.values()):
         raise ValueError(f"expected the size and SHA-256 of {STATE}")
     return files
+
+
+class HeldSigterm:
+    """SIGTERM during a checkpointed run, held until the optimizer step ends: the run then writes a checkpoint
+    and stops as the SIGTERM would have (its previous handler: oztune's CLI exits 143), so that a preempted job
+    resumes where it was told to stop rather than at its last scheduled checkpoint. A second SIGTERM stops at
+    once. Held only in one process's main thread (under torchrun the ranks would have to agree on the step;
+    there SIGTERM stops at once, as without checkpoints).
+
+    Args:
+        active: hold SIGTERM (a run that writes checkpoints, in one process).
+    """
+
+    def __init__(self, active: bool):
+        self.requested, self.previous = False, None
+        if active and threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGTERM)
+            if previous not in (signal.SIG_IGN, None):  # (None: a handler not set from Python, left alone)
+                self.previous = previous
+                signal.signal(signal.SIGTERM, self._hold)
+
+    def _hold(self, signum, frame) -> None:
+        if self.requested:  # asked twice: now
+            self._deliver(frame)
+        self.requested = True
+
+    def _deliver(self, frame=None) -> None:
+        previous = self.previous
+        self.release()
+        if callable(previous):
+            previous(signal.SIGTERM, frame)
+        else:  # SIG_DFL: the process ends as SIGTERM ends it
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop_if_asked(self) -> None:
+        """Stop now, as the held SIGTERM would have, if one came."""
+        if self.requested and self.previous is not None:
+            self._deliver()
+
+    def release(self) -> None:
+        """Put the previous handler back (a SIGTERM held and not yet delivered is dropped)."""
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 class Checkpointer:

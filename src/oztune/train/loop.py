@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from oztune.data.dataset import EncodedData, inference_batches, train_batches
 from oztune.runtime import tune_malloc
 from oztune.train import distributed
-from oztune.train.checkpoint import Checkpointer, Progress
+from oztune.train.checkpoint import Checkpointer, HeldSigterm, Progress
 from oztune.train.ema import WeightEMA
 from oztune.train.metrics import MAIN_METRIC, compute_metrics, metric_values
 from oztune.train.rdrop import rdrop_loss
@@ -324,6 +324,15 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     seen, start = run.seen, time.perf_counter() - run.seconds  # a resumed run counts its earlier attempts too
     model.train()
     board = Board(cfg.tensorboard, run.step if cfg.resume else None) if cfg.tensorboard and env.is_main else None
+    stop = HeldSigterm(ckpt is not None and env.world == 1)  # SIGTERM: a checkpoint at the step's end, then stop
+    saved_at = run.step
+
+    def checkpoint(now: bool) -> None:
+        """Write a checkpoint if one is due (or ``now``) and none was written at this step."""
+        nonlocal saved_at
+        if ckpt is not None and (now or ckpt.due(run.step)) and saved_at != run.step:
+            ckpt.save_run(model, opt, sched, run, env)
+            saved_at = run.step
 
     def evaluate_now(epoch_at: float, title: str) -> float:
         """Evaluate (the weight average, if kept), show and log it; returns the seconds it took."""
@@ -383,8 +392,9 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
                     start += evaluate_now(at, f"step {run.step} (epoch {at:.2f})")  # not training time
                     if cfg.patience and run.bad_evals >= cfg.patience:
                         break
-                if ckpt is not None and ckpt.due(run.step) and i + 1 < len(batches):
-                    ckpt.save_run(model, opt, sched, run, env)  # (the epoch's last step: after its evaluation)
+                if i + 1 < len(batches):  # (the epoch's last step: after its evaluation)
+                    checkpoint(now=stop.requested)
+                    stop.stop_if_asked()
             bar.close()
             if cfg.patience and run.bad_evals >= cfg.patience:
                 break  # stopped inside the epoch
@@ -392,9 +402,11 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             run.epoch, run.batch = epoch + 1, 0
             if cfg.patience and run.bad_evals >= cfg.patience:
                 break
-            if ckpt is not None and ckpt.due(run.step):  # a resumed run goes on with the next epoch
-                ckpt.save_run(model, opt, sched, run, env)
+            checkpoint(now=stop.requested)  # a resumed run goes on with the next epoch
+            stop.stop_if_asked()
+        stop.stop_if_asked()  # (stopped early by patience: nothing left to checkpoint; the model is not saved)
     finally:
+        stop.release()
         word.requires_grad_(word_trainable)  # as it was, even after an interruption
         if board is not None:
             board.close()
