@@ -194,3 +194,28 @@ def test_sigterm_checkpoints_the_step_it_came_in_and_the_resumed_run_is_bit_iden
     assert r.returncode == 0 and f"step-{step:08d}" in r.stderr, r.stderr
     want, got = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_removal_cut_short_leaves_no_checkpoint_that_blocks_a_fresh_start(tmp_path, monkeypatch):
+    """Deleting checkpoints once the model is saved takes a while; a run stopped in it (Ctrl-C, SIGTERM) left a
+    half-deleted step-* folder, and the next run without --resume was refused as "an unfinished run"."""
+    import shutil
+
+    from oztune.train import checkpoint
+
+    ck = Checkpointer(tmp_path / "ck", 1, 2, {})
+    ck.save(1, state(1))
+    ck.save(2, state(2))
+    real = shutil.rmtree
+
+    def cut_short(path, *a, **kw):
+        (Path(path) / "state.pt").unlink()  # part of the folder is gone, then the stop
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        remove_checkpoints(tmp_path / "ck")
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real)
+    assert ck.checkpoints() == []
+    ck.check_fresh_start()  # not refused
+    assert ck.newest_valid() is None and [p.name for p in (tmp_path / "ck").iterdir()] == []  # and cleaned up

@@ -126,11 +126,25 @@ def remove_checkpoints(directory: str | os.PathLike) -> None:
     folder = Path(directory)
     if not folder.is_dir():
         return
-    for p in folder.iterdir():
-        if p.is_dir() and (_NAME.fullmatch(p.name) or _PARTIAL.fullmatch(p.name)):
-            shutil.rmtree(p, ignore_errors=True)
+    found = [p for p in folder.iterdir() if p.is_dir() and (_NAME.fullmatch(p.name) or _PARTIAL.fullmatch(p.name))]
+    for p in [_set_aside(p) for p in found]:  # every one set aside first: see _set_aside
+        shutil.rmtree(p, ignore_errors=True)
     if not any(folder.iterdir()):
         folder.rmdir()
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a checkpoint to a temporary name (one step, atomic) before deleting it: deleting takes a while, and
+    a run stopped in it left a half-deleted ``step-*`` folder, read later as another run's unfinished checkpoint
+    (a fresh start was refused). A temporary name is removed the next time checkpoints are looked for."""
+    if not _NAME.fullmatch(path.name):
+        return path
+    aside = path.with_name(f".{path.name}.tmp-removing")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return path
+    return aside
 
 
 def data_digest(data) -> str:
@@ -301,7 +315,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         others = [p for _, p in self.checkpoints() if p != final]  # the one just written always stays
-        for old in others[self.keep - 1:]:
+        for old in [_set_aside(p) for p in others[self.keep - 1:]]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
