@@ -462,3 +462,20 @@ def test_fake_quantization_from_a_floor_matches_int8_without_a_given_top(M):
         torch.testing.assert_close(fq(x, None, lower), want, atol=1e-5, rtol=1e-5)
         top = x.amax(-1, keepdim=True)  # the default: each row's own max
         torch.testing.assert_close(int8_ops.fake_quantize_from_floor(x, lower), int8_ops.fake_quantize_from_floor(x, lower, top))
+
+
+@pytest.mark.parametrize("record", [None, QuantConfig(), QuantConfig(embeddings="none", skip=["head.*"])],
+                         ids=["no-record", "other-skip", "other-embeddings"])
+def test_saving_an_int8_model_with_a_record_that_does_not_rebuild_it_is_refused(record, tmp_path, tiny_base):
+    """save_classifier(int8 model, ...) without quantization= (or with another config's record) wrote a directory
+    that load_classifier refuses ('weights do not match config.json (unexpected: ...weight_scale)')."""
+    q = quantize_(tiny_classifier(), QuantConfig(skip=["backbone.layers.1.*"]))
+    with pytest.raises(OztuneError, match="quantiz"):
+        save_tiny(q, tmp_path / "m", record, tiny_base)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(OztuneError, match="int8"):  # and a record for a model that holds no int8 layer
+        save_tiny(tiny_classifier(), tmp_path / "f", QuantConfig(), tiny_base)
+    d = save_tiny(q, tmp_path / "ok", QuantConfig(skip=["backbone.layers.1.*"]), tiny_base)  # the right one
+    ids, mask = random_batch()
+    with torch.no_grad():
+        assert torch.equal(load_classifier(d)[0](ids, mask), q(ids, mask))

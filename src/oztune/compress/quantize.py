@@ -295,15 +295,37 @@ def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module
 
     Token-type embeddings stay fp32: two rows gain nothing, and the backbone reads their weight directly.
     """
-    out = []
-    for name, m in model.named_modules():
-        if _skipped(name, config.skip):
-            continue
-        if isinstance(m, nn.Linear):
-            out.append((name, m))
-        elif isinstance(m, nn.Embedding) and config.embeddings == "int8" and not name.endswith("token_type"):
-            out.append((name, m))
-    return out
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) and _converts(name, m, config)]
+
+
+def _converts(name: str, m: nn.Module, config: QuantConfig) -> bool:
+    """Whether ``config`` makes (or made) the module ``name`` int8: a Linear, or an Embedding other than the
+    token-type one unless embeddings is "none", not skipped (``m`` float, or already int8)."""
+    if _skipped(name, config.skip):
+        return False
+    if isinstance(m, (nn.Linear, Int8Linear)):
+        return True
+    return isinstance(m, (nn.Embedding, Int8Embedding)) and config.embeddings == "int8" and not name.endswith("token_type")
+
+
+def check_record(model: nn.Module, quantization: dict | None) -> None:
+    """Refuse to save ``model`` with a :func:`quantization_record` (or None) that would not rebuild its int8
+    layers on load (:func:`prepare_quantized`): the directory written would not load."""
+    int8 = {n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))}
+    if not quantization:
+        if int8:
+            raise OztuneError(f"the model holds int8 layers ({', '.join(sorted(int8)[:3])}, ...): save it with "
+                              "quantization=quantization_record(config), config the QuantConfig it was quantized with")
+        return
+    config = QuantConfig.from_dict(quantization)
+    wanted = {n for n, m in model.named_modules() if _converts(n, m, config)}
+    if int8 != wanted:
+        odd = sorted(wanted - int8) or sorted(int8 - wanted)
+        raise OztuneError(f"the quantization record (skip {config.skip}, embeddings {config.embeddings}) does not "
+                          f"describe the model's int8 layers ({odd[0]} is {'not ' if odd[0] in wanted else ''}int8"
+                          f"{'' if int8 else ': it holds no int8 layer'}): save it with the record of the QuantConfig "
+                          "it was quantized with")
 
 
 def check_not_compiled(model: nn.Module, action: str) -> None:

@@ -374,7 +374,9 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         id2label: label names by output index.
         run: oztune's record of the run (arguments, metrics), kept in config.json and run.json.
         card: text of the model card README.md.
-        quantization: the quantization recipe, when the model holds quantized layers.
+        quantization: the quantization recipe, required when the model holds int8 layers:
+            ``quantization_record(config)`` of the QuantConfig it was quantized with (one that would not
+            rebuild them on load is an OztuneError, as is one for a model without int8 layers).
         extra_files: more text files to write into the directory (name -> content).
         text_pairs: whether the model was fine-tuned on text pairs (config.json's ``oztune.text_pairs``: the other
             kind of input is then refused, see :func:`oztune.errors.check_text_pairs`); None: unknown. A model
@@ -385,6 +387,9 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
     if any(isinstance(m, LoRALinear) for m in model.modules()):  # (their names load nowhere)
         raise ValueError("the model holds LoRA updates beside its layers: fold them in with "
                          "oztune.models.lora.merge_lora(model) before saving it")
+    from oztune.compress.quantize import check_record
+
+    check_record(model, quantization)  # (a directory written with the wrong record would not load)
     out = Path(out)
     family = FAMILIES[model.cfg.family]
     as_hf = hf_compatible(model) and not quantization
