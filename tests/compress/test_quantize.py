@@ -17,6 +17,7 @@ from oztune.compress import int8_ops, quantize
 from oztune.compress.quantize import (BoundedFeedForward, ChunkedFeedForward, FakeQuantLinear, Int8Embedding, Int8Linear, QuantConfig,
                                       prepare_qat_, quantization_record, quantize_)
 from oztune.config import HeadConfig, ModelConfig
+from oztune.data.dataset import EncodedData
 from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.data.tokenize import TextEncoder
 from oztune.errors import OztuneError
@@ -479,3 +480,15 @@ def test_saving_an_int8_model_with_a_record_that_does_not_rebuild_it_is_refused(
     ids, mask = random_batch()
     with torch.no_grad():
         assert torch.equal(load_classifier(d)[0](ids, mask), q(ids, mask))
+
+
+def test_fit_of_an_int8_model_says_so():
+    """fit(int8 model) raised "addcmul(): functions with out=... arguments don't support automatic
+    differentiation" from inside the first step (distill and prune_ name the int8 model)."""
+    q = quantize_(tiny_classifier(), QuantConfig())
+    ids, mask = random_batch(n=8)
+    data = EncodedData([(row[m.bool()].tolist(), [0] * int(m.sum())) for row, m in zip(ids, mask)],
+                       torch.arange(8) % 3, 0)
+    with pytest.raises(OztuneError, match="int8"):
+        fit(q, data, TrainConfig(epochs=1, batch_size=4, progress=False, precision="fp32"))
+    assert not q.training

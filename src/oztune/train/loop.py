@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from oztune.data.dataset import EncodedData, inference_batches, train_batches
+from oztune.errors import OztuneError
 from oztune.runtime import tune_malloc
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, HeldSigterm, Progress
@@ -291,8 +292,14 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     Under torchrun each process trains on its slice of every global batch of ``batch_size x processes``
     examples and gradients are summed over processes before each step (:mod:`oztune.train.distributed`);
     only rank 0 shows progress and evaluates. With ``cfg.checkpoint_dir`` the run writes checkpoints
-    (:mod:`oztune.train.checkpoint`) and with ``cfg.resume`` continues from the newest valid one.
+    (:mod:`oztune.train.checkpoint`) and with ``cfg.resume`` continues from the newest valid one. An int8
+    model (:func:`oztune.compress.quantize.quantize_`) is refused: its weights do not train.
     """
+    from oztune.compress.quantize import is_int8  # (oztune.compress imports this module)
+
+    if is_int8(model):  # (its first step would fail inside the int8 kernel, naming no model)
+        raise OztuneError("an int8 model's weights do not train: fine-tune the fp32 model (prepare_qat_ first, for "
+                          "quantization-aware fine-tuning), then quantize it")
     if cfg.rdrop:
         if loss_fn is not default_loss:
             raise ValueError("TrainConfig.rdrop adds to the default loss; this recipe has its own loss_fn")
