@@ -492,3 +492,15 @@ def test_fit_of_an_int8_model_says_so():
     with pytest.raises(OztuneError, match="int8"):
         fit(q, data, TrainConfig(epochs=1, batch_size=4, progress=False, precision="fp32"))
     assert not q.training
+
+
+def test_quantizing_or_preparing_qat_of_an_int8_model_says_it_is_int8():
+    """quantize_ twice said "nothing to quantize: the skip patterns (none) keep every Linear layer in fp32";
+    prepare_qat_ of an int8 model silently did nothing (no layer fake-quantized) and returned it."""
+    q = quantize_(tiny_classifier(), QuantConfig())
+    with pytest.raises(OztuneError, match="already int8"):
+        quantize_(q, QuantConfig())
+    with pytest.raises(OztuneError, match="already int8"):
+        prepare_qat_(q)
+    partly = quantize_(tiny_classifier(), QuantConfig(skip=["head.*"]))  # (what is left in fp32 still converts)
+    assert type(quantize_(partly, QuantConfig()).head.out) is Int8Linear

@@ -369,6 +369,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     check_not_compiled(model, "quantize")
     _check_skip(model, config)
     targets = _targets(model, config)
+    if not targets and is_int8(model):
+        raise OztuneError("nothing to quantize: the model is already int8 (quantize_ converts it in place)")
     if not targets:  # a model recorded as quantized with no int8 layer: every later step would refuse it
         raise OztuneError(f"nothing to quantize: the skip patterns {', '.join(config.skip) or '(none)'} keep every "
                           f"Linear layer in fp32 (and the embeddings are {config.embeddings})")
@@ -404,9 +406,13 @@ def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Modu
     """Swap every Linear and Embedding that :func:`quantize_` would convert for a FakeQuantLinear or
     FakeQuantEmbedding (sharing its parameters), in place, for quantization-aware fine-tuning with the usual
     ``fit``: its forward computes what the int8 model will (up to the int8 kernel's rounding), so the
-    evaluations during training are the int8 model's. Returns ``model``."""
+    evaluations during training are the int8 model's. Returns ``model``; one that already holds int8 layers
+    is refused."""
     config = config or QuantConfig()
     check_not_compiled(model, "fine-tune with fake quantization")
+    if is_int8(model):  # (its int8 layers would not train, and fit refuses the model)
+        raise OztuneError("the model is already int8: quantization-aware fine-tuning starts from the fp32 model "
+                          "(prepare_qat_, fit, then quantize_)")
     _check_skip(model, config)
     for name, m in _targets(model, config):
         if type(m) is not FakeQuantLinear and isinstance(m, nn.Linear):
