@@ -504,3 +504,22 @@ def test_quantizing_or_preparing_qat_of_an_int8_model_says_it_is_int8():
         prepare_qat_(q)
     partly = quantize_(tiny_classifier(), QuantConfig(skip=["head.*"]))  # (what is left in fp32 still converts)
     assert type(quantize_(partly, QuantConfig()).head.out) is Int8Linear
+
+
+def test_without_onednn_many_rows_run_on_int_mm(monkeypatch):
+    """A torch without oneDNN's quantized ops (HAS_ONEDNN False): no packed weight, and from ONEDNN_MIN_ROWS rows
+    on torch._int_mm computes what oneDNN's kernel does, symmetric and from a floor."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40)
+    x = torch.randn(int8_ops.ONEDNN_MIN_ROWS + 44, 64)
+    h = x.clamp_min(-0.17)
+    top = h.amax(-1, keepdim=True)
+    with torch.no_grad():
+        q = Int8Linear.from_linear(lin)
+        expected = q(x), q(h, top, -0.1701)
+        monkeypatch.setattr(int8_ops, "HAS_ONEDNN", False)
+        q = Int8Linear.from_linear(lin)
+        got = q(x), q(h, top, -0.1701)
+    assert q.packed_weight() is None
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
