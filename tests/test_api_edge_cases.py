@@ -176,3 +176,14 @@ def test_quant_config_skip_given_one_string(clf):
 def test_load_classifier_refuses_unknown_head_settings(tiny_base):
     with pytest.raises(ValueError, match="unknown setting"):
         load_classifier(tiny_base, num_labels=2, head={"pooling": "mean", "dropuot": 0.2})
+
+
+@pytest.mark.parametrize("given, kind", [(None, "NoneType"), (b"good", "bytes"), ({"good": 1}, "dict"), (3, "int")])
+def test_texts_that_are_not_a_string_or_a_list_of_them_are_named(clf, given, kind):
+    # None was "'NoneType' object is not iterable", bytes "text 0 is 103 (int)", a dict predicted its keys
+    for call in (clf.predict, clf.logits):
+        with pytest.raises(TypeError, match=f"^texts: expected a string or a list of strings, got {kind}$"):
+            call(given)
+    if given is not None:  # (text_pairs=None: no pairs)
+        with pytest.raises(TypeError, match=f"^text_pairs: expected a string or a list of strings, got {kind}$"):
+            clf.predict(["a"], text_pairs=given)

@@ -39,13 +39,23 @@ def format_predictions(probs: np.ndarray, problem_type: str, id2label: dict[int,
 
 
 def _as_lists(texts, text_pairs) -> tuple[list[str], list[str] | None]:
-    """The texts (and pairs) as lists: one string is one text, not its characters; one second text per text."""
-    texts = [texts] if isinstance(texts, str) else list(texts)
+    """The texts (and pairs) as lists: one string is one text, not its characters; one second text per text.
+    Bytes, a mapping or a non-iterable are a TypeError naming what was given."""
+    texts = _as_list(texts, "texts")
     if text_pairs is not None:
-        text_pairs = [text_pairs] if isinstance(text_pairs, str) else list(text_pairs)
+        text_pairs = _as_list(text_pairs, "text_pairs")
         if len(text_pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs: give one second text per text")
     return texts, text_pairs
+
+
+def _as_list(texts, name: str) -> list:
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, bytearray, dict)) or not hasattr(texts, "__iter__"):
+        # (bytes iterate as ints, a dict as its keys: never what was meant)
+        raise TypeError(f"{name}: expected a string or a list of strings, got {type(texts).__name__}")
+    return list(texts)
 
 
 class Predictor:
