@@ -91,6 +91,17 @@ def test_yaml_lists_and_comma_strings_read_as_the_command_line_reads_them(tmp_pa
     assert as_list == as_text == flags
 
 
+def test_yaml_positional_lists_take_a_scalar_whole_as_the_command_line_does(tmp_path):
+    """`oztune predict "good movie, bad film"` is one text; `texts: good movie, bad film` in a config was split
+    at the comma into two texts (two answers for one), and a model path with a comma into two models."""
+    one = cli_args(["predict", "--config", write(tmp_path, "texts: good movie, bad film\n")])
+    assert one.texts == cli_args(["predict", "good movie, bad film"]).texts == ["good movie, bad film"]
+    listed = cli_args(["predict", "--config", write(tmp_path, "texts: [a, b, 'c, d']\n", "d.yaml")])
+    assert listed.texts == ["a", "b", "c, d"]
+    models = cli_args(["compare", "--config", write(tmp_path, "models: runs/a,b\n", "e.yaml")])
+    assert models.models == cli_args(["compare", "runs/a,b"]).models == ["runs/a,b"]
+
+
 def test_yaml_label_names_keep_their_text(tmp_path):
     """--label-names yes,no gives the names yes and no; YAML read [yes, no] as booleans and saved 'True', 'False'."""
     cfg = write(tmp_path, "label_names: [yes, no]\ntext_column: on\nmodel: 1.10\n")

@@ -189,7 +189,9 @@ def _read_yaml(path: str, cls: type) -> dict:
         raise OztuneError(f"{path}: unknown option(s) {', '.join(_elsewhere(n, cls) for n in unknown)}; "
                           f"known: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
-    return {name: _yaml_value(v, hints[name], f"{path}: line {line}: {name}", n) for name, (line, v, n) in given.items()}
+    positional = {f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")}
+    return {name: _yaml_value(v, hints[name], f"{path}: line {line}: {name}", n, split=name not in positional)
+            for name, (line, v, n) in given.items()}
 
 
 def _elsewhere(name: str, cls: type) -> str:
@@ -198,10 +200,12 @@ def _elsewhere(name: str, cls: type) -> str:
     return f"{name} (an option of {', '.join(others)})" if others else name
 
 
-def _yaml_value(v: Any, tp: Any, where: str, node: Any = None) -> Any:
+def _yaml_value(v: Any, tp: Any, where: str, node: Any = None, split: bool = True) -> Any:
     """A YAML value as the option's type, as the command line would read it: YAML reads ``5e-5`` as a string
     and ``a,b`` as one string; ``lr: fast`` or ``epochs: three`` are errors that name the key. A text option
-    takes a scalar as written (``label_names: [yes, no]`` are the names yes and no, not booleans)."""
+    takes a scalar as written (``label_names: [yes, no]`` are the names yes and no, not booleans). A list
+    option splits a scalar at its commas, as its flag does, unless ``split`` is False: a positional list
+    (predict's texts, compare's models) takes each command-line word whole, so a scalar is one item."""
     import yaml
 
     tp, optional = _base_type(tp)
@@ -216,6 +220,8 @@ def _yaml_value(v: Any, tp: Any, where: str, node: Any = None) -> Any:
         if isinstance(v, list):
             nodes = node.value if isinstance(node, yaml.SequenceNode) else [None] * len(v)
             return [_yaml_value(x.strip() if isinstance(x, str) else x, item, where, n) for x, n in zip(v, nodes)]
+        if not split:
+            return [_yaml_value(v, item, where, node)]
         text = node.value if item is str and isinstance(node, yaml.ScalarNode) else str(v)
         return [_yaml_value(x.strip(), item, where) for x in text.split(",") if x.strip()]
     if tp is bool:
