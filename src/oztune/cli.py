@@ -262,36 +262,59 @@ class Terminated(BaseException):
     removed on the way out instead of being left behind by a process killed on the spot."""
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+def _on_stop(stops: list[int]) -> Callable:
+    """A handler of SIGINT and SIGTERM that notes the signal in ``stops`` and raises KeyboardInterrupt (Ctrl-C)
+    or :class:`Terminated`: raised inside C code (safetensors loading a model), that exception can come out as
+    another error ('corrupt file', a TypeError), which the note shows to be the stop that was asked for."""
+
+    def handler(signum, frame):
+        stops.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    return handler
+
+
+def _stopped(command: str, signum: int) -> int:
+    """Say that the command was stopped, on one line; its exit code: 143 for SIGTERM, 130 for Ctrl-C."""
+    if signum == signal.SIGTERM:
+        print(f"oztune {command}: stopped by SIGTERM (output directories are written whole or not at all)",
+              file=sys.stderr)
+        return 143
+    print(f"oztune {command}: interrupted (output directories are written whole or not at all)", file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     ns = parser.parse_args(argv)
     cls, fn, _ = COMMANDS[ns.command]
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    stops: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signum == signal.SIGINT and signal.getsignal(signum) is not signal.default_int_handler:
+                continue  # (Ctrl-C ignored, as in a background job, or handled by the caller: left so)
+            previous[signum] = signal.signal(signum, _on_stop(stops))
     try:
         args = build_args(cls, ns, parser)
         return int(fn(args) or 0)
     except Terminated:
-        print(f"oztune {ns.command}: stopped by SIGTERM (output directories are written whole or not at all)",
-              file=sys.stderr)
-        return 143
-    except OztuneError as e:
-        print(f"oztune {ns.command}: error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # stdout closed early (oztune predict ... | head): not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        return 141
+        return _stopped(ns.command, signal.SIGTERM)
     except KeyboardInterrupt:
-        print(f"oztune {ns.command}: interrupted (output directories are written whole or not at all)",
-              file=sys.stderr)
-        return 130
+        return _stopped(ns.command, signal.SIGINT)
+    except Exception as e:
+        if stops:  # an extension turned the stop's exception into another error: it is the stop all the same
+            return _stopped(ns.command, stops[-1])
+        if isinstance(e, OztuneError):
+            print(f"oztune {ns.command}: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, BrokenPipeError):  # stdout closed early (oztune predict ... | head): not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return 141
+        raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":  # python -m oztune.cli: the commands register in oztune.cli, which this __main__ is not
