@@ -29,6 +29,10 @@ from oztune.train.tensorboard import check_available
 FULL_LR, LORA_LR = 1e-4, 5e-4  # default peak learning rates: all weights, LoRA updates
 
 
+# The widest --head-hidden layer: far beyond any use (its weights would outweigh the model's), and a width past
+# a C long (2**63) was a torch overflow blamed on the model's config.json, with torch's C++ stack.
+MAX_HEAD_WIDTH = 2**20
+
 TRAIN_MAX_LENGTH = 128  # finetune's default --max-length (SST-2's longest sentence is ~70 tokens)
 
 
@@ -206,8 +210,9 @@ def check_args(a: FinetuneArgs) -> None:
     for name in ("lora_dropout", "head_dropout", "warmup_ratio", "ema_decay"):
         if not 0 <= getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(a, name)}")
-    if any(w < 1 for w in a.head_hidden):
-        raise OztuneError(f"--head-hidden {','.join(map(str, a.head_hidden))}: each width must be at least 1")
+    if any(not 1 <= w <= MAX_HEAD_WIDTH for w in a.head_hidden):
+        raise OztuneError(f"--head-hidden {','.join(map(str, a.head_hidden))}: each width must be at least 1 "
+                          f"and at most {MAX_HEAD_WIDTH:,}")
     if not a.lora_rank:
         given = [name for name, v in (("--lora-alpha", a.lora_alpha is not None), ("--lora-dropout", a.lora_dropout),
                                       ("--lora-targets", a.lora_targets != list(LORA_TARGETS))) if v]
