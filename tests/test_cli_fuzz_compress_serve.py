@@ -30,6 +30,8 @@ COMPRESS = ["compress", "--model", "{ft}", "--train", "{train}", "--eval", "{dev
     (COMPRESS + ["--sizes", "0.001"], "--sizes"),                         # a variant named prune0
     (COMPRESS + ["--sizes", "0.5,0.999"], "--sizes"),                     # ... and prune100
     (["export", "--model", "{ft}", "--format", "aoti", "--opset", "99"], "--opset"),  # silently ignored
+    (["quantize", "--model", "{ft}", "--scheme", "int4"], "--scheme"),      # "quantization scheme must be ..."
+    (["quantize", "--model", "{ft}", "--embeddings", "int4"], "--embeddings"),  # "embeddings must be ..."
 ])
 def test_bad_value_is_one_line_and_nothing_is_written(argv, needle, files, tmp_path, capsys):
     argv = [x.format(**files) for x in argv] + ["--output", str(tmp_path / "o")]

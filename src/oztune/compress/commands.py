@@ -76,10 +76,13 @@ def run_quantize(a: QuantizeArgs) -> dict:
     fine-tuning; only rank 0 evaluates and saves, the others wait for it (as
     :func:`oztune.compress.distill.run_distill`).
     """
-    from oztune.compress.quantize import QuantConfig
+    from oztune.compress.quantize import EMBEDDINGS, SCHEMES, QuantConfig
     from oztune.outdir import check_output_dir
     from oztune.train.finetune import check_sample_size, check_seed
 
+    for option, value, known in (("--scheme", a.scheme, SCHEMES), ("--embeddings", a.embeddings, EMBEDDINGS)):
+        if value not in known:  # (QuantConfig's own message names no option)
+            raise OztuneError(f"{option} must be one of {', '.join(known)}, not {value!r}")
     config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
     for option, count in (("--qat-epochs", a.qat_epochs), ("--batch-size", a.batch_size),
                           ("--max-length", a.max_length)):
