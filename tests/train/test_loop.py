@@ -129,6 +129,26 @@ def test_without_checkpoints_sigterm_stops_at_once(tiny_base, data, tmp_path):
     assert steps == [1, 2]  # stopped inside step 2's callback, no step after it
 
 
+def test_a_run_that_diverges_stops_at_the_first_non_finite_loss(tiny_base, data, sentiment_files, tmp_path, capsys):
+    """finetune --lr 1e30 trained on through NaN losses and saved a NaN model (exit 0; predict then printed
+    "score": NaN, which is not JSON): the first step whose loss is not finite stops the run, before its update."""
+    from oztune.cli import main
+    from oztune.errors import OztuneError
+
+    model, train, _ = new_model(tiny_base, data)
+    steps = []
+    with pytest.raises(OztuneError, match=r"^training diverged: the loss of step (\d+) is nan \(learning rate "):
+        fit(model, train, config(lr=1e30, max_grad_norm=0.0), on_step=lambda s, total: steps.append(s))
+    assert steps and len(steps) < 8  # stopped within the run, not at its end
+    train_file, dev = sentiment_files
+    out = tmp_path / "m"
+    capsys.readouterr()
+    assert main(["finetune", "--train", str(train_file), "--model", str(tiny_base), "--output", str(out), "--lr",
+                 "1e30", "--max-train-examples", "64", "--no-progress", "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and err.count("\n") == 1 and not out.exists(), err
+
+
 def test_epoch_records_average_their_own_steps(uninterrupted):
     result, _ = uninterrupted
     steps = len(result.log) // 2

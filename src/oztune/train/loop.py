@@ -375,6 +375,9 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
                 loss, step_loss = step_loss, 0.0
                 if env.world > 1:
                     loss = distributed.sync_gradients(params, loss)
+                if not math.isfinite(loss):  # (the same value on every rank: they all stop here)
+                    raise OztuneError(f"training diverged: the loss of step {run.step + 1} is {loss} (learning rate "
+                                      f"{sched.get_last_lr()[0]:g}); try a lower --lr")
                 lr = sched.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
                 clipped_step(opt, params, cfg.max_grad_norm)
                 sched.step()
