@@ -50,6 +50,7 @@ def _as_lists(texts, text_pairs) -> tuple[list[str], list[str] | None]:
 
 
 def _as_list(texts, name: str) -> list:
+    """``texts`` (the argument ``name``) as a list: one string is one text; see :func:`_as_lists`."""
     if isinstance(texts, str):
         return [texts]
     if isinstance(texts, (bytes, bytearray, dict)) or not hasattr(texts, "__iter__"):

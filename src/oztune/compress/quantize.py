@@ -306,7 +306,8 @@ def _converts(name: str, m: nn.Module, config: QuantConfig) -> bool:
         return False
     if isinstance(m, (nn.Linear, Int8Linear)):
         return True
-    return isinstance(m, (nn.Embedding, Int8Embedding)) and config.embeddings == "int8" and not name.endswith("token_type")
+    return (isinstance(m, (nn.Embedding, Int8Embedding)) and config.embeddings == "int8"
+            and not name.endswith("token_type"))
 
 
 def check_record(model: nn.Module, quantization: dict | None) -> None:

@@ -111,8 +111,9 @@ def _roberta_config(hf: dict, family: str) -> ModelConfig:
     """BERT's, with position ids numbered from ``pad_token_id + 1`` (RoBERTa, XLM-RoBERTa, CamemBERT)."""
     pad = hf.get("pad_token_id", 1)
     if not isinstance(pad, int) or isinstance(pad, bool):
-        raise ConfigError(f"pad_token_id is {'null' if pad is None else repr(pad)}; a {family} model numbers its positions from "
-                         "pad_token_id + 1: expected an integer (RoBERTa's is 1)")
+        said = "null" if pad is None else repr(pad)
+        raise ConfigError(f"pad_token_id is {said}; a {family} model numbers its positions from pad_token_id + 1: "
+                          "expected an integer (RoBERTa's is 1)")
     return _bert_config(hf, family, position_offset=pad + 1)
 
 
