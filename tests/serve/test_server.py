@@ -181,6 +181,17 @@ def test_a_failing_model_gets_500_and_the_server_keeps_going():
         assert metric(httpx.get(f"{url}/metrics").text, "oztune_texts_total") == 1  # "fine"; "boom" failed
 
 
+def test_a_model_output_that_is_not_a_finite_number_gets_500_not_a_200_that_is_not_json():
+    def predict(texts, pairs=None):  # weights gone to nan (or a regression value past float32's range)
+        return [{"label": None, "score": float("nan") if t == "nan" else float("inf")} for t in texts]
+
+    with serving(create_app(predict, ServeLimits(max_wait_ms=0))) as url:
+        for text in ("nan", "inf"):
+            r = httpx.post(f"{url}/predict", json={"texts": [text]}, timeout=20)
+            assert r.status_code == 500 and "not a finite number" in r.json()["detail"]  # (json: strict JSON)
+        assert metric(httpx.get(f"{url}/metrics").text, 'oztune_requests_total{status="500"}') == 2
+
+
 def test_full_queue_gets_503_and_queued_requests_still_finish():
     model = GatedModel()
     app = create_app(model, ServeLimits(max_batch_size=8, max_wait_ms=0, max_queue=2))

@@ -78,7 +78,9 @@ class HTTPError(Exception):
 
 
 def _dumps(payload: dict) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode()
+    """``payload`` as compact JSON; ValueError for a nan or an infinity (Python's ``NaN``/``Infinity`` are not
+    JSON: a client's parser would fail on the whole answer)."""
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _json(status: int, payload: dict) -> Response:
@@ -337,7 +339,10 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
             except (QueueFull, Closed, Stalled) as e:
                 raise HTTPError(503, str(e)) from None
             predictions = await _answer(future, gone)
-            status, body = 200, _dumps({"predictions": predictions})
+            try:
+                status, body = 200, _dumps({"predictions": predictions})
+            except ValueError:  # a nan or infinite score
+                raise HTTPError(500, "the model's output is not a finite number (weights gone to nan?)") from None
         except HTTPError as e:
             status, body = e.status, _dumps({"detail": str(e)})
         except asyncio.CancelledError:
