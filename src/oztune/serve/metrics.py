@@ -76,7 +76,8 @@ class Metrics:
                  "# TYPE oztune_requests_total counter"]
         lines += [f'oztune_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
         errors = sum(n for s, n in self.requests.items() if s >= 400)
-        lines += ["# HELP oztune_request_errors_total POST /predict requests answered with an error status.",
+        lines += ["# HELP oztune_request_errors_total POST /predict requests with an error status (4xx, 5xx; 499 too: "
+                  "clients that disconnected before their answer).",
                   "# TYPE oztune_request_errors_total counter", f"oztune_request_errors_total {errors}",
                   "# HELP oztune_texts_total Texts the model classified, whether or not the answer reached its "
                   "client (also those of clients that disconnected first, 499, or of a model call that returned "
