@@ -105,3 +105,32 @@ def test_evaluate_a_two_label_hf_model_whose_config_leaves_the_default_names_out
         pred = [int(hf(input_ids=torch.tensor([tok.encode(t).ids])).logits.argmax()) for t in texts]
     assert out["accuracy"] == sum(p == g for p, g in zip(pred, gold)) / 4
     assert list(out["per_label"]) == ["LABEL_0", "LABEL_1"] and out["per_label"]["LABEL_1"]["support"] == 2
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_output_to_a_fifo_is_written_into_it_not_replaced(command, tiny_finetuned, sentiment_files, tmp_path):
+    # `--output /dev/stdout` (a link to a pipe or terminal) or a named pipe: replacing it with a regular file
+    # (the atomic write's rename) left the reader with nothing (exit 0) and, run as root, /dev/stdout a file.
+    import os
+    import re
+    import stat
+
+    flipped = tmp_path / "flipped.tsv"  # (labels swapped: the answers the model gets right are mistakes)
+    swap = {"\tneg\n": "\tpos\n", "\tpos\n": "\tneg\n"}
+    flipped.write_text(re.sub("\t(neg|pos)\n", lambda m: swap[m.group()], sentiment_files[1].read_text()))
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # (a reader there: the writer's open does not block)
+    try:
+        args = (["predict", "--model", str(tiny_finetuned), "good movie", "bad film", "--output", str(fifo)]
+                if command == "predict" else
+                ["evaluate", "--model", str(tiny_finetuned), "--data", str(flipped), "--mistakes", str(fifo)])
+        assert main(args) == 0
+        got = os.read(reader, 1 << 16).decode()
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    rows = [json.loads(line) for line in got.splitlines()]
+    assert rows and all("score" in r for r in rows)
+    if command == "predict":
+        assert len(rows) == 2

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -138,7 +139,10 @@ def staged_file(out: Path) -> tuple[int, Path]:
 def write_atomically(path: str | os.PathLike, text: str | bytes | Iterable[str], option: str = "--output") -> None:
     """Write ``text`` (or its pieces, as they come; or bytes) through a temporary file beside ``path``: an old file is
     replaced whole or kept. The temporary file is removed whatever stops the write; one left by a write killed
-    on the spot (kill -9) is removed by the next write of ``path`` (:func:`staged_file`)."""
+    on the spot (kill -9) is removed by the next write of ``path`` (:func:`staged_file`). A ``path`` that is not a
+    regular file (``/dev/stdout``, a named pipe, ``/dev/null``) is written into, not replaced (:func:`_write_into`)."""
+    if _is_special_file(path):
+        return _write_into(path, text, option)
     tmp = None
     try:  # a fresh name (.NAME.tmp-PID@HOST-*: never a file of the user's such as PATH.tmp)
         fd, tmp = staged_file(Path(path).absolute())
@@ -158,6 +162,30 @@ def write_atomically(path: str | os.PathLike, text: str | bytes | Iterable[str],
         if isinstance(e, OSError):
             raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
         raise
+
+
+def _is_special_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (its links followed) exists and is not a regular file or directory: a pipe, a terminal or
+    a device, which a rename would replace with a regular file (the reader gets nothing; as root, ``/dev/stdout``
+    itself would be gone)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _write_into(path: str | os.PathLike, text: str | bytes | Iterable[str], option: str) -> None:
+    """Write ``text`` (as :func:`write_atomically` takes it) straight into the special file ``path``."""
+    try:
+        if isinstance(text, bytes):
+            with open(path, "wb") as f:
+                f.write(text)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines([text] if isinstance(text, str) else text)
+    except OSError as e:
+        raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
 
 
 def _stage_prefix(out: Path, kind: str) -> str:
