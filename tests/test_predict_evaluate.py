@@ -134,3 +134,11 @@ def test_output_to_a_fifo_is_written_into_it_not_replaced(command, tiny_finetune
     assert rows and all("score" in r for r in rows)
     if command == "predict":
         assert len(rows) == 2
+
+
+def test_predict_output_dash_is_standard_output_as_input_dash_is_standard_input(tiny_finetuned, tmp_path,
+                                                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # (a file named '-' was written here, and nothing printed)
+    assert main(["predict", "--model", str(tiny_finetuned), "good movie", "bad film", "--output", "-"]) == 0
+    assert len([json.loads(line) for line in capsys.readouterr().out.splitlines()]) == 2
+    assert not (tmp_path / "-").exists()

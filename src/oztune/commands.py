@@ -168,7 +168,7 @@ class PredictArgs:
         model: model directory, or an oztune export (ONNX: run on onnxruntime).
         input: file of texts (.csv, .tsv, .jsonl; labels not needed) or '-' for one text per line on stdin
             (a blank line is an error).
-        output: write the JSON lines here instead of stdout.
+        output: write the JSON lines here instead of stdout ('-': stdout, as for --input).
         all_scores: add the score of every label.
         batch_size: examples per forward pass.
         text_column: column holding the text in --input.
@@ -190,6 +190,8 @@ def predict_cmd(a: PredictArgs) -> int:
     if not a.model:
         raise OztuneError("--model is required")
     check_at_least_1("--batch-size", a.batch_size)
+    if a.output == "-":  # (as --input -: not a file named '-')
+        a.output = None
     if a.output:
         _check_output_file(a.output, inputs=(a.input,), model=a.model)
     texts, pairs = list(a.texts), None
