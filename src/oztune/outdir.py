@@ -149,12 +149,7 @@ def write_atomically(path: str | os.PathLike, text: str | bytes | Iterable[str],
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # the mode of a new file, not mkstemp's 0600
-        if isinstance(text, bytes):
-            with open(fd, "wb") as f:
-                f.write(text)
-        else:
-            with open(fd, "w", encoding="utf-8") as f:
-                f.writelines([text] if isinstance(text, str) else text)
+        _write(fd, text)
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:
@@ -162,6 +157,17 @@ def write_atomically(path: str | os.PathLike, text: str | bytes | Iterable[str],
         if isinstance(e, OSError):
             raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
         raise
+
+
+def _write(target: int | str | os.PathLike, text: str | bytes | Iterable[str]) -> None:
+    """Write ``text`` (a string, its pieces as they come, or bytes) to ``target``: a path, or an open file
+    descriptor (closed after)."""
+    if isinstance(text, bytes):
+        with open(target, "wb") as f:
+            f.write(text)
+    else:
+        with open(target, "w", encoding="utf-8") as f:
+            f.writelines([text] if isinstance(text, str) else text)
 
 
 def _is_special_file(path: str | os.PathLike) -> bool:
@@ -178,12 +184,7 @@ def _is_special_file(path: str | os.PathLike) -> bool:
 def _write_into(path: str | os.PathLike, text: str | bytes | Iterable[str], option: str) -> None:
     """Write ``text`` (as :func:`write_atomically` takes it) straight into the special file ``path``."""
     try:
-        if isinstance(text, bytes):
-            with open(path, "wb") as f:
-                f.write(text)
-        else:
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines([text] if isinstance(text, str) else text)
+        _write(path, text)
     except OSError as e:
         raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
 
