@@ -252,12 +252,16 @@ def _kept(new: Path, out: Path) -> Path:
     prefix = f".{out.name}.tmp-"
     if not new.name.startswith(prefix):
         return new
-    kept = new.with_name(f".{out.name}.kept-{new.name[len(prefix):]}")
+    return renamed(new, f".{out.name}.kept-{new.name[len(prefix):]}")
+
+
+def renamed(path: Path, name: str) -> Path:
+    """``path`` renamed to ``name`` beside it (one atomic step), or ``path`` itself where the rename fails."""
     try:
-        os.rename(new, kept)
+        os.rename(path, path.with_name(name))
     except OSError:
-        return new
-    return kept
+        return path
+    return path.with_name(name)
 
 
 def _not_written(out: Path, e: OSError, tmp: Path | None = None) -> ModelError:

@@ -30,6 +30,7 @@ import torch
 from oztune.errors import OztuneError
 from oztune.models.hub import sha256_file
 from oztune.models.lora import LoRALinear
+from oztune.outdir import renamed
 from oztune.train.distributed import DistEnv, barrier, broadcast_object, gather_objects
 
 STATE, MANIFEST = "state.pt", "manifest.json"
@@ -137,14 +138,7 @@ def _set_aside(path: Path) -> Path:
     """Rename a checkpoint to a temporary name (one step, atomic) before deleting it: deleting takes a while, and
     a run stopped in it left a half-deleted ``step-*`` folder, read later as another run's unfinished checkpoint
     (a fresh start was refused). A temporary name is removed the next time checkpoints are looked for."""
-    if not _NAME.fullmatch(path.name):
-        return path
-    aside = path.with_name(f".{path.name}.tmp-removing")
-    try:
-        os.replace(path, aside)
-    except OSError:
-        return path
-    return aside
+    return renamed(path, f".{path.name}.tmp-removing") if _NAME.fullmatch(path.name) else path
 
 
 def data_digest(data) -> str:
