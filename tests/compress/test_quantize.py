@@ -482,6 +482,22 @@ def test_saving_an_int8_model_with_a_record_that_does_not_rebuild_it_is_refused(
         assert torch.equal(load_classifier(d)[0](ids, mask), q(ids, mask))
 
 
+@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(embeddings="none", skip=["head.*"])])
+def test_saving_a_qat_model_before_quantize_is_refused(config, tmp_path, tiny_base):
+    """save_classifier of a prepare_qat_ model (no quantize_) wrote its fake-quantized layers as plain fp32 ones:
+    the directory reloaded as an fp32 model whose logits differed from the in-memory model's, silently."""
+    model = prepare_qat_(tiny_classifier(), config)
+    for record in (None, config):
+        with pytest.raises(OztuneError, match=r"prepare_qat_.*quantize_"):
+            save_tiny(model, tmp_path / "m", record, tiny_base)
+        assert not (tmp_path / "m").exists()
+    ids, mask = random_batch()
+    with torch.no_grad():
+        want = quantize_(model, config)(ids, mask)  # converted, it saves and reloads as it runs
+        d = save_tiny(model, tmp_path / "ok", config, tiny_base)
+        assert torch.equal(load_classifier(d)[0](ids, mask), want)
+
+
 def test_fit_of_an_int8_model_says_so():
     """fit(int8 model) raised "addcmul(): functions with out=... arguments don't support automatic
     differentiation" from inside the first step (distill and prune_ name the int8 model)."""

@@ -312,7 +312,15 @@ def _converts(name: str, m: nn.Module, config: QuantConfig) -> bool:
 
 def check_record(model: nn.Module, quantization: dict | None) -> None:
     """Refuse to save ``model`` with a :func:`quantization_record` (or None) that would not rebuild its int8
-    layers on load (:func:`prepare_quantized`): the directory written would not load."""
+    layers on load (:func:`prepare_quantized`): the directory written would not load. A model that still holds
+    :func:`prepare_qat_`'s fake-quantized layers is refused too: saved, they are plain Linear and Embedding
+    weights, and the model would reload as an fp32 one whose outputs differ from the fake-quantized model's."""
+    fake = sorted(n for n, m in model.named_modules() if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)))
+    if fake:
+        raise OztuneError(f"the model holds fake-quantized layers from prepare_qat_ ({', '.join(fake[:3])}, ...): "
+                          "convert it to int8 with quantize_(model, config) first, then save it with "
+                          "quantization=quantization_record(config) (saved as it is, it would reload as a plain "
+                          "fp32 model whose outputs differ)")
     int8 = {n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))}
     if not quantization:
         if int8:

@@ -376,7 +376,8 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         card: text of the model card README.md.
         quantization: the quantization recipe, required when the model holds int8 layers:
             ``quantization_record(config)`` of the QuantConfig it was quantized with (one that would not
-            rebuild them on load is an OztuneError, as is one for a model without int8 layers).
+            rebuild them on load is an OztuneError, as is one for a model without int8 layers). A model
+            prepared for quantization-aware fine-tuning (``prepare_qat_``) is refused: ``quantize_`` it first.
         extra_files: more text files to write into the directory (name -> content).
         text_pairs: whether the model was fine-tuned on text pairs (config.json's ``oztune.text_pairs``: the other
             kind of input is then refused, see :func:`oztune.errors.check_text_pairs`); None: unknown. A model
