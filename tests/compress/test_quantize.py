@@ -498,6 +498,30 @@ def test_saving_a_qat_model_before_quantize_is_refused(config, tmp_path, tiny_ba
         assert torch.equal(load_classifier(d)[0](ids, mask), want)
 
 
+@pytest.mark.parametrize("convert", [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double(),
+                                     lambda m: m.to("cpu", torch.float16)], ids=["half", "bf16", "double", "to-both"])
+@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(embeddings="none", skip=["head.*"])],
+                         ids=["all", "linears-only"])
+def test_converting_an_int8_model_out_of_fp32_says_it_runs_in_fp32(convert, config):
+    """.half() / .to(torch.bfloat16) of an int8 model converted its LayerNorms but not what its int8 layers give
+    (fp32): the next forward failed deep inside LayerNorm ("mixed dtype (CPU): expect parameter to have scalar
+    type of Float"). Refused at conversion time, the model left as it was (the forward pass checks nothing)."""
+    q = quantize_(tiny_classifier(), config)
+    ids, mask = random_batch(n=6)
+    with torch.no_grad():
+        want = q(ids, mask)
+        with pytest.raises(TypeError, match="int8-quantized model runs in fp32"):
+            convert(q)
+        assert all(t.dtype in (torch.float32, torch.int8) for t in [*q.parameters(), *q.buffers()])
+        assert torch.equal(q(ids, mask), want)
+        for kind in (Int8Linear, Int8Embedding):  # a layer on its own too
+            for layer in [m for m in q.modules() if isinstance(m, kind)][:1]:
+                with pytest.raises(TypeError, match="runs in fp32"):
+                    convert(layer)
+        assert torch.equal(q.float().to("cpu")(ids, mask), want)  # what keeps fp32 is no conversion
+        assert tiny_classifier().half().backbone.embed.word.weight.dtype == torch.float16  # an fp32 model converts
+
+
 def test_fit_of_an_int8_model_says_so():
     """fit(int8 model) raised "addcmul(): functions with out=... arguments don't support automatic
     differentiation" from inside the first step (distill and prune_ name the int8 model)."""

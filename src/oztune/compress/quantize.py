@@ -80,7 +80,30 @@ class QuantConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-class Int8Linear(nn.Module):
+def check_fp32_apply(fn, device: torch.device) -> None:
+    """Refuse a ``Module._apply`` (``.half()``, ``.to(torch.bfloat16)``, ``.double()``) that would turn fp32
+    tensors into another dtype: int8 layers take and give fp32, so the LayerNorms after them would get fp32
+    inputs with half-precision weights and fail deep inside the forward pass. Checked here, on a probe tensor
+    (``fn`` of one fp32 scalar), once per conversion, so that the forward pass checks nothing. A TypeError."""
+    dtype = fn(torch.zeros((), device=device)).dtype
+    if dtype != torch.float32:
+        raise TypeError(f"an int8-quantized model runs in fp32 (its int8 layers take and give fp32 tensors): "
+                        f"it cannot be converted to {dtype}; keep it in fp32")
+
+
+class Fp32Only(nn.Module):
+    """A module whose tensors stay fp32 (:class:`Int8Linear`, :class:`Int8Embedding`): ``.half()`` and the like
+    are refused (:func:`check_fp32_apply`); ``SequenceClassifier._apply`` asks :meth:`check_apply` first."""
+
+    def check_apply(self, fn) -> None:
+        check_fp32_apply(fn, self.weight.device)
+
+    def _apply(self, fn, recurse=True):
+        self.check_apply(fn)
+        return super()._apply(fn, recurse)
+
+
+class Int8Linear(Fp32Only):
     """A Linear with int8 weights (one fp32 scale per output row) and per-token int8 activations.
 
     Buffers (saved): ``weight`` int8 (out, in), ``weight_scale`` fp32 (out,), ``bias`` fp32 (out,) or absent.
@@ -167,7 +190,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(Fp32Only):
     """An embedding table stored as int8 rows with one fp32 scale per row (weight-only quantization).
 
     Buffers (saved): ``weight`` int8 (num, dim), ``weight_scale`` fp32 (num,).

@@ -348,6 +348,14 @@ class SequenceClassifier(nn.Module):
         self.backbone = Transformer(cfg)
         self.head = TaskHead(head, cfg.hidden_size)
 
+    def _apply(self, fn, recurse=True):
+        # int8 layers (oztune.compress.quantize) refuse .half()/.to(torch.bfloat16): asked here first, so that
+        # a refused conversion leaves the whole model as it was rather than converted up to the first int8 layer
+        int8 = next((m for m in self.modules() if hasattr(m, "check_apply")), None) if recurse else None
+        if int8 is not None:
+            int8.check_apply(fn)
+        return super()._apply(fn, recurse)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, all_tokens: bool = False,
                 token_index: tuple | None = None) -> torch.Tensor:
