@@ -55,3 +55,22 @@ def test_a_label_missed_or_invented_still_has_precision_or_recall_0():
     rows = label_report("multi_label", logits, gold, {0: "a", 1: "b"})["per_label"]
     assert rows["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
     assert rows["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+@pytest.mark.parametrize("logit_columns", [3, 0])  # (0: what predict_logits gives for no rows)
+def test_zero_rows_give_every_metric_0_as_single_label_does(logit_columns):
+    """Of zero rows (data encoded in Python: the readers refuse an empty file) multi-label's subset accuracy was nan
+    (and a RuntimeWarning) and its F1s 1; regression's mse was nan. Every metric is 0 now, as single-label's are,
+    a number JSON takes."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ("Mean of empty slice")
+        single = compute_metrics("single_label", np.zeros((0, 3), np.float32), np.zeros(0, np.int64))
+        multi = compute_metrics("multi_label", np.zeros((0, logit_columns), np.float32), np.zeros((0, 3), np.float32))
+        regression = compute_metrics("regression", np.zeros((0, 1), np.float32), np.zeros(0, np.float32))
+    assert single == {"accuracy": 0.0, "macro_f1": 0.0, "mcc": 0.0}  # (as it was: what the others follow)
+    assert multi == {"subset_accuracy": 0.0, "micro_f1": 0.0, "macro_f1": 0.0}
+    assert multilabel_metrics(np.zeros((0, 3), bool), np.zeros((0, 3), bool)) == multi
+    assert {k: v for k, v in regression.items() if k != "note"} == {"pearson": 0.0, "spearman": 0.0, "mse": 0.0}
+    assert "no examples" in regression["note"]

@@ -2,6 +2,8 @@
 
 single_label: accuracy, macro-F1, MCC (multi-class Matthews); multi_label: subset accuracy,
 micro-/macro-F1; regression: Pearson, Spearman, MSE. ``MAIN_METRIC`` names the one early stopping uses.
+Of zero rows (not from a file, which the readers refuse empty: data encoded or filtered in Python) every metric is
+0, a number (not nan, which JSON does not take) that no model's real score beats by accident.
 :func:`label_report` breaks a classification down by label (``oztune evaluate --per-label``).
 """
 
@@ -43,7 +45,10 @@ def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_labels: int) 
 
 def multilabel_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     """Subset accuracy, micro-F1 and macro-F1 (over every label) of 0/1 matrices (N, L). Where there is nothing
-    to find and nothing was predicted, F1 is 1: overall for micro-F1, per label for macro-F1 (see :func:`_f1`)."""
+    to find and nothing was predicted, F1 is 1: overall for micro-F1, per label for macro-F1 (see :func:`_f1`).
+    Of zero rows every metric is 0, as :func:`classification_metrics`' (subset accuracy was nan, the F1s 1)."""
+    if not len(gold):  # (pred may then be (0, 0): the logits of no batch)
+        return {"subset_accuracy": 0.0, "micro_f1": 0.0, "macro_f1": 0.0}
     pred, gold = pred.astype(bool), gold.astype(bool)
     tp = (pred & gold).sum(0).astype(float)
     fp = (pred & ~gold).sum(0).astype(float)
@@ -80,9 +85,12 @@ def regression_metrics(pred: np.ndarray, gold: np.ndarray) -> dict[str, float | 
     When the predictions or the gold scores are all the same, the correlations are undefined (scipy: nan and a
     warning): they are given as 0, a number every JSON reader takes and early stopping can compare, and a
     ``note`` (text, which :func:`metric_values` leaves out) says why, which the commands print: a 0 alone
-    looks like a weak model, not one that predicts a constant.
+    looks like a weak model, not one that predicts a constant. Of zero rows every metric is 0 (mse was nan), and
+    the note says so.
     """
     pred, gold = pred.astype(float).ravel(), gold.astype(float).ravel()
+    if not len(gold):
+        return {"pearson": 0.0, "spearman": 0.0, "mse": 0.0, "note": "no examples: every metric is given as 0"}
     out: dict[str, float | str] = {"pearson": _pearson(pred, gold), "spearman": _pearson(_rank(pred), _rank(gold)),
                                    "mse": float(((pred - gold) ** 2).mean())}
     for what, x in (("predictions", pred), ("gold scores", gold)):
