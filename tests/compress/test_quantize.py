@@ -563,3 +563,25 @@ def test_without_onednn_many_rows_run_on_int_mm(monkeypatch):
     assert q.packed_weight() is None
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["half", "bf16"])
+@pytest.mark.parametrize("prepare", [quantize_, prepare_qat_], ids=["quantize_", "prepare_qat_"])
+def test_quantizing_a_model_that_is_not_fp32_says_float_it_first(prepare, dtype):
+    """quantize_ / prepare_qat_ of a .half() or .to(torch.bfloat16) model converted it, and the next forward
+    failed inside LayerNorm ("mixed dtype (CPU): expect parameter to have scalar type of Float"): the layers
+    they swap in give fp32. Refused before anything changes; the model, .float()ed, then converts."""
+    model = tiny_classifier().to(dtype)
+    ids, mask = random_batch(n=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = [type(m) for m in model.modules()]
+    with torch.no_grad():
+        want = model(ids, mask)
+        with pytest.raises(TypeError, match=rf"{prepare.__name__} takes an fp32 model .*{dtype} weights "
+                                            r"\(e\.g\. backbone\..*\): \.float\(\) it first"):
+            prepare(model, QuantConfig())
+        assert [type(m) for m in model.modules()] == kinds
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert torch.equal(model(ids, mask), want)
+        assert prepare(model.float(), QuantConfig())(ids, mask).dtype == torch.float32

@@ -7,7 +7,8 @@ input: an activation's output with a known minimum (GELU: -0.17) is coded over [
 ACT_FLOORS). Token and position embeddings become :class:`Int8Embedding`
 (int8 rows, one scale per row; weight-only). Modules named by ``skip`` stay fp32; a ``skip`` that leaves
 nothing to quantize is refused. A model that runs compiled graphs (``compile=True``, an aoti export) is
-refused by :func:`quantize_`, :func:`prepare_qat_` and ``prune_``: its graphs keep the old weights. Feed-forward blocks
+refused by :func:`quantize_`, :func:`prepare_qat_` and ``prune_``: its graphs keep the old weights. Both take an
+fp32 model (one from ``.half()`` or ``.to(torch.bfloat16)`` is a TypeError: their layers give fp32). Feed-forward blocks
 become :class:`ChunkedFeedForward` (the same layers, run a few hundred tokens at a time so that the wide
 intermediate stays in cache). For ``torch.compile`` on top see
 :mod:`oztune.models.compiled`.
@@ -387,6 +388,17 @@ def _chunk_feed_forwards(model: nn.Module) -> None:
             model.set_submodule(name, ChunkedFeedForward(m))
 
 
+def check_fp32_model(model: nn.Module, action: str, why: str) -> None:
+    """Refuse a model with floating parameters other than fp32 (``.half()``, ``.to(torch.bfloat16)``) before
+    ``action`` changes anything: its converted layers compute in fp32, so the LayerNorms after them would get
+    fp32 inputs with half-precision weights and fail deep inside the next forward. A TypeError."""
+    name, p = next(((n, p) for n, p in model.named_parameters()
+                    if p.is_floating_point() and p.dtype != torch.float32), (None, None))
+    if p is not None:
+        raise TypeError(f"{action} takes an fp32 model ({why}); it holds {p.dtype} weights (e.g. {name}): "
+                        ".float() it first")
+
+
 def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Quantize ``model`` in place (Linear -> Int8Linear, Embedding -> Int8Embedding) and return it.
 
@@ -399,6 +411,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """
     config = config or QuantConfig()
     check_not_compiled(model, "quantize")
+    check_fp32_model(model, "quantize_", "int8 layers take and give fp32 tensors")
     _check_skip(model, config)
     targets = _targets(model, config)
     if not targets and is_int8(model):
@@ -442,6 +455,7 @@ def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Modu
     is refused."""
     config = config or QuantConfig()
     check_not_compiled(model, "fine-tune with fake quantization")
+    check_fp32_model(model, "prepare_qat_", "fake-quantized layers give fp32 tensors, as the int8 ones will")
     if is_int8(model):  # (its int8 layers would not train, and fit refuses the model)
         raise OztuneError("the model is already int8: quantization-aware fine-tuning starts from the fp32 model "
                           "(prepare_qat_, fit, then quantize_)")
