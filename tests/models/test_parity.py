@@ -132,3 +132,37 @@ def test_roberta_under_another_name_saves_back_as_itself(tiny_hf_dir, tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, model(ids, mask),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sinusoidal", [True, False], ids=["sinusoidal", "learned"])
+def test_distilbert_position_table_loads_trains_and_saves_as_hfs(tmp_path, sinusoidal):
+    """A DistilBERT with ``sinusoidal_pos_embds`` (sin/cos at HF's fresh initialization): its position table is
+    the checkpoint's, as transformers loads it, and trains exactly when transformers' does (older versions set
+    requires_grad False on the table they computed; 5.x trains it: the installed one is the reference), and
+    saving keeps the field, so that transformers rebuilds the same model from oztune's directory."""
+    import json
+
+    import transformers as T
+
+    from conftest import write_tiny_tokenizer
+
+    from oztune.models.hub import save_classifier
+
+    torch.manual_seed(0)
+    cfg = T.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64,
+                             sinusoidal_pos_embds=sinusoidal, num_labels=3, vocab_size=64)
+    T.DistilBertForSequenceClassification(cfg).save_pretrained(tmp_path / "hf")
+    write_tiny_tokenizer(tmp_path / "hf", 64)
+    hf = T.DistilBertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    table = hf.distilbert.embeddings.position_embeddings.weight
+    model, enc, meta = load_classifier(tmp_path / "hf")
+    assert torch.equal(model.backbone.embed.position.weight, table)
+    assert model.backbone.embed.position.weight.requires_grad == table.requires_grad
+    out = save_classifier(model, enc, tmp_path / "out", meta["id2label"])
+    assert json.loads((out / "config.json").read_text()).get("sinusoidal_pos_embds", False) is sinusoidal
+    again = T.DistilBertForSequenceClassification.from_pretrained(out).eval()
+    assert again.distilbert.embeddings.position_embeddings.weight.requires_grad == table.requires_grad
+    ids, mask = padded_batch(0)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, hf(input_ids=ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=1e-5)
