@@ -8,8 +8,10 @@ model, no response model), and the work is queued to the batch worker (see :mod:
 Status codes: 422 for a body that is not JSON or has wrong types or a text that is not valid Unicode
 (with a message saying which field), or whose texts are of the other kind (text pairs or single texts) than the
 model was fine-tuned on, 413 for more texts than ``max_texts_per_request`` (or than
-``max_queue``) or a body over ``max_body_bytes``, 408 for a body not all there ``body_timeout_s`` after its
-headers (and its connection is closed), 503 when the queue is full or the server is shutting down, 500 when
+``max_queue``) or a body over ``max_body_bytes`` (and its connection is closed: the rest of a body refused
+unread is not read as the next request, nor is that request taken for the body that a client with
+``Expect: 100-continue`` then does not send), 408 for a body not all there ``body_timeout_s`` after its
+headers (its connection closed too), 503 when the queue is full or the server is shutting down, 500 when
 the model fails, 504 when its call on a batch runs past ``batch_timeout_s`` (then 503 for other requests
 while every replica is stuck so; see :mod:`.batching`: a replica in a thread cannot be stopped, and /health
 says 503 until its call returns). A client that closes its connection before its answer is counted as 499
@@ -232,7 +234,9 @@ class PredictFastPath:
             return await self.app(scope, receive, send)
         status, body = await self.handle(scope, receive)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if status == 408:  # the rest of a slow body may still come: let the client go, not read it as a request
+        # A body left unread (408; 413, but for too many texts): its rest may still come, or never come (a client
+        # that sent Expect: 100-continue sends its next request instead). Let the client go; read neither as a request.
+        if status == 408 or status == 413:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -326,7 +330,7 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
     async def predict_route(request: Request) -> Response:
         """Labels and scores for each text: ``{"predictions": [{"label": ..., "score": ...}, ...]}``."""
         status, body = await handle_predict(request.scope, request.receive)  # (PredictFastPath answers first)
-        return Response(body, status, {"connection": "close"} if status == 408 else None, "application/json")
+        return Response(body, status, {"connection": "close"} if status in (408, 413) else None, "application/json")
 
     async def handle_predict(scope: dict, receive) -> tuple[int, bytes]:
         start = time.perf_counter()
