@@ -70,3 +70,20 @@ def test_a_413_on_a_body_that_was_sent_closes_the_connection_cleanly(url, framin
         assert c.post("/predict", json={"texts": ["a"] * 5}).status_code == 413
         assert c.post("/predict", content=b'{"texts": ["' + b"a" * 100_000 + b'"]}').status_code == 413
         assert c.post("/predict", json={"texts": ["ok"]}).status_code == 200
+
+
+def test_a_trailing_slash_is_the_same_route_not_a_redirect(url):
+    # Before: a 307 to the path without the slash, which a client that does not follow redirects took for the
+    # answer, and one that does sent its request twice.
+    with httpx.Client(base_url=url, timeout=20) as c:
+        r = c.post("/predict/", json={"texts": ["abc", "de"]})
+        assert r.status_code == 200, r.headers
+        assert r.json() == {"predictions": [{"label": "len", "score": 3.0}, {"label": "len", "score": 2.0}]}
+        assert c.post("/predict/", json={"texts": ["a"] * 5}).status_code == 413  # the same limits
+        r = c.get("/health/")
+        assert r.status_code == 200 and r.json()["status"] == "ok", r.headers
+        r = c.get("/metrics/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.headers
+        assert 'oztune_requests_total{status="200"}' in r.text  # the POST to /predict/ was counted
+        assert c.get("/predict/").status_code == 405  # as GET /predict
+        assert c.get("/nothing/").status_code == 404

@@ -217,7 +217,7 @@ async def _answer(future: asyncio.Future, gone: Callable[[], bool] | None) -> li
 
 
 class PredictFastPath:
-    """ASGI middleware that answers ``POST /predict`` itself, before FastAPI's routing.
+    """ASGI middleware that answers ``POST /predict`` (and ``/predict/``) itself, before FastAPI's routing.
 
     The route's work is small (parse JSON, queue, answer), so the framework around it was a large share of
     the serving process's time: routing, a ``Request`` object, a ``Response`` object. Answering from the
@@ -230,7 +230,8 @@ class PredictFastPath:
         self.app, self.handle = app, handle
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
+        if (scope["type"] != "http" or (scope["path"] != "/predict" and scope["path"] != "/predict/")
+                or scope["method"] != "POST"):
             return await self.app(scope, receive, send)
         status, body = await self.handle(scope, receive)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -320,9 +321,13 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
         checks.cancel()
         await asyncio.get_running_loop().run_in_executor(None, batcher.close, limits.graceful_timeout_s)
 
-    app = FastAPI(title="oztune", summary="Text classification with dynamic batching", lifespan=lifespan)
+    # Each route is served with a trailing slash too, as the same route: no redirect (Starlette's 307 to the path
+    # without it made a client resend its request, or, not following redirects, take the 307 for the answer).
+    app = FastAPI(title="oztune", summary="Text classification with dynamic batching", lifespan=lifespan,
+                  redirect_slashes=False)
     app.state.batcher, app.state.metrics = batcher, metrics
 
+    @app.post("/predict/", include_in_schema=False)
     @app.post("/predict", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["texts"], "properties": {
             "texts": {"type": "array", "items": {"type": "string"}},
@@ -363,6 +368,7 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
 
     app.add_middleware(PredictFastPath, handle=handle_predict)
 
+    @app.api_route("/health/", methods=["GET", "HEAD"], include_in_schema=False)
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         """200 while the server takes requests (HEAD too, as health checkers send); 503 once a batch worker
@@ -373,6 +379,7 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
             return _json(503, {"status": "unhealthy", "detail": problem})
         return _json(200, {"status": "ok", **(info or {}), "text_pairs": text_pairs})
 
+    @app.get("/metrics/", include_in_schema=False)
     @app.get("/metrics")
     async def metrics_route() -> Response:
         """Counters and histograms in the Prometheus text format."""
