@@ -87,3 +87,12 @@ def test_a_trailing_slash_is_the_same_route_not_a_redirect(url):
         assert 'oztune_requests_total{status="200"}' in r.text  # the POST to /predict/ was counted
         assert c.get("/predict/").status_code == 405  # as GET /predict
         assert c.get("/nothing/").status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/health", "/metrics", "/health/", "/metrics/"])
+def test_head_is_answered_like_get_without_a_body(url, path):
+    # Before: HEAD /metrics (and /metrics/) got 405, as FastAPI's GET routes do not take HEAD.
+    with httpx.Client(base_url=url, timeout=20) as c:
+        got, head = c.get(path), c.head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]

@@ -1,7 +1,8 @@
 """The HTTP service: FastAPI routes, request limits, and uvicorn with graceful shutdown.
 
 ``POST /predict`` takes ``{"texts": [...], "text_pairs": [...]?}`` and answers
-``{"predictions": [{"label": ..., "score": ...}, ...]}``; ``GET /health``; ``GET /metrics`` (Prometheus).
+``{"predictions": [{"label": ..., "score": ...}, ...]}``; ``GET``/``HEAD /health``; ``GET``/``HEAD /metrics``
+(Prometheus).
 The request path is kept cheap: the body is read with a size limit and checked by hand (no pydantic
 model, no response model), and the work is queued to the batch worker (see :mod:`.batching`).
 
@@ -379,10 +380,10 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
             return _json(503, {"status": "unhealthy", "detail": problem})
         return _json(200, {"status": "ok", **(info or {}), "text_pairs": text_pairs})
 
-    @app.get("/metrics/", include_in_schema=False)
-    @app.get("/metrics")
+    @app.api_route("/metrics/", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics_route() -> Response:
-        """Counters and histograms in the Prometheus text format."""
+        """Counters and histograms in the Prometheus text format (HEAD: the same headers; uvicorn sends no body)."""
         return Response(metrics.render(batcher.waiting()), media_type="text/plain; version=0.0.4")
 
     return app
