@@ -96,3 +96,11 @@ def test_head_is_answered_like_get_without_a_body(url, path):
         got, head = c.get(path), c.head(path)
     assert head.status_code == got.status_code == 200
     assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"])
+def test_no_auto_generated_api_docs(url, path):
+    # Before: 200. FastAPI's schema, generated from handlers that read raw bytes and build their own answers,
+    # listed no error answer, an empty schema for every answer and application/json for /metrics (text/plain),
+    # and /docs and /redoc load their scripts from a CDN.
+    assert httpx.get(f"{url}{path}", timeout=20).status_code == 404

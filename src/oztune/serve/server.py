@@ -2,7 +2,7 @@
 
 ``POST /predict`` takes ``{"texts": [...], "text_pairs": [...]?}`` and answers
 ``{"predictions": [{"label": ..., "score": ...}, ...]}``; ``GET``/``HEAD /health``; ``GET``/``HEAD /metrics``
-(Prometheus).
+(Prometheus); each with a trailing slash too; no /docs, /redoc or /openapi.json.
 The request path is kept cheap: the body is read with a size limit and checked by hand (no pydantic
 model, no response model), and the work is queued to the batch worker (see :mod:`.batching`).
 
@@ -224,7 +224,7 @@ class PredictFastPath:
     the serving process's time: routing, a ``Request`` object, a ``Response`` object. Answering from the
     raw ASGI messages took the process's CPU per request from ~0.2 ms to ~0.1 ms (bench/load.py), which under
     load is CPU the model gets. Every other path goes to the application; the FastAPI route for
-    /predict stays for its OpenAPI description and does the same.
+    /predict stays for the other methods' 405 (``allow: POST``) and does the same.
     """
 
     def __init__(self, app, handle):
@@ -324,15 +324,15 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
 
     # Each route is served with a trailing slash too, as the same route: no redirect (Starlette's 307 to the path
     # without it made a client resend its request, or, not following redirects, take the 307 for the answer).
-    app = FastAPI(title="oztune", summary="Text classification with dynamic batching", lifespan=lifespan,
-                  redirect_slashes=False)
+    # No /docs, /redoc or /openapi.json: the schema FastAPI generates from these handlers, which read raw bytes
+    # and build their own answers, said none of the error answers, an empty schema for each answer, and
+    # application/json for /metrics; the contract is in the module's and the README's words.
+    app = FastAPI(title="oztune", lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.batcher, app.state.metrics = batcher, metrics
 
-    @app.post("/predict/", include_in_schema=False)
-    @app.post("/predict", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["texts"], "properties": {
-            "texts": {"type": "array", "items": {"type": "string"}},
-            "text_pairs": {"type": "array", "items": {"type": "string"}}}}}}}})
+    @app.post("/predict/")
+    @app.post("/predict")
     async def predict_route(request: Request) -> Response:
         """Labels and scores for each text: ``{"predictions": [{"label": ..., "score": ...}, ...]}``."""
         status, body = await handle_predict(request.scope, request.receive)  # (PredictFastPath answers first)
@@ -369,7 +369,7 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
 
     app.add_middleware(PredictFastPath, handle=handle_predict)
 
-    @app.api_route("/health/", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.api_route("/health/", methods=["GET", "HEAD"])
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         """200 while the server takes requests (HEAD too, as health checkers send); 503 once a batch worker
@@ -380,7 +380,7 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
             return _json(503, {"status": "unhealthy", "detail": problem})
         return _json(200, {"status": "ok", **(info or {}), "text_pairs": text_pairs})
 
-    @app.api_route("/metrics/", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.api_route("/metrics/", methods=["GET", "HEAD"])
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics_route() -> Response:
         """Counters and histograms in the Prometheus text format (HEAD: the same headers; uvicorn sends no body)."""
