@@ -348,6 +348,52 @@ def test_patience_counts_evaluations_inside_an_epoch_too(tiny_base, data, monkey
     assert result.best["step"] == 1
 
 
+# Patience runs out at an epoch's end (step 16, after epoch 4) or inside one (step 3, evaluating every step).
+@pytest.mark.parametrize("accuracies,kw,last", [([0.5, 0.7, 0.6, 0.7, 0.9, 0.9], {"epochs": 6}, 16),
+                                                ([0.9, 0.5, 0.5, 0.5], {"epochs": 2, "eval_every": 1}, 3)])
+def test_sigterm_as_patience_runs_out_checkpoints_the_finished_run_and_the_resume_trains_no_more(
+        tiny_base, data, tmp_path, monkeypatch, accuracies, kw, last):
+    """A SIGTERM held over the step at which early stopping came stopped the run with no checkpoint (the model
+    is not saved either): every step since the last scheduled one was lost, and the resumed run trained them
+    again. It now writes a checkpoint there, as at the last step of a run that did not stop early, then stops;
+    the resumed run trains no more and ends as the run that was not interrupted."""
+    import os
+    import signal
+
+    def stopped(signum, frame):
+        raise Stopped
+
+    def term_at(s, total):
+        if s == last:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = config(patience=2, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=1000, **kw)
+    scripted_evaluations(monkeypatch, accuracies)
+    model, train, dev = new_model(tiny_base, data)
+    want = fit(model, train, replace(cfg, checkpoint_dir=str(tmp_path / "other")), dev)
+    want_sd = model.state_dict()
+    assert want.log[-1]["step"] == last  # (patience ran out there)
+
+    scripted_evaluations(monkeypatch, accuracies)
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        model, train, dev = new_model(tiny_base, data)
+        with pytest.raises(Stopped):
+            fit(model, train, cfg, dev, on_step=term_at)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in (tmp_path / "ck").glob("*")) == [f"step-{last:08d}"]
+
+    seen = scripted_evaluations(monkeypatch, [])  # (an evaluation would fail: there is none to make)
+    model, train, dev = new_model(tiny_base, data)
+    steps = []
+    got = fit(model, train, replace(cfg, resume=True), dev, on_step=lambda s, total: steps.append(s))
+    assert steps == [] and seen == []  # nothing trained or evaluated again
+    assert got.history == want.history and got.best == want.best
+    assert [(r["step"], r["loss"], r["lr"]) for r in got.log] == [(r["step"], r["loss"], r["lr"]) for r in want.log]
+    assert all(torch.equal(want_sd[k], v) for k, v in model.state_dict().items())
+
+
 def test_resume_with_evaluations_inside_epochs_matches_an_uninterrupted_run(tiny_base, data, tmp_path):
     model, train, dev = new_model(tiny_base, data)
     want = fit(model, train, config(eval_every=3), dev)

@@ -351,8 +351,10 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
             board.evaluation(entry)
         return time.perf_counter() - t0
 
+    # A run resumed from the checkpoint of a SIGTERM held as patience ran out had finished: it trains no more.
+    first = cfg.epochs if cfg.patience and run.bad_evals >= cfg.patience else run.epoch
     try:
-        for epoch in range(run.epoch, cfg.epochs):
+        for epoch in range(first, cfg.epochs):
             batches = train_batches(lengths, global_batch, cfg.seed + epoch, cfg.bucket)
             bar = tqdm(total=len(batches), initial=run.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and env.is_main), unit="batch", dynamic_ncols=True, leave=False,
@@ -414,7 +416,9 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
                 break
             checkpoint(now=stop.requested)  # a resumed run goes on with the next epoch
             stop.stop_if_asked()
-        stop.stop_if_asked()  # (stopped early by patience: nothing left to checkpoint; the model is not saved)
+        if stop.requested:  # stopped early by patience, with a SIGTERM held: the resumed run finishes from here,
+            checkpoint(now=True)  # as from the last step's checkpoint of a run that did not stop early
+            stop.stop_if_asked()
     finally:
         stop.release()
         word.requires_grad_(word_trainable)  # as it was, even after an interruption
