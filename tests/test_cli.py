@@ -364,3 +364,30 @@ def test_predict_answers_a_chunk_at_a_time_the_same_as_all_at_once(trained, sent
     written = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [p["label"] for p in shown] == [p["label"] for p in written] == expected
     assert calls == [7] * 14 + [2] + [7] * 14 + [2]  # 100 texts, each a chunk's worth at a time
+
+
+# Every command with --max-train-examples, with what it needs besides ({model}: a fine-tuned model).
+SAMPLING = {
+    "finetune": ["--train", "{train}", "--output", "{tmp}/o", "--model", "{base}"],
+    "quantize": ["--model", "{model}", "--output", "{tmp}/o", "--qat-train", "{train}"],
+    "prune": ["--model", "{model}", "--train", "{train}", "--eval", "{dev}", "--output", "{tmp}/o"],
+    "distill": ["--teacher", "{model}", "--train", "{train}", "--eval", "{dev}", "--output", "{tmp}/o",
+                "--student-layers", "1"],
+    "compress": ["--model", "{model}", "--train", "{train}", "--eval", "{dev}", "--output", "{tmp}/o",
+                 "--recipes", "int8"],
+}
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+@pytest.mark.parametrize("command", list(SAMPLING))
+def test_every_command_refuses_a_max_train_examples_below_1_alike(command, count, trained, tiny_base, sentiment_files,
+                                                                  tmp_path, capsys):
+    """compress took --max-train-examples 0 as 'every example' while finetune, quantize, prune and distill
+    refused it: each now refuses 0 and negatives through the one check, with the one message, before any work."""
+    fill = {"tmp": str(tmp_path), "train": str(sentiment_files[0]), "dev": str(sentiment_files[1]),
+            "model": str(trained), "base": str(tiny_base)}
+    argv = [command, *(a.format(**fill) for a in SAMPLING[command]), "--max-train-examples", count, "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"oztune {command}: error: --max-train-examples must be at least 1, not {count}", err
+    assert not (tmp_path / "o").exists()

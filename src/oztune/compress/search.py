@@ -61,7 +61,8 @@ class CompressArgs(RecipeOptions):
         lr: peak learning rate of the recovery.
         temperature: softmax temperature of the distillation loss.
         alpha: weight of the teacher's soft loss (1 - alpha: the hard labels).
-        max_train_examples: use a seeded random sample of this many training examples (0: all).
+        max_train_examples: use a seeded random sample of this many training examples (at least 1; a count
+            above the file's size uses all of it).
         prune_vocab: pruned variants keep only the embeddings of tokens in the training file (others read
             [UNK]; about 3x smaller on SST-2); --no-prune-vocab keeps the whole vocabulary.
         keep_variants: keep every variant under variants/ (--no-keep-variants: only the kept model).
@@ -105,8 +106,6 @@ def check_args(a: CompressArgs) -> None:
     if twice and any(r.startswith("prune") for r in a.recipes):
         raise OztuneError(f"--sizes {','.join(map(str, a.sizes))}: sizes that round to the same percentage would be "
                           f"one variant ({', '.join(twice)}); give sizes at least 0.01 apart")
-    if a.max_train_examples == 0:
-        a.max_train_examples = None
     check_at_least_1("--importance-batches", a.importance_batches)
     DistillConfig(a.temperature, a.alpha)  # checks both
     check_train_options(a)

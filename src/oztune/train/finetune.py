@@ -184,7 +184,8 @@ def check_seed(seed: int) -> None:
 
 
 def check_sample_size(n: int | None) -> None:
-    """A --max-train-examples :func:`sample` can take: none given, or at least 1."""
+    """A --max-train-examples :func:`sample` can take: none given, or at least 1 (0 and negatives are refused
+    alike by every command that has the option: finetune, quantize, prune, distill and compress)."""
     check_at_least_1("--max-train-examples", n)
 
 
