@@ -235,3 +235,35 @@ def test_an_output_inside_an_input_model_directory_is_refused(argv, inside, tiny
     err = capsys.readouterr().err
     assert f"is inside the input {model}" in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.relative_to(model) for p in model.rglob("*")) == before
+
+
+def test_a_saved_model_directory_is_on_disk_before_it_is_renamed_into_place(tiny_base, tmp_path, monkeypatch):
+    """Checkpoints were fsynced, the final model directory was not: renamed into place with its files still in
+    the page cache, a power cut soon after could leave a complete-looking directory of empty or torn files. Its
+    files and the directory itself are now flushed before the rename (with the checkpoints' helper), the
+    rename after it."""
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.fspath(a), os.fspath(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    out = save_classifier(model, enc, tmp_path / "m", {0: "a", 1: "b"})
+    monkeypatch.undo()
+
+    renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out)]
+    assert len(renames) == 1, events
+    tmp = events[renames[0]][1]  # the temporary directory renamed to the output
+    synced = [e[1] for e in events[:renames[0]] if e[0] == "fsync"]
+    names = sorted(p.name for p in out.iterdir())
+    assert {"model.safetensors", "config.json"} <= set(names)
+    assert sorted(os.path.basename(p) for p in synced if os.path.dirname(p) == tmp) == names, synced
+    assert synced[-1] == tmp  # the directory itself, after its files
+    assert ("fsync", str(tmp_path)) in events[renames[0]:]  # and the rename, on disk too

@@ -16,7 +16,7 @@ import socket
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from oztune.errors import ModelError, OztuneError
@@ -283,6 +283,25 @@ def _publish(tmp: Path) -> None:
             os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a directory's entries (a rename into it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(top: Path) -> None:
+    """Flush every file of a finished temporary directory, then each folder (``top`` last), to disk, as
+    checkpoints are: renamed into place unsynced, a crash soon after could leave empty or torn files there."""
+    for root, _, files in os.walk(top, topdown=False):
+        for f in files:
+            if not os.path.islink(os.path.join(root, f)):
+                fsync_path(os.path.join(root, f))
+        fsync_path(root)
+
+
 def _replace_dir(new: Path, out: Path) -> None:
     """Move ``new`` to ``out``; an existing ``out`` is swapped out first and removed only afterwards.
 
@@ -298,6 +317,7 @@ def _replace_dir(new: Path, out: Path) -> None:
     # must not block this one) and put back if anything stops the swap half-way: ``out`` is always whole
     aside = None
     try:
+        _sync_tree(new)  # (before the rename: ``out`` is never a directory of files not yet on disk)
         if os.path.lexists(out):
             aside = Path(tempfile.mkdtemp(prefix=_stage_prefix(out, "old"), dir=out.parent))
             os.replace(out, aside / out.name)
@@ -313,5 +333,7 @@ def _replace_dir(new: Path, out: Path) -> None:
         raise ModelError(f"{out}: cannot be replaced ({getattr(e, 'strerror', None) or e}); "
                          f"{'it is kept as it was, ' if os.path.lexists(out) else ''}the result is in "
                          f"{_kept(new, out)}") from None
+    with suppress(OSError):  # the rename, on disk too (the model is in place: a folder whose entries cannot
+        fsync_path(out.parent)  # be flushed, as on some network file systems, leaves it so)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)

@@ -30,7 +30,7 @@ import torch
 from oztune.errors import OztuneError
 from oztune.models.hub import sha256_file
 from oztune.models.lora import LoRALinear
-from oztune.outdir import renamed
+from oztune.outdir import fsync_path, renamed
 from oztune.train.distributed import DistEnv, barrier, broadcast_object, gather_objects
 
 STATE, MANIFEST = "state.pt", "manifest.json"
@@ -82,14 +82,6 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Writes:
@@ -296,15 +288,15 @@ class Checkpointer:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.dir))
         try:
             _torch_save({**state, "step": step, "fingerprint": self.fingerprint}, tmp / STATE)
-            _fsync(tmp / STATE)
+            fsync_path(tmp / STATE)
             manifest = {"step": step, "files": {STATE: {"bytes": (tmp / STATE).stat().st_size,
                                                         "sha256": sha256_file(tmp / STATE)}}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            _fsync(tmp / MANIFEST)
+            fsync_path(tmp / MANIFEST)
             if final.exists():  # the same step written again after a resume
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync(self.dir)
+            fsync_path(self.dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
