@@ -391,3 +391,14 @@ def test_every_command_refuses_a_max_train_examples_below_1_alike(command, count
     err = capsys.readouterr().err
     assert err.strip() == f"oztune {command}: error: --max-train-examples must be at least 1, not {count}", err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("prefix, argv", [("--mod", ["evaluate", "--mod", "m", "--data", "d.tsv"]),
+                                          ("--out", ["predict", "--model", "m", "--out", "p.jsonl", "good movie"]),
+                                          ("--epoch", ["finetune", "--train", "t.tsv", "--output", "o", "--epoch", "2"])])
+def test_a_prefix_of_an_option_is_refused_not_taken_for_the_option(prefix, argv, capsys):
+    """argparse's allow_abbrev took `--out` for `--output` (and would take it for another option added later)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err

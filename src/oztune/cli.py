@@ -245,10 +245,20 @@ def _yaml_value(v: Any, tp: Any, where: str, node: Any = None, split: bool = Tru
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that takes each option only by its whole name: a prefix (``--out`` for ``--output``) is
+    an error, not a guess that a later option would change. The subcommands' parsers are of this class too
+    (``add_subparsers`` makes them of the parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def make_parser() -> argparse.ArgumentParser:
     from oztune import commands  # noqa: F401  (registers the commands)
 
-    parser = argparse.ArgumentParser(prog="oztune", description="Fine-tune, compress and serve transformer classifiers on CPU.")
+    parser = _Parser(prog="oztune", description="Fine-tune, compress and serve transformer classifiers on CPU.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, _, help) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=(inspect.getdoc(cls) or "").split("\n\n")[0])
