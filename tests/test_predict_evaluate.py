@@ -142,3 +142,36 @@ def test_predict_output_dash_is_standard_output_as_input_dash_is_standard_input(
     assert main(["predict", "--model", str(tiny_finetuned), "good movie", "bad film", "--output", "-"]) == 0
     assert len([json.loads(line) for line in capsys.readouterr().out.splitlines()]) == 2
     assert not (tmp_path / "-").exists()
+
+
+class _OneMistake:
+    """A model stand-in whose evaluation has one mistake (no model is loaded)."""
+
+    def evaluate(self, *a, **kw):
+        wrong = [{"line": 2, "text": "bad film", "label": "neg", "predicted": "pos", "score": 0.9}]
+        return {"accuracy": 0.5, "examples": 2, **({"mistakes": wrong} if kw.get("mistakes") else {})}
+
+
+def test_evaluate_mistakes_dash_is_standard_output_with_the_table_on_standard_error(tmp_path, monkeypatch, capsys):
+    """`--mistakes -` wrote a file named '-'; as predict's `--output -`, it is standard output."""
+    import oztune.commands as commands
+
+    monkeypatch.setattr(commands, "_open", lambda *a: _OneMistake())
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--model", "m", "--data", "d.tsv", "--mistakes", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == _OneMistake().evaluate(mistakes=True)["mistakes"]
+    assert "accuracy" in err and "1 mistakes written to standard output" in err
+    assert list(tmp_path.iterdir()) == []  # no file named '-'
+
+
+def test_evaluate_mistakes_dash_with_json_is_one_line_refused(tmp_path, monkeypatch, capsys):
+    import oztune.commands as commands
+
+    monkeypatch.setattr(commands, "_open", lambda *a: pytest.fail("the model was loaded before the check"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--model", "m", "--data", "d.tsv", "--mistakes", "-", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "--mistakes - and --json would both write to standard output" in err
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import json
 import sys
@@ -92,7 +93,8 @@ class EvaluateArgs:
         label_column: column holding the label.
         per_label: add each label's precision, recall, F1 and support, and (single-label) the confusion matrix.
         mistakes: write the examples the model gets wrong to this JSONL file (line, text, label, predicted,
-            score; single-label: most confident first).
+            score; single-label: most confident first); '-': to stdout, the metrics table then to stderr (not with
+            --json).
     """
 
     model: str = ""
@@ -115,28 +117,41 @@ def evaluate_cmd(a: EvaluateArgs) -> int:
     if not a.model or not a.data:
         raise OztuneError("--model and --data are required")
     check_at_least_1("--batch-size", a.batch_size)
-    if a.mistakes:
+    to_stdout = a.mistakes == "-"  # (as predict's --output -: standard output, not a file named '-')
+    if to_stdout and a.json:
+        raise OztuneError("--mistakes - and --json would both write to standard output; write the mistakes to a file")
+    if a.mistakes and not to_stdout:
         _check_output_file(a.mistakes, "--mistakes", inputs=(a.data,), model=a.model)
     clf = _open(a.model, a.batch_size)
     metrics = clf.evaluate(a.data, Columns(a.text_column, a.text_pair_column, a.label_column),
                            per_label=a.per_label, mistakes=bool(a.mistakes))
     wrong = metrics.pop("mistakes", None)
-    if wrong is not None:
-        _write_atomically(a.mistakes, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in wrong), "--mistakes")
+    lines = None if wrong is None else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in wrong)
+    if lines is not None and not to_stdout:
+        _write_atomically(a.mistakes, lines, "--mistakes")
     if a.json:
         print(json.dumps(metrics))
-    else:
-        print(f"{a.model} on {a.data} ({metrics['examples']:,} examples)")
-        for k, v in metrics.items():
-            if isinstance(v, float):
-                print(f"  {k:<16} {v:.4f}")
-        if "note" in metrics:
-            print(f"note: {metrics['note']}")
-        if "per_label" in metrics:
-            _print_label_report(metrics)
+    else:  # (the mistakes on standard output: the table goes to standard error)
+        with contextlib.redirect_stdout(sys.stderr if to_stdout else sys.stdout):
+            _print_metrics(a, metrics)
+    if lines is not None and to_stdout:
+        _write_stdout(lines)
     if wrong is not None:
-        print(f"{len(wrong):,} mistakes written to {a.mistakes}", file=sys.stderr if a.json else sys.stdout)
+        where = "standard output" if to_stdout else a.mistakes
+        print(f"{len(wrong):,} mistakes written to {where}", file=sys.stderr if a.json or to_stdout else sys.stdout)
     return 0
+
+
+def _print_metrics(a: EvaluateArgs, metrics: dict) -> None:
+    """The metrics table of ``evaluate`` (without --json): each metric, the note, the per-label report."""
+    print(f"{a.model} on {a.data} ({metrics['examples']:,} examples)")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            print(f"  {k:<16} {v:.4f}")
+    if "note" in metrics:
+        print(f"note: {metrics['note']}")
+    if "per_label" in metrics:
+        _print_label_report(metrics)
 
 
 def _print_label_report(metrics: dict) -> None:
