@@ -267,3 +267,28 @@ def test_a_saved_model_directory_is_on_disk_before_it_is_renamed_into_place(tiny
     assert sorted(os.path.basename(p) for p in synced if os.path.dirname(p) == tmp) == names, synced
     assert synced[-1] == tmp  # the directory itself, after its files
     assert ("fsync", str(tmp_path)) in events[renames[0]:]  # and the rename, on disk too
+
+
+def test_predict_output_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(tiny_finetuned, tmp_path):
+    """The rename of the temporary file went over the link itself: the link became a regular file and its target
+    kept the old answers. Now the target is replaced (through a temporary file beside it) and the link stays."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "p.jsonl"
+    target.write_text("old answers\n")
+    link = tmp_path / "p.jsonl"
+    link.symlink_to(os.path.join("real", "p.jsonl"))  # (relative, as `ln -s` makes it)
+    assert cli.main(["predict", "--model", str(tiny_finetuned), "good movie", "--output", str(link)]) == 0
+    assert link.is_symlink() and os.readlink(link) == os.path.join("real", "p.jsonl")
+    answers = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(answers) == 1 and answers[0]["label"] in ("neg", "pos")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "real"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["p.jsonl"]  # no temporary file left
+
+
+def test_an_atomic_write_through_a_link_to_a_missing_file_creates_the_target(tmp_path):
+    from oztune.outdir import write_atomically
+
+    link = tmp_path / "out.txt"
+    link.symlink_to(tmp_path / "new.txt")
+    write_atomically(link, "x\n")
+    assert link.is_symlink() and (tmp_path / "new.txt").read_text() == "x\n"

@@ -320,8 +320,8 @@ def _check_output_file(output: str, option: str = "--output", inputs: tuple[str 
         raise OztuneError(f"{option} {output}: is a directory; give a file name")
     if not path.absolute().parent.is_dir():
         raise OztuneError(f"{option} {output}: its directory {path.absolute().parent} does not exist")
-    check_name_length(path.absolute(), path.absolute().parent, option, output, "file")
-    real = path.resolve()
+    real = path.resolve()  # (a symbolic link is written through: its target is replaced, beside itself)
+    check_name_length(real, real.parent if real.parent.is_dir() else path.absolute().parent, option, output, "file")
     for given in inputs:
         if given and given != "-" and real == Path(given).resolve():
             raise OztuneError(f"{option} {output}: is the input {given}, which would be replaced; write to another file")

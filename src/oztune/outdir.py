@@ -4,7 +4,8 @@ of saves killed on the spot removed by the next save of the same output.
 
 Every command that writes a model directory (finetune, quantize, prune, distill, compress, export) goes through
 :func:`check_output_dir` before its work and :func:`staged_dir` for the write; a single file (predict --output,
-evaluate --mistakes) is written through :func:`staged_file`, whose leftovers are removed in the same way.
+evaluate --mistakes) is written through :func:`staged_file` (beside a symbolic link's target, which it replaces:
+the link stays), whose leftovers are removed in the same way.
 """
 
 from __future__ import annotations
@@ -140,23 +141,34 @@ def write_atomically(path: str | os.PathLike, text: str | bytes | Iterable[str],
     """Write ``text`` (or its pieces, as they come; or bytes) through a temporary file beside ``path``: an old file is
     replaced whole or kept. The temporary file is removed whatever stops the write; one left by a write killed
     on the spot (kill -9) is removed by the next write of ``path`` (:func:`staged_file`). A ``path`` that is not a
-    regular file (``/dev/stdout``, a named pipe, ``/dev/null``) is written into, not replaced (:func:`_write_into`)."""
+    regular file (``/dev/stdout``, a named pipe, ``/dev/null``) is written into, not replaced (:func:`_write_into`).
+    A ``path`` that is a symbolic link is written through: its target is replaced (:func:`_link_target`), the
+    link is kept."""
     if _is_special_file(path):
         return _write_into(path, text, option)
-    tmp = None
+    target, tmp = _link_target(path), None
     try:  # a fresh name (.NAME.tmp-PID@HOST-*: never a file of the user's such as PATH.tmp)
-        fd, tmp = staged_file(Path(path).absolute())
+        fd, tmp = staged_file(target)
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # the mode of a new file, not mkstemp's 0600
         _write(fd, text)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise OztuneError(f"{option} {path}: cannot be written ({e.strerror or e})") from None
         raise
+
+
+def _link_target(path: str | os.PathLike) -> Path:
+    """The file that a write of ``path`` replaces: ``path`` itself (absolute), or, where it is a symbolic link
+    (also one whose target does not exist yet), the file it leads to, links followed: a rename over the link
+    would replace the link with a regular file and leave its target as it was."""
+    if os.path.islink(path):
+        return Path(os.path.realpath(path))
+    return Path(path).absolute()
 
 
 def _write(target: int | str | os.PathLike, text: str | bytes | Iterable[str]) -> None:
