@@ -292,3 +292,22 @@ def test_an_atomic_write_through_a_link_to_a_missing_file_creates_the_target(tmp
     link.symlink_to(tmp_path / "new.txt")
     write_atomically(link, "x\n")
     assert link.is_symlink() and (tmp_path / "new.txt").read_text() == "x\n"
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_new_output_file_inside_the_model_directory_is_refused(command, tiny_finetuned, sentiment_files, tmp_path,
+                                                                 capsys):
+    """README: `predict --output` or `evaluate --mistakes` naming "a file of the model directory" is refused; a
+    new file there was written (only an existing one was refused), and would go with the model when a later run
+    replaces it."""
+    model = tmp_path / "m"
+    shutil.copytree(tiny_finetuned, model)
+    before = sorted(p.name for p in model.iterdir())
+    out = model / "sub" / ".." / "new.jsonl" if command == "predict" else model / "wrong.jsonl"
+    (model / "sub").mkdir()
+    argv = (["predict", "--model", str(model), "good movie", "--output", str(out)] if command == "predict" else
+            ["evaluate", "--model", str(model), "--data", str(sentiment_files[1]), "--mistakes", str(out)])
+    assert cli.main(argv) == 2
+    option = "--output" if command == "predict" else "--mistakes"
+    assert f"{option} {out}: is inside the model directory {model}" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == sorted(before + ["sub"])

@@ -314,7 +314,9 @@ def _open(model: str, batch_size: int):
 def _check_output_file(output: str, option: str = "--output", inputs: tuple[str | None, ...] = (),
                        model: str | None = None) -> None:
     """``option`` names a file to write (atomically, through a temporary file beside it): say now if it cannot be.
-    It must not be one of ``inputs`` (read, then replaced by the results) or a file of the ``model`` directory."""
+    It must not be one of ``inputs`` (read, then replaced by the results) or any file inside the ``model``
+    directory: an existing one would be overwritten, a new one would go with the model when it is replaced or
+    copied (as :func:`oztune.outdir.check_output_dir` refuses a directory inside an input one)."""
     path = Path(output)
     if path.is_dir():
         raise OztuneError(f"{option} {output}: is a directory; give a file name")
@@ -325,9 +327,12 @@ def _check_output_file(output: str, option: str = "--output", inputs: tuple[str 
     for given in inputs:
         if given and given != "-" and real == Path(given).resolve():
             raise OztuneError(f"{option} {output}: is the input {given}, which would be replaced; write to another file")
-    if model and path.exists() and Path(model).is_dir() and Path(model).resolve() in real.parents:
-        raise OztuneError(f"{option} {output}: is a file of the model {model}, which would be overwritten; "
-                          "write to another file")
+    if model and Path(model).is_dir() and Path(model).resolve() in real.parents:
+        if path.exists():
+            raise OztuneError(f"{option} {output}: is a file of the model {model}, which would be overwritten; "
+                              "write to another file")
+        raise OztuneError(f"{option} {output}: is inside the model directory {model}, and would go with it when "
+                          "that is replaced or copied; write it elsewhere")
 
 
 def _register_more() -> None:
