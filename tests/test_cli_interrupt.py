@@ -83,3 +83,45 @@ def test_an_error_without_a_signal_stays_what_it_is(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "predict", (cls, failing, help))
     assert cli.main(["predict", "--model", "m", "good movie"]) == 2
     assert capsys.readouterr().err.strip() == "oztune predict: error: a real error"
+
+
+# A child that starts oztune as `python -m oztune` or the `oztune` console script does (`from oztune.cli import
+# main; sys.exit(main())`), with an import hook that says when torch's import begins and makes it wait there two
+# seconds: the Ctrl-C comes while torch is being imported, every time (not only when a timer happens to hit it).
+_SLOW_TORCH = """
+import importlib.abc, sys, time
+
+class SlowTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            print("importing torch", flush=True)
+            time.sleep(2)
+        return None
+
+sys.meta_path.insert(0, SlowTorch())
+sys.argv = ["oztune", "finetune", "--help"]
+"""
+_ENTRY_POINTS = {"python -m oztune": "import runpy; runpy.run_module('oztune', run_name='__main__', alter_sys=True)",
+                 "console script": "from oztune.cli import main; sys.exit(main())"}
+
+
+@pytest.mark.parametrize("entry", list(_ENTRY_POINTS))
+def test_ctrl_c_while_torch_is_imported_exits_130_with_no_traceback(entry):
+    """Ctrl-C in a command's first second and a half (torch importing, before main() had put in its handler,
+    and for the console script before main() was even called: `import oztune` imported torch) printed a
+    Python traceback. Now it is noted and acted on once the imports are done."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_TORCH + _ENTRY_POINTS[entry]], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "importing torch\n"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.startswith("oztune: interrupted") and len(err.strip().splitlines()) == 1, err
+    assert out == ""

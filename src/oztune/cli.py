@@ -272,51 +272,71 @@ class Terminated(BaseException):
     removed on the way out instead of being left behind by a process killed on the spot."""
 
 
-def _on_stop(stops: list[int]) -> Callable:
+def _on_stop(stops: list[int], held: threading.Event | None = None) -> Callable:
     """A handler of SIGINT and SIGTERM that notes the signal in ``stops`` and raises KeyboardInterrupt (Ctrl-C)
     or :class:`Terminated`: raised inside C code (safetensors loading a model), that exception can come out as
-    another error ('corrupt file', a TypeError), which the note shows to be the stop that was asked for."""
+    another error ('corrupt file', a TypeError), which the note shows to be the stop that was asked for.
+
+    While ``held`` is set (the commands' modules, torch among them, being imported) the signal is only noted, for
+    :func:`main` to act on once the imports are done: an exception raised inside an import can be swallowed by
+    importlib ('Exception ignored in ...', and the command then runs all the same) or, inside code that a module
+    runs with ``exec`` (dataclasses), leave CPython's mark of an unhandled Ctrl-C, which ends the process by
+    SIGINT instead of the exit code 130."""
 
     def handler(signum, frame):
         stops.append(signum)
+        if held is not None and held.is_set():
+            return
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     return handler
 
 
-def _stopped(command: str, signum: int) -> int:
-    """Say that the command was stopped, on one line; its exit code: 143 for SIGTERM, 130 for Ctrl-C."""
+def _stopped(command: str | None, signum: int) -> int:
+    """Say that the command (None: before it is known) was stopped, on one line; its exit code: 143 for SIGTERM,
+    130 for Ctrl-C."""
+    who = f"oztune {command}" if command else "oztune"
     if signum == signal.SIGTERM:
-        print(f"oztune {command}: stopped by SIGTERM (output directories are written whole or not at all)",
-              file=sys.stderr)
+        print(f"{who}: stopped by SIGTERM (output directories are written whole or not at all)", file=sys.stderr)
         return 143
-    print(f"oztune {command}: interrupted (output directories are written whole or not at all)", file=sys.stderr)
+    print(f"{who}: interrupted (output directories are written whole or not at all)", file=sys.stderr)
     return 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    ns = parser.parse_args(argv)
-    cls, fn, _ = COMMANDS[ns.command]
+    """Run the command that ``argv`` (default: the process's arguments) names; its exit code. A stop (Ctrl-C,
+    SIGTERM) is taken from the start, not only while a command runs: one that comes while the commands' modules
+    import torch (~1.5 s) ends the process as soon as they are imported. Either way: exit 130 or 143 and one
+    line, no traceback."""
     stops: list[int] = []
+    importing = threading.Event()
+    importing.set()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             if signum == signal.SIGINT and signal.getsignal(signum) is not signal.default_int_handler:
                 continue  # (Ctrl-C ignored, as in a background job, or handled by the caller: left so)
-            previous[signum] = signal.signal(signum, _on_stop(stops))
+            previous[signum] = signal.signal(signum, _on_stop(stops, importing))
+    name = None
     try:
+        parser = make_parser()  # (imports the commands, and torch with them: a stop meanwhile is only noted)
+        importing.clear()
+        if stops:
+            return _stopped(None, stops[-1])
+        ns = parser.parse_args(argv)
+        name = ns.command
+        cls, fn, _ = COMMANDS[name]
         args = build_args(cls, ns, parser)
         return int(fn(args) or 0)
     except Terminated:
-        return _stopped(ns.command, signal.SIGTERM)
+        return _stopped(name, signal.SIGTERM)
     except KeyboardInterrupt:
-        return _stopped(ns.command, signal.SIGINT)
+        return _stopped(name, signal.SIGINT)
     except Exception as e:
         if stops:  # an extension turned the stop's exception into another error: it is the stop all the same
-            return _stopped(ns.command, stops[-1])
+            return _stopped(name, stops[-1])
         if isinstance(e, OztuneError):
-            print(f"oztune {ns.command}: error: {e}", file=sys.stderr)
+            print(f"oztune {name}: error: {e}", file=sys.stderr)
             return 2
         if isinstance(e, BrokenPipeError):  # stdout closed early (oztune predict ... | head): not an error of ours
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
