@@ -72,6 +72,20 @@ def test_a_text_that_is_not_a_string_gets_a_clear_error(clf):
         clf.predict(["good movie", None])
 
 
+@pytest.mark.parametrize("method", ["predict", "logits"])
+@pytest.mark.parametrize("texts, pairs, message", [
+    ([""], None, "text 0 is empty"),
+    (["good movie", " \t\n"], None, "text 1 is empty"),
+    ("   ", None, "text 0 is empty"),
+    (["good movie", "bad film"], ["the plot", ""], "text pair 1 is empty"),
+])
+def test_an_empty_text_is_refused_as_the_command_line_and_the_server_refuse_it(clf, method, texts, pairs, message):
+    """predict([""]) and predict(["   "]) returned a prediction; the CLI, the data files and the server refuse an
+    empty (or whitespace-only) text, and the README says texts are handled alike everywhere."""
+    with pytest.raises(ValueError, match=message):
+        getattr(clf, method)(texts, pairs)
+
+
 @pytest.mark.parametrize("max_length", [0, -3])
 def test_a_max_length_below_one_is_refused(clf_dir, max_length):
     """max_length=0 is silently ignored (the model's window is used); -3 raises OverflowError from tokenizers."""

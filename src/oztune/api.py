@@ -11,6 +11,7 @@ from oztune.config import check_count
 from oztune.data.dataset import EncodedData
 from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
+from oztune.data.readers import is_blank
 from oztune.errors import OztuneError, check_text_pairs
 from oztune.models.hub import load_classifier, require_trained
 from oztune.models.transformer import SequenceClassifier, scores
@@ -47,6 +48,16 @@ def _as_lists(texts, text_pairs) -> tuple[list[str], list[str] | None]:
         if len(text_pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs: give one second text per text")
     return texts, text_pairs
+
+
+def _check_not_blank(texts: list, text_pairs: list | None) -> None:
+    """A ValueError for an empty text (or second text), by the rule of files, the command line and the server
+    (:func:`oztune.data.readers.is_blank`): its score would mean nothing. A text that is not a string is left to
+    the encoder, which names it (TypeError)."""
+    for name, seq in (("text", texts), ("text pair", text_pairs or ())):
+        bad = next((i for i, t in enumerate(seq) if isinstance(t, str) and is_blank(t)), None)
+        if bad is not None:
+            raise ValueError(f"{name} {bad} is empty ({seq[bad]!r}): a text needs more than whitespace to be scored")
 
 
 def _as_list(texts, name: str) -> list:
@@ -89,6 +100,7 @@ class Predictor:
         check_text_pairs(self.text_pairs, text_pairs is not None, "texts", "call")
         if not texts:
             return np.zeros((0, len(self.id2label) or 1), dtype=np.float32)
+        _check_not_blank(texts, text_pairs)
         return self.encoded_logits(EncodedData(self.encoder.encode(texts, text_pairs), None, self.encoder.pad_id))
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:

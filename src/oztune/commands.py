@@ -15,7 +15,7 @@ from oztune.api import Classifier
 from oztune.cli import command
 from oztune.data.labels import parse_multi_label
 from oztune.data.load import Columns, holds_pairs, read_labelled
-from oztune.data.readers import lone_surrogate
+from oztune.data.readers import is_blank, lone_surrogate
 from oztune.errors import DataError, OztuneError, check_at_least_1, check_text_pairs
 from oztune.outdir import check_name_length
 from oztune.outdir import write_atomically as _write_atomically
@@ -219,7 +219,7 @@ def predict_cmd(a: PredictArgs) -> int:
         if lines and not lines[-1]:
             lines.pop()  # (the last line's newline)
         for i, line in enumerate(lines):
-            if not line.strip():  # skipped, every later answer would sit on the line of the text before it
+            if is_blank(line):  # skipped, every later answer would sit on the line of the text before it
                 raise DataError(f"standard input: line {i + 1} is empty; every line is a text, answered by the "
                                 "output line of the same number")
         texts += lines
@@ -233,7 +233,7 @@ def predict_cmd(a: PredictArgs) -> int:
     if not texts:
         raise OztuneError("no texts: give them as arguments or with --input FILE")
     for i, t in enumerate(texts):
-        if not t.strip():
+        if is_blank(t):
             raise DataError(f"text {i + 1} is empty")
     clf = _open(a.model, a.batch_size)
     check_text_pairs(clf.text_pairs, pairs is not None,

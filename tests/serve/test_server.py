@@ -95,6 +95,10 @@ def stub_server():
     (b'{"texts": ["a"], "text_pairs": "x"}', "text_pairs: expected a list of strings, got str"),
     (b'{"texts": ["ok", "a\\ud800b"]}', "texts[1]: not valid Unicode (a lone surrogate, U+D800, at character 1)"),
     (b'{"texts": ["a"], "text_pairs": ["\\udfff"]}', "text_pairs[0]: not valid Unicode"),
+    # empty by the rule of files and the command line (oztune.data.readers.is_blank): nothing but whitespace too
+    (b'{"texts": [""]}', "texts[0]: empty text"),
+    (b'{"texts": ["good", "   "]}', "texts[1]: empty text"),
+    (b'{"texts": ["a", "b"], "text_pairs": ["c", " \\t\\n"]}', "text_pairs[1]: empty text"),
 ])
 def test_wrong_types_get_422_with_a_message(stub_server, body, message):
     r = stub_server.post("/predict", content=body, headers={"content-type": "application/json"})

@@ -320,14 +320,20 @@ def _get_text(record: dict, col: str, where: str) -> str:
     value = record[col]
     if not isinstance(value, str):
         raise DataError(f"{where}: column '{col}' holds {_json_type(value)}, not text")
-    value = value.strip()
-    if not value:
+    if is_blank(value):
         raise DataError(f"{where}: empty text in column '{col}'")
+    value = value.strip()
     bad = lone_surrogate(value)
     if bad is not None:  # a JSON "\ud800" escape: the tokenizer refuses the whole batch with a TypeError
         raise DataError(f"{where}: column '{col}' is not valid Unicode (a lone surrogate, U+{ord(value[bad]):04X}, "
                         f"at character {bad + 1})")
     return value
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` is empty: nothing, or nothing but whitespace (a text is used without its surrounding
+    whitespace). The one rule of data files, standard input, command-line texts, the Python API and the server."""
+    return not text.strip()
 
 
 def lone_surrogate(text: str) -> int | None:

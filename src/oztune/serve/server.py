@@ -6,7 +6,7 @@
 The request path is kept cheap: the body is read with a size limit and checked by hand (no pydantic
 model, no response model), and the work is queued to the batch worker (see :mod:`.batching`).
 
-Status codes: 422 for a body that is not JSON or has wrong types or a text that is not valid Unicode
+Status codes: 422 for a body that is not JSON or has wrong types, an empty text or a text that is not valid Unicode
 (with a message saying which field), or whose texts are of the other kind (text pairs or single texts) than the
 model was fine-tuned on, 413 for more texts than ``max_texts_per_request`` (or than
 ``max_queue``) or a body over ``max_body_bytes`` (and its connection is closed: the rest of a body refused
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from oztune.data.readers import is_blank
 from oztune.errors import DataError, OztuneError, check_text_pairs
 from oztune.serve.batching import Closed, MicroBatcher, ModelTimeout, Predict, QueueFull, Stalled
 from oztune.serve.metrics import Metrics
@@ -245,7 +246,7 @@ class PredictFastPath:
 
 
 def _string_list(body: dict, field: str) -> list[str]:
-    """``body[field]`` as a list of strings, else 422: a JSON array of strings that are valid Unicode (a
+    """``body[field]`` as a list of strings, else 422: a JSON array of non-empty strings that are valid Unicode (a
     ``"\\ud800"`` escape decodes to a lone surrogate, which the tokenizer refuses for the whole batch)."""
     value = body[field]
     if not isinstance(value, list):
@@ -253,6 +254,8 @@ def _string_list(body: dict, field: str) -> list[str]:
     for i, v in enumerate(value):
         if not isinstance(v, str):
             raise HTTPError(422, f"{field}[{i}]: expected a string, got {type(v).__name__}")
+        if is_blank(v):  # (the rule of files, the command line and the Python API)
+            raise HTTPError(422, f"{field}[{i}]: empty text (a text needs more than whitespace to be scored)")
         if not v.isascii():
             try:
                 v.encode()
