@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from oztune.data.readers import read_examples
+from oztune.errors import DataError
 from oztune.serve.server import HTTPError, parse_predict_body
 
 
@@ -28,3 +30,16 @@ def test_texts_of_the_other_kind_than_the_model_s_get_422(model_pairs, body, mes
         parse_predict_body(body, 64, text_pairs=model_pairs)
     assert e.value.status == 422 and "text_pairs" in str(e.value)
     parse_predict_body(body, 64)  # a model that does not say which it was fine-tuned on takes both
+
+
+@pytest.mark.parametrize("text", ["\\ud800", "ab\\udfffc"])
+def test_a_lone_surrogate_is_placed_as_the_data_files_place_it(tmp_path, text):
+    """The server said "at character 0" (counted from 0) where a data file with the same text says
+    "at character 1" (counted from 1, as every position oztune reports)."""
+    (tmp_path / "t.jsonl").write_text('{"text": "%s", "label": "x"}\n' % text)
+    with pytest.raises(DataError) as in_file:
+        read_examples(tmp_path / "t.jsonl")
+    with pytest.raises(HTTPError) as in_request:
+        parse_predict_body(b'{"texts": ["%s"]}' % text.encode(), 64)
+    where = in_file.value.args[0].rpartition("(")[2]  # "a lone surrogate, U+...., at character N)"
+    assert where.startswith("a lone surrogate") and where in str(in_request.value)

@@ -93,7 +93,8 @@ def stub_server():
     (b'{"texts": ["a"], "labels": [1]}', "unknown field(s) labels"),
     (b'{"texts": "a single string"}', "texts: expected a list of strings, got str"),
     (b'{"texts": ["a"], "text_pairs": "x"}', "text_pairs: expected a list of strings, got str"),
-    (b'{"texts": ["ok", "a\\ud800b"]}', "texts[1]: not valid Unicode (a lone surrogate, U+D800, at character 1)"),
+    (b'{"texts": ["ok", "a\\ud800b"]}', "texts[1]: not valid Unicode (a lone surrogate, U+D800, at character 2)"),
+    (b'{"texts": ["\\ud800"]}', "texts[0]: not valid Unicode (a lone surrogate, U+D800, at character 1)"),
     (b'{"texts": ["a"], "text_pairs": ["\\udfff"]}', "text_pairs[0]: not valid Unicode"),
     # empty by the rule of files and the command line (oztune.data.readers.is_blank): nothing but whitespace too
     (b'{"texts": [""]}', "texts[0]: empty text"),

@@ -325,8 +325,7 @@ def _get_text(record: dict, col: str, where: str) -> str:
     value = value.strip()
     bad = lone_surrogate(value)
     if bad is not None:  # a JSON "\ud800" escape: the tokenizer refuses the whole batch with a TypeError
-        raise DataError(f"{where}: column '{col}' is not valid Unicode (a lone surrogate, U+{ord(value[bad]):04X}, "
-                        f"at character {bad + 1})")
+        raise DataError(f"{where}: column '{col}' is not valid Unicode ({surrogate_at(value, bad)})")
     return value
 
 
@@ -346,6 +345,12 @@ def lone_surrogate(text: str) -> int | None:
     except UnicodeEncodeError as e:
         return e.start
     return None
+
+
+def surrogate_at(text: str, index: int) -> str:
+    """The lone surrogate at ``index`` of ``text`` in words, its position counted from 1 ("a lone surrogate,
+    U+D800, at character 1"): the one wording of the data files and the server."""
+    return f"a lone surrogate, U+{ord(text[index]):04X}, at character {index + 1}"
 
 
 def _get_label(record: dict, col: str, where: str) -> object:

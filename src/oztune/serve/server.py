@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from oztune.data.readers import is_blank
+from oztune.data.readers import is_blank, surrogate_at
 from oztune.errors import DataError, OztuneError, check_text_pairs
 from oztune.serve.batching import Closed, MicroBatcher, ModelTimeout, Predict, QueueFull, Stalled
 from oztune.serve.metrics import Metrics
@@ -260,8 +260,7 @@ def _string_list(body: dict, field: str) -> list[str]:
             try:
                 v.encode()
             except UnicodeEncodeError as e:
-                raise HTTPError(422, f"{field}[{i}]: not valid Unicode (a lone surrogate, "
-                                     f"U+{ord(v[e.start]):04X}, at character {e.start})") from None
+                raise HTTPError(422, f"{field}[{i}]: not valid Unicode ({surrogate_at(v, e.start)})") from None
     return value
 
 
