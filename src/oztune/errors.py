@@ -34,6 +34,15 @@ def check_positive(option: str, value: float | None) -> None:
         raise OztuneError(f"{option} must be a positive, finite number, not {value}")
 
 
+def missing_package(e: ModuleNotFoundError, extra: str, what: str) -> OztuneError:
+    """The one-line error for an optional package that is not installed (``e``, its import's failure): ``what``
+    needs it, and the pip extra ``extra`` of pyproject.toml installs it (as ``--tensorboard`` says so).
+    Raise it ``from None``: the traceback of a missing package tells a user nothing more."""
+    package = (e.name or "").partition(".")[0] or "a package"
+    return OztuneError(f"{what}, which needs the {package} package: pip install 'oztune[{extra}]' "
+                       f"(in a clone of oztune: pip install -e \".[{extra}]\")")
+
+
 # How to give each text its second text, and how to give texts alone: in a data file (or on the command line),
 # and in a call of the Python API or a request to the server.
 _PAIR_FIXES = {

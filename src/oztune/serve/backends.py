@@ -18,13 +18,25 @@ from oztune.api import Classifier, Predictor
 from oztune.config import ModelConfig, check_count
 from oztune.data.dataset import EncodedData, inference_batches
 from oztune.data.tokenize import TextEncoder, pad_batch
-from oztune.errors import ModelError, OztuneError
+from oztune.errors import ModelError, OztuneError, missing_package
 from oztune.models.hub import (ONNX_FILE, is_onnx_export, read_config, recorded_text_pairs, resolve_model,
                                tokenizer_length)
 from oztune.serve.batching import ModelTimeout
 from oztune.serve.export import export_onnx
 
 BACKENDS = ("torch", "onnx")
+
+
+def _onnxruntime():
+    """The onnxruntime module (an optional package, of the serve extra), else a one-line OztuneError saying how to
+    install it."""
+    try:
+        import onnxruntime
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("onnxruntime"):
+            raise
+        raise missing_package(e, "serve", "an ONNX export runs on ONNX Runtime") from None
+    return onnxruntime
 
 
 def default_threads() -> int:
@@ -49,8 +61,7 @@ class OnnxClassifier(Predictor):
 
     def __init__(self, path: str | Path, threads: int = 1, batch_size: int = 64, max_length: int | None = None,
                  spin: bool = True):
-        import onnxruntime as ort
-
+        ort = _onnxruntime()
         path = Path(path)
         hf = read_config(path)
         oz = hf.get("oztune", {})
@@ -127,6 +138,7 @@ def load_backend(model: str, backend: str = "torch", threads: int = 0, batch_siz
         return clf
     if compile:
         raise OztuneError("--compile is for --backend torch (ONNX Runtime optimizes its own graph)")
+    _onnxruntime()  # (missing: said before a model directory is exported)
     if not is_export:
         tmp = tempfile.TemporaryDirectory(prefix="oztune-onnx-")
         print(f"exporting {path} to ONNX in {tmp.name}", flush=True)

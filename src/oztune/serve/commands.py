@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from oztune.cli import command
-from oztune.errors import OztuneError, check_at_least_1
+from oztune.errors import OztuneError, check_at_least_1, missing_package
 
 # torch.onnx's TorchScript exporter (export.py traces with dynamo=False) supports opsets up to 20 in
 # torch 2.13 (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET); oztune's graph needs 17 or later.
@@ -234,7 +234,15 @@ def serve_cmd(a: ServeArgs) -> int:
 def _serve(a: ServeArgs) -> int:
     """Load the model, listen and serve until SIGINT/SIGTERM."""
     from oztune.serve.backends import WorkerProcess, load_backend
-    from oztune.serve.server import ServeLimits, listen_socket, run_server
+
+    try:  # (the serve extra: without it a ModuleNotFoundError's traceback, uvicorn's only once the model loaded)
+        import uvicorn  # noqa: F401
+
+        from oztune.serve.server import ServeLimits, listen_socket, run_server
+    except ModuleNotFoundError as e:
+        if (e.name or "oztune").startswith("oztune"):
+            raise
+        raise missing_package(e, "serve", "the server is a FastAPI app run by uvicorn") from None
 
     sock = listen_socket(a.host, a.port)  # fail before loading the model when the port is taken
     processes = a.backend == "torch" and a.worker_process
