@@ -70,7 +70,8 @@ def test_a_directory_holding_other_things_is_never_replaced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(OztuneError, match=r"--output .*out: exists and is not a model directory \(it holds notes.txt\)"):
+    with pytest.raises(OztuneError, match=r"--output .*out: exists and is not a model directory \(it holds notes.txt\); "
+                       "oztune replaces its output directory as a whole: choose a new one or empty this one"):
         check_output_dir(str(out))
     new = tmp_path / "new"
     new.mkdir()
@@ -128,3 +129,88 @@ def test_an_output_inside_an_input_directory_is_refused_but_not_inside_a_hub_nam
             check_output_dir(str(tmp_path / out), inputs=(str(tmp_path / "model"),))
     monkeypatch.chdir(tmp_path)  # a hub model id, not a directory here: nothing to be inside of
     assert check_output_dir("org/name/out", inputs=("org/name",)) == tmp_path / "org" / "name" / "out"
+
+
+def _project(tmp_path) -> Path:
+    """A user's folder that happens to hold a config.json: not a model, whatever its name says."""
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "config.json").write_text('{"db": "x"}')
+    (proj / "important.txt").write_text("hi")
+    (proj / "src" / "main.py").write_text("print(1)")
+    return proj
+
+
+def _tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else None for p in sorted(d.rglob("*"))}
+
+
+def test_a_config_json_beside_other_files_is_not_a_model_directory(tmp_path):
+    # any directory holding a config.json counted as a model and was replaced whole: important.txt and src/ gone
+    proj = _project(tmp_path)
+    before = _tree(proj)
+    with pytest.raises(OztuneError, match=r"--output .*proj: exists and holds files that are not a model's "
+                       r"\(important.txt, src\); oztune replaces its output directory as a whole: choose a new "
+                       r"one or move them$"):
+        check_output_dir(str(proj))
+    new = tmp_path / "new"
+    new.mkdir()
+    with pytest.raises(OztuneError, match=r"not a model's \(important.txt, src\); not replaced, the result is in"):
+        _replace_dir(new, proj)  # the last line of defence, where a command skipped the check
+    assert _tree(proj) == before
+
+
+def test_quantize_refuses_a_folder_with_a_config_json_and_deletes_nothing(tiny_finetuned, tmp_path, capsys):
+    from oztune.cli import main
+
+    proj = _project(tmp_path)
+    before = _tree(proj)
+    assert main(["quantize", "--model", str(tiny_finetuned), "--output", str(proj), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--output" in err and "not a model's (important.txt, src)" in err
+    assert _tree(proj) == before and sorted(p.name for p in tmp_path.iterdir()) == ["proj"]
+
+
+def test_a_model_directory_with_the_users_notes_in_it_is_refused(tiny_finetuned, tmp_path, capsys):
+    import shutil
+
+    from oztune.cli import main
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_finetuned, m)
+    (m / "notes.txt").write_text("mine")
+    (m / "predictions.jsonl").write_text('{"label": "pos"}\n')
+    before = _tree(m)
+    assert main(["quantize", "--model", str(tiny_finetuned), "--output", str(m), "--no-progress"]) == 2
+    assert "not a model's (notes.txt, predictions.jsonl)" in capsys.readouterr().err
+    assert _tree(m) == before
+
+
+def test_what_model_saves_write_may_be_replaced(tiny_base, tmp_path):
+    """Every name oztune's saves and Hugging Face's save_pretrained write; a real save_pretrained directory."""
+    from oztune.outdir import MODEL_FILES
+
+    out = tmp_path / "all"
+    out.mkdir()
+    for name in MODEL_FILES | {"model-00001-of-00002.safetensors", "pytorch_model-00002-of-00002.bin"}:
+        (out / name).mkdir() if name in ("variants", "aoti") else (out / name).write_text("x")
+    assert check_output_dir(str(out)) == out
+    assert check_output_dir(str(tiny_base)) == tiny_base  # (save_pretrained and a tokenizer.json)
+
+
+def test_commands_run_again_over_their_own_outputs(tiny_finetuned, tmp_path, capsys):
+    """A re-run replaces what an earlier run wrote: a finetune's output (quantized over), a quantize's, an export's."""
+    import shutil
+
+    from oztune.cli import main
+
+    ft = tmp_path / "ft"
+    shutil.copytree(tiny_finetuned, ft)
+    (ft / "train_log.csv").write_text("step,loss\n")  # (a finetune's step log and model card, as the command writes)
+    (ft / "README.md").write_text("# model\n")
+    q = ["quantize", "--model", str(tiny_finetuned), "--no-progress", "--output"]
+    assert main([*q, str(ft)]) == 0
+    assert main([*q, str(tmp_path / "q")]) == 0 and main([*q, str(tmp_path / "q")]) == 0
+    assert main(["export", "--model", str(tiny_finetuned), "--output", str(tmp_path / "onnx")]) == 0
+    assert main(["export", "--model", str(tiny_finetuned), "--output", str(tmp_path / "onnx")]) == 0
+    assert (tmp_path / "onnx" / "model.onnx").is_file(), capsys.readouterr().err

@@ -22,12 +22,52 @@ from pathlib import Path
 
 from oztune.errors import ModelError, OztuneError
 
-MODEL_FILES = ("config.json", "model.onnx")  # a directory holding one of these is a model oztune may replace
+MODEL_MARKERS = ("config.json", "model.onnx")  # a model directory holds one of these
+# Every name a model save writes at the top of its directory: an existing output is replaced only when it is
+# empty, or holds one of MODEL_MARKERS and nothing but these (anything else in it would be deleted with it).
+MODEL_FILES = frozenset({
+    # oztune's saves: models/hub.py save_classifier (finetune, quantize, prune, distill, compress), with
+    # train/finetune.py's step log; data/tokenize.py TextEncoder.save (TOKENIZER_FILES); compress/report.py
+    # and compress/search.py (the report, every variant under variants/); serve/export.py (ONNX: model.onnx and
+    # its external weights; AOT: the model copied, its graphs under aoti/, models/aot.py AOT_DIR)
+    "config.json", "model.safetensors", "run.json", "README.md", "train_log.csv",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "report.md", "report.json", "pareto.png", "variants",
+    "model.onnx", "model.onnx.data", "aoti",
+    # Hugging Face save_pretrained's (a model, its tokenizer): the ones above and these
+    "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json", "generation_config.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model",
+})
+MODEL_FILE_PATTERNS = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")  # shards of a large model
 
 
-def _holds_other_things(out: Path) -> bool:
-    """``out`` is a directory with files in it but no model: replacing it would delete them."""
-    return out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in MODEL_FILES)
+def _is_model_file(name: str) -> bool:
+    """Whether ``name``, at the top of a directory, is something a model save writes (:data:`MODEL_FILES`)."""
+    return name in MODEL_FILES or MODEL_FILE_PATTERNS.fullmatch(name) is not None
+
+
+def _not_model_files(out: Path) -> tuple[list[str], bool]:
+    """What replacing ``out`` would delete that is not a model's: the names of its entries (all of them where it
+    holds no model: none of :data:`MODEL_MARKERS`; else those that are not :data:`MODEL_FILES`), sorted, and
+    whether it is a model directory. Nothing for a missing or empty directory, or one a model save wrote."""
+    if not out.is_dir():
+        return [], False
+    names = sorted(p.name for p in out.iterdir())
+    model = any((out / f).is_file() for f in MODEL_MARKERS)
+    return ([n for n in names if not _is_model_file(n)] if model else names), model
+
+
+def _refusal(out: Path) -> tuple[str, str] | None:
+    """Why ``out`` may not be replaced as a whole (after its path, for a message) and what the user can do,
+    or None where it may."""
+    held, model = _not_model_files(out)
+    if not held:
+        return None
+    shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+    if model:
+        return f"exists and holds files that are not a model's ({shown})", "move them"
+    return f"exists and is not a model directory (it holds {shown})", "empty this one"
 
 
 def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
@@ -35,8 +75,9 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
     """Check, before any work, a directory that will be written: replaced as a whole, atomically, from a
     sibling temporary directory. Nothing that is not a model is ever replaced.
 
-    Refused: no value; an existing file; an existing directory that holds files but no model (config.json
-    or model.onnx: the model of an earlier run is replaced, anything else would be deleted); the current
+    Refused: no value; an existing file; an existing directory that holds anything but a model (config.json
+    or model.onnx, and nothing a model save does not write, :data:`MODEL_FILES`: the model of an earlier run is
+    replaced, anything else in it would be deleted); the current
     directory or one above it; a directory that holds one of ``inputs``, or is inside one of them that is a
     directory (a model inside its input model would go with it when that is replaced or copied); a path whose
     nearest existing ancestor is not a directory we can create files in.
@@ -71,11 +112,10 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
                               "replaced or copied; write the result elsewhere")
     if out.exists() and not out.is_dir():
         raise OztuneError(f"{option} {output}: exists and is not a directory")
-    if replaced and _holds_other_things(out):
-        held = sorted(p.name for p in out.iterdir())
-        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-        raise OztuneError(f"{option} {output}: exists and is not a model directory (it holds {shown}); "
-                          "oztune replaces its output directory as a whole: choose a new one or empty this one")
+    refused = _refusal(out) if replaced else None
+    if refused:
+        raise OztuneError(f"{option} {output}: {refused[0]}; oztune replaces its output directory as a whole: "
+                          f"choose a new one or {refused[1]}")
     parent = out.parent
     while not parent.exists() and not parent.is_symlink():
         parent = parent.parent
@@ -317,12 +357,13 @@ def _sync_tree(top: Path) -> None:
 def _replace_dir(new: Path, out: Path) -> None:
     """Move ``new`` to ``out``; an existing ``out`` is swapped out first and removed only afterwards.
 
-    An existing ``out`` that is not a model directory (see :func:`check_output_dir`, which commands call
-    before their work) is never replaced: ``new`` is kept beside it and the error names it.
+    An existing ``out`` that is not a model directory, or holds more than a model (see :func:`check_output_dir`,
+    which commands call before their work), is never replaced: ``new`` is kept beside it and the error names it.
     """
     _publish(new)
-    if _holds_other_things(out):
-        raise ModelError(f"{out}: exists and is not a model directory; not replaced, the result is in {_kept(new, out)}")
+    refused = _refusal(out)
+    if refused:
+        raise ModelError(f"{out}: {refused[0]}; not replaced, the result is in {_kept(new, out)}")
     if out.exists() and not out.is_dir():
         raise ModelError(f"{out}: exists and is not a directory; not replaced, the result is in {_kept(new, out)}")
     # an earlier model is moved aside into a fresh folder (a ``.old-`` left by a run killed while removing it
