@@ -211,6 +211,32 @@ def test_an_output_file_name_too_long_for_its_temporary_file_is_refused_before_a
     assert os.listdir(tmp_path) == [ok.name]
 
 
+NAME_MAX = "a" * 300  # one name over any file system's 255 bytes: an OSError (ENAMETOOLONG) from a mere exists()
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["finetune", "--train", "{train}", "--model", "{base}", "--output", "{tmp}/" + NAME_MAX], "--output"),
+    (["quantize", "--model", "{ft}", "--output", "{tmp}/" + NAME_MAX], "--output"),
+    (["compare", "{ft}", "--eval", "{dev}", "--output", "{tmp}/" + NAME_MAX], "--output"),
+    (["predict", "--model", "{ft}", "x", "--output", "{tmp}/" + NAME_MAX[:250] + ".jsonl"], "--output"),
+    (["evaluate", "--model", "{ft}", "--data", "{dev}", "--mistakes", "{tmp}/" + NAME_MAX[:250] + ".jsonl"],
+     "--mistakes"),
+    (["predict", "--model", "{tmp}/" + NAME_MAX, "x"], "--model"),
+    (["predict", "--model", NAME_MAX, "x"], "--model"),
+    (["compare", "{tmp}/" + NAME_MAX, "--eval", "{dev}"], "model"),
+])
+def test_a_name_too_long_for_the_file_system_is_one_line(argv, option, tiny_base, tiny_finetuned, sentiment_files,
+                                                         tmp_path, capsys):
+    # an OSError [Errno 36] File name too long from a path check (exists, is_dir, resolve): a traceback, exit 1
+    train, dev = sentiment_files
+    argv = [a.format(train=train, dev=dev, base=tiny_base, ft=tiny_finetuned, tmp=tmp_path) for a in argv]
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err[-600:]
+    assert f"{option} " in err and "its name is too long for the file system (File name too long)" in err
+    assert os.listdir(tmp_path) == []
+
+
 TRAIN = ["--train", "{train}", "--eval", "{dev}", "--epochs", "1", "--max-train-examples", "8", "--no-progress"]
 
 

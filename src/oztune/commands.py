@@ -16,7 +16,7 @@ from oztune.cli import command
 from oztune.data.labels import parse_multi_label
 from oztune.data.load import Columns, holds_pairs, read_labelled
 from oztune.data.readers import is_blank, lone_surrogate
-from oztune.errors import DataError, OztuneError, check_at_least_1, check_text_pairs
+from oztune.errors import DataError, OztuneError, check_at_least_1, check_text_pairs, path_errors
 from oztune.outdir import check_name_length
 from oztune.outdir import write_atomically as _write_atomically
 from oztune.train.finetune import FinetuneArgs, finetune
@@ -317,7 +317,12 @@ def _check_output_file(output: str, option: str = "--output", inputs: tuple[str 
     It must not be one of ``inputs`` (read, then replaced by the results) or any file inside the ``model``
     directory: an existing one would be overwritten, a new one would go with the model when it is replaced or
     copied (as :func:`oztune.outdir.check_output_dir` refuses a directory inside an input one)."""
-    path = Path(output)
+    with path_errors(f"{option} {output}"):  # (a name too long for the file system, ...)
+        _check_output_path(Path(output), output, option, inputs, model)
+
+
+def _check_output_path(path: Path, output: str, option: str, inputs: tuple[str | None, ...], model: str | None) -> None:
+    """:func:`_check_output_file`'s checks."""
     if path.is_dir():
         raise OztuneError(f"{option} {output}: is a directory; give a file name")
     if not path.absolute().parent.is_dir():
@@ -325,7 +330,9 @@ def _check_output_file(output: str, option: str = "--output", inputs: tuple[str 
     real = path.resolve()  # (a symbolic link is written through: its target is replaced, beside itself)
     check_name_length(real, real.parent if real.parent.is_dir() else path.absolute().parent, option, output, "file")
     for given in inputs:
-        if given and given != "-" and real == Path(given).resolve():
+        with path_errors(str(given)):  # (an input's own name, said as its own)
+            same = given and given != "-" and real == Path(given).resolve()
+        if same:
             raise OztuneError(f"{option} {output}: is the input {given}, which would be replaced; write to another file")
     if model and Path(model).is_dir() and Path(model).resolve() in real.parents:
         if path.exists():

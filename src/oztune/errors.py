@@ -6,7 +6,10 @@ Messages name the file, line, column or field at fault and say what was expected
 
 from __future__ import annotations
 
+import errno
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class OztuneError(Exception):
@@ -19,6 +22,19 @@ class DataError(OztuneError):
 
 class ModelError(OztuneError):
     """A model name or directory that cannot be loaded (unknown name, no weights, key mismatch)."""
+
+
+@contextmanager
+def path_errors(what: str, error: type[OztuneError] = OztuneError) -> Iterator[None]:
+    """Checks of a path the user gave (``exists``, ``is_dir``, ``resolve``, listing it): an OSError of theirs
+    becomes a one-line ``error`` naming ``what`` (the option and its value), not a traceback. A name longer
+    than the file system holds (ENAMETOOLONG: a component over 255 bytes) is said so."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise error(f"{what}: its name is too long for the file system ({e.strerror}); give a shorter one") from None
+        raise error(f"{what}: cannot be checked ({e.strerror or e})") from None
 
 
 def check_at_least_1(option: str, value: int | None) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from oztune.errors import ModelError, OztuneError
+from oztune.errors import ModelError, OztuneError, path_errors
 
 MODEL_MARKERS = ("config.json", "model.onnx")  # a model directory holds one of these
 # Every name a model save writes at the top of its directory: an existing output is replaced only when it is
@@ -80,7 +80,8 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
     replaced, anything else in it would be deleted); the current
     directory or one above it; a directory that holds one of ``inputs``, or is inside one of them that is a
     directory (a model inside its input model would go with it when that is replaced or copied); a path whose
-    nearest existing ancestor is not a directory we can create files in.
+    nearest existing ancestor is not a directory we can create files in; a name the file system cannot hold
+    (over 255 bytes: :func:`oztune.errors.path_errors`), or too long for the temporary sibling.
 
     Args:
         output: the directory.
@@ -94,6 +95,13 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
     """
     if not output:
         raise OztuneError(f"{option} is required")
+    with path_errors(f"{option} {output}"):  # (a name too long for the file system, ...)
+        return _check_output_dir(output, option, inputs, replaced)
+
+
+def _check_output_dir(output: str | os.PathLike, option: str, inputs: tuple[str | os.PathLike | None, ...],
+                      replaced: bool) -> Path:
+    """:func:`check_output_dir`'s checks of a given ``output``."""
     out = Path(os.path.abspath(output))
     real = out.resolve()
     if not replaced:
@@ -101,15 +109,8 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
     elif real == Path.cwd().resolve() or real in Path.cwd().resolve().parents:
         raise OztuneError(f"{option} {output}: the current directory or one above it; name a directory to write to")
     for given in inputs:
-        if given and real == Path(given).resolve():
-            raise OztuneError(f"{option} {output}: is the input {given}, which would be replaced; write to "
-                              "another directory")
-        if given and real in Path(given).resolve().parents:
-            raise OztuneError(f"{option} {output}: holds the input {given}, and would be replaced as a whole; "
-                              "choose another directory")
-        if given and os.path.isdir(given) and Path(given).resolve() in real.parents:
-            raise OztuneError(f"{option} {output}: is inside the input {given}, and would go with it when that is "
-                              "replaced or copied; write the result elsewhere")
+        with path_errors(str(given)):  # (an input's own name, said as its own)
+            _check_not_input(real, output, option, given)
     if out.exists() and not out.is_dir():
         raise OztuneError(f"{option} {output}: exists and is not a directory")
     refused = _refusal(out) if replaced else None
@@ -129,6 +130,19 @@ def check_output_dir(output: str | os.PathLike | None, option: str = "--output",
     if replaced:
         check_name_length(out, parent, option, output)
     return out
+
+
+def _check_not_input(real: Path, output, option: str, given) -> None:
+    """Refuse an output (``real``: resolved) that is the input ``given``, holds it, or is inside it (a directory)."""
+    if given and real == Path(given).resolve():
+        raise OztuneError(f"{option} {output}: is the input {given}, which would be replaced; write to "
+                          "another directory")
+    if given and real in Path(given).resolve().parents:
+        raise OztuneError(f"{option} {output}: holds the input {given}, and would be replaced as a whole; "
+                          "choose another directory")
+    if given and os.path.isdir(given) and Path(given).resolve() in real.parents:
+        raise OztuneError(f"{option} {output}: is inside the input {given}, and would go with it when that is "
+                          "replaced or copied; write the result elsewhere")
 
 
 def check_name_length(out: Path, parent: Path, option: str, output, what: str = "directory") -> None:

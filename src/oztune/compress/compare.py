@@ -73,7 +73,7 @@ def compare(a: CompareArgs) -> dict:
         raise OztuneError(f"--max-drop must be 0 or more ({MAX_DROP_UNIT}), not {a.max_drop}")
     check_at_least_1("--latency-texts", a.latency_texts)
     start = time.perf_counter()
-    models = [resolve_model(m) for m in a.models]  # every path checked before the first model is measured
+    models = [resolve_model(m, "model") for m in a.models]  # every path checked before the first model is measured
     check_distinct(a.models, models)
     names = variant_names(a.models)
     cols = Columns(a.text_column, a.text_pair_column, a.label_column)

