@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from oztune.data.labels import are_class_ids
+from oztune.data.labels import are_class_ids, gold_label2id
 from oztune.data.load import Columns, encode_examples, hold_out, holds_pairs, label_setup, read_labelled
 from oztune.errors import OztuneError, check_at_least_1, check_positive
 from oztune.models.hub import DEFAULT_MODEL, load_classifier, new_head_, save_classifier
@@ -266,6 +266,17 @@ def sample(examples: list, n: int | None, seed: int) -> list:
     return [examples[i] for i in idx]
 
 
+def model_class_ids(model_id2label: dict[int, str], label2id: dict[str, int]) -> dict[str, int] | None:
+    """``label2id`` reading a training file's labels (``label2id``: the file's) as the class ids of a fine-tuned
+    model, or None: where the model's labels are names and the file's are integers that are not among them, all
+    class ids of the model (0..N-1), as every command that reads labelled files reads gold labels
+    (:func:`~oztune.data.labels.gold_label2id`). Other integers are other labels (a new head)."""
+    by_id = gold_label2id(model_id2label, list(label2id))
+    if are_class_ids(model_id2label.values()) or by_id != {str(k): k for k in model_id2label}:
+        return None  # read by name
+    return by_id if set(label2id) <= set(by_id) else None
+
+
 def finetune(a: FinetuneArgs) -> dict:
     """Run the recipe; returns the run record (arguments, label map, metrics, timings).
 
@@ -312,6 +323,10 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     id2label = {i: n for n, i in label2id.items()} if label2id else {0: "value"}
     if a.label_names:
         id2label = dict(enumerate(a.label_names))
+    elif meta["trained"] and label2id and model.head_cfg.problem_type == problem_type:
+        by_id = model_class_ids(meta["id2label"], label2id)
+        if by_id:  # SST-2's 0/1 on a model fine-tuned for negative/positive: its head and names are kept
+            label2id, id2label, num_labels = by_id, dict(meta["id2label"]), len(by_id)
     if meta["trained"] and (model.head_cfg.problem_type, meta["id2label"]) != (problem_type, id2label):
         if env.is_main:  # a fine-tuned model on other labels: its head's outputs would mean something else
             print(f"oztune: {a.model} was fine-tuned for other labels ({', '.join(map(str, meta['id2label'].values()))}"

@@ -1,0 +1,48 @@
+"""finetune on an already fine-tuned model: the labels it reads, and the models it refuses before any work."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import synthetic_sentiment, write_tsv
+from oztune.cli import main
+
+
+def _args(model, train, out, *extra) -> list[str]:
+    return ["finetune", "--model", str(model), "--train", str(train), "--output", str(out), "--epochs", "1",
+            "--batch-size", "8", "--max-train-examples", "16", "--checkpoint-every", "0", "--precision", "fp32",
+            *extra]
+
+
+def test_integer_labels_on_a_model_with_label_names_are_its_class_ids(one_thread, tiny_finetuned, tmp_path,
+                                                                       capsys, monkeypatch):
+    """SST-2's 0/1 on a model fine-tuned for names (here neg/pos) replaced its head by a new one, trained from
+    scratch, and the saved model named its labels 0 and 1; evaluate, distill and prune read such a file as
+    the model's class ids (README), and so does finetune now: the head and the names are kept."""
+    from oztune.models.hub import load_classifier
+    from oztune.train import finetune as ft
+
+    ids = write_tsv(tmp_path / "ids.tsv", [(t, {"neg": "0", "pos": "1"}[lab]) for t, lab in synthetic_sentiment(32, 5)])
+    heads = []
+    real_fit = ft.fit
+
+    def fit(model, *a, **kw):  # the head as training starts
+        heads.append({k: v.clone() for k, v in model.head.state_dict().items()})
+        return real_fit(model, *a, **kw)
+
+    monkeypatch.setattr(ft, "fit", fit)
+    assert main(_args(tiny_finetuned, ids, tmp_path / "m")) == 0
+    out = capsys.readouterr().out
+    assert "replaced" not in out and "(single_label, 2 outputs)" in out
+    before = load_classifier(tiny_finetuned)[0].head.state_dict()
+    assert heads[0].keys() == before.keys() and all(torch.equal(heads[0][k], before[k]) for k in before)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+
+
+def test_integers_beyond_the_models_class_ids_are_other_labels(one_thread, tiny_finetuned, tmp_path, capsys):
+    three = write_tsv(tmp_path / "three.tsv", [(t, str(i % 3)) for i, (t, _) in enumerate(synthetic_sentiment(30, 5))])
+    assert main(_args(tiny_finetuned, three, tmp_path / "m", "--no-progress")) == 0
+    assert "its task head is replaced by a new one" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["id2label"] == {"0": "0", "1": "1", "2": "2"}
