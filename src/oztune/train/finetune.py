@@ -16,7 +16,8 @@ import torch
 from oztune.data.labels import are_class_ids, gold_label2id
 from oztune.data.load import Columns, encode_examples, hold_out, holds_pairs, label_setup, read_labelled
 from oztune.errors import OztuneError, check_at_least_1, check_positive
-from oztune.models.hub import DEFAULT_MODEL, load_classifier, new_head_, save_classifier
+from oztune.models.hub import (DEFAULT_ALIASES, DEFAULT_MODEL, load_classifier, new_head_, read_config, resolve_model,
+                               save_classifier)
 from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, check_targets, lora_alpha, merge_lora
 from oztune.outdir import check_output_dir
 from oztune.train import distributed
@@ -249,6 +250,17 @@ def check_args(a: FinetuneArgs) -> None:
         check_output_dir(a.checkpoints_dir(), "--checkpoint-dir", replaced=False)
     if a.checkpoint_every and not a.resume:
         Checkpointer(a.checkpoints_dir(), a.checkpoint_every, a.keep_checkpoints, {}).check_fresh_start()
+    if a.model in DEFAULT_ALIASES or Path(a.model).is_dir():  # (a hub id: checked once downloaded, before loading)
+        check_model(a, resolve_model(a.model))
+
+
+def check_model(a: FinetuneArgs, path: Path) -> None:
+    """Refuse a model that ``a`` cannot fine-tune, from its config.json alone (``path``: its directory): an int8
+    model (its weights do not train)."""
+    if read_config(path).get("oztune", {}).get("quantization"):
+        raise OztuneError(f"--model {a.model}: an int8 model (from oztune quantize), whose weights do not train; "
+                          "fine-tune the fp32 model it was quantized from and quantize the result, or use "
+                          "oztune quantize --qat-train FILE for quantization-aware fine-tuning")
 
 
 def _outside_output(a: FinetuneArgs, option: str, folder: str) -> None:
@@ -318,7 +330,9 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
         head["pooling"] = a.pooling
     if a.head_hidden:
         head.update(hidden_sizes=list(a.head_hidden), activation="gelu")
-    model, enc, meta = load_classifier(a.model, num_labels=num_labels, problem_type=problem_type, head=head,
+    path = resolve_model(a.model)  # (a hub id: downloaded here)
+    check_model(a, path)
+    model, enc, meta = load_classifier(path, num_labels=num_labels, problem_type=problem_type, head=head,
                                        max_length=a.max_length or TRAIN_MAX_LENGTH)
     id2label = {i: n for n, i in label2id.items()} if label2id else {0: "value"}
     if a.label_names:
