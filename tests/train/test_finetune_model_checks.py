@@ -65,3 +65,18 @@ def test_an_int8_model_is_refused_before_any_work(int8_model, sentiment_files, t
     assert out == "" and not (tmp_path / "m").exists()
     assert err.count("\n") == 1 and "an int8 model (from oztune quantize), whose weights do not train" in err
     assert "fine-tune the fp32 model it was quantized from" in err and "--qat-train" in err
+
+
+def test_a_max_length_beyond_the_position_table_is_refused_before_any_work(tiny_base, sentiment_files, tmp_path,
+                                                                            capsys):
+    """--max-length 1000 on a model of 512 positions was cut to 512 without a word (config.json recorded 512):
+    it is refused, as other out-of-range values are; up to the window is taken, and the default is cut to it."""
+    capsys.readouterr()
+    assert main(_args(tiny_base, sentiment_files[0], tmp_path / "m", "--max-length", "65")) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and not (tmp_path / "m").exists()
+    assert err == ("oztune finetune: error: --max-length 65: the model reads at most 64 tokens (its position "
+                   "table); give at most 64\n")
+    for given, saved in ((["--max-length", "64"], 64), ([], 64)):  # the default, 128, is cut to the window
+        assert main(_args(tiny_base, sentiment_files[0], tmp_path / f"m{saved}{len(given)}", "--no-progress", *given)) == 0
+        assert json.loads((tmp_path / f"m{saved}{len(given)}" / "config.json").read_text())["oztune"]["max_length"] == saved

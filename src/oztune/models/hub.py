@@ -203,6 +203,21 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise ModelError(f"{path}: no weights (expected model.safetensors or pytorch_model.bin)")
 
 
+def model_config(path: Path, hf: dict) -> ModelConfig:
+    """The backbone's config of the model directory ``path`` whose config.json holds ``hf`` (oztune's record, or
+    read from the family's fields); a ModelError for one oztune cannot use."""
+    oz = hf.get("oztune", {})
+    family = family_of(hf, str(path / "config.json"))
+    try:
+        return ModelConfig.from_dict(oz["model"]) if "model" in oz else family.config(hf, family.name)
+    except ConfigError as e:
+        raise ModelError(f"{path / 'config.json'}: {e}") from None
+    except KeyError as e:
+        raise ModelError(f"{path / 'config.json'}: lacks the field {e.args[0]!r} that a {family.name} model needs") from None
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{path / 'config.json'}: a field has a value oztune cannot use ({e})") from None
+
+
 def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels: int | None = None,
                     problem_type: str | None = None, head: dict | None = None,
                     max_length: int | None = None) -> tuple[SequenceClassifier, TextEncoder, dict]:
@@ -232,14 +247,7 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
     family = family_of(hf, str(path / "config.json"))
     sd = read_weights(path)
     native = oz.get("format") == "native"
-    try:
-        cfg = ModelConfig.from_dict(oz["model"]) if "model" in oz else family.config(hf, family.name)
-    except ConfigError as e:
-        raise ModelError(f"{path / 'config.json'}: {e}") from None
-    except KeyError as e:
-        raise ModelError(f"{path / 'config.json'}: lacks the field {e.args[0]!r} that a {family.name} model needs") from None
-    except (TypeError, ValueError) as e:
-        raise ModelError(f"{path / 'config.json'}: a field has a value oztune cannot use ({e})") from None
+    cfg = model_config(path, hf)
     id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
     trained = "head" in oz or any(hf_arch.endswith("ForSequenceClassification") for hf_arch in hf.get("architectures") or [])
     if trained:

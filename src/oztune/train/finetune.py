@@ -15,9 +15,9 @@ import torch
 
 from oztune.data.labels import are_class_ids, gold_label2id
 from oztune.data.load import Columns, encode_examples, hold_out, holds_pairs, label_setup, read_labelled
-from oztune.errors import OztuneError, check_at_least_1, check_positive
-from oztune.models.hub import (DEFAULT_ALIASES, DEFAULT_MODEL, load_classifier, new_head_, read_config, resolve_model,
-                               save_classifier)
+from oztune.errors import ModelError, OztuneError, check_at_least_1, check_positive
+from oztune.models.hub import (DEFAULT_ALIASES, DEFAULT_MODEL, load_classifier, model_config, new_head_, read_config,
+                               resolve_model, save_classifier)
 from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, check_targets, lora_alpha, merge_lora
 from oztune.outdir import check_output_dir
 from oztune.train import distributed
@@ -82,7 +82,8 @@ class FinetuneArgs(RecipeOptions):
         batch_size: examples per step (per process under torchrun).
         lr: peak learning rate, linear warm-up then linear decay (default 1e-4; 5e-4 with --lora-rank).
         problem_type: single_label, multi_label or regression (default: inferred from the labels).
-        max_length: longest input in tokens; longer texts are truncated (default: 128; saved with the model).
+        max_length: longest input in tokens; longer texts are truncated (default: 128, or the model's window if
+            shorter; saved with the model). At most the model's window (its position table).
         pooling: cls, mean or last (default: the family's standard head, which HF can load).
         head_hidden: widths of extra hidden layers in the head, comma-separated (e.g. 256,128).
         head_dropout: dropout in the head.
@@ -250,17 +251,29 @@ def check_args(a: FinetuneArgs) -> None:
         check_output_dir(a.checkpoints_dir(), "--checkpoint-dir", replaced=False)
     if a.checkpoint_every and not a.resume:
         Checkpointer(a.checkpoints_dir(), a.checkpoint_every, a.keep_checkpoints, {}).check_fresh_start()
-    if a.model in DEFAULT_ALIASES or Path(a.model).is_dir():  # (a hub id: checked once downloaded, before loading)
+    if Path(a.model).is_dir():  # (a hub id, or the bundled default: checked when resolved, before loading)
         check_model(a, resolve_model(a.model))
+    elif a.model in DEFAULT_ALIASES:
+        try:
+            path = resolve_model(a.model)
+        except ModelError:  # (its package is not installed: said when it is loaded)
+            return
+        check_model(a, path)
 
 
 def check_model(a: FinetuneArgs, path: Path) -> None:
     """Refuse a model that ``a`` cannot fine-tune, from its config.json alone (``path``: its directory): an int8
-    model (its weights do not train)."""
-    if read_config(path).get("oztune", {}).get("quantization"):
+    model (its weights do not train), or a --max-length beyond its position table."""
+    hf = read_config(path)
+    if hf.get("oztune", {}).get("quantization"):
         raise OztuneError(f"--model {a.model}: an int8 model (from oztune quantize), whose weights do not train; "
                           "fine-tune the fp32 model it was quantized from and quantize the result, or use "
                           "oztune quantize --qat-train FILE for quantization-aware fine-tuning")
+    if a.max_length is not None:  # (the default, 128, is cut to the window: it was not asked for)
+        window = model_config(path, hf).max_length
+        if a.max_length > window:
+            raise OztuneError(f"--max-length {a.max_length}: the model reads at most {window} tokens (its position "
+                              f"table); give at most {window}")
 
 
 def _outside_output(a: FinetuneArgs, option: str, folder: str) -> None:
