@@ -38,7 +38,7 @@ def test_compare_scores_weighs_and_times_every_model_as_evaluate_does(variants, 
                  "--max-drop", "100"]) == 0
     report = json.loads((out / "report.json").read_text())
     rows = {r["name"]: r for r in report["variants"]}
-    assert list(rows) == [fp32.name, "int8", "onnx"] and report["variants"][0]["drop"] == 0
+    assert list(rows) == [fp32.name, "int8", "onnx"] and report["variants"][0]["change"] == 0
     assert [rows[n]["runtime"] for n in rows] == ["torch", "torch", "onnxruntime"]
     want = {n: main(["evaluate", "--model", str(p), "--data", str(dev), "--json"]) for n, p in
             ((fp32.name, fp32), ("int8", int8), ("onnx", onnx))}
@@ -65,7 +65,7 @@ def test_the_budget_counts_from_the_first_model(variants, sentiment_files):
     _, dev = sentiment_files
     report = compare(CompareArgs(models=[str(int8), str(fp32)], eval=str(dev), max_drop=0))
     base, other = report["variants"]
-    assert base["name"] == "int8" and base["drop"] == 0 and other["drop"] == pytest.approx(other["score"] - base["score"])
+    assert base["name"] == "int8" and base["change"] == 0 and other["change"] == pytest.approx(other["score"] - base["score"])
     assert other["within_budget"] == (other["score"] >= base["score"])
     assert report["chosen"] in ("int8", "m") and (report["chosen"] == "int8" or other["within_budget"])
 
@@ -154,7 +154,7 @@ def test_the_printed_table_lines_up_under_its_header_with_short_names(variants, 
     assert main(["compare", str(fp32), str(int8), "--eval", str(dev)]) == 0
     header, *rows, timed = capsys.readouterr().out.splitlines()
     assert timed == "batch-1 ms: p50 over every eval text; texts/s: batch 64 over every eval text"
-    for column in ("accuracy", "drop", "texts/s"):
+    for column in ("accuracy", "change", "texts/s"):
         end = header.index(column) + len(column)  # right-aligned: each value ends where its header does
         assert all(r[end - 1].isdigit() and r[end] == " " for r in rows), (header, rows)
 

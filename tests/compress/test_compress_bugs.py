@@ -109,7 +109,7 @@ def test_report_md_claims_no_distillation_when_no_pruned_variant_was_made():
     distillation from fp32 on N examples' and lists the (unused) sizes."""
     from oztune.compress.report import markdown
 
-    rows = [{"name": n, "shape": "L2 H8 F128 V64", "score": s, "metric": "accuracy", "drop": s - 90.0,
+    rows = [{"name": n, "shape": "L2 H8 F128 V64", "score": s, "metric": "accuracy", "change": s - 90.0,
              "macro_f1": s, "file_mb": mb, "parameters": 0.02, "latency_p50_ms": 1.0, "latency_p95_ms": 2.0,
              "latency_texts": 100, "throughput": t, "speedup": t / 100} for n, s, mb, t in [("fp32", 90.0, 0.1, 100), ("int8", 89.5, 0.03, 150)]]
     settings = {"model": "m", "eval": "dev.tsv", "eval_examples": 100, "recipes": ["int8"], "sizes": [0.5, 0.33],

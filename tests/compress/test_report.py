@@ -28,8 +28,8 @@ def rows():
 
 def test_relative_figures_and_budget(rows):
     by = {r["name"]: r for r in rows}
-    assert by["fp32"]["drop"] == 0 and by["fp32"]["speedup"] == 1 and by["fp32"]["within_budget"]
-    assert by["prune50-int8"]["drop"] == pytest.approx(-0.8) and by["prune50-int8"]["within_budget"]
+    assert by["fp32"]["change"] == 0 and by["fp32"]["speedup"] == 1 and by["fp32"]["within_budget"]
+    assert by["prune50-int8"]["change"] == pytest.approx(-0.8) and by["prune50-int8"]["within_budget"]
     assert not by["prune33-int8"]["within_budget"]
     assert by["int8"]["speedup"] == pytest.approx(1100 / 300)
     assert by["int8"]["latency_speedup"] == pytest.approx(6.0 / 2.5)
@@ -50,7 +50,7 @@ def test_report_files(rows, tmp_path):
     assert "**prune50-int8** (kept)" in md and "| prune33-int8 |" in md and "-0.80" in md and "pareto.png" in md
     # accuracy's points are percent, said as before (pearson and micro-F1 x100: test_report_units)
     assert "budget: at most 1 point(s) of accuracy below fp32 (86.60)." in md and "- Scores in points (percent)." in md
-    assert "| variant | layers heads FFN vocab | accuracy | drop (pt) |" in md
+    assert "| variant | layers heads FFN vocab | accuracy | change (pt) |" in md
     assert "**Kept: `prune50-int8`**: accuracy 85.80" in md
     png = (tmp_path / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -138,3 +138,18 @@ def test_round_robin_times_batch_1_on_the_sample_alone_and_batch_64_on_every_tex
     turn = lambda k, ts: [(k, [ts[0]])] + [(k, [t]) for t in ts]  # noqa: E731  (an untimed call, then the chunk)
     assert singles == [("a", ["t1"]), ("b", ["t1"]),  # warm-up, on the sample too
                        *turn("a", ["t1", "t4"]), *turn("b", ["t1", "t4"]), *turn("a", ["t6"]), *turn("b", ["t6"])]
+
+
+def test_the_signed_change_is_not_headed_drop(rows, tmp_path):
+    """The column holds score minus the baseline's (-0.80: 0.8 points worse; +0.11 would be better), yet was
+    headed "drop (pt)": a positive "drop" reads as a loss. Header and JSON key say "change"; signs are kept."""
+    rows[1]["score"] = 86.71  # int8 better than fp32 by 0.11
+    add_relative(rows, rows[0], max_drop=1.0)
+    write_report(tmp_path, rows, "prune50-int8", 1.0, {"model": "m", "eval": "dev.tsv", "eval_examples": 872,
+                                                       "threads": 2, "seconds": 12.0})
+    md = (tmp_path / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| variant |"))
+    assert "drop" not in header and "| change (pt) |" in header
+    assert "| **prune50-int8** (kept) | L6 H72 F9216 | 85.80 | -0.80 |" in md and "| int8 | L6 H72 F9216 | 86.71 | +0.11 |" in md
+    variants = json.loads((tmp_path / "report.json").read_text())["variants"]
+    assert "drop" not in variants[1] and variants[1]["change"] == pytest.approx(0.11)

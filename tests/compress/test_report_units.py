@@ -88,7 +88,7 @@ def test_compare_says_the_score_is_the_metric_x100(task, tmp_path, capsys):
     assert f"{base['score']:.2f}" in lines[0]
     assert report["units"].startswith("points: the main metric x100")
     md = (out / "report.md").read_text()
-    assert f"| model | runtime | {metric} x100 | drop (pt) |" in md
+    assert f"| model | runtime | {metric} x100 | change (pt) |" in md
     assert f"budget: at most 2 point(s) of {metric} x100 (0.02 of {metric}) below `fp32`" in " ".join(md.split())
     assert f"- Scores in points: {metric} x100" in md and "(percent)" not in md
     assert f"**Fastest within the budget: `{report['chosen']}`**: {metric} x100 " in md
@@ -106,7 +106,7 @@ def test_compress_says_the_score_is_the_metric_x100(task, tmp_path, capsys):
     assert f"fp32: {metric} x100 {base['score']:.2f}, " in shown and f"kept {report['chosen']}: {metric} x100 " in shown
     assert report["units"].startswith("points: the main metric x100")
     md = " ".join((out / "report.md").read_text().split())
-    assert f"| variant | layers heads FFN vocab | {metric} x100 | drop (pt) |" in md
+    assert f"| variant | layers heads FFN vocab | {metric} x100 | change (pt) |" in md
     assert f"budget: at most 100 point(s) of {metric} x100 (1 of {metric}) below fp32" in md
     assert f"- Scores in points: {metric} x100" in md and "(percent)" not in md
 

@@ -219,7 +219,7 @@ def compress_cmd(a: CompressArgs) -> int:
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
     best = next(r for r in report["variants"] if r["name"] == report["chosen"])
-    print(f"\nkept {best['name']}: {points_of(best['metric'])} {best['score']:.2f} ({best['drop']:+.2f} pt), "
+    print(f"\nkept {best['name']}: {points_of(best['metric'])} {best['score']:.2f} ({best['change']:+.2f} pt), "
           f"{format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput; "
           f"saved to {a.output} (report.md, pareto.png)")
     return 0
@@ -237,11 +237,11 @@ def compare_cmd(a: CompareArgs) -> int:
     width = max(len("model"), *(len(r["name"]) for r in rows))  # (the header, were every name shorter)
     points = points_of(rows[0]["metric"])  # accuracy, or pearson x100 and micro_f1 x100
     score = max(9, len(points))
-    print(f"{'model':<{width}}  {points:>{score}}  {'drop':>6}  {'size':>8}  {'batch-1 ms':>10}  "
+    print(f"{'model':<{width}}  {points:>{score}}  {'change':>6}  {'size':>8}  {'batch-1 ms':>10}  "
           f"{'texts/s':>8}  {'speed-up':>8}")
     for r in rows:
         flag = f"  <- {MARK}" if r["name"] == report["chosen"] else ""
-        print(f"{r['name']:<{width}}  {r['score']:>{score}.2f}  {r['drop']:>+6.2f}  {format_size(r['file_mb']):>8}  "
+        print(f"{r['name']:<{width}}  {r['score']:>{score}.2f}  {r['change']:>+6.2f}  {format_size(r['file_mb']):>8}  "
               f"{r['latency_p50_ms']:>10.2f}  {r['throughput']:>8.0f}  {r['speedup']:>7.2f}x{flag}")
     timed, total = rows[0]["latency_texts"], report["settings"]["eval_examples"]
     every = "every eval text" if timed >= total else f"all {total}"

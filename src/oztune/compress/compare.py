@@ -180,7 +180,7 @@ def markdown(report: dict) -> str:
 {len(rows)} models, evaluated on `{s['eval']}` ({s['eval_examples']} examples); budget: at most
 {budget_words(report['max_drop'], metric)} below `{base['name']}` ({base['score']:.2f}).
 
-**Fastest within the budget: `{chosen}`**: {points_of(metric)} {best['score']:.2f} ({best['drop']:+.2f} pt),
+**Fastest within the budget: `{chosen}`**: {points_of(metric)} {best['score']:.2f} ({best['change']:+.2f} pt),
 {format_size(best['file_mb'])}, {best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x
 `{base['name']}`), batch-1 p50 {best['latency_p50_ms']:.2f} ms.
 

@@ -5,7 +5,7 @@ sorted by token length and cut into batches of 64 (the same batches for every va
 Latency: one text at a time, p50 and p95 over at most :data:`LATENCY_TEXTS` of the eval texts, spread evenly
 over the file (:func:`latency_sample`: the same texts for every variant and peer).
 
-Scores, drops and budgets are points: the main metric x100 (:data:`UNITS`). For accuracy these are percent; a
+Scores, changes and budgets are points: the main metric x100 (:data:`UNITS`). For accuracy these are percent; a
 Pearson correlation x100 (regression) or a micro-F1 x100 (multi-label) is named so (:func:`points_of`), since
 oztune evaluate prints those metrics on their own scale.
 """
@@ -27,7 +27,7 @@ from oztune.train.metrics import MAIN_METRIC
 
 COLUMNS = [  # (key, header, value -> cell)
     ("name", "variant", str), ("shape", "layers heads FFN vocab", str), ("score", "{points}", "{:.2f}".format),
-    ("drop", "drop (pt)", "{:+.2f}".format),
+    ("change", "change (pt)", "{:+.2f}".format),  # signed: -8.00 is 8 points below the baseline
     ("macro_f1", "macro-F1", "{:.2f}".format), ("file_mb", "file size", format_size),
     ("parameters", "params (M)", "{:.2f}".format),
     ("latency_p50_ms", "batch-1 p50 ms", "{:.2f}".format), ("latency_p95_ms", "batch-1 p95 ms", "{:.2f}".format),
@@ -35,7 +35,8 @@ COLUMNS = [  # (key, header, value -> cell)
 ]
 LATENCY_TEXTS = 256  # batch-1 latency is timed on at most this many eval texts (p50 and p95 settle well before)
 MAX_DROP_UNIT = "points: percent of accuracy, micro-F1 or Pearson x100"  # (--max-drop's errors)
-UNITS = "points: the main metric x100 (score, drop, macro_f1, max_drop); metrics: as oztune evaluate gives them"
+UNITS = ("points: the main metric x100 (score, change: signed, against the baseline, macro_f1, max_drop); "
+         "metrics: as oztune evaluate gives them")
 
 
 def points_of(metric: str) -> str:
@@ -165,12 +166,13 @@ def round_robin(runs: list[Callable], texts: list[str], pairs: list[str] | None,
 
 
 def add_relative(rows: list[dict], baseline: dict, max_drop: float) -> None:
-    """Fill ``drop`` (points below the baseline), ``speedup`` (throughput ratio) and ``within_budget``."""
+    """Fill ``change`` (signed points against the baseline: -8.00 is 8 points worse, +0.11 better; not a
+    "drop", which would read as a loss when positive), ``speedup`` (throughput ratio) and ``within_budget``."""
     for r in rows:
-        r["drop"] = r["score"] - baseline["score"]
+        r["change"] = r["score"] - baseline["score"]
         r["speedup"] = r["throughput"] / baseline["throughput"]
         r["latency_speedup"] = baseline["latency_p50_ms"] / r["latency_p50_ms"]
-        r["within_budget"] = r["drop"] >= -max_drop - 1e-9
+        r["within_budget"] = r["change"] >= -max_drop - 1e-9
 
 
 def write_report(out: Path, rows: list[dict], chosen: str, max_drop: float, settings: dict) -> None:
@@ -213,7 +215,7 @@ def markdown(rows: list[dict], chosen: str, max_drop: float, settings: dict) -> 
 Model `{settings.get('model')}`, evaluated on `{settings.get('eval')}` ({settings.get('eval_examples')} examples);
 budget: at most {budget_words(max_drop, metric)} below fp32 ({base['score']:.2f}).
 
-**Kept: `{chosen}`**: {points_of(metric)} {best['score']:.2f} ({best['drop']:+.2f} pt), {format_size(best['file_mb'])},
+**Kept: `{chosen}`**: {points_of(metric)} {best['score']:.2f} ({best['change']:+.2f} pt), {format_size(best['file_mb'])},
 {best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x fp32), batch-1 p50 {best['latency_p50_ms']:.2f} ms.
 
 {table(rows, chosen)}
