@@ -131,3 +131,22 @@ def test_compress_times_batch_1_on_at_most_latency_texts(tiny_finetuned, sentime
     assert [v["latency_texts"] for v in report["variants"]] == [7, 7]
     assert "batch 1 over 7 of the 100 eval texts (spread evenly over the file)" in " ".join(
         (out / "report.md").read_text().split())
+
+
+def test_compress_writes_a_model_card_for_the_model_it_keeps(tiny_finetuned, sentiment_files, tmp_path):
+    """quantize, prune and distill write a README.md model card; compress wrote none for the model it keeps."""
+    train, dev = sentiment_files
+    out = tmp_path / "o"
+    assert main(["compress", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev), "--output",
+                 str(out), "--recipes", "int8", "--max-drop", "100", "--no-progress", "--precision", "fp32"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    kept = next(v for v in report["variants"] if v["name"] == report["chosen"])
+    card = (out / "README.md").read_text()
+    assert card.startswith("# compressed classifier (oztune compress)")
+    said = ("`int8` (recipe int8, L2 H8 F128 V64)" if kept["name"] == "int8"  # (timing decides: fp32 may be faster)
+            else "fp32, the source model as it was measured (no other variant within the budget was faster)")
+    assert f"Source: `{tiny_finetuned}`; recipes tried: int8; kept: {said}\n" in card
+    assert f"accuracy {kept['score']:.2f} against fp32's {report['variants'][0]['score']:.2f} " \
+           f"({kept['change']:+.2f} pt; budget: at most 100 point(s) of accuracy below)" in card
+    assert f"| metric | fp32 | kept: {kept['name']} |" in card
+    assert f'oztune predict --model {out} "a charming and often affecting journey"' in card

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from oztune.compress.distill import DistillConfig, check_train_options, distill, load_task_data, load_trained
+from oztune.compress.distill import (DistillConfig, check_train_options, distill, load_task_data, load_trained,
+                                    recipe_card)
 from oztune.compress.prune import PruneConfig, prune_
 from oztune.compress.vocab import prune_vocab_, unk_id
 from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
-from oztune.compress.report import MAX_DROP_UNIT, add_relative, measure, points_of, write_report
+from oztune.compress.report import MAX_DROP_UNIT, add_relative, budget_words, measure, points_of, write_report
 from oztune.config import ModelConfig
 from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.hub import format_size, save_classifier
@@ -238,5 +239,22 @@ def _finish(a: CompressArgs, rows: list[dict], work: Path, data, start: float) -
     settings = {**asdict(a), "train_examples": len(data.train), "eval_examples": len(data.eval),
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "seconds": time.perf_counter() - start}
     write_report(work, rows, chosen, a.max_drop, settings)
+    (work / "README.md").write_text(compress_card(a, rows, chosen, data.text_pairs))
     if not a.keep_variants:
         shutil.rmtree(work / "variants", ignore_errors=True)
+
+
+def compress_card(a: CompressArgs, rows: list[dict], chosen: str, text_pairs: bool | None) -> str:
+    """The model card README.md of the model compress keeps (as quantize, prune and distill write one): its
+    source, the recipe kept and its score against fp32, the metrics beside fp32's, how to run it."""
+    base, best = rows[0], next(r for r in rows if r["name"] == chosen)
+    points = points_of(best["metric"])
+    kept = (f"`{chosen}` (recipe {best.get('recipe', chosen)}, {best['shape']})" if chosen != "fp32" else
+            "fp32, the source model as it was measured (no other variant within the budget was faster)")
+    return recipe_card("compressed classifier (oztune compress)", [
+        f"Source: `{a.model}`; recipes tried: {', '.join(a.recipes)}; kept: {kept}",
+        f"{points} {best['score']:.2f} against fp32's {base['score']:.2f} ({best['change']:+.2f} pt; budget: at most "
+        f"{budget_words(a.max_drop, best['metric'])} below), {best['speedup']:.2f}x fp32 throughput at batch 64",
+        f"Evaluated on `{a.eval}`; every variant's figures: report.md",
+    ], base["metrics"], best["metrics"], a.output, columns=("fp32", f"kept: {chosen}"),
+                       text_pairs=text_pairs)
