@@ -128,3 +128,24 @@ def test_graphs_take_at_most_the_position_window(tmp_path, monkeypatch, one_thre
     for name in (aot.PACKED, aot.SINGLE):
         tokens = built[name].range_constraints
         assert max(int(r.upper) for r in tokens.values() if int(r.upper) < 1000) == 10
+
+
+def test_an_aoti_export_has_its_own_model_card(tiny_finetuned, tmp_path, monkeypatch):
+    """The export copied its source's README.md verbatim: "int8 classifier (oztune quantize)", an example with
+    --model <the source>, no word of aoti. It gets its own card. (The compiler, a minute's work, is stubbed.)"""
+    import shutil
+
+    monkeypatch.setattr(aot, "build", lambda model, out_dir, weights=None: Path(out_dir).mkdir(parents=True))
+    src = tmp_path / "sst2-int8"
+    shutil.copytree(tiny_finetuned, src)
+    (src / "README.md").write_text("# int8 classifier (oztune quantize)\n\noztune predict --model runs/sst2-int8 \"x\"\n")
+    out = tmp_path / "aot"
+    assert main(["export", "--model", str(src), "--output", str(out), "--format", "aoti"]) == 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("# ahead-of-time compiled classifier (oztune export --format aoti)")
+    assert "quantize" not in card and "runs/sst2-int8" not in card
+    assert f"Made with: `oztune export --model {src} --format aoti --output {out}`" in card
+    for line in (f'oztune predict --model {out} "a charming', f"oztune evaluate --model {out} --data",
+                 f"oztune serve --model {out}\n", f'Classifier.from_pretrained("{out}")'):
+        assert line in card, line
+    assert (src / "README.md").read_text().startswith("# int8 classifier")  # the source's card stays its own

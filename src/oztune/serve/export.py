@@ -215,11 +215,40 @@ def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
     from oztune.models import aot
 
     src, out = _source_and_output(model_dir, output)
-    model, _, _ = _load_exportable(src)
+    model, _, meta = _load_exportable(src)
     with staged_dir(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(aot.AOT_DIR))
         aot.build(model, tmp / aot.AOT_DIR, aot.weights_digest(tmp))
+        # its own card: the source's (e.g. "int8 classifier (oztune quantize)", --model <the source>) was copied
+        (tmp / "README.md").write_text(aoti_card(str(model_dir), str(output), meta["text_pairs"],
+                                                 bool(read_config(src).get("oztune", {}).get("quantization"))))
     return out
+
+
+def aoti_card(source: str, output: str, text_pairs: bool | None, int8: bool) -> str:
+    """The model card README.md of an aoti export: what it is, the command that made it, how to run it."""
+    from oztune.models import aot
+    from oztune.train.finetune import predict_usage
+
+    command, call = predict_usage(output, text_pairs)
+    return f"""# ahead-of-time compiled classifier (oztune export --format aoti)
+
+- A copy of `{source}` ({'int8' if int8 else 'float'} weights, the same predictions) with its inference graphs compiled
+  ahead of time (AOTInductor) in `{aot.AOT_DIR}/`, for this machine's CPU and torch version ({aot.AOT_DIR}/{aot.META}
+  records them): loading it runs compiled at once; on another machine or torch version it runs eager, with a warning.
+- Made with: `oztune export --model {source} --format aoti --output {output}`
+- Metrics and training: see the source model's card, `{source}/README.md`.
+
+```bash
+{command}
+oztune evaluate --model {output} --data dev.tsv
+oztune serve --model {output}
+```
+
+```python
+{call}
+```
+"""
 
 
 def _source_and_output(model_dir: str | Path, output: str | Path) -> tuple[Path, Path]:
