@@ -91,7 +91,7 @@ def test_regression_learns_a_score(tiny_base, tmp_path, capsys):
     assert not any("None" in line for line in shown)
     lo, hi = Classifier.from_pretrained(out).predict(["movie film", "good good good film"])
     assert lo["score"] < hi["score"]
-    assert main(["evaluate", "--model", str(out), "--data", str(train), "--per-label"]) == 0  # no labels: no table
+    assert main(["evaluate", "--model", str(out), "--data", str(train), "--per-label"]) == 2  # no labels: refused
     assert main(["evaluate", "--model", str(out), "--data", str(train), "--mistakes", str(tmp_path / "w.jsonl")]) == 2
     assert not (tmp_path / "w.jsonl").exists()
 
@@ -148,3 +148,34 @@ def test_correlations_of_constant_predictions_are_0_with_a_note(tiny_hf_dir, tmp
                                                            "are undefined, given as 0")
     assert main(["evaluate", "--model", str(tmp_path / "m"), "--data", str(data), "--json"]) == 0
     assert "note" not in json.loads(capsys.readouterr().out)
+
+
+def test_what_only_classification_has_is_refused_for_regression_in_one_wording(tiny_hf_dir, tmp_path, capsys):
+    """--all-scores printed {"label": null, "score": ...} and --per-label printed the metrics alone: both silently
+    ignored, while --mistakes was refused. All three are refused alike, before the model runs."""
+    from conftest import tiny_hf_model, write_tiny_tokenizer
+
+    hf = tiny_hf_model("bert", num_labels=1, problem_type="regression")
+    hf.save_pretrained(tmp_path / "m")
+    write_tiny_tokenizer(tmp_path / "m", 64)
+    model = str(tmp_path / "m")
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": t, "score": s} for t, s in [("good", 1.0), ("bad film", 0.0)]])
+    capsys.readouterr()  # (save_pretrained's progress)
+    for argv, what in [(["predict", "--model", model, "good film", "--all-scores"], "every label's score (--all-scores)"),
+                       (["evaluate", "--model", model, "--data", str(data), "--per-label"],
+                        "a per-label report (--per-label)"),
+                       (["evaluate", "--model", model, "--data", str(data), "--mistakes", str(tmp_path / "w.jsonl")],
+                        "listing mistakes (--mistakes)")]:
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err.strip().splitlines() == [
+            f"oztune {argv[0]}: error: {what} is for classification models; this one is a regression model"], (argv, err)
+    assert main(["predict", "--model", model, "good film"]) == 0  # (without them: as before)
+    assert set(json.loads(capsys.readouterr().out)) == {"label", "score"}
+    clf = Classifier.from_pretrained(model)
+    import pytest
+
+    with pytest.raises(Exception, match="is for classification models"):
+        clf.predict(["good"], all_scores=True)
+    with pytest.raises(Exception, match="is for classification models"):
+        clf.evaluate(str(data), per_label=True)

@@ -33,10 +33,22 @@ def format_predictions(probs: np.ndarray, problem_type: str, id2label: dict[int,
             r = {"label": [id2label.get(i, str(i)) for i in on], "score": [float(p[i]) for i in on]}
         else:
             r = {"label": None, "score": float(p[0])}
-        if all_scores and problem_type != "regression":
+        if all_scores and problem_type != "regression":  # (Predictor.predict refuses all_scores for regression)
             r["scores"] = {id2label.get(i, str(i)): float(v) for i, v in enumerate(p)}
         out.append(r)
     return out
+
+
+def check_classification_only(problem_type: str, all_scores: bool = False, per_label: bool = False,
+                              mistakes: bool = False) -> None:
+    """Refuse what only a classification model has (a regression model has no labels): every label's score,
+    a per-label report, a list of mistakes; one OztuneError, in one wording, before the model runs."""
+    if problem_type != "regression":
+        return
+    for asked, what in ((all_scores, "every label's score (--all-scores)"),
+                        (per_label, "a per-label report (--per-label)"), (mistakes, "listing mistakes (--mistakes)")):
+        if asked:
+            raise OztuneError(f"{what} is for classification models; this one is a regression model")
 
 
 def _as_lists(texts, text_pairs) -> tuple[list[str], list[str] | None]:
@@ -111,6 +123,7 @@ class Predictor:
         """
         texts, text_pairs = _as_lists(texts, text_pairs)
         check_text_pairs(self.text_pairs, text_pairs is not None, "texts", "call")  # (no texts too, as logits)
+        check_classification_only(self.problem_type, all_scores=all_scores)
         if not texts:
             return []
         probs = self.probabilities(self.logits(texts, text_pairs))
@@ -130,8 +143,7 @@ class Predictor:
                 line, text, gold ``label``, ``predicted`` and its ``score``; single-label ones most
                 confident first (where label noise and systematic errors show).
         """
-        if mistakes and self.problem_type == "regression":
-            raise OztuneError("listing mistakes is for classification models; this one is a regression model")
+        check_classification_only(self.problem_type, per_label=per_label, mistakes=mistakes)
         examples = read_labelled(path, columns or Columns(), problem_type=self.problem_type, text_pairs=self.text_pairs)
         label2id = None if self.problem_type == "regression" else self.gold_label_ids([e.label for e in examples])
         data = encode_examples(examples, self.encoder, label2id, self.problem_type, path)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oztune.api import Classifier
+from oztune.api import Classifier, check_classification_only
 from oztune.cli import command
 from oztune.data.labels import parse_multi_label
 from oztune.data.load import Columns, holds_pairs, read_labelled
@@ -236,6 +236,7 @@ def predict_cmd(a: PredictArgs) -> int:
         if is_blank(t):
             raise DataError(f"text {i + 1} is empty")
     clf = _open(a.model, a.batch_size)
+    check_classification_only(clf.problem_type, all_scores=a.all_scores)  # (before the first answer is written)
     check_text_pairs(clf.text_pairs, pairs is not None,
                      f"--input {a.input}" if a.input else "the texts given as arguments (pairs come in an --input file)")
     lines = _answer_lines(clf, texts, pairs, a.all_scores)
