@@ -175,3 +175,18 @@ def test_evaluate_mistakes_dash_with_json_is_one_line_refused(tmp_path, monkeypa
     assert out == "" and len(err.strip().splitlines()) == 1
     assert "--mistakes - and --json would both write to standard output" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_empty_standard_input_says_it_was_empty(tiny_finetuned, tmp_path, monkeypatch, capsys):
+    """`--input - < /dev/null` said "no texts: give them as arguments or with --input FILE", though --input was
+    given; the error says standard input was empty (an empty --input FILE is named as such already)."""
+    _stdin(monkeypatch, b"")
+    assert main(["predict", "--model", str(tiny_finetuned), "--input", "-"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == ["oztune predict: error: --input -: no texts (standard input was empty)"]
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    assert main(["predict", "--model", str(tiny_finetuned), "--input", str(empty)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"oztune predict: error: {empty}: no examples (the file is empty)"]
+    assert main(["predict", "--model", str(tiny_finetuned)]) == 2  # nothing given at all: as before
+    assert "no texts: give them as arguments or with --input FILE" in capsys.readouterr().err

@@ -230,7 +230,9 @@ def predict_cmd(a: PredictArgs) -> int:
                               "give them in the file")
         texts += [e.text for e in ex]
         pairs = [e.text_pair or "" for e in ex] if holds_pairs(ex) else None
-    if not texts:
+    if not texts:  # (an --input FILE with no rows is refused naming the file: read_labelled)
+        if a.input == "-":  # (given, but empty: "give them with --input FILE" would send one to what was done)
+            raise OztuneError("--input -: no texts (standard input was empty)")
         raise OztuneError("no texts: give them as arguments or with --input FILE")
     for i, t in enumerate(texts):
         if is_blank(t):
