@@ -23,7 +23,8 @@ def test_the_fastest_variant_within_the_budget_is_kept(tmp_path, monkeypatch, in
         (tmp_path / "variants" / r["name"] / "model.safetensors").write_text(r["name"])
     reported = {}
     monkeypatch.setattr(search, "write_report", lambda out, rows, chosen, *rest: reported.update(chosen=chosen))
+    monkeypatch.setattr(search, "compress_card", lambda *args: "card")  # (these rows hold only what the choice reads)
     a = search.CompressArgs(max_drop=1.0)
-    search._finish(a, rows, tmp_path, SimpleNamespace(train=[], eval=[]), 0.0)
+    search._finish(a, rows, tmp_path, SimpleNamespace(train=[], eval=[], text_pairs=None), 0.0)
     assert reported["chosen"] == kept
     assert (tmp_path / "model.safetensors").read_text() == kept  # its files are the output model's
