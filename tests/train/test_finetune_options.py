@@ -74,6 +74,48 @@ def test_label_names_on_integer_labels_still_evaluate_the_integer_file(one_threa
     assert clf.evaluate(str(train))["accuracy"] == pytest.approx(record["metrics"]["accuracy"], abs=1e-9)
 
 
+def test_label_names_on_integers_that_are_not_class_ids_are_refused_naming_the_line(one_thread, tiny_base, tmp_path,
+                                                                                     capsys):
+    """Labels 1,2,3 with three names trained "1" as class 0 (the file's sorted labels), while `oztune evaluate`
+    read the same file's "1" as class id 1: 0.98 when training, 0.00 after. --label-names names the class ids
+    0..N-1, so another integer is refused before any training, naming the file and line."""
+    from oztune.cli import main
+
+    rows = [(t, str(1 + i % 3)) for i, (t, _) in enumerate(synthetic_sentiment(12, 1))]
+    train = write_tsv(tmp_path / "train123.tsv", rows)
+    out = tmp_path / "m"
+    assert main(["finetune", "--train", str(train), "--output", str(out), "--model", str(tiny_base), "--epochs", "1",
+                 "--no-progress", "--label-names", "billing,praise,tech"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--label-names names the class ids 0..2; {train} holds the label 3 (line 4): number the "
+                        "labels from 0, or write the names in the file") and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_label_names_name_class_ids_even_where_the_file_lacks_one(one_thread, tiny_base, tmp_path, monkeypatch):
+    """Labels 0 and 2 with three names trained "2" as class 1 (the second of the file's labels), so `oztune
+    evaluate` (class id 2) scored the same file otherwise than training did: label k is class k."""
+    from oztune import Classifier
+    from oztune.train import finetune as ft
+
+    rows = [(t, "2" if y == "pos" else "0") for t, y in synthetic_sentiment(48, 1)]
+    train = write_tsv(tmp_path / "train02.tsv", rows)
+    seen = []
+    real_fit = ft.fit
+
+    def fit(model, data, *a, **kw):
+        seen.append(sorted(set(data.labels.tolist())))
+        return real_fit(model, data, *a, **kw)
+
+    monkeypatch.setattr(ft, "fit", fit)
+    record, weights, _ = finetune(tiny_base, tmp_path, "m", train=str(train), eval=str(train),
+                                  label_names=["neg", "meh", "pos"])
+    assert seen == [[0, 2]]
+    clf = Classifier.from_pretrained(tmp_path / "m")
+    assert clf.id2label == {0: "neg", 1: "meh", 2: "pos"}
+    assert clf.evaluate(str(train))["accuracy"] == pytest.approx(record["metrics"]["accuracy"], abs=1e-9)
+
+
 @pytest.mark.parametrize("suffix", ["/.", "/./", "//"])
 def test_the_default_checkpoint_dir_of_an_output_ending_in_a_dot_is_beside_it(tmp_path, monkeypatch, suffix):
     """--output runs/m/. (the same directory as runs/m) was refused: its default --checkpoint-dir was

@@ -240,6 +240,28 @@ def are_class_ids(names) -> bool:
     return all(str(n).lstrip("-").isdigit() for n in names)
 
 
+def named_class_ids(names: list[str], raw_labels: list, problem_type: str, *, path: str,
+                    lines: list[int]) -> dict[str, int]:
+    """``label2id`` for a training file whose integer labels are the class ids ``--label-names`` names: label
+    ``k`` is class ``k`` for 0 <= k < len(names), whichever of them the file holds (a sample may miss one), so
+    the model's outputs are the ids every command then reads such files as (:func:`gold_label2id`).
+
+    Raises:
+        DataError: a label that is not one of those class ids, naming its line.
+    """
+    n = len(names)
+    for raw, line in zip(raw_labels, lines):
+        if problem_type == "multi_label":
+            got = parse_multi_label(raw, where=f"{path}: line {line}")
+        else:
+            got = [] if raw is None or raw == "" else [_label_name(raw)]
+        for name in got:
+            if not (are_class_ids([name]) and 0 <= int(name) < n):
+                raise DataError(f"--label-names names the class ids 0..{n - 1}; {path} holds the label {name} "
+                                f"(line {line}): number the labels from 0, or write the names in the file")
+    return {str(k): k for k in range(n)}
+
+
 def gold_label2id(id2label: dict[int, str], gold: list) -> dict[str, int]:
     """``label2id`` for reading a file's gold labels against a trained model's labels.
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from oztune.data.labels import are_class_ids, gold_label2id
+from oztune.data.labels import are_class_ids, gold_label2id, named_class_ids
 from oztune.data.load import Columns, encode_examples, hold_out, holds_pairs, label_setup, read_labelled
 from oztune.errors import ModelError, OztuneError, check_at_least_1, check_positive
 from oztune.models.hub import (DEFAULT_ALIASES, DEFAULT_MODEL, load_classifier, model_config, new_head_, read_config,
@@ -114,9 +114,10 @@ class FinetuneArgs(RecipeOptions):
         lora_alpha: LoRA scale numerator: updates are multiplied by alpha / rank (default 2 x rank).
         lora_targets: linears that get LoRA, comma-separated from qkv, o, up, down.
         lora_dropout: dropout on the input of the LoRA updates.
-        label_names: names to show for the labels, in label-id order, comma-separated (e.g. negative,positive
-            for SST-2's 0,1); files with the original integer labels still evaluate against the model.
-            Only for integer labels: a file whose labels are names already is refused.
+        label_names: names of the class ids 0, 1, ..., comma-separated (e.g. negative,positive for SST-2's 0,1):
+            the file's integer label k is class k, named by the k-th name; files with the original integer
+            labels still evaluate against the model. Only for integer labels 0..N-1 (N names): a file whose
+            labels are names already, or that holds another integer, is refused.
         class_weights: none, or balanced: weigh the loss so that every label counts as much in total, however
             rare (single-label: class c weighs N / (labels x count_c); multi-label: each label's positives
             weigh negatives / positives). For imbalanced data; the weights are printed and saved in run.json.
@@ -319,25 +320,26 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     cols = a.columns()
     train_ex = sample(read_labelled(a.train, cols, problem_type=a.problem_type), a.max_train_examples, a.seed)
     problem_type, label2id = label_setup(train_ex, a.problem_type, a.train)
+    if a.label_names and label2id and not are_class_ids(label2id):
+        # names for names: the model would know only the new ones, and this very --eval file (and every file
+        # labelled like it) would no longer evaluate against it
+        raise OztuneError(f"--label-names names integer class ids (e.g. SST-2's 0,1); {a.train}'s labels are "
+                          f"already names ({', '.join(map(str, label2id))}): use them as they are, or rename them in the file")
     text_pairs = holds_pairs(train_ex)  # recorded with the model, which then refuses the other kind of input
     eval_ex = read_labelled(a.eval, cols, problem_type=problem_type, text_pairs=text_pairs) if a.eval else None
     num_labels = len(label2id) if label2id else 1
     if problem_type == "single_label" and num_labels < 2:
         raise OztuneError(f"{a.train}: every example has the label {next(iter(label2id), '?')!r}; "
                           "a classifier needs at least 2 labels")
+    if a.label_names and label2id:  # label k is class k, as evaluate and the other commands read such files
+        label2id = named_class_ids(a.label_names, [e.label for e in train_ex], problem_type, path=a.train,
+                                   lines=[e.line for e in train_ex])
+        num_labels = len(label2id)
     if a.eval_split:  # after the label map: a label held out entirely would still have its output
         train_ex, eval_ex = hold_out(train_ex, a.eval_split, a.seed, stratify=problem_type == "single_label")
         if not eval_ex:
             raise OztuneError(f"--eval-split {a.eval_split} of {len(train_ex)} training examples holds out none: "
                               "give a larger share, more examples, or --eval FILE")
-    if a.label_names and label2id and not are_class_ids(label2id):
-        # names for names: the model would know only the new ones, and this very --eval file (and every file
-        # labelled like it) would no longer evaluate against it
-        raise OztuneError(f"--label-names names integer class ids (e.g. SST-2's 0,1); {a.train}'s labels are "
-                          f"already names ({', '.join(map(str, label2id))}): use them as they are, or rename them in the file")
-    if a.label_names and len(a.label_names) != num_labels:
-        raise OztuneError(f"--label-names gives {len(a.label_names)} names but {a.train} has {num_labels} labels "
-                          f"({', '.join(label2id or {})})")
     head = {"dropout": a.head_dropout}
     if a.pooling:
         head["pooling"] = a.pooling
