@@ -138,3 +138,24 @@ def test_round_trip_from_reader_labels():
 ])
 def test_gold_labels_are_read_by_name_or_by_class_id(id2label, gold, want):
     assert gold_label2id(id2label, gold) == want
+
+
+def test_a_list_label_for_a_single_label_task_names_the_file_and_line(tmp_path, capsys):
+    """--problem-type single_label on a file with a list label said "label ['price'] is a list, but the problem
+    type is single_label", naming neither the file nor the line (multi-label errors name both)."""
+    import json
+    import re
+
+    from oztune.cli import main
+    from oztune.data.load import Columns, label_setup, read_labelled
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "a", "label": "x"}, {"text": "b", "label": ["price"]},
+                                                            {"text": "c", "label": "y"}]))
+    examples = read_labelled(str(path), Columns(), problem_type="single_label")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: line 2: label \['price'\] is a list, but the problem type is single_label$"):
+        label_setup(examples, "single_label", str(path))
+    assert main(["finetune", "--train", str(path), "--output", str(tmp_path / "m"), "--model", str(tmp_path / "none"),
+                 "--problem-type", "single_label", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path}: line 2: label ['price'] is a list" in err and len(err.splitlines()) == 1, err

@@ -10,7 +10,7 @@ from oztune.data.dataset import EncodedData, encode_data
 from oztune.data.labels import build_label_map, encode_labels, infer_problem_type, parse_multi_label
 from oztune.data.readers import Example, read_examples
 from oztune.data.tokenize import TextEncoder
-from oztune.errors import check_text_pairs
+from oztune.errors import DataError, check_text_pairs
 
 
 @dataclass
@@ -47,9 +47,13 @@ def label_setup(examples: list[Example], problem_type: str | None,
     in error messages)."""
     raw = [e.label for e in examples]
     problem_type = problem_type or infer_problem_type(raw)
+    where = [f"{path}: line {e.line}" if path else f"line {e.line}" for e in examples]
     if problem_type == "multi_label":
-        raw = [parse_multi_label(r, where=f"{path}: line {e.line}" if path else f"line {e.line}")
-               for r, e in zip(raw, examples)]
+        raw = [parse_multi_label(r, where=w) for r, w in zip(raw, where)]
+    elif problem_type == "single_label":  # (build_label_map would not know the file or the line)
+        for r, w in zip(raw, where):
+            if isinstance(r, (list, dict)):
+                raise DataError(f"{w}: label {r!r} is a list, but the problem type is single_label")
     return problem_type, build_label_map(raw, problem_type)
 
 
