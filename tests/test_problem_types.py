@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 
 from oztune import Classifier
 from oztune.cli import main
@@ -179,3 +180,17 @@ def test_what_only_classification_has_is_refused_for_regression_in_one_wording(t
         clf.predict(["good"], all_scores=True)
     with pytest.raises(Exception, match="is for classification models"):
         clf.evaluate(str(data), per_label=True)
+
+
+@pytest.mark.parametrize("given", [[], ["--problem-type", "regression"]])
+def test_label_names_on_a_regression_task_are_refused(tiny_base, tmp_path, capsys, given):
+    """--label-names score was taken for a regression run (its one output named "score") though the option names
+    integer class ids ("Only for integer labels"): refused before any work, whether the problem type is given
+    or read from the file."""
+    train = _jsonl(tmp_path / "train.jsonl", [{"text": f"t {i}", "score": i + 0.5} for i in range(6)])
+    out = tmp_path / "m"
+    assert main(["finetune", "--train", str(train), "--output", str(out), "--model", str(tiny_base),
+                 "--epochs", "1", "--no-progress", "--label-names", "score", *given]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--label-names score names integer class ids, but " in err and "drop --label-names" in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()

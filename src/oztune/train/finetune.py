@@ -203,6 +203,12 @@ def check_train_options(a, at_least_one: tuple = ()) -> None:
         raise OztuneError(f"--precision must be auto, bf16 or fp32, not {a.precision!r}")
 
 
+def regression_label_names(names: list[str], why: str) -> str:
+    """The error for --label-names on a regression task, which has no classes to name."""
+    return (f"--label-names {','.join(names)} names integer class ids, but {why} (numbers to predict, not "
+            "classes): drop --label-names")
+
+
 def check_args(a: FinetuneArgs) -> None:
     """Reject bad option values and an unwritable output before any work is done."""
     check_train_options(a, ("grad_accum", "keep_checkpoints"))
@@ -241,6 +247,8 @@ def check_args(a: FinetuneArgs) -> None:
         raise OztuneError(f"--layer-lr-decay must be in (0, 1], not {a.layer_lr_decay}")
     if a.problem_type not in (None, "single_label", "multi_label", "regression"):
         raise OztuneError(f"--problem-type must be single_label, multi_label or regression, not {a.problem_type!r}")
+    if a.label_names and a.problem_type == "regression":
+        raise OztuneError(regression_label_names(a.label_names, "--problem-type regression"))
     if a.class_weights not in ("none", "balanced"):
         raise OztuneError(f"--class-weights must be none or balanced, not {a.class_weights!r}")
     check_output_dir(a.output, inputs=(a.train, a.eval, a.model))
@@ -320,6 +328,8 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     cols = a.columns()
     train_ex = sample(read_labelled(a.train, cols, problem_type=a.problem_type), a.max_train_examples, a.seed)
     problem_type, label2id = label_setup(train_ex, a.problem_type, a.train)
+    if a.label_names and problem_type == "regression":
+        raise OztuneError(regression_label_names(a.label_names, f"{a.train} holds regression targets"))
     if a.label_names and label2id and not are_class_ids(label2id):
         # names for names: the model would know only the new ones, and this very --eval file (and every file
         # labelled like it) would no longer evaluate against it
