@@ -201,3 +201,21 @@ def test_texts_that_are_not_a_string_or_a_list_of_them_are_named(clf, given, kin
     if given is not None:  # (text_pairs=None: no pairs)
         with pytest.raises(TypeError, match=f"^text_pairs: expected a string or a list of strings, got {kind}$"):
             clf.predict(["a"], text_pairs=given)
+
+
+@pytest.mark.parametrize("text_pairs", [None, False, True])
+@pytest.mark.parametrize("method", ["predict", "logits"])
+def test_a_tuple_element_is_not_taken_as_a_text_pair(clf, method, text_pairs):
+    """predict([("good movie", "the plot")]) reached the tokenizer as a text pair, past the check of the model's
+    kind of texts (a single-text model scored it; a pair model said "single texts, give text_pairs"), the check
+    of empty texts and the guard against the tokenizer's overflow of long pairs."""
+    c = Classifier(clf.model, clf.encoder, clf.id2label, text_pairs=text_pairs)
+    call = getattr(c, method)
+    for given in ([("good movie", "the plot")], [["good movie", "the plot"]], ["bad", ("good movie", "")]):
+        i, kind = len(given) - 1, type(given[-1]).__name__
+        with pytest.raises(TypeError, match=rf"^text {i} is a {kind}, .*predict\(texts, text_pairs\)"):
+            call(given)
+    with pytest.raises(TypeError, match=r"^text pair 1 is a tuple, .*predict\(texts, text_pairs\)"):
+        call(["good movie", "bad"], ["the plot", ("a", "b")])
+    with pytest.raises(TypeError, match=r"^text 1 is 3 \(int\): expected a string$"):
+        call(["good movie", 3], ["the plot", "a"] if text_pairs else None)

@@ -53,33 +53,44 @@ def check_classification_only(problem_type: str, all_scores: bool = False, per_l
 
 def _as_lists(texts, text_pairs) -> tuple[list[str], list[str] | None]:
     """The texts (and pairs) as lists: one string is one text, not its characters; one second text per text.
-    Bytes, a mapping or a non-iterable are a TypeError naming what was given."""
-    texts = _as_list(texts, "texts")
+    Bytes, a mapping or a non-iterable are a TypeError naming what was given; so is an element that is not a
+    string (a tuple is not a text pair: second texts are ``text_pairs``). An empty text is a ValueError, by the
+    rule of files, the command line and the server (:func:`oztune.data.readers.is_blank`): its score would mean
+    nothing. One pass over the texts."""
+    texts = _as_list(texts, "texts", "text")
     if text_pairs is not None:
-        text_pairs = _as_list(text_pairs, "text_pairs")
+        text_pairs = _as_list(text_pairs, "text_pairs", "text pair")
         if len(text_pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs: give one second text per text")
     return texts, text_pairs
 
 
-def _check_not_blank(texts: list, text_pairs: list | None) -> None:
-    """A ValueError for an empty text (or second text), by the rule of files, the command line and the server
-    (:func:`oztune.data.readers.is_blank`): its score would mean nothing. A text that is not a string is left to
-    the encoder, which names it (TypeError)."""
-    for name, seq in (("text", texts), ("text pair", text_pairs or ())):
-        bad = next((i for i, t in enumerate(seq) if isinstance(t, str) and is_blank(t)), None)
-        if bad is not None:
-            raise ValueError(f"{name} {bad} is empty ({seq[bad]!r}): a text needs more than whitespace to be scored")
-
-
-def _as_list(texts, name: str) -> list:
-    """``texts`` (the argument ``name``) as a list: one string is one text; see :func:`_as_lists`."""
+def _as_list(texts, name: str, item: str) -> list[str]:
+    """``texts`` (the argument ``name``, each element an ``item``) as a list of non-empty strings: one string is
+    one text; see :func:`_as_lists`."""
     if isinstance(texts, str):
-        return [texts]
-    if isinstance(texts, (bytes, bytearray, dict)) or not hasattr(texts, "__iter__"):
+        texts = [texts]
+    elif isinstance(texts, (bytes, bytearray, dict)) or not hasattr(texts, "__iter__"):
         # (bytes iterate as ints, a dict as its keys: never what was meant)
         raise TypeError(f"{name}: expected a string or a list of strings, got {type(texts).__name__}")
-    return list(texts)
+    else:
+        texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise _not_a_string(item, i, t)
+        if is_blank(t):
+            raise ValueError(f"{item} {i} is empty ({t!r}): a text needs more than whitespace to be scored")
+    return texts
+
+
+def _not_a_string(item: str, i: int, value) -> TypeError:
+    """The TypeError for element ``i`` of the texts (``item``: "text" or "text pair") that is not a string. A tuple
+    or list would reach the tokenizer as a text pair, past the checks of pairs: say how pairs are given."""
+    kind = type(value).__name__
+    if isinstance(value, (tuple, list)):
+        return TypeError(f"{item} {i} is a {kind}, expected a string: to score text pairs, give the first texts and "
+                         "the second texts as two lists, predict(texts, text_pairs)")
+    return TypeError(f"{item} {i} is {value!r} ({kind}): expected a string")
 
 
 class Predictor:
@@ -108,11 +119,18 @@ class Predictor:
 
     def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
         """Raw outputs (N, num_labels), in input order (one string: one text, N = 1)."""
+        return self._logits(*self._checked(texts, text_pairs))
+
+    def _checked(self, texts, text_pairs) -> tuple[list[str], list[str] | None]:
+        """The texts and pairs as lists of non-empty strings (:func:`_as_lists`), of the kind the model takes."""
         texts, text_pairs = _as_lists(texts, text_pairs)
-        check_text_pairs(self.text_pairs, text_pairs is not None, "texts", "call")
+        check_text_pairs(self.text_pairs, text_pairs is not None, "texts", "call")  # (no texts too)
+        return texts, text_pairs
+
+    def _logits(self, texts: list[str], text_pairs: list[str] | None) -> np.ndarray:
+        """:meth:`logits` of texts already checked (:meth:`_checked`)."""
         if not texts:
             return np.zeros((0, len(self.id2label) or 1), dtype=np.float32)
-        _check_not_blank(texts, text_pairs)
         return self.encoded_logits(EncodedData(self.encoder.encode(texts, text_pairs), None, self.encoder.pad_id))
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:
@@ -121,12 +139,11 @@ class Predictor:
         Single-label: the most likely label and its probability. Multi-label: the list of labels with
         probability >= 0.5 and the list of their probabilities. Regression: label None, score the value.
         """
-        texts, text_pairs = _as_lists(texts, text_pairs)
-        check_text_pairs(self.text_pairs, text_pairs is not None, "texts", "call")  # (no texts too, as logits)
+        texts, text_pairs = self._checked(texts, text_pairs)
         check_classification_only(self.problem_type, all_scores=all_scores)
         if not texts:
             return []
-        probs = self.probabilities(self.logits(texts, text_pairs))
+        probs = self.probabilities(self._logits(texts, text_pairs))
         return format_predictions(probs, self.problem_type, self.id2label, all_scores)
 
     def evaluate(self, path: str, columns: Columns | None = None, per_label: bool = False,
