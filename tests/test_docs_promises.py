@@ -116,3 +116,29 @@ def test_predict_to_a_full_stdout_is_one_error_line_not_a_silent_truncation(tiny
                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20480, 20480)))
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "standard output" in r.stderr and "File too large" in r.stderr
+
+
+# README, Compress, the Python quantize snippet: "save_classifier(clf.model, clf.encoder, "runs/sst2-int8", ...)".
+# It saved without text_pairs: a pair model quantized that way lost config.json's oztune.text_pairs and then scored
+# single texts (the snippet is run here as written, on a pair model, but for its predict of a single text).
+
+
+def test_the_readme_quantize_snippet_keeps_a_pair_models_text_pairs_record(tiny_base, tmp_path, monkeypatch):
+    import json
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from oztune.models.hub import load_classifier, save_classifier
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "quantization_record(" in b)
+    torch.manual_seed(0)
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    save_classifier(model, enc, tmp_path / "runs" / "sst2", {0: "neg", 1: "pos"}, text_pairs=True)
+    monkeypatch.chdir(tmp_path)
+    exec("\n".join(line for line in snippet.splitlines() if ".predict(" not in line), {})
+    config = json.loads((tmp_path / "runs" / "sst2-int8" / "config.json").read_text())
+    assert config["oztune"].get("text_pairs") is True
+    assert Classifier.from_pretrained(tmp_path / "runs" / "sst2-int8").text_pairs is True
