@@ -233,3 +233,34 @@ def test_run_json_is_strict_json_when_a_metric_is_not_a_number(tmp_path):
                                       (0.9997, "1 MB"), (85.24, "85.2 MB"), (1234.5, "1.23 GB"), (4.2e6, "4.2 TB")])
 def test_sizes_are_shown_with_three_significant_digits_in_a_unit_that_fits(mb, shown):
     assert format_size(mb) == shown
+
+
+def test_saved_tokenizer_truncates_in_transformers_where_the_model_was_fine_tuned(tiny_hf_dir, tmp_path):
+    """tokenizer_config.json kept the source's model_max_length (512 for MiniLM; here 64, or none at all) while
+    the model was fine-tuned and predicts at its own max_length: transformers' AutoTokenizer(truncation=True) +
+    AutoModelForSequenceClassification scored a longer text otherwise than oztune."""
+    import transformers as T
+
+    from oztune import Classifier
+
+    d, _ = tiny_hf_dir("bert")
+    source_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 64,
+                  "clean_up_tokenization_spaces": False, "unk_token": "[UNK]"}
+    (d / "tokenizer_config.json").write_text(json.dumps(source_cfg))
+    clf = Classifier.from_pretrained(d, max_length=12)
+    out = save_classifier(clf.model, clf.encoder, tmp_path / "m", clf.id2label)
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert saved == {**source_cfg, "model_max_length": 12}
+    text = " ".join(["good movie and the plot"] * 8)  # 40 words: over 12 tokens, under the 64 positions
+    tok = T.AutoTokenizer.from_pretrained(out)
+    assert tok.model_max_length == 12
+    enc = tok(text, truncation=True, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == 12
+    with torch.no_grad():
+        hf_logits = T.AutoModelForSequenceClassification.from_pretrained(out).eval()(**enc).logits.numpy()
+    ours = Classifier.from_pretrained(out).logits([text])
+    assert abs(hf_logits - ours).max() < 1e-5
+    (d / "tokenizer_config.json").unlink()  # none in the source: made, with the key
+    out = save_classifier(clf.model, clf.encoder, tmp_path / "m2", clf.id2label)
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 12}
+    assert T.AutoTokenizer.from_pretrained(out).model_max_length == 12

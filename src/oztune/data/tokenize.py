@@ -153,12 +153,23 @@ class TextEncoder:
 
     def save(self, out: Path) -> None:
         """Write the tokenizer files into ``out``: copies of the source's, and this tokenizer as tokenizer.json
-        (truncation at :attr:`max_length`, no padding, whatever the source's file said)."""
+        (truncation at :attr:`max_length`, no padding, whatever the source's file said). tokenizer_config.json's
+        ``model_max_length`` is :attr:`max_length` (made if absent; its other keys as the source's): the length
+        the model was fine-tuned and predicts at, where transformers' ``truncation=True`` cuts a text (the
+        source's, 512 for MiniLM, gave other scores than oztune's for a longer text)."""
         if self.source is not None:
             for name in TOKENIZER_FILES:
                 if name != "tokenizer.json" and (self.source / name).is_file() and not (out / name).exists():
                     shutil.copyfile(self.source / name, out / name)
         self.tokenizer.save(str(out / "tokenizer.json"))
+        f = out / "tokenizer_config.json"
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except ValueError:  # (not JSON: left as the source's, which transformers refuses anyway)
+            return
+        if isinstance(cfg, dict):
+            cfg["model_max_length"] = self.max_length
+            f.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def pad_batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
