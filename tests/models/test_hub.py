@@ -264,3 +264,30 @@ def test_saved_tokenizer_truncates_in_transformers_where_the_model_was_fine_tune
     out = save_classifier(clf.model, clf.encoder, tmp_path / "m2", clf.id2label)
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 12}
     assert T.AutoTokenizer.from_pretrained(out).model_max_length == 12
+
+
+@pytest.mark.parametrize("family, field", [("bert", "classifier_dropout"), ("roberta", "classifier_dropout"),
+                                           ("xlm-roberta", "classifier_dropout"), ("camembert", "classifier_dropout"),
+                                           ("distilbert", "seq_classif_dropout"), ("gpt2", None)])
+def test_head_dropout_is_saved_in_the_field_transformers_reads(tiny_hf_dir, tmp_path, family, field):
+    """--head-dropout 0.3 (HeadConfig dropout) was not written to config.json: transformers trained the saved
+    model's head on with its own (0.1). GPT-2's head (``score``) has no dropout: nothing to write."""
+    import transformers as T
+
+    from oztune.models.hub import new_head_
+
+    d, _ = tiny_hf_dir(family)
+    model, enc, _ = load_classifier(d)
+    new_head_(model, 3, "single_label", {"dropout": 0.3})
+    out = save_classifier(model, enc, tmp_path / "m", {0: "a", 1: "b", 2: "c"})
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"][0].endswith("ForSequenceClassification")  # the HF-loadable head
+    hf = T.AutoModelForSequenceClassification.from_pretrained(out)
+    dropouts = {m.p for name, m in hf.named_modules() if isinstance(m, torch.nn.Dropout)
+                and (name.startswith("classifier") or name == "dropout")}
+    if field is None:
+        assert not {"classifier_dropout", "seq_classif_dropout"} & set(config) and not dropouts
+    else:
+        assert config[field] == 0.3
+        assert dropouts == {0.3}
+    assert load_classifier(out)[0].head_cfg.dropout == 0.3

@@ -161,6 +161,8 @@ class Family:
         config: HF config dict -> ModelConfig.
         layers_key: the HF config's field holding the number of layers (kept right when pruning drops layers).
         ignore: regexes of checkpoint keys oztune does not use (buffers, pre-training heads).
+        head_dropout_key: the HF config's field of its head's dropout (the HeadConfig's ``dropout``, written on
+            save), None where its head has none (GPT-2's ``score`` is one linear layer).
     """
 
     name: str
@@ -172,6 +174,7 @@ class Family:
     config: Callable[[dict, str], ModelConfig]
     layers_key: str
     ignore: tuple = ()
+    head_dropout_key: str | None = None
 
 
 def _roberta_family(name: str, architecture: str) -> Family:
@@ -183,6 +186,7 @@ def _roberta_family(name: str, architecture: str) -> Family:
         {"hidden.0": "classifier.dense", "out": "classifier.out_proj"},
         {"pooling": "cls", "hidden_sizes": ["C"], "activation": "tanh"},
         _roberta_config, "num_hidden_layers", (r"position_ids$", r"^lm_head\.", r"^pooler\.", r"^roberta\.pooler\."),
+        "classifier_dropout",
     )
 
 
@@ -194,6 +198,7 @@ FAMILIES: dict[str, Family] = {
         {"hidden.0": "bert.pooler.dense", "out": "classifier"},
         {"pooling": "cls", "hidden_sizes": ["C"], "activation": "tanh"},
         _bert_config, "num_hidden_layers", (r"position_ids$", r"^cls\.", r"^bert\.embeddings\.position_ids"),
+        "classifier_dropout",
     ),
     **{name: _roberta_family(name, arch) for name, arch in (
         ("roberta", "RobertaForSequenceClassification"), ("xlm-roberta", "XLMRobertaForSequenceClassification"),
@@ -203,6 +208,7 @@ FAMILIES: dict[str, Family] = {
         {"hidden.0": "pre_classifier", "out": "classifier"},
         {"pooling": "cls", "hidden_sizes": ["C"], "activation": "relu"},
         _distilbert_config, "n_layers", (r"position_ids$", r"^vocab_(transform|layer_norm|projector)\."),
+        "seq_classif_dropout",
     ),
     "gpt2": Family(
         "gpt2", "GPT2ForSequenceClassification", "transformer.", _gpt2_keys(),

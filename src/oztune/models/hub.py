@@ -421,6 +421,8 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         id2label={str(i): n for i, n in id2label.items()}, label2id={n: i for i, n in id2label.items()},
         problem_type=_HF_PROBLEM[model.head_cfg.problem_type], num_labels=model.head_cfg.num_labels,
     )
+    if as_hf and family.head_dropout_key:  # (else transformers trains the head on with its own: 0.1)
+        hf[family.head_dropout_key] = model.head_cfg.dropout
     if id2label:
         hf.pop("num_labels")  # HF derives it from id2label
     for key in ("torch_dtype", "dtype"):  # the weights written are fp32 whatever the source's were (fp16 ...)
