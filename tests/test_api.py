@@ -22,7 +22,7 @@ def test_single_label_predictions_name_the_argmax_and_every_score():
 
 def test_multi_label_predictions_pair_each_label_with_its_own_probability():
     probs = np.array([[0.9, 0.2, 0.7], [0.1, 0.4, 0.2]], dtype=np.float32)
-    got = format_predictions(probs, "multi_label", ID2LABEL, all_scores=True)
+    got = format_predictions(probs, "multi_label", ID2LABEL, all_scores=True, logits=np.log(probs / (1 - probs)))
     assert got[0]["label"] == ["c", "b"] and got[0]["score"] == [pytest.approx(0.9), pytest.approx(0.7)]
     assert got[1]["label"] == [] and got[1]["score"] == []
     assert got[1]["scores"] == {"c": pytest.approx(0.1), "a": pytest.approx(0.4), "b": pytest.approx(0.2)}
@@ -61,3 +61,17 @@ def test_multi_label_mistakes_agree_with_the_metrics(tiny_base, tmp_path):
     out = Fixed().evaluate(str(f), per_label=True, mistakes=True)
     assert out["subset_accuracy"] == 1.0 and out["per_label"]["a"]["precision"] == 1.0
     assert out["mistakes"] == []
+
+
+def test_multi_label_predict_puts_a_label_on_by_the_rule_of_the_metrics(tiny_hf_dir, tmp_path):
+    """predict put a label on at probability >= 0.5, the metrics and evaluate --mistakes at logit > 0: a logit of 0
+    (or -3e-8, whose sigmoid is 0.5 in fp32) was a label predict gave and a mistake evaluate listed."""
+    d, _ = tiny_hf_dir("bert", num_labels=4, problem_type="multi_label_classification")
+    clf = Classifier.from_pretrained(d)
+    crafted = np.array([[0.0, -3e-8, 3e-8, 1.0]], dtype=np.float32)
+    clf.encoded_logits = lambda data: np.repeat(crafted, len(data), 0)
+    assert clf.predict(["good movie"])[0]["label"] == ["LABEL_2", "LABEL_3"]
+    data = tmp_path / "eval.tsv"
+    data.write_text("sentence\tlabel\ngood movie\tLABEL_2|LABEL_3\n")
+    metrics = clf.evaluate(str(data), mistakes=True)
+    assert metrics["mistakes"] == [] and metrics["subset_accuracy"] == 1.0

@@ -17,19 +17,25 @@ from oztune.models.hub import load_classifier, require_trained
 from oztune.models.transformer import SequenceClassifier, scores
 from oztune.data.tokenize import TextEncoder
 from oztune.train.loop import predict_logits
-from oztune.train.metrics import compute_metrics, label_report
+from oztune.train.metrics import compute_metrics, label_report, labels_on
 
 
 def format_predictions(probs: np.ndarray, problem_type: str, id2label: dict[int, str],
-                       all_scores: bool = False) -> list[dict]:
-    """One dict per row of ``probs`` (N, num_labels), as :meth:`Classifier.predict` returns them."""
+                       all_scores: bool = False, logits: np.ndarray | None = None) -> list[dict]:
+    """One dict per row of ``probs`` (N, num_labels), as :meth:`Classifier.predict` returns them. A multi-label
+    model's labels are those its ``logits`` (required for one) put on, by the rule of its metrics
+    (:func:`oztune.train.metrics.labels_on`)."""
+    if problem_type == "multi_label":
+        if logits is None:
+            raise ValueError("format_predictions of a multi-label model needs its logits (which labels are on)")
+        on_rows = labels_on(logits).tolist()
     out = []
-    for p in probs:
+    for k, p in enumerate(probs):
         if problem_type == "single_label":
             i = int(p.argmax())
             r = {"label": id2label.get(i, str(i)), "score": float(p[i])}
         elif problem_type == "multi_label":
-            on = [i for i in range(len(p)) if p[i] >= 0.5]
+            on = [i for i, v in enumerate(on_rows[k]) if v]
             r = {"label": [id2label.get(i, str(i)) for i in on], "score": [float(p[i]) for i in on]}
         else:
             r = {"label": None, "score": float(p[0])}
@@ -136,15 +142,16 @@ class Predictor:
     def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:
         """One dict per text: ``label`` and ``score`` (and ``scores`` for every label with ``all_scores``).
 
-        Single-label: the most likely label and its probability. Multi-label: the list of labels with
-        probability >= 0.5 and the list of their probabilities. Regression: label None, score the value.
+        Single-label: the most likely label and its probability. Multi-label: the list of labels with a logit
+        above 0 (probability above 0.5: the rule of the metrics and ``evaluate --mistakes``) and the list of their
+        probabilities. Regression: label None, score the value.
         """
         texts, text_pairs = self._checked(texts, text_pairs)
         check_classification_only(self.problem_type, all_scores=all_scores)
         if not texts:
             return []
-        probs = self.probabilities(self._logits(texts, text_pairs))
-        return format_predictions(probs, self.problem_type, self.id2label, all_scores)
+        logits = self._logits(texts, text_pairs)
+        return format_predictions(self.probabilities(logits), self.problem_type, self.id2label, all_scores, logits)
 
     def evaluate(self, path: str, columns: Columns | None = None, per_label: bool = False,
                  mistakes: bool = False) -> dict:
@@ -190,7 +197,7 @@ class Predictor:
                             "label": name(gold[i]), "predicted": name(pred[i]), "score": float(probs[i, pred[i]])})
             out.sort(key=lambda r: -r["score"])
         else:
-            on, g = logits > 0, gold > 0.5  # as the metrics threshold (p >= 0.5 rounds a logit of -3e-8 up)
+            on, g = labels_on(logits), gold > 0.5  # (as the metrics and predict)
             for i in np.flatnonzero((on != g).any(-1)):
                 out.append({"line": examples[i].line, "text": examples[i].text, "text_pair": examples[i].text_pair,
                             "label": [name(j) for j in np.flatnonzero(g[i])],

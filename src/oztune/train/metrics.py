@@ -130,7 +130,7 @@ def label_report(problem_type: str, logits: np.ndarray, gold: np.ndarray, id2lab
         tp = np.diag(cm).astype(float)
         fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
     else:
-        pred, g = logits > 0, gold > 0.5
+        pred, g = labels_on(logits), gold > 0.5
         tp = (pred & g).sum(0).astype(float)
         fp, fn = (pred & ~g).sum(0).astype(float), (~pred & g).sum(0).astype(float)
     # undefined: 0, but 1 for a label neither in gold nor predicted (its F1 is 1 too, see _f1)
@@ -145,10 +145,17 @@ def label_report(problem_type: str, logits: np.ndarray, gold: np.ndarray, id2lab
     return out
 
 
+def labels_on(logits: np.ndarray) -> np.ndarray:
+    """A multi-label model's predicted labels, (N, L) bool: those whose logit is above 0 (probability above 0.5).
+    The one rule of its metrics, ``evaluate --mistakes`` and ``predict`` (the logit, not the probability: in fp32
+    a logit of -3e-8 has a sigmoid of exactly 0.5)."""
+    return logits > 0
+
+
 def compute_metrics(problem_type: str, logits: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     """Metrics of ``problem_type`` from raw logits (N, L) and gold labels."""
     if problem_type == "single_label":
         return classification_metrics(logits.argmax(-1), gold.astype(int), logits.shape[-1])
     if problem_type == "multi_label":
-        return multilabel_metrics(logits > 0, gold > 0.5)
+        return multilabel_metrics(labels_on(logits), gold > 0.5)
     return regression_metrics(logits.reshape(-1), gold)
