@@ -325,11 +325,13 @@ def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module
 
 def _converts(name: str, m: nn.Module, config: QuantConfig) -> bool:
     """Whether ``config`` makes (or made) the module ``name`` int8: a Linear, or an Embedding other than the
-    token-type one unless embeddings is "none", not skipped (``m`` float, or already int8)."""
+    token-type one unless embeddings is "none", not skipped (``m`` float, or already int8). A Linear of one input
+    feature stays fp32 (a feed-forward block pruned to one neuron: torch._int_mm on CPU gives garbage for K = 1,
+    different on every call; the layer is a few numbers, so nothing is lost)."""
     if _skipped(name, config.skip):
         return False
     if isinstance(m, (nn.Linear, Int8Linear)):
-        return True
+        return m.in_features > 1
     return (isinstance(m, (nn.Embedding, Int8Embedding)) and config.embeddings == "int8"
             and not name.endswith("token_type"))
 
