@@ -320,3 +320,13 @@ def test_magnitude_pruning_ranks_weights_across_layers():
     assert pruned.max() <= kept.min()  # one threshold for all layers
     assert (linears["backbone.layers.1.ffn.up"].weight == 0).sum() == 0  # a per-layer threshold would prune half
     assert sparsity_of(model) == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("layers", [0.5, True, -1])
+def test_layers_must_be_a_whole_number_of_layers(layers):
+    """PruneConfig(layers=0.5) was accepted, then failed deep in prune_ with 'slice indices must be integers'."""
+    from oztune.compress.prune import PruneConfig
+    from oztune.errors import OztuneError
+
+    with pytest.raises(OztuneError, match="--layers must be a whole number of layers, 0 or more"):
+        PruneConfig(layers=layers)

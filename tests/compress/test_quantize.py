@@ -245,6 +245,10 @@ def test_skip_patterns_keep_modules_in_fp32(tmp_path, tiny_base):
         quantize_(tiny_classifier(), QuantConfig(skip=["layers.9"]))
     with pytest.raises(OztuneError, match="embeddings must be one of int8, none"):
         QuantConfig(embeddings="int4")
+    assert QuantConfig(skip=None).skip == []  # (None: nothing skipped)
+    for bad in (5, ["head.*", 3]):  # (was a bare TypeError from the list comprehension)
+        with pytest.raises(OztuneError, match="skip must be a list of glob patterns"):
+            QuantConfig(skip=bad)
 
 
 def test_deepcopy_of_a_quantized_model_runs():

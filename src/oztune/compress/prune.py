@@ -57,8 +57,8 @@ class PruneConfig:
             v = getattr(self, name)
             if not 0 <= v < 1:
                 raise OztuneError(f"--{name} must be in [0, 1), not {v}")
-        if self.layers < 0:
-            raise OztuneError(f"--layers must be 0 or more, not {self.layers}")
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 0:
+            raise OztuneError(f"--layers must be a whole number of layers, 0 or more, not {self.layers!r}")
         for name in ("importance_batches", "batch_size"):
             check_at_least_1(f"--{name.replace('_', '-')}", getattr(self, name))
 

@@ -72,7 +72,9 @@ class QuantConfig:
             raise OztuneError(f"quantization scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
         if self.embeddings not in EMBEDDINGS:
             raise OztuneError(f"embeddings must be one of {', '.join(EMBEDDINGS)}, not {self.embeddings!r}")
-        skip = self.skip.split(",") if isinstance(self.skip, str) else self.skip  # "a.*,b.*" as the CLI takes it
+        skip = [] if self.skip is None else self.skip.split(",") if isinstance(self.skip, str) else self.skip
+        if not isinstance(skip, (list, tuple)) or not all(isinstance(p, str) for p in skip):  # ("a.*,b.*": the CLI's)
+            raise OztuneError(f"skip must be a list of glob patterns of module names, not {self.skip!r}")
         self.skip = [p.strip() for p in skip if p.strip()]
 
     @classmethod
