@@ -3,7 +3,8 @@
 single_label: accuracy, macro-F1, MCC (multi-class Matthews); multi_label: subset accuracy,
 micro-/macro-F1; regression: Pearson, Spearman, MSE. ``MAIN_METRIC`` names the one early stopping uses.
 Of zero rows (not from a file, which the readers refuse empty: data encoded or filtered in Python) every metric is
-0, a number (not nan, which JSON does not take) that no model's real score beats by accident.
+0, a number (not nan, which JSON does not take), as single-label's always were; regression's then carry a ``note``
+saying so (its mse of 0 would otherwise read as a perfect fit).
 :func:`label_report` breaks a classification down by label (``oztune evaluate --per-label``).
 """
 
