@@ -287,6 +287,35 @@ def test_prune_bad_options_exit_2(classifier_dir, sentiment_files, tmp_path, arg
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "0"], "--sparsity 0 prunes nothing: give a --sparsity above 0"),
+    (["--sparsity", "0", "--structured"], "--structured --sparsity 0 prunes nothing (no heads, FFN neurons or layers"),
+    (["--structured", "--heads", "0", "--ffn", "0"],  # (--sparsity is not used then: not offered)
+     "--structured --heads 0 --ffn 0 prunes nothing (no heads, FFN neurons or layers removed): give --heads or --ffn"),
+    (["--structured", "--sparsity", "0", "--heads", "0", "--layers", "0"],
+     "--structured --sparsity 0 --heads 0 prunes nothing"),
+])
+def test_prune_refuses_options_that_prune_nothing_before_loading(tiny_finetuned, sentiment_files, tmp_path, args,
+                                                                 message, capsys, monkeypatch):
+    """A run that prunes nothing would only retrain the model and save it as "pruned" (accuracy changed, sparsity
+    0%): refused with one line before the model is loaded, as quantize refuses a step that quantizes nothing."""
+    import importlib
+
+    distill = importlib.import_module("oztune.compress.distill")  # (the package re-exports a function named distill)
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(distill, "load_trained", no_loading)
+    train, dev = sentiment_files
+    code = main(["prune", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev),
+                 "--output", str(tmp_path / "o"), "--epochs", "1", "--no-progress", "--precision", "fp32", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert "--layers 1 or more" in err or "--structured with --heads, --ffn or --layers" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_prune_rejects_a_model_without_a_task_head(tiny_base, sentiment_files, tmp_path, capsys):
     train, dev = sentiment_files
     code = main(["prune", "--model", str(tiny_base), "--train", str(train), "--eval", str(dev),

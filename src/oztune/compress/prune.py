@@ -293,7 +293,8 @@ class PruneArgs(RecipeOptions):
         eval: evaluation file (required): the metrics before and after; with --structured, the best epoch of the
             recovery is kept.
         output: directory to write the pruned model to.
-        sparsity: share of weights removed, in [0, 1); with --structured, the share of heads and neurons.
+        sparsity: share of weights removed, in [0, 1); with --structured, the share of heads and neurons. Options
+            that prune nothing (--sparsity 0 alone; --structured with no heads, neurons or layers) are refused.
         structured: remove whole heads, neurons and layers instead of single weights (the zeros of an
             unstructured-pruned --model are kept through the recovery).
         heads: with --structured, share of heads to remove (default: --sparsity).
@@ -334,11 +335,24 @@ class PruneArgs(RecipeOptions):
             if self.importance_batches is not None:  # (it would be ignored)
                 raise OztuneError("--importance-batches ranks the heads, neurons and layers that --structured removes: add "
                                   "--structured (without it, --sparsity zeroes the smallest weights)")
+            if not self.sparsity:  # (refused before any work: the run would only retrain the model)
+                raise OztuneError("--sparsity 0 prunes nothing: give a --sparsity above 0 (the share of weights to "
+                                  "zero), or --structured with --heads, --ffn or --layers")
             return PruneConfig(sparsity=self.sparsity)
-        return PruneConfig(heads=self.sparsity if self.heads is None else self.heads,
-                           ffn=self.sparsity if self.ffn is None else self.ffn, layers=self.layers,
-                           importance_batches=IMPORTANCE_BATCHES if self.importance_batches is None else self.importance_batches,
-                           batch_size=self.batch_size)
+        config = PruneConfig(heads=self.sparsity if self.heads is None else self.heads,
+                             ffn=self.sparsity if self.ffn is None else self.ffn, layers=self.layers,
+                             importance_batches=IMPORTANCE_BATCHES if self.importance_batches is None else self.importance_batches,
+                             batch_size=self.batch_size)
+        if not config.structured:  # (heads and ffn 0, whether given or taken from --sparsity, and --layers 0)
+            given = ["--structured", *(f"--{n} {getattr(self, n):g}" for n in ("heads", "ffn")
+                                       if getattr(self, n) is not None)]
+            uses_sparsity = self.heads is None or self.ffn is None  # (both given: --sparsity is not used)
+            if uses_sparsity:
+                given.insert(1, f"--sparsity {self.sparsity:g}")
+            shares = "--sparsity, --heads or --ffn" if uses_sparsity else "--heads or --ffn"
+            raise OztuneError(f"{' '.join(given)} prunes nothing (no heads, FFN neurons or layers removed): give "
+                              f"{shares} above 0, or --layers 1 or more")
+        return config
 
 
 def run_prune(a: PruneArgs) -> dict:
