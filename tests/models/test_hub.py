@@ -291,3 +291,58 @@ def test_head_dropout_is_saved_in_the_field_transformers_reads(tiny_hf_dir, tmp_
         assert config[field] == 0.3
         assert dropouts == {0.3}
     assert load_classifier(out)[0].head_cfg.dropout == 0.3
+
+
+def _saved_hf(tmp_path, kind: str, name: str, **config):
+    """A tiny random transformers ``{kind}ForSequenceClassification`` (or base ``{kind}Model``) with ``config``,
+    saved by its save_pretrained (no oztune record) with a tokenizer; (dir, the HF head's dropout p or None)."""
+    import transformers as T
+
+    from conftest import write_tiny_tokenizer
+
+    sizes = (dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37) if kind == "DistilBert" else
+             dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+    cfg = getattr(T, f"{kind}Config")(vocab_size=64, max_position_embeddings=64, **sizes, **config)
+    torch.manual_seed(0)
+    hf = getattr(T, f"{kind}{name}")(cfg)
+    d = tmp_path / f"{kind}-{name}-{len(list(tmp_path.iterdir()))}"
+    hf.save_pretrained(d)
+    write_tiny_tokenizer(d, 64)
+    head = getattr(hf, "dropout", None)  # (a base model has none)
+    return d, (head.p if head is not None else None)
+
+
+@pytest.mark.parametrize("kind, config, p", [
+    ("Bert", {"classifier_dropout": 0.3}, 0.3),
+    ("Bert", {"classifier_dropout": None, "hidden_dropout_prob": 0.2}, 0.2),  # null: hidden_dropout_prob's
+    ("DistilBert", {"seq_classif_dropout": 0.25}, 0.25),
+    ("DistilBert", {}, 0.2),  # (DistilBertConfig's default)
+])
+def test_head_dropout_is_read_from_a_transformers_checkpoint(tmp_path, kind, config, p):
+    """A checkpoint saved by transformers (no oztune record) got oztune's head dropout 0.1 whatever its
+    config.json said (classifier_dropout 0.3, DistilBERT's seq_classif_dropout): fine-tuning it in oztune
+    differed from fine-tuning it in transformers. Its head now drops what transformers' does; a dropout the
+    caller gives (finetune --head-dropout) still wins, on a trained head and on a new one."""
+    from oztune.models.hub import new_head_
+
+    d, hf_p = _saved_hf(tmp_path, kind, "ForSequenceClassification", **config)
+    assert hf_p == p  # (what transformers builds from it)
+    model, _, meta = load_classifier(d)
+    assert meta["trained"] and model.head_cfg.dropout == p and model.head.dropout.p == p
+    assert load_classifier(d, head={"dropout": 0.05})[0].head.dropout.p == 0.05
+    new_head_(model, 4, "single_label")  # (finetune on other labels: a new head, the checkpoint's dropout)
+    assert model.head.dropout.p == p
+    new_head_(model, 4, "single_label", {"dropout": 0.05})
+    assert model.head.dropout.p == 0.05
+    base, _ = _saved_hf(tmp_path, kind, "Model", **config)  # no head: a new one, as transformers would make it
+    model, _, meta = load_classifier(base, num_labels=3)
+    assert not meta["trained"] and model.head.dropout.p == p
+    assert load_classifier(base, num_labels=3, head={"dropout": 0.0})[0].head.dropout.p == 0.0
+
+
+def test_a_head_dropout_transformers_could_not_use_is_refused_by_name(tmp_path):
+    d, _ = _saved_hf(tmp_path, "Bert", "ForSequenceClassification", classifier_dropout=0.3)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "classifier_dropout": "high"}))
+    with pytest.raises(ModelError, match=r"config\.json: classifier_dropout 'high' is not a dropout probability"):
+        load_classifier(d)

@@ -162,7 +162,10 @@ class Family:
         layers_key: the HF config's field holding the number of layers (kept right when pruning drops layers).
         ignore: regexes of checkpoint keys oztune does not use (buffers, pre-training heads).
         head_dropout_key: the HF config's field of its head's dropout (the HeadConfig's ``dropout``, written on
-            save), None where its head has none (GPT-2's ``score`` is one linear layer).
+            save, read on load as transformers reads it), None where its head has none (GPT-2's ``score`` is
+            one linear layer).
+        head_dropout_fallback: what transformers uses when head_dropout_key is missing or null: another field of
+            the HF config (BERT's ``hidden_dropout_prob``, 0.1 when missing too) or a number (DistilBERT's 0.2).
     """
 
     name: str
@@ -175,6 +178,7 @@ class Family:
     layers_key: str
     ignore: tuple = ()
     head_dropout_key: str | None = None
+    head_dropout_fallback: str | float = 0.1
 
 
 def _roberta_family(name: str, architecture: str) -> Family:
@@ -186,7 +190,7 @@ def _roberta_family(name: str, architecture: str) -> Family:
         {"hidden.0": "classifier.dense", "out": "classifier.out_proj"},
         {"pooling": "cls", "hidden_sizes": ["C"], "activation": "tanh"},
         _roberta_config, "num_hidden_layers", (r"position_ids$", r"^lm_head\.", r"^pooler\.", r"^roberta\.pooler\."),
-        "classifier_dropout",
+        "classifier_dropout", "hidden_dropout_prob",
     )
 
 
@@ -198,7 +202,7 @@ FAMILIES: dict[str, Family] = {
         {"hidden.0": "bert.pooler.dense", "out": "classifier"},
         {"pooling": "cls", "hidden_sizes": ["C"], "activation": "tanh"},
         _bert_config, "num_hidden_layers", (r"position_ids$", r"^cls\.", r"^bert\.embeddings\.position_ids"),
-        "classifier_dropout",
+        "classifier_dropout", "hidden_dropout_prob",
     ),
     **{name: _roberta_family(name, arch) for name, arch in (
         ("roberta", "RobertaForSequenceClassification"), ("xlm-roberta", "XLMRobertaForSequenceClassification"),
@@ -208,7 +212,7 @@ FAMILIES: dict[str, Family] = {
         {"hidden.0": "pre_classifier", "out": "classifier"},
         {"pooling": "cls", "hidden_sizes": ["C"], "activation": "relu"},
         _distilbert_config, "n_layers", (r"position_ids$", r"^vocab_(transform|layer_norm|projector)\."),
-        "seq_classif_dropout",
+        "seq_classif_dropout", 0.2,
     ),
     "gpt2": Family(
         "gpt2", "GPT2ForSequenceClassification", "transformer.", _gpt2_keys(),
@@ -232,10 +236,30 @@ def family_of(hf_config: dict, where: str) -> Family:
     return FAMILIES[mt]
 
 
-def default_head(family: Family, hidden_size: int, num_labels: int, problem_type: str) -> HeadConfig:
-    """The family's standard classification head, as HF's ``ForSequenceClassification`` builds it."""
+def hf_head_dropout(family: Family, hf_config: dict) -> float | None:
+    """The dropout of the family's HF head as transformers builds it from ``hf_config`` (config.json): its
+    head_dropout_key, or the fallback where that is missing or null (BERT's ``classifier_dropout`` null means
+    ``hidden_dropout_prob``); None where the family's head has no dropout."""
+    key, fallback = family.head_dropout_key, family.head_dropout_fallback
+    if key is None:
+        return None
+    p, field = hf_config.get(key), key
+    if p is None:
+        p, field = (hf_config.get(fallback, 0.1), fallback) if isinstance(fallback, str) else (fallback, key)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ConfigError(f"{field} {p!r} is not a dropout probability (a number in [0, 1))")
+    return float(p)
+
+
+def default_head(family: Family, hidden_size: int, num_labels: int, problem_type: str,
+                 hf_config: dict | None = None) -> HeadConfig:
+    """The family's standard classification head, as HF's ``ForSequenceClassification`` builds it; with
+    ``hf_config`` (a checkpoint's config.json) its dropout is the one transformers reads from it."""
     h = dict(family.head)
     h["hidden_sizes"] = [hidden_size if s == "C" else s for s in h["hidden_sizes"]]
+    p = hf_head_dropout(family, hf_config) if hf_config else None
+    if p is not None:
+        h["dropout"] = p
     return HeadConfig(num_labels=num_labels, problem_type=problem_type, **h)
 
 

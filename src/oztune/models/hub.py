@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -227,7 +228,9 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
         name_or_dir: model name, directory or hub id (see :func:`resolve_model`).
         num_labels: outputs of a new head (ignored when the checkpoint has a head).
         problem_type: problem type of a new head.
-        head: overrides for a new head's HeadConfig (pooling, hidden_sizes, activation, dropout).
+        head: overrides for a new head's HeadConfig (pooling, hidden_sizes, activation, dropout); its dropout
+            also replaces a trained head's (a new head's, or a trained head without oztune's record, takes the
+            one transformers reads from config.json: classifier_dropout, seq_classif_dropout).
         max_length: tokenizer truncation length (capped at the model's window); None: the length the
             model was fine-tuned with (recorded by :func:`save_classifier`), else the model's window.
 
@@ -253,14 +256,22 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
     if trained:
         try:
             head_cfg = HeadConfig.from_dict(oz["head"]) if "head" in oz else default_head(
-                family, cfg.hidden_size, len(id2label) or 2, _from_hf_problem(hf.get("problem_type"), len(id2label)))
+                family, cfg.hidden_size, len(id2label) or 2, _from_hf_problem(hf.get("problem_type"), len(id2label)),
+                hf)  # (its dropout: the one transformers reads from config.json, e.g. classifier_dropout)
+        except ConfigError as e:
+            raise ModelError(f"{path / 'config.json'}: {e}") from None
         except (TypeError, ValueError) as e:
             raise ModelError(f"{path / 'config.json'}: its task head has a value oztune cannot use ({e})") from None
+        if head and head.get("dropout") is not None:  # the caller's dropout wins (it changes no weight)
+            head_cfg = replace(head_cfg, dropout=head["dropout"])
         if not id2label:  # transformers >= 5 leaves the default names out of config.json (of 2 labels): its names
             id2label = {i: f"LABEL_{i}" for i in range(head_cfg.num_labels)}
     else:
-        head_cfg = default_head(family, cfg.hidden_size, 2 if num_labels is None else num_labels,
-                                problem_type or "single_label")
+        try:
+            head_cfg = default_head(family, cfg.hidden_size, 2 if num_labels is None else num_labels,
+                                    problem_type or "single_label", hf)
+        except ConfigError as e:
+            raise ModelError(f"{path / 'config.json'}: {e}") from None
         unknown = sorted(set(head or {}) - set(head_cfg.to_dict()))
         if unknown:
             raise ValueError(f"head: unknown setting(s) {', '.join(unknown)}; expected some of "
@@ -323,7 +334,11 @@ def new_head_(model: SequenceClassifier, num_labels: int, problem_type: str, hea
     """Replace the task head of ``model`` with a new, freshly initialised one (the family's standard head,
     with ``head``'s overrides), as :func:`load_classifier` makes for a checkpoint without one."""
     family = FAMILIES[model.cfg.family]
-    cfg = default_head(family, model.cfg.hidden_size, num_labels, problem_type)
+    try:  # (the dropout of the checkpoint's config.json, as transformers would read it)
+        cfg = default_head(family, model.cfg.hidden_size, num_labels, problem_type,
+                           getattr(model, "hf_config", None))
+    except ConfigError:
+        cfg = default_head(family, model.cfg.hidden_size, num_labels, problem_type)
     model.head_cfg = HeadConfig.from_dict({**cfg.to_dict(), **(head or {})})
     model.head = TaskHead(model.head_cfg, model.cfg.hidden_size)
     init_weights(model.head)

@@ -86,7 +86,8 @@ class FinetuneArgs(RecipeOptions):
             shorter; saved with the model). At most the model's window (its position table).
         pooling: cls, mean or last (default: the family's standard head, which HF can load).
         head_hidden: widths of extra hidden layers in the head, comma-separated (e.g. 256,128).
-        head_dropout: dropout in the head.
+        head_dropout: dropout in the head (default: the model's, as transformers reads it from its config.json:
+            classifier_dropout, else hidden_dropout_prob; DistilBERT's seq_classif_dropout; else 0.1).
         warmup_ratio: share of steps spent warming up.
         weight_decay: AdamW weight decay.
         layer_lr_decay: layer-wise learning-rate decay d: the head trains at --lr, the top block at lr x d, each
@@ -136,7 +137,7 @@ class FinetuneArgs(RecipeOptions):
     problem_type: str | None = None
     pooling: str | None = None
     head_hidden: list[int] = field(default_factory=list)
-    head_dropout: float = 0.1
+    head_dropout: float | None = None
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     layer_lr_decay: float = 1.0
@@ -218,7 +219,7 @@ def check_args(a: FinetuneArgs) -> None:
             raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {v}")
     check_positive("--lora-alpha", a.lora_alpha)
     for name in ("lora_dropout", "head_dropout", "warmup_ratio", "ema_decay"):
-        if not 0 <= getattr(a, name) < 1:
+        if getattr(a, name) is not None and not 0 <= getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(a, name)}")
     if any(not 1 <= w <= MAX_HEAD_WIDTH for w in a.head_hidden):
         raise OztuneError(f"--head-hidden {','.join(map(str, a.head_hidden))}: each width must be at least 1 "
@@ -350,7 +351,7 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
         if not eval_ex:
             raise OztuneError(f"--eval-split {a.eval_split} of {len(train_ex)} training examples holds out none: "
                               "give a larger share, more examples, or --eval FILE")
-    head = {"dropout": a.head_dropout}
+    head = {} if a.head_dropout is None else {"dropout": a.head_dropout}
     if a.pooling:
         head["pooling"] = a.pooling
     if a.head_hidden:
