@@ -42,6 +42,20 @@ def test_integer_labels_on_a_model_with_label_names_are_its_class_ids(one_thread
     assert json.loads((tmp_path / "m" / "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
 
 
+@pytest.mark.parametrize("eval_labels", ["names", "ids"])
+def test_the_eval_file_is_read_as_evaluate_reads_it(one_thread, tiny_finetuned, tmp_path, eval_labels):
+    """The head kept for SST-2-like 0/1 training labels: --eval was read as class ids only, so an eval file
+    labelled with the model's names (neg/pos), which `oztune evaluate` reads by name, was refused as labels the
+    model does not know. finetune now reads --eval as evaluate does (by name, or as class ids)."""
+    rows = synthetic_sentiment(32, 5)
+    ids = write_tsv(tmp_path / "ids.tsv", [(t, {"neg": "0", "pos": "1"}[lab]) for t, lab in rows])
+    dev = write_tsv(tmp_path / "dev.tsv", [(t, lab if eval_labels == "names" else {"neg": "0", "pos": "1"}[lab])
+                                           for t, lab in synthetic_sentiment(20, 6)])
+    assert main(_args(tiny_finetuned, ids, tmp_path / "m", "--eval", str(dev), "--no-progress")) == 0
+    run = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert run["eval_examples"] == 20 and 0 <= run["metrics"]["accuracy"] <= 1
+
+
 def test_integers_beyond_the_models_class_ids_are_other_labels(one_thread, tiny_finetuned, tmp_path, capsys):
     three = write_tsv(tmp_path / "three.tsv", [(t, str(i % 3)) for i, (t, _) in enumerate(synthetic_sentiment(30, 5))])
     assert main(_args(tiny_finetuned, three, tmp_path / "m", "--no-progress")) == 0

@@ -374,7 +374,11 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
         new_head_(model, num_labels, problem_type, head)
     t0 = time.perf_counter()
     train_data = encode_examples(train_ex, enc, label2id, problem_type, a.train)
-    eval_data = encode_examples(eval_ex, enc, label2id, problem_type, a.eval or a.train) if eval_ex else None
+    if eval_ex and problem_type != "regression":  # read as `oztune evaluate` reads it: by name, or as class ids
+        eval_label2id = gold_label2id(id2label, [e.label for e in eval_ex])
+    else:
+        eval_label2id = label2id
+    eval_data = encode_examples(eval_ex, enc, eval_label2id, problem_type, a.eval or a.train) if eval_ex else None
     tokenize_s = time.perf_counter() - t0
     if a.lora_rank:
         apply_lora(model, a.lora_rank, a.lora_alpha, a.lora_targets, a.lora_dropout)
