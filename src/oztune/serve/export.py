@@ -212,6 +212,7 @@ def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
         model_dir: a model directory (fine-tuned, pruned or quantized).
         output: directory to write; replaced as a whole.
     """
+    from oztune.compress.quantize import is_int8
     from oztune.models import aot
 
     src, out = _source_and_output(model_dir, output)
@@ -220,8 +221,7 @@ def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(aot.AOT_DIR))
         aot.build(model, tmp / aot.AOT_DIR, aot.weights_digest(tmp))
         # its own card: the source's (e.g. "int8 classifier (oztune quantize)", --model <the source>) was copied
-        (tmp / "README.md").write_text(aoti_card(str(model_dir), str(output), meta["text_pairs"],
-                                                 bool(read_config(src).get("oztune", {}).get("quantization"))))
+        (tmp / "README.md").write_text(aoti_card(str(model_dir), str(output), meta["text_pairs"], is_int8(model)))
     return out
 
 

@@ -218,6 +218,11 @@ async def _answer(future: asyncio.Future, gone: Callable[[], bool] | None) -> li
     return predictions
 
 
+# A body left unread (408; 413, but for too many texts): its rest may still come, or never come (a client that sent
+# Expect: 100-continue sends its next request instead). These answers let the client go; neither is read as a request.
+CLOSES_CONNECTION = (408, 413)
+
+
 class PredictFastPath:
     """ASGI middleware that answers ``POST /predict`` (and ``/predict/``) itself, before FastAPI's routing.
 
@@ -225,21 +230,25 @@ class PredictFastPath:
     the serving process's time: routing, a ``Request`` object, a ``Response`` object. Answering from the
     raw ASGI messages took the process's CPU per request from ~0.2 ms to ~0.1 ms (bench/load.py), which under
     load is CPU the model gets. Every other path goes to the application; the FastAPI route for
-    /predict stays for the other methods' 405 (``allow: POST``) and does the same.
+    /predict stays for the other methods' 405 (``allow: POST``) and does the same. Being the outermost layer,
+    it also takes a path's trailing slash off for every route (``/predict/``, ``/health/``: the route itself).
     """
 
     def __init__(self, app, handle):
         self.app, self.handle = app, handle
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] != "http" or (scope["path"] != "/predict" and scope["path"] != "/predict/")
-                or scope["method"] != "POST"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if len(path) > 1 and path[-1] == "/":  # every route answers with a trailing slash too, as itself (no 307)
+            path = path[:-1]
+            scope = {**scope, "path": path}
+        if path != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         status, body = await self.handle(scope, receive)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        # A body left unread (408; 413, but for too many texts): its rest may still come, or never come (a client
-        # that sent Expect: 100-continue sends its next request instead). Let the client go; read neither as a request.
-        if status == 408 or status == 413:
+        if status in CLOSES_CONNECTION:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -324,8 +333,8 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
         checks.cancel()
         await asyncio.get_running_loop().run_in_executor(None, batcher.close, limits.graceful_timeout_s)
 
-    # Each route is served with a trailing slash too, as the same route: no redirect (Starlette's 307 to the path
-    # without it made a client resend its request, or, not following redirects, take the 307 for the answer).
+    # Each route is served with a trailing slash too, as the same route (PredictFastPath takes the slash off): no
+    # redirect (Starlette's 307 made a client resend its request, or, not following redirects, take the 307 for the answer).
     # No /docs, /redoc or /openapi.json: the schema FastAPI generates from these handlers, which read raw bytes
     # and build their own answers, said none of the error answers, an empty schema for each answer, and
     # application/json for /metrics; the contract is in the module's and the README's words.
@@ -333,12 +342,12 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
                   openapi_url=None)
     app.state.batcher, app.state.metrics = batcher, metrics
 
-    @app.post("/predict/")
     @app.post("/predict")
     async def predict_route(request: Request) -> Response:
         """Labels and scores for each text: ``{"predictions": [{"label": ..., "score": ...}, ...]}``."""
         status, body = await handle_predict(request.scope, request.receive)  # (PredictFastPath answers first)
-        return Response(body, status, {"connection": "close"} if status in (408, 413) else None, "application/json")
+        return Response(body, status, {"connection": "close"} if status in CLOSES_CONNECTION else None,
+                        "application/json")
 
     async def handle_predict(scope: dict, receive) -> tuple[int, bytes]:
         start = time.perf_counter()
@@ -371,7 +380,6 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
 
     app.add_middleware(PredictFastPath, handle=handle_predict)
 
-    @app.api_route("/health/", methods=["GET", "HEAD"])
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         """200 while the server takes requests (HEAD too, as health checkers send); 503 once a batch worker
@@ -382,7 +390,6 @@ def create_app(predict: Predict | list[Predict], limits: ServeLimits | None = No
             return _json(503, {"status": "unhealthy", "detail": problem})
         return _json(200, {"status": "ok", **(info or {}), "text_pairs": text_pairs})
 
-    @app.api_route("/metrics/", methods=["GET", "HEAD"])
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics_route() -> Response:
         """Counters and histograms in the Prometheus text format (HEAD: the same headers; uvicorn sends no body)."""
