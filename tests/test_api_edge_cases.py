@@ -93,6 +93,15 @@ def test_a_max_length_below_one_is_refused(clf_dir, max_length):
         Classifier.from_pretrained(clf_dir, max_length=max_length)
 
 
+def test_a_max_length_beyond_the_window_is_refused_naming_the_model(clf_dir):
+    """max_length=65 on a model of 64 positions was cut to 64 without a word (finetune refused it, every other
+    loader took it): the one rule of load_classifier, so the API, serve, quantize, prune, distill and compress
+    say it alike. Up to the window is taken."""
+    with pytest.raises(OztuneError, match=f"{clf_dir}: the model reads at most 64 tokens .* not the max length 65"):
+        Classifier.from_pretrained(clf_dir, max_length=65)
+    assert Classifier.from_pretrained(clf_dir, max_length=64).encoder.max_length == 64
+
+
 # --- new heads: load_classifier / HeadConfig ------------------------------------------------------------------
 
 def test_head_config_refuses_an_unknown_problem_type():

@@ -41,6 +41,20 @@ def test_bad_value_is_one_line_and_nothing_is_written(argv, needle, files, tmp_p
     assert not (tmp_path / "o").exists()
 
 
+PRUNE = ["prune", "--model", "{ft}", "--train", "{train}", "--eval", "{dev}", "--epochs", "1",
+         "--max-train-examples", "16", "--no-progress"]
+
+
+@pytest.mark.parametrize("argv", [DISTILL + ["--student-layers", "1"], COMPRESS, PRUNE, ["quantize", "--model", "{ft}"]])
+def test_a_max_length_beyond_the_window_is_refused_naming_the_model(argv, files, tmp_path, capsys):
+    """--max-length 65 on a model of 64 positions was cut to 64 without a word by every command but finetune."""
+    argv = [x.format(**files) for x in argv] + ["--max-length", "65", "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the model reads at most 64 tokens (its position table), not the max length 65" in err
+    assert files["ft"] in err and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--threads", HUGE], "--threads"),                     # torch: "Overflow when unpacking long long" traceback
     (["--threads", str(2**31)], "--threads"),

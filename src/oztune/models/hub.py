@@ -231,8 +231,8 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
         head: overrides for a new head's HeadConfig (pooling, hidden_sizes, activation, dropout); its dropout
             also replaces a trained head's (a new head's, or a trained head without oztune's record, takes the
             one transformers reads from config.json: classifier_dropout, seq_classif_dropout).
-        max_length: tokenizer truncation length (capped at the model's window); None: the length the
-            model was fine-tuned with (recorded by :func:`save_classifier`), else the model's window.
+        max_length: tokenizer truncation length, at most the model's window (more is a ModelError); None: the
+            length the model was fine-tuned with (recorded by :func:`save_classifier`), else the model's window.
 
     Returns:
         (model in eval mode, tokenizer, meta) where meta holds ``id2label``, ``label2id``, ``path``, ``run``
@@ -309,7 +309,7 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
         raise ModelError(f"{path}: weights do not match config.json ({shapes[0] if shapes else str(e).splitlines()[0]}"
                          f"{f' and {len(shapes) - 1} more' if len(shapes) > 1 else ''})") from None
     model.eval()
-    enc = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length), pad_token_id=hf.get("pad_token_id"))
+    enc = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length, path), pad_token_id=hf.get("pad_token_id"))
     if not 0 <= enc.pad_id < cfg.vocab_size:  # padding (and an empty text) would overrun the token embedding
         raise ModelError(f"{path}: the pad token id {enc.pad_id} is outside the model's {cfg.vocab_size} token "
                          "embeddings (a pad token added to the tokenizer without resizing the model's embeddings?)")
@@ -321,13 +321,18 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
                         "trained": trained, "text_pairs": recorded_text_pairs(oz, path)}
 
 
-def tokenizer_length(oz: dict, cfg: ModelConfig, max_length: int | None) -> int:
+def tokenizer_length(oz: dict, cfg: ModelConfig, max_length: int | None, path: str | os.PathLike) -> int:
     """The truncation length: ``max_length`` if given, else the one the model was fine-tuned with (config.json's
-    ``oztune.max_length``, written by :func:`save_classifier` and exports), else the model's window; never
-    beyond the window."""
-    if max_length is not None:
-        check_count("max_length", max_length)
-    return min(max_length or oz.get("max_length") or cfg.max_length, cfg.max_length)
+    ``oztune.max_length``, written by :func:`save_classifier` and exports), else the model's window. A
+    ``max_length`` beyond the window (the position table of the model at ``path``) is a ModelError: texts
+    would be cut shorter than asked without a word."""
+    if max_length is None:
+        return min(oz.get("max_length") or cfg.max_length, cfg.max_length)
+    check_count("max_length", max_length)
+    if max_length > cfg.max_length:
+        raise ModelError(f"{path}: the model reads at most {cfg.max_length} tokens (its position table), not the "
+                         f"max length {max_length} asked for; give at most {cfg.max_length}")
+    return max_length
 
 
 def new_head_(model: SequenceClassifier, num_labels: int, problem_type: str, head: dict | None = None) -> None:

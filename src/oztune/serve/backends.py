@@ -52,7 +52,7 @@ class OnnxClassifier(Predictor):
         path: directory written by ``oztune export`` (model.onnx, tokenizer, config.json).
         threads: onnxruntime intra-op threads.
         batch_size: texts per run.
-        max_length: tokenizer truncation length (capped at the model's window); None: the model's own, as
+        max_length: tokenizer truncation length, at most the model's window; None: the model's own, as
             fine-tuned (recorded by the export).
         spin: let onnxruntime's threads spin, waiting for work, after each run (its default: the next run starts
             sooner, but those threads keep cores busy a while: a PyTorch model run right after one ran at half
@@ -73,7 +73,7 @@ class OnnxClassifier(Predictor):
         self.problem_type = oz["head"]["problem_type"]
         self.text_pairs = recorded_text_pairs(oz, path)  # (exported from a model saved before it was recorded: None)
         self.id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
-        self.encoder = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length), pad_token_id=hf.get("pad_token_id"))
+        self.encoder = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length, path), pad_token_id=hf.get("pad_token_id"))
         self.batch_size = check_count("batch_size", batch_size)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1

@@ -359,7 +359,9 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     path = resolve_model(a.model)  # (a hub id: downloaded here)
     check_model(a, path)
     model, enc, meta = load_classifier(path, num_labels=num_labels, problem_type=problem_type, head=head,
-                                       max_length=a.max_length or TRAIN_MAX_LENGTH)
+                                       max_length=a.max_length)
+    if a.max_length is None:  # the default, not asked for: cut to the window of a model that reads fewer tokens
+        enc.set_max_length(min(TRAIN_MAX_LENGTH, model.cfg.max_length))
     id2label = {i: n for n, i in label2id.items()} if label2id else {0: "value"}
     if a.label_names:
         id2label = dict(enumerate(a.label_names))
