@@ -134,6 +134,22 @@ def test_gradual_pruning_in_fit_follows_the_schedule():
     assert seen[total // 4 - 1][3] > 0.5 and seen[-1][3] == pytest.approx(0.75, abs=2e-3)
 
 
+def test_a_second_unstructured_prune_counts_the_zeros_already_there():
+    """prune_(0.5) then prune_(0.3) keeps the model as the first left it (a weight is never restored); a higher
+    target then prunes up to it, the first call's zeros among its zeros (PruneConfig's docstring says so)."""
+    model = tiny_model()
+    prune_(model, PruneConfig(sparsity=0.5))
+    first = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prune_(model, PruneConfig(sparsity=0.3))
+    assert all(torch.equal(p, first[n]) for n, p in model.named_parameters())
+    assert sparsity_of(model) == pytest.approx(0.5, abs=0.01)
+    prune_(model, PruneConfig(sparsity=0.7))
+    assert sparsity_of(model) == pytest.approx(0.7, abs=0.01)
+    zeros_before = [first[n] == 0 for n, _ in model.named_parameters() if n.endswith("weight") and (first[n] == 0).any()]
+    zeros_now = [p == 0 for n, p in model.named_parameters() if n.endswith("weight") and (first[n] == 0).any()]
+    assert zeros_before and all(bool((now | ~before).all()) for before, now in zip(zeros_before, zeros_now))
+
+
 def test_bit_packing_round_trip():
     bits = torch.rand(1001, generator=torch.Generator().manual_seed(0)) > 0.3
     packed = pack_bits(bits)

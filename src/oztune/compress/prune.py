@@ -37,7 +37,8 @@ class PruneConfig:
     """What to prune.
 
     Args:
-        sparsity: unstructured: share of encoder Linear weights set to zero, by global magnitude, in [0, 1).
+        sparsity: unstructured: share of encoder Linear weights set to zero, by global magnitude, in [0, 1). The
+            zeros already there count (pruning never restores a weight): a model already sparser is left as is.
         heads: structured: share of the attention heads (of the layers kept) to remove, in [0, 1).
         ffn: structured: share of the feed-forward neurons (of the layers kept) to remove, in [0, 1).
         layers: structured: number of whole layers to remove.
