@@ -293,6 +293,8 @@ def test_prune_cli_writes_a_model_evaluate_reloads(classifier_dir, sentiment_fil
     (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
     (["--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
     (["--structured", "--layers", "2"], "--layers 2: the model has only 2 layers"),
+    (["--structured", "--heads", "0.01", "--ffn", "0"],  # (1% of 8 heads rounds to none: it retrained, saved "pruned")
+     "--structured with --heads 0.01, --ffn 0 and --layers 0 removes nothing from this model (2 layers, heads"),
 ])
 def test_prune_bad_options_exit_2(classifier_dir, sentiment_files, tmp_path, args, message, capsys):
     train, dev = sentiment_files
