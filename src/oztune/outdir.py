@@ -42,7 +42,7 @@ MODEL_FILES = frozenset({
 MODEL_FILE_PATTERNS = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")  # shards of a large model
 
 
-def _is_model_file(name: str) -> bool:
+def is_model_file(name: str) -> bool:
     """Whether ``name``, at the top of a directory, is something a model save writes (:data:`MODEL_FILES`)."""
     return name in MODEL_FILES or MODEL_FILE_PATTERNS.fullmatch(name) is not None
 
@@ -55,7 +55,7 @@ def _not_model_files(out: Path) -> tuple[list[str], bool]:
         return [], False
     names = sorted(p.name for p in out.iterdir())
     model = any((out / f).is_file() for f in MODEL_MARKERS)
-    return ([n for n in names if not _is_model_file(n)] if model else names), model
+    return ([n for n in names if not is_model_file(n)] if model else names), model
 
 
 def _refusal(out: Path) -> tuple[str, str] | None:

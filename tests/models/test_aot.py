@@ -149,3 +149,23 @@ def test_an_aoti_export_has_its_own_model_card(tiny_finetuned, tmp_path, monkeyp
                  f"oztune serve --model {out}\n", f'Classifier.from_pretrained("{out}")'):
         assert line in card, line
     assert (src / "README.md").read_text().startswith("# int8 classifier")  # the source's card stays its own
+
+
+def test_an_aoti_export_copies_the_model_not_the_users_other_files(tiny_finetuned, tmp_path, monkeypatch):
+    """The export copied the whole source folder: a user's notes (and a compress run's variants/) went with the
+    model, and a later export over it was then refused as holding files that are not a model's."""
+    import shutil
+
+    monkeypatch.setattr(aot, "build", lambda model, out_dir, weights=None: Path(out_dir).mkdir(parents=True))
+    src = tmp_path / "src"
+    shutil.copytree(tiny_finetuned, src)
+    (src / "notes.txt").write_text("my notes\n")
+    (src / "variants" / "int8").mkdir(parents=True)
+    (src / "variants" / "int8" / "config.json").write_text("{}")
+    out = tmp_path / "aot"
+    assert main(["export", "--model", str(src), "--output", str(out), "--format", "aoti"]) == 0
+    copied = {p.name for p in out.iterdir()}
+    assert "notes.txt" not in copied and "variants" not in copied
+    assert {"config.json", "model.safetensors", "tokenizer.json", aot.AOT_DIR} <= copied
+    assert (src / "notes.txt").exists()
+    assert main(["export", "--model", str(src), "--output", str(out), "--format", "aoti"]) == 0  # over its own export

@@ -32,7 +32,7 @@ from oztune.data.tokenize import TextEncoder
 from oztune.errors import ModelError
 # (ONNX_FILE and is_onnx_export are hub's, whose load_classifier refuses exports: hub cannot import this module)
 from oztune.models.hub import ONNX_FILE, is_onnx_export, load_classifier, read_config, require_trained, resolve_model
-from oztune.outdir import check_output_dir, staged_dir
+from oztune.outdir import check_output_dir, is_model_file, staged_dir
 from oztune.models.transformer import SequenceClassifier
 
 OPSET = 17
@@ -218,11 +218,22 @@ def export_aoti(model_dir: str | Path, output: str | Path) -> Path:
     src, out = _source_and_output(model_dir, output)
     model, _, meta = _load_exportable(src)
     with staged_dir(out) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(aot.AOT_DIR))
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=lambda folder, names: _not_copied(src, folder, names))
         aot.build(model, tmp / aot.AOT_DIR, aot.weights_digest(tmp))
         # its own card: the source's (e.g. "int8 classifier (oztune quantize)", --model <the source>) was copied
         (tmp / "README.md").write_text(aoti_card(str(model_dir), str(output), meta["text_pairs"], is_int8(model)))
     return out
+
+
+def _not_copied(src: Path, folder: str, names: list[str]) -> list[str]:
+    """What an aoti export leaves out of the model directory ``src`` it copies: the top level's entries that a
+    model save does not write (a user's notes: :func:`oztune.outdir.is_model_file`), the source's own graphs
+    (built again) and the variants of a compress run (the kept model is the one at the top)."""
+    if Path(folder) != src:
+        return []
+    from oztune.models import aot
+
+    return [n for n in names if n in (aot.AOT_DIR, "variants") or not is_model_file(n)]
 
 
 def aoti_card(source: str, output: str, text_pairs: bool | None, int8: bool) -> str:
