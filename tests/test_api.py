@@ -13,16 +13,24 @@ ID2LABEL = {0: "c", 1: "a", 2: "b"}  # names not in id order: a mix-up of ids an
 
 def test_single_label_predictions_name_the_argmax_and_every_score():
     probs = np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]], dtype=np.float32)
-    got = format_predictions(probs, "single_label", ID2LABEL, all_scores=True)
+    got = format_predictions(np.log(probs), "single_label", ID2LABEL, all_scores=True)
     assert [(r["label"], r["score"]) for r in got] == [("a", pytest.approx(0.5)), ("c", pytest.approx(0.6))]
     for r, p in zip(got, probs):
         assert r["scores"] == {ID2LABEL[i]: pytest.approx(float(v)) for i, v in enumerate(p)}
-    assert "scores" not in format_predictions(probs, "single_label", ID2LABEL)[0]
+    assert "scores" not in format_predictions(np.log(probs), "single_label", ID2LABEL)[0]
+
+
+def test_a_near_tie_is_the_label_of_the_logits_argmax_as_in_the_metrics():
+    """Logits 1e-8 apart have equal float32 probabilities: predict (and evaluate --mistakes) took the first label
+    where the metrics' argmax of the logits took the second, so the mistakes listed were not the ones counted."""
+    logits = np.array([[0.0, 1e-8, -5.0]], dtype=np.float32)
+    got = format_predictions(logits, "single_label", ID2LABEL)
+    assert got[0]["label"] == "a" and got[0]["score"] == pytest.approx(0.5, abs=1e-2)
 
 
 def test_multi_label_predictions_pair_each_label_with_its_own_probability():
     probs = np.array([[0.9, 0.2, 0.7], [0.1, 0.4, 0.2]], dtype=np.float32)
-    got = format_predictions(probs, "multi_label", ID2LABEL, all_scores=True, logits=np.log(probs / (1 - probs)))
+    got = format_predictions(np.log(probs / (1 - probs)), "multi_label", ID2LABEL, all_scores=True)
     assert got[0]["label"] == ["c", "b"] and got[0]["score"] == [pytest.approx(0.9), pytest.approx(0.7)]
     assert got[1]["label"] == [] and got[1]["score"] == []
     assert got[1]["scores"] == {"c": pytest.approx(0.1), "a": pytest.approx(0.4), "b": pytest.approx(0.2)}
@@ -75,3 +83,22 @@ def test_multi_label_predict_puts_a_label_on_by_the_rule_of_the_metrics(tiny_hf_
     data.write_text("sentence\tlabel\ngood movie\tLABEL_2|LABEL_3\n")
     metrics = clf.evaluate(str(data), mistakes=True)
     assert metrics["mistakes"] == [] and metrics["subset_accuracy"] == 1.0
+
+
+def test_evaluate_lists_as_mistakes_the_rows_its_metrics_count_wrong_on_a_near_tie(tiny_base, tmp_path):
+    """Every text scored [0, 1e-8]: the metrics' argmax is "pos" everywhere (the neg row wrong), but --mistakes
+    and predict took the argmax of equal float32 probabilities, "neg": the two pos rows were listed instead."""
+    import torch
+
+    from conftest import write_tsv
+
+    model, enc, _ = load_classifier(tiny_base, num_labels=2)
+    with torch.no_grad():
+        model.head.out.weight.zero_()
+        model.head.out.bias.copy_(torch.tensor([0.0, 1e-8]))
+    clf = Classifier(model, enc, {0: "neg", 1: "pos"})
+    data = write_tsv(tmp_path / "dev.tsv", [("a good film", "pos"), ("a fine cast", "pos"), ("a dull plot", "neg")])
+    report = clf.evaluate(str(data), per_label=True, mistakes=True)
+    assert report["accuracy"] == pytest.approx(2 / 3)
+    assert [(m["text"], m["predicted"]) for m in report["mistakes"]] == [("a dull plot", "pos")]
+    assert [p["label"] for p in clf.predict(["a good film", "a dull plot"])] == ["pos", "pos"]

@@ -20,19 +20,21 @@ from oztune.train.loop import predict_logits
 from oztune.train.metrics import compute_metrics, label_report, labels_on
 
 
-def format_predictions(probs: np.ndarray, problem_type: str, id2label: dict[int, str],
-                       all_scores: bool = False, logits: np.ndarray | None = None) -> list[dict]:
-    """One dict per row of ``probs`` (N, num_labels), as :meth:`Classifier.predict` returns them. A multi-label
-    model's labels are those its ``logits`` (required for one) put on, by the rule of its metrics
-    (:func:`oztune.train.metrics.labels_on`)."""
-    if problem_type == "multi_label":
-        if logits is None:
-            raise ValueError("format_predictions of a multi-label model needs its logits (which labels are on)")
+def format_predictions(logits: np.ndarray, problem_type: str, id2label: dict[int, str],
+                       all_scores: bool = False) -> list[dict]:
+    """One dict per row of the model's ``logits`` (N, num_labels), as :meth:`Classifier.predict` returns them.
+    Labels are decided on the logits by the rule of the metrics (the argmax; a multi-label model's labels on:
+    :func:`oztune.train.metrics.labels_on`), so that a near tie that float32 probabilities round to equal
+    is the same label everywhere; scores are the probabilities (regression: the value)."""
+    probs = scores(torch.from_numpy(logits), problem_type).numpy()
+    if problem_type == "single_label":
+        chosen = logits.argmax(-1).tolist()
+    elif problem_type == "multi_label":
         on_rows = labels_on(logits).tolist()
     out = []
     for k, p in enumerate(probs):
         if problem_type == "single_label":
-            i = int(p.argmax())
+            i = chosen[k]
             r = {"label": id2label.get(i, str(i)), "score": float(p[i])}
         elif problem_type == "multi_label":
             on = [i for i, v in enumerate(on_rows[k]) if v]
@@ -151,7 +153,7 @@ class Predictor:
         if not texts:
             return []
         logits = self._logits(texts, text_pairs)
-        return format_predictions(self.probabilities(logits), self.problem_type, self.id2label, all_scores, logits)
+        return format_predictions(logits, self.problem_type, self.id2label, all_scores)
 
     def evaluate(self, path: str, columns: Columns | None = None, per_label: bool = False,
                  mistakes: bool = False) -> dict:
@@ -191,7 +193,7 @@ class Predictor:
         name = lambda i: self.id2label.get(int(i), str(int(i)))  # noqa: E731
         out = []
         if self.problem_type == "single_label":
-            pred = probs.argmax(-1)
+            pred = logits.argmax(-1)  # (as the metrics and predict: a near tie of equal probabilities is one label)
             for i in np.flatnonzero(pred != gold):
                 out.append({"line": examples[i].line, "text": examples[i].text, "text_pair": examples[i].text_pair,
                             "label": name(gold[i]), "predicted": name(pred[i]), "score": float(probs[i, pred[i]])})
