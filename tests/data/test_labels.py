@@ -118,6 +118,15 @@ def test_encode_regression():
             encode_labels([bad], None, "regression", path="r.csv", lines=[8])
 
 
+@pytest.mark.parametrize("big", ["1e39", "-4e38", 10**40, 10**400])
+def test_a_regression_label_beyond_float32_is_refused_naming_its_line(big):
+    """1e39 is a finite float64 but inf as the float32 the labels are stored in: evaluate printed mse Infinity
+    (not JSON) and pearson 0, finetune blamed the learning rate ("training diverged")."""
+    with pytest.raises(DataError, match=r"r\.csv: line 8: label .* is beyond the range of float32"):
+        encode_labels([big], None, "regression", path="r.csv", lines=[8])
+    assert encode_labels(["3.4e38", "-3.4e38"], None, "regression", path="r.csv", lines=[2, 3]) == [3.4e38, -3.4e38]
+
+
 def test_round_trip_from_reader_labels():
     raw = ["1", "0", "1", "0"]
     label2id = build_label_map(raw, infer_problem_type(raw))

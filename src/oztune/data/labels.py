@@ -27,6 +27,9 @@ _MAX_LISTED = 20  # how many known labels an error message lists
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32 (regression labels are stored so)
+
+
 def _as_number(raw: object, plain: bool = False) -> int | float | None:
     """``raw`` as a finite number if it is one (or a string spelling one), else None. Booleans are not numbers.
 
@@ -220,6 +223,9 @@ def encode_labels(examples_labels: list, label2id: dict | None, problem_type: st
             number = _as_number(raw)
             if number is None:
                 raise DataError(f"{where}: label {raw!r} is not a number (regression needs numeric labels)")
+            if not abs(number) <= FLOAT32_MAX:  # (float32 labels: it would be inf, and the loss and metrics with it)
+                raise DataError(f"{where}: label {raw!r} is beyond the range of float32 (±{FLOAT32_MAX:.3g}), in "
+                                "which the model and its loss compute")
             encoded.append(float(number))
         elif problem_type == "multi_label":
             vector = [0.0] * len(label2id)
