@@ -369,6 +369,8 @@ def test_quantize_prints_a_tiny_models_sizes_in_kb(tiny_hf_dir, tmp_path, capsys
     before, after = ((d / "model.safetensors").stat().st_size / 1e6 for d in (src, out))
     assert f"weights: {before * 1e3:.3g} kB -> {after * 1e3:.3g} kB\n" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["file_mb_before"] == pytest.approx(before)
+    card = (out / "README.md").read_text()  # (without --eval: no metrics table of a header and no rows)
+    assert "| metric |" not in card and "Not evaluated (no evaluation file was given)" in card
 
 
 def test_in_memory_quantized_model_predicts_like_the_saved_one(finetuned, sentiment_files, tmp_path):

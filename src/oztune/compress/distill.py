@@ -360,13 +360,13 @@ def recipe_card(title: str, lines: list[str], before: dict, after: dict, output:
     rows = "\n".join(f"| {k} | {before.get(k, float('nan')):.4f} | {v:.4f} |"
                      for k, v in after.items() if isinstance(v, float))
     bullets = "\n".join(f"- {line}" for line in lines)
+    table = (f"| metric | {columns[0]} | {columns[1]} |\n|---|---|---|\n{rows}" if rows else
+             "Not evaluated (no evaluation file was given): `oztune evaluate --model DIR --data FILE` scores it.")
     return f"""# {title}
 
 {bullets}
 
-| metric | {columns[0]} | {columns[1]} |
-|---|---|---|
-{rows}
+{table}
 
 ```bash
 {predict_usage(output, text_pairs)[0]}
