@@ -223,10 +223,22 @@ def test_a_regression_head_of_several_outputs_is_refused_by_name(tiny_hf_dir):
 def test_a_null_token_id_the_family_needs_is_named(tiny_hf_dir, capsys, family, nulls, says):
     # it was "unsupported operand type(s) for +: 'NoneType' and 'int'" (RoBERTa), "pad_token_id must be a int,
     # not None" (GPT-2 whose eos is null too)
+    _check_token_id_message(tiny_hf_dir, capsys, family, {k: None for k in nulls}, says)
+
+
+def test_a_gpt2_list_of_eos_ids_without_a_pad_id_names_eos_token_id(tiny_hf_dir, capsys):
+    # transformers takes a list of eos ids; the pad id falls back to eos, and the message named pad_token_id
+    # ("pad_token_id must be a int, not [0, 5]"), a field the file does not have
+    _check_token_id_message(tiny_hf_dir, capsys, "gpt2", {"pad_token_id": None, "eos_token_id": [0, 5]},
+                            "pad_token_id is not set and eos_token_id, which GPT-2 pads batches with then, is [0, 5]: "
+                            "expected an integer pad_token_id")
+
+
+def _check_token_id_message(tiny_hf_dir, capsys, family, edits, says):
     from oztune.cli import main
 
     d, _ = tiny_hf_dir(family)
-    _edit_config(d, lambda c: {**c, **{k: None for k in nulls}})
+    _edit_config(d, lambda c: {**c, **edits})
     with pytest.raises(ModelError, match=re.escape(f"{d / 'config.json'}: {says}")):
         load_classifier(d)
     capsys.readouterr()

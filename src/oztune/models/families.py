@@ -136,6 +136,9 @@ def _gpt2_config(hf: dict, family: str) -> ModelConfig:
     if pad is None:
         raise ConfigError("pad_token_id and eos_token_id are both null; GPT-2 pads batches with one of "
                          "them: expected an integer in either (GPT-2's eos is 50256)")
+    if hf.get("pad_token_id") is None and not isinstance(pad, int):  # (transformers takes a list of eos ids)
+        raise ConfigError(f"pad_token_id is not set and eos_token_id, which GPT-2 pads batches with then, is "
+                          f"{pad!r}: expected an integer pad_token_id (e.g. one of the eos ids)")
     return ModelConfig(
         family=family, vocab_size=hf["vocab_size"], hidden_size=n_embd, num_layers=hf["n_layer"],
         num_heads=hf["n_head"], intermediate_size=hf.get("n_inner") or 4 * n_embd,
