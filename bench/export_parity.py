@@ -1,6 +1,6 @@
 """ONNX export parity on SST-2 dev: fp32 logits against oztune's, int8 labels against oztune's int8 model.
 
-For a float model: export fp32 and int8 (``--int8``), and compare with the model and with the model
+For a float model: export fp32 and int8 (both, always), and compare with the model and with the model
 quantized in memory by ``quantize_(model, QuantConfig())`` (what ``oztune quantize`` does by default).
 For a quantized model directory: export it and compare with it. Also reports dev accuracy and the
 offline speed (texts/s, batches of 64 sorted by length) of each.

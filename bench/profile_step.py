@@ -3,7 +3,7 @@
 The same work as bench/train_speed.py (bundled MiniLM, batch 32, max length 128, bf16 autocast,
 length-bucketed batches, fused AdamW), run for a few warm-up steps and then profiled.
 
-    python bench/profile_step.py [--steps 30] [--freeze/--no-freeze] [--rows 25]
+    python bench/profile_step.py [--steps 30] [--warmup 5] [--no-freeze] [--rows 25]
 Prints the operators that take the most self CPU time and writes bench/results/profile_step.json. Also
 the rate of the step's matrix products (their FLOPs, counted by ``torch.utils.flop_counter``, over the
 profiled time of ``mm`` + ``addmm``) next to a large bf16 matmul's (2048^3) in the same run: the GEMMs'
