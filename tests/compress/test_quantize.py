@@ -119,6 +119,28 @@ def test_quantized_classifier_is_close_to_fp32():
     assert type(q.backbone.embed.word) is Int8Embedding and type(q.backbone.layers[0].ffn) is ChunkedFeedForward
 
 
+@pytest.mark.parametrize("M", [7, 300])  # torch._int_mm, and oneDNN's kernel from ONEDNN_MIN_ROWS rows on
+@pytest.mark.parametrize("floor", [None, 0.17])
+def test_int8_linear_takes_an_input_that_requires_grad(M, floor):
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 40))
+    x = torch.randn(M, 64).clamp_min(-(floor or 10)).requires_grad_()  # e.g. an fp32 LayerNorm's output
+    lower = None if floor is None else -floor
+    with torch.no_grad():
+        ref = q(x, None, lower)
+    torch.testing.assert_close(q(x, None, lower), ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n", [4, 40])
+def test_an_int8_model_runs_with_autograd_on_and_gives_its_no_grad_logits(n):
+    q = quantize_(tiny_classifier(), QuantConfig())  # its LayerNorms stay fp32 parameters that require grad
+    assert any(p.requires_grad for p in q.parameters())
+    ids, mask = random_batch(n=n)
+    with torch.no_grad():
+        ref = q(ids, mask)
+    torch.testing.assert_close(q(ids, mask), ref)  # (fp32 kernels may round differently with autograd on)
+
+
 def test_chunked_feed_forward_is_exact(monkeypatch):
     model = quantize_(tiny_classifier(), QuantConfig())
     ids, mask = random_batch(n=40, T=16)

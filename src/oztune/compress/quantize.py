@@ -173,6 +173,11 @@ class Int8Linear(Fp32Only):
         After changing ``weight`` or ``weight_scale`` other than by loading a state dict, call
         :meth:`sum_weights`.
         """
+        # inference only (no gradient flows through an int8 matmul): the input is taken detached, so the
+        # model also runs with autograd on (an fp32 LayerNorm's output requires grad; addcmul(out=) refuses it)
+        x = x.detach()
+        if top is not None:
+            top = top.detach()
         lead = x.shape[:-1]
         if x.numel() == 0 or self.in_features == 0 or self.out_features == 0:
             y = x.new_zeros(*lead, self.out_features)
