@@ -377,3 +377,23 @@ def test_layers_must_be_a_whole_number_of_layers(layers):
 
     with pytest.raises(OztuneError, match="--layers must be a whole number of layers, 0 or more"):
         PruneConfig(layers=layers)
+
+
+@pytest.mark.parametrize("config", [PruneConfig(heads=0.5), PruneConfig(ffn=0.5), PruneConfig(layers=1)])
+def test_structured_pruning_of_a_qat_model_is_refused_and_leaves_it_as_it_was(config):
+    from oztune.compress.quantize import prepare_qat_
+    from oztune.errors import OztuneError
+    model = prepare_qat_(tiny_model())
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(OztuneError, match="prune the fp32 model first, then prepare_qat_"):
+        prune_(model, config, random_data())
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_unstructured_pruning_of_a_qat_model_keeps_its_fake_quantized_layers():
+    from oztune.compress.quantize import FakeQuantLinear, prepare_qat_
+    model = prepare_qat_(tiny_model())
+    before = {n: type(m) for n, m in model.named_modules()}
+    prune_(model, PruneConfig(sparsity=0.5))
+    assert {n: type(m) for n, m in model.named_modules()} == before and FakeQuantLinear in before.values()
+    assert sparsity_of(model) == pytest.approx(0.5, abs=0.01)

@@ -19,7 +19,7 @@ from torch import nn
 
 from oztune.compress.sparse import (GradualPruner, SparseLinear, apply_masks, magnitude_prune_, sparsity_of,
                                    swap_sparse, to_sparse_)
-from oztune.compress.quantize import check_not_compiled, is_int8
+from oztune.compress.quantize import check_not_compiled, is_int8, is_qat
 from oztune.compress.vocab import VocabEmbedding
 from oztune.data.dataset import EncodedData, train_batches
 from oztune.errors import OztuneError, check_at_least_1
@@ -72,13 +72,17 @@ def prune_(model: SequenceClassifier, config: PruneConfig, data: EncodedData | N
     """Prune ``model`` in place: structured parts first (ranked on ``data``), then one-shot magnitude sparsity.
 
     Args:
-        model: the classifier.
+        model: the classifier, fp32 (an int8 one is refused; for structured pruning, one from prepare_qat_ too:
+            prune first, then prepare_qat_).
         config: what to prune.
         data: labelled training data; needed for structured pruning (importance).
     """
     check_not_compiled(model, "prune")
     if is_int8(model):
         raise OztuneError("an int8 model cannot be pruned: prune the fp32 model it was quantized from, then quantize")
+    if config.structured and is_qat(model):  # (the sliced layers would be plain Linear ones, silently)
+        raise OztuneError("structured pruning of a model prepared with prepare_qat_ would turn its fake-quantized "
+                          "layers into plain Linear ones: prune the fp32 model first, then prepare_qat_")
     if config.structured:
         if data is None or data.labels is None:
             raise OztuneError("structured pruning needs labelled training data to rank heads, neurons and layers")

@@ -480,6 +480,11 @@ def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Modu
     return model
 
 
+def is_qat(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is fake-quantized (from :func:`prepare_qat_`)."""
+    return any(isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) for m in model.modules())
+
+
 def is_int8(model: nn.Module) -> bool:
     """Whether any layer of ``model`` holds int8 weights (from :func:`quantize_`): they do not train."""
     return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
