@@ -13,7 +13,7 @@ from oztune.data.labels import gold_label2id
 from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.data.readers import is_blank
 from oztune.errors import OztuneError, check_text_pairs
-from oztune.models.hub import load_classifier, require_trained
+from oztune.models.hub import check_id2label, load_classifier, require_trained
 from oztune.models.transformer import SequenceClassifier, scores
 from oztune.data.tokenize import TextEncoder
 from oztune.train.loop import predict_logits
@@ -221,13 +221,15 @@ class Classifier(Predictor):
     Args:
         model: the network.
         encoder: its tokenizer.
-        id2label: label name of each output.
+        id2label: label name of each output, keyed 0 to num_labels - 1 (regression: ``{0: "value"}``); else
+            ValueError.
         batch_size: examples per forward pass in :meth:`predict`.
         text_pairs: whether the model was fine-tuned on text pairs (None: unknown, both kinds are scored).
     """
 
     def __init__(self, model: SequenceClassifier, encoder: TextEncoder, id2label: dict[int, str], batch_size: int = 64,
                  text_pairs: bool | None = None):
+        check_id2label(id2label, model.head_cfg.num_labels)
         self.model, self.encoder, self.batch_size = model.eval(), encoder, check_count("batch_size", batch_size)
         self.id2label, self.text_pairs = id2label, text_pairs
         self.label2id = {v: k for k, v in id2label.items()}

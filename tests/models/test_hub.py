@@ -346,3 +346,29 @@ def test_a_head_dropout_transformers_could_not_use_is_refused_by_name(tmp_path):
     (d / "config.json").write_text(json.dumps({**config, "classifier_dropout": "high"}))
     with pytest.raises(ModelError, match=r"config\.json: classifier_dropout 'high' is not a dropout probability"):
         load_classifier(d)
+
+
+@pytest.mark.parametrize("id2label", [{0: "a", 1: "b"}, {0: "a", 1: "b", 2: "c", 3: "d"}, {1: "a", 2: "b", 3: "c"},
+                                      {"0": "a", "1": "b", "2": "c"}])
+def test_label_names_that_are_not_one_per_output_are_refused_by_save_and_classifier(tiny_base, tmp_path, id2label):
+    from oztune.api import Classifier
+
+    model, enc, _ = load_classifier(tiny_base, num_labels=3)
+    with pytest.raises(ValueError, match=rf"id2label has {len(id2label)} name\(s\).* head has 3 output\(s\)"):
+        save_classifier(model, enc, tmp_path / "m", id2label)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match=rf"id2label has {len(id2label)} name\(s\).* head has 3 output\(s\)"):
+        Classifier(model, enc, id2label)
+
+
+def test_a_regression_head_takes_one_name_and_a_base_model_none(tiny_base, tmp_path):
+    from oztune.api import Classifier
+
+    model, enc, _ = load_classifier(tiny_base, num_labels=1, problem_type="regression")
+    save_classifier(model, enc, tmp_path / "r", {0: "value"})
+    assert Classifier(model, enc, {0: "value"}).predict("a text")[0]["label"] is None
+    with pytest.raises(ValueError, match="id2label has 2 name"):
+        save_classifier(model, enc, tmp_path / "r2", {0: "value", 1: "other"})
+    base, enc, meta = load_classifier(tiny_base)  # no trained head: saved without names, as before
+    assert meta["id2label"] == {}
+    save_classifier(base, enc, tmp_path / "base", meta["id2label"])

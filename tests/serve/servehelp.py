@@ -32,14 +32,14 @@ def tiny_classifier(seed: int = 0, **cfg) -> SequenceClassifier:
 
 def save_tiny(model: SequenceClassifier, path: Path, quantization: dict | None = None,
               text_pairs: bool | None = None) -> Path:
-    """Save ``model`` with a word-level tokenizer and labels neg/neutral/pos (``text_pairs``: recorded as
-    fine-tuned on text pairs or on single texts; None: not recorded)."""
+    """Save ``model`` with a word-level tokenizer and labels neg/neutral/pos (a regression head: "value";
+    ``text_pairs``: recorded as fine-tuned on text pairs or on single texts; None: not recorded)."""
     tok = path.with_name(path.name + "-tokenizer")  # beside it: save_classifier replaces only model directories
     tok.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(tok, 64)
     enc = TextEncoder.from_dir(tok, 62)
-    return save_classifier(model, enc, path, {0: "neg", 1: "neutral", 2: "pos"}, quantization=quantization,
-                           text_pairs=text_pairs)
+    names = {0: "value"} if model.head_cfg.problem_type == "regression" else {0: "neg", 1: "neutral", 2: "pos"}
+    return save_classifier(model, enc, path, names, quantization=quantization, text_pairs=text_pairs)
 
 
 def random_texts(n: int, seed: int = 0) -> list[str]:

@@ -392,6 +392,23 @@ def hf_compatible(model: SequenceClassifier) -> bool:
     return bool(getattr(model, "hf_config", None)) and unpruned and plain and is_default_head(family, cfg, model.head_cfg)
 
 
+def check_id2label(id2label: dict[int, str], num_labels: int, empty_ok: bool = False) -> None:
+    """Refuse label names that are not one per output of the head, keyed 0 to ``num_labels - 1`` (saved, such a
+    model fails to load in transformers, or its labels are silently wrong). A regression head has one output:
+    ``{0: "value"}``. ValueError naming both counts.
+
+    Args:
+        id2label: label name by output index.
+        num_labels: outputs of the model's head.
+        empty_ok: whether no names at all is allowed (a model without a trained task head).
+    """
+    if (empty_ok and not id2label) or set(id2label) == set(range(num_labels)):
+        return
+    raise ValueError(f"id2label has {len(id2label)} name(s) (keys {sorted(id2label, key=str)[:5]}) but the model's head has "
+                     f"{num_labels} output(s): give one name per output, keyed 0 to {num_labels - 1}"
+                     + (" ({0: 'value'} for regression)" if num_labels == 1 else ""))
+
+
 def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | os.PathLike,
                     id2label: dict[int, str], run: dict | None = None, card: str | None = None,
                     quantization: dict | None = None, extra_files: dict[str, str] | None = None,
@@ -402,7 +419,8 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         model: the classifier to save.
         encoder: its tokenizer (files copied next to the weights).
         out: output directory; replaced as a whole, never left half-written.
-        id2label: label names by output index.
+        id2label: label names by output index, one per output of the head (keys 0 to num_labels - 1; regression:
+            ``{0: "value"}``), or empty for a model without a trained task head; else ValueError.
         run: oztune's record of the run (arguments, metrics), kept in config.json and run.json.
         card: text of the model card README.md.
         quantization: the quantization recipe, required when the model holds int8 layers:
@@ -419,6 +437,7 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
     if any(isinstance(m, LoRALinear) for m in model.modules()):  # (their names load nowhere)
         raise ValueError("the model holds LoRA updates beside its layers: fold them in with "
                          "oztune.models.lora.merge_lora(model) before saving it")
+    check_id2label(id2label, model.head_cfg.num_labels, empty_ok=True)
     from oztune.compress.quantize import check_record
 
     check_record(model, quantization)  # (a directory written with the wrong record would not load)
