@@ -144,3 +144,21 @@ def test_balanced_weights_count_a_label_missing_from_the_data():
     # labels 0 and 1 only, of 3: each present class weighs N / (3 x count), the absent one 1
     assert balanced_class_weights(torch.tensor([0, 0, 0, 1]), "single_label", num_labels=3) == \
         pytest.approx([4 / 9, 4 / 3, 1.0])
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 2.0, 3.0]])
+def test_fit_refuses_class_weights_not_one_per_label(tiny_base, data, weights):
+    model, train = new_model(tiny_base, data)  # 2 labels
+    with pytest.raises(ValueError, match=rf"class_weights has {len(weights)} weight\(s\) but the model's head has 2"):
+        fit(model, train, TrainConfig(class_weights=weights, epochs=1, batch_size=8, progress=False))
+
+
+def test_negative_class_weights_and_weights_for_regression_are_refused(tiny_base):
+    with pytest.raises(ValueError, match="TrainConfig.class_weights must be 0 or more each"):
+        TrainConfig(class_weights=[1.0, -1.0])
+    model, _, _ = load_classifier(tiny_base, num_labels=1, problem_type="regression")
+    from oztune.data.dataset import EncodedData
+
+    train = EncodedData([([5, 6, 7], [0, 0, 0])] * 4, torch.tensor([0.5, 1.0, 1.5, 2.0]), 0)
+    with pytest.raises(ValueError, match="regression head has none"):
+        fit(model, train, TrainConfig(class_weights=[1.0], epochs=1, batch_size=2, progress=False))

@@ -683,3 +683,25 @@ def test_a_negative_patience_eval_every_or_checkpoint_every_is_refused(name):
     wrote no checkpoint, each with no error."""
     with pytest.raises(ValueError, match=rf"TrainConfig.{name} must be 0 or more, not -1"):
         TrainConfig(**{name: -1})
+
+
+@pytest.mark.parametrize("field, value", [("layer_lr_decay", 0.0), ("layer_lr_decay", -0.5), ("layer_lr_decay", 1.5),
+                                          ("warmup_ratio", -0.1), ("warmup_ratio", 2.0), ("weight_decay", -0.01),
+                                          ("max_grad_norm", -1.0), ("max_grad_norm", float("nan")), ("bucket", 0),
+                                          ("keep_checkpoints", 0), ("rdrop", -1.0), ("ema_decay", 1.0)])
+def test_train_config_refuses_what_the_cli_refuses_naming_the_field(field, value, sentiment_files, tmp_path, capsys):
+    from oztune.cli import main
+
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be "):
+        TrainConfig(**{field: value})
+    if field != "bucket":  # (the CLI has no --bucket) the option of the same name, by the same rule
+        option = f"--{field.replace('_', '-')}"
+        assert main(["finetune", "--train", str(sentiment_files[0]), "--output", str(tmp_path / "o"), option,
+                     str(value)]) == 2
+        assert f"{option} must be " in capsys.readouterr().err
+
+
+def test_train_config_keeps_its_edge_values_and_no_clipping():
+    for kw in ({"layer_lr_decay": 1.0}, {"layer_lr_decay": 0.1}, {"warmup_ratio": 0.0}, {"weight_decay": 0.0},
+               {"max_grad_norm": 0.0}, {"max_grad_norm": None}, {"bucket": 1}, {"keep_checkpoints": 1}):
+        TrainConfig(**kw)

@@ -22,7 +22,7 @@ from oztune.models.lora import TARGETS as LORA_TARGETS, apply_lora, check_target
 from oztune.outdir import check_output_dir
 from oztune.train import distributed
 from oztune.train.checkpoint import Checkpointer, remove_checkpoints
-from oztune.train.loop import PRECISIONS, TrainConfig, balanced_class_weights, fit, seed_everything
+from oztune.train.loop import PRECISIONS, TrainConfig, balanced_class_weights, fit, out_of_range, seed_everything
 from oztune.train.metrics import metric_values
 from oztune.train.tensorboard import check_available
 
@@ -212,13 +212,18 @@ def regression_label_names(names: list[str], why: str) -> str:
 
 def check_args(a: FinetuneArgs) -> None:
     """Reject bad option values and an unwritable output before any work is done."""
-    check_train_options(a, ("grad_accum", "keep_checkpoints"))
-    for name in ("checkpoint_every", "lora_rank", "eval_every", "patience", "max_grad_norm", "weight_decay", "rdrop"):
+    check_train_options(a, ("grad_accum",))
+    for name in ("checkpoint_every", "lora_rank", "eval_every", "patience"):
         v = getattr(a, name)
         if not (v >= 0 and math.isfinite(v)):
             raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {v}")
+    for name in ("weight_decay", "max_grad_norm", "rdrop", "warmup_ratio", "ema_decay", "layer_lr_decay",
+                 "keep_checkpoints"):  # (TrainConfig's rules: the same in Python)
+        error = out_of_range(name, getattr(a, name))
+        if error:
+            raise OztuneError(f"--{name.replace('_', '-')} {error}")
     check_positive("--lora-alpha", a.lora_alpha)
-    for name in ("lora_dropout", "head_dropout", "warmup_ratio", "ema_decay"):
+    for name in ("lora_dropout", "head_dropout"):
         if getattr(a, name) is not None and not 0 <= getattr(a, name) < 1:
             raise OztuneError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(a, name)}")
     if any(not 1 <= w <= MAX_HEAD_WIDTH for w in a.head_hidden):
@@ -244,8 +249,6 @@ def check_args(a: FinetuneArgs) -> None:
             raise OztuneError(f"--{name.replace('_', '-')} works on the --eval metrics: give --eval FILE or --eval-split")
     if a.pooling not in (None, "cls", "mean", "last"):
         raise OztuneError(f"--pooling must be cls, mean or last, not {a.pooling!r}")
-    if not 0 < a.layer_lr_decay <= 1:
-        raise OztuneError(f"--layer-lr-decay must be in (0, 1], not {a.layer_lr_decay}")
     if a.problem_type not in (None, "single_label", "multi_label", "regression"):
         raise OztuneError(f"--problem-type must be single_label, multi_label or regression, not {a.problem_type!r}")
     if a.label_names and a.problem_type == "regression":

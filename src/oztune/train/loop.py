@@ -32,6 +32,32 @@ from oztune.train.rdrop import rdrop_loss
 from oztune.train.tensorboard import Board
 
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _finite_from_0(v) -> bool:
+    return v >= 0 and math.isfinite(v)
+
+
+# The ranges of TrainConfig's fields, one rule for the Python API (TrainConfig refuses a value outside) and the
+# recipes' options of the same names (check_args: --weight-decay ...): field -> (whether a value is in, what it
+# must be).
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "weight_decay": (_finite_from_0, "0 or more"),
+    "max_grad_norm": (lambda v: v is None or _finite_from_0(v), "0 or more (0: no clipping)"),
+    "rdrop": (_finite_from_0, "0 or more"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "layer_lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "bucket": (lambda v: v >= 1, "at least 1"),
+    "keep_checkpoints": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def out_of_range(name: str, value) -> str | None:
+    """``"must be ..., not VALUE"`` where ``value`` is outside the range of TrainConfig's field ``name``
+    (:data:`RANGES`), else None; the caller names the field (``TrainConfig.name``) or option (``--name``)."""
+    ok, must = RANGES[name]
+    return None if ok(value) else f"must be {must}, not {value}"
 LOWER_IS_BETTER = ("mse", "train_loss")  # metrics where a smaller value is the better model
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 
@@ -46,7 +72,7 @@ class TrainConfig:
         lr: peak learning rate.
         weight_decay: AdamW decay (not applied to biases and LayerNorm weights).
         warmup_ratio: share of steps spent warming the learning rate up linearly.
-        max_grad_norm: gradient clipping norm (0: off).
+        max_grad_norm: gradient clipping norm (0 or None: off).
         grad_accum: micro-batches accumulated per optimizer step.
         precision: "auto" (bf16 autocast where the CPU has bf16), "bf16" or "fp32".
         seed: seed of shuffling, dropout and new layers.
@@ -58,7 +84,8 @@ class TrainConfig:
             evaluations, the kept weights and the result use the average (see :class:`WeightEMA`).
         freeze_embeddings: keep the token-embedding table fixed (faster: no dense 30k-row gradient).
         class_weights: per-label weights of the default loss (see ``SequenceClassifier.loss``; None: none),
-            e.g. from :func:`balanced_class_weights`.
+            e.g. from :func:`balanced_class_weights`: one per label of a classification head, 0 or more
+            (``fit`` checks the count against the model).
         rdrop: R-Drop: run each batch twice with different dropout and add this weight x the symmetric KL
             divergence of the two predictions to the loss (:mod:`oztune.train.rdrop`; 0: off; a step costs ~2x).
         layer_lr_decay: layer-wise learning-rate decay: the task head trains at ``lr``, the top block at
@@ -104,10 +131,12 @@ class TrainConfig:
         for name in ("epochs", "patience", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be 0 or more, not {getattr(self, name)}")
-        if not (self.rdrop >= 0 and math.isfinite(self.rdrop)):
-            raise ValueError(f"TrainConfig.rdrop must be 0 or more, not {self.rdrop}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), not {self.ema_decay}")
+        for name in RANGES:
+            error = out_of_range(name, getattr(self, name))
+            if error:
+                raise ValueError(f"TrainConfig.{name} {error}")
+        if self.class_weights is not None and not all(_finite_from_0(w) for w in self.class_weights):
+            raise ValueError(f"TrainConfig.class_weights must be 0 or more each, not {self.class_weights}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
@@ -175,6 +204,17 @@ def balanced_class_weights(labels: torch.Tensor, problem_type: str, num_labels: 
         neg = len(labels) - pos
         return [float(n / p) if p and n else 1.0 for p, n in zip(pos, neg)]
     raise ValueError(f"class weights are for classification, not {problem_type}")
+
+
+def check_class_weights(weights: list[float], head_cfg) -> None:
+    """Refuse ``TrainConfig.class_weights`` that are not one per label of the classification head ``head_cfg``
+    (too few failed inside the loss, naming nothing; too many were ignored)."""
+    if head_cfg.problem_type == "regression":
+        raise ValueError("TrainConfig.class_weights weigh the labels of a classification head; a regression head "
+                         "has none: leave class_weights None")
+    if len(weights) != head_cfg.num_labels:
+        raise ValueError(f"TrainConfig.class_weights has {len(weights)} weight(s) but the model's head has "
+                         f"{head_cfg.num_labels} labels: give one weight per label")
 
 
 def layer_depth(name: str, num_layers: int) -> int:
@@ -300,6 +340,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     if is_int8(model):  # (its first step would fail inside the int8 kernel, naming no model)
         raise OztuneError("an int8 model's weights do not train: fine-tune the fp32 model (prepare_qat_ first, for "
                           "quantization-aware fine-tuning), then quantize it")
+    if cfg.class_weights is not None:
+        check_class_weights(cfg.class_weights, model.head_cfg)
     if cfg.rdrop:
         if loss_fn is not default_loss:
             raise ValueError("TrainConfig.rdrop adds to the default loss; this recipe has its own loss_fn")
