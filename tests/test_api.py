@@ -102,3 +102,18 @@ def test_evaluate_lists_as_mistakes_the_rows_its_metrics_count_wrong_on_a_near_t
     assert report["accuracy"] == pytest.approx(2 / 3)
     assert [(m["text"], m["predicted"]) for m in report["mistakes"]] == [("a dull plot", "pos")]
     assert [p["label"] for p in clf.predict(["a good film", "a dull plot"])] == ["pos", "pos"]
+
+
+@pytest.mark.parametrize("method", ["predict", "logits"])
+def test_the_type_hints_take_one_string_or_any_iterable_of_strings(method):
+    """A type checker reads the hints: ``clf.predict("text")`` and a generator of texts are what the docstrings
+    promise (hinted list[str], mypy flagged a user's script)."""
+    import collections.abc
+    import typing
+
+    from oztune.api import Predictor
+
+    hints = typing.get_type_hints(getattr(Predictor, method))
+    for name in ("texts", "text_pairs"):
+        allowed = typing.get_args(hints[name])
+        assert str in allowed and collections.abc.Iterable[str] in allowed, (name, hints[name])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -125,7 +126,7 @@ class Predictor:
         """Softmax (single-label) or sigmoid (multi-label) probabilities; regression values as they are."""
         return scores(torch.from_numpy(logits), self.problem_type).numpy()
 
-    def logits(self, texts: list[str], text_pairs: list[str] | None = None) -> np.ndarray:
+    def logits(self, texts: str | Iterable[str], text_pairs: str | Iterable[str] | None = None) -> np.ndarray:
         """Raw outputs (N, num_labels), in input order (one string: one text, N = 1)."""
         return self._logits(*self._checked(texts, text_pairs))
 
@@ -141,12 +142,14 @@ class Predictor:
             return np.zeros((0, len(self.id2label) or 1), dtype=np.float32)
         return self.encoded_logits(EncodedData(self.encoder.encode(texts, text_pairs), None, self.encoder.pad_id))
 
-    def predict(self, texts: list[str], text_pairs: list[str] | None = None, all_scores: bool = False) -> list[dict]:
+    def predict(self, texts: str | Iterable[str], text_pairs: str | Iterable[str] | None = None,
+                all_scores: bool = False) -> list[dict]:
         """One dict per text: ``label`` and ``score`` (and ``scores`` for every label with ``all_scores``).
 
         Single-label: the most likely label and its probability. Multi-label: the list of labels with a logit
         above 0 (probability above 0.5: the rule of the metrics and ``evaluate --mistakes``) and the list of their
-        probabilities. Regression: label None, score the value.
+        probabilities. Regression: label None, score the value. ``texts`` (and ``text_pairs``): one string (one
+        text) or any iterable of strings, as for :meth:`logits`.
         """
         texts, text_pairs = self._checked(texts, text_pairs)
         check_classification_only(self.problem_type, all_scores=all_scores)
