@@ -142,3 +142,22 @@ def test_the_readme_quantize_snippet_keeps_a_pair_models_text_pairs_record(tiny_
     config = json.loads((tmp_path / "runs" / "sst2-int8" / "config.json").read_text())
     assert config["oztune"].get("text_pairs") is True
     assert Classifier.from_pretrained(tmp_path / "runs" / "sst2-int8").text_pairs is True
+
+
+def test_the_functions_the_readme_places_in_oztune_compress_are_there():
+    """README: "In Python (each a config dataclass and one function, in `oztune.compress`; `quantize_`,
+    `prepare_qat_` and `prune_` ...", and its snippets' ``from oztune.compress import ...`` lines."""
+    import re
+    from pathlib import Path
+
+    import oztune.compress
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    said = readme[readme.index("in `oztune.compress`;"):]
+    said = said[:said.index("\n\n")]
+    names = set(re.findall(r"`(\w+_)`", said))
+    for line in re.findall(r"^from oztune\.compress import (.+)$", readme, re.M):
+        names |= {n.strip() for n in line.split(",")}
+    assert "prepare_qat_" in names
+    missing = sorted(n for n in names if not hasattr(oztune.compress, n) or n not in oztune.compress.__all__)
+    assert not missing, missing
