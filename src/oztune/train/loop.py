@@ -92,7 +92,10 @@ class TrainConfig:
             ``lr x d``, the one below at ``lr x d^2``, ..., the embeddings at ``lr x d^(L+1)`` (1: off).
         bucket: length bucketing, in batches per sorted mega-batch (1: off).
         progress: show a progress bar.
-        checkpoint_dir: folder for resumable checkpoints (None: none are written).
+        checkpoint_dir: folder for resumable checkpoints (None: none are written). ``fit`` leaves them there when
+            the run finishes (the model is not saved yet), and a later fresh run in the folder is refused as
+            "unfinished": once the model is saved, remove them with
+            ``oztune.train.checkpoint.remove_checkpoints(checkpoint_dir)``, as ``oztune finetune`` does.
         checkpoint_every: optimizer steps between checkpoints (0: none).
         keep_checkpoints: how many of the newest checkpoints to keep.
         resume: continue from the newest valid checkpoint in ``checkpoint_dir`` (start fresh if there is none).
@@ -332,7 +335,8 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     Under torchrun each process trains on its slice of every global batch of ``batch_size x processes``
     examples and gradients are summed over processes before each step (:mod:`oztune.train.distributed`);
     only rank 0 shows progress and evaluates. With ``cfg.checkpoint_dir`` the run writes checkpoints
-    (:mod:`oztune.train.checkpoint`) and with ``cfg.resume`` continues from the newest valid one. An int8
+    (:mod:`oztune.train.checkpoint`) and with ``cfg.resume`` continues from the newest valid one; they stay after
+    the run: the caller removes them once the model is saved (``remove_checkpoints``, see TrainConfig). An int8
     model (:func:`oztune.compress.quantize.quantize_`) is refused: its weights do not train.
     """
     from oztune.compress.quantize import is_int8  # (oztune.compress imports this module)
