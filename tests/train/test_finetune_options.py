@@ -127,3 +127,11 @@ def test_the_default_checkpoint_dir_of_an_output_ending_in_a_dot_is_beside_it(tm
     a = FinetuneArgs(train=str(train), output="runs/m" + suffix, lr=1e-4)
     check_args(a)
     assert a.checkpoints_dir() == "runs/m.checkpoints"
+
+
+def test_comma_separated_label_names_and_lora_targets_are_split_as_the_flags_split_them():
+    from oztune.train.finetune import FinetuneArgs
+
+    args = FinetuneArgs(label_names="neg, pos", lora_targets="qkv,o")
+    assert args.label_names == ["neg", "pos"] and args.lora_targets == ["qkv", "o"]
+    assert FinetuneArgs(label_names=["neg", "pos"]).label_names == ["neg", "pos"]

@@ -160,6 +160,13 @@ class FinetuneArgs(RecipeOptions):
     label_names: list[str] = field(default_factory=list)
     class_weights: str = "none"
 
+    def __post_init__(self) -> None:
+        # one string is split at its commas, as the flags and QuantConfig's skip read it (iterated, "neg,pos"
+        # named a class by each character)
+        for name in ("label_names", "lora_targets"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [x.strip() for x in getattr(self, name).split(",") if x.strip()])
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                            layer_lr_decay=self.layer_lr_decay, warmup_ratio=self.warmup_ratio,
