@@ -228,3 +228,15 @@ def test_a_layer_dropped_student_loads_in_transformers_with_the_same_logits(tiny
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, student.eval()(ids, mask),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows, cols", [(-1, 0), (+1, 0), (0, 1)])  # a row too few or too many, a column too many
+def test_distill_refuses_teacher_logits_not_one_row_per_example(teacher_dir, sentiment_files, rows, cols):
+    teacher, enc, _ = load_classifier(teacher_dir)
+    train = encoded(sentiment_files[0], enc).subset(range(16))
+    student, _ = student_from_layers(teacher, 1)
+    logits = torch.from_numpy(predict_logits(teacher, train))
+    wrong = torch.zeros(len(train) + rows, logits.shape[1] + cols)
+    with pytest.raises(ValueError, match=rf"teacher_logits has shape \({len(train) + rows}, {2 + cols}\): expected "
+                                         rf"\({len(train)}, 2\)"):
+        distill(teacher, student, train, TrainConfig(epochs=1, batch_size=4, progress=False), teacher_logits=wrong)

@@ -142,7 +142,8 @@ def distill(teacher: SequenceClassifier, student: SequenceClassifier, train_data
         cfg: optimisation settings of the shared loop.
         config: distillation settings.
         eval_data: labelled data evaluated each epoch (the best epoch is kept).
-        teacher_logits: the teacher's logits on ``train_data`` (N, L), when already computed.
+        teacher_logits: the teacher's logits on ``train_data`` (N, L), when already computed (another shape is a
+            ValueError).
         on_step: per-step callback passed to ``fit`` (e.g. a pruning schedule). By default, the zeros of a
             student pruned without structure stay zero (:func:`~oztune.compress.sparse.zeros_keeper`), and its
             layers that are plain Linears again (sliced by structured pruning) are stored compactly after.
@@ -154,6 +155,10 @@ def distill(teacher: SequenceClassifier, student: SequenceClassifier, train_data
     if teacher.head_cfg.num_labels != student.head_cfg.num_labels:
         raise OztuneError(f"teacher has {teacher.head_cfg.num_labels} outputs but the student "
                           f"{student.head_cfg.num_labels}")
+    expected = (len(train_data), teacher.head_cfg.num_labels)
+    if teacher_logits is not None and tuple(teacher_logits.shape) != expected:  # (rows: an IndexError, or misaligned)
+        raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)}: expected {expected}, one row of "
+                         "the teacher's logits per example of train_data, in its order")
     teacher.eval()
     if config.hidden_weight:
         if teacher.cfg.hidden_size != student.cfg.hidden_size:
