@@ -705,3 +705,24 @@ def test_train_config_keeps_its_edge_values_and_no_clipping():
     for kw in ({"layer_lr_decay": 1.0}, {"layer_lr_decay": 0.1}, {"warmup_ratio": 0.0}, {"weight_decay": 0.0},
                {"max_grad_norm": 0.0}, {"max_grad_norm": None}, {"bucket": 1}, {"keep_checkpoints": 1}):
         TrainConfig(**kw)
+
+
+def test_fit_refuses_empty_or_unlabelled_training_data_unless_its_loss_needs_no_labels(tiny_base, data):
+    from oztune.data.dataset import EncodedData
+    from oztune.train.loop import default_loss
+
+    model, train, _ = new_model(tiny_base, data)
+    with pytest.raises(ValueError, match="training data holds no examples"):
+        fit(model, train.subset([]), config())
+    unlabelled = EncodedData(train.encoded, None, train.pad_id)
+    with pytest.raises(ValueError, match="training data has no labels"):
+        fit(model, unlabelled, config())
+    with pytest.raises(ValueError, match="training data has no labels"):
+        fit(model, unlabelled, config(class_weights=[1.0, 1.0]))
+
+    def no_labels(m, batch):  # e.g. distillation from the teacher's logits alone
+        labelled = {**batch, "labels": torch.zeros(len(batch["input_ids"]), dtype=torch.long)}
+        return default_loss(m, labelled)
+
+    result = fit(model, unlabelled, config(epochs=1), loss_fn=no_labels)
+    assert result.log and all(row["loss"] == row["loss"] for row in result.log)  # trained, finite

@@ -324,7 +324,7 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
 
     Args:
         model: a SequenceClassifier (or anything with ``loss`` and ``head_cfg`` when using defaults).
-        train: encoded training data with labels.
+        train: encoded training data, not empty, with labels (unless ``loss_fn`` does without; else ValueError).
         cfg: optimisation settings.
         eval_data: encoded evaluation data; without it the last weights are kept.
         loss_fn: ``loss_fn(model, batch) -> loss``; distillation passes its own.
@@ -346,6 +346,11 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
                           "quantization-aware fine-tuning), then quantize it")
     if cfg.class_weights is not None:
         check_class_weights(cfg.class_weights, model.head_cfg)
+    if not len(train):  # (it "trained" no step and returned train_loss nan)
+        raise ValueError("fit: the training data holds no examples: nothing to train on")
+    if train.labels is None and loss_fn is default_loss:  # (a KeyError 'labels' at the first step)
+        raise ValueError("fit: the training data has no labels, which the default loss trains on: encode it with its "
+                         "labels (a loss_fn of your own may do without)")
     if cfg.rdrop:
         if loss_fn is not default_loss:
             raise ValueError("TrainConfig.rdrop adds to the default loss; this recipe has its own loss_fn")
