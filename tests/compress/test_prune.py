@@ -397,3 +397,12 @@ def test_unstructured_pruning_of_a_qat_model_keeps_its_fake_quantized_layers():
     prune_(model, PruneConfig(sparsity=0.5))
     assert {n: type(m) for n, m in model.named_modules()} == before and FakeQuantLinear in before.values()
     assert sparsity_of(model) == pytest.approx(0.5, abs=0.01)
+
+
+def test_structured_pruning_on_no_examples_is_refused_like_unlabelled_data():
+    from oztune.errors import OztuneError
+
+    model = tiny_model()
+    with pytest.raises(OztuneError, match="needs labelled training data .*holds no examples"):
+        prune_(model, PruneConfig(heads=0.5), random_data().subset([]))
+    assert model.cfg.layer_heads is None or model.cfg.layer_heads == [4, 4]

@@ -75,7 +75,7 @@ def prune_(model: SequenceClassifier, config: PruneConfig, data: EncodedData | N
         model: the classifier, fp32 (an int8 one is refused; for structured pruning, one from prepare_qat_ too:
             prune first, then prepare_qat_).
         config: what to prune.
-        data: labelled training data; needed for structured pruning (importance).
+        data: labelled training data, not empty; needed for structured pruning (importance).
     """
     check_not_compiled(model, "prune")
     if is_int8(model):
@@ -84,8 +84,9 @@ def prune_(model: SequenceClassifier, config: PruneConfig, data: EncodedData | N
         raise OztuneError("structured pruning of a model prepared with prepare_qat_ would turn its fake-quantized "
                           "layers into plain Linear ones: prune the fp32 model first, then prepare_qat_")
     if config.structured:
-        if data is None or data.labels is None:
-            raise OztuneError("structured pruning needs labelled training data to rank heads, neurons and layers")
+        if data is None or data.labels is None or not len(data):  # (on no examples every score is 0: a blind cut)
+            raise OztuneError("structured pruning needs labelled training data to rank heads, neurons and layers"
+                              + (" (the data given holds no examples)" if data is not None and not len(data) else ""))
         if config.layers >= model.cfg.num_layers:
             raise OztuneError(f"--layers {config.layers}: the model has only {model.cfg.num_layers} layers")
         scores = importance(model, data, config.importance_batches, config.batch_size)
