@@ -58,6 +58,8 @@ def out_of_range(name: str, value) -> str | None:
     (:data:`RANGES`), else None; the caller names the field (``TrainConfig.name``) or option (``--name``)."""
     ok, must = RANGES[name]
     return None if ok(value) else f"must be {must}, not {value}"
+
+
 LOWER_IS_BETTER = ("mse", "train_loss")  # metrics where a smaller value is the better model
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 
