@@ -88,6 +88,17 @@ def test_an_earlier_model_or_an_empty_directory_may_be_replaced(tmp_path):
     assert check_output_dir(str(tmp_path / "empty")) == tmp_path / "empty"
 
 
+@pytest.mark.parametrize("name", ["README.md", "vocab.txt", "run.json", "variants"])
+def test_a_folder_of_model_file_names_without_a_model_is_refused(tmp_path, name):
+    """Names a model save writes (a README.md, vocab.txt, run.json, variants/) are a user's files where no
+    config.json or model.onnx says the folder is a model: replacing it would delete them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).mkdir() if name == "variants" else (out / name).write_text("mine")
+    with pytest.raises(OztuneError, match=rf"exists and is not a model directory \(it holds {name}\)"):
+        check_output_dir(str(out))
+
+
 def test_the_current_directory_or_one_holding_an_input_is_refused(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path / "data")
@@ -109,6 +120,20 @@ def test_a_written_model_directory_has_the_modes_of_new_files(tiny_base, tmp_pat
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_written_file_has_the_mode_of_a_new_file(tmp_path):
+    """predict --output and evaluate --mistakes files are readable by others as any new file is (umask), not
+    left at mkstemp's owner-only 0600."""
+    from oztune.outdir import write_atomically
+
+    old = os.umask(0o022)
+    try:
+        write_atomically(tmp_path / "p.jsonl", "x\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "p.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "p.jsonl").read_text() == "x\n"
 
 
 def test_the_command_refuses_an_output_that_holds_its_training_file(tiny_base, sentiment_files, tmp_path):
