@@ -2,8 +2,8 @@
 
 import pytest
 
-from oztune.data.labels import (PROBLEM_TYPES, build_label_map, encode_labels, gold_label2id, infer_problem_type,
-                                parse_multi_label)
+from oztune.data.labels import (PROBLEM_TYPES, are_class_ids, build_label_map, encode_labels, gold_label2id,
+                                infer_problem_type, named_class_ids, parse_multi_label)
 from oztune.errors import DataError
 
 
@@ -53,11 +53,27 @@ def test_parse_multi_label_errors():
         parse_multi_label([["a"]], where="f.csv: line 4")
 
 
+def test_a_boolean_in_a_multi_label_list_is_refused():
+    """A JSON true among a row's labels is a data error, not a label named 'True' the model learns."""
+    with pytest.raises(DataError, match=r"x: a multi-label value must list label names, found true"):
+        parse_multi_label([True, "a"], where="x")
+
+
 def test_label_map_integer_names_sorted_numerically():
     assert build_label_map(["1", "0", "1"], "single_label") == {"0": 0, "1": 1}
     assert build_label_map(["5", "2", "1", "10"], "single_label") == {"1": 0, "2": 1, "5": 2, "10": 3}
     assert build_label_map([1, "2", 5.0], "single_label") == {"1": 0, "2": 1, "5": 2}
     assert build_label_map(["-1", "1"], "single_label") == {"-1": 0, "1": 1}
+
+
+def test_other_scripts_digits_stay_names_of_their_own():
+    """The Arabic-Indic digit one is a label of its own, not merged into "1" (two classes become one)."""
+    raw = ["\u0661", "1", "1"]
+    assert infer_problem_type(raw) == "single_label"
+    label2id = build_label_map(raw, "single_label")
+    assert sorted(label2id) == sorted(["1", "\u0661"]) and sorted(label2id.values()) == [0, 1]
+    ids = encode_labels(raw, label2id, "single_label", path="t.csv", lines=[2, 3, 4])
+    assert ids[0] != ids[1] == ids[2]
 
 
 def test_label_map_names_sorted_alphabetically():
@@ -147,6 +163,28 @@ def test_round_trip_from_reader_labels():
 ])
 def test_gold_labels_are_read_by_name_or_by_class_id(id2label, gold, want):
     assert gold_label2id(id2label, gold) == want
+
+
+def test_gold_integers_are_names_where_the_models_names_are_integers():
+    """A model trained on labels 1 and 2 reads a gold "0" as an unknown label, not as class 0 (its "1"):
+    scoring it as class 0 would count wrong answers right."""
+    label2id = gold_label2id({0: "1", 1: "2"}, ["0"])
+    assert label2id == {"1": 0, "2": 1}
+    with pytest.raises(DataError, match=r"d\.csv: line 2: label '0' is not one the model knows \(1, 2\)"):
+        encode_labels(["0"], label2id, "single_label", path="d.csv", lines=[2])
+    assert gold_label2id({0: "1", 1: "2"}, ["1", "2"]) == {"1": 0, "2": 1}
+    # negative integer names are integers too: a gold "0" is not class 0 of a model of -1 and 1
+    assert are_class_ids(["-1", "1"])
+    assert gold_label2id({0: "-1", 1: "1"}, ["0"]) == {"-1": 0, "1": 1}
+
+
+def test_label_names_refuse_a_negative_class_id():
+    """--label-names neg,pos over labels -1 and 1 is refused naming the line and saying the ids start at 0
+    (-1 is no class id of the names given)."""
+    with pytest.raises(DataError, match=r"--label-names names the class ids 0\.\.1; f holds the label -1 \(line 2\): "
+                       "number the labels from 0"):
+        named_class_ids(["neg", "pos"], ["-1", "1"], "single_label", path="f", lines=[2, 3])
+    assert named_class_ids(["neg", "pos"], ["0", "1"], "single_label", path="f", lines=[2, 3]) == {"0": 0, "1": 1}
 
 
 def test_a_list_label_for_a_single_label_task_names_the_file_and_line(tmp_path, capsys):

@@ -92,6 +92,17 @@ def test_utf8_bom_and_crlf(tmp_path):
     assert read_examples(path) == [Example("café", None, "1", 2)]
 
 
+@pytest.mark.parametrize("name, content", [
+    ("bom.jsonl", '{"text": "hi", "label": "a"}\n'),
+    ("bom.csv", "label,text\na,hi\n"),  # (the BOM on the first column's name: label, not the text)
+])
+def test_a_utf8_bom_is_not_part_of_the_first_line(tmp_path, name, content):
+    """Files saved by Excel or Notepad start with a BOM: a JSON line and the first column's name are read
+    without it (else the first line is malformed JSON, and the label column is not found)."""
+    path = write(tmp_path, name, b"\xef\xbb\xbf" + content.encode())
+    assert [(e.text, e.label) for e in read_examples(path)] == [("hi", "a")]
+
+
 def test_quoted_fields_with_commas_and_newlines(tmp_path):
     content = 'text,label\n"one, two",a\n"multi\nline\nfield",b\n"say ""hi""",c\nplain,d\n'
     examples = read_examples(write(tmp_path, "q.csv", content))
