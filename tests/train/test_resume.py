@@ -119,6 +119,24 @@ def test_only_the_newest_k_are_kept(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_keep_counts_the_checkpoint_just_written(tmp_path):
+    """--keep-checkpoints 2 keeps two checkpoints on disk, not three (a big model's disk use is bounded by it)."""
+    ck = Checkpointer(tmp_path, every=1, keep=2, fingerprint={})
+    for s in range(1, 5):
+        ck.save(s, state(s))
+    assert [p.name for _, p in ck.checkpoints()] == ["step-00000004", "step-00000003"]
+
+
+def test_the_same_step_written_again_replaces_it(tmp_path):
+    """A resumed run writes the step it resumed at again (e.g. its SIGTERM checkpoint): the new state replaces
+    the old one, and the write does not fail on the existing folder."""
+    ck = Checkpointer(tmp_path, every=1, keep=2, fingerprint={})
+    ck.save(3, {"x": 1})
+    ck.save(3, {"x": 2})
+    assert [p.name for _, p in ck.checkpoints()] == ["step-00000003"]
+    assert ck.load(ck.newest_valid())["x"] == 2
+
+
 def test_removing_checkpoints_leaves_other_files(tmp_path):
     ck = Checkpointer(tmp_path / "ck", 1, 2, {})
     ck.save(1, state(1))
@@ -135,6 +153,48 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     path = Checkpointer(tmp_path, 1, 2, {"batch_size": 16, "seed": 1}).save(5, state(5))
     with pytest.raises(OztuneError, match=r"other settings: batch_size 16 \(now 32\)"):
         Checkpointer(tmp_path, 1, 2, {"batch_size": 32, "seed": 1}).load(path)
+
+
+OTHER_SETTINGS = {"batch_size": 16, "grad_accum": 2, "epochs": 4, "seed": 7, "bucket": 1, "lr": 1e-4,
+                  "weight_decay": 0.0, "warmup_ratio": 0.0, "max_grad_norm": 0.5, "layer_lr_decay": 0.9,
+                  "precision": "bf16", "ema_decay": 0.9, "freeze_embeddings": True, "class_weights": [1.0, 2.0],
+                  "rdrop": 0.5, "eval_every": 5, "patience": 2}  # each unlike TrainConfig's default
+
+
+@pytest.mark.parametrize("key", [*OTHER_SETTINGS, "examples", "data", "eval_data", "processes", "trainable",
+                                 "base_weights"])
+def test_resume_with_any_other_fingerprinted_setting_is_refused_naming_it(tiny_base, tmp_path, key):
+    """--resume with another value of any setting the run's fingerprint records (an option, the data, the
+    evaluation data, the number of processes, what is frozen, the pre-trained weights) is refused naming it:
+    continuing the old run's state under the new setting would save a model neither run would have made."""
+    from oztune.data.dataset import EncodedData
+    from oztune.models.hub import load_classifier
+    from oztune.train.distributed import DistEnv
+    from oztune.train.loop import TrainConfig
+
+    model = load_classifier(tiny_base)[0]
+    data = EncodedData([([1, 5, 2], [0, 0, 0]), ([1, 6, 7, 2], [0, 0, 0, 0])], torch.tensor([0, 1]), 0)
+    given = {"checkpoint_dir": str(tmp_path), "checkpoint_every": 1, "precision": "fp32"}
+    Checkpointer.for_run(TrainConfig(**given), data, model, DistEnv()).save(1, state(1))
+    env, eval_data = DistEnv(), None
+    if key in OTHER_SETTINGS:
+        given[key] = OTHER_SETTINGS[key]
+    elif key == "examples":
+        data = data.subset([0])
+    elif key == "data":
+        data = EncodedData([([1, 5, 2], [0, 0, 0]), ([1, 6, 8, 2], [0, 0, 0, 0])], torch.tensor([0, 1]), 0)
+    elif key == "eval_data":
+        eval_data = data
+    elif key == "processes":
+        env = DistEnv(rank=0, world=2)
+    elif key == "trainable":
+        next(model.backbone.parameters()).requires_grad_(False)
+    else:
+        with torch.no_grad():
+            next(model.backbone.parameters()).add_(1.0)
+    ck = Checkpointer.for_run(TrainConfig(**given, resume=True), data, model, env, eval_data)
+    with pytest.raises(OztuneError, match=rf"other settings: (.*; )?{key} "):
+        ck.load(ck.newest_valid())
 
 
 def test_fresh_start_over_an_unfinished_run_is_refused(tiny_base, sentiment_files, tmp_path):
