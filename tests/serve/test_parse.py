@@ -21,6 +21,13 @@ def test_one_pair_per_text_is_accepted():
     assert parse_predict_body(b'{"texts": ["a", "b"], "text_pairs": ["x", "y"]}', 64) == (["a", "b"], ["x", "y"])
 
 
+@pytest.mark.parametrize("model_pairs", [None, False])
+def test_text_pairs_null_means_single_texts(model_pairs):
+    """A client that always sends the field ("text_pairs": null, as json.dumps of None writes it) asks for
+    single texts: taken, also by a model fine-tuned on single texts, not a 422."""
+    assert parse_predict_body(b'{"texts": ["a"], "text_pairs": null}', 64, text_pairs=model_pairs) == (["a"], None)
+
+
 @pytest.mark.parametrize("model_pairs,body,message", [
     (True, b'{"texts": ["a"]}', "texts: single texts, but the model was fine-tuned on text pairs"),
     (False, b'{"texts": ["a"], "text_pairs": ["x"]}', "texts: text pairs, but the model was fine-tuned on single texts"),

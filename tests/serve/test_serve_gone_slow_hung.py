@@ -250,15 +250,22 @@ def test_a_hung_model_call_gets_504_then_health_503_and_later_requests_503_until
 
 
 def test_a_request_queued_behind_a_hung_call_gets_503_when_the_call_times_out():
+    """The request waiting in the queue when the only replica's call times out is answered 503 (the server is
+    not responding: try later or elsewhere), not 500 (a failure of its own texts). It is seen queued before the
+    timeout: one sent after it is refused on arrival (503 too, by another path), which would not test this."""
     model = GatedModel()
-    app = create_app(model, ServeLimits(max_wait_ms=0, batch_timeout_s=0.3))
+    app = create_app(model, ServeLimits(max_batch_size=1, max_wait_ms=0, batch_timeout_s=1.5))
     with serving(app) as url, ThreadPoolExecutor(2) as pool:
-        first = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["a"]}, timeout=20)
-        assert model.entered.wait(10)
-        queued = httpx.post(f"{url}/predict", json={"texts": ["queued"]}, timeout=20)  # before the timeout
-        assert first.result().status_code == 504
-        assert queued.status_code == 503 and "not responding" in queued.json()["detail"], queued.text
-        model.gate.set()
+        try:
+            first = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["a"]}, timeout=20)
+            assert model.entered.wait(10)
+            queued = pool.submit(httpx.post, f"{url}/predict", json={"texts": ["queued"]}, timeout=20)
+            assert eventually(lambda: app.state.batcher.pending == 1), "not queued before the call timed out"
+            assert first.result().status_code == 504
+            r = queued.result()
+            assert r.status_code == 503 and "not responding" in r.json()["detail"], r.text
+        finally:
+            model.gate.set()  # (on a failure too: the server's shutdown would wait for the hung call)
     assert model.batches == [1]
 
 

@@ -107,6 +107,27 @@ def test_wrong_types_get_422_with_a_message(stub_server, body, message):
     assert message in r.json()["detail"]
 
 
+def test_a_body_of_exactly_the_limit_is_taken_and_one_byte_more_is_not():
+    """--max-body-bytes N takes a body of N bytes, declared (Content-Length) or streamed (chunked: counted as it
+    is read); N + 1 bytes get 413, either way."""
+    def padded(size: int) -> bytes:
+        return b'{"texts": ["ok"]}'.ljust(size)  # (valid JSON: spaces after it)
+
+    def streamed(body: bytes):
+        yield body[:10]
+        yield body[10:]
+
+    with serving(create_app(GatedModel(gated=False), ServeLimits(max_body_bytes=100))) as url, \
+            httpx.Client(base_url=url, timeout=20) as c:
+        for size, status in ((100, 200), (101, 413)):
+            r = c.post("/predict", content=padded(size), headers={"content-type": "application/json"})
+            assert r.request.headers["content-length"] == str(size)
+            assert r.status_code == status, (size, r.text)
+            r = c.post("/predict", content=streamed(padded(size)), headers={"content-type": "application/json"})
+            assert "content-length" not in r.request.headers
+            assert r.status_code == status, (size, "streamed", r.text)
+
+
 def test_health_answers_head_too(stub_server):
     assert stub_server.head("/health").status_code == 200
 
