@@ -1,5 +1,7 @@
 """Tests for oztune.data.labels."""
 
+import os
+
 import pytest
 
 from oztune.data.labels import (PROBLEM_TYPES, are_class_ids, build_label_map, encode_labels, gold_label2id,
@@ -74,6 +76,20 @@ def test_other_scripts_digits_stay_names_of_their_own():
     assert sorted(label2id) == sorted(["1", "\u0661"]) and sorted(label2id.values()) == [0, 1]
     ids = encode_labels(raw, label2id, "single_label", path="t.csv", lines=[2, 3, 4])
     assert ids[0] != ids[1] == ids[2]
+
+
+def test_names_of_one_integer_value_get_the_same_ids_in_every_process():
+    """"1" and "١" (or "10" and "1_0") are both 1 (10) to int(): sorted by it alone, the set's order, which
+    changes with the process's hash seed, numbered them, so the same command (or two torchrun ranks) could
+    number the classes differently."""
+    import subprocess
+    import sys
+
+    code = ("from oztune.data.labels import build_label_map as b; "
+            "print(b(['\u0661', '1', '2'], 'single_label'), b(['1_0', '10', '2'], 'single_label'))")
+    outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in range(1, 7)}
+    assert outs == {"{'1': 0, '\u0661': 1, '2': 2} {'2': 0, '10': 1, '1_0': 2}\n"}, outs
 
 
 def test_label_map_names_sorted_alphabetically():

@@ -188,7 +188,7 @@ def build_label_map(raw_labels: list, problem_type: str) -> dict[str, int] | Non
                 raise DataError(f"label {lab!r} is a list, but the problem type is single_label")
         names = {_label_name(lab) for lab in labels}
     if names and all(_is_integer(_as_number(n)) for n in names):
-        ordered = sorted(names, key=int)
+        ordered = sorted(names, key=lambda n: (int(n), n))  # ("1" and "١", "10" and "1_0": one int, then by name)
     else:
         ordered = sorted(names)
     return {name: i for i, name in enumerate(ordered)}
