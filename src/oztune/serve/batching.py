@@ -2,7 +2,8 @@
 
 The event loop calls :meth:`MicroBatcher.submit` and awaits the future it returns. A worker thread
 (one per model replica) takes the queued requests, waiting at most ``max_wait_ms`` after the oldest one arrived for the batch
-to fill up to ``max_batch_size`` texts, runs ``predict`` once on all their texts (tokenization
+to fill up to ``max_batch_size`` texts, or until as many texts are queued as its previous batch held (the clients
+it answered have come back: waiting longer would only leave the replica idle), runs ``predict`` once on all their texts (tokenization
 included, so the event loop only parses and answers HTTP; the backends sort the batch by length and
 run it in forward passes of ``--forward-batch-size`` texts), and resolves every future of the batch
 with one call into the loop. Under load the wait costs nothing: requests that arrive while a batch runs have already waited
@@ -64,7 +65,8 @@ class MicroBatcher:
         predict: ``predict(texts, pairs) -> one prediction per text``, or a list of such functions (model
             replicas): one worker thread each, taking batches from the same queue.
         max_batch_size: most texts per call of ``predict`` (one request with more is run alone).
-        max_wait_ms: longest wait, counted from the oldest queued request, for a batch to fill.
+        max_wait_ms: longest wait, counted from the oldest queued request, for a batch to fill (it closes
+            sooner once as many texts are queued as the worker's previous batch held).
         max_queue: most texts waiting; :meth:`submit` raises :class:`QueueFull` beyond it.
         on_batch: called as ``on_batch(texts, seconds, classified)`` after each batch (metrics), in the worker
             thread: ``classified`` of its ``texts`` got predictions (the others were in a model call that failed).
@@ -81,6 +83,10 @@ class MicroBatcher:
         self.batch_timeout = batch_timeout_s
         self.pending = 0  # texts queued, not yet taken by a worker
         self._idle = 0  # workers waiting for a batch
+        # Texts at which each worker's next batch is ready before max_wait: its previous batch's (clients that
+        # get their answers and send again are back in full then); the least of them, for submit's wake-up.
+        self._ready = [max_batch_size] * len(self.predicts)
+        self._least_ready = max_batch_size
         self._running: list[tuple[float, list[_Request]] | None] = [None] * len(self.predicts)  # (deadline, batch)
         self._hung: set[int] = set()  # workers in a call past its deadline
         self._queue: deque[_Request] = deque()
@@ -123,9 +129,12 @@ class MicroBatcher:
                     raise QueueFull(f"the queue is full ({self.pending} of {self.max_queue} texts waiting)")
             self._queue.append(_Request(texts, pairs, future, time.monotonic(), gone))
             self.pending += len(texts)
-            # Wake the worker only when it may be waiting for this: a first request, or a full batch.
+            # Wake the worker only when it may be waiting for this: a first request, or a full batch; and every
+            # worker when as many texts are queued as a worker's previous batch held (it is that one's batch).
             if len(self._queue) == 1 or self.pending >= self.max_batch_size:
                 self._cond.notify()
+            elif self.pending >= self._least_ready > self.pending - len(texts):
+                self._cond.notify_all()
         return future
 
     def _drop_abandoned(self) -> None:
@@ -232,7 +241,7 @@ class MicroBatcher:
                                 return None
                             self._cond.wait()
                         left = self._queue[0].arrived + self.max_wait - time.monotonic()
-                        if self.pending >= self.max_batch_size or self._closed or left <= 0:
+                        if self.pending >= min(self.max_batch_size, self._ready[worker]) or self._closed or left <= 0:
                             break
                         self._cond.wait(left)
                     share = min(self.max_batch_size, -(-self.pending // self._idle))  # ceil(pending / idle workers)
@@ -252,6 +261,8 @@ class MicroBatcher:
                     if self._queue:
                         self._cond.notify()  # the rest is another idle worker's
                     if batch:
+                        self._ready[worker] = n
+                        self._least_ready = min(self._ready)
                         if self.batch_timeout:
                             self._running[worker] = (time.monotonic() + self.batch_timeout, batch)
                         return batch

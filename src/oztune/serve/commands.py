@@ -86,7 +86,8 @@ class ServeArgs:
         forward_batch_size: most texts per forward pass: a batch is sorted by length and run in passes of
             this many texts, which cuts padding (0: the whole batch in one pass). Default: the whole batch
             for torch, whose model skips padding itself (oztune.models.packing); 8 for onnx.
-        max_wait_ms: longest wait for a batch to fill, counted from the oldest waiting request.
+        max_wait_ms: longest wait for a batch to fill, counted from the oldest waiting request (a batch also
+            closes once as many texts are queued as the replica's previous batch held).
         max_queue: most texts waiting for a batch; requests beyond it get 503 (at least
             --max-texts-per-request).
         max_texts_per_request: most texts in one request; more get 413.
