@@ -104,3 +104,21 @@ def test_a_batch_is_ready_once_as_many_texts_are_queued_as_the_workers_last_batc
             await loop.run_in_executor(None, batcher.close, 10)
 
     asyncio.run(run())
+
+
+def test_every_workers_ready_point_wakes_the_waiting_workers():
+    """Each worker's batch is ready at its own previous batch's size: reaching any of them wakes the waiting
+    workers (only the least did: a worker with the larger one slept to max_wait_ms, as before the rule)."""
+    loop = asyncio.new_event_loop()
+    try:
+        batcher = MicroBatcher([lambda t, p=None: [], lambda t, p=None: []], max_batch_size=64, max_wait_ms=5)
+        batcher._loop = loop  # (submit only: no worker runs, the wake-ups are counted)
+        batcher._ready = [3, 2]
+        woken = []
+        notify_all = batcher._cond.notify_all
+        batcher._cond.notify_all = lambda: (woken.append(batcher.pending), notify_all())
+        for text in "abcd":
+            batcher.submit([text])
+        assert woken == [2, 3]
+    finally:
+        loop.close()

@@ -84,9 +84,8 @@ class MicroBatcher:
         self.pending = 0  # texts queued, not yet taken by a worker
         self._idle = 0  # workers waiting for a batch
         # Texts at which each worker's next batch is ready before max_wait: its previous batch's (clients that
-        # get their answers and send again are back in full then); the least of them, for submit's wake-up.
+        # get their answers and send again are back in full then).
         self._ready = [max_batch_size] * len(self.predicts)
-        self._least_ready = max_batch_size
         self._running: list[tuple[float, list[_Request]] | None] = [None] * len(self.predicts)  # (deadline, batch)
         self._hung: set[int] = set()  # workers in a call past its deadline
         self._queue: deque[_Request] = deque()
@@ -133,7 +132,7 @@ class MicroBatcher:
             # worker when as many texts are queued as a worker's previous batch held (it is that one's batch).
             if len(self._queue) == 1 or self.pending >= self.max_batch_size:
                 self._cond.notify()
-            elif self.pending >= self._least_ready > self.pending - len(texts):
+            elif any(self.pending >= ready > self.pending - len(texts) for ready in self._ready):
                 self._cond.notify_all()
         return future
 
@@ -262,7 +261,6 @@ class MicroBatcher:
                         self._cond.notify()  # the rest is another idle worker's
                     if batch:
                         self._ready[worker] = n
-                        self._least_ready = min(self._ready)
                         if self.batch_timeout:
                             self._running[worker] = (time.monotonic() + self.batch_timeout, batch)
                         return batch
