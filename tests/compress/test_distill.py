@@ -169,7 +169,8 @@ def _student_and_teacher(tiny_base):
     return teacher.eval(), student.eval(), enc
 
 
-def test_distill_loss_mixes_soft_and_hard_by_alpha(tiny_base):
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])  # (0.5: the default of distill, prune and compress)
+def test_distill_loss_mixes_soft_and_hard_by_alpha(tiny_base, alpha):
     import torch.nn.functional as F
 
     from oztune.compress.distill import distill_loss_fn
@@ -180,8 +181,8 @@ def test_distill_loss_mixes_soft_and_hard_by_alpha(tiny_base):
     with torch.no_grad():
         batch["teacher_logits"] = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         logits = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        got = distill_loss_fn(None, DistillConfig(temperature=3.0, alpha=0.3))(student, batch)
-    want = 0.3 * soft_loss(logits, batch["teacher_logits"], "single_label", 3.0) + 0.7 * F.cross_entropy(
+        got = distill_loss_fn(None, DistillConfig(temperature=3.0, alpha=alpha))(student, batch)
+    want = alpha * soft_loss(logits, batch["teacher_logits"], "single_label", 3.0) + (1 - alpha) * F.cross_entropy(
         logits, batch["labels"])
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from oztune.cli import main
-from oztune.compress.prune import PruneConfig, drop_layers_, evenly_spaced, importance, prune_, shrink_
-from oztune.compress.sparse import (GradualPruner, cubic_sparsity, magnitude_prune_, pack_bits, sparsity_of,
-                                    to_sparse_, unpack_bits)
+from oztune.compress.prune import PruneConfig, _global_keep, drop_layers_, evenly_spaced, importance, prune_, shrink_
+from oztune.compress.sparse import (GradualPruner, cubic_sparsity, encoder_linears, magnitude_masks, magnitude_prune_,
+                                    pack_bits, sparsity_of, to_sparse_, unpack_bits)
 from oztune.compress.vocab import VocabEmbedding, prune_vocab_, tokens_seen
 from oztune.config import HeadConfig, ModelConfig
 from oztune.data.dataset import EncodedData
@@ -148,6 +148,29 @@ def test_a_second_unstructured_prune_counts_the_zeros_already_there():
     zeros_before = [first[n] == 0 for n, _ in model.named_parameters() if n.endswith("weight") and (first[n] == 0).any()]
     zeros_now = [p == 0 for n, p in model.named_parameters() if n.endswith("weight") and (first[n] == 0).any()]
     assert zeros_before and all(bool((now | ~before).all()) for before, now in zip(zeros_before, zeros_now))
+
+
+def test_magnitude_pruning_zeroes_exactly_the_share_asked_for():
+    model = tiny_model(layers=2)
+    n = sum(m.weight.numel() for m in encoder_linears(model).values())
+    for share in (0.3, 0.5, 0.9):
+        masks = magnitude_masks(model, share)
+        assert sum(int((~m).sum()) for m in masks.values()) == int(share * n), share
+
+
+def test_a_share_of_units_rounds_to_the_nearest_whole_unit():
+    assert _global_keep([torch.tensor([1.0, 2.0, 3.0])], 0.5) == [[2]]  # round(1.5) = 2 removed
+    assert _global_keep([torch.tensor([1.0, 2.0, 3.0, 4.0])], 0.7) == [[3]]  # round(2.8) = 3 removed
+
+
+def test_importance_of_a_model_in_training_mode_is_measured_without_dropout():
+    """A model handed over in train mode (the Python API) is ranked in eval mode, the same twice over, and is
+    left in train mode."""
+    model = tiny_model(layers=2).train()
+    a, b = (importance(model, random_data(), batches=2, batch_size=16) for _ in range(2))
+    assert model.training
+    for x, y in zip([*a.heads, *a.ffn, a.layers], [*b.heads, *b.ffn, b.layers]):
+        torch.testing.assert_close(x, y)
 
 
 def test_bit_packing_round_trip():

@@ -41,3 +41,11 @@ def test_negative_workers_is_refused():
 
     with pytest.raises(OztuneError, match="--workers -1"):
         commands._check(ServeArgs(model="m", workers=-1))
+
+
+def test_the_onnx_backend_runs_on_the_threads_asked_for(tiny_finetuned):
+    """--threads N sets onnxruntime's intra-op threads (the backend ran on 1 whatever was asked)."""
+    from oztune.serve.backends import load_backend
+
+    clf = load_backend(str(tiny_finetuned), "onnx", threads=2)
+    assert clf.session.get_session_options().intra_op_num_threads == 2

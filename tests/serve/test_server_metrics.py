@@ -34,3 +34,11 @@ def test_texts_classified_are_counted_per_batch_less_those_of_a_failed_model_cal
     m.on_request(200, 0.001)  # answers do not count texts: a 499's texts were classified all the same
     lines = m.render(0).splitlines()
     assert "oztune_texts_total 5" in lines and "oztune_batch_size_sum 7.0" in lines
+
+
+def test_a_400_answer_counts_as_an_error():
+    """Every 4xx and 5xx answer is an error of the metrics, 400 included (the other tests use 422 and 5xx)."""
+    m = Metrics()
+    m.on_request(200, 0.1)
+    m.on_request(400, 0.1)
+    assert "oztune_request_errors_total 1" in m.render(0).splitlines()
