@@ -58,3 +58,17 @@ def test_a_max_length_below_the_special_tokens_is_refused(tmp_path):
         enc.encode(["a b"], ["c d"])
     enc.set_max_length(5)
     assert all(len(ids) <= 5 for ids, _ in enc.encode(["a b c d e f g"], ["a b c d"]))
+
+
+def test_an_empty_text_of_a_tokenizer_without_special_tokens_is_one_pad_token():
+    """GPT-2-like tokenizers add no special token: an empty text would be a row of no tokens (attention over
+    nothing: nan); it is one pad token the mask keeps."""
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = Tokenizer(WordLevel({"<pad>": 0, "<unk>": 1, "good": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    enc = TextEncoder(tok, pad_id=0, max_length=8)
+    assert enc.encode(["", "good"]) == [([0], [0]), ([2], [0])]
+    b = enc([""])
+    assert b["input_ids"].shape == (1, 1) and b["attention_mask"].tolist() == [[1]]

@@ -162,3 +162,13 @@ def test_negative_class_weights_and_weights_for_regression_are_refused(tiny_base
     train = EncodedData([([5, 6, 7], [0, 0, 0])] * 4, torch.tensor([0.5, 1.0, 1.5, 2.0]), 0)
     with pytest.raises(ValueError, match="regression head has none"):
         fit(model, train, TrainConfig(class_weights=[1.0], epochs=1, batch_size=2, progress=False))
+
+
+def test_balanced_weights_give_a_label_absent_from_the_data_a_weight():
+    """A label of the head that the sample lacks (the last of three) still gets a weight: one per output."""
+    assert balanced_class_weights(torch.tensor([0, 0, 1]), "single_label", 3) == pytest.approx([0.5, 1.0, 1.0])
+
+
+def test_balanced_multi_label_weights_are_negatives_over_positives():
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert balanced_class_weights(labels, "multi_label") == pytest.approx([3.0, 1.0])

@@ -80,3 +80,37 @@ def test_an_eval_split_of_too_few_examples_is_refused(tiny_base, tmp_path, capsy
                  "--model", str(tiny_base), "--no-progress"])
     assert code == 2
     assert "holds out none" in capsys.readouterr().err
+
+
+def test_hold_out_leaves_a_label_of_one_example_in_training():
+    ex = [Example(text="r", label="rare", line=2)] + [Example(text=f"t{i}", label="common", line=i + 3)
+                                                      for i in range(10)]
+    train, held = hold_out(ex, 0.6, 0)
+    assert [e.label for e in train].count("rare") == 1 and len(held) == 6
+
+
+def test_hold_out_holds_out_the_same_positions_whatever_label_comes_first_in_the_file():
+    ab = [Example(text=f"t{i}", label=lab, line=i + 2) for i, lab in enumerate(["a", "b"] * 10)]
+    ba = [Example(text=f"t{i}", label=lab, line=i + 2) for i, lab in enumerate(["b", "a"] * 10)]
+    held_ab, held_ba = hold_out(ab, 0.3, 0)[1], hold_out(ba, 0.3, 0)[1]
+    assert (sorted(ab.index(e) // 2 for e in held_ab if e.label == "a")
+            == sorted(ba.index(e) // 2 for e in held_ba if e.label == "a"))
+
+
+def test_finetune_eval_split_keeps_each_labels_share(tiny_base, tmp_path):
+    """--eval-split 0.25 of 4 pos and 36 neg rows holds out 1 pos and 9 neg (the documented stratification)."""
+    from conftest import write_tsv
+
+    rows = [(f"good film {i}", "pos") for i in range(4)] + [(f"bad film {i}", "neg") for i in range(36)]
+    train, out = write_tsv(tmp_path / "t.tsv", rows), tmp_path / "m"
+    assert main(["finetune", "--train", str(train), "--output", str(out), "--model", str(tiny_base), "--epochs", "1",
+                 "--batch-size", "16", "--no-progress", "--eval-split", "0.25"]) == 0
+    lines = json.loads((out / "run.json").read_text())["eval_lines"]
+    assert len(lines) == 10 and sum(1 for line in lines if line <= 5) == 1  # (lines 2-5: the pos rows)
+
+
+def test_the_max_train_examples_sample_follows_the_seed_and_keeps_file_order():
+    from oztune.train.finetune import sample
+
+    a, b = sample(list(range(100)), 10, 1), sample(list(range(100)), 10, 2)
+    assert a != b and a == sorted(a) and b == sorted(b) and a == sample(list(range(100)), 10, 1)

@@ -94,3 +94,14 @@ def test_a_max_length_beyond_the_position_table_is_refused_before_any_work(tiny_
     for given, saved in ((["--max-length", "64"], 64), ([], 64)):  # the default, 128, is cut to the window
         assert main(_args(tiny_base, sentiment_files[0], tmp_path / f"m{saved}{len(given)}", "--no-progress", *given)) == 0
         assert json.loads((tmp_path / f"m{saved}{len(given)}" / "config.json").read_text())["oztune"]["max_length"] == saved
+
+
+def test_label_names_with_an_eval_file_labelled_by_those_names(tiny_base, tmp_path):
+    """Training labels 0/1 named by --label-names neg,pos and an --eval file labelled neg/pos: the eval file is
+    read as evaluate reads it (the names), not with the training file's map (an "unknown label" refusal)."""
+    rows = synthetic_sentiment(40, 1)
+    train = write_tsv(tmp_path / "t.tsv", [(t, "1" if lab == "pos" else "0") for t, lab in rows])
+    dev = write_tsv(tmp_path / "d.tsv", synthetic_sentiment(20, 2))
+    assert main(["finetune", "--train", str(train), "--eval", str(dev), "--output", str(tmp_path / "m"),
+                 "--model", str(tiny_base), "--epochs", "1", "--batch-size", "16", "--no-progress",
+                 "--label-names", "neg,pos"]) == 0

@@ -726,3 +726,36 @@ def test_fit_refuses_empty_or_unlabelled_training_data_unless_its_loss_needs_no_
 
     result = fit(model, unlabelled, config(epochs=1), loss_fn=no_labels)
     assert result.log and all(row["loss"] == row["loss"] for row in result.log)  # trained, finite
+
+
+def test_weight_ema_warms_up_and_applied_puts_the_training_weights_back():
+    """The average's first step moves most of the way (decay min(d, 1/10) early on: an average of the random
+    start would lag for thousands of steps), and ``applied()`` restores the training weights after."""
+    from oztune.train.ema import WeightEMA
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    ema = WeightEMA([p], 0.999)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update(0)
+    assert ema.shadow[0].item() == pytest.approx(0.9)
+    with ema.applied():
+        assert p.item() == pytest.approx(0.9)
+    assert p.item() == 1.0
+
+
+def test_the_schedule_warms_up_linearly_then_decays_to_zero():
+    from oztune.train.loop import make_optimizer
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+    opt, sched = make_optimizer(Wrapper(), TrainConfig(lr=1.0, warmup_ratio=0.25), 8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])

@@ -101,3 +101,15 @@ def test_correlations_of_constant_predictions_and_gold_are_0_as_the_note_says(n)
     assert m["note"].startswith("the predictions are all the same (0.1)")
     m = regression_metrics(np.full(n, 0.3), np.arange(n, dtype=float))  # only the predictions constant
     assert (m["pearson"], m["spearman"]) == (0.0, 0.0)
+
+
+def test_macro_f1_leaves_out_a_label_absent_from_gold_and_predictions():
+    """As scikit-learn's f1_score(average="macro") over the labels present: (2/3 + 0.8) / 2, not a perfect F1
+    of 1 for a label that occurs nowhere."""
+    m = classification_metrics(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), 3)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_a_multi_label_logit_of_exactly_zero_is_off():
+    assert compute_metrics("multi_label", np.array([[0.0, 1.0]], dtype=np.float32),
+                           np.array([[0.0, 1.0]]))["subset_accuracy"] == 1.0

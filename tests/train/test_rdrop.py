@@ -99,3 +99,27 @@ def test_finetune_rdrop_is_recorded(tiny_base, sentiment_files, tmp_path):
     assert json.loads((out / "run.json").read_text())["args"]["rdrop"] == 0.5
     assert "R-Drop 0.5" in (out / "README.md").read_text()
     assert main(["finetune", "--train", str(train), "--output", str(tmp_path / "x"), "--rdrop", "-1"]) == 2
+
+
+def test_rdrop_keeps_the_token_type_ids_of_text_pairs():
+    """Both passes read the segment ids (without dropout the loss is the plain one): dropped, a pair model
+    trained with --rdrop would not see which text a token is in."""
+    m, b = model(), batch()
+    b["token_type_ids"] = torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 5)
+    assert rdrop_loss(1.0)(m, b).item() == pytest.approx(default_loss(m, b).item(), rel=1e-5)
+
+
+def test_weighted_rdrop_averages_the_task_loss_of_both_passes():
+    m, b = model(), batch()
+    weights = [0.5, 2.0, 1.0]
+    real = m.forward
+
+    def second_pass_differs(ids, *args, **kw):  # (as dropout would make it)
+        out = real(ids, *args, **kw)
+        return torch.cat([out[:len(out) // 2], out[len(out) // 2:] + torch.tensor([3.0, -1.0, 0.5])])
+
+    m.forward = second_pass_differs
+    first, second = second_pass_differs(b["input_ids"].repeat(2, 1), b["attention_mask"].repeat(2, 1), None).chunk(2)
+    w = torch.tensor(weights)
+    want = (m.loss(first, b["labels"], w) + m.loss(second, b["labels"], w)) / 2
+    assert rdrop_loss(0.0, weights)(m, b).item() == pytest.approx(want.item(), rel=1e-5)
