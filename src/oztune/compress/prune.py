@@ -390,9 +390,9 @@ def _run_prune(a: PruneArgs, pcfg: PruneConfig, dcfg, saves: bool) -> dict:
     if a.structured:
         prune_(student, pcfg, data.train)
         if describe(student) == describe(teacher):  # (the shares round to no whole part: the run would only retrain)
-            raise OztuneError(f"--structured with --heads {pcfg.heads:g}, --ffn {pcfg.ffn:g} and --layers {pcfg.layers} "
-                              f"removes nothing from this model ({describe(teacher)}): the shares are rounded to "
-                              "whole heads and neurons over all its layers; give larger ones")
+            raise OztuneError(f"--structured with --heads {pcfg.heads:g}, --ffn {pcfg.ffn:g} and --layers "
+                              f"{pcfg.layers} removes nothing from this model ({describe(teacher)}): the shares are "
+                              "rounded to whole heads and neurons over all its layers; give larger ones")
         # (an unstructured-pruned model's zeros stay zero through the recovery: see distill)
         result = distill(teacher, student, data.train, cfg, dcfg, data.eval)
     else:  # no per-epoch best: an earlier, less sparse epoch must not win

@@ -404,8 +404,8 @@ def check_id2label(id2label: dict[int, str], num_labels: int, empty_ok: bool = F
     """
     if (empty_ok and not id2label) or set(id2label) == set(range(num_labels)):
         return
-    raise ValueError(f"id2label has {len(id2label)} name(s) (keys {sorted(id2label, key=str)[:5]}) but the model's head has "
-                     f"{num_labels} output(s): give one name per output, keyed 0 to {num_labels - 1}"
+    raise ValueError(f"id2label has {len(id2label)} name(s) (keys {sorted(id2label, key=str)[:5]}) but the model's "
+                     f"head has {num_labels} output(s): give one name per output, keyed 0 to {num_labels - 1}"
                      + (" ({0: 'value'} for regression)" if num_labels == 1 else ""))
 
 

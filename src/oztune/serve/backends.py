@@ -73,7 +73,8 @@ class OnnxClassifier(Predictor):
         self.problem_type = oz["head"]["problem_type"]
         self.text_pairs = recorded_text_pairs(oz, path)  # (exported from a model saved before it was recorded: None)
         self.id2label = {int(k): str(v) for k, v in hf.get("id2label", {}).items()}
-        self.encoder = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length, path), pad_token_id=hf.get("pad_token_id"))
+        self.encoder = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length, path),
+                                            pad_token_id=hf.get("pad_token_id"))
         self.batch_size = check_count("batch_size", batch_size)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1

@@ -1,10 +1,10 @@
 """Dynamic micro-batching: concurrent requests share one model call, in one or more worker threads.
 
-The event loop calls :meth:`MicroBatcher.submit` and awaits the future it returns. A worker thread
-(one per model replica) takes the queued requests, waiting at most ``max_wait_ms`` after the oldest one arrived for the batch
-to fill up to ``max_batch_size`` texts, or until as many texts are queued as its previous batch held (the clients
-it answered have come back: waiting longer would only leave the replica idle), runs ``predict`` once on all their texts (tokenization
-included, so the event loop only parses and answers HTTP; the backends sort the batch by length and
+The event loop calls :meth:`MicroBatcher.submit` and awaits the future it returns. A worker thread (one per model
+replica) takes the queued requests, waiting at most ``max_wait_ms`` after the oldest one arrived for the batch to fill
+up to ``max_batch_size`` texts, or until as many texts are queued as its previous batch held (the clients it answered
+have come back: waiting longer would only leave the replica idle), runs ``predict`` once on all their texts
+(tokenization included, so the event loop only parses and answers HTTP; the backends sort the batch by length and
 run it in forward passes of ``--forward-batch-size`` texts), and resolves every future of the batch
 with one call into the loop. Under load the wait costs nothing: requests that arrive while a batch runs have already waited
 longer than ``max_wait_ms`` and go into the next batch at once.
