@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -759,3 +760,96 @@ def test_the_schedule_warms_up_linearly_then_decays_to_zero():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+
+
+def test_predict_logits_runs_in_eval_mode_in_input_order_and_restores_the_mode(tiny_base, data):
+    """Dropout off while predicting (a training-mode model gives the eval-mode logits), the logits of each example
+    in input order (they are computed in length-sorted batches), and the model's mode as it was."""
+    from oztune.train.loop import predict_logits
+
+    model, _, dev = new_model(tiny_base, data)
+    assert len(set(dev.lengths.tolist())) > 1  # the length sort does reorder
+    model.eval()
+    want = np.concatenate([model(**{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).detach()
+                           .numpy() for b in (dev.batch([j]) for j in range(len(dev)))])
+    np.testing.assert_allclose(predict_logits(model, dev, batch_size=4), want, rtol=1e-4, atol=1e-5)
+    assert not model.training
+    model.train()
+    for _ in range(2):  # the same logits every time, with dropout on they would differ
+        np.testing.assert_allclose(predict_logits(model, dev, batch_size=4), want, rtol=1e-4, atol=1e-5)
+        assert model.training  # put back
+
+
+def test_train_loss_as_main_metric_keeps_its_smallest_epoch(tiny_base, data, monkeypatch):
+    scripted_evaluations(monkeypatch, [0.5, 0.5, 0.5])  # accuracy does not decide
+    model, train, dev = new_model(tiny_base, data)
+    result = fit(model, train, config(epochs=3), dev, main_metric="train_loss")
+    losses = [h["train_loss"] for h in result.history]
+    assert np.argmin(losses) != np.argmax(losses)
+    assert result.best["epoch"] == int(np.argmin(losses)) + 1 and result.best["train_loss"] == min(losses)
+
+
+def test_a_short_last_accumulation_step_counts_in_the_total_steps_and_the_schedule(tiny_base, data):
+    model, train, _ = new_model(tiny_base, data)
+    train = train.subset(list(range(56)))  # 7 batches of 8, 2 accumulated: 4 steps, the last of 1 batch
+    totals = []
+    result = fit(model, train, config(epochs=1, warmup_ratio=0.0), on_step=lambda s, t: totals.append(t))
+    assert totals == [4] * 4 and len(result.log) == 4
+    # one warm-up step, then linear decay over the other 3: the last step still trains (not at rate 0)
+    assert [row["lr"] for row in result.log] == pytest.approx([3e-3, 3e-3, 2e-3, 1e-3])
+
+
+def test_fit_seeds_dropout_itself(tiny_base, data):
+    """Two runs with the same seed are the same run whatever the global random state was before."""
+    model, train, _ = new_model(tiny_base, data)
+    want = fit(model, train, config(epochs=1)).log
+    model, train, _ = new_model(tiny_base, data)
+    torch.rand(1000)  # the global generator moved on (another model built, data augmented, ...)
+    got = fit(model, train, config(epochs=1)).log
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+def test_each_epoch_shuffles_the_training_data_anew(tiny_base, data):
+    from oztune.train.loop import default_loss
+
+    model, train, _ = new_model(tiny_base, data)
+    seen = []
+
+    def recording(m, b):
+        seen.append(b["labels"].tolist() + b["input_ids"].sum(1).tolist())
+        return default_loss(m, b)
+
+    fit(model, train, config(epochs=2), loss_fn=recording)  # 8 batches an epoch
+    assert len(seen) == 16 and seen[:8] != seen[8:]
+    assert sorted(map(sorted, seen[:8])) != sorted(map(sorted, seen[8:]))  # other batches, not just another order
+
+
+def test_an_improvement_restarts_the_patience_count(tiny_base, data, monkeypatch):
+    scripted_evaluations(monkeypatch, [0.5, 0.4, 0.6, 0.5, 0.7])
+    model, train, dev = new_model(tiny_base, data)
+    result = fit(model, train, config(epochs=5, patience=2), dev)
+    # never 2 evaluations in a row without improvement: all 5 epochs run
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5] and result.best["epoch"] == 5
+
+
+def test_fit_returns_the_model_in_eval_mode(tiny_base, data, monkeypatch):
+    model, train, dev = new_model(tiny_base, data)
+    fit(model, train, config(epochs=1))
+    assert not model.training
+    scripted_evaluations(monkeypatch, [0.5])
+    fit(model, train, config(epochs=1), dev)
+    assert not model.training
+
+
+def test_without_evaluation_data_best_is_the_last_epoch_record(tiny_base, data):
+    model, train, _ = new_model(tiny_base, data)
+    result = fit(model, train, config(epochs=2))
+    assert len(result.history) == 2 and result.best == result.history[-1]
+    assert result.best["epoch"] == 2 and result.best["step"] == 8 and np.isfinite(result.best["train_loss"])
+
+
+def test_an_epoch_end_that_falls_on_eval_every_is_evaluated_once(tiny_base, data, monkeypatch):
+    seen = scripted_evaluations(monkeypatch, [0.5, 0.6, 0.7, 0.8, 0.9])
+    model, train, dev = new_model(tiny_base, data)
+    result = fit(model, train, config(epochs=1, eval_every=2), dev)  # 4 steps: step 2, then the epoch's end
+    assert [(h["epoch"], h["step"]) for h in result.history] == [(0.5, 2), (1, 4)] and len(seen) == 2
