@@ -173,10 +173,12 @@ class Int8Linear(Fp32Only):
         After changing ``weight`` or ``weight_scale`` other than by loading a state dict, call
         :meth:`sum_weights`.
         """
-        # inference only (no gradient flows through an int8 matmul): the input is taken detached, so the
-        # model also runs with autograd on (an fp32 LayerNorm's output requires grad; addcmul(out=) refuses it)
-        x = x.detach()
-        if top is not None:
+        # inference only (no gradient flows through an int8 matmul): an input that requires grad (an fp32
+        # LayerNorm's output, autograd on) is taken detached, which addcmul(out=) needs; under no_grad or
+        # inference_mode, as predict runs, nothing is done
+        if x.requires_grad:
+            x = x.detach()
+        if top is not None and top.requires_grad:
             top = top.detach()
         lead = x.shape[:-1]
         if x.numel() == 0 or self.in_features == 0 or self.out_features == 0:
