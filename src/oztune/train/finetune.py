@@ -220,12 +220,10 @@ def regression_label_names(names: list[str], why: str) -> str:
 def check_args(a: FinetuneArgs) -> None:
     """Reject bad option values and an unwritable output before any work is done."""
     check_train_options(a, ("grad_accum",))
-    for name in ("checkpoint_every", "lora_rank", "eval_every", "patience"):
-        v = getattr(a, name)
-        if not (v >= 0 and math.isfinite(v)):
-            raise OztuneError(f"--{name.replace('_', '-')} must be 0 or more, not {v}")
-    for name in ("weight_decay", "max_grad_norm", "rdrop", "warmup_ratio", "ema_decay", "layer_lr_decay",
-                 "keep_checkpoints"):  # (TrainConfig's rules: the same in Python)
+    if not (a.lora_rank >= 0 and math.isfinite(a.lora_rank)):
+        raise OztuneError(f"--lora-rank must be 0 or more, not {a.lora_rank}")
+    for name in ("checkpoint_every", "eval_every", "patience", "weight_decay", "max_grad_norm", "rdrop", "warmup_ratio",
+                 "ema_decay", "layer_lr_decay", "keep_checkpoints"):  # (TrainConfig's rules: the same in Python)
         error = out_of_range(name, getattr(a, name))
         if error:
             raise OztuneError(f"--{name.replace('_', '-')} {error}")

@@ -42,6 +42,9 @@ def _finite_from_0(v) -> bool:
 # recipes' options of the same names (check_args: --weight-decay ...): field -> (whether a value is in, what it
 # must be).
 RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "patience": (_finite_from_0, "0 or more"),
+    "eval_every": (_finite_from_0, "0 or more"),
+    "checkpoint_every": (_finite_from_0, "0 or more"),
     "weight_decay": (_finite_from_0, "0 or more"),
     "max_grad_norm": (lambda v: v is None or _finite_from_0(v), "0 or more (0: no clipping)"),
     "rdrop": (_finite_from_0, "0 or more"),
@@ -133,9 +136,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("epochs", "patience", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be 0 or more, not {getattr(self, name)}")
+        if self.epochs < 0:
+            raise ValueError(f"TrainConfig.epochs must be 0 or more, not {self.epochs}")
         for name in RANGES:
             error = out_of_range(name, getattr(self, name))
             if error:
