@@ -124,6 +124,8 @@ def test_hub_ids_with_and_without_owner_are_downloaded_and_paths_are_not(tmp_pat
         assert resolve_model(name) == tmp_path
     assert asked == ["bert-base-uncased", "gpt2", "google-bert/bert-base-uncased", "FacebookAI/roberta-base",
                      "owner_1/model.v2"]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # (a checkout where the README's main command ran holds runs/sst2/)
     for path in ["runs/a/b", "./missing", "../missing", "/no/such/dir", "runs/sst2/", ".hidden", "-x", "a b", "modèle"]:
         with pytest.raises(ModelError, match=r"no such directory, and not a hub id \(owner/name, or a name"):
             resolve_model(path)
