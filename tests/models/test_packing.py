@@ -140,3 +140,11 @@ def test_packed_left_padded_rows_match_padded_in_several_groups(tiny_hf_dir, fam
     want = run(model, ids, mask, pack=False)
     assert torch.isfinite(want).all()
     torch.testing.assert_close(run(model, ids, mask, group_cost=0), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_with_exactly_the_minimum_share_of_padding_is_packed(monkeypatch):
+    monkeypatch.setattr(tr, "PACK_MIN_PADDING", 0.25)  # exact in binary: 1 - 6/8 == 0.25
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        assert tr.Packing.worth_it(mask)  # "at least this share"
+        assert not tr.Packing.worth_it(torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
