@@ -70,6 +70,22 @@ def test_dropout_zeroes_a_share_p_and_rescales_the_rest():
     assert torch.equal(Dropout(0.999999).train()(x), torch.zeros_like(x))  # rounds to "drop all", no 1/0
 
 
+def test_dropout_with_p_below_one_level_keeps_everything():
+    # p rounds to 0 of 65,536 levels: every int16 draw (even -32768) is kept, unscaled
+    torch.manual_seed(0)
+    x = torch.ones(2 * 10**6)
+    assert torch.equal(Dropout(1e-6).train()(x), x)
+
+
+def test_mean_pooling_of_a_row_with_no_real_token_is_zero_not_nan():
+    from oztune.models.transformer import pool
+
+    h = torch.randn(2, 3, 4)
+    got = pool(h, torch.tensor([[0, 0, 0], [1, 1, 0]]), "mean")
+    assert torch.equal(got[0], torch.zeros(4))
+    torch.testing.assert_close(got[1], h[1, :2].mean(0))
+
+
 def test_mean_pooling_averages_the_real_tokens_only():
     from oztune.models.transformer import pool
 
