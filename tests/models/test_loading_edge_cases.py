@@ -245,3 +245,11 @@ def _check_token_id_message(tiny_hf_dir, capsys, family, edits, says):
     assert main(["predict", "--model", str(d), "a text"]) == 2
     err = capsys.readouterr().err
     assert says in err and str(d) in err and err.count("\n") == 1
+
+
+def test_a_head_dropout_of_one_is_refused():
+    from oztune.models.families import FAMILIES, ConfigError, hf_head_dropout
+
+    assert hf_head_dropout(FAMILIES["bert"], {"classifier_dropout": 0.5}) == 0.5
+    with pytest.raises(ConfigError, match=r"classifier_dropout 1\.0 is not a dropout probability"):
+        hf_head_dropout(FAMILIES["bert"], {"classifier_dropout": 1.0})
