@@ -4,11 +4,14 @@ pairs run as separate calls, and a request after the batcher has closed answered
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import httpx
+import pytest
 from servehelp import GatedModel, serving
 
-from oztune.serve.batching import MicroBatcher
+from oztune.serve.batching import MicroBatcher, ModelTimeout, Stalled
 from oztune.serve.server import create_app
 
 
@@ -122,3 +125,191 @@ def test_every_workers_ready_point_wakes_the_waiting_workers():
         assert woken == [2, 3]
     finally:
         loop.close()
+
+
+def test_a_full_batch_runs_at_once_after_a_batch_of_one_request_over_max_batch_size():
+    """A request of more texts than max_batch_size runs alone; the worker's next batch is still ready at
+    max_batch_size texts (not at that oversized batch's size), and the request that fills it wakes the worker."""
+    calls: list[list[str]] = []
+
+    def model(texts, pairs=None):
+        calls.append(list(texts))
+        return [{"label": "x", "score": 1.0} for _ in texts]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(model, max_batch_size=4, max_wait_ms=0)
+        batcher.start(loop)
+        try:
+            await asyncio.wait_for(batcher.submit(list("abcdef")), 10)  # 6 texts > 4: run alone
+            assert calls == [list("abcdef")]
+            batcher.max_wait = 600  # from here on only a full batch closes a batch within the test's time
+            futures = [batcher.submit([t]) for t in "ghi"]
+            await asyncio.sleep(0.3)
+            assert len(calls) == 1 and not any(f.done() for f in futures)  # 3 texts of 4: the batch waits
+            futures.append(batcher.submit(["j"]))  # 4 of 4: it runs at once
+            await asyncio.wait_for(asyncio.gather(*futures), 10)
+            assert calls == [list("abcdef"), list("ghij")]
+        finally:
+            batcher.max_wait = 0
+            with batcher._cond:
+                batcher._cond.notify_all()
+            await loop.run_in_executor(None, batcher.close, 10)
+
+    asyncio.run(run())
+
+
+def test_one_dead_worker_of_several_is_a_problem(monkeypatch):
+    """With replicas, a single worker thread that died leaves the batcher short of a replica: alive() is False
+    and problem() says so, although the other workers still run."""
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's traceback: expected here
+    loop = asyncio.new_event_loop()
+    batcher = MicroBatcher([lambda t, p=None: [], lambda t, p=None: []])
+    take = batcher._take
+
+    def broken_for_worker_1(worker):
+        if worker == 1:
+            raise RuntimeError("a bug in the batcher")
+        return take(worker)
+
+    batcher._take = broken_for_worker_1
+    try:
+        batcher.start(loop)
+        deadline = time.monotonic() + 10
+        while batcher._threads[1].is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not batcher._threads[1].is_alive() and batcher._threads[0].is_alive()
+        assert not batcher.alive()
+        assert batcher.problem() == "a batch worker thread has stopped"
+    finally:
+        batcher.close(10)
+        loop.close()
+
+
+def test_a_hung_call_times_out_soon_after_a_short_batch_timeout():
+    """The deadline check runs every batch_timeout / 4 (at most every second): a call hung past a 0.2 s
+    timeout is answered well before a second is up (a check once a second would answer at 1 s at best)."""
+
+    gate = threading.Event()
+
+    def hangs(texts, pairs=None):
+        gate.wait(20)
+        return [{"label": "x", "score": 1.0} for _ in texts]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(hangs, max_wait_ms=0, batch_timeout_s=0.2)
+        batcher.start(loop)
+        try:
+            start = time.monotonic()
+            with pytest.raises(ModelTimeout):
+                await asyncio.wait_for(batcher.submit(["a"]), 10)
+            assert 0.2 <= time.monotonic() - start < 0.8
+        finally:
+            gate.set()
+            await loop.run_in_executor(None, batcher.close, 10)
+
+    asyncio.run(run())
+
+
+def test_the_requests_failed_as_stalled_leave_the_queue_empty_for_later_ones():
+    """The queued requests answered Stalled when the only replica hangs no longer count toward max_queue: once
+    the call returns, a new request is taken, not refused as if the queue were still full."""
+
+    gate = threading.Event()
+
+    def hangs(texts, pairs=None):
+        gate.wait(20)
+        return [{"label": "x", "score": 1.0} for _ in texts]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(hangs, max_batch_size=1, max_wait_ms=0, max_queue=1, batch_timeout_s=0.2)
+        batcher.start(loop)
+        try:
+            first = batcher.submit(["a"])
+            while batcher.pending:  # the worker takes it, and hangs
+                await asyncio.sleep(0.01)
+            queued = batcher.submit(["b"])
+            with pytest.raises(ModelTimeout):
+                await asyncio.wait_for(first, 10)
+            with pytest.raises(Stalled):
+                await asyncio.wait_for(queued, 10)
+            assert batcher.pending == 0
+            gate.set()  # the call returns: the replica serves again
+            while batcher.problem() is not None:
+                await asyncio.sleep(0.01)
+            assert await asyncio.wait_for(batcher.submit(["c"]), 10) == [{"label": "x", "score": 1.0}]
+        finally:
+            gate.set()
+            await loop.run_in_executor(None, batcher.close, 10)
+
+    asyncio.run(run())
+
+
+def test_idle_replicas_share_out_an_odd_queue_rounding_up():
+    """Five texts for two idle replicas: the first takes its share rounded up (3), leaving 2 for the other."""
+
+    a, b = GatedModel(), GatedModel()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher([a, b], max_batch_size=5, max_wait_ms=600_000)
+        batcher.start(loop)
+        try:
+            deadline = time.monotonic() + 10
+            while batcher._idle < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            futures = [batcher.submit([t]) for t in "abcde"]  # a full batch: the first worker free takes its share
+            while not (a.entered.is_set() or b.entered.is_set()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            first, other = (a, b) if a.entered.is_set() else (b, a)
+            assert first.batches == [3] and batcher.pending == 2 and not other.entered.is_set()
+        finally:
+            a.gate.set()
+            b.gate.set()
+            batcher.max_wait = 0
+            with batcher._cond:
+                batcher._cond.notify_all()
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+        await loop.run_in_executor(None, batcher.close, 10)
+        assert sum(a.batches + b.batches) == 5  # every text run once
+
+    asyncio.run(run())
+
+
+def test_what_one_replica_leaves_of_the_queue_wakes_another_idle_one():
+    """Two requests for two idle replicas: the one woken takes its share, one request, and wakes the other for
+    the rest (which otherwise waited, with nothing more arriving, until the busy replica was free again)."""
+
+    a, b = GatedModel(), GatedModel()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher([a, b], max_batch_size=64, max_wait_ms=0)
+        batcher.start(loop)
+        try:
+            deadline = time.monotonic() + 10
+            while batcher._idle < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            with batcher._cond:  # both queued before either worker looks
+                futures = [batcher.submit(["x"]), batcher.submit(["y"])]
+            assert await loop.run_in_executor(None, a.entered.wait, 10)
+            assert await loop.run_in_executor(None, b.entered.wait, 10)
+            assert a.batches == [1] and b.batches == [1]  # side by side
+        finally:
+            a.gate.set()
+            b.gate.set()
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+        await loop.run_in_executor(None, batcher.close, 10)
+
+    asyncio.run(run())
+
+
+def test_each_request_of_a_batch_gets_the_predictions_of_its_own_texts():
+    model = GatedModel()
+    requests = [(["a", "bb"], None), (["ccc", "dddd", "eeeee"], None), (["ffffff"], None)]
+    got = queued_behind_a_busy_worker(model, requests)
+    assert model.batches == [1, 6]  # the three requests in one call
+    assert got == [[{"label": "len", "score": len(t)} for t in texts] for texts, _ in requests]
