@@ -137,6 +137,19 @@ def test_quantized_pruned_model_exports_with_matching_labels(tmp_path):
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
 
 
+def test_a_quantized_model_exports_its_own_int8_scheme_with_or_without_int8(tmp_path):
+    """int8=True on a model quantized already leaves it as it is (the head it skipped stays float), and the
+    config says int8 either way."""
+    model = quantize_(tiny_classifier(), QuantConfig(skip=["head.*"]))
+    record = quantization_record(QuantConfig(skip=["head.*"]))
+    model_dir = save_tiny(model, tmp_path / "q", quantization=record)
+    for int8 in (False, True):
+        out = export_onnx(model_dir, tmp_path / f"onnx-{int8}", int8=int8)
+        onnx_info = json.loads((out / "config.json").read_text())["oztune"]["onnx"]
+        assert onnx_info["int8"] is True and onnx_info["quantization"] == record
+        assert int8_initializers(out) == 2 * 4 + 2  # qkv, o, up, down in 2 layers + 2 embedding tables; head float
+
+
 def test_export_cli_and_its_errors(tmp_path, capsys):
     model_dir = save_tiny(tiny_classifier(), tmp_path / "model")
     out = tmp_path / "exported"
