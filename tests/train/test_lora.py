@@ -152,3 +152,41 @@ def test_saving_unmerged_lora_updates_is_refused_not_written_unloadable(model, t
     merge_lora(model)
     save_classifier(model, enc, tmp_path / "m", {0: "neg", 1: "pos"})
     torch.testing.assert_close(logits(load_classifier(tmp_path / "m")[0]), logits(model), rtol=1e-6, atol=1e-6)
+
+
+def test_a_rank_up_to_the_wider_side_of_each_adapted_layer_is_taken(model):
+    """The rank is refused only past the wider side of a layer it adapts (qkv: 32 -> 96), and the error names the
+    layer with its input and output widths in that order."""
+    apply_lora(model, rank=96, targets=["qkv"])  # wider than the input (32), as wide as the output (96)
+    assert {m.lora_a.shape[0] for m in model.modules() if isinstance(m, LoRALinear)} == {96}
+    with pytest.raises(OztuneError, match=r"--lora-rank 97 is more than the layers it adapts are wide "
+                                          r"\(layers\.0\.attn\.qkv: 32 -> 96\)"):
+        apply_lora(model.__class__(model.cfg, model.head_cfg), rank=97, targets=["qkv"])
+
+
+def test_a_layer_pruned_to_nothing_is_left_unwrapped():
+    from torch import nn
+
+    from oztune.config import HeadConfig, ModelConfig
+    from oztune.models.transformer import SequenceClassifier
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=16,
+                      max_positions=16, layer_ffn=[16, 0])  # layer 1's feed-forward pruned away: 32 -> 0 -> 32
+    model = SequenceClassifier(cfg, HeadConfig(num_labels=2))
+    trainable = apply_lora(model, rank=2, targets=["up", "down"])
+    ffn = model.backbone.layers[1].ffn
+    assert type(ffn.up) is nn.Linear and type(ffn.down) is nn.Linear  # nothing to adapt
+    assert isinstance(model.backbone.layers[0].ffn.up, LoRALinear)
+    head = sum(p.numel() for p in model.head.parameters())
+    assert trainable == 2 * ((32 + 16) + (16 + 32)) + head  # only layer 0's two linears
+    assert merge_lora(model) == 2
+
+
+def test_lora_refuses_a_model_with_sparse_layers(model):
+    from oztune.compress.sparse import magnitude_prune_, to_sparse_
+
+    magnitude_prune_(model, 0.6)
+    assert to_sparse_(model)
+    with pytest.raises(OztuneError, match=r"LoRA needs plain linear layers; layers\.0\.attn\.qkv is a SparseLinear"):
+        apply_lora(model, rank=2)
