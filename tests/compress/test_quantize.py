@@ -635,3 +635,32 @@ def test_quantizing_a_model_that_is_not_fp32_says_float_it_first(prepare, dtype)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         assert torch.equal(model(ids, mask), want)
         assert prepare(model.float(), QuantConfig())(ids, mask).dtype == torch.float32
+
+
+def test_many_rows_of_the_largest_codes_are_exact():
+    """On a CPU without VNNI (AVX2) oneDNN's u8 x s8 kernel sums pairs of products in int16, which saturates for
+    large codes (255 * 127 * 2 > 32767): from ONEDNN_MIN_ROWS rows on, outputs were off by up to half. oneDNN is
+    used only where it computes these exactly (HAS_ONEDNN), else torch._int_mm, which does."""
+    q = Int8Linear(64, 2, bias=False)
+    q.weight[0], q.weight[1] = 127, -127  # scales 1: outputs are the int32 sums themselves
+    q.sum_weights()
+    x = torch.full((int8_ops.ONEDNN_MIN_ROWS + 4, 64), 3.0)  # every code 127 (u8 255 for oneDNN)
+    x[1::2, :32] = -3.0
+    want = torch.tensor([[64 * 127 * 127.0, -64 * 127 * 127.0], [0.0, 0.0]]).repeat(x.shape[0] // 2, 1) * 3 / 127
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), want)
+        torch.testing.assert_close(q(x[:5]), want[:5])  # torch._int_mm
+        h = x.clamp_min(0)  # from a floor of 0 (ReLU's): codes 255 over [0, 3]
+        want = torch.tensor([[64 * 3.0 * 127, -64 * 3.0 * 127], [32 * 3.0 * 127, -32 * 3.0 * 127]])
+        torch.testing.assert_close(q(h, None, 0.0), want.repeat(h.shape[0] // 2, 1))
+
+
+def test_onednn_is_not_used_where_its_kernel_saturates(monkeypatch):
+    """HAS_ONEDNN is False where oneDNN's kernel is there but saturates (no VNNI), so torch._int_mm runs."""
+    real = torch.ops.onednn.qlinear_pointwise
+
+    def saturating(u8, *args):  # int16 sums of pairs of products, as vpmaddubsw on AVX2
+        return real(u8.clamp_max(128), *args)  # (the largest codes come out wrong, as they did)
+
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", saturating)
+    assert not int8_ops._has_onednn()

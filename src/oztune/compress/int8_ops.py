@@ -34,8 +34,19 @@ ONEDNN_MIN_ROWS = 256  # from here on oneDNN's pre-packed kernel beats torch._in
 
 
 def _has_onednn() -> bool:
+    """Whether oneDNN's quantized linear is there and exact: on a CPU without VNNI (AVX2 only, or AVX-512
+    without VNNI) its u8 x s8 kernel sums pairs of products in int16 (``vpmaddubsw``), which saturates at
+    32767 for large codes (255 * 127 * 2), and the outputs are wrong by up to half; torch._int_mm is exact."""
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+            return False
+        wq = torch.full((2, 64), 127, dtype=torch.int8)
+        wq[1] = -127
+        u8 = torch.full((1, 64), 255, dtype=torch.uint8)  # the largest products: saturated pairs show here
+        y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 0, torch.ops.onednn.qlinear_prepack(wq, None),
+                                               torch.ones(2), torch.zeros(2, dtype=torch.int64), None, 1.0, 0,
+                                               torch.float32, "none", [], "")
+        return y.tolist() == [[255.0 * 127 * 64, -255.0 * 127 * 64]]
     except (AttributeError, RuntimeError):
         return False
 
