@@ -429,3 +429,33 @@ def test_structured_pruning_on_no_examples_is_refused_like_unlabelled_data():
     with pytest.raises(OztuneError, match="needs labelled training data .*holds no examples"):
         prune_(model, PruneConfig(heads=0.5), random_data().subset([]))
     assert model.cfg.layer_heads is None or model.cfg.layer_heads == [4, 4]
+
+
+def test_pruning_a_quantized_or_pruned_vocabulary_is_refused():
+    """prune_vocab_ takes the float token table: an int8 one (Int8Embedding) would be copied as raw codes into a
+    float table, its scales lost; a pruned one (VocabEmbedding) has no num_embeddings. Both refused, unchanged."""
+    from oztune.compress.quantize import Int8Embedding, quantize_
+    from oztune.errors import OztuneError
+
+    keep = torch.zeros(40, dtype=torch.bool)
+    keep[5:9] = True
+    quantized = quantize_(tiny_model())
+    pruned = prune_vocab_(tiny_model(), keep, 1, 0)
+    for model, kind in ((quantized, Int8Embedding), (pruned, VocabEmbedding)):
+        with pytest.raises(OztuneError, match="already pruned or quantized"):
+            prune_vocab_(model, keep, 1, 0)
+        assert isinstance(model.backbone.embed.word, kind)
+
+
+def test_unk_id_is_none_for_a_tokenizer_without_an_unknown_token():
+    """Byte-level BPE (GPT-2) has no unknown token: unk_id is None (no vocabulary pruning), never some id."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE, WordLevel
+
+    from oztune.compress.vocab import unk_id
+
+    assert unk_id(SimpleNamespace(tokenizer=Tokenizer(BPE()))) is None
+    word_level = Tokenizer(WordLevel({"[PAD]": 0, "good": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    assert unk_id(SimpleNamespace(tokenizer=word_level)) == 2
