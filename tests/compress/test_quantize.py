@@ -104,6 +104,9 @@ def test_zero_rows_empty_inputs_and_empty_layers_are_finite():
     empty_in = Int8Linear.from_linear(nn.Linear(0, 4))  # a feed-forward pruned to width 0
     torch.testing.assert_close(empty_in(torch.zeros(2, 0)), empty_in.bias.expand(2, 4))
     assert Int8Linear.from_linear(nn.Linear(4, 0))(torch.randn(2, 4)).shape == (2, 0)
+    for few_rows in (True, False):  # a zero row's scale is positive: its codes are 0 / scale = 0, never 0 / 0
+        codes, scale = int8_ops.quantize_per_token(x.reshape(-1, 16), few_rows)
+        assert (scale > 0).all() and not codes.view(3, 5, 16)[:, 3:].any()
 
 
 def test_quantized_classifier_is_close_to_fp32():
@@ -464,6 +467,7 @@ def test_per_channel_weights_use_the_full_int8_range():
     wq, scale = int8_ops.quantize_per_channel(w)
     amax = wq.abs().amax(-1)
     assert amax.tolist() == [127, 127, 0, 127, 127, 127]
+    assert (scale > 0).all()  # the zero row's too: its codes are 0 / scale, not 0 / 0
     torch.testing.assert_close(scale[[0, 1, 3]], w[[0, 1, 3]].abs().amax(-1) / 127)
     assert (wq.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6  # rounded, not truncated
 
