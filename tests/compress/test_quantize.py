@@ -198,6 +198,8 @@ def test_int8_linear_codes_inputs_with_a_floor_asymmetrically(M, given_top):
         torch.testing.assert_close(y, nn.functional.linear(coded, q.dequantized_weight(), q.bias), atol=1e-4, rtol=1e-4)
         ref = nn.functional.linear(x, q.dequantized_weight(), q.bias)  # the activations' rounding only
         assert rel_err(y, ref) < 0.6 * rel_err(q(x), ref)
+        q.bias = None  # without a bias: the floor's constant term (lower * each output's weight sum) alone
+        torch.testing.assert_close(q(x, top if given_top else None, lower), y - lin.bias, atol=1e-4, rtol=1e-4)
 
 
 def test_weight_sums_follow_loads_and_the_down_projections_use_them(tmp_path):
@@ -290,6 +292,11 @@ def test_fake_quantization_passes_gradients_straight_through():
     assert (y - x).abs().max() <= x.abs().amax() / 254 + 1e-6
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x))
+    w = torch.randn(4, 8, requires_grad=True)  # QAT's weights and down-projection inputs train the same way
+    for fq in (int8_ops.fake_quantize_per_channel(w), int8_ops.fake_quantize_from_floor(w, -10.0)):
+        w.grad = None
+        (fq * x.detach()).sum().backward()
+        torch.testing.assert_close(w.grad, x.detach())
 
 
 @pytest.fixture(scope="module")
@@ -668,3 +675,12 @@ def test_onednn_is_not_used_where_its_kernel_saturates(monkeypatch):
 
     monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", saturating)
     assert not int8_ops._has_onednn()
+
+
+def test_empty_skip_patterns_are_dropped():
+    """The CLI's comma-separated --skip with a trailing comma or blanks ("head.*, ,"): the empty patterns, which
+    match no module and were refused by quantize_, are dropped."""
+    config = QuantConfig(skip="head.*, ,")
+    assert config.skip == ["head.*"] and QuantConfig(skip=["", " backbone.layers.0.* "]).skip == ["backbone.layers.0.*"]
+    model = quantize_(tiny_classifier(), config)
+    assert type(model.head.out) is nn.Linear and type(model.backbone.layers[0].ffn.up) is Int8Linear
