@@ -102,6 +102,8 @@ def test_zero_rows_empty_inputs_and_empty_layers_are_finite():
     torch.testing.assert_close(y[:, 3:], q.bias.expand(3, 2, 8))
     assert q(torch.zeros(0, 16)).shape == (0, 8)
     empty_in = Int8Linear.from_linear(nn.Linear(0, 4))  # a feed-forward pruned to width 0
+    empty_in.bias.uniform_(1, 2)  # (nn.Linear(0, 4)'s own bias is zeros)
+    torch.testing.assert_close(q(torch.zeros(2, 0, 16)), q.bias.expand(2, 0, 8))
     torch.testing.assert_close(empty_in(torch.zeros(2, 0)), empty_in.bias.expand(2, 4))
     assert Int8Linear.from_linear(nn.Linear(4, 0))(torch.randn(2, 4)).shape == (2, 0)
     for few_rows in (True, False):  # a zero row's scale is positive: its codes are 0 / scale = 0, never 0 / 0
@@ -177,6 +179,10 @@ def test_activation_bounds_cover_the_rows_and_keep_the_output(activation):
         with_bound = ffn(x)
         ffn.act_floor = None
         plain = ffn(x)
+        ffn.up.bias.sub_(50)  # every h negative: act(h) in [-floor, 0], above max h (the bound is max(max h, 0))
+        negative = ffn(x)
+        ffn.act_floor = floor
+        torch.testing.assert_close(ffn(x), negative, atol=1e-3, rtol=0)
     assert rel_err(with_bound, plain) < 0.02
 
 
