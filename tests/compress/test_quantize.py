@@ -690,3 +690,16 @@ def test_empty_skip_patterns_are_dropped():
     assert config.skip == ["head.*"] and QuantConfig(skip=["", " backbone.layers.0.* "]).skip == ["backbone.layers.0.*"]
     model = quantize_(tiny_classifier(), config)
     assert type(model.head.out) is nn.Linear and type(model.backbone.layers[0].ffn.up) is Int8Linear
+
+
+def test_a_record_that_does_not_describe_the_model_names_a_layer_it_gets_wrong():
+    """check_record's message names a layer the record gets wrong, and which way: int8 in the model and not in
+    the record, or the other way round."""
+    q = quantize_(tiny_classifier(), QuantConfig(skip=["backbone.layers.1.*"]))
+    with pytest.raises(OztuneError, match=r"\(backbone\.layers\.1\.\S+ is not int8\)"):  # the record converts it
+        quantize.check_record(q, quantization_record(QuantConfig()))
+    with pytest.raises(OztuneError, match=r"\(backbone\.embed\.\S+ is int8\)"):  # the record keeps it in fp32
+        quantize.check_record(q, quantization_record(QuantConfig(embeddings="none", skip=["backbone.layers.1.*"])))
+    with pytest.raises(OztuneError, match=r"is not int8: it holds no int8 layer\)"):
+        quantize.check_record(tiny_classifier(), quantization_record(QuantConfig()))
+    quantize.check_record(q, quantization_record(QuantConfig(skip=["backbone.layers.1.*"])))  # the right one
