@@ -703,3 +703,27 @@ def test_a_record_that_does_not_describe_the_model_names_a_layer_it_gets_wrong()
     with pytest.raises(OztuneError, match=r"is not int8: it holds no int8 layer\)"):
         quantize.check_record(tiny_classifier(), quantization_record(QuantConfig()))
     quantize.check_record(q, quantization_record(QuantConfig(skip=["backbone.layers.1.*"])))  # the right one
+
+
+def test_qat_keeps_the_padding_row_out_of_training():
+    """FakeQuantEmbedding keeps an embedding's padding_idx (quantize_ takes any module's): the pad row gets no
+    gradient, as in fp32 training."""
+    word = nn.Embedding(10, 4, padding_idx=0)
+    fq = quantize.FakeQuantEmbedding.from_embedding(word)
+    assert fq.padding_idx == 0
+    fq(torch.tensor([0, 5])).sum().backward()
+    assert not word.weight.grad[0].any() and word.weight.grad[5].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_int8_linear_takes_inputs_of_other_float_dtypes_as_fp32(dtype):
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(16, 8))
+    x = torch.randn(5, 16).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), q(x.float()))
+
+
+def test_a_skip_pattern_matching_nothing_is_refused_beside_one_that_matches():
+    with pytest.raises(OztuneError, match=r"skip pattern 'heads\.\*' matches no module"):
+        quantize_(tiny_classifier(), QuantConfig(skip=["backbone.layers.0.*", "heads.*"]))
