@@ -101,8 +101,46 @@ def test_evaluate_and_predict_run_an_onnx_export_like_the_model(tmp_path, capsys
 
 
 def int8_initializers(export_dir) -> int:
+    """The 8-bit weight tables of an export: int8 embeddings, and the Linear weights, written as uint8 + 128."""
     graph = onnx.load(str(export_dir / "model.onnx")).graph
-    return sum(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+    eight_bit = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    return sum(t.data_type in eight_bit and len(t.dims) == 2 for t in graph.initializer)
+
+
+@pytest.mark.parametrize("floor", [False, True], ids=["symmetric", "from_floor"])
+def test_the_int8_linear_exports_exact_at_the_largest_codes(tmp_path, floor):
+    """Codes of 127 (uint8 255) against weights of +-127: onnxruntime's u8 x s8 kernel sums pairs of such products
+    in int16 on CPUs without VNNI and saturates (255 * 127 * 64 came out as 1,048,544, not 2,072,640, on an AVX2
+    EPYC); the export's u8 x u8 product is exact on every CPU. Every MatMulInteger takes uint8 weights."""
+    import onnxruntime as ort
+    import torch
+
+    from oztune.compress.quantize import Int8Linear
+    from oztune.serve.export import OnnxInt8Linear
+
+    linear = torch.nn.Linear(64, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.stack([torch.ones(64), -torch.ones(64)]))
+        linear.bias.zero_()
+    layer = OnnxInt8Linear(Int8Linear.from_linear(linear))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer  # (its weights become the graph's initializers, as in an export)
+
+        def forward(self, x):
+            return self.layer(x, x.amax(-1, keepdim=True), -0.17) if floor else self.layer(x)
+
+    x = torch.ones(300, 64)  # every code the largest: 127 (symmetric), 255 (from the floor -0.17)
+    torch.onnx.export(Net(), (x,), str(tmp_path / "m.onnx"), input_names=["x"], dynamic_axes={"x": {0: "n"}},
+                      opset_version=17, dynamo=False)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    weights = {t.name: t.data_type for t in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert matmuls and all(weights[n.input[1]] == onnx.TensorProto.UINT8 for n in matmuls)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, np.tile([64.0, -64.0], (300, 1)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("opset", [17, 20])  # ReduceMax's axes: an attribute up to 17, an input from 18

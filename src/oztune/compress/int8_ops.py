@@ -15,7 +15,8 @@ EPYC, bench/int8.py --kernels; both reach ~400 GOP/s per thread on large matrice
   quantized linears to) on a weight pre-packed once into oneDNN's blocked layout. It applies ``w_scale``
   and writes fp32 directly, saving the int32 tensor and a pass over it. It wants unsigned activations
   with zero point 128, so the int8 codes get their sign bit flipped (``q + 128`` as uint8, a byte pass;
-  asymmetric codes are flipped the same way and go in with zero point 0).
+  asymmetric codes are flipped the same way and go in with zero point 0). Only where that kernel is exact
+  (:data:`HAS_ONEDNN`): without VNNI (an AVX2-only CPU) it saturates, and ``torch._int_mm`` takes every size.
 
 Per-token scales of large inputs come from ``amax`` and ``amin`` (two vectorised reductions; ``aminmax``
 and the inf-norm are several times slower on CPU, ``abs()`` writes a temporary), rounding is in place,

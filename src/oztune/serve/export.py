@@ -39,9 +39,25 @@ OPSET = 17
 FLOAT, UINT8 = 1, 2  # ONNX TensorProto data types
 
 
+# The int8 weights are written as uint8 codes + 128 with this zero point: onnxruntime's u8 x s8 kernel sums pairs
+# of products in int16 on CPUs without VNNI (AVX2, AVX-512 without VNNI), which saturates for large codes (wrong
+# by up to half: seen on an AVX2 EPYC, 255 * 127 * 64 came out as 1,048,544, not 2,072,640); its u8 x u8 kernel
+# is exact on every CPU, and ran as fast there (222 against 224 GOP/s at 1,600 x 384 x 1,152; s8 x s8: 45).
+WEIGHT_ZERO_POINT = 128
+
+
 def _const(g, v, dtype=torch.float32):
     """An ONNX Constant node holding ``v``."""
     return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
+
+
+def _weight_zero_point(g):
+    return _const(g, WEIGHT_ZERO_POINT, torch.uint8)
+
+
+def _weight(wu_t: torch.Tensor) -> torch.Tensor:
+    """The float weight (in, out) of uint8 codes + :data:`WEIGHT_ZERO_POINT` (the tracing arithmetic)."""
+    return wu_t.float() - WEIGHT_ZERO_POINT
 
 
 class _Int8LinearOp(torch.autograd.Function):
@@ -49,20 +65,20 @@ class _Int8LinearOp(torch.autograd.Function):
 
     amax = max(ReduceMax(|x|), eps) per token;
     q = uint8(Round(x * 127 / amax) + 128);
-    y = float(MatMulInteger(q, Wq.T, zero point 128)) * amax / 127 * w_scale + bias.
-    The codes are shifted to uint8 (zero point 128) because onnxruntime's fast int8 kernels are u8 x s8.
+    y = float(MatMulInteger(q, Wq.T + 128, zero points 128 and 128)) * amax / 127 * w_scale + bias.
+    Codes and weights both go in as uint8 (:data:`WEIGHT_ZERO_POINT`), a u8 x u8 product, exact on every CPU.
     ``forward`` is the same arithmetic in float; it only runs while tracing.
     """
 
     @staticmethod
-    def forward(ctx, x, wq_t, w_scale, bias):
+    def forward(ctx, x, wu_t, w_scale, bias):
         from oztune.compress.int8_ops import EPS
 
         amax = x.abs().amax(-1, keepdim=True).clamp_min(EPS)  # (..., 1)
-        return ((x * (127.0 / amax)).round() @ wq_t.float()) * (amax * (1 / 127)) * w_scale + bias
+        return ((x * (127.0 / amax)).round() @ _weight(wu_t)) * (amax * (1 / 127)) * w_scale + bias
 
     @staticmethod
-    def symbolic(g, x, wq_t, w_scale, bias):
+    def symbolic(g, x, wu_t, w_scale, bias):
         from oztune.compress.int8_ops import EPS
 
         if g.opset >= 18:  # from opset 18 on, ReduceMax takes its axes as an input
@@ -72,7 +88,7 @@ class _Int8LinearOp(torch.autograd.Function):
         amax = g.op("Max", amax, _const(g, EPS))
         q = g.op("Mul", x, g.op("Div", _const(g, 127.0), amax))
         q = g.op("Cast", g.op("Add", g.op("Round", q), _const(g, 128.0)), to_i=UINT8)
-        y = g.op("Cast", g.op("MatMulInteger", q, wq_t, _const(g, 128, torch.uint8)), to_i=FLOAT)
+        y = g.op("Cast", g.op("MatMulInteger", q, wu_t, _const(g, 128, torch.uint8), _weight_zero_point(g)), to_i=FLOAT)
         y = g.op("Mul", y, g.op("Mul", amax, _const(g, 1 / 127)))
         return g.op("Add", g.op("Mul", y, w_scale), bias)
 
@@ -83,23 +99,24 @@ class _Int8LinearFloorOp(torch.autograd.Function):
 
     scale = max(top - lower, eps) / 255 per token (``top``: each row's max x, or a bound on it);
     u = uint8(Round((x - lower) / scale));
-    y = float(MatMulInteger(u, Wq.T, zero point 0)) * scale * w_scale + const, const = bias + lower * W.sum(1).
+    y = float(MatMulInteger(u, Wq.T + 128, zero points 0 and 128)) * scale * w_scale + const,
+    const = bias + lower * W.sum(1).
     """
 
     @staticmethod
-    def forward(ctx, x, wq_t, w_scale, const, top, lower):
+    def forward(ctx, x, wu_t, w_scale, const, top, lower):
         from oztune.compress.int8_ops import EPS
 
         scale = (top - lower).clamp_min(EPS) / 255  # (..., 1)
-        return (((x - lower) / scale).round() @ wq_t.float()) * scale * w_scale + const
+        return (((x - lower) / scale).round() @ _weight(wu_t)) * scale * w_scale + const
 
     @staticmethod
-    def symbolic(g, x, wq_t, w_scale, const, top, lower):
+    def symbolic(g, x, wu_t, w_scale, const, top, lower):
         from oztune.compress.int8_ops import EPS
 
         scale = g.op("Div", g.op("Max", g.op("Sub", top, _const(g, lower)), _const(g, EPS)), _const(g, 255.0))
         u = g.op("Cast", g.op("Round", g.op("Div", g.op("Sub", x, _const(g, lower)), scale)), to_i=UINT8)
-        y = g.op("Cast", g.op("MatMulInteger", u, wq_t, _const(g, 0, torch.uint8)), to_i=FLOAT)
+        y = g.op("Cast", g.op("MatMulInteger", u, wu_t, _const(g, 0, torch.uint8), _weight_zero_point(g)), to_i=FLOAT)
         return g.op("Add", g.op("Mul", g.op("Mul", y, scale), w_scale), const)
 
 
@@ -112,7 +129,8 @@ class OnnxInt8Linear(nn.Module):
 
     def __init__(self, q: nn.Module):
         super().__init__()
-        self.register_buffer("wq_t", q.weight.t().contiguous())  # int8 (in, out)
+        wu = q.weight.t().to(torch.int16).add_(WEIGHT_ZERO_POINT).to(torch.uint8)  # the int8 codes + 128
+        self.register_buffer("wu_t", wu.contiguous())  # uint8 (in, out)
         self.register_buffer("w_scale", q.weight_scale.float().clone())
         self.register_buffer("bias", q.bias.float().clone() if q.bias is not None else torch.zeros(q.out_features))
         self.register_buffer("weight_sums", q.weight_sums.float().clone())
@@ -122,9 +140,9 @@ class OnnxInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor, top: torch.Tensor | None = None, lower: float | None = None) -> torch.Tensor:
         """As ``Int8Linear.forward``; with ``lower``, ``top`` is required (the int8 feed-forward passes both)."""
         if lower is None:
-            return _Int8LinearOp.apply(x, self.wq_t, self.w_scale, self.bias)
+            return _Int8LinearOp.apply(x, self.wu_t, self.w_scale, self.bias)
         const = self.bias + lower * self.weight_sums  # (out,): folded into one constant by the exporter
-        return _Int8LinearFloorOp.apply(x, self.wq_t, self.w_scale, const, top, float(lower))
+        return _Int8LinearFloorOp.apply(x, self.wu_t, self.w_scale, const, top, float(lower))
 
 
 def prepare_for_onnx(model: nn.Module) -> nn.Module:
