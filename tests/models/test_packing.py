@@ -148,3 +148,12 @@ def test_a_batch_with_exactly_the_minimum_share_of_padding_is_packed(monkeypatch
     with torch.no_grad():
         assert tr.Packing.worth_it(mask)  # "at least this share"
         assert not tr.Packing.worth_it(torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+
+
+def test_a_batch_with_the_default_minimum_share_of_padding_is_packed():
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 8:] = 0  # 2 of 20 padding: 10%, the default minimum (1 - 18/20 is 0.0999... in floats)
+    with torch.no_grad():
+        assert tr.PACK_MIN_PADDING == 0.1 and tr.Packing.worth_it(mask)
+        mask[1, 8] = 1
+        assert not tr.Packing.worth_it(mask)

@@ -112,7 +112,8 @@ class Packing:
         if attention_mask is None or torch.is_grad_enabled() or torch.jit.is_tracing() \
                 or torch.compiler.is_compiling():
             return False
-        return 1 - float(attention_mask.sum()) / attention_mask.numel() >= PACK_MIN_PADDING
+        n = attention_mask.numel()  # (padding / n, not 1 - real / n: 1 - 0.9 is under 0.1)
+        return (n - float(attention_mask.sum())) / n >= PACK_MIN_PADDING
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...): the real tokens' entries."""
