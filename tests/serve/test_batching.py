@@ -205,7 +205,7 @@ def test_a_hung_call_times_out_soon_after_a_short_batch_timeout():
             start = time.monotonic()
             with pytest.raises(ModelTimeout):
                 await asyncio.wait_for(batcher.submit(["a"]), 10)
-            assert 0.2 <= time.monotonic() - start < 0.8
+            assert 0.2 <= time.monotonic() - start < 0.95  # (a check once a second: 1 s at best)
         finally:
             gate.set()
             await loop.run_in_executor(None, batcher.close, 10)

@@ -9,11 +9,11 @@ run it in forward passes of ``--forward-batch-size`` texts), and resolves every 
 with one call into the loop. Under load the wait costs nothing: requests that arrive while a batch runs have already waited
 longer than ``max_wait_ms`` and go into the next batch at once.
 
-A model call that hangs (a deadlock, a stuck device; not a crash, which fails its batch) is caught by a
-check in the event loop, once a second at most: the requests of a batch past ``batch_timeout_s`` get
-:class:`ModelTimeout`, and while every replica is stuck so, queued and new requests get :class:`Stalled`
-instead of waiting forever. A thread cannot be stopped, so a replica in a thread (the onnx backend, or
-torch with ``--no-worker-process``) stays stuck until its call returns, if ever, and :meth:`MicroBatcher.problem`
+A model call that hangs (a deadlock, a stuck device; not a crash, which fails its batch) is caught by a check in the
+event loop, every quarter of ``batch_timeout_s`` and at least once a second: the requests of a batch past
+``batch_timeout_s`` get :class:`ModelTimeout`, and while every replica is stuck so, queued and new requests get
+:class:`Stalled` instead of waiting forever. A thread cannot be stopped, so a replica in a thread (the onnx backend,
+or torch with ``--no-worker-process``) stays stuck until its call returns, if ever, and :meth:`MicroBatcher.problem`
 says so (/health: 503, for a supervisor to restart the server); a replica in a worker process
 (:class:`oztune.serve.backends.WorkerProcess`, torch's default) kills and replaces its process instead.
 """
