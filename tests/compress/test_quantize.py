@@ -613,21 +613,33 @@ def test_quantizing_or_preparing_qat_of_an_int8_model_says_it_is_int8():
     assert type(quantize_(partly, QuantConfig()).head.out) is Int8Linear
 
 
-def test_without_onednn_many_rows_run_on_int_mm(monkeypatch):
-    """A torch without oneDNN's quantized ops (HAS_ONEDNN False): no packed weight, and from ONEDNN_MIN_ROWS rows
-    on torch._int_mm computes what oneDNN's kernel does, symmetric and from a floor."""
+def test_without_an_exact_onednn_kernel_every_size_runs_an_fp32_matmul_of_the_codes(monkeypatch):
+    """Where oneDNN's kernel is missing or saturates (HAS_ONEDNN False: no VNNI), torch._int_mm is a reference loop
+    too (3 GOP/s on an AVX2 EPYC, 30x slower than fp32 matmul): the packed weight is then the weight's codes as
+    fp32, and every size, few rows or many, symmetric or from a floor, runs an fp32 matmul of the codes, computing
+    what torch._int_mm does."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 40)
     x = torch.randn(int8_ops.ONEDNN_MIN_ROWS + 44, 64)
     h = x.clamp_min(-0.17)
     top = h.amax(-1, keepdim=True)
+
+    def run(q):
+        return q(x), q(h, top, -0.1701), q(x[:3]), q(h[:3], top[:3], -0.1701)
+
+    def no_int_mm(*args):
+        raise AssertionError("torch._int_mm called")
+
     with torch.no_grad():
-        q = Int8Linear.from_linear(lin)
-        expected = q(x), q(h, top, -0.1701)
         monkeypatch.setattr(int8_ops, "HAS_ONEDNN", False)
         q = Int8Linear.from_linear(lin)
-        got = q(x), q(h, top, -0.1701)
-    assert q.packed_weight() is None
+        with monkeypatch.context() as m:
+            m.setattr(torch, "_int_mm", no_int_mm)
+            got = run(q)
+        assert torch.equal(q.packed_weight(), q.weight.float())
+        monkeypatch.setattr(int8_ops, "HAS_ONEDNN", True)  # the reference: torch._int_mm at every size
+        monkeypatch.setattr(quantize, "pack_weight", lambda wq: None)
+        expected = run(Int8Linear.from_linear(lin))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

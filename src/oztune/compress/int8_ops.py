@@ -16,7 +16,13 @@ EPYC, bench/int8.py --kernels; both reach ~400 GOP/s per thread on large matrice
   and writes fp32 directly, saving the int32 tensor and a pass over it. It wants unsigned activations
   with zero point 128, so the int8 codes get their sign bit flipped (``q + 128`` as uint8, a byte pass;
   asymmetric codes are flipped the same way and go in with zero point 0). Only where that kernel is exact
-  (:data:`HAS_ONEDNN`): without VNNI (an AVX2-only CPU) it saturates, and ``torch._int_mm`` takes every size.
+  (:data:`HAS_ONEDNN`): without VNNI (an AVX2-only CPU) it saturates.
+
+Where that kernel is not exact (no VNNI), ``torch._int_mm`` is a reference loop too (3 GOP/s on a 2-core AVX2
+EPYC, against 88 GFLOP/s for an fp32 matmul there: int8 ran 20x slower than fp32): the int8 codes then go through an
+fp32 matmul against the weight's codes held as fp32 (:func:`pack_weight`), every size. The products and sums are
+integers, exact in fp32 up to 2^24 (K * 127 * 128: about 1,000 inputs; beyond, a relative 1e-7), so the result is
+the int8 one, at fp32 speed less the quantization passes, with the weights 4x larger in memory (not on disk).
 
 Per-token scales of large inputs come from ``amax`` and ``amin`` (two vectorised reductions; ``aminmax``
 and the inf-norm are several times slower on CPU, ``abs()`` writes a temporary), rounding is in place,
@@ -111,10 +117,18 @@ def fake_quantize_per_channel(w: torch.Tensor) -> torch.Tensor:
 
 
 def pack_weight(wq: torch.Tensor) -> torch.Tensor | None:
-    """The int8 weight (N, K) pre-packed for oneDNN's kernel, or None where that kernel is missing."""
-    if HAS_ONEDNN and wq.device.type == "cpu":
-        return torch.ops.onednn.qlinear_prepack(wq, None)
-    return None
+    """The int8 weight (N, K) as the CPU's kernel for many rows takes it: pre-packed for oneDNN's, or, where that
+    kernel is missing or not exact (:data:`HAS_ONEDNN`), its codes as fp32 (N, K) for an fp32 matmul; None off
+    the CPU (``torch._int_mm``)."""
+    if wq.device.type != "cpu":
+        return None
+    return torch.ops.onednn.qlinear_prepack(wq, None) if HAS_ONEDNN else wq.float()
+
+
+def _codes_mm(q: torch.Tensor, wq: torch.Tensor, wf: torch.Tensor | None) -> torch.Tensor:
+    """Int8 codes q (M, K) times the weight's (N, K), transposed: int32 from ``torch._int_mm``, or fp32 from an
+    fp32 matmul with ``wf``, the weight's codes as fp32 (the CPUs where ``torch._int_mm`` is slow)."""
+    return torch._int_mm(q, wq.t()) if wf is None else torch.mm(q.float(), wf.t())
 
 
 def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -131,7 +145,8 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
         w_scale: fp32 per-row weight scales (N,).
         bias: fp32 (N,) or None.
         packed: returns :func:`pack_weight` of ``wq`` (called only when oneDNN's kernel is used: eager, many
-            rows; compiled, inductor fuses around ``torch._int_mm`` instead).
+            rows; compiled, inductor fuses around ``torch._int_mm`` instead; or, eager, for every size where
+            that kernel is not exact: the weight's codes as fp32).
         lower: a bound no ``x`` is below (an activation's minimum, e.g. GELU's -0.17), for asymmetric codes:
             each row's 256 levels then span [lower, max x] instead of [-max |x|, max |x|], a step about half
             as large for an activation that is mostly positive (see :func:`int8_linear_from_floor`).
@@ -143,17 +158,21 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     """
     # compiled: one formula and one kernel for every size (inductor fuses around torch._int_mm; a branch on
     # the number of rows would be a guard, and a second graph to compile)
-    few_rows = torch.compiler.is_compiling() or x.shape[0] < ONEDNN_MIN_ROWS
-    pw = None if few_rows else packed()
+    compiling = torch.compiler.is_compiling()
+    few_rows = compiling or x.shape[0] < ONEDNN_MIN_ROWS
+    if not HAS_ONEDNN and x.device.type == "cpu":  # torch._int_mm is slow here too: fp32 matmul of the codes
+        pw, wf = None, (wq.float() if compiling else packed())
+    else:
+        pw, wf = (None if few_rows else packed()), None
     if lower is not None:
-        return int8_linear_from_floor(x, wq, w_scale, bias, pw, top, lower, weight_sums)
+        return int8_linear_from_floor(x, wq, w_scale, bias, pw, top, lower, weight_sums, wf)
     q, scale = quantize_per_token(x, few_rows)
     if pw is not None:
         u8 = q.view(torch.uint8).bitwise_xor_(128)  # q + 128: oneDNN's fast kernel takes u8 with zero point 128
         y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 128, pw, w_scale, _zeros(w_scale.shape[0]), None,
                                                1.0, 0, torch.float32, "none", [], "")  # (q @ wq.T) * w_scale
     else:
-        y = torch._int_mm(q, wq.t()).mul(w_scale)  # int32 * fp32 -> fp32 in one pass
+        y = _codes_mm(q, wq, wf).mul(w_scale)  # int32 (or fp32) * fp32 -> fp32 in one pass
     if bias is None:
         return y.mul_(scale)
     return torch.addcmul(bias, y, scale, out=y)
@@ -161,10 +180,11 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 def int8_linear_from_floor(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                            pw: torch.Tensor | None, top: torch.Tensor | None, lower: float,
-                           weight_sums: torch.Tensor) -> torch.Tensor:
+                           weight_sums: torch.Tensor, wf: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`int8_linear` with asymmetric codes, for inputs known to be ``>= lower`` (``pw``: the packed
-    weight, or None for ``torch._int_mm``; ``top``: each row's max or a bound on it, None: its max, as for
-    :func:`fake_quantize_from_floor`, which QAT trains with).
+    weight, or None for ``torch._int_mm``, or for an fp32 matmul with ``wf``, the weight's codes as fp32;
+    ``top``: each row's max or a bound on it, None: its max, as for :func:`fake_quantize_from_floor`, which QAT
+    trains with).
 
     Each row is ``x ~ u * scale + lower`` with codes u = round((x - lower) / scale) in [0, 255] and
     scale = (max x - lower) / 255. So ``x @ W.T + b = scale * (u @ W.T) + (b + lower * W.sum(1))``: the
@@ -184,7 +204,7 @@ def int8_linear_from_floor(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Ten
         y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 0, pw, w_scale, _zeros(w_scale.shape[0]), None, 1.0, 0,
                                                torch.float32, "none", [], "")  # (u @ wq.T) * w_scale
     else:
-        y = torch.addcmul(weight_sums * 128, torch._int_mm(codes, wq.t()), w_scale)
+        y = torch.addcmul(weight_sums * 128, _codes_mm(codes, wq, wf), w_scale)
     const = weight_sums * lower if bias is None else torch.add(bias, weight_sums, alpha=lower)  # (N,)
     return torch.addcmul(const, y, scale, out=y)
 
