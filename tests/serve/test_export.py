@@ -142,7 +142,8 @@ def test_the_int8_linear_exports_exact_at_the_largest_codes(tmp_path, floor):
     weights = {t.name: t.data_type for t in graph.initializer}
     matmuls = [n for n in graph.node if n.op_type == "MatMulInteger"]
     assert matmuls and all(weights[n.input[1]] == onnx.TensorProto.UINT8 for n in matmuls)
-    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, np.tile([64.0, -64.0], (300, 1)), rtol=1e-5)
 
 
