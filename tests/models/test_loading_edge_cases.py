@@ -253,3 +253,15 @@ def test_a_head_dropout_of_one_is_refused():
     assert hf_head_dropout(FAMILIES["bert"], {"classifier_dropout": 0.5}) == 0.5
     with pytest.raises(ConfigError, match=r"classifier_dropout 1\.0 is not a dropout probability"):
         hf_head_dropout(FAMILIES["bert"], {"classifier_dropout": 1.0})
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_a_null_pad_token_id_pads_with_id_0(tiny_hf_dir, family):
+    """A config.json with "pad_token_id": null (transformers writes one for a config given none): BERT and
+    DistilBERT read it as 0, their padding id, not None."""
+    from oztune.models.families import FAMILIES
+
+    d, _ = tiny_hf_dir(family)
+    hf = json.loads((d / "config.json").read_text())
+    hf["pad_token_id"] = None
+    assert FAMILIES[family].config(hf, family).pad_token_id == 0
