@@ -80,14 +80,21 @@ def test_a_request_after_the_batcher_has_closed_gets_503_saying_the_server_is_sh
         assert 'oztune_requests_total{status="503"} 1' in c.get("/metrics").text
 
 
-def test_a_batch_is_ready_once_as_many_texts_are_queued_as_the_workers_last_batch_held():
-    """The clients a batch answered send again: once as many texts are back as that batch held, waiting out
-    max_wait_ms only left the replica idle (about a tenth of the cores at 32 clients). Fewer still wait."""
+def recording_model():
+    """A model that answers every text with label x and records each call's texts: (calls, model)."""
     calls: list[list[str]] = []
 
     def model(texts, pairs=None):
         calls.append(list(texts))
         return [{"label": "x", "score": 1.0} for _ in texts]
+
+    return calls, model
+
+
+def test_a_batch_is_ready_once_as_many_texts_are_queued_as_the_workers_last_batch_held():
+    """The clients a batch answered send again: once as many texts are back as that batch held, waiting out
+    max_wait_ms only left the replica idle (about a tenth of the cores at 32 clients). Fewer still wait."""
+    calls, model = recording_model()
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -130,11 +137,7 @@ def test_every_workers_ready_point_wakes_the_waiting_workers():
 def test_a_full_batch_runs_at_once_after_a_batch_of_one_request_over_max_batch_size():
     """A request of more texts than max_batch_size runs alone; the worker's next batch is still ready at
     max_batch_size texts (not at that oversized batch's size), and the request that fills it wakes the worker."""
-    calls: list[list[str]] = []
-
-    def model(texts, pairs=None):
-        calls.append(list(texts))
-        return [{"label": "x", "score": 1.0} for _ in texts]
+    calls, model = recording_model()
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -187,15 +190,22 @@ def test_one_dead_worker_of_several_is_a_problem(monkeypatch):
         loop.close()
 
 
-def test_a_hung_call_times_out_soon_after_a_short_batch_timeout():
-    """The deadline check runs every batch_timeout / 4 (at most every second): a call hung past a 0.2 s
-    timeout is answered well before a second is up (a check once a second would answer at 1 s at best)."""
-
+def hanging_model():
+    """A model whose calls hang until the event is set (at most 20 s): (event, model)."""
     gate = threading.Event()
 
     def hangs(texts, pairs=None):
         gate.wait(20)
         return [{"label": "x", "score": 1.0} for _ in texts]
+
+    return gate, hangs
+
+
+def test_a_hung_call_times_out_soon_after_a_short_batch_timeout():
+    """The deadline check runs every batch_timeout / 4 (at least once a second): a call hung past a 0.2 s
+    timeout is answered well before a second is up (a check once a second would answer at 1 s at best)."""
+
+    gate, hangs = hanging_model()
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -217,11 +227,7 @@ def test_the_requests_failed_as_stalled_leave_the_queue_empty_for_later_ones():
     """The queued requests answered Stalled when the only replica hangs no longer count toward max_queue: once
     the call returns, a new request is taken, not refused as if the queue were still full."""
 
-    gate = threading.Event()
-
-    def hangs(texts, pairs=None):
-        gate.wait(20)
-        return [{"label": "x", "score": 1.0} for _ in texts]
+    gate, hangs = hanging_model()
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -248,6 +254,16 @@ def test_the_requests_failed_as_stalled_leave_the_queue_empty_for_later_ones():
     asyncio.run(run())
 
 
+async def idle_replicas(models: list, **kw) -> MicroBatcher:
+    """A batcher over ``models`` (replicas), started in the running loop, once every worker waits for work."""
+    batcher = MicroBatcher(models, **kw)
+    batcher.start(asyncio.get_running_loop())
+    deadline = time.monotonic() + 10
+    while batcher._idle < len(models) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return batcher
+
+
 def test_idle_replicas_share_out_an_odd_queue_rounding_up():
     """Five texts for two idle replicas: the first takes its share rounded up (3), leaving 2 for the other."""
 
@@ -255,12 +271,9 @@ def test_idle_replicas_share_out_an_odd_queue_rounding_up():
 
     async def run():
         loop = asyncio.get_running_loop()
-        batcher = MicroBatcher([a, b], max_batch_size=5, max_wait_ms=600_000)
-        batcher.start(loop)
+        batcher = await idle_replicas([a, b], max_batch_size=5, max_wait_ms=600_000)
         try:
             deadline = time.monotonic() + 10
-            while batcher._idle < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
             futures = [batcher.submit([t]) for t in "abcde"]  # a full batch: the first worker free takes its share
             while not (a.entered.is_set() or b.entered.is_set()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
@@ -287,12 +300,8 @@ def test_what_one_replica_leaves_of_the_queue_wakes_another_idle_one():
 
     async def run():
         loop = asyncio.get_running_loop()
-        batcher = MicroBatcher([a, b], max_batch_size=64, max_wait_ms=0)
-        batcher.start(loop)
+        batcher = await idle_replicas([a, b], max_batch_size=64, max_wait_ms=0)
         try:
-            deadline = time.monotonic() + 10
-            while batcher._idle < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
             with batcher._cond:  # both queued before either worker looks
                 futures = [batcher.submit(["x"]), batcher.submit(["y"])]
             assert await loop.run_in_executor(None, a.entered.wait, 10)
