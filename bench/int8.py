@@ -2,8 +2,10 @@
 
 Peers (one fine-tuned model, the same length-sorted batches of 64, end to end with tokenization, 2 threads):
 Hugging Face fp32 (transformers), HF + torch.ao ``quantize_dynamic``, ONNX Runtime fp32 and int8
-(``onnxruntime.quantization.quantize_dynamic`` of a ``torch.onnx`` export of the HF model), oztune fp32
-and oztune int8 (``quantize_``, saved, reloaded from disk). Columns: batch-64 time on length-sorted batches
+(``onnxruntime.quantization.quantize_dynamic`` of a ``torch.onnx`` export of the HF model; and with its
+``reduce_range=True``, 7-bit weights, ORT's option for CPUs without VNNI), oztune fp32 and oztune int8
+(``quantize_``, saved, reloaded from disk; on a CPU without VNNI its default 7-bit weights, and a second row
+with 8-bit ones). Columns: batch-64 time on length-sorted batches
 and on batches in file order (padding: oztune packs the real tokens, see oztune.models.packing), batch-1
 time, file MB, dev accuracy. Then the ``torch._int_mm`` ceiling on a large matrix, measured in the same run, and the
 share of it the int8 model reaches on useful (non-padding) tokens. ``--profile`` adds the int8 model's operators by
@@ -64,33 +66,44 @@ def hf_peers(path: Path, work: Path, threads: int) -> dict:
         ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf), {torch.nn.Linear}, dtype=torch.qint8)
         torch.save(ao.state_dict(), work / "ao.pt")
     fp32_onnx, int8_onnx = export_hf_onnx(hf, work)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    reduced = work / "hf_int8_reduce_range.onnx"  # ORT's option for CPUs without VNNI: 7-bit weights
+    quantize_dynamic(str(fp32_onnx), str(reduced), weight_type=QuantType.QInt8, reduce_range=True)
 
     weights = path / "model.safetensors"
     return {"HF fp32": (torch_fn(hf), file_mb(weights)),
             "HF torch.ao dynamic int8": (torch_fn(ao), file_mb(work / "ao.pt")),
             "ORT fp32": (ort_runner(fp32_onnx, tok, threads), file_mb(fp32_onnx)),
-            "ORT int8": (ort_runner(int8_onnx, tok, threads), file_mb(int8_onnx))}
+            "ORT int8": (ort_runner(int8_onnx, tok, threads), file_mb(int8_onnx)),
+            "ORT int8 reduce_range": (ort_runner(reduced, tok, threads), file_mb(reduced))}
 
 
 def oztune_peers(path: Path, work: Path, compile: bool, aot: bool = False) -> tuple[dict, object, float, dict]:
-    """oztune fp32 and oztune int8 (quantized, saved, reloaded from disk like `oztune predict` does), with
+    """oztune fp32 and oztune int8 (quantized, saved, reloaded from disk like `oztune predict` does; its weights in
+    this CPU's default codes, and, where those are 7-bit (no VNNI), also one of 8-bit weights), with
     ``compile`` the int8 model under torch.compile, with ``aot`` the int8 model compiled ahead of time
     (`oztune export --format aoti`) and loaded from that directory; returns (peers, int8 Classifier,
     compile warm-up s, {"build_s", "load_s"} of the AOT package)."""
     from oztune.api import Classifier
+    from oztune.compress.int8_ops import WEIGHT_BITS
     from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
     from oztune.models.hub import load_classifier, save_classifier
 
-    model, enc, meta = load_classifier(path)
-    cfg = QuantConfig()
-    save_classifier(quantize_(model, cfg), enc, work / "oz-int8", meta["id2label"], quantization=quantization_record(cfg))
+    for bits in sorted({WEIGHT_BITS, 8}):
+        model, enc, meta = load_classifier(path)
+        cfg = QuantConfig(weight_bits=bits)
+        save_classifier(quantize_(model, cfg), enc, work / f"oz-int8-{bits}", meta["id2label"],
+                        quantization=quantization_record(cfg))
     fp32 = Classifier.from_pretrained(path)
-    int8 = Classifier.from_pretrained(work / "oz-int8")
-    mb = file_mb(work / "oz-int8" / "model.safetensors")
+    int8 = Classifier.from_pretrained(work / f"oz-int8-{WEIGHT_BITS}")
+    mb = file_mb(work / f"oz-int8-{WEIGHT_BITS}" / "model.safetensors")
     peers = {"oztune fp32": (fp32.logits, file_mb(path / "model.safetensors")), "oztune int8": (int8.logits, mb)}
+    if WEIGHT_BITS != 8:
+        peers["oztune int8 8-bit weights"] = (Classifier.from_pretrained(work / "oz-int8-8").logits, mb)
     warm = 0.0
     if compile:
-        compiled = Classifier.from_pretrained(work / "oz-int8", compile=True)
+        compiled = Classifier.from_pretrained(work / f"oz-int8-{WEIGHT_BITS}", compile=True)
         t = time.perf_counter()
         compiled.logits(["a first sentence, to compile the graph for unpadded batches"] * 64)
         compiled.logits(["and one for the graph for one text"])
@@ -102,7 +115,7 @@ def oztune_peers(path: Path, work: Path, compile: bool, aot: bool = False) -> tu
         from oztune.serve.export import export_aoti
 
         t = time.perf_counter()
-        export_aoti(work / "oz-int8", work / "oz-int8-aot")
+        export_aoti(work / f"oz-int8-{WEIGHT_BITS}", work / "oz-int8-aot")
         aot_times["build_s"] = time.perf_counter() - t
         t = time.perf_counter()
         packaged = Classifier.from_pretrained(work / "oz-int8-aot")
@@ -163,7 +176,7 @@ def kernels(tokens: int) -> list[dict]:
     for M in (tokens, 25):
         for name, K, N in (("qkv", 384, 1152), ("o", 384, 384), ("up", 384, 1536), ("down", 1536, 384)):
             x, w, b = torch.randn(M, K), torch.randn(N, K) * 0.05, torch.randn(N)
-            wq, sw = int8_ops.quantize_per_channel(w)
+            wq, sw = int8_ops.quantize_per_channel(w, int8_ops.WEIGHT_BITS)  # (7-bit where only they are exact)
             packed, wb, bb = int8_ops.pack_weight(wq), w.bfloat16(), b.bfloat16()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -279,6 +292,10 @@ def main() -> None:
         "batch64_speedup_vs_ort_int8": round(ort[0] / t64["oztune int8"], 3),
         "batch1_speedup_vs_ort_int8": round(ort[1] / t1["oztune int8"], 3),
         "batch64_unsorted_speedup_vs_ort_int8": round(t64u["ORT int8"] / t64u["oztune int8"], 3),
+        "batch64_speedup_vs_ort_int8_reduce_range": round(t64["ORT int8 reduce_range"] / t64["oztune int8"], 3),
+        "batch1_speedup_vs_ort_int8_reduce_range": round(t1["ORT int8 reduce_range"] / t1["oztune int8"], 3),
+        "batch64_speedup_vs_oztune_fp32": round(t64["oztune fp32"] / t64["oztune int8"], 3),
+        "batch1_speedup_vs_oztune_fp32": round(t1["oztune fp32"] / t1["oztune int8"], 3),
         "compile_warmup_s": round(warm, 1) if a.compile else None,
         "batch64_speedup_vs_ort_int8_compiled": round(ort[0] / t64["oztune int8 compiled"], 3) if a.compile else None,
         "batch1_speedup_vs_ort_int8_compiled": round(ort[1] / t1["oztune int8 compiled"], 3) if a.compile else None,
@@ -304,6 +321,9 @@ def main() -> None:
     print(f"oztune int8 vs ORT int8: batch 64 {result['batch64_speedup_vs_ort_int8']:.2f}x faster "
           f"(unsorted {result['batch64_unsorted_speedup_vs_ort_int8']:.2f}x), "
           f"batch 1 {result['batch1_speedup_vs_ort_int8']:.2f}x; accuracy {-result['accuracy_drop_vs_fp32_pt']:+.2f} pt against oztune fp32")
+    print(f"oztune int8 vs ORT int8 reduce_range (7-bit weights): batch 64 "
+          f"{result['batch64_speedup_vs_ort_int8_reduce_range']:.2f}x, batch 1 {result['batch1_speedup_vs_ort_int8_reduce_range']:.2f}x; "
+          f"vs oztune fp32: batch 64 {result['batch64_speedup_vs_oztune_fp32']:.2f}x, batch 1 {result['batch1_speedup_vs_oztune_fp32']:.2f}x")
     if a.compile:
         print(f"compiled (warm-up {warm:.0f} s): batch 64 {result['batch64_speedup_vs_ort_int8_compiled']:.2f}x, "
               f"batch 1 {result['batch1_speedup_vs_ort_int8_compiled']:.2f}x ORT int8")

@@ -14,6 +14,7 @@ from torch import nn
 from oztune.api import Classifier
 from oztune.cli import main
 from oztune.compress import int8_ops, quantize
+from oztune.compress.int8_ops import quantize_per_channel
 from oztune.compress.quantize import (BoundedFeedForward, ChunkedFeedForward, FakeQuantLinear, Int8Embedding, Int8Linear, QuantConfig,
                                       prepare_qat_, quantization_record, quantize_)
 from oztune.config import HeadConfig, ModelConfig
@@ -111,13 +112,14 @@ def test_zero_rows_empty_inputs_and_empty_layers_are_finite():
         assert (scale > 0).all() and not codes.view(3, 5, 16)[:, 3:].any()
 
 
-def test_quantized_classifier_is_close_to_fp32():
+@pytest.mark.parametrize("bits,bound", [(8, 0.05), (7, 0.1)])  # 7: half the levels, about twice the error
+def test_quantized_classifier_is_close_to_fp32(bits, bound):
     model = tiny_classifier()
-    q = quantize_(copy.deepcopy(model), QuantConfig())
+    q = quantize_(copy.deepcopy(model), QuantConfig(weight_bits=bits))
     ids, mask = random_batch()
     with torch.no_grad():
         ref, out = model(ids, mask), q(ids, mask)
-    assert rel_err(out, ref) < 0.05
+    assert rel_err(out, ref) < bound
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
     kinds = {type(m) for m in q.modules()}
     assert nn.Linear not in kinds and nn.Embedding in kinds  # token types stay fp32, every Linear is int8
@@ -338,10 +340,15 @@ def test_qat_fake_quantizes_the_down_projections_on_their_int8_grid():
         torch.testing.assert_close(int8_ffn(x), want, atol=1e-5, rtol=1e-3)  # the int8 kernel, up to rounding
 
 
-@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(embeddings="none", skip=["head.*"])])
-def test_a_qat_model_computes_what_its_int8_model_will(config):
-    """Every layer int8 converts is simulated, embeddings included, and nothing else: a QAT model's logits (what
-    training evaluates and keeps the best of) are the int8 model's, up to the int8 kernel's rounding."""
+@pytest.mark.parametrize("bits", [8, 7])
+@pytest.mark.parametrize("config", [{}, {"embeddings": "none", "skip": ["head.*"]}], ids=["all", "some"])
+def test_a_qat_model_computes_what_its_int8_model_will(config, bits):
+    """Every layer int8 converts is simulated, embeddings included, and nothing else: given the int8 model's
+    inputs, each QAT layer gives its int8 layer's outputs, up to the int8 kernel's rounding, and the QAT model's
+    logits (what training evaluates and keeps the best of) are far closer to the int8 model's than fp32's are
+    (not equal to 1e-5 end to end: a 1e-7 difference can round an int8 code the other way, and the next layers
+    carry the step on)."""
+    config = QuantConfig(weight_bits=bits, **config)
     model = tiny_classifier()
     fp32 = copy.deepcopy(model)
     ref = quantize_(copy.deepcopy(model), config)
@@ -349,11 +356,17 @@ def test_a_qat_model_computes_what_its_int8_model_will(config):
     assert isinstance(model.backbone.embed.word, quantize.FakeQuantEmbedding) == (config.embeddings == "int8")
     assert type(model.backbone.embed.token_type) is nn.Embedding  # int8 keeps it fp32 too
     assert (type(model.head.out) is FakeQuantLinear) == (not config.skip)
+    calls = []
+    int8_layers = [(n, m) for n, m in ref.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))]
+    for name, m in int8_layers:
+        m.register_forward_hook(lambda m, args, out, name=name: calls.append((name, args, out)))
     ids, mask = random_batch()
     with torch.no_grad():
         want, qat = ref(ids, mask), model(ids, mask)
-        assert rel_err(qat, want) < 1e-5
-        assert rel_err(fp32(ids, mask), want) > 20 * rel_err(qat, want)  # int8 is not simply fp32 here
+        assert {n for n, _, _ in calls} == {n for n, _ in int8_layers}
+        for name, args, out in calls:
+            torch.testing.assert_close(model.get_submodule(name)(*args), out, atol=1e-5, rtol=1e-5)
+        assert rel_err(fp32(ids, mask), want) > 10 * rel_err(qat, want)  # int8 is not simply fp32 here
 
 
 def test_qat_trains_and_converts(finetuned, sentiment_files):
@@ -409,6 +422,34 @@ def test_quantize_prints_a_tiny_models_sizes_in_kb(tiny_hf_dir, tmp_path, capsys
     assert json.loads((out / "run.json").read_text())["file_mb_before"] == pytest.approx(before)
     card = (out / "README.md").read_text()  # (without --eval: no metrics table of a header and no rows)
     assert "| metric |" not in card and "Not evaluated (no evaluation file was given)" in card
+
+
+def test_cli_weight_bits_choose_the_codes_saved_and_recorded(tiny_hf_dir, tmp_path, capsys):
+    """--weight-bits 7 saves Linear weights within +-63 (what oneDNN computes exactly without VNNI) and 8 the full
+    +-127, both recorded, printed and in the card, and reloaded the same; embeddings stay 8-bit; without the
+    option, this CPU's default (int8_ops.WEIGHT_BITS); any other number is refused, naming the option."""
+    from safetensors.torch import load_file
+
+    src = tiny_hf_dir("bert")[0]
+    for bits, m in ((7, 63), (8, 127), (None, int8_ops.max_code(int8_ops.WEIGHT_BITS))):
+        out = tmp_path / f"q{bits}"
+        assert main(["quantize", "--model", str(src), "--output", str(out), "--no-progress",
+                     *(["--weight-bits", str(bits)] if bits else [])]) == 0
+        shown_bits = bits or int8_ops.WEIGHT_BITS
+        assert f"{shown_bits}-bit weight codes" in capsys.readouterr().out
+        w = load_file(str(out / "model.safetensors"))
+        linear = [k for k in w if k.endswith("qkv.weight") or k.endswith("up.weight")]
+        assert linear and all(w[k].abs().max() == m for k in linear)
+        emb = next(k for k in w if k.endswith("word_embeddings.weight") or k.endswith("embed.word.weight"))
+        assert w[emb].dtype == torch.int8 and w[emb].abs().max() == 127
+        record = json.loads((out / "config.json").read_text())["oztune"]["quantization"]
+        assert record["weight_bits"] == shown_bits and f"within +-{m}," in record["weights"]
+        assert f"weights in {shown_bits}-bit codes" in (out / "README.md").read_text()
+        clf = Classifier.from_pretrained(out)
+        assert clf.model.backbone.layers[0].attn.qkv.weight.abs().max() == m
+    r = run("quantize", "--model", str(src), "--output", str(tmp_path / "bad"), "--weight-bits", "6")
+    assert r.returncode == 2 and "--weight-bits must be one of 8, 7, not 6" in r.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_in_memory_quantized_model_predicts_like_the_saved_one(finetuned, sentiment_files, tmp_path):
@@ -666,21 +707,23 @@ def test_quantizing_a_model_that_is_not_fp32_says_float_it_first(prepare, dtype)
         assert prepare(model.float(), QuantConfig())(ids, mask).dtype == torch.float32
 
 
-def test_many_rows_of_the_largest_codes_are_exact():
+@pytest.mark.parametrize("code", [127, 63])
+def test_many_rows_of_the_largest_codes_are_exact(code):
     """On a CPU without VNNI (AVX2) oneDNN's u8 x s8 kernel sums pairs of products in int16, which saturates for
     large codes (255 * 127 * 2 > 32767): from ONEDNN_MIN_ROWS rows on, outputs were off by up to half. oneDNN is
-    used only where it computes these exactly (HAS_ONEDNN), else torch._int_mm, which does."""
+    used only where it computes these exactly (HAS_ONEDNN; or ONEDNN_7BIT and 7-bit weights, +-63: 255 * 63 * 2 =
+    32130), else an exact kernel: the sums of the largest codes, from many rows and few, symmetric or from a floor."""
     q = Int8Linear(64, 2, bias=False)
-    q.weight[0], q.weight[1] = 127, -127  # scales 1: outputs are the int32 sums themselves
+    q.weight[0], q.weight[1] = code, -code  # scales 1: outputs are the int32 sums themselves
     q.sum_weights()
     x = torch.full((int8_ops.ONEDNN_MIN_ROWS + 4, 64), 3.0)  # every code 127 (u8 255 for oneDNN)
     x[1::2, :32] = -3.0
-    want = torch.tensor([[64 * 127 * 127.0, -64 * 127 * 127.0], [0.0, 0.0]]).repeat(x.shape[0] // 2, 1) * 3 / 127
+    want = torch.tensor([[64 * 127.0 * code, -64 * 127.0 * code], [0.0, 0.0]]).repeat(x.shape[0] // 2, 1) * 3 / 127
     with torch.no_grad():
         torch.testing.assert_close(q(x), want)
-        torch.testing.assert_close(q(x[:5]), want[:5])  # torch._int_mm
+        torch.testing.assert_close(q(x[:5]), want[:5])  # few rows: torch._int_mm, or this CPU's kernel for all
         h = x.clamp_min(0)  # from a floor of 0 (ReLU's): codes 255 over [0, 3]
-        want = torch.tensor([[64 * 3.0 * 127, -64 * 3.0 * 127], [32 * 3.0 * 127, -32 * 3.0 * 127]])
+        want = torch.tensor([[64 * 3.0 * code, -64 * 3.0 * code], [32 * 3.0 * code, -32 * 3.0 * code]])
         torch.testing.assert_close(q(h, None, 0.0), want.repeat(h.shape[0] // 2, 1))
 
 
@@ -692,7 +735,99 @@ def test_onednn_is_not_used_where_its_kernel_saturates(monkeypatch):
         return real(u8.clamp_max(128), *args)  # (the largest codes come out wrong, as they did)
 
     monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", saturating)
-    assert not int8_ops._has_onednn()
+    assert not int8_ops._onednn_exact(127)
+
+
+def vpmaddubsw_kernel(monkeypatch):
+    """oneDNN's int8 linear as a CPU without VNNI computes it: u8 x s8 products summed in pairs in int16, which
+    saturates (the prepacked weights are recorded to compute with)."""
+    real_prepack, weights = torch.ops.onednn.qlinear_prepack, {}
+
+    def prepack(wq, shape):
+        packed = real_prepack(wq, shape)
+        weights[id(packed)] = wq
+        return packed
+
+    def pointwise(u8, x_scale, x_zp, packed, w_scale, w_zp, bias, *args):
+        u, w = u8.long(), weights[id(packed)].long()  # (M, K), (N, K); K even here
+        pairs = u[:, None, 0::2] * w[None, :, 0::2] + u[:, None, 1::2] * w[None, :, 1::2]  # (M, N, K/2)
+        acc = pairs.clamp(-32768, 32767).sum(-1) - x_zp * w.sum(1)
+        return (acc.float() * x_scale * w_scale + (0 if bias is None else bias)).float()
+
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_prepack", prepack)
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", pointwise)
+
+
+def test_the_probe_finds_a_kernel_exact_only_for_7_bit_weights(monkeypatch):
+    """Without VNNI oneDNN's kernel saturates for 8-bit weight codes (255 * 127 * 2 > 32767) but not for 7-bit
+    ones (255 * 63 * 2 = 32130): the probe tells them apart, and on such a CPU quantize_ makes 7-bit weights."""
+    vpmaddubsw_kernel(monkeypatch)
+    assert not int8_ops._onednn_exact(127) and int8_ops._onednn_exact(63) and not int8_ops._onednn_exact(65)
+    assert int8_ops.WEIGHT_BITS == (7 if int8_ops.ONEDNN_7BIT else 8) == QuantConfig().weight_bits
+    assert not (int8_ops.HAS_ONEDNN and int8_ops.ONEDNN_7BIT)
+
+
+@pytest.mark.parametrize("floor", [None, 0.1701])
+@pytest.mark.parametrize("M", [3, int8_ops.ONEDNN_MIN_ROWS + 44])
+def test_7_bit_weights_run_onednn_at_every_size_where_only_they_are_exact(monkeypatch, M, floor):
+    """On a CPU without VNNI (HAS_ONEDNN False, ONEDNN_7BIT True) a weight of 7-bit codes is packed for oneDNN and
+    every size runs its kernel (torch._int_mm is a reference loop there), computing what torch._int_mm does, up to
+    the int8 largest codes; a weight with a code beyond +-63 (quantized 8-bit) runs an fp32 matmul of the codes."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40)
+    x = torch.randn(M, 64) * 3
+    h = x.clamp_min(-0.17)
+    lower = None if floor is None else -floor
+    xin, top = (x, None) if floor is None else (h, h.amax(-1, keepdim=True))
+    with torch.no_grad():
+        monkeypatch.setattr(int8_ops, "HAS_ONEDNN", True)  # the reference: torch._int_mm at every size
+        monkeypatch.setattr(quantize, "pack_weight", lambda wq: None)
+        want = Int8Linear.from_linear(lin, 7)(xin, top, lower)
+        monkeypatch.undo()
+        monkeypatch.setattr(int8_ops, "HAS_ONEDNN", False)
+        monkeypatch.setattr(int8_ops, "ONEDNN_7BIT", True)
+        q = Int8Linear.from_linear(lin, 7)
+        assert q.weight.abs().max() == 63
+        with monkeypatch.context() as m:
+            m.setattr(torch, "_int_mm", lambda *a: pytest.fail("torch._int_mm called"))
+            torch.testing.assert_close(q(xin, top, lower), want, atol=1e-5, rtol=1e-5)
+        packed = q.packed_weight()
+        assert packed.dtype == torch.int8 and packed.is_mkldnn
+        for code in (64, -64):  # one code out of 7 bits, either sign: the fp32 matmul of the codes
+            wide = Int8Linear.from_linear(lin, 7)
+            wide.weight[3, 5] = code
+            assert torch.equal(wide.packed_weight(), wide.weight.float())
+
+
+def test_7_bit_weights_clip_each_row_where_that_reconstructs_it_better():
+    """quantize_per_channel(w, 7): codes within +-63; rows of heavy-tailed values (as trained weights are) are
+    clipped (a scale below max/63, the largest values' codes clamped at 63) because that reconstructs them with
+    less squared error, and no row is reconstructed worse than with the full range. 8-bit weights keep the full
+    range."""
+    torch.manual_seed(0)
+    w = torch.distributions.Laplace(0.0, 0.05).sample((3, 4096))
+    w[2, :64] = torch.linspace(-1, 1, 64)  # a short row of evenly spread values: clipping gains next to nothing
+    w[2, 64:] = 0
+    wq, scale = quantize_per_channel(w, 7)
+    assert wq.abs().max() <= 63 and wq.dtype == torch.int8
+    full = w.abs().amax(-1) / 63
+    assert (scale[:2] < 0.97 * full[:2]).all() and scale[2] >= 0.98 * full[2]
+
+    def err(codes, s):
+        return ((codes.float() * s[:, None] - w) ** 2).sum(-1)
+
+    full_err = err(torch.round(w / full[:, None]).clamp(-63, 63), full)
+    assert (err(wq, scale) <= full_err).all() and (err(wq, scale)[:2] < 0.95 * full_err[:2]).all()
+    torch.testing.assert_close(quantize_per_channel(w)[1], w.abs().amax(-1) / 127)
+
+
+def test_weight_bits_must_be_8_or_7():
+    for bad in (6, 9, "7", True, 7.5):
+        with pytest.raises(OztuneError, match="weight_bits must be 8 or 7"):
+            QuantConfig(weight_bits=bad)
+    assert QuantConfig(weight_bits=7).weight_bits == 7 and QuantConfig.from_dict({"weight_bits": 8}).weight_bits == 8
+    record = quantization_record(QuantConfig(weight_bits=7))
+    assert record["weight_bits"] == 7 and "within +-63" in record["weights"]
 
 
 def test_empty_skip_patterns_are_dropped():

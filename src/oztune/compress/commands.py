@@ -32,6 +32,8 @@ class QuantizeArgs:
         skip: module-name patterns kept in fp32, comma-separated (e.g. head.*,backbone.layers.5.*); patterns that
             leave nothing to quantize are refused.
         embeddings: int8 (weight-only, one scale per row) or none (keep them fp32).
+        weight_bits: 8, or 7 (the Linear weights' codes within +-63: what oneDNN's int8 kernel computes exactly
+            and fast on x86 CPUs without VNNI). Default: 7 on such a CPU, else 8.
         eval: labelled file: print the metrics before and after quantization.
         qat_train: labelled file for quantization-aware fine-tuning before converting (default: none).
         qat_epochs: epochs of quantization-aware fine-tuning (default 1; only with --qat-train).
@@ -52,6 +54,7 @@ class QuantizeArgs:
     scheme: str = "int8"
     skip: list[str] = field(default_factory=list)
     embeddings: str = "int8"
+    weight_bits: int | None = None
     eval: str | None = None
     qat_train: str | None = None
     qat_epochs: int | None = None  # (None: not given, QAT_EPOCHS; so that one given without --qat-train is seen)
@@ -76,14 +79,15 @@ def run_quantize(a: QuantizeArgs) -> dict:
     fine-tuning; only rank 0 evaluates and saves, the others wait for it (as
     :func:`oztune.compress.distill.run_distill`).
     """
-    from oztune.compress.quantize import EMBEDDINGS, SCHEMES, QuantConfig
+    from oztune.compress.quantize import EMBEDDINGS, SCHEMES, WEIGHT_BITS_CHOICES, QuantConfig
     from oztune.outdir import check_output_dir
     from oztune.train.finetune import check_sample_size, check_seed
 
-    for option, value, known in (("--scheme", a.scheme, SCHEMES), ("--embeddings", a.embeddings, EMBEDDINGS)):
+    for option, value, known in (("--scheme", a.scheme, SCHEMES), ("--embeddings", a.embeddings, EMBEDDINGS),
+                                 ("--weight-bits", a.weight_bits, (None, *WEIGHT_BITS_CHOICES))):
         if value not in known:  # (QuantConfig's own message names no option)
-            raise OztuneError(f"{option} must be one of {', '.join(known)}, not {value!r}")
-    config = QuantConfig(a.scheme, a.embeddings, list(a.skip))
+            raise OztuneError(f"{option} must be one of {', '.join(str(k) for k in known if k)}, not {value!r}")
+    config = QuantConfig(a.scheme, a.embeddings, list(a.skip), a.weight_bits)
     for option, count in (("--qat-epochs", a.qat_epochs), ("--batch-size", a.batch_size),
                           ("--max-length", a.max_length)):
         check_at_least_1(option, count)
@@ -159,7 +163,8 @@ def _card(a: QuantizeArgs, run: dict, text_pairs: bool | None) -> str:
 
     return recipe_card("int8 classifier (oztune quantize)", [
         f"Source: `{a.model}`; every Linear int8 x int8 (weights per output channel, activations per token at run "
-        f"time),\n  embeddings: {a.embeddings}; kept fp32: {', '.join(a.skip) or 'nothing'}",
+        f"time),\n  weights in {run['quantization']['weight_bits']}-bit codes; embeddings: {a.embeddings}; kept fp32: "
+        f"{', '.join(a.skip) or 'nothing'}",
         "Quantization-aware fine-tuning: " + (f"{a.qat_epochs} epoch(s) on `{a.qat_train}`" if a.qat_train else "none"),
     ], run["metrics_before"], run["metrics"], a.output, columns=("fp32", "int8"),
                        text_pairs=text_pairs)
@@ -170,7 +175,7 @@ def quantize_cmd(a: QuantizeArgs) -> int:
     run = run_quantize(a)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
-    print(f"\nquantized {a.model} ({a.scheme}, embeddings {a.embeddings}"
+    print(f"\nquantized {a.model} ({a.scheme}, {run['quantization']['weight_bits']}-bit weight codes, embeddings {a.embeddings}"
           f"{', fp32: ' + ','.join(a.skip) if a.skip else ''}); saved to {a.output}")
     print(f"weights: {format_size(run['file_mb_before'])} -> {format_size(run['file_mb'])}")
     for k, v in run["metrics"].items():

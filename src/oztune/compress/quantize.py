@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oztune.compress.int8_ops import (fake_quantize_from_floor, fake_quantize_per_channel, fake_quantize_per_token,
-                                      int8_linear, pack_weight, quantize_per_channel)
+from oztune.compress.int8_ops import (WEIGHT_BITS, fake_quantize_from_floor, fake_quantize_per_channel,
+                                      fake_quantize_per_token, int8_linear, max_code, pack_weight, quantize_per_channel)
 from oztune.errors import OztuneError
 from oztune.models.transformer import FeedForward
 
 SCHEMES = ("int8",)
 EMBEDDINGS = ("int8", "none")
+WEIGHT_BITS_CHOICES = (8, 7)
 RECORD_VERSION = 1
 # -floor <= act(x) <= max(max x, 0) for every x of a row: 0 <= act(x) <= x for x >= 0, and for x < 0 act(x) is
 # in [-floor, 0] (GELU's minimum is -0.16997, tanh form -0.17004, near x = -0.75; ReLU gives 0). The int8
@@ -61,11 +62,16 @@ class QuantConfig:
         embeddings: "int8" (weight-only, one scale per row) or "none" (keep fp32).
         skip: glob patterns of module names kept in fp32, e.g. ["head.*", "backbone.layers.5.*"]; a pattern
             naming a module also keeps everything inside it.
+        weight_bits: 8, or 7: the Linear weights' codes within +-63, which oneDNN's int8 kernel computes exactly
+            on x86 CPUs without VNNI (AVX2), 1.7-2.3x as fast as an fp32 matmul there; wider codes run through an
+            fp32 matmul on such CPUs (exact, no faster than fp32). Default (None): :data:`WEIGHT_BITS`, 7 on such a
+            CPU, else 8. Embeddings are 8-bit either way.
     """
 
     scheme: str = "int8"
     embeddings: str = "int8"
     skip: list[str] = field(default_factory=list)
+    weight_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -76,6 +82,10 @@ class QuantConfig:
         if not isinstance(skip, (list, tuple)) or not all(isinstance(p, str) for p in skip):  # ("a.*,b.*": the CLI's)
             raise OztuneError(f"skip must be a list of glob patterns of module names, not {self.skip!r}")
         self.skip = [p.strip() for p in skip if p.strip()]
+        if self.weight_bits is None:
+            self.weight_bits = WEIGHT_BITS
+        if isinstance(self.weight_bits, bool) or self.weight_bits not in WEIGHT_BITS_CHOICES:
+            raise OztuneError(f"weight_bits must be 8 or 7, not {self.weight_bits!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
@@ -139,9 +149,10 @@ class Int8Linear(Fp32Only):
         self.weight_sums = self.weight.sum(1, dtype=torch.float32) * self.weight_scale
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, bits: int = 8) -> "Int8Linear":
+        """An Int8Linear of ``linear``'s weight in ``bits``-bit codes (8, or 7: within +-63) and its bias."""
         q = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        q.weight, q.weight_scale = quantize_per_channel(linear.weight)
+        q.weight, q.weight_scale = quantize_per_channel(linear.weight, bits)
         if linear.bias is not None:
             q.bias = linear.bias.detach().float().clone()
         q.sum_weights()
@@ -286,11 +297,13 @@ class FakeQuantLinear(nn.Linear):
     layer does, and fake-quantizes on the same asymmetric grid."""
 
     takes_bounds = True  # as Int8Linear
+    bits = 8  # the weight's codes: as Int8Linear.from_linear's
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FakeQuantLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int = 8) -> "FakeQuantLinear":
         fq = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         fq.weight, fq.bias = linear.weight, linear.bias  # shared, not copied
+        fq.bits = bits
         return fq
 
     def forward(self, x: torch.Tensor, top: torch.Tensor | None = None, lower: float | None = None) -> torch.Tensor:
@@ -298,7 +311,7 @@ class FakeQuantLinear(nn.Linear):
         if self.in_features == 0 or x.numel() == 0:
             return super().forward(x)
         x = fake_quantize_per_token(x) if lower is None else fake_quantize_from_floor(x, lower, top)
-        return F.linear(x, fake_quantize_per_channel(self.weight), self.bias)
+        return F.linear(x, fake_quantize_per_channel(self.weight, self.bits), self.bias)
 
 
 class FakeQuantEmbedding(nn.Embedding):
@@ -431,7 +444,10 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         raise OztuneError(f"nothing to quantize: the skip patterns {', '.join(config.skip) or '(none)'} keep every "
                           f"Linear layer in fp32 (and the embeddings are {config.embeddings})")
     for name, m in targets:
-        q = Int8Linear.from_linear(m) if isinstance(m, nn.Linear) else Int8Embedding.from_embedding(m)
+        if isinstance(m, nn.Linear):
+            q = Int8Linear.from_linear(m, config.weight_bits)
+        else:
+            q = Int8Embedding.from_embedding(m)
         model.set_submodule(name, q)
     _chunk_feed_forwards(model)
     return model
@@ -453,7 +469,8 @@ def prepare_quantized(model: nn.Module, quant: dict) -> None:
 def quantization_record(config: QuantConfig) -> dict:
     """What ``save_classifier(..., quantization=...)`` stores in config.json: the config plus a description."""
     return {**asdict(config), "version": RECORD_VERSION,
-            "weights": "int8, symmetric, one scale per output channel (embeddings: per row)",
+            "weights": f"int8, symmetric, codes within +-{max_code(config.weight_bits)}, one scale per output channel "
+                       "(embeddings: 8-bit, per row)",
             "activations": "int8, one scale per token, computed at run time: symmetric, except the "
                            "feed-forward down-projection's input (asymmetric, over [activation minimum, row max])"}
 
@@ -473,7 +490,9 @@ def prepare_qat_(model: nn.Module, config: QuantConfig | None = None) -> nn.Modu
     _check_skip(model, config)
     for name, m in _targets(model, config):
         if type(m) is not FakeQuantLinear and isinstance(m, nn.Linear):
-            model.set_submodule(name, FakeQuantLinear.from_linear(m))
+            model.set_submodule(name, FakeQuantLinear.from_linear(m, config.weight_bits))
+        elif type(m) is FakeQuantLinear:
+            m.bits = config.weight_bits
         elif type(m) is not FakeQuantEmbedding and isinstance(m, nn.Embedding):
             model.set_submodule(name, FakeQuantEmbedding.from_embedding(m))
     for name, ffn in list(model.named_modules()):  # down-projections told their input's range, as in int8
