@@ -799,6 +799,62 @@ def test_7_bit_weights_run_onednn_at_every_size_where_only_they_are_exact(monkey
             assert torch.equal(wide.packed_weight(), wide.weight.float())
 
 
+def test_the_graph_op_packs_each_weight_once_again_after_a_change_and_forgets_it_with_the_weight(monkeypatch):
+    """oztune::onednn_int8_mm (what compiled graphs call on a CPU without VNNI) computes ((u8 - zp) @ wq.T) * scale
+    exactly, packs a weight on its first call only, again after the weight changes in place, and drops its pack
+    when the weight is gone."""
+    import gc
+
+    torch.manual_seed(0)
+    wq, w_scale = torch.randint(-63, 64, (40, 64), dtype=torch.int8), torch.rand(40) + 0.5
+    u8 = torch.randint(0, 256, (7, 64), dtype=torch.uint8)
+    packs = []
+    real = torch.ops.onednn.qlinear_prepack
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_prepack", lambda w, s: packs.append(1) or real(w, s))
+
+    def want(zp, wq):
+        return ((u8.double() - zp) @ wq.double().t() * w_scale.double()).float()
+
+    for zp in (128, 0):
+        torch.testing.assert_close(torch.ops.oztune.onednn_int8_mm(u8, zp, wq, w_scale), want(zp, wq))
+    assert len(packs) == 1
+    wq[0] = -wq[0]  # changed in place: packed again, and the result is the new weight's
+    torch.testing.assert_close(torch.ops.oztune.onednn_int8_mm(u8, 128, wq, w_scale), want(128, wq))
+    assert len(packs) == 2
+    key = wq.data_ptr()
+    assert key in int8_ops._GRAPH_PACKS
+    del wq
+    gc.collect()
+    assert key not in int8_ops._GRAPH_PACKS
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_compiled_int8_calls_onednn_where_the_weights_fit_and_exports_without_it(monkeypatch, bits):
+    """Compiled on a CPU without VNNI (HAS_ONEDNN False, ONEDNN_7BIT True), a 7-bit weight runs oneDNN's kernel
+    through oztune::onednn_int8_mm (it ran an fp32 matmul of the codes, converting the weight on every call),
+    an 8-bit one the fp32 matmul; both compute what eager does, symmetric and from a floor. torch.export (the
+    ahead-of-time packages, which cannot call a Python op) keeps the fp32 matmul."""
+    monkeypatch.setattr(int8_ops, "HAS_ONEDNN", False)
+    monkeypatch.setattr(int8_ops, "ONEDNN_7BIT", True)
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 40), bits)
+    assert q.fits_onednn is (bits == 7)
+    x = torch.randn(9, 64) * 3
+    h, top = x.clamp_min(-0.17), None
+    calls = []
+    real = int8_ops._pack_for_graph
+    monkeypatch.setattr(int8_ops, "_pack_for_graph", lambda wq: calls.append(1) or real(wq))
+    torch._dynamo.reset()
+    compiled = torch.compile(q, backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), q(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(h, top, -0.1701), q(h, top, -0.1701), atol=1e-5, rtol=1e-5)
+    assert len(calls) == (2 if bits == 7 else 0)
+    exported = torch.export.export(q, (x,))
+    assert not any("onednn_int8_mm" in str(n.target) for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), q(x), atol=1e-5, rtol=1e-5)
+
+
 def test_7_bit_weights_clip_each_row_where_that_reconstructs_it_better():
     """quantize_per_channel(w, 7): codes within +-63; rows of heavy-tailed values (as trained weights are) are
     clipped (a scale below max/63, the largest values' codes clamped at 63) because that reconstructs them with

@@ -35,6 +35,7 @@ and dequantization with the bias is one in-place ``addcmul``: besides the GEMMs,
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -159,14 +160,64 @@ def fake_quantize_per_channel(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return w + ((w / scale).round().clamp(-m, m) * scale - w).detach()
 
 
+def fits_onednn(wq: torch.Tensor) -> bool:
+    """Whether oneDNN's kernel computes this int8 weight exactly on this CPU: every weight where
+    :data:`HAS_ONEDNN`, one of 7-bit codes (within +-63) where :data:`ONEDNN_7BIT`."""
+    return HAS_ONEDNN or (ONEDNN_7BIT and (wq.numel() == 0 or bool(-MAX_7BIT <= wq.min() and wq.max() <= MAX_7BIT)))
+
+
 def pack_weight(wq: torch.Tensor) -> torch.Tensor | None:
     """The int8 weight (N, K) as the CPU's kernel for many rows takes it: pre-packed for oneDNN's (an int8 tensor)
-    where that kernel is exact for these codes (:data:`HAS_ONEDNN`; :data:`ONEDNN_7BIT` and codes within +-63),
-    else its codes as fp32 (N, K) for an fp32 matmul; None off the CPU (``torch._int_mm``)."""
+    where that kernel is exact for these codes (:func:`fits_onednn`), else its codes as fp32 (N, K) for an fp32
+    matmul; None off the CPU (``torch._int_mm``)."""
     if wq.device.type != "cpu":
         return None
-    fits = HAS_ONEDNN or (ONEDNN_7BIT and (wq.numel() == 0 or -MAX_7BIT <= wq.min() and wq.max() <= MAX_7BIT))
-    return torch.ops.onednn.qlinear_prepack(wq, None) if fits else wq.float()
+    return torch.ops.onednn.qlinear_prepack(wq, None) if fits_onednn(wq) else wq.float()
+
+
+_GRAPH_PACKS: dict[int, tuple] = {}  # wq.data_ptr() -> (weakref to wq, wq._version, packed wq)
+
+
+def _pack_for_graph(wq: torch.Tensor) -> torch.Tensor:
+    """``wq`` packed for oneDNN, cached while ``wq`` lives and is unchanged (a compiled graph passes the same
+    weight tensor on every call)."""
+    key = wq.data_ptr()
+    hit = _GRAPH_PACKS.get(key)
+    if hit is not None and hit[0]() is wq and hit[1] == wq._version:
+        return hit[2]
+
+    def drop(ref, key=key):  # the weight is gone: so is its pack (unless another weight took the address since)
+        if _GRAPH_PACKS.get(key, (None,))[0] is ref:
+            del _GRAPH_PACKS[key]
+
+    packed = torch.ops.onednn.qlinear_prepack(wq, None)
+    _GRAPH_PACKS[key] = (weakref.ref(wq, drop), wq._version, packed)
+    return packed
+
+
+@torch.library.custom_op("oztune::onednn_int8_mm", mutates_args=())
+def onednn_int8_mm(u8: torch.Tensor, zero_point: int, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``((u8 - zero_point) @ wq.T) * w_scale`` in fp32 (M, N) by oneDNN's kernel, for compiled graphs: inductor
+    cannot trace oneDNN's packed weights, so the graph calls this op as it is, and the op packs ``wq`` once."""
+    return torch.ops.onednn.qlinear_pointwise(u8, 1.0, zero_point, _pack_for_graph(wq), w_scale,
+                                              _zeros(w_scale.shape[0]), None, 1.0, 0, torch.float32, "none", [], "")
+
+
+@onednn_int8_mm.register_fake
+def _(u8: torch.Tensor, zero_point: int, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    return u8.new_empty((u8.shape[0], wq.shape[0]), dtype=torch.float32)
+
+
+IN_GRAPH = object()  # int8_linear's "packed weight" in a compiled graph: oneDNN's kernel through onednn_int8_mm
+
+
+def _onednn_mm(u8: torch.Tensor, zero_point: int, pw, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``((u8 - zero_point) @ wq.T) * w_scale`` by oneDNN's kernel on ``pw``, wq packed (eager), or through
+    :func:`onednn_int8_mm` (``pw`` is :data:`IN_GRAPH`: compiled)."""
+    if pw is IN_GRAPH:
+        return torch.ops.oztune.onednn_int8_mm(u8, zero_point, wq, w_scale)
+    return torch.ops.onednn.qlinear_pointwise(u8, 1.0, zero_point, pw, w_scale, _zeros(w_scale.shape[0]), None,
+                                              1.0, 0, torch.float32, "none", [], "")
 
 
 def _codes_mm(q: torch.Tensor, wq: torch.Tensor, wf: torch.Tensor | None) -> torch.Tensor:
@@ -177,7 +228,8 @@ def _codes_mm(q: torch.Tensor, wq: torch.Tensor, wf: torch.Tensor | None) -> tor
 
 def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 packed: Callable[[], torch.Tensor | None], top: torch.Tensor | None = None,
-                lower: float | None = None, weight_sums: torch.Tensor | None = None) -> torch.Tensor:
+                lower: float | None = None, weight_sums: torch.Tensor | None = None,
+                onednn: bool = False) -> torch.Tensor:
     """``x @ w.T + bias`` for a float ``x`` (M, K) and an int8 weight, activations quantized here per row.
 
     Below ``ONEDNN_MIN_ROWS`` rows ``torch._int_mm`` is faster (oneDNN's kernel costs more per call and
@@ -196,6 +248,9 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
             as large for an activation that is mostly positive (see :func:`int8_linear_from_floor`).
         top: (M, 1) with ``lower``: each row's largest ``x`` or a bound on it, when the caller knows it.
         weight_sums: (N,) ``wq.sum(1) * w_scale`` (each output's sum of weights), required with ``lower``.
+        onednn: :func:`fits_onednn` of ``wq`` (known to the caller; the compiled graphs of a CPU without VNNI then
+            call oneDNN's kernel through :func:`onednn_int8_mm`, where they otherwise run an fp32 matmul of the
+            codes; not ``torch.export``, whose ahead-of-time packages cannot call a Python op).
 
     Returns:
         fp32 (M, N).
@@ -206,8 +261,11 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     few_rows = compiling or x.shape[0] < ONEDNN_MIN_ROWS
     pw = wf = None
     if not HAS_ONEDNN and x.device.type == "cpu":  # torch._int_mm is slow here: oneDNN (7-bit weights) or fp32
-        if compiling:
-            wf = wq.float()
+        if compiling:  # (inductor fuses the quantization around either)
+            if onednn and not torch.compiler.is_exporting():
+                pw = IN_GRAPH
+            else:
+                wf = wq.float()
         else:  # every size
             pw = packed()
             if pw is not None and pw.dtype == torch.float32:  # the weight's codes as fp32: wider than oneDNN's here
@@ -219,8 +277,7 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
     q, scale = quantize_per_token(x, few_rows)
     if pw is not None:
         u8 = q.view(torch.uint8).bitwise_xor_(128)  # q + 128: oneDNN's fast kernel takes u8 with zero point 128
-        y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 128, pw, w_scale, _zeros(w_scale.shape[0]), None,
-                                               1.0, 0, torch.float32, "none", [], "")  # (q @ wq.T) * w_scale
+        y = _onednn_mm(u8, 128, pw, wq, w_scale)  # (q @ wq.T) * w_scale
     else:
         y = _codes_mm(q, wq, wf).mul(w_scale)  # int32 (or fp32) * fp32 -> fp32 in one pass
     if bias is None:
@@ -251,8 +308,7 @@ def int8_linear_from_floor(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Ten
     codes = torch.div(x, scale).add_(start).round_().to(torch.int8)  # (M, K): u - 128
     if pw is not None:
         u8 = codes.view(torch.uint8).bitwise_xor_(128)  # u
-        y = torch.ops.onednn.qlinear_pointwise(u8, 1.0, 0, pw, w_scale, _zeros(w_scale.shape[0]), None, 1.0, 0,
-                                               torch.float32, "none", [], "")  # (u @ wq.T) * w_scale
+        y = _onednn_mm(u8, 0, pw, wq, w_scale)  # (u @ wq.T) * w_scale
     else:
         y = torch.addcmul(weight_sums * 128, _codes_mm(codes, wq, wf), w_scale)
     const = weight_sums * lower if bias is None else torch.add(bias, weight_sums, alpha=lower)  # (N,)

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from oztune.compress.int8_ops import (WEIGHT_BITS, fake_quantize_from_floor, fake_quantize_per_channel,
-                                      fake_quantize_per_token, int8_linear, max_code, pack_weight, quantize_per_channel)
+                                      fake_quantize_per_token, fits_onednn, int8_linear, max_code, pack_weight,
+                                      quantize_per_channel)
 from oztune.errors import OztuneError
 from oztune.models.transformer import FeedForward
 
@@ -139,14 +140,16 @@ class Int8Linear(Fp32Only):
         self.register_buffer("weight_sums", torch.zeros(out_features), persistent=False)
         self.register_load_state_dict_post_hook(Int8Linear._loaded)
         self._packed, self._packed_key = None, None
+        self.fits_onednn = fits_onednn(self.weight)  # set again by sum_weights
 
     @staticmethod
     def _loaded(module: "Int8Linear", _incompatible) -> None:  # (a named function: modules stay picklable)
         module.sum_weights()
 
     def sum_weights(self) -> None:
-        """Set ``weight_sums`` from ``weight`` and ``weight_scale`` (after they change)."""
+        """Set ``weight_sums`` from ``weight`` and ``weight_scale`` (after they change), and ``fits_onednn``."""
         self.weight_sums = self.weight.sum(1, dtype=torch.float32) * self.weight_scale
+        self.fits_onednn = fits_onednn(self.weight)  # (what the compiled graphs' kernel depends on)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 8) -> "Int8Linear":
@@ -201,7 +204,7 @@ class Int8Linear(Fp32Only):
         if top is not None:
             top = top.reshape(-1, 1).float()
         y = int8_linear(rows, self.weight, self.weight_scale, self.bias, self.packed_weight, top,
-                        lower, self.weight_sums)  # (M, N)
+                        lower, self.weight_sums, self.fits_onednn)  # (M, N)
         return y.view(*lead, self.out_features)
 
     def __getstate__(self):  # deepcopy/pickle: the packed weight is an opaque oneDNN tensor, rebuilt on use
