@@ -20,8 +20,10 @@ EPYC, bench/int8.py --kernels; both reach ~400 GOP/s per thread on large matrice
 
 Without VNNI ``torch._int_mm`` is a reference loop too (3 GOP/s on a 2-core AVX2 EPYC, against 88 GFLOP/s for
 an fp32 matmul there). oneDNN's kernel is exact there for weights of 7-bit codes (|code| <= 63: a pair of products
-is at most 255 * 63 * 2 = 32130) and 1.7-2.3x faster than an fp32 matmul: ``quantize_`` makes such weights on these
-CPUs (:data:`WEIGHT_BITS`), and oneDNN's kernel then runs every size (:data:`ONEDNN_7BIT`). A weight of wider codes
+is at most 255 * 63 * 2 = 32130) and, quantization included, 1.2-1.5x as fast as an fp32 Linear at batch 64 (2-core
+AVX2 EPYC, bench/int8.py --kernels; slower at batch 1): ``quantize_`` makes such weights on these
+CPUs (:data:`WEIGHT_BITS`), and oneDNN's kernel then runs every size (:data:`ONEDNN_7BIT`; compiled graphs call it
+through :func:`onednn_int8_mm`). A weight of wider codes
 (quantized on a CPU with VNNI) goes through an fp32 matmul against its codes held as fp32 (:func:`pack_weight`),
 every size: the products and sums are integers, exact in fp32 up to 2^24 (K * 127 * 128: about 1,000 inputs;
 beyond, a relative 1e-7), so the result is the int8 one, at fp32 speed less the quantization passes, with the

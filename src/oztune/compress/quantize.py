@@ -64,7 +64,7 @@ class QuantConfig:
         skip: glob patterns of module names kept in fp32, e.g. ["head.*", "backbone.layers.5.*"]; a pattern
             naming a module also keeps everything inside it.
         weight_bits: 8, or 7: the Linear weights' codes within +-63, which oneDNN's int8 kernel computes exactly
-            on x86 CPUs without VNNI (AVX2), 1.7-2.3x as fast as an fp32 matmul there; wider codes run through an
+            on x86 CPUs without VNNI (AVX2), 1.2-1.5x as fast as an fp32 Linear there; wider codes run through an
             fp32 matmul on such CPUs (exact, no faster than fp32). Default (None): :data:`WEIGHT_BITS`, 7 on such a
             CPU, else 8. Embeddings are 8-bit either way.
     """
