@@ -878,7 +878,7 @@ def test_7_bit_weights_clip_each_row_where_that_reconstructs_it_better():
 
 
 def test_weight_bits_must_be_8_or_7():
-    for bad in (6, 9, "7", True, 7.5):
+    for bad in (6, 9, "7", True, 7.5, 7.0):
         with pytest.raises(OztuneError, match="weight_bits must be 8 or 7"):
             QuantConfig(weight_bits=bad)
     assert QuantConfig(weight_bits=7).weight_bits == 7 and QuantConfig.from_dict({"weight_bits": 8}).weight_bits == 8

@@ -85,7 +85,7 @@ class QuantConfig:
         self.skip = [p.strip() for p in skip if p.strip()]
         if self.weight_bits is None:
             self.weight_bits = WEIGHT_BITS
-        if isinstance(self.weight_bits, bool) or self.weight_bits not in WEIGHT_BITS_CHOICES:
+        if type(self.weight_bits) is not int or self.weight_bits not in WEIGHT_BITS_CHOICES:  # (not True, 7.0)
             raise OztuneError(f"weight_bits must be 8 or 7, not {self.weight_bits!r}")
 
     @classmethod
