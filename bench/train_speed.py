@@ -2,7 +2,9 @@
 
 Work: the bundled all-MiniLM-L6-v2, N shuffled SST-2 train examples (default 8,000), 1 epoch, batch 32,
 max length 128, lr 1e-4, linear schedule with 6% warm-up, then SST-2 dev accuracy.
-Peer: HF Trainer with its best CPU options (bf16, group_by_length sampling, fused AdamW, dynamic padding).
+Peer: HF Trainer with its best CPU options (bf16, group_by_length sampling, fused AdamW, dynamic padding; on a
+CPU without native bf16, where autocast emulates it and runs slower than fp32, the Trainer runs fp32, as oztune's
+``--precision auto`` does there).
 Both train the whole network; oztune's default (frozen token embeddings) is another row. The Trainer
 runs twice: as its users get it, and with the allocator settings oztune applies (oztune.runtime).
 
@@ -28,6 +30,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _native_bf16() -> bool:
+    from oztune.train.loop import bf16_supported  # (what oztune's --precision auto goes by)
+
+    return bf16_supported()
+
+
+HF_BF16 = _native_bf16()
+HF_ROW = f"HF Trainer ({'bf16' if HF_BF16 else 'fp32: no native bf16'}, group_by_length, fused AdamW)"
 SST2 = ROOT / "data" / "sst2"
 
 
@@ -73,7 +85,7 @@ def run_hf_trainer(train, dev, out_dir: str) -> dict:
     args = T.TrainingArguments(
         output_dir=out_dir, num_train_epochs=1, per_device_train_batch_size=32, per_device_eval_batch_size=64,
         learning_rate=1e-4, lr_scheduler_type="linear", warmup_steps=int(0.06 * (len(tr) // 32 + 1)),
-        bf16=True, train_sampling_strategy="group_by_length", optim="adamw_torch_fused", use_cpu=True,
+        bf16=HF_BF16, train_sampling_strategy="group_by_length", optim="adamw_torch_fused", use_cpu=True,
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
     )
     trainer = T.Trainer(model=model, args=args, train_dataset=tr, data_collator=T.DataCollatorWithPadding(tok))
@@ -108,7 +120,7 @@ def main() -> None:
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        rows["HF Trainer (bf16, group_by_length, fused AdamW)"] = run_hf_trainer(train, dev, tmp)
+        rows[HF_ROW] = run_hf_trainer(train, dev, tmp)
     # oztune keeps freed memory in the process (oztune.runtime.tune_malloc, process-wide and for good):
     # the Trainer once more with the same allocator settings shows what is the allocator and what is oztune
     from oztune.runtime import tune_malloc
@@ -118,7 +130,7 @@ def main() -> None:
             rows["HF Trainer, same allocator settings as oztune"] = run_hf_trainer(train, dev, tmp)
     rows["oztune, all weights trained"] = run_oztune(train, dev, freeze=False)
     rows["oztune default (token embeddings frozen)"] = run_oztune(train, dev, freeze=True)
-    base = rows["HF Trainer (bf16, group_by_length, fused AdamW)"]["examples_per_s"]
+    base = rows[HF_ROW]["examples_per_s"]
     print(f"\nSST-2, {n:,} train examples, 1 epoch, batch 32, lr 1e-4, all-MiniLM-L6-v2, {torch.get_num_threads()} threads")
     print(f"{'run':<50} {'examples/s':>10} {'vs HF':>6} {'train s':>8} {'dev acc':>8}")
     for name, r in rows.items():
