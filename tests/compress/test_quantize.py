@@ -930,3 +930,26 @@ def test_int8_linear_takes_inputs_of_other_float_dtypes_as_fp32(dtype):
 def test_a_skip_pattern_matching_nothing_is_refused_beside_one_that_matches():
     with pytest.raises(OztuneError, match=r"skip pattern 'heads\.\*' matches no module"):
         quantize_(tiny_classifier(), QuantConfig(skip=["backbone.layers.0.*", "heads.*"]))
+
+
+def test_7_bit_weights_take_each_rows_best_clipping_and_the_widest_where_tied():
+    """quantize_per_channel(w, 7) scales each row by (max |w| / 63) * r for the r among 1.00, 0.99, ..., 0.70 whose
+    clamped codes reconstruct the row with the least squared error, the widest where tied: checked against every
+    ratio directly, on rows whose best ratio varies (1.00 and 0.99 among them), and an all-zero row (every ratio
+    ties: scale 1, as with 8-bit codes)."""
+    torch.manual_seed(0)
+    ratios = [1 - i / 100 for i in range(31)]
+    bests = set()
+    for w in (torch.cat([torch.randn(16, 64), torch.rand(16, 64) - 0.5, torch.zeros(1, 64)]),
+              torch.distributions.Laplace(0.0, 1.0).sample((16, 1024))):
+        amax = w.abs().amax(-1)
+        full = torch.where(amax > 0, amax / 63, torch.ones_like(amax))
+        errs = torch.stack([((w / (full * r)[:, None]).round().clamp(-63, 63) * (full * r)[:, None] - w).square()
+                            .sum(-1) for r in ratios], 1)  # (N, 31)
+        best = errs.argmin(1)  # (the first, widest, where tied)
+        bests |= set(best.tolist())
+        wq, scale = quantize_per_channel(w, 7)
+        torch.testing.assert_close(scale, full * torch.tensor(ratios)[best])
+        torch.testing.assert_close(((wq.float() * scale[:, None] - w) ** 2).sum(-1), errs.min(1).values)
+    assert {0, 1} < bests  # rows best unclipped, best at 0.99, and others
+    assert quantize_per_channel(torch.zeros(2, 8), 7)[1].tolist() == [1.0, 1.0]
