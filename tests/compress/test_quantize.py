@@ -953,3 +953,19 @@ def test_7_bit_weights_take_each_rows_best_clipping_and_the_widest_where_tied():
         torch.testing.assert_close(((wq.float() * scale[:, None] - w) ** 2).sum(-1), errs.min(1).values)
     assert {0, 1} < bests  # rows best unclipped, best at 0.99, and others
     assert quantize_per_channel(torch.zeros(2, 8), 7)[1].tolist() == [1.0, 1.0]
+
+
+def test_fake_quantization_from_a_floor_rounds_half_steps_as_int8_does():
+    """fake_quantize_from_floor computes the codes in int8_linear_from_floor's order, x / scale + (-lower / scale -
+    128): values half a step between two codes (every one of 255 steps, on four grids) round as the int8 layer
+    rounds them. ((x - lower) / scale, the same in exact arithmetic, rounds many of them the other way: a step.)"""
+    lower, top = -0.1701, torch.tensor([[3.0], [1.7], [0.9], [5.3]])
+    scale = (top - lower) / 255
+    x = torch.cat([lower + (torch.arange(255.0) + 0.5) * scale, top], 1)  # (4, 256)
+    q = Int8Linear(256, 256, bias=False)  # the identity: its outputs are the inputs as the int8 kernel codes them
+    q.weight.copy_(torch.eye(256, dtype=torch.int8))
+    q.weight_scale.fill_(1.0)
+    q.sum_weights()
+    with torch.no_grad():
+        torch.testing.assert_close(int8_ops.fake_quantize_from_floor(x, lower, top), q(x, top, lower),
+                                   atol=1e-5, rtol=0)
