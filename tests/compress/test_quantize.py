@@ -969,3 +969,16 @@ def test_fake_quantization_from_a_floor_rounds_half_steps_as_int8_does():
     with torch.no_grad():
         torch.testing.assert_close(int8_ops.fake_quantize_from_floor(x, lower, top), q(x, top, lower),
                                    atol=1e-5, rtol=0)
+
+
+def test_an_empty_weight_fits_onednn_where_7_bit_codes_do(monkeypatch):
+    """fits_onednn of a weight with no codes (a layer of no inputs or no outputs) is True on a CPU without VNNI
+    (no code is beyond +-63; min/max of an empty tensor would raise), as for every weight where HAS_ONEDNN."""
+    monkeypatch.setattr(int8_ops, "HAS_ONEDNN", False)
+    monkeypatch.setattr(int8_ops, "ONEDNN_7BIT", True)
+    for shape in ((0, 8), (4, 0)):
+        assert int8_ops.fits_onednn(torch.zeros(shape, dtype=torch.int8))
+        assert Int8Linear(shape[1], shape[0]).fits_onednn
+    assert not int8_ops.fits_onednn(torch.full((2, 2), 64, dtype=torch.int8))
+    monkeypatch.setattr(int8_ops, "ONEDNN_7BIT", False)
+    assert not int8_ops.fits_onednn(torch.zeros(0, 8, dtype=torch.int8))
