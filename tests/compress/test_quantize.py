@@ -982,3 +982,19 @@ def test_an_empty_weight_fits_onednn_where_7_bit_codes_do(monkeypatch):
     assert not int8_ops.fits_onednn(torch.full((2, 2), 64, dtype=torch.int8))
     monkeypatch.setattr(int8_ops, "ONEDNN_7BIT", False)
     assert not int8_ops.fits_onednn(torch.zeros(0, 8, dtype=torch.int8))
+
+
+def test_preparing_qat_again_with_other_weight_bits_fake_quantizes_to_them():
+    """prepare_qat_ of a model already prepared (its FakeQuantLinear layers kept, not wrapped again) with another
+    weight_bits: every layer then simulates the new codes, as quantize_ with that config will make them. A
+    FakeQuantLinear made otherwise simulates 8-bit codes, as Int8Linear.from_linear makes by default."""
+    model = prepare_qat_(tiny_classifier(), QuantConfig(weight_bits=8))
+    prepare_qat_(model, QuantConfig(weight_bits=7))
+    layers = [m for m in model.modules() if type(m) is FakeQuantLinear]
+    assert layers and all(m.bits == 7 for m in layers)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        want = nn.functional.linear(int8_ops.fake_quantize_per_token(x),
+                                    Int8Linear.from_linear(model.head.out, 7).dequantized_weight(), model.head.out.bias)
+        torch.testing.assert_close(model.head.out(x), want, atol=1e-5, rtol=1e-5)
+    assert FakeQuantLinear(4, 2).bits == 8 == FakeQuantLinear.from_linear(nn.Linear(4, 2)).bits  # as Int8Linear's
