@@ -998,3 +998,24 @@ def test_preparing_qat_again_with_other_weight_bits_fake_quantizes_to_them():
                                     Int8Linear.from_linear(model.head.out, 7).dequantized_weight(), model.head.out.bias)
         torch.testing.assert_close(model.head.out(x), want, atol=1e-5, rtol=1e-5)
     assert FakeQuantLinear(4, 2).bits == 8 == FakeQuantLinear.from_linear(nn.Linear(4, 2)).bits  # as Int8Linear's
+
+
+def test_with_an_exact_onednn_kernel_few_rows_run_torch_int_mm_and_many_rows_onednn(monkeypatch):
+    """Where oneDNN's kernel is exact for every weight (HAS_ONEDNN: VNNI), eager below ONEDNN_MIN_ROWS rows runs
+    torch._int_mm and never packs the weight (oneDNN's kernel costs more per call there); from there on it packs the
+    weight once and runs oneDNN's kernel, not torch._int_mm."""
+    monkeypatch.setattr(int8_ops, "HAS_ONEDNN", True)
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 40))
+    packs, int_mms = [], []
+    real_pack, real_int_mm = quantize.pack_weight, torch._int_mm
+    monkeypatch.setattr(quantize, "pack_weight", lambda wq: packs.append(1) or real_pack(wq))
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: int_mms.append(1) or real_int_mm(*a))
+    x = torch.randn(int8_ops.ONEDNN_MIN_ROWS, 64)
+    with torch.no_grad():
+        q(x[:7])
+        q(x[:7].clamp_min(-0.17), None, -0.1701)
+        assert (len(packs), len(int_mms)) == (0, 2)
+        q(x)
+        q(x.clamp_min(-0.17), None, -0.1701)
+    assert (len(packs), len(int_mms)) == (1, 2)
