@@ -1019,3 +1019,49 @@ def test_with_an_exact_onednn_kernel_few_rows_run_torch_int_mm_and_many_rows_one
         q(x)
         q(x.clamp_min(-0.17), None, -0.1701)
     assert (len(packs), len(int_mms)) == (1, 2)
+
+
+def test_7_bit_qat_keeps_each_rows_clipping_ratio_for_a_few_training_passes_and_evaluation_searches(monkeypatch):
+    """A 7-bit FakeQuantLinear in training searches its rows' clipping (31 passes over the weight) once every
+    CLIP_REFRESH passes and in between scales the current weight's ranges by the ratios of that search; with
+    eval() or no grad it always searches (what quantize_ will make of the weight now), and so after other bits.
+    The weight is changed as fused AdamW changes it, without a new tensor version: no cache may trust that."""
+    monkeypatch.setattr(quantize, "CLIP_REFRESH", 3)
+    searches = []
+    real = int8_ops.clip_ratios
+    monkeypatch.setattr(int8_ops, "clip_ratios", lambda *a: searches.append(1) or real(*a))
+    torch.manual_seed(0)
+    fq = FakeQuantLinear.from_linear(nn.Linear(64, 16), 7)
+    x = torch.randn(5, 64)
+    done = []
+    for step in range(7):
+        ratios, before = fq._ratios, len(searches)
+        y = fq(x)
+        y.sum().backward()
+        done.append(len(searches) - before)
+        kept = step % 3 != 0  # passes 1, 4, 7 search
+        w = fq.weight.detach()
+        scale = int8_ops.channel_scales(w, 7, ratios[1] if kept else None)[0]
+        want = nn.functional.linear(int8_ops.fake_quantize_per_token(x),
+                                    int8_ops.fake_quantize_per_channel(w, 7, scale), fq.bias)
+        torch.testing.assert_close(y, want, atol=0, rtol=0)
+        if kept:  # the kept ratios on the current ranges, not a fresh search's scales
+            assert not torch.equal(scale, int8_ops.channel_scales(w, 7)[0])
+        with torch.no_grad():
+            fq.weight.mul_(torch.empty_like(fq.weight).uniform_(0.5, 1.5))  # each row's range and best clip move
+    assert done == [1, 0, 0, 1, 0, 0, 1]
+    fresh = Int8Linear.from_linear(fq, 7).dequantized_weight()
+    for mode in ("eval", "no_grad"):
+        fq.train(mode != "eval")
+        with torch.set_grad_enabled(mode != "no_grad"):
+            before = len(searches)
+            torch.testing.assert_close(fq(x), nn.functional.linear(int8_ops.fake_quantize_per_token(x), fresh, fq.bias),
+                                       atol=1e-5, rtol=1e-5)
+            assert len(searches) == before + 1
+    fq.train()
+    fq.bits = 8
+    fq(x)
+    fq.bits = 7
+    before = len(searches)
+    fq(x)
+    assert len(searches) == before + 1  # (ratios were kept from 7-bit passes, but 8-bit training passes ran since)

@@ -119,7 +119,13 @@ def best_clip(w: torch.Tensor, scale: torch.Tensor, m: int) -> torch.Tensor:
     reconstruct the row of ``w`` (N, K) with the least squared error (the widest where tied). For 7-bit codes
     a few clipped outliers buy a finer step for the rest (on the 8,000-example SST-2 MiniLM, a scratch comparison
     found the logits closer to fp32's); for 8-bit codes it did not, so they keep the full range."""
-    best, best_err = scale, None
+    return scale * clip_ratios(w, scale, m)
+
+
+def clip_ratios(w: torch.Tensor, scale: torch.Tensor, m: int) -> torch.Tensor:
+    """The ratios r (N,) of :func:`best_clip`'s scales, ``best_clip(w, scale, m) == scale * r``: 31 passes over
+    ``w``, so quantization-aware training keeps a weight's ratios for a few steps (:class:`FakeQuantLinear`)."""
+    best, best_err = torch.ones_like(scale), None
     for r in CLIP_RATIOS:
         s = (scale * r)[:, None]  # (N, 1)
         err = torch.round(w / s).clamp_(-m, m).mul_(s).sub_(w).square_().sum(-1)  # (N,)
@@ -127,7 +133,7 @@ def best_clip(w: torch.Tensor, scale: torch.Tensor, m: int) -> torch.Tensor:
             best_err = err
         else:
             better = err < best_err
-            best, best_err = torch.where(better, s[:, 0], best), torch.where(better, err, best_err)
+            best, best_err = torch.where(better, r, best), torch.where(better, err, best_err)
     return best
 
 
@@ -150,15 +156,28 @@ def fake_quantize_from_floor(x: torch.Tensor, lower: float, top: torch.Tensor | 
     return x + (codes * scale + lower - x).detach()
 
 
-def fake_quantize_per_channel(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+def fake_quantize_per_channel(w: torch.Tensor, bits: int = 8, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``w`` rounded (in fp32) to its per-output-row grid of ``bits``-bit codes (:func:`quantize_per_channel`'s),
-    with a straight-through gradient (identity)."""
+    with a straight-through gradient (identity); ``scale`` (N, 1): the rows' scales if known (by default
+    :func:`channel_scales`)."""
     w = w.float()
     m = max_code(bits)
-    scale = (w.abs().amax(-1, keepdim=True).clamp_min(EPS) / m).detach()
-    if bits < 8 and w.numel():
-        scale = best_clip(w.detach(), scale[:, 0], m)[:, None]
+    if scale is None:
+        scale = channel_scales(w.detach(), bits)[0]
     return w + ((w / scale).round().clamp(-m, m) * scale - w).detach()
+
+
+def channel_scales(w: torch.Tensor, bits: int = 8,
+                   ratios: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales (N, 1) of :func:`fake_quantize_per_channel` for a float weight ``w`` (N, K): max |w| / m per row
+    (m = 2^(bits-1) - 1), for 7-bit codes times each row's clipping ratio: ``ratios`` (N,) if given, else
+    :func:`clip_ratios`'s. Returns (scales, the ratios used: None for 8-bit codes)."""
+    m = max_code(bits)
+    scale = w.abs().amax(-1).clamp_min(EPS) / m
+    if bits < 8 and w.numel():
+        ratios = clip_ratios(w, scale, m) if ratios is None else ratios
+        return (scale * ratios)[:, None], ratios
+    return scale[:, None], None
 
 
 def fits_onednn(wq: torch.Tensor) -> bool:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oztune.compress.int8_ops import (WEIGHT_BITS, fake_quantize_from_floor, fake_quantize_per_channel,
+from oztune.compress.int8_ops import (WEIGHT_BITS, channel_scales, fake_quantize_from_floor, fake_quantize_per_channel,
                                       fake_quantize_per_token, fits_onednn, int8_linear, max_code, pack_weight,
                                       quantize_per_channel)
 from oztune.errors import OztuneError
@@ -51,6 +51,7 @@ RECORD_VERSION = 1
 # upper bound exceeds the true maximum by max h - GELU(max h): 0.1% of it at max h = 3 (a feed-forward row's
 # maximum is usually several units), 19% at 1, so a row's int8 step is at most that much coarser.
 ACT_FLOORS = {"gelu": 0.1701, "gelu_tanh": 0.1701, "relu": 0.0}
+CLIP_REFRESH = 16  # QAT: training passes between two searches of a 7-bit weight's clipping (FakeQuantLinear)
 CHUNK_ROWS = 256  # tokens per thread in a feed-forward chunk: a (256, 1536) fp32 intermediate is 1.5 MB
 
 
@@ -301,6 +302,8 @@ class FakeQuantLinear(nn.Linear):
 
     takes_bounds = True  # as Int8Linear
     bits = 8  # the weight's codes: as Int8Linear.from_linear's
+    _ratios: tuple[int, torch.Tensor] | None = None  # (bits, each row's clipping ratio) from the last search
+    _ratios_age = 0  # training passes run with _ratios since clip_ratios found them
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 8) -> "FakeQuantLinear":
@@ -314,7 +317,28 @@ class FakeQuantLinear(nn.Linear):
         if self.in_features == 0 or x.numel() == 0:
             return super().forward(x)
         x = fake_quantize_per_token(x) if lower is None else fake_quantize_from_floor(x, lower, top)
-        return F.linear(x, fake_quantize_per_channel(self.weight, self.bits), self.bias)
+        return F.linear(x, fake_quantize_per_channel(self.weight, self.bits, self.weight_scales()), self.bias)
+
+    def weight_scales(self) -> torch.Tensor | None:
+        """The weight's per-row scales (N, 1) for 7-bit codes, as :func:`~oztune.compress.int8_ops.channel_scales`
+        makes them; None for 8-bit codes and in a compiled graph (computed there). Their search of each row's
+        clipping makes 31 passes over the weight (QAT ran at 60 examples/s searching on every pass, 105 with
+        this, as 8-bit QAT: BENCHMARKS.md), so in training (``train()`` and grad) the rows' clipping ratios of a
+        search are kept for :data:`CLIP_REFRESH` passes (a step moves the weight little; the ranges are always
+        the current weight's). Evaluation and :func:`quantize_` always search: what the int8 model computes.
+        (Not a cache keyed on the weight's version: the fused AdamW that training uses leaves it unchanged.)"""
+        if torch.compiler.is_compiling():
+            return None
+        if self.bits >= 8:
+            self._ratios = None  # (7-bit ratios kept from before would be as old as these passes)
+            return None
+        w = self.weight.detach().float()
+        keep = (self.training and torch.is_grad_enabled() and self._ratios is not None
+                and self._ratios[0] == self.bits and self._ratios[1].shape[0] == w.shape[0]
+                and self._ratios_age < CLIP_REFRESH)
+        scales, ratios = channel_scales(w, self.bits, self._ratios[1] if keep else None)
+        self._ratios, self._ratios_age = (self.bits, ratios), self._ratios_age + 1 if keep else 1
+        return scales
 
 
 class FakeQuantEmbedding(nn.Embedding):
