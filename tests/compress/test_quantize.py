@@ -679,7 +679,7 @@ def test_without_an_exact_onednn_kernel_every_size_runs_an_fp32_matmul_of_the_co
             got = run(q)
         assert torch.equal(q.packed_weight(), q.weight.float())
         monkeypatch.setattr(int8_ops, "HAS_ONEDNN", True)  # the reference: torch._int_mm at every size
-        monkeypatch.setattr(quantize, "pack_weight", lambda wq: None)
+        monkeypatch.setattr(int8_ops, "pack_weight", lambda wq: None)
         expected = run(Int8Linear.from_linear(lin))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -781,7 +781,7 @@ def test_7_bit_weights_run_onednn_at_every_size_where_only_they_are_exact(monkey
     xin, top = (x, None) if floor is None else (h, h.amax(-1, keepdim=True))
     with torch.no_grad():
         monkeypatch.setattr(int8_ops, "HAS_ONEDNN", True)  # the reference: torch._int_mm at every size
-        monkeypatch.setattr(quantize, "pack_weight", lambda wq: None)
+        monkeypatch.setattr(int8_ops, "pack_weight", lambda wq: None)
         want = Int8Linear.from_linear(lin, 7)(xin, top, lower)
         monkeypatch.undo()
         monkeypatch.setattr(int8_ops, "HAS_ONEDNN", False)
@@ -822,10 +822,10 @@ def test_the_graph_op_packs_each_weight_once_again_after_a_change_and_forgets_it
     torch.testing.assert_close(torch.ops.oztune.onednn_int8_mm(u8, 128, wq, w_scale), want(128, wq))
     assert len(packs) == 2
     key = wq.data_ptr()
-    assert key in int8_ops._GRAPH_PACKS
+    assert key in int8_ops._PACKS
     del wq
     gc.collect()
-    assert key not in int8_ops._GRAPH_PACKS
+    assert key not in int8_ops._PACKS
 
 
 @pytest.mark.parametrize("bits", [7, 8])
@@ -841,14 +841,16 @@ def test_compiled_int8_calls_onednn_where_the_weights_fit_and_exports_without_it
     assert q.fits_onednn is (bits == 7)
     x = torch.randn(9, 64) * 3
     h, top = x.clamp_min(-0.17), None
+    with torch.no_grad():
+        want = q(x), q(h, top, -0.1701)
     calls = []
-    real = int8_ops._pack_for_graph
-    monkeypatch.setattr(int8_ops, "_pack_for_graph", lambda wq: calls.append(1) or real(wq))
+    real = int8_ops.packed_weight
+    monkeypatch.setattr(int8_ops, "packed_weight", lambda wq: calls.append(1) or real(wq))
     torch._dynamo.reset()
     compiled = torch.compile(q, backend="aot_eager", dynamic=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), q(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(compiled(h, top, -0.1701), q(h, top, -0.1701), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(x), want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(h, top, -0.1701), want[1], atol=1e-5, rtol=1e-5)
     assert len(calls) == (2 if bits == 7 else 0)
     exported = torch.export.export(q, (x,))
     assert not any("onednn_int8_mm" in str(n.target) for n in exported.graph.nodes)
@@ -1008,8 +1010,8 @@ def test_with_an_exact_onednn_kernel_few_rows_run_torch_int_mm_and_many_rows_one
     torch.manual_seed(0)
     q = Int8Linear.from_linear(nn.Linear(64, 40))
     packs, int_mms = [], []
-    real_pack, real_int_mm = quantize.pack_weight, torch._int_mm
-    monkeypatch.setattr(quantize, "pack_weight", lambda wq: packs.append(1) or real_pack(wq))
+    real_pack, real_int_mm = int8_ops.pack_weight, torch._int_mm
+    monkeypatch.setattr(int8_ops, "pack_weight", lambda wq: packs.append(1) or real_pack(wq))
     monkeypatch.setattr(torch, "_int_mm", lambda *a: int_mms.append(1) or real_int_mm(*a))
     x = torch.randn(int8_ops.ONEDNN_MIN_ROWS, 64)
     with torch.no_grad():

@@ -195,31 +195,33 @@ def pack_weight(wq: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.onednn.qlinear_prepack(wq, None) if fits_onednn(wq) else wq.float()
 
 
-_GRAPH_PACKS: dict[int, tuple] = {}  # wq.data_ptr() -> (weakref to wq, wq._version, packed wq)
+_PACKS: dict[int, tuple] = {}  # wq.data_ptr() -> (weakref to wq, wq._version, pack_weight(wq))
 
 
-def _pack_for_graph(wq: torch.Tensor) -> torch.Tensor:
-    """``wq`` packed for oneDNN, cached while ``wq`` lives and is unchanged (a compiled graph passes the same
-    weight tensor on every call)."""
+def packed_weight(wq: torch.Tensor) -> torch.Tensor | None:
+    """:func:`pack_weight` of ``wq``, cached while ``wq`` lives and is unchanged (packed again after an in-place
+    change, e.g. a state dict loaded into it). The one cache of both paths: an eager Int8Linear passes its weight,
+    a compiled graph (through :func:`onednn_int8_mm`) the same tensor on every call."""
     key = wq.data_ptr()
-    hit = _GRAPH_PACKS.get(key)
+    hit = _PACKS.get(key)
     if hit is not None and hit[0]() is wq and hit[1] == wq._version:
         return hit[2]
 
     def drop(ref, key=key):  # the weight is gone: so is its pack (unless another weight took the address since)
-        if _GRAPH_PACKS.get(key, (None,))[0] is ref:
-            del _GRAPH_PACKS[key]
+        if _PACKS.get(key, (None,))[0] is ref:
+            del _PACKS[key]
 
-    packed = torch.ops.onednn.qlinear_prepack(wq, None)
-    _GRAPH_PACKS[key] = (weakref.ref(wq, drop), wq._version, packed)
+    packed = pack_weight(wq)
+    _PACKS[key] = (weakref.ref(wq, drop), wq._version, packed)
     return packed
 
 
 @torch.library.custom_op("oztune::onednn_int8_mm", mutates_args=())
 def onednn_int8_mm(u8: torch.Tensor, zero_point: int, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``((u8 - zero_point) @ wq.T) * w_scale`` in fp32 (M, N) by oneDNN's kernel, for compiled graphs: inductor
-    cannot trace oneDNN's packed weights, so the graph calls this op as it is, and the op packs ``wq`` once."""
-    return torch.ops.onednn.qlinear_pointwise(u8, 1.0, zero_point, _pack_for_graph(wq), w_scale,
+    cannot trace oneDNN's packed weights, so the graph calls this op as it is, and the op packs ``wq`` once
+    (:func:`packed_weight`; only for a ``wq`` that :func:`fits_onednn`)."""
+    return torch.ops.onednn.qlinear_pointwise(u8, 1.0, zero_point, packed_weight(wq), w_scale,
                                               _zeros(w_scale.shape[0]), None, 1.0, 0, torch.float32, "none", [], "")
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oztune.compress.int8_ops import (WEIGHT_BITS, channel_scales, fake_quantize_from_floor, fake_quantize_per_channel,
-                                      fake_quantize_per_token, fits_onednn, int8_linear, max_code, pack_weight,
+                                      fake_quantize_per_token, fits_onednn, int8_linear, max_code, packed_weight,
                                       quantize_per_channel)
 from oztune.errors import OztuneError
 from oztune.models.transformer import FeedForward
@@ -140,7 +140,6 @@ class Int8Linear(Fp32Only):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("weight_sums", torch.zeros(out_features), persistent=False)
         self.register_load_state_dict_post_hook(Int8Linear._loaded)
-        self._packed, self._packed_key = None, None
         self.fits_onednn = fits_onednn(self.weight)  # set again by sum_weights
 
     @staticmethod
@@ -167,11 +166,9 @@ class Int8Linear(Fp32Only):
         return self.weight.float() * self.weight_scale[:, None]
 
     def packed_weight(self) -> torch.Tensor | None:
-        """The weight packed for oneDNN (cached; packed again whenever ``weight`` changes, e.g. on load)."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._packed_key != key:
-            self._packed, self._packed_key = pack_weight(self.weight), key
-        return self._packed
+        """The weight as this CPU's kernel takes it (:func:`~oztune.compress.int8_ops.packed_weight`: cached,
+        packed again whenever ``weight`` changes, e.g. on load)."""
+        return packed_weight(self.weight)
 
     takes_bounds = True  # forward takes x's floor and its rows' maxima (ChunkedFeedForward passes them)
 
@@ -207,9 +204,6 @@ class Int8Linear(Fp32Only):
         y = int8_linear(rows, self.weight, self.weight_scale, self.bias, self.packed_weight, top,
                         lower, self.weight_sums, self.fits_onednn)  # (M, N)
         return y.view(*lead, self.out_features)
-
-    def __getstate__(self):  # deepcopy/pickle: the packed weight is an opaque oneDNN tensor, rebuilt on use
-        return {**self.__dict__, "_packed": None, "_packed_key": None}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
