@@ -167,3 +167,27 @@ def test_pareto_title_names_the_metric_plotted(tmp_path, monkeypatch, metric, ti
     real_close(kept["fig"])
     assert ax.get_title().splitlines()[0] == f"{title} against latency"
     assert ax.get_ylabel() == ("accuracy (%)" if metric == "accuracy" else f"{metric} x100")  # (no percentage)
+
+
+def test_a_pareto_front_of_one_variant_is_drawn(tmp_path, monkeypatch):
+    """When one variant is both the fastest and the most accurate, the front is that one point: a dotted line
+    through one point draws nothing, so the legend named a front the plot did not show. The front's points are
+    marked (a dot on each), the others not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from oztune.compress.report import pareto_png
+
+    rows = [{"name": n, "score": s, "latency_p50_ms": l, "file_mb": 0.1, "metric": "accuracy"}
+            for n, s, l in [("fp32", 86.8, 16.1), ("int8", 87.0, 17.2), ("prune33", 87.0, 5.6),
+                            ("prune33-int8", 87.0, 8.2)]]
+    kept, real_close = {}, plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.setdefault("fig", fig))
+    pareto_png(rows, "prune33-int8", 1.0, tmp_path / "pareto.png")
+    ax = kept["fig"].axes[0]
+    real_close(kept["fig"])
+    (front,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
+    assert front.get_xydata().tolist() == [[5.6, 87.0]]
+    assert front.get_marker() not in (None, "", "None", " ") and front.get_markersize() > 0

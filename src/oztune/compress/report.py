@@ -248,7 +248,8 @@ def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path, basel
     colors = ["#d62728" if r["name"] == chosen else ("#7f7f7f" if i == 0 else "#1f77b4") for i, r in enumerate(rows)]
     ax.scatter(x, y, s=area, c=colors, alpha=0.5, edgecolors="black", linewidths=0.8, zorder=3)
     front = _frontier(x, y)
-    ax.plot(x[front], y[front], color="#555555", lw=1, ls=":", zorder=2, label="Pareto front")
+    ax.plot(x[front], y[front], color="#555555", lw=1, ls=":", marker="o", ms=3, zorder=4,  # (a dot: a front
+            label="Pareto front")  # of one variant draws no line)
     ax.axhline(y[0] - max_drop, color="#d62728", lw=1, ls="--", label=f"budget: {baseline} - {max_drop:g} pt")
     pad_y = max(0.5, (y.max() - min(y.min(), y[0] - max_drop)) * 0.15)
     ax.set_ylim(min(y.min(), y[0] - max_drop) - pad_y, y.max() + pad_y)
