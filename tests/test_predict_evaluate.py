@@ -190,3 +190,29 @@ def test_predict_empty_standard_input_says_it_was_empty(tiny_finetuned, tmp_path
     assert capsys.readouterr().err.strip().splitlines() == [f"oztune predict: error: {empty}: no examples (the file is empty)"]
     assert main(["predict", "--model", str(tiny_finetuned)]) == 2  # nothing given at all: as before
     assert "no texts: give them as arguments or with --input FILE" in capsys.readouterr().err
+
+
+def test_predict_reads_a_txt_file_as_one_text_per_line(tiny_finetuned, tmp_path, capsys):
+    """--input FILE.txt: one text per line, as --input - reads standard input (BOM dropped, CRLF, CR or LF, the
+    last newline optional), answered line for line; a blank line, an empty file, bytes that are not UTF-8 and a
+    column option are one error line each, naming the file (and line)."""
+    from oztune import Classifier
+
+    texts = ["good movie", "bad film, tab\tinside", 'a "quoted", comma text']  # (no column parsing)
+    for data in (b"\xef\xbb\xbfgood movie\r\nbad film, tab\tinside\ra \"quoted\", comma text\n",
+                 "\n".join(texts).encode()):
+        path = tmp_path / "in.TXT"
+        path.write_bytes(data)
+        assert main(["predict", "--model", str(tiny_finetuned), "--input", str(path)]) == 0
+        out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert out == Classifier.from_pretrained(tiny_finetuned).predict(texts)
+    for data, words in ((b"good movie\n \nbad film\n", f"{path}: line 2 is empty"),
+                        (b"", f"--input {path}: no texts (the file was empty)"),
+                        (b"good movie\nbad \xff film\n", f"{path}: line 2: not valid UTF-8")):
+        path.write_bytes(data)
+        assert main(["predict", "--model", str(tiny_finetuned), "--input", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    path.write_bytes(b"good movie\n")
+    assert main(["predict", "--model", str(tiny_finetuned), "--input", str(path), "--text-column", "text"]) == 2
+    assert "one text per line, no columns" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from oztune.api import Classifier, check_classification_only
 from oztune.cli import command
 from oztune.data.labels import parse_multi_label
 from oztune.data.load import Columns, holds_pairs, read_labelled
-from oztune.data.readers import is_blank, lone_surrogate
+from oztune.data.readers import is_blank, lone_surrogate, read_lines, split_lines
 from oztune.errors import DataError, OztuneError, check_at_least_1, check_text_pairs, path_errors
 from oztune.outdir import check_name_length
 from oztune.outdir import write_atomically as _write_atomically
@@ -181,8 +181,8 @@ class PredictArgs:
     Args:
         texts: texts to classify.
         model: model directory, or an oztune export (ONNX: run on onnxruntime).
-        input: file of texts (.csv, .tsv, .jsonl; labels not needed) or '-' for one text per line on stdin
-            (a blank line is an error).
+        input: file of texts (.csv, .tsv, .jsonl: labels not needed; .txt: one text per line) or '-' for one
+            text per line on stdin (in both a blank line is an error).
         output: write the JSON lines here instead of stdout ('-': stdout, as for --input).
         all_scores: add the score of every label.
         batch_size: examples per forward pass.
@@ -214,13 +214,16 @@ def predict_cmd(a: PredictArgs) -> int:
         bad = lone_surrogate(t)
         if bad is not None:  # Python reads an undecodable byte of an argument as a lone surrogate
             raise DataError(f"text {i + 1} is not valid UTF-8 (byte 0x{ord(t[bad]) & 0xFF:02x} at position {bad + 1})")
-    if a.input == "-":
-        lines = _stdin_lines()
-        if lines and not lines[-1]:
-            lines.pop()  # (the last line's newline)
+    one_per_line = a.input == "-" or (a.input or "").lower().endswith(".txt")
+    if one_per_line:
+        where = "standard input" if a.input == "-" else a.input
+        if a.text_column or a.text_pair_column:
+            raise OztuneError(f"--input {a.input}: one text per line, no columns: --text-column and "
+                              "--text-pair-column are for .csv, .tsv and .jsonl files")
+        lines = _stdin_lines() if a.input == "-" else read_lines(a.input)
         for i, line in enumerate(lines):
             if is_blank(line):  # skipped, every later answer would sit on the line of the text before it
-                raise DataError(f"standard input: line {i + 1} is empty; every line is a text, answered by the "
+                raise DataError(f"{where}: line {i + 1} is empty; every line is a text, answered by the "
                                 "output line of the same number")
         texts += lines
     elif a.input:
@@ -231,8 +234,9 @@ def predict_cmd(a: PredictArgs) -> int:
         texts += [e.text for e in ex]
         pairs = [e.text_pair or "" for e in ex] if holds_pairs(ex) else None
     if not texts:  # (an --input FILE with no rows is refused naming the file: read_labelled)
-        if a.input == "-":  # (given, but empty: "give them with --input FILE" would send one to what was done)
-            raise OztuneError("--input -: no texts (standard input was empty)")
+        if one_per_line:  # (given, but empty: "give them with --input FILE" would send one to what was done)
+            raise OztuneError(f"--input {a.input}: no texts ({'standard input' if a.input == '-' else 'the file'} "
+                              "was empty)")
         raise OztuneError("no texts: give them as arguments or with --input FILE")
     for i, t in enumerate(texts):
         if is_blank(t):
@@ -294,7 +298,7 @@ def _stdin_lines() -> list[str]:
         bad = lone_surrogate(text)
         if bad is not None:
             raise DataError(f"standard input: line {text.count(chr(10), 0, bad) + 1}: not valid UTF-8")
-        return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        return split_lines(text)
     data = buffer.read()
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
@@ -304,7 +308,7 @@ def _stdin_lines() -> list[str]:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"standard input: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
                         "give the texts as UTF-8") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return split_lines(text)
 
 
 def _open(model: str, batch_size: int):

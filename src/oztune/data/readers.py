@@ -119,6 +119,20 @@ def read_examples(
     return examples
 
 
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a UTF-8 text file of one text per line (``oztune predict --input FILE.txt``): a leading BOM
+    dropped, CRLF, CR or LF ends a line, and the last line's newline ends it (no empty line after it). Errors
+    (missing, a directory, not UTF-8: naming the line) as :func:`read_examples`'."""
+    return split_lines(_read_text(os.fspath(path)))
+
+
+def split_lines(text: str) -> list[str]:
+    """``text``'s lines: CRLF, CR or LF ends a line (as in Python's text mode); a newline at the very end ends
+    the last line."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines and not lines[-1] else lines
+
+
 def _read_text(name: str) -> str:
     """Return the file's contents decoded as UTF-8 (a leading BOM is dropped)."""
     if os.path.isdir(name):
