@@ -1067,3 +1067,12 @@ def test_7_bit_qat_keeps_each_rows_clipping_ratio_for_a_few_training_passes_and_
     before = len(searches)
     fq(x)
     assert len(searches) == before + 1  # (ratios were kept from 7-bit passes, but 8-bit training passes ran since)
+
+
+def test_7_bit_qat_of_a_layer_with_no_outputs_trains_more_than_one_pass():
+    """A FakeQuantLinear with no output rows has no clipping ratios to keep: its second training pass read the
+    missing ratios' shape (AttributeError on None)."""
+    fq = FakeQuantLinear.from_linear(nn.Linear(8, 0), 7)
+    x = torch.randn(3, 8)
+    for _ in range(3):
+        assert fq(x).shape == (3, 0)

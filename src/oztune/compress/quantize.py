@@ -331,7 +331,8 @@ class FakeQuantLinear(nn.Linear):
                 and self._ratios[0] == self.bits and self._ratios[1].shape[0] == w.shape[0]
                 and self._ratios_age < CLIP_REFRESH)
         scales, ratios = channel_scales(w, self.bits, self._ratios[1] if keep else None)
-        self._ratios, self._ratios_age = (self.bits, ratios), self._ratios_age + 1 if keep else 1
+        self._ratios = None if ratios is None else (self.bits, ratios)  # (None: a weight of no rows)
+        self._ratios_age = self._ratios_age + 1 if keep else 1
         return scales
 
 
