@@ -214,5 +214,7 @@ def test_predict_reads_a_txt_file_as_one_text_per_line(tiny_finetuned, tmp_path,
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
     path.write_bytes(b"good movie\n")
-    assert main(["predict", "--model", str(tiny_finetuned), "--input", str(path), "--text-column", "text"]) == 2
-    assert "one text per line, no columns" in capsys.readouterr().err
+    for option in ("--text-column", "--text-pair-column"):  # (a pair column was ignored: texts answered alone)
+        assert main(["predict", "--model", str(tiny_finetuned), "--input", str(path), option, "text"]) == 2
+        err = capsys.readouterr()
+        assert "one text per line, no columns" in err.err and not err.out
