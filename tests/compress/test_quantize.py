@@ -1076,3 +1076,21 @@ def test_7_bit_qat_of_a_layer_with_no_outputs_trains_more_than_one_pass():
     x = torch.randn(3, 8)
     for _ in range(3):
         assert fq(x).shape == (3, 0)
+
+
+def test_fake_quantization_of_a_zero_weight_row_is_finite():
+    """A weight row of zeros (a neuron pruned to nothing, or never trained) fake-quantizes to zeros with 7- and 8-bit
+    codes, in training and in evaluation: its scale is positive (not 0, whose codes 0 / 0 made the whole output NaN),
+    and that output is the bias."""
+    torch.manual_seed(0)
+    for bits in (7, 8):
+        fq = FakeQuantLinear.from_linear(nn.Linear(16, 4), bits)
+        with torch.no_grad():
+            fq.weight[2] = 0
+        x = torch.randn(3, 16)
+        for training in (True, False):
+            fq.train(training)
+            y = fq(x)
+            assert torch.isfinite(y).all()
+            torch.testing.assert_close(y[:, 2], fq.bias[2].expand(3))
+        assert torch.equal(int8_ops.fake_quantize_per_channel(fq.weight, bits)[2], torch.zeros(16))
