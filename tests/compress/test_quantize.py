@@ -1094,3 +1094,21 @@ def test_fake_quantization_of_a_zero_weight_row_is_finite():
             assert torch.isfinite(y).all()
             torch.testing.assert_close(y[:, 2], fq.bias[2].expand(3))
         assert torch.equal(int8_ops.fake_quantize_per_channel(fq.weight, bits)[2], torch.zeros(16))
+
+
+def test_7_bit_qat_searches_again_when_the_weight_has_other_rows():
+    """A 7-bit FakeQuantLinear whose weight is replaced by one of other rows (e.g. output rows pruned away) between two
+    training passes searches that weight's clipping: the kept ratios are one per row of the old weight."""
+    torch.manual_seed(0)
+    fq = FakeQuantLinear.from_linear(nn.Linear(32, 16), 7)
+    x = torch.randn(5, 32)
+    fq(x).sum().backward()
+    with torch.no_grad():
+        fq.weight = nn.Parameter(fq.weight[:6].clone())
+        fq.bias = nn.Parameter(fq.bias[:6].clone())
+    fq.out_features = 6
+    y = fq(x)
+    want = nn.functional.linear(int8_ops.fake_quantize_per_token(x),
+                                int8_ops.fake_quantize_per_channel(fq.weight.detach(), 7), fq.bias)
+    torch.testing.assert_close(y, want, atol=0, rtol=0)
+    assert fq._ratios[1].shape == (6,)
