@@ -1112,3 +1112,17 @@ def test_7_bit_qat_searches_again_when_the_weight_has_other_rows():
                                 int8_ops.fake_quantize_per_channel(fq.weight.detach(), 7), fq.bias)
     torch.testing.assert_close(y, want, atol=0, rtol=0)
     assert fq._ratios[1].shape == (6,)
+
+
+def test_the_pack_cache_gives_a_view_at_a_weights_address_its_own_pack(monkeypatch):
+    """packed_weight caches by the weight's address, but a view of a weight's first rows shares that address and its
+    version counter: it is packed as itself (its rows), not answered with the whole weight's pack."""
+    monkeypatch.setattr(int8_ops, "HAS_ONEDNN", False)
+    monkeypatch.setattr(int8_ops, "ONEDNN_7BIT", False)  # pack_weight: the codes in fp32, comparable here
+    torch.manual_seed(0)
+    wq = torch.randint(-127, 128, (12, 8), dtype=torch.int8)
+    assert torch.equal(int8_ops.packed_weight(wq), wq.float())
+    head = wq[:5]
+    assert head.data_ptr() == wq.data_ptr() and head._version == wq._version
+    assert torch.equal(int8_ops.packed_weight(head), head.float())
+    assert torch.equal(int8_ops.packed_weight(wq), wq.float())
