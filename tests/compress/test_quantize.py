@@ -1126,3 +1126,22 @@ def test_the_pack_cache_gives_a_view_at_a_weights_address_its_own_pack(monkeypat
     assert head.data_ptr() == wq.data_ptr() and head._version == wq._version
     assert torch.equal(int8_ops.packed_weight(head), head.float())
     assert torch.equal(int8_ops.packed_weight(wq), wq.float())
+
+
+def test_compiled_7_bit_qat_searches_the_clipping_on_every_pass():
+    """Compiled, a 7-bit FakeQuantLinear in training computes its weight's scales in the graph, a fresh clipping
+    search on every pass (ratios kept across passes would be Python state the graph cannot follow): each pass's
+    output is the current weight's fake quantization, though the weight moves between passes."""
+    torch.manual_seed(0)
+    fq = FakeQuantLinear.from_linear(nn.Linear(64, 16), 7)
+    x = torch.randn(5, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(fq, backend="eager")
+    for _ in range(3):
+        y = compiled(x)
+        y.sum().backward()
+        want = nn.functional.linear(int8_ops.fake_quantize_per_token(x),
+                                    int8_ops.fake_quantize_per_channel(fq.weight.detach(), 7), fq.bias)
+        torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6)
+        with torch.no_grad():
+            fq.weight.mul_(torch.empty_like(fq.weight).uniform_(0.5, 1.5))  # each row's range and best clip move
