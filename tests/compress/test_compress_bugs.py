@@ -191,3 +191,4 @@ def test_a_pareto_front_of_one_variant_is_drawn(tmp_path, monkeypatch):
     (front,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
     assert front.get_xydata().tolist() == [[5.6, 87.0]]
     assert front.get_marker() not in (None, "", "None", " ") and front.get_markersize() > 0
+    assert front.get_zorder() > max(c.get_zorder() for c in ax.collections)  # (over the bubbles, not under them)
