@@ -230,3 +230,14 @@ def test_predict_stdin_as_a_text_stream_reads_lines_as_a_pipe_does(tiny_finetune
     assert main(["predict", "--model", str(tiny_finetuned), "--input", "-"]) == 0
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert out == Classifier.from_pretrained(tiny_finetuned).predict(["good movie", "bad film", "great plot"])
+
+
+@pytest.mark.parametrize("option", ["--text-column", "--text-pair-column"])
+def test_predict_stdin_refuses_a_column_option(tiny_finetuned, monkeypatch, capsys, option):
+    """--input -: one text per line, no columns to choose: a column option is one error line, not ignored (the
+    lines answered as texts alone)."""
+    _stdin(monkeypatch, b"good movie\n")
+    assert main(["predict", "--model", str(tiny_finetuned), "--input", "-", option, "text"]) == 2
+    err = capsys.readouterr()
+    assert "--input -: one text per line, no columns" in err.err and len(err.err.strip().splitlines()) == 1
+    assert not err.out
