@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from oztune.data.readers import Example, read_examples
+from oztune.data.readers import Example, read_examples, read_lines, split_lines
 from oztune.errors import DataError, OztuneError
 
 SST2_DEV = Path("/work/shared/data/sst2/dev.tsv")
@@ -386,3 +386,15 @@ def test_a_blank_cell_in_a_multi_label_column_means_no_labels(tmp_path):
     path = write(tmp_path, "s.csv", 'text,label\nfirst,a\nsecond,\n')  # not multi-label: still an error
     with pytest.raises(DataError, match=r"s\.csv: line 3: missing label in column 'label'"):
         read_examples(path)
+
+
+def test_read_lines_ends_a_line_only_at_crlf_cr_or_lf(tmp_path):
+    """read_lines (predict --input FILE.txt) and split_lines (--input -) end a line at CRLF, CR or LF only, as
+    Python's text mode does: a form feed, vertical tab, NEL or line separator inside a text (which str.splitlines
+    also breaks at) stays in that text, so every output line answers the input line of its number."""
+    texts = ["page\x0cbreak", "tab\x0bbed", "next\x85line", "sep\u2028arated", "file\x1csep", "plain"]
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(texts[:3]).encode() + b"\r" + "\n".join(texts[3:]).encode() + b"\n")
+    assert read_lines(path) == texts
+    assert split_lines("\n".join(texts)) == texts == split_lines("\n".join(texts) + "\n")
+    assert split_lines("a\n\n") == ["a", ""] and split_lines("") == []  # (only the very last newline ends a line)
