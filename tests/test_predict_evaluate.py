@@ -241,3 +241,15 @@ def test_predict_stdin_refuses_a_column_option(tiny_finetuned, monkeypatch, caps
     err = capsys.readouterr()
     assert "--input -: one text per line, no columns" in err.err and len(err.err.strip().splitlines()) == 1
     assert not err.out
+
+
+def test_predict_answers_argument_texts_then_a_txt_files_lines(tiny_finetuned, tmp_path, capsys):
+    """Texts given as arguments and --input FILE.txt: every text answered, the arguments' first, then the file's lines
+    in order (the arguments were not dropped for the file's)."""
+    from oztune import Classifier
+
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"bad film\ngreat plot\n")
+    assert main(["predict", "--model", str(tiny_finetuned), "good movie", "--input", str(path)]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert out == Classifier.from_pretrained(tiny_finetuned).predict(["good movie", "bad film", "great plot"])
