@@ -222,11 +222,11 @@ def test_predict_reads_a_txt_file_as_one_text_per_line(tiny_finetuned, tmp_path,
 
 def test_predict_stdin_as_a_text_stream_reads_lines_as_a_pipe_does(tiny_finetuned, monkeypatch, capsys):
     """Standard input replaced by a text stream (io.StringIO: no bytes buffer, as a program calling main() may set
-    it): CRLF, CR or LF ends a line and the last newline ends the last text (no empty line after it), as from a
-    pipe."""
+    it): a leading BOM is dropped, CRLF, CR or LF ends a line and the last newline ends the last text (no empty line
+    after it), as from a pipe."""
     from oztune import Classifier
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("good movie\r\nbad film\rgreat plot\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeffgood movie\r\nbad film\rgreat plot\n"))
     assert main(["predict", "--model", str(tiny_finetuned), "--input", "-"]) == 0
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert out == Classifier.from_pretrained(tiny_finetuned).predict(["good movie", "bad film", "great plot"])

@@ -294,7 +294,7 @@ def _stdin_lines() -> list[str]:
     Python's text mode); bytes that are not UTF-8 are a DataError naming the line, not a traceback."""
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # a text stream put in place of stdin (io.StringIO): its text is already decoded
-        text = sys.stdin.read()
+        text = sys.stdin.read().removeprefix("\ufeff")  # (a BOM, as the bytes' below)
         bad = lone_surrogate(text)
         if bad is not None:
             raise DataError(f"standard input: line {text.count(chr(10), 0, bad) + 1}: not valid UTF-8")
