@@ -1145,3 +1145,15 @@ def test_compiled_7_bit_qat_searches_the_clipping_on_every_pass():
         torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6)
         with torch.no_grad():
             fq.weight.mul_(torch.empty_like(fq.weight).uniform_(0.5, 1.5))  # each row's range and best clip move
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_fake_quantizing_a_weight_of_no_columns_gives_it_back_empty(bits):
+    """A weight (N, 0) (a layer of no inputs) fake-quantizes to itself, as quantize_per_channel codes it: the max of
+    its rows over no columns raised."""
+    w = torch.empty(3, 0, requires_grad=True)
+    scale, _ = int8_ops.channel_scales(w.detach(), bits)
+    assert scale.shape == (3, 1) and (scale > 0).all()
+    out = int8_ops.fake_quantize_per_channel(w, bits)
+    assert out.shape == (3, 0)
+    assert quantize_per_channel(w, bits)[0].shape == (3, 0)

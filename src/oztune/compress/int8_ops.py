@@ -173,7 +173,8 @@ def channel_scales(w: torch.Tensor, bits: int = 8,
     (m = 2^(bits-1) - 1), for 7-bit codes times each row's clipping ratio: ``ratios`` (N,) if given, else
     :func:`clip_ratios`'s. Returns (scales, the ratios used: None for 8-bit codes)."""
     m = max_code(bits)
-    scale = w.abs().amax(-1).clamp_min(EPS) / m
+    amax = w.abs().amax(-1) if w.shape[-1] else w.new_zeros(w.shape[0])  # (amax of no columns raises)
+    scale = amax.clamp_min(EPS) / m
     if bits < 8 and w.numel():
         ratios = clip_ratios(w, scale, m) if ratios is None else ratios
         return (scale * ratios)[:, None], ratios
