@@ -97,7 +97,7 @@ def max_code(bits: int) -> int:
 
 def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric quantization of each row of a weight ``w`` (N, K) to int8 codes of ``bits`` bits (8, or 7:
-    each row's range then clipped as :func:`best_clip` finds best).
+    each row's range then clipped as :func:`clip_ratios` finds best).
 
     Returns:
         (wq, scale): int8 codes (N, K) in [-m, m], m = 2^(bits-1) - 1, and fp32 scales (N,), ``w ~ wq * scale[:, None]``.
@@ -107,24 +107,19 @@ def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
     amax = w.abs().amax(-1) if w.shape[-1] else w.new_zeros(w.shape[0])
     scale = torch.where(amax > 0, amax / m, torch.ones_like(amax))
     if bits < 8 and w.numel():
-        scale = best_clip(w, scale, m)
+        scale = scale * clip_ratios(w, scale, m)
     return torch.round(w / scale[:, None]).clamp_(-m, m).to(torch.int8), scale
 
 
-CLIP_RATIOS = [1 - i / 100 for i in range(31)]  # 1.0, 0.99, ..., 0.70: the clippings best_clip tries
-
-
-def best_clip(w: torch.Tensor, scale: torch.Tensor, m: int) -> torch.Tensor:
-    """Each row's scale (N,) among ``scale * r`` for r in :data:`CLIP_RATIOS` whose codes (clamped to +-m)
-    reconstruct the row of ``w`` (N, K) with the least squared error (the widest where tied). For 7-bit codes
-    a few clipped outliers buy a finer step for the rest (on the 8,000-example SST-2 MiniLM, a scratch comparison
-    found the logits closer to fp32's); for 8-bit codes it did not, so they keep the full range."""
-    return scale * clip_ratios(w, scale, m)
+CLIP_RATIOS = [1 - i / 100 for i in range(31)]  # 1.0, 0.99, ..., 0.70: the clippings clip_ratios tries
 
 
 def clip_ratios(w: torch.Tensor, scale: torch.Tensor, m: int) -> torch.Tensor:
-    """The ratios r (N,) of :func:`best_clip`'s scales, ``best_clip(w, scale, m) == scale * r``: 31 passes over
-    ``w``, so quantization-aware training keeps a weight's ratios for a few steps (:class:`FakeQuantLinear`)."""
+    """Each row's clipping ratio r (N,) among :data:`CLIP_RATIOS` whose scale ``scale * r`` gives codes (clamped to
+    +-m) that reconstruct the row of ``w`` (N, K) with the least squared error (the widest where tied). For 7-bit
+    codes a few clipped outliers buy a finer step for the rest (on the 8,000-example SST-2 MiniLM, a scratch
+    comparison found the logits closer to fp32's); for 8-bit codes it did not, so they keep the full range. 31
+    passes over ``w``: quantization-aware training keeps a weight's ratios for a few steps (``FakeQuantLinear``)."""
     best, best_err = torch.ones_like(scale), None
     for r in CLIP_RATIOS:
         s = (scale * r)[:, None]  # (N, 1)
