@@ -10,6 +10,16 @@ from oztune import cli
 from oztune.errors import OztuneError
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_not_ignored():
+    """These tests send Ctrl-C. A shell that starts a job in the background (`pytest &`, nohup, some CI runners) hands
+    it SIGINT ignored, which Python keeps and cli.main leaves alone (as it should: the user chose so): the tests then
+    saw no Ctrl-C at all and failed. Here SIGINT is Python's default, as in a terminal; it is put back after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_keyboard_interrupt_in_a_command_exits_130_with_one_interrupted_line(monkeypatch, capsys):
     from oztune import commands  # noqa: F401  (registers the commands)
 
@@ -114,7 +124,8 @@ def test_ctrl_c_while_torch_is_imported_exits_130_with_no_traceback(entry):
     import sys
 
     p = subprocess.Popen([sys.executable, "-c", _SLOW_TORCH + _ENTRY_POINTS[entry]], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (see ctrl_c_not_ignored)
     try:
         assert p.stdout.readline() == "importing torch\n"
         p.send_signal(signal.SIGINT)
