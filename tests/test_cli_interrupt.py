@@ -136,3 +136,25 @@ def test_ctrl_c_while_torch_is_imported_exits_130_with_no_traceback(entry):
     assert p.returncode == 130, err
     assert "Traceback" not in err and err.startswith("oztune: interrupted") and len(err.strip().splitlines()) == 1, err
     assert out == ""
+
+
+def test_ctrl_c_ignored_by_the_caller_stays_ignored(monkeypatch, capsys):
+    """A command started with Ctrl-C ignored (a background job) must not start taking it: main() leaves SIGINT as
+    it found it, and a Ctrl-C sent meanwhile does nothing."""
+    import os
+    import time
+
+    from oztune import commands  # noqa: F401  (registers the commands)
+
+    cls, _, help = cli.COMMANDS["predict"]
+
+    def ctrl_c_sent(args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # (a handler would have raised by now)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "predict", (cls, ctrl_c_sent, help))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the autouse fixture puts the previous handler back)
+    assert cli.main(["predict", "--model", "m", "good movie"]) == 0
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert capsys.readouterr().err == ""
