@@ -333,6 +333,46 @@ def test_python_m_oztune_cli_has_the_commands():
     assert r.returncode == 0 and "--per-label" in r.stdout, r.stderr
 
 
+_MODULES_AFTER = """
+import sys
+from oztune.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted(m for m in ("torch", "numpy", "tokenizers", "safetensors") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["finetune", "--help"], ["compress", "--help"], ["serve", "--help"],
+                                  ["predict", "--no-such-option"], ["quantize", "--weight-bits", "eight"]])
+def test_help_and_a_bad_option_are_answered_without_importing_torch(argv):
+    """`oztune --help`, `oztune finetune --help` and a mistyped option took ~3 s: the commands' option dataclasses
+    lived in modules that import torch. They are answered from torch-free modules now (~0.2 s)."""
+    r = subprocess.run([sys.executable, "-c", _MODULES_AFTER, *argv], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", (r.stdout[-300:], r.stderr[-1000:])
+    assert ("usage: oztune" in r.stdout) if "--help" in argv else ("error:" in r.stderr), r.stderr
+
+
+def test_every_command_imports_what_it_runs_on_before_it_runs():
+    """What a command runs on is imported by main() before the command, with a stop held meanwhile: every
+    command names modules to import (torch comes with them), and each of them exists."""
+    import importlib
+
+    from oztune import commands  # noqa: F401  (registers the commands)
+    from oztune.cli import COMMANDS, NEEDS
+
+    assert set(NEEDS) == set(COMMANDS)
+    for name, needs in NEEDS.items():
+        assert needs, name
+        for module in needs:
+            importlib.import_module(module)
+    r = subprocess.run([sys.executable, "-c", "import sys, importlib; from oztune.cli import NEEDS, make_parser; "
+                        "make_parser(); [importlib.import_module(m) for m in NEEDS['predict']]; "
+                        "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "True", r.stderr
+
+
 def test_predict_into_a_pipe_closed_early_is_no_traceback(trained, tmp_path):
     texts = tmp_path / "many.txt"
     # ~1 MB of output, more than a pipe holds, written in three chunks (oztune.commands.PREDICT_CHUNK): the

@@ -109,7 +109,7 @@ class SlowTorch(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, SlowTorch())
-sys.argv = ["oztune", "finetune", "--help"]
+sys.argv = ["oztune", "predict", "--model", "no-such-model", "good movie"]
 """
 _ENTRY_POINTS = {"python -m oztune": "import runpy; runpy.run_module('oztune', run_name='__main__', alter_sys=True)",
                  "console script": "from oztune.cli import main; sys.exit(main())"}
@@ -117,9 +117,10 @@ _ENTRY_POINTS = {"python -m oztune": "import runpy; runpy.run_module('oztune', r
 
 @pytest.mark.parametrize("entry", list(_ENTRY_POINTS))
 def test_ctrl_c_while_torch_is_imported_exits_130_with_no_traceback(entry):
-    """Ctrl-C in a command's first second and a half (torch importing, before main() had put in its handler,
-    and for the console script before main() was even called: `import oztune` imported torch) printed a
-    Python traceback. Now it is noted and acted on once the imports are done."""
+    """Ctrl-C in a command's first two seconds (torch importing, before main() had put in its handler, and for the
+    console script before main() was even called: `import oztune` imported torch) printed a Python traceback. Now
+    it is noted and acted on once the imports are done (torch is imported after the options are read: the stop
+    names the command)."""
     import subprocess
     import sys
 
@@ -134,7 +135,7 @@ def test_ctrl_c_while_torch_is_imported_exits_130_with_no_traceback(entry):
         p.kill()
         p.wait()
     assert p.returncode == 130, err
-    assert "Traceback" not in err and err.startswith("oztune: interrupted") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and err.startswith("oztune predict: interrupted") and len(err.strip().splitlines()) == 1, err
     assert out == ""
 
 

@@ -24,13 +24,17 @@ from typing import Any, Callable
 from oztune.errors import OztuneError
 
 COMMANDS: dict[str, tuple[type, Callable, str]] = {}
+NEEDS: dict[str, tuple[str, ...]] = {}  # command -> the modules it runs on (torch's among them)
 
 
-def command(name: str, args_cls: type, help: str):
-    """Register ``fn(args_cls) -> int`` as the subcommand ``name``."""
+def command(name: str, args_cls: type, help: str, needs: tuple[str, ...] = ()):
+    """Register ``fn(args_cls) -> int`` as the subcommand ``name``. The modules of ``fn`` and ``args_cls`` import no
+    torch (the parser and ``--help`` come from them alone); ``needs`` names the modules the command runs on, which
+    :func:`main` imports (torch with them) before it runs, holding a Ctrl-C until they are in."""
 
     def register(fn):
         COMMANDS[name] = (args_cls, fn, help)
+        NEEDS[name] = tuple(needs)
         return fn
 
     return register
@@ -256,7 +260,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from oztune import commands  # noqa: F401  (registers the commands)
+    from oztune import commands  # noqa: F401  (registers the commands; no torch)
 
     parser = _Parser(prog="oztune", description="Fine-tune, compress and serve transformer classifiers on CPU.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -303,11 +307,19 @@ def _stopped(command: str | None, signum: int) -> int:
     return 130
 
 
+def _import_needs(name: str) -> None:
+    """Import the modules that the command ``name`` runs on (its ``needs``)."""
+    import importlib
+
+    for module in NEEDS.get(name, ()):
+        importlib.import_module(module)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command that ``argv`` (default: the process's arguments) names; its exit code. A stop (Ctrl-C,
-    SIGTERM) is taken from the start, not only while a command runs: one that comes while the commands' modules
-    import torch (~1.5 s) ends the process as soon as they are imported. Either way: exit 130 or 143 and one
-    line, no traceback."""
+    SIGTERM) is taken from the start, not only while a command runs: one that comes while the command's modules
+    import torch (~2 s) ends the process as soon as they are imported. Either way: exit 130 or 143 and one
+    line, no traceback. ``--help`` and a bad option are answered before torch is imported."""
     stops: list[int] = []
     importing = threading.Event()
     importing.set()
@@ -319,14 +331,19 @@ def main(argv: list[str] | None = None) -> int:
             previous[signum] = signal.signal(signum, _on_stop(stops, importing))
     name = None
     try:
-        parser = make_parser()  # (imports the commands, and torch with them: a stop meanwhile is only noted)
+        parser = make_parser()  # (imports the commands' options, not torch: a stop meanwhile is only noted)
         importing.clear()
         if stops:
             return _stopped(None, stops[-1])
-        ns = parser.parse_args(argv)
+        ns = parser.parse_args(argv)  # (--help and a bad option end here, before torch is imported)
         name = ns.command
         cls, fn, _ = COMMANDS[name]
         args = build_args(cls, ns, parser)
+        importing.set()
+        _import_needs(name)  # (torch and the modules the command runs on: a stop meanwhile is only noted)
+        importing.clear()
+        if stops:
+            return _stopped(name, stops[-1])
         return int(fn(args) or 0)
     except Terminated:
         return _stopped(name, signal.SIGTERM)

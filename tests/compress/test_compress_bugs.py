@@ -50,7 +50,8 @@ def test_compress_weighs_the_fp32_baseline_of_a_pytorch_model_bin_input(sentimen
 def test_quantize_counts_the_source_weights_once_when_both_formats_are_there(tmp_path):
     """commands._weights_mb sums every .safetensors and .bin file: a directory holding model.safetensors and
     pytorch_model.bin (hub snapshots of fine-tuned models often do) reports twice its size as 'before'."""
-    from oztune.compress.commands import QuantizeArgs, run_quantize
+    from oztune.compress.args import QuantizeArgs
+    from oztune.compress.quantize_recipe import run_quantize
 
     src = _hf_classifier_dir(tmp_path / "hf", safetensors=True, bin_=True)
     run = run_quantize(QuantizeArgs(model=str(src), output=str(tmp_path / "q"), progress=False))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oztune.cli import main
-from oztune.compress.distill import DistillConfig, default_layer_map, distill, soft_loss, student_from_layers
+from oztune.compress.distillation import DistillConfig, default_layer_map, distill, soft_loss, student_from_layers
 from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.models.hub import load_classifier, save_classifier
 from oztune.train.loop import TrainConfig, evaluate, predict_logits
@@ -173,7 +173,7 @@ def _student_and_teacher(tiny_base):
 def test_distill_loss_mixes_soft_and_hard_by_alpha(tiny_base, alpha):
     import torch.nn.functional as F
 
-    from oztune.compress.distill import distill_loss_fn
+    from oztune.compress.distillation import distill_loss_fn
 
     teacher, student, enc = _student_and_teacher(tiny_base)
     batch = enc(["good movie", "the plot was dull and bad", "fine"])
@@ -188,7 +188,7 @@ def test_distill_loss_mixes_soft_and_hard_by_alpha(tiny_base, alpha):
 
 
 def test_hidden_state_loss_is_a_masked_mean_over_real_tokens(tiny_base):
-    from oztune.compress.distill import distill_loss_fn
+    from oztune.compress.distillation import distill_loss_fn
 
     teacher, student, enc = _student_and_teacher(tiny_base)
     batch = enc(["good movie", "the plot was dull and bad but the film is not awful"])

@@ -340,9 +340,7 @@ def test_prune_refuses_options_that_prune_nothing_before_loading(tiny_finetuned,
                                                                  message, capsys, monkeypatch):
     """A run that prunes nothing would only retrain the model and save it as "pruned" (accuracy changed, sparsity
     0%): refused with one line before the model is loaded, as quantize refuses a step that quantizes nothing."""
-    import importlib
-
-    distill = importlib.import_module("oztune.compress.distill")  # (the package re-exports a function named distill)
+    from oztune.compress import distillation as distill
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded")

@@ -495,7 +495,8 @@ def test_bad_input_exits_2_with_one_line(argv, message, finetuned, tiny_base, tm
 
 
 def test_qat_on_a_seeded_sample_of_the_train_file(finetuned, sentiment_files, tmp_path):
-    from oztune.compress.commands import QuantizeArgs, run_quantize
+    from oztune.compress.args import QuantizeArgs
+    from oztune.compress.quantize_recipe import run_quantize
     from oztune.train.finetune import sample
 
     train, _ = sentiment_files

@@ -6,12 +6,37 @@
 (``prepare_qat_`` swaps in fake-quantized layers for quantization-aware fine-tuning before ``quantize_``;
 ``TrainConfig``, the shared training loop's settings, is :class:`oztune.train.loop.TrainConfig`: ``distill``
 takes one.)
+
+These names are imported on first use: they import torch, which the package itself does not, so that the command
+line reads the compression commands' options (:mod:`oztune.compress.args`) without it.
 """
 
-from oztune.compress.distill import DistillConfig, distill
-from oztune.compress.prune import PruneConfig, prune_
-from oztune.compress.quantize import QuantConfig, prepare_qat_, quantize_
-from oztune.train.loop import TrainConfig
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from oztune.compress.distillation import DistillConfig, distill
+    from oztune.compress.prune import PruneConfig, prune_
+    from oztune.compress.quantize import QuantConfig, prepare_qat_, quantize_
+    from oztune.train.loop import TrainConfig
+
+_HOMES = {"QuantConfig": "oztune.compress.quantize", "quantize_": "oztune.compress.quantize",
+          "prepare_qat_": "oztune.compress.quantize", "PruneConfig": "oztune.compress.prune",
+          "prune_": "oztune.compress.prune", "DistillConfig": "oztune.compress.distillation",
+          "distill": "oztune.compress.distillation", "TrainConfig": "oztune.train.loop"}
 __all__ = ["QuantConfig", "quantize_", "prepare_qat_", "PruneConfig", "prune_", "DistillConfig", "distill",
            "TrainConfig"]
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'oztune.compress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,177 +1,21 @@
-"""The compression commands: quantize, prune, distill, compress."""
+"""The compression commands: quantize, prune, distill, compress, compare (without torch: see
+:mod:`oztune.commands`; the recipes they run are imported inside them)."""
 
 from __future__ import annotations
 
 from oztune.cli import command
+from oztune.compress.args import CompareArgs, CompressArgs, DistillArgs, PruneArgs, QuantizeArgs
 
 
 # --- quantize --------------------------------------------------------------------------------------------------
 
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, field, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from oztune.errors import OztuneError, check_at_least_1, check_positive  # noqa: E402
-from oztune.models.hub import format_size  # noqa: E402
-from oztune.train import distributed  # noqa: E402
-from oztune.train.distributed import is_main_process  # noqa: E402
-
-
-@dataclass
-class QuantizeArgs:
-    """Quantize a fine-tuned classifier to int8: every Linear runs int8 x int8 (weights per output channel,
-    activations per token at run time), embeddings are stored int8. Optionally quantization-aware
-    fine-tuning first, when plain quantization loses too much.
-
-    Args:
-        model: fine-tuned model directory (from oztune finetune, prune or distill).
-        output: directory to write the quantized model to (replaced atomically).
-        scheme: int8 (dynamic per-token int8 activations x per-channel int8 weights in every Linear).
-        skip: module-name patterns kept in fp32, comma-separated (e.g. head.*,backbone.layers.5.*); patterns that
-            leave nothing to quantize are refused.
-        embeddings: int8 (weight-only, one scale per row) or none (keep them fp32).
-        weight_bits: 8, or 7 (the Linear weights' codes within +-63: what oneDNN's int8 kernel computes exactly
-            and fast on x86 CPUs without VNNI). Default: 7 on such a CPU, else 8.
-        eval: labelled file: print the metrics before and after quantization.
-        qat_train: labelled file for quantization-aware fine-tuning before converting (default: none).
-        qat_epochs: epochs of quantization-aware fine-tuning (default 1; only with --qat-train).
-        qat_lr: peak learning rate of quantization-aware fine-tuning (default 2e-5; only with --qat-train).
-        max_train_examples: quantization-aware fine-tuning on a seeded random sample of this many examples of
-            --qat-train (the sample oztune finetune takes with the same number and --seed).
-        batch_size: examples per step of quantization-aware fine-tuning and per forward pass of evaluation.
-        max_length: longest input in tokens (default: the length the model was fine-tuned with).
-        text_column: column holding the text.
-        text_pair_column: column holding the second text of a pair.
-        label_column: column holding the label.
-        seed: seed of quantization-aware fine-tuning.
-        progress: show progress bars and the start and per-epoch lines (--no-progress: only the result).
-    """
-
-    model: str = ""
-    output: str = ""
-    scheme: str = "int8"
-    skip: list[str] = field(default_factory=list)
-    embeddings: str = "int8"
-    weight_bits: int | None = None
-    eval: str | None = None
-    qat_train: str | None = None
-    qat_epochs: int | None = None  # (None: not given, QAT_EPOCHS; so that one given without --qat-train is seen)
-    qat_lr: float | None = None  # (None: not given, QAT_LR)
-    max_train_examples: int | None = None
-    batch_size: int = 32
-    max_length: int | None = None
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    seed: int = 42
-    progress: bool = True
-
-
-QAT_EPOCHS, QAT_LR = 1, 2e-5  # the defaults of --qat-epochs and --qat-lr
-
-
-def run_quantize(a: QuantizeArgs) -> dict:
-    """Load, (fine-tune with fake quantization,) quantize, evaluate and save; returns the run record.
-
-    Under torchrun every process runs this and trains its share of each batch of the quantization-aware
-    fine-tuning; only rank 0 evaluates and saves, the others wait for it (as
-    :func:`oztune.compress.distill.run_distill`).
-    """
-    from oztune.compress.quantize import EMBEDDINGS, SCHEMES, WEIGHT_BITS_CHOICES, QuantConfig
-    from oztune.outdir import check_output_dir
-    from oztune.train.finetune import check_sample_size, check_seed
-
-    for option, value, known in (("--scheme", a.scheme, SCHEMES), ("--embeddings", a.embeddings, EMBEDDINGS),
-                                 ("--weight-bits", a.weight_bits, (None, *WEIGHT_BITS_CHOICES))):
-        if value not in known:  # (QuantConfig's own message names no option)
-            raise OztuneError(f"{option} must be one of {', '.join(str(k) for k in known if k)}, not {value!r}")
-    config = QuantConfig(a.scheme, a.embeddings, list(a.skip), a.weight_bits)
-    for option, count in (("--qat-epochs", a.qat_epochs), ("--batch-size", a.batch_size),
-                          ("--max-length", a.max_length)):
-        check_at_least_1(option, count)
-    check_sample_size(a.max_train_examples)
-    if a.max_train_examples is not None and not a.qat_train:  # (it would be ignored: no fine-tuning runs)
-        raise OztuneError("--max-train-examples samples --qat-train's examples; give --qat-train FILE too")
-    check_positive("--qat-lr", a.qat_lr)
-    for option, value in (("--qat-epochs", a.qat_epochs), ("--qat-lr", a.qat_lr)):
-        if value is not None and not a.qat_train:  # (it would be ignored, and look as if QAT had run)
-            raise OztuneError(f"{option} is for quantization-aware fine-tuning, which runs only with --qat-train; "
-                              "give --qat-train FILE too")
-    a = replace(a, qat_epochs=QAT_EPOCHS if a.qat_epochs is None else a.qat_epochs,
-                qat_lr=QAT_LR if a.qat_lr is None else a.qat_lr)
-    check_seed(a.seed)
-    check_output_dir(a.output, inputs=(a.model, a.eval, a.qat_train))
-    with distributed.joined() as env:  # (the other ranks wait while rank 0 saves)
-        return _run_quantize(a, config, env.is_main)
-
-
-def _run_quantize(a: QuantizeArgs, config, saves: bool) -> dict:
-    from oztune.compress.distill import load_trained, trained_text_pairs
-    from oztune.compress.quantize import prepare_qat_, quantization_record, quantize_
-    from oztune.data.labels import gold_label2id
-    from oztune.data.load import Columns, encode_examples, read_labelled
-    from oztune.models.hub import read_config, save_classifier, weights_mb
-    from oztune.train.finetune import sample
-    from oztune.train.loop import TrainConfig, evaluate, fit
-
-    model, enc, meta = load_trained(a.model, "--model", a.max_length, int8_ok=True)  # refused below, in its words
-    if read_config(meta["path"]).get("oztune", {}).get("quantization"):
-        raise OztuneError(f"--model {a.model}: already quantized; quantize the fp32 model it came from")
-    kind = model.head_cfg.problem_type
-    cols = Columns(a.text_column, a.text_pair_column, a.label_column)
-
-    def read(path: str, text_pairs: bool | None) -> list:
-        return read_labelled(path, cols, problem_type=kind, text_pairs=text_pairs)
-
-    def encoded(examples: list, path: str):
-        label2id = None if kind == "regression" else gold_label2id(meta["id2label"], [e.label for e in examples])
-        return encode_examples(examples, enc, label2id, kind, path)
-
-    train_ex = read(a.qat_train, meta["text_pairs"]) if a.qat_train else None
-    # (a model that does not record its kind: --eval must be of --qat-train's, as the other recipes' eval files,
-    # and the model fine-tuned on it records that kind; without --qat-train it stays unrecorded)
-    text_pairs = trained_text_pairs(meta["text_pairs"], train_ex)
-    eval_data = encoded(read(a.eval, text_pairs), a.eval) if a.eval else None
-    before = evaluate(model, eval_data, a.batch_size) if eval_data and saves else {}  # (rank 0 reports)
-    start, qat = time.perf_counter(), {}
-    if a.qat_train:
-        train = encoded(sample(train_ex, a.max_train_examples, a.seed), a.qat_train)
-        prepare_qat_(model, config)
-        result = fit(model, train, TrainConfig(epochs=a.qat_epochs, batch_size=a.batch_size, lr=a.qat_lr, seed=a.seed,
-                                               freeze_embeddings=True, progress=a.progress), eval_data)
-        qat = {"train": a.qat_train, "examples": len(train), "epochs": a.qat_epochs, "lr": a.qat_lr,
-               "history": result.history, "seconds": round(result.seconds, 1)}
-    quantize_(model.eval(), config)
-    after = evaluate(model, eval_data, a.batch_size) if eval_data and saves else {}
-    record = quantization_record(config)
-    run = {"command": "quantize", "source": str(a.model), "args": asdict(a), "quantization": record, "qat": qat,
-           "metrics_before": before, "metrics": after, "seconds": round(time.perf_counter() - start, 1),
-           "file_mb_before": round(weights_mb(Path(meta["path"])), 6), "torch": torch.__version__,
-           "source_run": meta.get("run", {})}
-    if not saves:
-        return run
-    save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=record,
-                    card=_card(a, run, text_pairs), text_pairs=text_pairs)
-    run["file_mb"] = round(weights_mb(Path(a.output)), 6)
-    return run
-
-
-def _card(a: QuantizeArgs, run: dict, text_pairs: bool | None) -> str:
-    from oztune.compress.distill import recipe_card
-
-    return recipe_card("int8 classifier (oztune quantize)", [
-        f"Source: `{a.model}`; every Linear int8 x int8 (weights per output channel, activations per token at run "
-        f"time),\n  weights in {run['quantization']['weight_bits']}-bit codes; embeddings: {a.embeddings}; kept fp32: "
-        f"{', '.join(a.skip) or 'nothing'}",
-        "Quantization-aware fine-tuning: " + (f"{a.qat_epochs} epoch(s) on `{a.qat_train}`" if a.qat_train else "none"),
-    ], run["metrics_before"], run["metrics"], a.output, columns=("fp32", "int8"),
-                       text_pairs=text_pairs)
-
-
-@command("quantize", QuantizeArgs, "quantize a fine-tuned model to int8 (optionally after quantization-aware fine-tuning)")
+@command("quantize", QuantizeArgs, "quantize a fine-tuned model to int8 (optionally after quantization-aware fine-tuning)",
+         needs=("oztune.compress.quantize_recipe",))
 def quantize_cmd(a: QuantizeArgs) -> int:
+    from oztune.compress.quantize_recipe import run_quantize
+    from oztune.models.hub import format_size
+    from oztune.train.distributed import is_main_process
+
     run = run_quantize(a)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
@@ -186,18 +30,16 @@ def quantize_cmd(a: QuantizeArgs) -> int:
 
 # --- prune, distill, compress -------------------------------------------------------------------------------
 
-from oztune.compress.distill import DistillArgs, run_distill  # noqa: E402
-from oztune.compress.prune import PruneArgs, run_prune  # noqa: E402
-from oztune.compress.report import latency_words, points_of  # noqa: E402
-from oztune.compress.search import CompressArgs, compress  # noqa: E402
-
-
 def _score(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k not in ("train_loss",))
 
 
-@command("prune", PruneArgs, "prune a fine-tuned model (weights, or heads/neurons/layers) with distillation recovery")
+@command("prune", PruneArgs, "prune a fine-tuned model (weights, or heads/neurons/layers) with distillation recovery",
+         needs=("oztune.compress.prune", "oztune.compress.distillation"))
 def prune_cmd(a: PruneArgs) -> int:
+    from oztune.compress.prune import run_prune
+    from oztune.train.distributed import is_main_process
+
     run = run_prune(a)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
@@ -207,8 +49,12 @@ def prune_cmd(a: PruneArgs) -> int:
     return 0
 
 
-@command("distill", DistillArgs, "distil a fine-tuned teacher into a smaller student")
+@command("distill", DistillArgs, "distil a fine-tuned teacher into a smaller student",
+         needs=("oztune.compress.distillation",))
 def distill_cmd(a: DistillArgs) -> int:
+    from oztune.compress.distillation import run_distill
+    from oztune.train.distributed import is_main_process
+
     run = run_distill(a)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
@@ -218,8 +64,14 @@ def distill_cmd(a: DistillArgs) -> int:
     return 0
 
 
-@command("compress", CompressArgs, "try int8, pruning and both; keep the fastest model within an accuracy budget")
+@command("compress", CompressArgs, "try int8, pruning and both; keep the fastest model within an accuracy budget",
+         needs=("oztune.compress.search",))
 def compress_cmd(a: CompressArgs) -> int:
+    from oztune.compress.report import points_of
+    from oztune.compress.search import compress
+    from oztune.models.hub import format_size
+    from oztune.train.distributed import is_main_process
+
     report = compress(a)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
@@ -232,11 +84,13 @@ def compress_cmd(a: CompressArgs) -> int:
 
 # --- compare ------------------------------------------------------------------------------------------------
 
-from oztune.compress.compare import MARK, CompareArgs, compare  # noqa: E402
-
-
-@command("compare", CompareArgs, "measure saved models side by side: score, size, latency, throughput")
+@command("compare", CompareArgs, "measure saved models side by side: score, size, latency, throughput",
+         needs=("oztune.compress.compare",))
 def compare_cmd(a: CompareArgs) -> int:
+    from oztune.compress.compare import MARK, compare
+    from oztune.compress.report import latency_words, points_of
+    from oztune.models.hub import format_size
+
     report = compare(a)
     rows = report["variants"]
     width = max(len("model"), *(len(r["name"]) for r in rows))  # (the header, were every name shorter)

@@ -16,13 +16,14 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from oztune.api import Classifier
-from oztune.compress.report import (COLUMNS, LATENCY_TEXTS, MAX_DROP_UNIT, UNITS, add_relative, budget_words,
+from oztune.compress.args import CompareArgs
+from oztune.compress.report import (COLUMNS, MAX_DROP_UNIT, UNITS, add_relative, budget_words,
                                    latency_sample, latency_words, pareto_png, points_of, round_robin, row,
                                    scale_words, sorted_batches, table)
 from oztune.data.load import Columns, holds_pairs, read_labelled
@@ -33,35 +34,6 @@ from oztune.outdir import check_output_dir, write_atomically
 from oztune.serve.backends import open_predictor
 
 MARK = "fastest in budget"
-
-
-@dataclass
-class CompareArgs:
-    """Measure saved models the same way, side by side: score, file size, batch-1 latency, batch-64 throughput.
-
-    Args:
-        models: model directories (from finetune, quantize, prune, distill, compress) or exports (ONNX, aoti);
-            the first is the baseline the others are compared with.
-        eval: labelled file (.csv, .tsv or .jsonl) every model is scored and timed on.
-        output: directory to write report.md, report.json and pareto.png into (other files in it are kept).
-        max_drop: budget: the fastest model at most this many points of the main metric below the first one is
-            marked; points are percent of accuracy (single-label), micro-F1 x100 (multi-label) or Pearson x100
-            (regression): 1 point = 0.01 of the metric.
-        text_column: column holding the text.
-        text_pair_column: column holding the second text of a pair.
-        label_column: column holding the label.
-        latency_texts: batch-1 latency is timed on at most this many eval texts, spread evenly over the file
-            (batch-64 throughput on every one).
-    """
-
-    models: list[str] = field(default_factory=list, metadata={"positional": True})
-    eval: str = ""
-    output: str | None = None
-    max_drop: float = 1.0
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    latency_texts: int = LATENCY_TEXTS
 
 
 def compare(a: CompareArgs) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from oztune.compress.args import PruneArgs
 from oztune.compress.sparse import (GradualPruner, SparseLinear, apply_masks, magnitude_prune_, sparsity_of,
                                    swap_sparse, to_sparse_)
 from oztune.compress.quantize import check_not_compiled, is_int8, is_qat
@@ -27,7 +28,6 @@ from oztune.models.families import FAMILIES
 from oztune.models.hub import save_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.train import distributed
-from oztune.train.finetune import RecipeOptions
 from oztune.train.loop import TrainConfig, evaluate
 IMPORTANCE_BATCHES = 32  # training batches over which --structured measures importance, by default
 
@@ -284,92 +284,48 @@ def prepare_pruned(model: nn.Module, record: dict) -> None:
 
 # --- the prune recipe ---------------------------------------------------------------------------------------
 
-@dataclass
-class PruneArgs(RecipeOptions):
-    """Prune a fine-tuned model, recovering accuracy by distillation from the unpruned model.
-
-    Unstructured (default): the smallest encoder weights, globally, are zeroed on a cubic schedule while
-    the model trains, reaching --sparsity at 70% of training; saved as bitmask + values. --structured:
-    attention heads and FFN neurons (and --layers whole layers) are removed by importance, which
-    shrinks the matrices and the CPU time, then the smaller model is trained.
-
-    Args:
-        model: fine-tuned model directory.
-        train: training file (.csv, .tsv or .jsonl) with the model's labels.
-        eval: evaluation file (required): the metrics before and after; with --structured, the best epoch of the
-            recovery is kept.
-        output: directory to write the pruned model to.
-        sparsity: share of weights removed, in [0, 1); with --structured, the share of heads and neurons. Options
-            that prune nothing (--sparsity 0 alone; --structured with no heads, neurons or layers) are refused.
-        structured: remove whole heads, neurons and layers instead of single weights (the zeros of an
-            unstructured-pruned --model are kept through the recovery).
-        heads: with --structured, share of heads to remove (default: --sparsity).
-        ffn: with --structured, share of FFN neurons to remove (default: --sparsity).
-        layers: with --structured, number of whole layers to remove.
-        importance_batches: with --structured, training batches over which importance is measured (default 32).
-        epochs: passes over the training data while pruning or recovering.
-        batch_size: examples per step.
-        lr: peak learning rate.
-        temperature: softmax temperature of the distillation loss.
-        alpha: weight of the unpruned model's soft loss (1 - alpha: the hard labels).
-    """
-
-    model: str = ""
-    train: str = ""
-    eval: str = ""
-    output: str = ""
-    sparsity: float = 0.5
-    structured: bool = False
-    heads: float | None = None
-    ffn: float | None = None
-    layers: int = 0
-    importance_batches: int | None = None  # (None: not given, so that one given without --structured is seen)
-    epochs: int = 2
-    batch_size: int = 32
-    lr: float = 1e-4
-    temperature: float = 2.0
-    alpha: float = 0.5
-
-    def prune_config(self) -> PruneConfig:
-        if not 0 <= self.sparsity < 1:
-            raise OztuneError(f"--sparsity must be in [0, 1), not {self.sparsity}")
-        if not self.structured:
-            given = [f"--{n}" for n in ("heads", "ffn", "layers") if getattr(self, n)]
-            if given:
-                raise OztuneError(f"{', '.join(given)} prune{'s' if len(given) == 1 else ''} whole parts: add "
-                                  "--structured (without it, --sparsity zeroes single weights)")
-            if self.importance_batches is not None:  # (it would be ignored)
-                raise OztuneError("--importance-batches ranks the heads, neurons and layers that --structured removes: add "
-                                  "--structured (without it, --sparsity zeroes the smallest weights)")
-            if not self.sparsity:  # (refused before any work: the run would only retrain the model)
-                raise OztuneError("--sparsity 0 prunes nothing: give a --sparsity above 0 (the share of weights to "
-                                  "zero), or --structured with --heads, --ffn or --layers")
-            return PruneConfig(sparsity=self.sparsity)
-        config = PruneConfig(heads=self.sparsity if self.heads is None else self.heads,
-                             ffn=self.sparsity if self.ffn is None else self.ffn, layers=self.layers,
-                             importance_batches=IMPORTANCE_BATCHES if self.importance_batches is None else self.importance_batches,
-                             batch_size=self.batch_size)
-        if not config.structured:  # (heads and ffn 0, whether given or taken from --sparsity, and --layers 0)
-            given = ["--structured", *(f"--{n} {getattr(self, n):g}" for n in ("heads", "ffn")
-                                       if getattr(self, n) is not None)]
-            uses_sparsity = self.heads is None or self.ffn is None  # (both given: --sparsity is not used)
-            if uses_sparsity:
-                given.insert(1, f"--sparsity {self.sparsity:g}")
-            shares = "--sparsity, --heads or --ffn" if uses_sparsity else "--heads or --ffn"
-            raise OztuneError(f"{' '.join(given)} prunes nothing (no heads, FFN neurons or layers removed): give "
-                              f"{shares} above 0, or --layers 1 or more")
-        return config
+def prune_config(a: PruneArgs) -> PruneConfig:
+    """The pruning that --sparsity, --structured, --heads, --ffn and --layers ask for; refuses options that prune
+    nothing or that the chosen kind ignores."""
+    if not 0 <= a.sparsity < 1:
+        raise OztuneError(f"--sparsity must be in [0, 1), not {a.sparsity}")
+    if not a.structured:
+        given = [f"--{n}" for n in ("heads", "ffn", "layers") if getattr(a, n)]
+        if given:
+            raise OztuneError(f"{', '.join(given)} prune{'s' if len(given) == 1 else ''} whole parts: add "
+                              "--structured (without it, --sparsity zeroes single weights)")
+        if a.importance_batches is not None:  # (it would be ignored)
+            raise OztuneError("--importance-batches ranks the heads, neurons and layers that --structured removes: add "
+                              "--structured (without it, --sparsity zeroes the smallest weights)")
+        if not a.sparsity:  # (refused before any work: the run would only retrain the model)
+            raise OztuneError("--sparsity 0 prunes nothing: give a --sparsity above 0 (the share of weights to "
+                              "zero), or --structured with --heads, --ffn or --layers")
+        return PruneConfig(sparsity=a.sparsity)
+    config = PruneConfig(heads=a.sparsity if a.heads is None else a.heads,
+                         ffn=a.sparsity if a.ffn is None else a.ffn, layers=a.layers,
+                         importance_batches=IMPORTANCE_BATCHES if a.importance_batches is None else a.importance_batches,
+                         batch_size=a.batch_size)
+    if not config.structured:  # (heads and ffn 0, whether given or taken from --sparsity, and --layers 0)
+        given = ["--structured", *(f"--{n} {getattr(a, n):g}" for n in ("heads", "ffn")
+                                   if getattr(a, n) is not None)]
+        uses_sparsity = a.heads is None or a.ffn is None  # (both given: --sparsity is not used)
+        if uses_sparsity:
+            given.insert(1, f"--sparsity {a.sparsity:g}")
+        shares = "--sparsity, --heads or --ffn" if uses_sparsity else "--heads or --ffn"
+        raise OztuneError(f"{' '.join(given)} prunes nothing (no heads, FFN neurons or layers removed): give "
+                          f"{shares} above 0, or --layers 1 or more")
+    return config
 
 
 def run_prune(a: PruneArgs) -> dict:
     """The prune recipe; returns the run record (saved with the model).
 
     Under torchrun every process runs this and trains its share of each batch of the recovery; only rank 0
-    evaluates and saves, the others wait for it (as :func:`oztune.compress.distill.run_distill`).
+    evaluates and saves, the others wait for it (as :func:`oztune.compress.distillation.run_distill`).
     """
-    from oztune.compress.distill import DistillConfig, check_train_options  # (distill builds on this module)
+    from oztune.compress.distillation import DistillConfig, check_train_options  # (distill builds on this module)
 
-    pcfg = a.prune_config()
+    pcfg = prune_config(a)
     if a.structured:  # (the run record names the value used)
         a = replace(a, importance_batches=pcfg.importance_batches)
     check_train_options(a)
@@ -379,7 +335,7 @@ def run_prune(a: PruneArgs) -> dict:
 
 
 def _run_prune(a: PruneArgs, pcfg: PruneConfig, dcfg, saves: bool) -> dict:
-    from oztune.compress.distill import distill, load_task_data, load_trained, recipe_card
+    from oztune.compress.distillation import distill, load_task_data, load_trained, recipe_card
 
     teacher, enc, meta = load_trained(a.model, "--model", a.max_length)
     data = load_task_data(teacher, enc, meta, a.train, a.eval, a.columns(), a.max_train_examples, a.seed)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from oztune.compress.args import LATENCY_TEXTS
 from oztune.data.dataset import EncodedData
 from oztune.models.hub import format_size, weights_mb
 from oztune.train.loop import evaluate
@@ -33,7 +34,6 @@ COLUMNS = [  # (key, header, value -> cell)
     ("latency_p50_ms", "batch-1 p50 ms", "{:.2f}".format), ("latency_p95_ms", "batch-1 p95 ms", "{:.2f}".format),
     ("throughput", "batch-64 texts/s", "{:.0f}".format), ("speedup", "speed-up", "{:.2f}x".format),
 ]
-LATENCY_TEXTS = 256  # batch-1 latency is timed on at most this many eval texts (p50 and p95 settle well before)
 MAX_DROP_UNIT = "points: percent of accuracy, micro-F1 or Pearson x100"  # (--max-drop's errors)
 UNITS = ("points: the main metric x100 (score, change: signed, against the baseline, macro_f1, max_drop); "
          "metrics: as oztune evaluate gives them")

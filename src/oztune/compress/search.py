@@ -14,15 +14,16 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from oztune.compress.distill import (DistillConfig, check_train_options, distill, load_task_data, load_trained,
-                                    recipe_card)
+from oztune.compress.args import RECIPES, CompressArgs
+from oztune.compress.distillation import (DistillConfig, check_train_options, distill, load_task_data,
+                                         load_trained, recipe_card)
 from oztune.compress.prune import PruneConfig, prune_
 from oztune.compress.vocab import prune_vocab_, unk_id
 from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
@@ -32,59 +33,8 @@ from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.hub import format_size, save_classifier
 from oztune.outdir import staged_dir
 from oztune.train import distributed
-from oztune.train.finetune import RecipeOptions
 from oztune.train.loop import TrainConfig, predict_logits, seed_everything
 
-RECIPES = ("int8", "prune", "prune-int8")
-
-
-@dataclass
-class CompressArgs(RecipeOptions):
-    """Try compression recipes and keep the fastest variant within an accuracy budget, with a report.
-
-    Time: on SST-2 (MiniLM-L6 fine-tuned; defaults: 40,000 training examples, 2 epochs, two sizes) about
-    16 minutes on one busy core of a shared 2-core machine (most of it the two distillations); fewer
-    --max-train-examples, --epochs or --sizes, or --recipes int8 alone, make it shorter.
-
-    Args:
-        model: fine-tuned model directory (from oztune finetune).
-        train: training file for importance ranking and distillation (the model's labels).
-        eval: evaluation file (required): every variant is scored and timed on it.
-        output: directory for the kept model, variants/<name>/, report.md, report.json and pareto.png.
-        max_drop: budget: at most this many points of the model's main metric below the fp32 model; points are
-            percent of accuracy (single-label), micro-F1 x100 (multi-label) or Pearson x100 (regression):
-            1 point = 0.01 of the metric.
-        recipes: comma-separated recipes to try: int8, prune, prune-int8.
-        sizes: comma-separated shares of the encoder's weights that pruning keeps (each from 0.01 to 0.99).
-        importance_batches: training batches over which heads, neurons and layers are ranked.
-        epochs: epochs of distillation that recover each pruned model.
-        batch_size: examples per distillation step.
-        lr: peak learning rate of the recovery.
-        temperature: softmax temperature of the distillation loss.
-        alpha: weight of the teacher's soft loss (1 - alpha: the hard labels).
-        max_train_examples: use a seeded random sample of this many training examples (at least 1; a count
-            above the file's size uses all of it).
-        prune_vocab: pruned variants keep only the embeddings of tokens in the training file (others read
-            [UNK]; about 3x smaller on SST-2); --no-prune-vocab keeps the whole vocabulary.
-        keep_variants: keep every variant under variants/ (--no-keep-variants: only the kept model).
-    """
-
-    model: str = ""
-    train: str = ""
-    eval: str = ""
-    output: str = ""
-    max_drop: float = 1.0
-    recipes: list[str] = field(default_factory=lambda: list(RECIPES))
-    sizes: list[float] = field(default_factory=lambda: [0.5, 0.33])
-    importance_batches: int = 32
-    epochs: int = 2
-    batch_size: int = 32
-    lr: float = 2e-4
-    temperature: float = 2.0
-    alpha: float = 0.5
-    max_train_examples: int | None = 40000
-    prune_vocab: bool = True
-    keep_variants: bool = True
 
 
 def variant_name(size: float) -> str:

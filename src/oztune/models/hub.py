@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from oztune.config import HeadConfig, ModelConfig, check_count
+from oztune.config import DEFAULT_ALIASES, DEFAULT_MODEL, HeadConfig, ModelConfig, check_count
 from oztune.data.tokenize import TextEncoder
 from oztune.errors import ModelError, OztuneError, path_errors
 from oztune.models.families import (FAMILIES, NATIVE_PREFIX, ConfigError, default_head, family_of,
@@ -30,8 +30,6 @@ from oztune.models.transformer import SequenceClassifier, TaskHead, init_weights
 from oztune.outdir import staged_dir
 from oztune.runtime import tune_malloc
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
-DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 # A hub repository id: owner/name, or a bare legacy name such as bert-base-uncased or gpt2 (the hub serves
 # those under their owners now). ASCII letters, digits, '-', '_', '.'; neither part starts with '.' or '-'.
 _HUB_ID = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)?[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -432,7 +430,7 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
             kind of input is then refused, see :func:`oztune.errors.check_text_pairs`); None: unknown. A model
             made from another (quantized, pruned, distilled) passes on its source's ``meta["text_pairs"]``, or for
             a source without the record, the kind of the file it was trained on (None still where it was trained
-            on none: quantized without --qat-train), :func:`oztune.compress.distill.trained_text_pairs`.
+            on none: quantized without --qat-train), :func:`oztune.compress.distillation.trained_text_pairs`.
     """
     if any(isinstance(m, LoRALinear) for m in model.modules()):  # (their names load nowhere)
         raise ValueError("the model holds LoRA updates beside its layers: fold them in with "

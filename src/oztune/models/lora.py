@@ -13,11 +13,11 @@ import math
 import torch
 from torch import nn
 
+from oztune.config import LORA_TARGETS
 from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.transformer import Dropout, SequenceClassifier
 
-# --lora-targets name -> attribute path inside each transformer block
-TARGETS = {"qkv": "attn.qkv", "o": "attn.o", "up": "ffn.up", "down": "ffn.down"}
+TARGETS = LORA_TARGETS  # --lora-targets name -> attribute path inside each transformer block
 
 
 class LoRALinear(nn.Module):

@@ -40,7 +40,8 @@ class ExportArgs:
     opset: int = 17
 
 
-@command("export", ExportArgs, "export a saved model to ONNX (fp32 or int8) or as ahead-of-time compiled graphs (aoti)")
+@command("export", ExportArgs, "export a saved model to ONNX (fp32 or int8) or as ahead-of-time compiled graphs (aoti)",
+         needs=("oztune.serve.export",))
 def export_cmd(a: ExportArgs) -> int:
     if not a.model or not a.output:
         raise OztuneError("--model and --output are required")
@@ -225,7 +226,8 @@ def _sigterm_exits():
         signal.signal(signal.SIGTERM, previous)
 
 
-@command("serve", ServeArgs, "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)")
+@command("serve", ServeArgs, "serve a model over HTTP with dynamic batching (FastAPI + uvicorn)",
+         needs=("oztune.serve.backends",))  # (not the server: FastAPI is optional, and said so when missing)
 def serve_cmd(a: ServeArgs) -> int:
     _check(a)
     with _sigterm_exits():

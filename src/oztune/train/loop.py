@@ -25,13 +25,12 @@ from oztune.data.dataset import EncodedData, inference_batches, train_batches
 from oztune.errors import OztuneError
 from oztune.runtime import tune_malloc
 from oztune.train import distributed
+from oztune.train.args import PRECISIONS
 from oztune.train.checkpoint import Checkpointer, HeldSigterm, Progress
 from oztune.train.ema import WeightEMA
 from oztune.train.metrics import MAIN_METRIC, compute_metrics, metric_values
 from oztune.train.rdrop import rdrop_loss
 from oztune.train.tensorboard import Board
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def _finite_from_0(v) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from oztune.compress.args import DistillArgs
 from oztune.compress.prune import drop_layers_, evenly_spaced
 from oztune.compress.quantize import is_int8
 from oztune.compress.sparse import to_sparse_, zeros_keeper
@@ -29,7 +30,7 @@ from oztune.models.hub import load_classifier, save_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.outdir import check_output_dir
 from oztune.train import distributed
-from oztune.train.finetune import RecipeOptions, predict_usage, sample
+from oztune.train.finetune import predict_usage, sample
 from oztune.train.finetune import check_train_options as check_finetune_options
 from oztune.train.loop import FitResult, TrainConfig, evaluate, fit, predict_logits
 
@@ -265,42 +266,10 @@ def load_task_data(model: SequenceClassifier, enc, meta: dict, train: str, eval:
                     pairs, tokens_seen(train_all, model.cfg.vocab_size), text_pairs)
 
 
-@dataclass
-class DistillArgs(RecipeOptions):
-    """Distil a fine-tuned teacher into a smaller student (its layers dropped, or a pruned model).
-
-    Args:
-        teacher: fine-tuned model directory to learn from.
-        train: training file (.csv, .tsv or .jsonl) with the teacher's labels.
-        eval: evaluation file (required); the best epoch on it is kept.
-        output: directory to write the student to.
-        student: start from this model directory (e.g. the output of oztune prune --structured); an
-            unstructured-pruned student keeps its zeros while it trains.
-        student_layers: or build the student from this many evenly spaced teacher layers.
-        temperature: softmax temperature of the soft loss.
-        alpha: weight of the teacher's soft loss (1 - alpha: the hard labels).
-        hidden_weight: weight of the hidden-state MSE between mapped layers (0: off; runs the teacher each step).
-        epochs: passes over the training data.
-        batch_size: examples per step.
-        lr: peak learning rate.
-    """
-
-    teacher: str = ""
-    train: str = ""
-    eval: str = ""
-    output: str = ""
-    student: str | None = None
-    student_layers: int | None = None
-    temperature: float = 2.0
-    alpha: float = 0.5
-    hidden_weight: float = 0.0
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-4
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, precision=self.precision,
-                           seed=self.seed, freeze_embeddings=True, progress=self.progress)
+def train_config(a: DistillArgs) -> TrainConfig:
+    """The training loop's settings of a distill run (the token embeddings stay frozen)."""
+    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, precision=a.precision, seed=a.seed,
+                       freeze_embeddings=True, progress=a.progress)
 
 
 def check_train_options(a) -> None:
@@ -342,7 +311,7 @@ def _run_distill(a: DistillArgs, dcfg: DistillConfig, saves: bool) -> dict:
     data = load_task_data(teacher, enc, meta, a.train, a.eval, a.columns(), a.max_train_examples, a.seed)
     teacher_metrics = evaluate(teacher, data.eval) if saves else {}  # (reported by rank 0 alone)
     # (an unstructured-pruned student, from oztune prune without --structured, keeps its zeros: see distill)
-    result = distill(teacher, student, data.train, a.train_config(), dcfg, data.eval)
+    result = distill(teacher, student, data.train, train_config(a), dcfg, data.eval)
     run = {"command": "distill", "args": asdict(a), "teacher_metrics": teacher_metrics, "metrics": result.best,
            "history": result.history, "train_examples": len(data.train), "train_seconds": round(result.seconds, 1),
            "student": {"layers": student.cfg.num_layers, "heads": student.cfg.layer_heads, "ffn": student.cfg.layer_ffn,
