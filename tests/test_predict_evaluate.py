@@ -22,7 +22,8 @@ def test_predict_stdin_non_utf8_is_one_line_naming_the_line(tiny_finetuned, monk
     _stdin(monkeypatch, b"good movie\ngood \xff movie\n")
     assert main(["predict", "--model", str(tiny_finetuned), "--input", "-"]) == 2
     err = capsys.readouterr().err
-    assert "line 2" in err and "UTF-8" in err and len(err.strip().splitlines()) == 1
+    assert err.strip() == ("oztune predict: error: standard input: line 2: not valid UTF-8 (byte 0xff at position 6); "
+                           "give the texts as UTF-8"), err  # (where in the line, as a file's error says)
 
 
 def test_predict_stdin_bom_and_crlf(tiny_finetuned, monkeypatch, capsys):

@@ -6,7 +6,6 @@ This module and the commands' option dataclasses import no torch: the command li
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import errno
 import json
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from oztune.cli import command
 from oztune.data.labels import parse_multi_label
-from oztune.data.readers import is_blank, lone_surrogate, read_lines, split_lines
+from oztune.data.readers import decode_utf8, is_blank, lone_surrogate, read_lines, split_lines
 from oztune.errors import DataError, OztuneError, check_at_least_1, check_text_pairs, path_errors
 from oztune.outdir import check_name_length
 from oztune.outdir import write_atomically as _write_atomically
@@ -312,16 +311,7 @@ def _stdin_lines() -> list[str]:
         if bad is not None:
             raise DataError(f"standard input: line {text.count(chr(10), 0, bad) + 1}: not valid UTF-8")
         return split_lines(text)
-    data = buffer.read()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"standard input: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
-                        "give the texts as UTF-8") from None
-    return split_lines(text)
+    return split_lines(decode_utf8(buffer.read(), "standard input", "give the texts as UTF-8"))
 
 
 def _open(model: str, batch_size: int):

@@ -144,6 +144,12 @@ def _read_text(name: str) -> str:
         raise DataError(f"{name}: file not found") from None
     except OSError as e:
         raise DataError(f"{name}: cannot read the file ({e.strerror})") from None
+    return decode_utf8(data, name)
+
+
+def decode_utf8(data: bytes, name: str, fix: str = "save the file as UTF-8") -> str:
+    """``data`` decoded as UTF-8, a leading BOM dropped; bytes that are not UTF-8 are a DataError naming ``name``,
+    the line and the position in it, and saying how to ``fix`` it."""
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     try:
@@ -152,7 +158,7 @@ def _read_text(name: str) -> str:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise DataError(f"{name}: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at "
-                        f"position {column}); save the file as UTF-8") from None
+                        f"position {column}); {fix}") from None
 
 
 def _csv_records(text: str, name: str, delimiter: str,
