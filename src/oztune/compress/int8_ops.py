@@ -104,11 +104,8 @@ def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
     """
     m = max_code(bits)
     w = w.detach().float()
-    amax = w.abs().amax(-1) if w.shape[-1] else w.new_zeros(w.shape[0])
-    scale = torch.where(amax > 0, amax / m, torch.ones_like(amax))
-    if bits < 8 and w.numel():
-        scale = scale * clip_ratios(w, scale, m)
-    return torch.round(w / scale[:, None]).clamp_(-m, m).to(torch.int8), scale
+    scale = channel_scales(w, bits)[0]  # (N, 1): the scales quantization-aware training rounds to
+    return torch.round(w / scale).clamp_(-m, m).to(torch.int8), scale[:, 0]
 
 
 CLIP_RATIOS = [1 - i / 100 for i in range(31)]  # 1.0, 0.99, ..., 0.70: the clippings clip_ratios tries
@@ -165,11 +162,12 @@ def fake_quantize_per_channel(w: torch.Tensor, bits: int = 8, scale: torch.Tenso
 def channel_scales(w: torch.Tensor, bits: int = 8,
                    ratios: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The scales (N, 1) of :func:`fake_quantize_per_channel` for a float weight ``w`` (N, K): max |w| / m per row
-    (m = 2^(bits-1) - 1), for 7-bit codes times each row's clipping ratio: ``ratios`` (N,) if given, else
-    :func:`clip_ratios`'s. Returns (scales, the ratios used: None for 8-bit codes)."""
+    (m = 2^(bits-1) - 1; 1 for a row of zeros, or of values under EPS: its codes are zeros), for 7-bit codes times
+    each row's clipping ratio: ``ratios`` (N,) if given, else :func:`clip_ratios`'s. Returns (scales, the ratios
+    used: None for 8-bit codes)."""
     m = max_code(bits)
     amax = w.abs().amax(-1) if w.shape[-1] else w.new_zeros(w.shape[0])  # (amax of no columns raises)
-    scale = amax.clamp_min(EPS) / m
+    scale = torch.where(amax > EPS, amax / m, torch.ones_like(amax))
     if bits < 8 and w.numel():
         ratios = clip_ratios(w, scale, m) if ratios is None else ratios
         return (scale * ratios)[:, None], ratios
