@@ -345,13 +345,19 @@ print(sorted(m for m in ("torch", "numpy", "tokenizers", "safetensors") if m in 
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["finetune", "--help"], ["compress", "--help"], ["serve", "--help"],
-                                  ["predict", "--no-such-option"], ["quantize", "--weight-bits", "eight"]])
+                                  ["predict", "--no-such-option"], ["quantize", "--weight-bits", "eight"],
+                                  ["--version"]])
 def test_help_and_a_bad_option_are_answered_without_importing_torch(argv):
     """`oztune --help`, `oztune finetune --help` and a mistyped option took ~3 s: the commands' option dataclasses
     lived in modules that import torch. They are answered from torch-free modules now (~0.2 s)."""
     r = subprocess.run([sys.executable, "-c", _MODULES_AFTER, *argv], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", (r.stdout[-300:], r.stderr[-1000:])
-    assert ("usage: oztune" in r.stdout) if "--help" in argv else ("error:" in r.stderr), r.stderr
+    if argv == ["--version"]:  # (the installed package's version, and torch's, read without importing it)
+        from importlib import metadata
+
+        assert r.stdout.startswith(f"oztune {metadata.version('oztune')} (torch {metadata.version('torch')})\n")
+    else:
+        assert ("usage: oztune" in r.stdout) if "--help" in argv else ("error:" in r.stderr), r.stderr
 
 
 def test_every_command_imports_what_it_runs_on_before_it_runs():

@@ -263,12 +263,26 @@ def make_parser() -> argparse.ArgumentParser:
     from oztune import commands  # noqa: F401  (registers the commands; no torch)
 
     parser = _Parser(prog="oztune", description="Fine-tune, compress and serve transformer classifiers on CPU.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, _, help) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=(inspect.getdoc(cls) or "").split("\n\n")[0])
         add_dataclass_args(p, cls)
         p.add_argument("--config", help="YAML file of option defaults (keys are option names)")
     return parser
+
+
+def _version() -> str:
+    """oztune's version and torch's (read from its installed metadata: importing torch takes seconds)."""
+    from importlib import metadata
+
+    from oztune import __version__
+
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    return f"oztune {__version__} (torch {torch})"
 
 
 class Terminated(BaseException):
