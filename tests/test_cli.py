@@ -360,6 +360,16 @@ def test_help_and_a_bad_option_are_answered_without_importing_torch(argv):
         assert ("usage: oztune" in r.stdout) if "--help" in argv else ("error:" in r.stderr), r.stderr
 
 
+def test_oztune_alone_lists_the_commands(capsys):
+    """`oztune` with no command said only "the following arguments are required: COMMAND": now the help, which lists
+    the commands, on standard error, and the usage error's exit code."""
+    from oztune.cli import COMMANDS
+
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: oztune") and all(f"    {name} " in err for name in COMMANDS), err
+
+
 def test_every_command_imports_what_it_runs_on_before_it_runs():
     """What a command runs on is imported by main() before the command, with a stop held meanwhile: every
     command names modules to import (torch comes with them), and each of them exists."""

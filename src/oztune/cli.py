@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         importing.clear()
         if stops:
             return _stopped(None, stops[-1])
+        if not (sys.argv[1:] if argv is None else argv):  # `oztune` alone: the commands, not only "COMMAND required"
+            print(parser.format_help(), end="", file=sys.stderr)
+            return 2
         ns = parser.parse_args(argv)  # (--help and a bad option end here, before torch is imported)
         name = ns.command
         cls, fn, _ = COMMANDS[name]
