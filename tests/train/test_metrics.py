@@ -113,3 +113,29 @@ def test_macro_f1_leaves_out_a_label_absent_from_gold_and_predictions():
 def test_a_multi_label_logit_of_exactly_zero_is_off():
     assert compute_metrics("multi_label", np.array([[0.0, 1.0]], dtype=np.float32),
                            np.array([[0.0, 1.0]]))["subset_accuracy"] == 1.0
+
+
+def test_metric_values_keeps_float_metrics_but_not_a_fractional_epoch():
+    """An evaluation inside an epoch has a float epoch: it is no metric (printed, logged to TensorBoard)."""
+    from oztune.train.metrics import metric_values
+
+    entry = {"epoch": 1.5, "step": 30, "accuracy": 0.75, "train_loss": 0.25, "note": "text"}
+    assert metric_values(entry) == {"accuracy": 0.75, "train_loss": 0.25}
+
+
+def test_constant_gold_scores_give_correlations_0_even_against_nearly_constant_predictions():
+    """Centred on its rounded mean, n copies of 0.1 leave a constant residue; against predictions that differ in
+    their last bit only, that residue correlated at -0.58 instead of the 0 the note promises."""
+    pred = np.array([1.0, 1.0, 1.0 + 2.2e-16])
+    m = regression_metrics(pred, np.full(3, 0.1))
+    assert (m["pearson"], m["spearman"]) == (0.0, 0.0)
+    assert m["note"].startswith("the gold scores are all the same (0.1)")
+
+
+def test_label_report_names_a_label_missing_from_id2label_by_its_index_as_text():
+    from oztune.train.metrics import label_report
+
+    logits = np.array([[0.0, 0.0, 3.0], [3.0, 0.0, 0.0]])
+    r = label_report("single_label", logits, np.array([2, 0]), {0: "a", 1: "b"})
+    assert list(r["per_label"]) == ["a", "b", "2"]
+    assert r["per_label"]["2"]["support"] == 1
