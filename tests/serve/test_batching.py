@@ -322,3 +322,38 @@ def test_each_request_of_a_batch_gets_the_predictions_of_its_own_texts():
     got = queued_behind_a_busy_worker(model, requests)
     assert model.batches == [1, 6]  # the three requests in one call
     assert got == [[{"label": "len", "score": len(t)} for t in texts] for texts, _ in requests]
+
+
+def test_one_hung_replica_of_two_leaves_the_queue_to_the_other():
+    """Queued requests are failed as Stalled only once every replica is stuck: with one of two past its deadline
+    (set by hand here, not waited for), the request queued behind the busy other replica stays queued and is
+    run when that replica is free."""
+
+    a, b = GatedModel(), GatedModel()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = await idle_replicas([a, b], max_batch_size=1, max_wait_ms=0, batch_timeout_s=100)
+        try:
+            futures = [batcher.submit(["x"]), batcher.submit(["y"])]
+            assert await loop.run_in_executor(None, a.entered.wait, 10)
+            assert await loop.run_in_executor(None, b.entered.wait, 10)
+            queued = batcher.submit(["zzz"])
+            assert batcher.pending == 1  # both replicas busy
+            with batcher._cond:
+                hung = batcher._running[0][1]
+                batcher._running[0] = (0.0, hung)  # replica 0 is past its deadline
+            batcher._check_deadlines()
+            with pytest.raises(ModelTimeout):
+                await hung[0].future
+            assert not queued.done() and batcher.pending == 1
+            assert batcher.problem() == "1 of 2 model replicas have been in one call for over 100 s"
+            b.gate.set()  # replica 1 returns and takes the queued request
+            assert await asyncio.wait_for(queued, 10) == [{"label": "len", "score": 3.0}]
+        finally:
+            a.gate.set()
+            b.gate.set()
+        await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+        await loop.run_in_executor(None, batcher.close, 10)
+
+    asyncio.run(run())
