@@ -357,3 +357,34 @@ def test_one_hung_replica_of_two_leaves_the_queue_to_the_other():
         await loop.run_in_executor(None, batcher.close, 10)
 
     asyncio.run(run())
+
+
+def test_on_batch_counts_the_texts_of_a_batch_and_those_classified():
+    """on_batch (the server's metrics) gets the batch's texts, not its requests, and as classified only the
+    texts of the call that succeeded: here the text-pair call fails and the plain one does not."""
+    model = GatedModel()
+    seen = []
+
+    def no_pairs(texts, pairs=None):
+        if pairs is not None:
+            raise RuntimeError("pairs are not supported")
+        return model(texts)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(no_pairs, max_wait_ms=0, on_batch=lambda n, s, c: seen.append((n, c)))
+        batcher.start(loop)
+        try:
+            first = batcher.submit(["first"])
+            assert await loop.run_in_executor(None, model.entered.wait, 10)
+            plain, paired = batcher.submit(["a", "bb"]), batcher.submit(["c", "d", "e"], ["p", "q", "r"])
+            model.gate.set()
+            await asyncio.wait_for(asyncio.gather(first, plain), 10)
+            with pytest.raises(RuntimeError, match="pairs are not supported"):
+                await asyncio.wait_for(paired, 10)
+        finally:
+            model.gate.set()
+            await loop.run_in_executor(None, batcher.close, 10)
+
+    asyncio.run(run())
+    assert model.batches == [1, 2] and seen == [(1, 1), (5, 2)]
