@@ -388,3 +388,61 @@ def test_on_batch_counts_the_texts_of_a_batch_and_those_classified():
 
     asyncio.run(run())
     assert model.batches == [1, 2] and seen == [(1, 1), (5, 2)]
+
+
+def test_a_tuple_of_predict_functions_is_one_replica_each():
+    batcher = MicroBatcher((lambda t, p=None: [], lambda t, p=None: []))
+    assert len(batcher.predicts) == 2 and all(callable(p) for p in batcher.predicts)
+
+
+def test_a_request_that_carries_the_queue_past_a_ready_point_wakes_the_workers():
+    """A worker's batch is ready at 3 texts: a request of two texts taking the queue from 2 to 4 passes that
+    point without landing on it, and must still wake the waiting workers."""
+    loop = asyncio.new_event_loop()
+    try:
+        batcher = MicroBatcher([lambda t, p=None: []], max_batch_size=64, max_wait_ms=5)
+        batcher._loop = loop  # (submit only: no worker runs, the wake-ups are counted)
+        batcher._ready = [3]
+        woken = []
+        notify_all = batcher._cond.notify_all
+        batcher._cond.notify_all = lambda: (woken.append(batcher.pending), notify_all())
+        batcher.submit(["a", "b"])  # the first request: wakes a worker by notify, not notify_all
+        batcher.submit(["c", "d"])
+        assert woken == [4]
+    finally:
+        loop.close()
+
+
+def test_a_hung_call_is_reported_on_stderr(capsys):
+    """A supervisor or an operator reading the server's log sees why requests failed."""
+    gate, hangs = hanging_model()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(hangs, max_wait_ms=0, batch_timeout_s=0.2)
+        batcher.start(loop)
+        try:
+            with pytest.raises(ModelTimeout):
+                await asyncio.wait_for(batcher.submit(["a"]), 10)
+        finally:
+            gate.set()
+            await loop.run_in_executor(None, batcher.close, 10)
+
+    asyncio.run(run())
+    assert "oztune: 1 of 1 model replicas have been in one call for over 0.2 s" in capsys.readouterr().err
+
+
+def test_abandoned_requests_are_dropped_only_once_the_queue_is_full():
+    """Checking every queued request is for a full queue only: filled exactly to max_queue, the queue keeps
+    the request of a client gone (a worker skips it); one text more drops it and takes the new request."""
+    loop = asyncio.new_event_loop()
+    try:
+        batcher = MicroBatcher([lambda t, p=None: []], max_queue=2)
+        batcher._loop = loop  # (submit only: no worker runs)
+        abandoned = batcher.submit(["a"], gone=lambda: True)
+        batcher.submit(["b"])
+        assert batcher.pending == 2 and not abandoned.cancelled()
+        batcher.submit(["c"])
+        assert batcher.pending == 2 and abandoned.cancelled()
+    finally:
+        loop.close()
