@@ -98,6 +98,18 @@ def test_packed_int8_and_pruned_heads(tiny_hf_dir):
         torch.testing.assert_close(run(model, ids, mask, group_cost=0), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_a_group_of_several_rows_shorter_than_the_batch_matches_padded(tiny_hf_dir, family):
+    """Two rows of length 4 in a batch of T 9 share a group padded to 4 positions: their tokens' places in it
+    count rows of 4, not of the batch's 9 (every other group above is one row, or as long as the batch)."""
+    model, enc, _ = load_classifier(tiny_hf_dir(family)[0])
+    model.eval()
+    ids, mask = padded_batch(enc.pad_id, lengths=(9, 4, 4, 1, 9))
+    assert sorted((len(rows), T) for rows, T in tr.length_groups(mask, 0)) == [(1, 1), (2, 4), (2, 9)]
+    want = run(model, ids, mask, pack=False)
+    torch.testing.assert_close(run(model, ids, mask, group_cost=0), want, atol=1e-5, rtol=1e-5)
+
+
 def test_groups_minimise_attention_work_plus_group_cost():
     import itertools
     import random
@@ -157,3 +169,11 @@ def test_a_batch_with_the_default_minimum_share_of_padding_is_packed():
         assert tr.PACK_MIN_PADDING == 0.1 and tr.Packing.worth_it(mask)
         mask[1, 8] = 1
         assert not tr.Packing.worth_it(mask)
+
+
+def test_token_index_maps_each_query_to_its_packed_row_and_refuses_a_query_on_padding():
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])  # packed rows: (0,0) (0,1) (0,2) (1,1) (1,2)
+    b, t, q = tr.token_index(mask, torch.tensor([0, 1]))
+    assert b.tolist() == [0, 0, 0, 1, 1] and t.tolist() == [0, 1, 2, 1, 2] and q.tolist() == [0, 3]
+    assert tr.token_index(mask, torch.tensor([2, 0])) is None  # row 1's position 0 is padding: no packed row
+    assert tr.token_index(mask)[2] is None
