@@ -180,6 +180,41 @@ def test_bit_packing_round_trip():
     assert torch.equal(unpack_bits(packed, 1001), bits)
 
 
+
+def test_bits_are_packed_first_bit_in_the_high_bit():
+    """The layout saved files hold (a consistent change to both functions would still round-trip)."""
+    bits = torch.zeros(17, dtype=torch.bool)
+    bits[[0, 15, 16]] = True
+    assert pack_bits(bits).tolist() == [0b1000_0000, 0b0000_0001, 0b1000_0000]
+    assert torch.equal(unpack_bits(torch.tensor([0b0100_0001], dtype=torch.uint8), 8),
+                       torch.tensor([False, True, False, False, False, False, False, True]))
+
+
+def test_a_sparse_layer_whose_bitmask_and_values_disagree_is_a_load_error_saying_so():
+    from oztune.compress.sparse import SparseLinear
+
+    layer = SparseLinear(8, 4)
+    with torch.no_grad():
+        layer.weight[:, :4] = 0
+    state = layer.state_dict()
+    state["weight_values"] = state["weight_values"][:-1]  # a truncated file
+    with pytest.raises(RuntimeError, match="weight: bitmask has 16 ones but 15 values"):
+        SparseLinear(8, 4).load_state_dict(state)
+
+
+def test_swap_sparse_keeps_a_linear_without_bias_without_one():
+    from oztune.compress.sparse import swap_sparse
+
+    model = tiny_model()
+    name = next(iter(encoder_linears(model)))
+    old = model.get_submodule(name)
+    plain = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    swap_sparse(model, name, plain)
+    new = model.get_submodule(name)
+    assert new.bias is None and torch.equal(new.weight, plain.weight)
+    assert set(new.state_dict()) == {"weight_mask", "weight_values"}
+
+
 @pytest.fixture
 def classifier_dir(tiny_base, tmp_path):
     """A saved tiny classifier (random head) with a tokenizer."""
