@@ -202,6 +202,44 @@ def test_a_sparse_layer_whose_bitmask_and_values_disagree_is_a_load_error_saying
         SparseLinear(8, 4).load_state_dict(state)
 
 
+def test_a_sparsity_under_one_weight_prunes_nothing():
+    model = tiny_model()
+    for share in (0.0, 1e-9):
+        assert all(bool(m.all()) for m in magnitude_masks(model, share).values())
+
+
+def test_a_layer_with_exactly_min_sparsity_zeros_is_made_sparse_and_its_zeros_kept():
+    """"At least min_sparsity": a layer with exactly that share of zeros counts; a dense model has no keeper."""
+    from oztune.compress.sparse import SparseLinear, zeros_keeper
+
+    model = tiny_model()
+    assert zeros_keeper(model) is None
+    name, layer = next(iter(encoder_linears(model).items()))
+    with torch.no_grad():
+        layer.weight.view(-1)[: layer.weight.numel() // 4] = 0  # exactly a quarter (numel a multiple of 4)
+    keep = zeros_keeper(model, min_sparsity=0.25)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    keep(1, 10)
+    assert int((layer.weight == 0).sum()) == layer.weight.numel() // 4
+    assert to_sparse_(model, min_sparsity=0.25) == [name]
+    assert isinstance(model.get_submodule(name), SparseLinear)
+
+
+def test_to_sparse_leaves_fake_quantized_and_already_sparse_layers_as_they_are():
+    """Only plain Linears are swapped: a QAT model's FakeQuantLinear would lose its fake quantization, and a
+    SparseLinear swapped again would be recorded twice."""
+    from oztune.compress.quantize import FakeQuantLinear, prepare_qat_
+
+    qat = prepare_qat_(tiny_model())
+    magnitude_prune_(qat, 0.5)
+    assert to_sparse_(qat) == []
+    assert all(type(m) is FakeQuantLinear for m in encoder_linears(qat).values())
+    model = tiny_model()
+    magnitude_prune_(model, 0.5)
+    assert len(to_sparse_(model)) == 8 and to_sparse_(model) == []
+
+
 def test_swap_sparse_keeps_a_linear_without_bias_without_one():
     from oztune.compress.sparse import swap_sparse
 
