@@ -253,6 +253,23 @@ def test_swap_sparse_keeps_a_linear_without_bias_without_one():
     assert set(new.state_dict()) == {"weight_mask", "weight_values"}
 
 
+def test_cubic_schedule_with_no_ramp_jumps_to_final_at_its_step():
+    """begin == end (or no steps at all) is a ramp of one step, not a division by zero."""
+    assert [cubic_sparsity(s, 10, 0.8, begin=0.5, end=0.5) for s in (4, 5, 6, 10)] == [0.0, 0.0, 0.8, 0.8]
+    assert cubic_sparsity(0, 0, 0.8) == 0.0
+
+
+def test_gradual_pruner_reaches_final_at_the_end_of_the_ramp_between_its_updates():
+    """With 3 updates over 70 of 100 steps masks are recomputed every 23 steps; the ramp's last step (70, not
+    a multiple of 23) still recomputes them, so the model recovers at the final sparsity from there on."""
+    model = tiny_model()
+    pruner = GradualPruner(model, 0.6, end=0.7, updates=3)
+    for step in range(1, 71):
+        pruner(step, 100)
+    assert pruner.target == pytest.approx(0.6)
+    assert sparsity_of(model) == pytest.approx(0.6, abs=0.01)
+
+
 @pytest.fixture
 def classifier_dir(tiny_base, tmp_path):
     """A saved tiny classifier (random head) with a tokenizer."""
