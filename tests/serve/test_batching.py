@@ -223,9 +223,10 @@ def test_a_hung_call_times_out_soon_after_a_short_batch_timeout():
     asyncio.run(run())
 
 
-def test_the_requests_failed_as_stalled_leave_the_queue_empty_for_later_ones():
+def test_the_requests_failed_as_stalled_leave_the_queue_empty_for_later_ones(capsys):
     """The queued requests answered Stalled when the only replica hangs no longer count toward max_queue: once
-    the call returns, a new request is taken, not refused as if the queue were still full."""
+    the call returns, a new request is taken, not refused as if the queue were still full. The log says which
+    requests got what (it said "their requests get 504" of the queued ones too, which get 503)."""
 
     gate, hangs = hanging_model()
 
@@ -252,6 +253,8 @@ def test_the_requests_failed_as_stalled_leave_the_queue_empty_for_later_ones():
             await loop.run_in_executor(None, batcher.close, 10)
 
     asyncio.run(run())
+    assert ("oztune: 1 of 1 model replicas have been in one call for over 0.2 s; 1 request(s) of the hung call(s) "
+            "get 504, 1 queued request(s) get 503 (no replica is left to take them)") in capsys.readouterr().err
 
 
 async def idle_replicas(models: list, **kw) -> MicroBatcher:

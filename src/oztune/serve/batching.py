@@ -207,7 +207,11 @@ class MicroBatcher:
                 self._queue.clear()
                 self.pending = 0
         if failed:
-            print(f"oztune: {self.problem()}; their requests get 504", file=sys.stderr, flush=True)
+            stalled = sum(isinstance(e, Stalled) for _, e in failed)
+            said = [f"{len(failed) - stalled} request(s) of the hung call(s) get 504"] if len(failed) > stalled else []
+            if stalled:
+                said.append(f"{stalled} queued request(s) get 503 (no replica is left to take them)")
+            print(f"oztune: {self.problem()}; {', '.join(said)}", file=sys.stderr, flush=True)
         _resolve(failed)
         self._loop.call_later(self._check_period(), self._check_deadlines)
 
