@@ -72,7 +72,7 @@ class Packing:
         for rows, Tg in length_groups(attention_mask):
             i, t = real[rows, :Tg].nonzero(as_tuple=True)  # (Ng,) each, row-major
             full = bool(real[rows, :Tg].all())
-            gmask = None if full else (mask[rows][..., :Tg] if mask.shape[-2] == 1 else mask[rows][..., :Tg, :Tg])
+            gmask = None if full else mask[rows][..., :Tg, :Tg]  # (padding (b, 1, 1, Tg) or causal (b, 1, Tg, Tg))
             self.groups.append(Group(rows, Tg, start, start + len(i), i * Tg + t, gmask))
             b_parts.append(rows[i])
             t_parts.append(t)
