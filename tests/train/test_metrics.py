@@ -1,13 +1,14 @@
-"""oztune's numpy metrics agree with scikit-learn and scipy where those are installed."""
+"""oztune's numpy metrics, and their agreement with scikit-learn and scipy (dev dependencies: imported, so that a
+missing one fails here; skipped when missing, they took every test of this file with them, those needing neither)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats as stats
+import sklearn.metrics as sk
 
 from oztune.train.metrics import classification_metrics, compute_metrics, multilabel_metrics, regression_metrics
-
-sk = pytest.importorskip("sklearn.metrics")
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -31,7 +32,6 @@ def test_multilabel_matches_sklearn():
 
 
 def test_regression_matches_scipy_with_ties():
-    stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(1)
     gold = rng.integers(0, 5, 80).astype(float)  # many ties
     pred = gold + rng.normal(0, 1, 80)
