@@ -13,8 +13,6 @@ from oztune.api import Classifier
 from oztune.cli import main
 from oztune.data.tokenize import pad_batch
 
-pytest.importorskip("onnxruntime")
-
 MAX_LENGTH = 10  # neither finetune's default (128) nor the tiny model's window (64)
 LONG = " ".join(["good", "movie"] * 40)
 TEXTS = ["the movie is good", "", "\u0301", "\u200b", "\u200b \u0301", "naïve café 😀 ＦＵＬＬ", LONG, "bad " + LONG]
