@@ -17,17 +17,16 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from oztune.compress.distillation import DistillConfig, distill
-    from oztune.compress.prune import PruneConfig, prune_
-    from oztune.compress.quantize import QuantConfig, prepare_qat_, quantize_
-    from oztune.train.loop import TrainConfig
+    from oztune.compress.distillation import DistillConfig, distill  # noqa: F401
+    from oztune.compress.prune import PruneConfig, prune_  # noqa: F401
+    from oztune.compress.quantize import QuantConfig, prepare_qat_, quantize_  # noqa: F401
+    from oztune.train.loop import TrainConfig  # noqa: F401
 
 _HOMES = {"QuantConfig": "oztune.compress.quantize", "quantize_": "oztune.compress.quantize",
           "prepare_qat_": "oztune.compress.quantize", "PruneConfig": "oztune.compress.prune",
           "prune_": "oztune.compress.prune", "DistillConfig": "oztune.compress.distillation",
           "distill": "oztune.compress.distillation", "TrainConfig": "oztune.train.loop"}
-__all__ = ["QuantConfig", "quantize_", "prepare_qat_", "PruneConfig", "prune_", "DistillConfig", "distill",
-           "TrainConfig"]
+__all__ = list(_HOMES)
 
 
 def __getattr__(name: str):

@@ -12,6 +12,7 @@ from oztune.train.args import RecipeOptions
 
 RECIPES = ("int8", "prune", "prune-int8")  # what oztune compress tries (--recipes)
 LATENCY_TEXTS = 256  # batch-1 latency is timed on at most this many eval texts (p50 and p95 settle well before)
+IMPORTANCE_BATCHES = 32  # training batches over which --structured measures importance, by default
 
 
 @dataclass
@@ -183,7 +184,7 @@ class CompressArgs(RecipeOptions):
     max_drop: float = 1.0
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
     sizes: list[float] = field(default_factory=lambda: [0.5, 0.33])
-    importance_batches: int = 32
+    importance_batches: int = IMPORTANCE_BATCHES
     epochs: int = 2
     batch_size: int = 32
     lr: float = 2e-4

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from oztune.compress.args import PruneArgs
+from oztune.compress.args import IMPORTANCE_BATCHES, PruneArgs
 from oztune.compress.sparse import (GradualPruner, SparseLinear, apply_masks, magnitude_prune_, sparsity_of,
                                    swap_sparse, to_sparse_)
 from oztune.compress.quantize import check_not_compiled, is_int8, is_qat
@@ -29,7 +29,6 @@ from oztune.models.hub import save_classifier
 from oztune.models.transformer import SequenceClassifier
 from oztune.train import distributed
 from oztune.train.loop import TrainConfig, evaluate
-IMPORTANCE_BATCHES = 32  # training batches over which --structured measures importance, by default
 
 
 @dataclass

@@ -17,8 +17,6 @@ from oztune.config import LORA_TARGETS
 from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.transformer import Dropout, SequenceClassifier
 
-TARGETS = LORA_TARGETS  # --lora-targets name -> attribute path inside each transformer block
-
 
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable rank-``rank`` update scaled by ``alpha / rank``.
@@ -56,12 +54,12 @@ def _parent_and_name(block: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def check_targets(targets: list[str]) -> None:
-    """A --lora-targets list :func:`apply_lora` can take: one or more names from :data:`TARGETS`."""
-    unknown = [t for t in targets if t not in TARGETS]
+    """A --lora-targets list :func:`apply_lora` can take: one or more names from :data:`LORA_TARGETS`."""
+    unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown:
-        raise OztuneError(f"--lora-targets: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+        raise OztuneError(f"--lora-targets: unknown {', '.join(unknown)}; choose from {', '.join(LORA_TARGETS)}")
     if not targets:
-        raise OztuneError(f"--lora-targets: give at least one of {', '.join(TARGETS)}")
+        raise OztuneError(f"--lora-targets: give at least one of {', '.join(LORA_TARGETS)}")
 
 
 def lora_alpha(rank: int, alpha: float | None) -> float:
@@ -77,27 +75,27 @@ def apply_lora(model: SequenceClassifier, rank: int, alpha: float | None = None,
         model: the classifier, changed in place.
         rank: LoRA rank r (at least 1).
         alpha: scale numerator (default ``2 * rank``, so the scale is 2).
-        targets: names from :data:`TARGETS` (default all: qkv, o, up, down).
+        targets: names from :data:`LORA_TARGETS` (default all: qkv, o, up, down).
         dropout: dropout on the LoRA input.
 
     Returns:
         The number of trainable parameters.
     """
-    targets = list(dict.fromkeys(TARGETS if targets is None else targets))  # a name given twice is one target
+    targets = list(dict.fromkeys(LORA_TARGETS if targets is None else targets))  # a name given twice is one target
     check_targets(targets)
     check_at_least_1("--lora-rank", rank)
     alpha = lora_alpha(rank, alpha)
     model.requires_grad_(False)
     for i, block in enumerate(model.backbone.layers):
         for t in targets:
-            parent, name = _parent_and_name(block, TARGETS[t])
+            parent, name = _parent_and_name(block, LORA_TARGETS[t])
             layer = getattr(parent, name)
             if type(layer) is not nn.Linear:
-                raise OztuneError(f"LoRA needs plain linear layers; layers.{i}.{TARGETS[t]} is a "
+                raise OztuneError(f"LoRA needs plain linear layers; layers.{i}.{LORA_TARGETS[t]} is a "
                                   f"{type(layer).__name__} (quantized or sparse models cannot take LoRA)")
             if rank > max(layer.in_features, layer.out_features):  # (a huge rank: no overflow or giant allocation)
                 raise OztuneError(f"--lora-rank {rank} is more than the layers it adapts are wide "
-                                  f"(layers.{i}.{TARGETS[t]}: {layer.in_features} -> {layer.out_features})")
+                                  f"(layers.{i}.{LORA_TARGETS[t]}: {layer.in_features} -> {layer.out_features})")
             if layer.in_features and layer.out_features:  # a fully pruned layer has nothing to adapt
                 setattr(parent, name, LoRALinear(layer, rank, alpha, dropout))
     model.head.requires_grad_(True)
