@@ -1,4 +1,5 @@
-"""Process-wide settings that make PyTorch's eager CPU mode faster.
+"""Process-wide settings that make PyTorch's eager CPU mode faster, and a check of the machine's load
+(:class:`Contention`) for the commands that time models.
 
 glibc's allocator hands large freed blocks (anything above its mmap threshold, 128 KiB at first) back
 to the operating system and maps fresh pages for the next allocation of the same size, so every
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -36,3 +38,52 @@ def tune_malloc() -> bool:
             except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
                 _done = False
     return _done
+
+
+def _busy_seconds(cpus: set[int], stat: str = "/proc/stat") -> float | None:
+    """Seconds the ``cpus`` have been busy since boot (user, nice, system, irq, softirq and steal: time the
+    hypervisor gave this VM's cores to other guests) from Linux's ``/proc/stat``; None where it cannot be read."""
+    try:
+        with open(stat) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    ticks = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus and len(fields) >= 8:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+            ticks += user + nice + system + irq + softirq + steal
+    return ticks / os.sysconf("SC_CLK_TCK") if ticks else None
+
+
+class Contention:
+    """How much CPU other processes took while a block ran, on the cores this process may run on: ``others``,
+    in cores (1.5: one and a half cores' worth of the block's wall time), None where it cannot be known (not
+    Linux). Timings taken while others compete for the cores are slower than on a quiet machine, and one
+    variant timed in a busy spell can look slower than another timed in a quiet one: ``busy`` says when the
+    others took more than the cores the timed work left idle (``threads`` of its own), by a quarter of a core.
+
+    ``with Contention(threads) as c: ...`` then ``c.others``, ``c.busy``.
+    """
+
+    SLACK = 0.25  # cores: the background of an idle machine stays under it
+
+    def __init__(self, threads: int, stat: str = "/proc/stat"):
+        self.threads, self.stat = threads, stat
+        self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        self.others: float | None = None
+
+    def __enter__(self) -> Contention:
+        self._start = (_busy_seconds(self.cpus, self.stat), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, own, wall = _busy_seconds(self.cpus, self.stat), time.process_time(), time.perf_counter()
+        busy0, own0, wall0 = self._start
+        if busy is not None and busy0 is not None and wall > wall0:
+            self.others = max(0.0, ((busy - busy0) - (own - own0)) / (wall - wall0))
+
+    @property
+    def busy(self) -> bool:
+        return self.others is not None and self.others > max(0, len(self.cpus) - self.threads) + self.SLACK

@@ -60,6 +60,52 @@ def test_compare_scores_weighs_and_times_every_model_as_evaluate_does(variants, 
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
+def test_compare_warns_when_other_processes_took_the_cores_while_it_timed(variants, sentiment_files, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Timings taken while other processes compete for the cores are slow (a busy machine once gave nonsense
+    ratios): compare says so, on its last lines and in report.md, and records the load in report.json."""
+    from oztune.runtime import Contention
+    from oztune.serve.backends import default_threads
+
+    threads = []
+
+    class Busy(Contention):
+        def __exit__(self, *exc):
+            threads.append(self.threads)
+            self.others = 1.7 + max(0, len(self.cpus) - self.threads)  # more than the cores the timing left idle
+
+    fp32, int8, onnx = variants
+    _, dev = sentiment_files
+    monkeypatch.setattr("oztune.compress.compare.Contention", Busy)
+    assert main(["compare", str(fp32), str(onnx), "--eval", str(dev), "--output", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = json.loads((tmp_path / "o" / "report.json").read_text())["variants"]
+    cores = rows[0]["other_cores"]
+    assert [(r["other_cores"], r["busy_machine"]) for r in rows] == [(cores, True)] * 2
+    said = (f"the machine was busy: other processes took up to {cores:.1f} cores while the models were timed, so the "
+            "timings are slower than on a quiet machine (the models were timed in turns")
+    assert out[-2].startswith(f"note: {said}") and out[-1].startswith("report:")
+    assert said in " ".join((tmp_path / "o" / "report.md").read_text().split())
+    assert threads == [default_threads()]  # the ONNX export's threads: every core, whatever torch has
+
+    monkeypatch.setattr("oztune.compress.compare.Contention", Quiet)
+    assert main(["compare", str(fp32), str(int8), "--eval", str(dev)]) == 0
+    assert "busy" not in capsys.readouterr().out
+
+
+class Quiet:
+    """Contention on an idle machine."""
+
+    def __init__(self, threads):
+        self.others, self.busy = 0.05, False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
 def test_the_budget_counts_from_the_first_model(variants, sentiment_files):
     fp32, int8, _ = variants
     _, dev = sentiment_files

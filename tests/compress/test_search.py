@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -131,6 +133,40 @@ def test_compress_times_batch_1_on_at_most_latency_texts(tiny_finetuned, sentime
     assert [v["latency_texts"] for v in report["variants"]] == [7, 7]
     assert "batch 1 over 7 of the 100 eval texts (spread evenly over the file)" in " ".join(
         (out / "report.md").read_text().split())
+
+
+class BusyFor:
+    """Stands in for oztune.runtime.Contention: the machine is busy (1.7 cores of others) for the timings whose
+    number is in ``busy`` (0: the first one timed), quiet for the others."""
+
+    def __init__(self, busy: set[int]):
+        self.busy_ones, self.count = busy, 0
+
+    def __call__(self, threads):
+        n, self.count = self.count, self.count + 1
+        load = SimpleNamespace(others=1.7 if n in self.busy_ones else 0.1, busy=n in self.busy_ones)
+        return nullcontext(load)
+
+
+def test_compress_says_which_variants_were_timed_on_a_busy_machine(tiny_finetuned, sentiment_files, tmp_path,
+                                                                   monkeypatch, capsys):
+    """compress times the variants one after another: one timed while other processes took the cores can lose the
+    choice to a busier spell, so the report, the progress lines and the last line say which were."""
+    train, dev = sentiment_files
+    args = ["compress", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev), "--recipes",
+            "int8", "--max-drop", "100", "--no-progress", "--precision", "fp32"]
+    monkeypatch.setattr("oztune.compress.report.Contention", BusyFor({1}))  # fp32 quiet, int8 busy
+    assert main([*args, "--output", str(tmp_path / "busy")]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "busy" / "report.json").read_text())["variants"]
+    assert [(r["name"], r["other_cores"], r["busy_machine"]) for r in rows] == [("fp32", 0.1, False),
+                                                                               ("int8", 1.7, True)]
+    said = "the machine was busy: other processes took up to 1.7 cores while int8 was timed"
+    assert f"note: {said}" in out and "(machine busy: other processes took 1.7 cores)" in out
+    assert said in " ".join((tmp_path / "busy" / "report.md").read_text().split())
+    monkeypatch.setattr("oztune.compress.report.Contention", BusyFor(set()))  # quiet: no note anywhere
+    assert main([*args, "--output", str(tmp_path / "quiet")]) == 0
+    assert "busy" not in capsys.readouterr().out and "busy" not in (tmp_path / "quiet" / "report.md").read_text()
 
 
 def test_compress_writes_a_model_card_for_the_model_it_keeps(tiny_finetuned, sentiment_files, tmp_path):

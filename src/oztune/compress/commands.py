@@ -67,7 +67,7 @@ def distill_cmd(a: DistillArgs) -> int:
 @command("compress", CompressArgs, "try int8, pruning and both; keep the fastest model within an accuracy budget",
          needs=("oztune.compress.search",))
 def compress_cmd(a: CompressArgs) -> int:
-    from oztune.compress.report import points_of
+    from oztune.compress.report import busy_words, points_of
     from oztune.compress.search import compress
     from oztune.models.hub import format_size
     from oztune.train.distributed import is_main_process
@@ -79,7 +79,13 @@ def compress_cmd(a: CompressArgs) -> int:
     print(f"\nkept {best['name']}: {points_of(best['metric'])} {best['score']:.2f} ({best['change']:+.2f} pt), "
           f"{format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput; "
           f"saved to {a.output} (report.md, pareto.png)")
+    _say_busy(busy_words(report["variants"], in_turns=False))
     return 0
+
+
+def _say_busy(words: str | None) -> None:
+    if words:
+        print(f"note: {words}")
 
 
 # --- compare ------------------------------------------------------------------------------------------------
@@ -88,7 +94,7 @@ def compress_cmd(a: CompressArgs) -> int:
          needs=("oztune.compress.compare",))
 def compare_cmd(a: CompareArgs) -> int:
     from oztune.compress.compare import MARK, compare
-    from oztune.compress.report import latency_words, points_of
+    from oztune.compress.report import busy_words, latency_words, points_of
     from oztune.models.hub import format_size
 
     report = compare(a)
@@ -108,6 +114,7 @@ def compare_cmd(a: CompareArgs) -> int:
     for r in rows:  # (a score that means nothing, e.g. pearson of constant predictions, says so)
         if "note" in r["metrics"]:
             print(f"note, {r['name']}: {r['metrics']['note']}")
+    _say_busy(busy_words(rows, in_turns=True))
     if a.output:
         print(f"report: {a.output}/report.md, report.json, pareto.png")
     return 0

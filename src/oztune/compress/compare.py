@@ -23,14 +23,15 @@ import torch
 
 from oztune.api import Classifier
 from oztune.compress.args import CompareArgs
-from oztune.compress.report import (COLUMNS, MAX_DROP_UNIT, UNITS, add_relative, budget_words,
-                                   latency_sample, latency_words, pareto_png, points_of, round_robin, row,
-                                   scale_words, sorted_batches, table)
+from oztune.compress.report import (COLUMNS, MAX_DROP_UNIT, UNITS, add_relative, budget_words, busy_item,
+                                   busy_words, latency_sample, latency_words, load_of, pareto_png, points_of,
+                                   round_robin, row, scale_words, sorted_batches, table)
 from oztune.data.load import Columns, holds_pairs, read_labelled
 from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.compiled import CompiledClassifier
 from oztune.models.hub import format_size, resolve_model, weight_files
 from oztune.outdir import check_output_dir, write_atomically
+from oztune.runtime import Contention
 from oztune.serve.backends import open_predictor
 
 MARK = "fastest in budget"
@@ -67,9 +68,10 @@ def compare(a: CompareArgs) -> dict:
     # timed in turns (a slow spell of a shared machine slows every model), on the same length-sorted batches and
     # the same sample of texts at batch 1
     sample = latency_sample(len(texts), a.latency_texts)
-    timings = round_robin([c.logits for c in clfs], texts, pairs, sorted_batches(clfs[0].encoder, texts, pairs),
-                          latency=sample)
-    rows = [{**r, **row(metrics, r["problem_type"], mb, weights, len(texts), len(sample), *t)}
+    with Contention(max(torch.get_num_threads(), *(getattr(c, "threads", 0) for c in clfs))) as load:
+        timings = round_robin([c.logits for c in clfs], texts, pairs, sorted_batches(clfs[0].encoder, texts, pairs),
+                              latency=sample)
+    rows = [{**r, **row(metrics, r["problem_type"], mb, weights, len(texts), len(sample), *t), **load_of(load)}
             for r, (metrics, mb, weights), t in zip(rows, measured, timings)]
     add_relative(rows, rows[0], a.max_drop)
     chosen = max((r for r in rows if r["within_budget"]), key=lambda r: (r["throughput"], -r["file_mb"]))["name"]
@@ -163,7 +165,7 @@ def markdown(report: dict) -> str:
   {latency_words(base['latency_texts'], s['eval_examples'])}.
 - speed-up: batch-64 throughput relative to `{base['name']}`. params: weights and biases, int8 ones included (an
   ONNX export's are not counted). Total time {s['seconds']:.0f} s.
-
+{busy_item(busy_words(rows, in_turns=True))}
 {notes(rows)}![{metric} against latency](pareto.png)
 """
 

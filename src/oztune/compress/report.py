@@ -23,6 +23,7 @@ import torch
 from oztune.compress.args import LATENCY_TEXTS
 from oztune.data.dataset import EncodedData
 from oztune.models.hub import format_size, weights_mb
+from oztune.runtime import Contention
 from oztune.train.loop import evaluate
 from oztune.train.metrics import MAIN_METRIC
 
@@ -119,9 +120,32 @@ def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list
     metrics = evaluate(model, eval_data)
     run = model_runner(model, encoder)
     sample = latency_sample(len(texts))
-    timings = round_robin([run], texts, pairs, sorted_batches(encoder, texts, pairs), repeats, latency=sample)[0]
-    return row(metrics, model.head_cfg.problem_type, weights_mb(model_dir), parameters, len(texts), len(sample),
-               *timings)
+    with Contention(torch.get_num_threads()) as load:
+        timings = round_robin([run], texts, pairs, sorted_batches(encoder, texts, pairs), repeats, latency=sample)[0]
+    return {**row(metrics, model.head_cfg.problem_type, weights_mb(model_dir), parameters, len(texts), len(sample),
+                  *timings), **load_of(load)}
+
+
+def load_of(load: Contention) -> dict:
+    """A report row's record of the machine's load while it was timed: ``other_cores`` (cores other processes
+    took, None where unknown) and ``busy_machine`` (more than the cores the timing left idle)."""
+    return {"other_cores": load.others, "busy_machine": load.busy}
+
+
+def busy_words(rows: list[dict], in_turns: bool) -> str | None:
+    """A warning for the reports when other processes competed for the cores while rows were timed, else None.
+    ``in_turns``: the rows were timed in turns (compare), not one after another (compress)."""
+    busy = [r for r in rows if r.get("busy_machine")]
+    if not busy:
+        return None
+    most = max(r["other_cores"] for r in busy)
+    which = "the models were" if in_turns else ", ".join(r["name"] for r in busy) + (" was" if len(busy) == 1 else " were")
+    said = (f"the machine was busy: other processes took up to {most:.1f} cores while {which} timed, so the timings "
+            "are slower than on a quiet machine")
+    if in_turns:
+        return said + " (the models were timed in turns: their ratios hold better than their times)"
+    return (said + "; the variants are timed one after another, so a busy spell can change which one is fastest: "
+            "measure again on a quiet machine, or time the saved variants in turns with oztune compare")
 
 
 def row(metrics: dict, kind: str, file_mb: float, parameters: int | None, texts: int, latency_texts: int,
@@ -226,9 +250,14 @@ budget: at most {budget_words(max_drop, metric)} below fp32 ({base['score']:.2f}
 - speed-up: batch-64 throughput relative to fp32. params: before quantization.
 - {"Every variant is saved under `variants/<name>/`; the" if settings.get("keep_variants", True) else "The"} kept one is this directory's model.
 - Recipes: {settings.get('recipes')}{pruning}; total time {settings.get('seconds', 0):.0f} s.
-
+{busy_item(busy_words(rows, in_turns=False))}
 ![{metric} against latency](pareto.png)
 """
+
+
+def busy_item(words: str | None) -> str:
+    """A warning as a markdown list item (with its newline), or nothing."""
+    return f"- **Note: {words}.**\n" if words else ""
 
 
 def pareto_png(rows: list[dict], chosen: str, max_drop: float, path: Path, baseline: str = "fp32",

@@ -114,8 +114,9 @@ def _compress(a: CompressArgs, main: bool) -> dict:
         row = {"name": name, "recipe": recipe, "shape": shape(model), **(extra or {}),
                **measure(model, enc, data.eval, data.eval_texts, data.eval_pairs, d, params)}
         rows.append(row)
+        busy = f" (machine busy: other processes took {row['other_cores']:.1f} cores)" if row["busy_machine"] else ""
         tqdm.write(f"{name}: {points_of(row['metric'])} {row['score']:.2f}, {format_size(row['file_mb'])}, "
-                   f"{row['throughput']:.0f} texts/s at batch 64, batch-1 p50 {row['latency_p50_ms']:.2f} ms")
+                   f"{row['throughput']:.0f} texts/s at batch 64, batch-1 p50 {row['latency_p50_ms']:.2f} ms{busy}")
 
     try:
         with staged_dir(out) if main else nullcontext() as work:  # replaces the output as a whole at the end

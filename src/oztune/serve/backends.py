@@ -77,6 +77,7 @@ class OnnxClassifier(Predictor):
                                             pad_token_id=hf.get("pad_token_id"))
         self.batch_size = check_count("batch_size", batch_size)
         opts = ort.SessionOptions()
+        self.threads = threads
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
