@@ -247,6 +247,29 @@ def test_save_reload_gives_identical_logits_and_a_smaller_file(tmp_path, tiny_ba
     assert sizes["int8"] < sizes["none"] < (fp32 / "model.safetensors").stat().st_size
 
 
+def test_loading_8_bit_codes_on_a_cpu_without_vnni_says_they_run_slowly_there(tmp_path, tiny_base, monkeypatch,
+                                                                             capsys):
+    """A model quantized on a CPU with VNNI (8-bit codes) runs through fp32 matmuls on one without it, slower than
+    fp32: loading it there says so, and how to get int8 speed; 7-bit codes there, or 8-bit ones on a CPU with
+    VNNI, load silently."""
+    model = tiny_classifier(vocab_size=64)
+    dirs = {}
+    for bits in (8, 7):
+        cfg = QuantConfig(weight_bits=bits)
+        dirs[bits] = save_tiny(quantize_(copy.deepcopy(model), cfg), tmp_path / str(bits), cfg, tiny_base)
+    capsys.readouterr()
+    n = sum(isinstance(m, Int8Linear) for m in load_classifier(dirs[8])[0].modules())
+    for vnni, bits, said in ((False, 8, True), (False, 7, False), (True, 8, False)):
+        monkeypatch.setattr(int8_ops, "HAS_ONEDNN", vnni)
+        monkeypatch.setattr(int8_ops, "ONEDNN_7BIT", not vnni)
+        load_classifier(dirs[bits])
+        err = capsys.readouterr().err
+        assert (f"oztune: note: {dirs[bits]}: {n} of its {n} int8 layers hold 8-bit weight codes" in err) == said, err
+        assert said or not err
+        if said:
+            assert "quantize the fp32 model on this CPU" in err
+
+
 def test_a_linear_of_one_input_feature_stays_fp32_and_the_model_is_deterministic(tmp_path, tiny_base):
     """Structured pruning can leave a feed-forward block one neuron wide: its down-projection reads one feature.
     torch._int_mm (torch 2.13, CPU) gives garbage for K = 1, different on every call (the int8 model's scores

@@ -488,6 +488,21 @@ def prepare_quantized(model: nn.Module, quant: dict) -> None:
     _chunk_feed_forwards(model)
 
 
+def slow_codes_note(model: nn.Module) -> str | None:
+    """Why this CPU runs a loaded int8 model slowly, or None: on a CPU without VNNI, int8 layers of 8-bit weight
+    codes (quantized on a CPU with VNNI, or with ``weight_bits=8``) run exactly only through an fp32 matmul, slower
+    than the fp32 model there."""
+    from oztune.compress import int8_ops
+
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    wide = sum(not m.fits_onednn for m in layers)
+    if not (int8_ops.ONEDNN_7BIT and wide):  # (a CPU with neither kernel: every int8 model runs that way)
+        return None
+    return (f"{wide} of its {len(layers)} int8 layers hold 8-bit weight codes, which this CPU (no VNNI) computes "
+            "exactly only through fp32 matmuls, slower than the fp32 model; for int8 speed here, quantize the fp32 "
+            "model on this CPU (oztune quantize gives 7-bit codes here)")
+
+
 def quantization_record(config: QuantConfig) -> dict:
     """What ``save_classifier(..., quantization=...)`` stores in config.json: the config plus a description."""
     return {**asdict(config), "version": RECORD_VERSION,

@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -307,6 +308,11 @@ def load_classifier(name_or_dir: str | os.PathLike | None = None, *, num_labels:
         raise ModelError(f"{path}: weights do not match config.json ({shapes[0] if shapes else str(e).splitlines()[0]}"
                          f"{f' and {len(shapes) - 1} more' if len(shapes) > 1 else ''})") from None
     model.eval()
+    if quant:
+        from oztune.compress.quantize import slow_codes_note
+
+        if note := slow_codes_note(model):
+            print(f"oztune: note: {path}: {note}", file=sys.stderr, flush=True)
     enc = TextEncoder.from_dir(path, tokenizer_length(oz, cfg, max_length, path), pad_token_id=hf.get("pad_token_id"))
     if not 0 <= enc.pad_id < cfg.vocab_size:  # padding (and an empty text) would overrun the token embedding
         raise ModelError(f"{path}: the pad token id {enc.pad_id} is outside the model's {cfg.vocab_size} token "
