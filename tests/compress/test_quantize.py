@@ -82,6 +82,23 @@ def test_both_kernels_give_the_same_result(monkeypatch):
 
 
 @pytest.mark.parametrize("M", [7, 300])
+def test_weights_written_through_data_are_used_after_sum_weights(M):
+    """Int8Linear caches its packed weight and knows a change by the weight's version counter; a write through
+    ``weight.data`` bumps none, and the docstring's rule (call sum_weights after changing the weight) packs again."""
+    torch.manual_seed(0)
+    q, other = Int8Linear.from_linear(nn.Linear(64, 40)), Int8Linear.from_linear(nn.Linear(64, 40))
+    x = torch.randn(M, 64)
+    with torch.no_grad():
+        before = q(x)  # packs q's weight
+        q.weight.data.copy_(other.weight)
+        q.weight_scale.data.copy_(other.weight_scale)
+        q.bias.data.copy_(other.bias)
+        q.sum_weights()
+        torch.testing.assert_close(q(x), other(x), atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(q(x), before)
+
+
+@pytest.mark.parametrize("M", [7, 300])
 def test_int8_linear_runs_under_inference_mode_first_and_no_grad_after(M):
     torch.manual_seed(0)
     q = Int8Linear.from_linear(nn.Linear(64, 40))

@@ -210,6 +210,13 @@ def packed_weight(wq: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
+def forget_pack(wq: torch.Tensor) -> None:
+    """Drop ``wq``'s cached pack: for a change the version counter does not see (``wq.data`` written in place)."""
+    hit = _PACKS.get(wq.data_ptr())
+    if hit is not None and hit[0]() is wq:
+        del _PACKS[wq.data_ptr()]
+
+
 @torch.library.custom_op("oztune::onednn_int8_mm", mutates_args=())
 def onednn_int8_mm(u8: torch.Tensor, zero_point: int, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``((u8 - zero_point) @ wq.T) * w_scale`` in fp32 (M, N) by oneDNN's kernel, for compiled graphs: inductor

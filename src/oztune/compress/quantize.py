@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from oztune.compress.int8_ops import (WEIGHT_BITS, channel_scales, fake_quantize_from_floor, fake_quantize_per_channel,
-                                      fake_quantize_per_token, fits_onednn, int8_linear, max_code, packed_weight,
-                                      quantize_per_channel)
+                                      fake_quantize_per_token, fits_onednn, forget_pack, int8_linear, max_code,
+                                      packed_weight, quantize_per_channel)
 from oztune.errors import OztuneError
 from oztune.models.transformer import FeedForward
 
@@ -147,7 +147,9 @@ class Int8Linear(Fp32Only):
         module.sum_weights()
 
     def sum_weights(self) -> None:
-        """Set ``weight_sums`` from ``weight`` and ``weight_scale`` (after they change), and ``fits_onednn``."""
+        """Set ``weight_sums`` from ``weight`` and ``weight_scale`` (after they change), and ``fits_onednn``, and
+        pack the weight again on the next call (a change through ``weight.data`` bumps no version counter)."""
+        forget_pack(self.weight)
         self.weight_sums = self.weight.sum(1, dtype=torch.float32) * self.weight_scale
         self.fits_onednn = fits_onednn(self.weight)  # (what the compiled graphs' kernel depends on)
 
