@@ -66,9 +66,11 @@ def test_contention_counts_the_busy_time_of_this_process_cores_less_its_own(tmp_
 
 
 def test_contention_is_unknown_where_the_cpu_times_cannot_be_read(tmp_path):
-    with Contention(threads=1, stat=str(tmp_path / "missing")) as load:
-        pass
-    assert load.others is None and not load.busy
+    (tmp_path / "odd").write_text("\ncpu0 1 2 x 4 5 6 7 8\n")  # a blank line, a field that is no number
+    for stat in (tmp_path / "missing", tmp_path / "odd"):
+        with Contention(threads=1, stat=str(stat)) as load:
+            load.cpus = {0}
+        assert load.others is None and not load.busy
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat")

@@ -49,10 +49,12 @@ def _busy_seconds(cpus: set[int], stat: str = "/proc/stat") -> float | None:
     except OSError:
         return None
     ticks = 0
-    for line in lines:
-        name, *fields = line.split()
+    for name, *fields in (line.split() for line in lines if line.strip()):
         if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus and len(fields) >= 8:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+            try:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+            except ValueError:  # (not the layout this reads)
+                return None
             ticks += user + nice + system + irq + softirq + steal
     return ticks / os.sysconf("SC_CLK_TCK") if ticks else None
 
