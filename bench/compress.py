@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from peers import FINETUNE, best_time, export_hf_onnx, file_mb, need_model, ort_runner
 
+from oztune.runtime import Contention
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,14 +39,16 @@ def time_one(name: str, run, texts: list[str], gold: np.ndarray, batches: list, 
     for idx in batches:
         pred[idx] = np.asarray(run([texts[i] for i in idx])).argmax(-1)
     run([texts[0]])
-    sorted_s = best_time(lambda: [run([texts[i] for i in idx]) for idx in batches], repeats)
-    one = []
-    for t in texts:
-        t0 = time.perf_counter()
-        run([t])
-        one.append(time.perf_counter() - t0)
+    with Contention(torch.get_num_threads()) as load:  # (each peer timed on its own: its own load)
+        sorted_s = best_time(lambda: [run([texts[i] for i in idx]) for idx in batches], repeats)
+        one = []
+        for t in texts:
+            t0 = time.perf_counter()
+            run([t])
+            one.append(time.perf_counter() - t0)
     return {"name": name, "accuracy": 100 * float((pred == gold).mean()), "file_mb": mb, "sorted_b64_s": sorted_s,
-            "batch1_s": float(np.sum(one)), "batch1_p50_ms": 1e3 * float(np.median(one))}
+            "batch1_s": float(np.sum(one)), "batch1_p50_ms": 1e3 * float(np.median(one)),
+            "other_cores": load.others, "busy_machine": load.busy}
 
 
 def main() -> None:
@@ -134,11 +138,14 @@ def main() -> None:
     print(f"\ncompress vs ONNX Runtime, SST-2 dev ({len(texts)} sentences), end to end, {torch.get_num_threads()} "
           f"threads; model {model_dir}" + (f"; search took {search_s:.0f} s" if search_s else ""))
     print(f"{'variant':<24} {'acc':>6} {'drop':>6} {'MB':>6} {'b64 sorted s':>13} {'x ORT8':>7} {'b1 s':>6} "
-          f"{'x ORT8':>7} {'b1 p50 ms':>10}")
+          f"{'x ORT8':>7} {'b1 p50 ms':>10} {'others':>7}")
     for r in rows:
+        others = "?" if r["other_cores"] is None else f"{r['other_cores']:.2f}" + ("!" if r["busy_machine"] else "")
         print(f"{r['name']:<24} {r['accuracy']:>6.2f} {r['drop_pt']:>+6.2f} {r['file_mb']:>6.1f} "
               f"{r['sorted_b64_s']:>13.3f} {r['x_ort_int8_b64']:>6.2f}x {r['batch1_s']:>6.2f} "
-              f"{r['x_ort_int8_b1']:>6.2f}x {r['batch1_p50_ms']:>10.2f}")
+              f"{r['x_ort_int8_b1']:>6.2f}x {r['batch1_p50_ms']:>10.2f} {others:>7}")
+    print("others: cores other processes took while that row was timed (!: a busy machine; rows are timed one "
+          "after another, so a busy row's ratios are off)")
     print("targets:", json.dumps(targets))
     shutil.rmtree(work, ignore_errors=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peers import FINETUNE, need_model
+from peers import FINETUNE, load_words, need_model
+
+from oztune.runtime import Contention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +80,7 @@ def main() -> None:
         return out
 
     rows = {}
+    watch = Contention(torch.get_num_threads()).__enter__()
     for mode, size, sort in (("batch 64 unsorted", 64, False), ("batch 64 sorted", 64, True), ("batch 1", 1, False)):
         bs = batches(texts, lengths, size, sort)
         reps = 1 if size == 1 else a.repeats
@@ -86,12 +89,15 @@ def main() -> None:
         rows[mode] = {"hf_s": t_hf, "oztune_s": t_oz, "speedup": t_hf / t_oz,
                       "hf_accuracy": float((p_hf == gold).mean()), "oztune_accuracy": float((p_oz == gold).mean()),
                       "agreement": float((p_hf == p_oz).mean())}
+    watch.__exit__(None, None, None)
     print(f"\nfp32 inference, SST-2 dev ({len(texts)} sentences), end to end, {torch.get_num_threads()} threads, model {a.model or 'bundled MiniLM'}")
+    print(load_words(watch))
     print(f"{'batches':<20} {'HF s':>8} {'oztune s':>9} {'speed-up':>9} {'agree':>7}")
     for mode, r in rows.items():
         print(f"{mode:<20} {r['hf_s']:>8.2f} {r['oztune_s']:>9.2f} {r['speedup']:>8.2f}x {100 * r['agreement']:>6.1f}%")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"sentences": len(texts), "model": a.model, "rows": rows}, indent=2) + "\n")
+    Path(a.out).write_text(json.dumps({"sentences": len(texts), "model": a.model, "rows": rows,
+                                       "other_cores": watch.others, "busy_machine": watch.busy}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peers import FINETUNE, best_time, export_hf_onnx, file_mb, need_model, ops_by_self_time, ort_runner
+from peers import (FINETUNE, best_time, export_hf_onnx, file_mb, load_words, need_model, ops_by_self_time,
+                   ort_runner)
+
+from oztune.runtime import Contention
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -231,6 +234,7 @@ def main() -> None:
     repeats = 1 if a.quick else a.repeats
     path = Path(a.model)
     load0 = os.getloadavg()[0]
+    watch = Contention(a.threads).__enter__()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         oz, int8, warm, aot_times = oztune_peers(path, work, a.compile, a.aot)
@@ -267,6 +271,7 @@ def main() -> None:
         profiles = {"batch64_sorted": profile(lambda: batch64("oztune int8")),
                     "batch1": profile(lambda: [peers["oztune int8"][0]([t]) for t in texts])} if a.profile else {}
         kernel_rows = kernels(int(np.median([len(i) * lengths[i].max() for i in batches]))) if a.kernels else []
+    watch.__exit__(None, None, None)
     load1 = os.getloadavg()[0]
 
     def same_as_fp32(name: str) -> float:  # % of sentences labelled as by the same model in fp32
@@ -286,6 +291,7 @@ def main() -> None:
     result = {
         "sentences": len(texts), "threads": a.threads, "repeats": repeats, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "load_average": [round(load0, 2), round(load1, 2)],
+        "other_cores": None if watch.others is None else round(watch.others, 2), "busy_machine": watch.busy,
         "tokens": int(lengths.sum()), "padded_tokens": padded, "peers": rows,
         "int_mm_ceiling_gops": round(ceiling, 1), "int8_useful_gops": round(reached, 1),
         "fraction_of_ceiling": round(reached / ceiling, 3),
@@ -309,7 +315,7 @@ def main() -> None:
         "profile": profiles,
     }
     print(f"SST-2 dev, {len(texts)} sentences ({result['tokens']} tokens, {padded} with padding in sorted batches of 64), "
-          f"{a.threads} threads, load average {load0:.1f} -> {load1:.1f}")
+          f"{a.threads} threads, load average {load0:.1f} -> {load1:.1f}; {load_words(watch)}")
     print(f"{'peer':<26}{'batch 64 sorted':>16}{'batch 64 unsorted':>18}{'batch 1':>10}{'file MB':>9}{'accuracy':>10}"
           f"{'= fp32':>8}")
     for r in rows:

@@ -29,6 +29,15 @@ def need_model(path: str | Path, how: str) -> Path:
     return p
 
 
+def load_words(load) -> str:
+    """One line on the machine's load while a benchmark timed (``load``: an ``oztune.runtime.Contention``)."""
+    if load.others is None:
+        return "other processes' share of the cores: unknown here (no /proc/stat)"
+    said = f"other processes took {load.others:.2f} cores on average while this timed"
+    return said + (" -- a busy machine: the times are slower than a quiet machine's, and a ratio between peers "
+                   "timed at different moments may be off" if load.busy else " (a quiet machine)")
+
+
 def best_time(fn, repeats: int) -> float:
     """Best of ``repeats`` wall times: the machine is shared, the minimum is the least disturbed."""
     best = float("inf")

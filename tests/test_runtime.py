@@ -85,3 +85,20 @@ def test_contention_sees_a_process_that_spins_beside_it():
         proc.wait()
     assert load.others is not None and load.others > 0.5, load.others
     assert load.busy
+
+
+def test_contention_counts_the_child_processes_waited_for_as_its_own(tmp_path, monkeypatch):
+    """A benchmark's server or fresh training processes are its own work, not contention, once waited for."""
+    stat, clock, tick = tmp_path / "stat", Clock(), os.sysconf("SC_CLK_TCK")
+    children = [0.0]
+    monkeypatch.setattr("oztune.runtime.time", clock)
+    monkeypatch.setattr(os, "times", lambda: os.times_result((0.0, 0.0, children[0], 0.25, 0.0)))
+    stat.write_text(stat_text({0: 1000, 1: 1000}))
+    load = Contention(threads=2, stat=str(stat))
+    load.cpus = {0, 1}
+    with load:  # 2 s: both cores busy throughout; this process 0.5 s of it, a child it waited for 1.25 s
+        stat.write_text(stat_text({0: 1000 + 2 * tick, 1: 1000 + 2 * tick}))
+        clock.process += 0.5
+        children[0] = 1.25  # user; its system time stays at 0.25, counted before and after alike
+        clock.wall += 2.0
+    assert load.others == pytest.approx((4 - 0.5 - 1.25) / 2)

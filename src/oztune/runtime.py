@@ -59,12 +59,21 @@ def _busy_seconds(cpus: set[int], stat: str = "/proc/stat") -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK") if ticks else None
 
 
+def _own_seconds() -> float:
+    """CPU seconds of this process (every thread) and of the child processes it has waited for."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system
+
+
 class Contention:
     """How much CPU other processes took while a block ran, on the cores this process may run on: ``others``,
     in cores (1.5: one and a half cores' worth of the block's wall time), None where it cannot be known (not
     Linux). Timings taken while others compete for the cores are slower than on a quiet machine, and one
     variant timed in a busy spell can look slower than another timed in a quiet one: ``busy`` says when the
     others took more than the cores the timed work left idle (``threads`` of its own), by a quarter of a core.
+
+    This process's own CPU time counts every thread of it and the child processes it waited for inside the
+    block (a benchmark's server or fresh training processes); children still running at the end count as others.
 
     ``with Contention(threads) as c: ...`` then ``c.others``, ``c.busy``.
     """
@@ -77,11 +86,11 @@ class Contention:
         self.others: float | None = None
 
     def __enter__(self) -> Contention:
-        self._start = (_busy_seconds(self.cpus, self.stat), time.process_time(), time.perf_counter())
+        self._start = (_busy_seconds(self.cpus, self.stat), _own_seconds(), time.perf_counter())
         return self
 
     def __exit__(self, *exc) -> None:
-        busy, own, wall = _busy_seconds(self.cpus, self.stat), time.process_time(), time.perf_counter()
+        busy, own, wall = _busy_seconds(self.cpus, self.stat), _own_seconds(), time.perf_counter()
         busy0, own0, wall0 = self._start
         if busy is not None and busy0 is not None and wall > wall0:
             self.others = max(0.0, ((busy - busy0) - (own - own0)) / (wall - wall0))
