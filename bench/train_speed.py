@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peers import load_words
+
+from oztune.runtime import Contention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +122,7 @@ def main() -> None:
         return
 
     rows = {}
+    watch = Contention(torch.get_num_threads()).__enter__()
     with tempfile.TemporaryDirectory() as tmp:
         rows[HF_ROW] = run_hf_trainer(train, dev, tmp)
     # oztune keeps freed memory in the process (oztune.runtime.tune_malloc, process-wide and for good):
@@ -144,9 +148,12 @@ def main() -> None:
             print(f"{i:<24} {p['hf']['examples_per_s']:>12.1f} {p['oztune']['examples_per_s']:>12.1f} {p['ratio']:>5.2f}x "
                   f"{100 * p['hf']['dev_accuracy']:>6.1f}/{100 * p['oztune']['dev_accuracy']:.1f}%")
         print(f"median ratio of the {len(pairs)} pairs: {float(np.median([p['ratio'] for p in pairs])):.2f}x")
+    watch.__exit__(None, None, None)
+    print(load_words(watch))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"examples": n, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                                       "rows": rows, "pairs": pairs}, indent=2) + "\n")
+                                       "rows": rows, "pairs": pairs, "other_cores": watch.others,
+                                       "busy_machine": watch.busy}, indent=2) + "\n")
 
 
 def one_process(which: str, n: int) -> dict:
