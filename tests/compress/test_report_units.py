@@ -104,6 +104,8 @@ def test_compress_says_the_score_is_the_metric_x100(task, tmp_path, capsys):
     base = report["variants"][0]
     assert base["score"] == pytest.approx(100 * base["metrics"][metric])
     assert f"fp32: {metric} x100 {base['score']:.2f}, " in shown and f"kept {report['chosen']}: {metric} x100 " in shown
+    # the last line names every report file it wrote (report.json was left out)
+    assert shown.rstrip().endswith(f"saved to {out} (report.md, report.json, pareto.png)"), shown
     assert report["units"].startswith("points: the main metric x100")
     md = " ".join((out / "report.md").read_text().split())
     assert f"| variant | layers heads FFN vocab | {metric} x100 | change (pt) |" in md

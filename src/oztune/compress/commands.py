@@ -78,7 +78,7 @@ def compress_cmd(a: CompressArgs) -> int:
     best = next(r for r in report["variants"] if r["name"] == report["chosen"])
     print(f"\nkept {best['name']}: {points_of(best['metric'])} {best['score']:.2f} ({best['change']:+.2f} pt), "
           f"{format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput; "
-          f"saved to {a.output} (report.md, pareto.png)")
+          f"saved to {a.output} (report.md, report.json, pareto.png)")
     _say_busy(busy_words(report["variants"], in_turns=False))
     return 0
 
