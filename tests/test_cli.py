@@ -457,4 +457,6 @@ def test_a_prefix_of_an_option_is_refused_not_taken_for_the_option(prefix, argv,
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"oztune {argv[0]}: error: unrecognized arguments: {prefix}" in err  # (the command named, as other errors)
+    assert err.startswith(f"usage: oztune {argv[0]} ")  # the command's usage, not the list of commands

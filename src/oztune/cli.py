@@ -265,11 +265,22 @@ def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="oztune", description="Fine-tune, compress and serve transformer classifiers on CPU.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}
     for name, (cls, _, help) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=(inspect.getdoc(cls) or "").split("\n\n")[0])
+        p = parser.commands[name] = sub.add_parser(name, help=help,
+                                                   description=(inspect.getdoc(cls) or "").split("\n\n")[0])
         add_dataclass_args(p, cls)
         p.add_argument("--config", help="YAML file of option defaults (keys are option names)")
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown option is refused by the command's own parser: "oztune predict:
+    error: unrecognized arguments: --out" and predict's usage, where argparse names only "oztune"."""
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.commands[ns.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return ns
 
 
 def _version() -> str:
@@ -352,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (sys.argv[1:] if argv is None else argv):  # `oztune` alone: the commands, not only "COMMAND required"
             print(parser.format_help(), end="", file=sys.stderr)
             return 2
-        ns = parser.parse_args(argv)  # (--help and a bad option end here, before torch is imported)
+        ns = parse(parser, argv)  # (--help and a bad option end here, before torch is imported)
         name = ns.command
         cls, fn, _ = COMMANDS[name]
         args = build_args(cls, ns, parser)
