@@ -132,6 +132,20 @@ def test_hub_ids_with_and_without_owner_are_downloaded_and_paths_are_not(tmp_pat
     assert len(asked) == 5
 
 
+def test_a_mistyped_path_in_a_local_directory_is_not_looked_for_on_the_hub(tmp_path, monkeypatch):
+    """runs/nosuch (runs/ here) read "no such directory, and the hub download failed (LocalEntryNotFoundError ...)"
+    after a network timeout: a typo in a path is said as one, and nothing is downloaded."""
+    from oztune.models import hub
+
+    asked = []
+    monkeypatch.setattr(hub, "_download", lambda name: asked.append(name) or tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"^runs/nosuch: no such directory \(runs holds no 'nosuch'; "):
+        resolve_model("runs/nosuch")
+    assert resolve_model("google-bert/bert-base-uncased") == tmp_path and asked == ["google-bert/bert-base-uncased"]
+
+
 def test_a_name_the_hub_does_not_give_says_so_in_one_line():
     with pytest.raises(ModelError, match=r"unknown model 'no-such-model-here': no such directory, and the hub "
                                          r"download failed \(\w+"):

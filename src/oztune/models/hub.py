@@ -62,6 +62,9 @@ def resolve_model(name_or_dir: str | os.PathLike | None, option: str = "--model"
             raise ModelError(f"{path}: a model must be a directory holding config.json and model.safetensors")
         return path
     if _HUB_ID.fullmatch(name) and len(name) <= 200:
+        if path.parent.name and path.parent.is_dir():  # runs/sst2-int: a mistyped local path, not a hub owner
+            raise ModelError(f"{path}: no such directory ({path.parent} holds no {path.name!r}; with a local "
+                             f"directory {path.parent} there, the name is not looked up on the hub)")
         return _download(name)
     raise ModelError(f"unknown model {name!r}: no such directory, and not a hub id (owner/name, or a name such "
                      f"as bert-base-uncased); the bundled default is {DEFAULT_MODEL!r}")
