@@ -326,9 +326,9 @@ def _stopped(command: str | None, signum: int) -> int:
     130 for Ctrl-C."""
     who = f"oztune {command}" if command else "oztune"
     if signum == signal.SIGTERM:
-        print(f"{who}: stopped by SIGTERM (output directories are written whole or not at all)", file=sys.stderr)
+        print(f"{who}: stopped by SIGTERM (outputs are written whole or not at all)", file=sys.stderr)
         return 143
-    print(f"{who}: interrupted (output directories are written whole or not at all)", file=sys.stderr)
+    print(f"{who}: interrupted (outputs are written whole or not at all)", file=sys.stderr)
     return 130
 
 
