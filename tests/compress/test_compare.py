@@ -93,6 +93,22 @@ def test_compare_warns_when_other_processes_took_the_cores_while_it_timed(varian
     assert "busy" not in capsys.readouterr().out
 
 
+def test_compare_marks_the_fastest_by_latency_when_asked(variants, sentiment_files, tmp_path, capsys):
+    fp32, int8, onnx = variants
+    _, dev = sentiment_files
+    out = tmp_path / "o"
+    assert main(["compare", str(fp32), str(int8), str(onnx), "--eval", str(dev), "--max-drop", "100",
+                 "--fastest", "latency", "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    quickest = min(report["variants"], key=lambda r: r["latency_p50_ms"])["name"]
+    assert report["chosen"] == quickest and report["settings"]["fastest"] == "latency"
+    assert f"**Fastest within the budget (by batch-1 p50 latency): `{quickest}`**" in (out / "report.md").read_text()
+    assert any(line.startswith(quickest) and line.endswith("<- fastest in budget (batch 1)")
+               for line in capsys.readouterr().out.splitlines())
+    assert main(["compare", str(fp32), "--eval", str(dev), "--fastest", "p50"]) == 2
+    assert "--fastest must be one of throughput, latency, not 'p50'" in capsys.readouterr().err
+
+
 class Quiet:
     """Contention on an idle machine."""
 

@@ -51,7 +51,7 @@ def test_report_files(rows, tmp_path):
     # accuracy's points are percent, said as before (pearson and micro-F1 x100: test_report_units)
     assert "budget: at most 1 point(s) of accuracy below fp32 (86.60)." in md and "- Scores in points (percent)." in md
     assert "| variant | layers heads FFN vocab | accuracy | change (pt) |" in md
-    assert "**Kept: `prune50-int8`**: accuracy 85.80" in md
+    assert "**Kept: `prune50-int8`** (the fastest within the budget by batch-64 throughput): accuracy 85.80" in md
     png = (tmp_path / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

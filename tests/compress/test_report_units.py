@@ -91,7 +91,7 @@ def test_compare_says_the_score_is_the_metric_x100(task, tmp_path, capsys):
     assert f"| model | runtime | {metric} x100 | change (pt) |" in md
     assert f"budget: at most 2 point(s) of {metric} x100 (0.02 of {metric}) below `fp32`" in " ".join(md.split())
     assert f"- Scores in points: {metric} x100" in md and "(percent)" not in md
-    assert f"**Fastest within the budget: `{report['chosen']}`**: {metric} x100 " in md
+    assert f"**Fastest within the budget (by batch-64 throughput): `{report['chosen']}`**: {metric} x100 " in md
 
 
 def test_compress_says_the_score_is_the_metric_x100(task, tmp_path, capsys):

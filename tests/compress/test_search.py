@@ -135,6 +135,50 @@ def test_compress_times_batch_1_on_at_most_latency_texts(tiny_finetuned, sentime
         (out / "report.md").read_text().split())
 
 
+def test_fastest_picks_by_batch_64_throughput_or_batch_1_latency_within_the_budget():
+    from oztune.compress.report import pick_fastest
+
+    def r(name, tp, ms, mb=1.0, within=True):
+        return {"name": name, "throughput": tp, "latency_p50_ms": ms, "file_mb": mb, "within_budget": within}
+
+    rows = [r("fp32", 100, 10), r("int8", 150, 12), r("pruned", 140, 6, within=False), r("small", 150, 12, mb=0.5)]
+    assert pick_fastest(rows) == pick_fastest(rows, "throughput") == "small"  # (a tie: the smaller file)
+    assert pick_fastest(rows, "latency") == "fp32"  # pruned is faster still, but outside the budget
+
+
+def test_compress_keeps_the_fastest_by_latency_when_asked(tiny_finetuned, sentiment_files, tmp_path, monkeypatch,
+                                                          capsys):
+    """int8 on a CPU without VNNI can be faster than fp32 at batch 64 and slower at batch 1: --fastest latency
+    keeps what one text at a time runs fastest, and the report, card and last line say by what it was kept."""
+    from oztune.compress import search
+
+    real = search.measure
+
+    def int8_batches_fp32_single(model, encoder, eval_data, texts, pairs, saved_in, *rest):
+        m = real(model, encoder, eval_data, texts, pairs, saved_in, *rest)
+        fp32 = "variants" not in Path(saved_in).parts  # (timing noise decides these for real)
+        m["throughput"], m["latency_p50_ms"] = (100.0, 5.0) if fp32 else (150.0, 8.0)
+        return m
+
+    monkeypatch.setattr(search, "measure", int8_batches_fp32_single)
+    train, dev = sentiment_files
+    args = ["compress", "--model", str(tiny_finetuned), "--train", str(train), "--eval", str(dev), "--recipes",
+            "int8", "--max-drop", "100", "--no-progress", "--precision", "fp32"]
+    chosen = {}
+    for fastest in ("throughput", "latency"):
+        out = tmp_path / fastest
+        assert main([*args, "--output", str(out), "--fastest", fastest]) == 0
+        chosen[fastest] = json.loads((out / "report.json").read_text())["chosen"]
+        words = "batch-1 p50 latency" if fastest == "latency" else "batch-64 throughput"
+        assert f"(the fastest within the budget by {words})" in (out / "report.md").read_text()
+        assert f"kept as the fastest by {words}" in " ".join((out / "README.md").read_text().split())
+    assert chosen == {"throughput": "int8", "latency": "fp32"}
+    assert "kept fp32: accuracy" in capsys.readouterr().out.splitlines()[-1]
+    assert main([*args, "--output", str(tmp_path / "bad"), "--fastest", "speed"]) == 2
+    assert "--fastest must be one of throughput, latency, not 'speed'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 class BusyFor:
     """Stands in for oztune.runtime.Contention: the machine is busy (1.7 cores of others) for the timings whose
     number is in ``busy`` (0: the first one timed), quiet for the others."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from oztune.train.args import RecipeOptions
 
 RECIPES = ("int8", "prune", "prune-int8")  # what oztune compress tries (--recipes)
+FASTEST = ("throughput", "latency")  # what compress and compare call fastest: batch-64 texts/s, batch-1 p50
 LATENCY_TEXTS = 256  # batch-1 latency is timed on at most this many eval texts (p50 and p95 settle well before)
 IMPORTANCE_BATCHES = 32  # training batches over which --structured measures importance, by default
 
@@ -175,6 +176,9 @@ class CompressArgs(RecipeOptions):
         prune_vocab: pruned variants keep only the embeddings of tokens in the training file (others read
             [UNK]; about 3x smaller on SST-2); --no-prune-vocab keeps the whole vocabulary.
         keep_variants: keep every variant under variants/ (--no-keep-variants: only the kept model).
+        fastest: which variant within the budget is kept: the highest throughput (texts/s in batches of 64: batch
+            work, a server) or the lowest latency (batch-1 p50: one text at a time), which can differ (int8 on
+            a CPU without VNNI).
     """
 
     model: str = ""
@@ -193,6 +197,7 @@ class CompressArgs(RecipeOptions):
     max_train_examples: int | None = 40000
     prune_vocab: bool = True
     keep_variants: bool = True
+    fastest: str = "throughput"
 
 
 @dataclass
@@ -212,6 +217,8 @@ class CompareArgs:
         label_column: column holding the label.
         latency_texts: batch-1 latency is timed on at most this many eval texts, spread evenly over the file
             (batch-64 throughput on every one).
+        fastest: which model within the budget is marked: the highest throughput (texts/s in batches of 64) or
+            the lowest latency (batch-1 p50).
     """
 
     models: list[str] = field(default_factory=list, metadata={"positional": True})
@@ -222,3 +229,4 @@ class CompareArgs:
     text_pair_column: str | None = None
     label_column: str | None = None
     latency_texts: int = LATENCY_TEXTS
+    fastest: str = "throughput"

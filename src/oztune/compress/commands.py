@@ -77,8 +77,8 @@ def compress_cmd(a: CompressArgs) -> int:
         return 0
     best = next(r for r in report["variants"] if r["name"] == report["chosen"])
     print(f"\nkept {best['name']}: {points_of(best['metric'])} {best['score']:.2f} ({best['change']:+.2f} pt), "
-          f"{format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput; "
-          f"saved to {a.output} (report.md, report.json, pareto.png)")
+          f"{format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput, {best['latency_speedup']:.2f}x "
+          f"its batch-1 speed; saved to {a.output} (report.md, report.json, pareto.png)")
     _say_busy(busy_words(report["variants"], in_turns=False))
     return 0
 
@@ -105,7 +105,8 @@ def compare_cmd(a: CompareArgs) -> int:
     print(f"{'model':<{width}}  {points:>{score}}  {'change':>6}  {'size':>8}  {'batch-1 ms':>10}  "
           f"{'texts/s':>8}  {'speed-up':>8}")
     for r in rows:
-        flag = f"  <- {MARK}" if r["name"] == report["chosen"] else ""
+        by = " (batch 1)" if a.fastest == "latency" else ""
+        flag = f"  <- {MARK}{by}" if r["name"] == report["chosen"] else ""
         print(f"{r['name']:<{width}}  {r['score']:>{score}.2f}  {r['change']:>+6.2f}  {format_size(r['file_mb']):>8}  "
               f"{r['latency_p50_ms']:>10.2f}  {r['throughput']:>8.0f}  {r['speedup']:>7.2f}x{flag}")
     timed, total = rows[0]["latency_texts"], report["settings"]["eval_examples"]

@@ -24,8 +24,9 @@ import torch
 from oztune.api import Classifier
 from oztune.compress.args import CompareArgs
 from oztune.compress.report import (COLUMNS, MAX_DROP_UNIT, UNITS, add_relative, budget_words, busy_item,
-                                   busy_words, latency_sample, latency_words, load_of, pareto_png, points_of,
-                                   round_robin, row, scale_words, sorted_batches, table)
+                                   busy_words, check_fastest, fastest_words, latency_sample, latency_words, load_of,
+                                   pareto_png, pick_fastest, points_of, round_robin, row, scale_words,
+                                   sorted_batches, table)
 from oztune.data.load import Columns, holds_pairs, read_labelled
 from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.compiled import CompiledClassifier
@@ -45,6 +46,7 @@ def compare(a: CompareArgs) -> dict:
     if not math.isfinite(a.max_drop) or a.max_drop < 0:
         raise OztuneError(f"--max-drop must be 0 or more ({MAX_DROP_UNIT}), not {a.max_drop}")
     check_at_least_1("--latency-texts", a.latency_texts)
+    check_fastest(a.fastest)
     start = time.perf_counter()
     models = [resolve_model(m, "model") for m in a.models]  # every path checked before the first model is measured
     check_distinct(a.models, models)
@@ -74,7 +76,7 @@ def compare(a: CompareArgs) -> dict:
     rows = [{**r, **row(metrics, r["problem_type"], mb, weights, len(texts), len(sample), *t), **load_of(load)}
             for r, (metrics, mb, weights), t in zip(rows, measured, timings)]
     add_relative(rows, rows[0], a.max_drop)
-    chosen = max((r for r in rows if r["within_budget"]), key=lambda r: (r["throughput"], -r["file_mb"]))["name"]
+    chosen = pick_fastest(rows, a.fastest)
     report = {"chosen": chosen, "max_drop": a.max_drop, "units": UNITS, "variants": rows,
               "settings": {**asdict(a), "eval_examples": len(texts), "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "seconds": time.perf_counter() - start}}
@@ -154,7 +156,7 @@ def markdown(report: dict) -> str:
 {len(rows)} models, evaluated on `{s['eval']}` ({s['eval_examples']} examples); budget: at most
 {budget_words(report['max_drop'], metric)} below `{base['name']}` ({base['score']:.2f}).
 
-**Fastest within the budget: `{chosen}`**: {points_of(metric)} {best['score']:.2f} ({best['change']:+.2f} pt),
+**Fastest within the budget (by {fastest_words(s.get('fastest', 'throughput'))}): `{chosen}`**: {points_of(metric)} {best['score']:.2f} ({best['change']:+.2f} pt),
 {format_size(best['file_mb'])}, {best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x
 `{base['name']}`), batch-1 p50 {best['latency_p50_ms']:.2f} ms.
 

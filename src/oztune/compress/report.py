@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oztune.compress.args import LATENCY_TEXTS
+from oztune.compress.args import FASTEST, LATENCY_TEXTS
 from oztune.data.dataset import EncodedData
+from oztune.errors import OztuneError
 from oztune.models.hub import format_size, weights_mb
 from oztune.runtime import Contention
 from oztune.train.loop import evaluate
@@ -189,6 +190,26 @@ def round_robin(runs: list[Callable], texts: list[str], pairs: list[str] | None,
             for s, ts in zip(seconds, times)]
 
 
+def check_fastest(fastest: str) -> None:
+    """Refuse a ``--fastest`` that is not one of :data:`~oztune.compress.args.FASTEST`."""
+    if fastest not in FASTEST:
+        raise OztuneError(f"--fastest must be one of {', '.join(FASTEST)}, not {fastest!r}")
+
+
+def pick_fastest(rows: list[dict], fastest: str = "throughput") -> str:
+    """The name of the fastest row within the budget (:func:`add_relative`): by batch-64 ``throughput`` or batch-1
+    ``latency`` (p50), the smaller file breaking a tie."""
+    within = [r for r in rows if r["within_budget"]]
+    if fastest == "latency":
+        return min(within, key=lambda r: (r["latency_p50_ms"], r["file_mb"]))["name"]
+    return max(within, key=lambda r: (r["throughput"], -r["file_mb"]))["name"]
+
+
+def fastest_words(fastest: str) -> str:
+    """What "fastest" meant, in the reports' words."""
+    return "batch-1 p50 latency" if fastest == "latency" else "batch-64 throughput"
+
+
 def add_relative(rows: list[dict], baseline: dict, max_drop: float) -> None:
     """Fill ``change`` (signed points against the baseline: -8.00 is 8 points worse, +0.11 better; not a
     "drop", which would read as a loss when positive), ``speedup`` (throughput ratio) and ``within_budget``."""
@@ -239,7 +260,7 @@ def markdown(rows: list[dict], chosen: str, max_drop: float, settings: dict) -> 
 Model `{settings.get('model')}`, evaluated on `{settings.get('eval')}` ({settings.get('eval_examples')} examples);
 budget: at most {budget_words(max_drop, metric)} below fp32 ({base['score']:.2f}).
 
-**Kept: `{chosen}`**: {points_of(metric)} {best['score']:.2f} ({best['change']:+.2f} pt), {format_size(best['file_mb'])},
+**Kept: `{chosen}`** (the fastest within the budget by {fastest_words(settings.get('fastest', 'throughput'))}): {points_of(metric)} {best['score']:.2f} ({best['change']:+.2f} pt), {format_size(best['file_mb'])},
 {best['throughput']:.0f} texts/s at batch 64 ({best['speedup']:.2f}x fp32), batch-1 p50 {best['latency_p50_ms']:.2f} ms.
 
 {table(rows, chosen)}

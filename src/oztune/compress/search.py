@@ -2,8 +2,9 @@
 
 Recipes: ``int8`` (the fine-tuned model quantized), ``prune`` (structured pruning at each size, then
 distillation from the fp32 model to recover) and ``prune-int8`` (the pruned model quantized). Every
-variant is saved and measured the same way (:mod:`oztune.compress.report`); the fastest at batch 64 whose
-main metric is at most ``--max-drop`` points below fp32 becomes the output model.
+variant is saved and measured the same way (:mod:`oztune.compress.report`); the fastest (``--fastest``: by batch-64
+throughput, or batch-1 latency) whose main metric is at most ``--max-drop`` points below fp32 becomes the output
+model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from oztune.compress.distillation import (DistillConfig, check_train_options, di
 from oztune.compress.prune import PruneConfig, prune_
 from oztune.compress.vocab import prune_vocab_, unk_id
 from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
-from oztune.compress.report import MAX_DROP_UNIT, add_relative, budget_words, measure, points_of, write_report
+from oztune.compress.report import (MAX_DROP_UNIT, add_relative, budget_words, check_fastest, fastest_words,
+                                   measure, pick_fastest, points_of, write_report)
 from oztune.config import ModelConfig
 from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.hub import format_size, save_classifier
@@ -58,6 +60,7 @@ def check_args(a: CompressArgs) -> None:
         raise OztuneError(f"--sizes {','.join(map(str, a.sizes))}: sizes that round to the same percentage would be "
                           f"one variant ({', '.join(twice)}); give sizes at least 0.01 apart")
     check_at_least_1("--importance-batches", a.importance_batches)
+    check_fastest(a.fastest)
     DistillConfig(a.temperature, a.alpha)  # checks both
     check_train_options(a)
 
@@ -181,7 +184,7 @@ def shape(model) -> str:
 def _finish(a: CompressArgs, rows: list[dict], work: Path, data, start: float) -> None:
     """Pick the fastest variant in budget, put it at the top of the output and write the report."""
     add_relative(rows, rows[0], a.max_drop)
-    chosen = max((r for r in rows if r["within_budget"]), key=lambda r: (r["throughput"], -r["file_mb"]))["name"]
+    chosen = pick_fastest(rows, a.fastest)
     # fp32: nothing smaller kept the accuracy, the output is the input model (as measured, saved in fp32)
     src = work / "fp32" if chosen == "fp32" else work / "variants" / chosen
     for f in src.iterdir():
@@ -205,7 +208,8 @@ def compress_card(a: CompressArgs, rows: list[dict], chosen: str, text_pairs: bo
     return recipe_card("compressed classifier (oztune compress)", [
         f"Source: `{a.model}`; recipes tried: {', '.join(a.recipes)}; kept: {kept}",
         f"{points} {best['score']:.2f} against fp32's {base['score']:.2f} ({best['change']:+.2f} pt; budget: at most "
-        f"{budget_words(a.max_drop, best['metric'])} below), {best['speedup']:.2f}x fp32 throughput at batch 64",
+        f"{budget_words(a.max_drop, best['metric'])} below), {best['speedup']:.2f}x fp32 throughput at batch 64, "
+        f"{best['latency_speedup']:.2f}x its speed at batch 1 (kept as the fastest by {fastest_words(a.fastest)})",
         f"Evaluated on `{a.eval}`; every variant's figures: report.md",
     ], base["metrics"], best["metrics"], a.output, columns=("fp32", f"kept: {chosen}"),
                        text_pairs=text_pairs)
