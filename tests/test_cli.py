@@ -322,6 +322,7 @@ def test_help_shows_each_options_default(capsys):
     assert "(default: 40000)" in text and "(default: 0.5,0.33)" in text and "--prune-vocab" in text
     assert "keep only the embeddings of tokens in the training file" in text and "(default: on)" in text
     assert "(default: None)" not in text
+    assert "--fastest {throughput,latency}" in text and "--precision {auto,bf16,fp32}" in text  # the choices shown
 
 
 def test_python_m_oztune_cli_has_the_commands():

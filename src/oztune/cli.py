@@ -109,7 +109,8 @@ def _list_of(item: type) -> Callable[[str], list]:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One option per field: --kebab-case, typed, with help; fields with metadata positional=True are positional."""
+    """One option per field: --kebab-case, typed, with help; fields with metadata positional=True are positional,
+    a field's metadata choices are shown as its value in the help."""
     helps = _arg_help(cls)
     hints = typing.get_type_hints(cls)
     for f in _fields_in_help_order(cls):
@@ -119,6 +120,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f.name, nargs="*", **kw)
             continue
         flag = "--" + f.name.replace("_", "-")
+        if "choices" in f.metadata:  # (shown in --help; checked by the command, which a --config value reaches too)
+            kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) is list:

@@ -197,7 +197,7 @@ class CompressArgs(RecipeOptions):
     max_train_examples: int | None = 40000
     prune_vocab: bool = True
     keep_variants: bool = True
-    fastest: str = "throughput"
+    fastest: str = field(default="throughput", metadata={"choices": FASTEST})
 
 
 @dataclass
@@ -229,4 +229,4 @@ class CompareArgs:
     text_pair_column: str | None = None
     label_column: str | None = None
     latency_texts: int = LATENCY_TEXTS
-    fastest: str = "throughput"
+    fastest: str = field(default="throughput", metadata={"choices": FASTEST})

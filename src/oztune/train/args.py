@@ -40,7 +40,7 @@ class RecipeOptions:
     text_pair_column: str | None = None
     label_column: str | None = None
     seed: int = 42
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     progress: bool = True
 
     def columns(self) -> Columns:
