@@ -461,3 +461,12 @@ def test_a_prefix_of_an_option_is_refused_not_taken_for_the_option(prefix, argv,
     err = capsys.readouterr().err
     assert f"oztune {argv[0]}: error: unrecognized arguments: {prefix}" in err  # (the command named, as other errors)
     assert err.startswith(f"usage: oztune {argv[0]} ")  # the command's usage, not the list of commands
+
+
+def test_with_no_progress_a_commands_output_starts_with_its_result(tiny_finetuned, tmp_path, capsys):
+    """The blank line that sets a result apart from the progress bars came first with --no-progress too."""
+    args = ["quantize", "--model", str(tiny_finetuned), "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "q")]) == 0
+    assert capsys.readouterr().out.startswith(f"quantized {tiny_finetuned} ")
+    assert main([*args[:-1], "--output", str(tmp_path / "q2")]) == 0
+    assert capsys.readouterr().out.startswith(f"\nquantized {tiny_finetuned} ")

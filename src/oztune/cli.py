@@ -108,6 +108,12 @@ def _list_of(item: type) -> Callable[[str], list]:
     return parse
 
 
+def gap(a) -> str:
+    """The blank line a command prints before its result, apart from its progress bars; none with --no-progress
+    (the result alone, from its first line)."""
+    return "\n" if getattr(a, "progress", True) else ""
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """One option per field: --kebab-case, typed, with help; fields with metadata positional=True are positional,
     a field's metadata choices are shown as its value in the help."""

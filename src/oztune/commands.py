@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oztune.cli import command
+from oztune.cli import command, gap
 from oztune.data.labels import parse_multi_label
 from oztune.data.readers import decode_utf8, is_blank, lone_surrogate, read_lines, split_lines
 from oztune.errors import DataError, OztuneError, check_at_least_1, check_text_pairs, path_errors
@@ -48,7 +48,7 @@ def finetune_cmd(a: FinetuneArgs) -> int:
     run = finetune(a)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
-    print(f"\nfine-tuned {a.model} on {run['train_examples']:,} examples in {run['train_seconds']:.0f} s "
+    print(f"{gap(a)}fine-tuned {a.model} on {run['train_examples']:,} examples in {run['train_seconds']:.0f} s "
           f"({run['train_examples_per_s']:.0f} examples/s); saved to {a.output}")
     if run["metrics"]:
         print(f"{'eval' if a.evaluates else 'train'} metrics ({'best' if a.evaluates else 'last'}: "  # (no eval: no choice)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from oztune.cli import command
+from oztune.cli import command, gap
 from oztune.compress.args import CompareArgs, CompressArgs, DistillArgs, PruneArgs, QuantizeArgs
 
 
@@ -19,7 +19,7 @@ def quantize_cmd(a: QuantizeArgs) -> int:
     run = run_quantize(a)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
-    print(f"\nquantized {a.model} ({a.scheme}, {run['quantization']['weight_bits']}-bit weight codes, embeddings {a.embeddings}"
+    print(f"{gap(a)}quantized {a.model} ({a.scheme}, {run['quantization']['weight_bits']}-bit weight codes, embeddings {a.embeddings}"
           f"{', fp32: ' + ','.join(a.skip) if a.skip else ''}); saved to {a.output}")
     print(f"weights: {format_size(run['file_mb_before'])} -> {format_size(run['file_mb'])}")
     for k, v in run["metrics"].items():
@@ -43,7 +43,7 @@ def prune_cmd(a: PruneArgs) -> int:
     run = run_prune(a)
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
-    print(f"\npruned {a.model}: {run['shape']}, {run['parameters'] / 1e6:.2f}M parameters, "
+    print(f"{gap(a)}pruned {a.model}: {run['shape']}, {run['parameters'] / 1e6:.2f}M parameters, "
           f"encoder sparsity {run['sparsity']:.1%}; saved to {a.output}")
     print(f"before: {_score(run['metrics_before'])}\nafter:  {_score(run['metrics'])}")
     return 0
@@ -59,7 +59,7 @@ def distill_cmd(a: DistillArgs) -> int:
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
     s = run["student"]
-    print(f"\nstudent: {s['layers']} layers, {s['parameters'] / 1e6:.2f}M parameters; saved to {a.output}")
+    print(f"{gap(a)}student: {s['layers']} layers, {s['parameters'] / 1e6:.2f}M parameters; saved to {a.output}")
     print(f"teacher: {_score(run['teacher_metrics'])}\nstudent: {_score(run['metrics'])}")
     return 0
 
@@ -76,7 +76,7 @@ def compress_cmd(a: CompressArgs) -> int:
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
     best = next(r for r in report["variants"] if r["name"] == report["chosen"])
-    print(f"\nkept {best['name']}: {points_of(best['metric'])} {best['score']:.2f} ({best['change']:+.2f} pt), "
+    print(f"{gap(a)}kept {best['name']}: {points_of(best['metric'])} {best['score']:.2f} ({best['change']:+.2f} pt), "
           f"{format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput, {best['latency_speedup']:.2f}x "
           f"its batch-1 speed; saved to {a.output} (report.md, report.json, pareto.png)")
     _say_busy(busy_words(report["variants"], in_turns=False))
