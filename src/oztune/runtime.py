@@ -40,6 +40,13 @@ def tune_malloc() -> bool:
     return _done
 
 
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity; every CPU where the OS does not say)."""
+    if hasattr(os, "sched_getaffinity"):
+        return os.sched_getaffinity(0)
+    return set(range(os.cpu_count() or 1))
+
+
 def _busy_seconds(cpus: set[int], stat: str = "/proc/stat") -> float | None:
     """Seconds the ``cpus`` have been busy since boot (user, nice, system, irq, softirq and steal: time the
     hypervisor gave this VM's cores to other guests) from Linux's ``/proc/stat``; None where it cannot be read."""
@@ -82,7 +89,7 @@ class Contention:
 
     def __init__(self, threads: int, stat: str = "/proc/stat"):
         self.threads, self.stat = threads, stat
-        self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        self.cpus = usable_cpus()
         self.others: float | None = None
 
     def __enter__(self) -> Contention:

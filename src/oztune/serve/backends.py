@@ -6,7 +6,6 @@ directory with the same tokenizer, batching and output format.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from oztune.config import ModelConfig, check_count
 from oztune.data.dataset import EncodedData, inference_batches
 from oztune.data.tokenize import TextEncoder, pad_batch
 from oztune.errors import ModelError, OztuneError, missing_package
+from oztune.runtime import usable_cpus
 from oztune.models.hub import (ONNX_FILE, is_onnx_export, read_config, recorded_text_pairs, resolve_model,
                                tokenizer_length)
 from oztune.serve.batching import ModelTimeout
@@ -41,7 +41,7 @@ def _onnxruntime():
 
 def default_threads() -> int:
     """Cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return len(usable_cpus())
 
 
 class OnnxClassifier(Predictor):

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from oztune.runtime import usable_cpus
+
 WAIT_FOR_RANK_0 = timedelta(days=7)  # the timeout of waits for rank 0's work alone (see the module's doc)
 _waits = None  # the group of those waits (None: the default group, when it was joined elsewhere)
 
@@ -51,10 +53,7 @@ class DistEnv:
 
 
 def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return len(usable_cpus())
 
 
 def init_from_env() -> DistEnv:
