@@ -3,10 +3,10 @@
 Peers (one fine-tuned model, the same length-sorted batches of 64, end to end with tokenization, 2 threads):
 Hugging Face fp32 (transformers), HF + torch.ao ``quantize_dynamic``, ONNX Runtime fp32 and int8
 (``onnxruntime.quantization.quantize_dynamic`` of a ``torch.onnx`` export of the HF model; and with its
-``reduce_range=True``, 7-bit weights, ORT's option for CPUs without VNNI), oztune fp32 and oztune int8
-(``quantize_``, saved, reloaded from disk; on a CPU without VNNI its default 7-bit weights, and a second row
-with 8-bit ones). Columns: batch-64 time on length-sorted batches
-and on batches in file order (padding: oztune packs the real tokens, see oztune.models.packing), batch-1
+``reduce_range=True``, 7-bit weights, ORT's option for CPUs without VNNI), oztune fp32 (and again with PyTorch's
+``F.linear`` in place of oztune's oneDNN Linear, oztune.models.kernels) and oztune int8 (``quantize_``, saved,
+reloaded from disk; on a CPU without VNNI its default 7-bit weights, and a second row with 8-bit ones). Columns:
+batch-64 time on length-sorted batches and on batches in file order (padding: oztune packs the real tokens, see oztune.models.packing), batch-1
 time, file MB, dev accuracy. Then the ``torch._int_mm`` ceiling on a large matrix, measured in the same run, and the
 share of it the int8 model reaches on useful (non-padding) tokens. ``--profile`` adds the int8 model's operators by
 self time. ``--kernels`` adds a per-layer
@@ -91,6 +91,7 @@ def oztune_peers(path: Path, work: Path, compile: bool, aot: bool = False) -> tu
     from oztune.api import Classifier
     from oztune.compress.int8_ops import WEIGHT_BITS
     from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
+    from oztune.models import kernels
     from oztune.models.hub import load_classifier, save_classifier
 
     for bits in sorted({WEIGHT_BITS, 8}):
@@ -102,6 +103,10 @@ def oztune_peers(path: Path, work: Path, compile: bool, aot: bool = False) -> tu
     int8 = Classifier.from_pretrained(work / f"oz-int8-{WEIGHT_BITS}")
     mb = file_mb(work / f"oz-int8-{WEIGHT_BITS}" / "model.safetensors")
     peers = {"oztune fp32": (fp32.logits, file_mb(path / "model.safetensors")), "oztune int8": (int8.logits, mb)}
+    if kernels.ONEDNN_LINEAR:  # and with PyTorch's F.linear (MKL), as before oneDNN's (oztune.models.kernels)
+        mkl = Classifier.from_pretrained(path)
+        kernels.thaw_(mkl.model)
+        peers["oztune fp32, F.linear"] = (mkl.logits, file_mb(path / "model.safetensors"))
     if WEIGHT_BITS != 8:
         peers["oztune int8 8-bit weights"] = (Classifier.from_pretrained(work / "oz-int8-8").logits, mb)
     warm = 0.0

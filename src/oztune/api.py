@@ -15,6 +15,7 @@ from oztune.data.load import Columns, encode_examples, read_labelled
 from oztune.data.readers import is_blank
 from oztune.errors import OztuneError, check_text_pairs
 from oztune.models.hub import check_id2label, load_classifier, require_trained
+from oztune.models.kernels import freeze_
 from oztune.models.transformer import SequenceClassifier, scores
 from oztune.data.tokenize import TextEncoder
 from oztune.train.loop import predict_logits
@@ -221,6 +222,9 @@ class Predictor:
 class Classifier(Predictor):
     """A fine-tuned (possibly compressed) text classifier with its tokenizer and label names.
 
+    The model's weights are taken as final: its fp32 Linear layers run at inference on packed copies of their
+    weights (:func:`oztune.models.kernels.freeze_`); ``model.train()`` undoes that, before any further training.
+
     Args:
         model: the network.
         encoder: its tokenizer.
@@ -233,7 +237,7 @@ class Classifier(Predictor):
     def __init__(self, model: SequenceClassifier, encoder: TextEncoder, id2label: dict[int, str], batch_size: int = 64,
                  text_pairs: bool | None = None):
         check_id2label(id2label, model.head_cfg.num_labels)
-        self.model, self.encoder, self.batch_size = model.eval(), encoder, check_count("batch_size", batch_size)
+        self.model, self.encoder, self.batch_size = freeze_(model.eval()), encoder, check_count("batch_size", batch_size)
         self.id2label, self.text_pairs = id2label, text_pairs
         self.label2id = {v: k for k, v in id2label.items()}
         self.problem_type = model.head_cfg.problem_type

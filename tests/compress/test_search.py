@@ -144,6 +144,8 @@ def test_fastest_picks_by_batch_64_throughput_or_batch_1_latency_within_the_budg
     rows = [r("fp32", 100, 10), r("int8", 150, 12), r("pruned", 140, 6, within=False), r("small", 150, 12, mb=0.5)]
     assert pick_fastest(rows) == pick_fastest(rows, "throughput") == "small"  # (a tie: the smaller file)
     assert pick_fastest(rows, "latency") == "fp32"  # pruned is faster still, but outside the budget
+    rows.append(r("tied", 90, 10, mb=0.25))
+    assert pick_fastest(rows, "latency") == "tied"  # as fast at batch 1 as fp32, and the smaller file
 
 
 def test_compress_keeps_the_fastest_by_latency_when_asked(tiny_finetuned, sentiment_files, tmp_path, monkeypatch,

@@ -37,10 +37,11 @@ and dequantization with the bias is one in-place ``addcmul``: besides the GEMMs,
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable
 
 import torch
+
+from oztune.models.kernels import cached_pack, forget
 
 EPS = 1e-8  # smallest row amax: an all-zero (padding) row quantizes to zeros, never to NaN
 ONEDNN_MIN_ROWS = 256  # from here on oneDNN's pre-packed kernel beats torch._int_mm
@@ -194,27 +195,15 @@ _PACKS: dict[int, tuple] = {}  # wq.data_ptr() -> (weakref to wq, wq._version, p
 
 def packed_weight(wq: torch.Tensor) -> torch.Tensor | None:
     """:func:`pack_weight` of ``wq``, cached while ``wq`` lives and is unchanged (packed again after an in-place
-    change, e.g. a state dict loaded into it). The one cache of both paths: an eager Int8Linear passes its weight,
-    a compiled graph (through :func:`onednn_int8_mm`) the same tensor on every call."""
-    key = wq.data_ptr()
-    hit = _PACKS.get(key)
-    if hit is not None and hit[0]() is wq and hit[1] == wq._version:
-        return hit[2]
-
-    def drop(ref, key=key):  # the weight is gone: so is its pack (unless another weight took the address since)
-        if _PACKS.get(key, (None,))[0] is ref:
-            del _PACKS[key]
-
-    packed = pack_weight(wq)
-    _PACKS[key] = (weakref.ref(wq, drop), wq._version, packed)
-    return packed
+    change, e.g. a state dict loaded into it: :func:`~oztune.models.kernels.cached_pack`). The one cache of both
+    paths: an eager Int8Linear passes its weight, a compiled graph (through :func:`onednn_int8_mm`) the same
+    tensor on every call."""
+    return cached_pack(_PACKS, wq, pack_weight)
 
 
 def forget_pack(wq: torch.Tensor) -> None:
     """Drop ``wq``'s cached pack: for a change the version counter does not see (``wq.data`` written in place)."""
-    hit = _PACKS.get(wq.data_ptr())
-    if hit is not None and hit[0]() is wq:
-        del _PACKS[wq.data_ptr()]
+    forget(_PACKS, wq)
 
 
 @torch.library.custom_op("oztune::onednn_int8_mm", mutates_args=())

@@ -24,6 +24,7 @@ from oztune.compress.args import FASTEST, LATENCY_TEXTS
 from oztune.data.dataset import EncodedData
 from oztune.errors import OztuneError
 from oztune.models.hub import format_size, weights_mb
+from oztune.models.kernels import freeze_, thaw_
 from oztune.runtime import Contention
 from oztune.train.loop import evaluate
 from oztune.train.metrics import MAIN_METRIC
@@ -118,11 +119,16 @@ def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list
         parameters: parameter count (before quantization, which does not change it).
         repeats: throughput runs; the fastest counts.
     """
-    metrics = evaluate(model, eval_data)
-    run = model_runner(model, encoder)
-    sample = latency_sample(len(texts))
-    with Contention(torch.get_num_threads()) as load:
-        timings = round_robin([run], texts, pairs, sorted_batches(encoder, texts, pairs), repeats, latency=sample)[0]
+    freeze_(model)  # scored and timed as it runs once loaded (oztune.Classifier); thawed after: the search goes on
+    try:
+        metrics = evaluate(model, eval_data)
+        run = model_runner(model, encoder)
+        sample = latency_sample(len(texts))
+        with Contention(torch.get_num_threads()) as load:
+            timings = round_robin([run], texts, pairs, sorted_batches(encoder, texts, pairs), repeats,
+                                  latency=sample)[0]
+    finally:
+        thaw_(model)
     return {**row(metrics, model.head_cfg.problem_type, weights_mb(model_dir), parameters, len(texts), len(sample),
                   *timings), **load_of(load)}
 

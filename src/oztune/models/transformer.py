@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oztune.config import HeadConfig, ModelConfig
+from oztune.models.kernels import linear, thaw_
 from oztune.models.packing import Packing
 
 
@@ -118,10 +119,10 @@ class Attention(nn.Module):
                 shape = (x.shape[0],) if query is None else (packing.B, 1)  # (N,) or (B, 1)
             return self.o.bias.expand(*shape, -1) if self.o.bias is not None else x.new_zeros(*shape, x.shape[-1])
         if packing is not None:
-            return self.o(self._packed(self.qkv(x), causal, query, packing))
+            return linear(self.o, self._packed(linear(self.qkv, x), causal, query, packing))
         B, T, _ = x.shape
-        y = self._attend(self.qkv(x), mask, causal, query)  # (B, H, Tq, D)
-        return self.o(y.transpose(1, 2).reshape(B, y.shape[2], -1))  # (B, Tq, C)
+        y = self._attend(linear(self.qkv, x), mask, causal, query)  # (B, H, Tq, D)
+        return linear(self.o, y.transpose(1, 2).reshape(B, y.shape[2], -1))  # (B, Tq, C)
 
     def _attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, causal: bool,
                 query: torch.Tensor | None) -> torch.Tensor:
@@ -193,7 +194,7 @@ class FeedForward(nn.Module):
         self.activation, self.act = cfg.activation, activation_fn(cfg.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))  # (B, T, F) -> (B, T, C)
+        return linear(self.down, self.act(linear(self.up, x)))  # (B, T, F) -> (B, T, C)
 
 
 class Block(nn.Module):
@@ -330,8 +331,8 @@ class TaskHead(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         x = pool(hidden, attention_mask, self.cfg.pooling)  # (B, C)
         for layer in self.hidden:
-            x = self.act(layer(self.dropout(x)))
-        return self.out(self.dropout(x))  # (B, num_labels)
+            x = self.act(linear(layer, self.dropout(x)))
+        return linear(self.out, self.dropout(x))  # (B, num_labels)
 
 
 class SequenceClassifier(nn.Module):
@@ -347,6 +348,11 @@ class SequenceClassifier(nn.Module):
         self.cfg, self.head_cfg = cfg, head
         self.backbone = Transformer(cfg)
         self.head = TaskHead(head, cfg.hidden_size)
+
+    def train(self, mode: bool = True) -> "SequenceClassifier":
+        if mode:  # the weights may change from here: no packed copies of them (oztune.models.kernels)
+            thaw_(self)
+        return super().train(mode)
 
     def _apply(self, fn, recurse=True):
         # int8 layers (oztune.compress.quantize) refuse .half()/.to(torch.bfloat16): asked here first, so that
