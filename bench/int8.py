@@ -11,7 +11,8 @@ time, file MB, dev accuracy. Then the ``torch._int_mm`` ceiling on a large matri
 share of it the int8 model reaches on useful (non-padding) tokens. ``--profile`` adds the int8 model's operators by
 self time. ``--kernels`` adds a per-layer
 comparison of the matmul kernels, quantization and dequantization included (the measurements behind
-oztune.compress.int8_ops: torch._int_mm for few rows, oneDNN's pre-packed kernel for many).
+oztune.compress.int8_ops: torch._int_mm for few rows, oneDNN's pre-packed kernel for many; and, in fp32,
+behind oztune.models.kernels: F.linear against oneDNN's kernel on a packed weight).
 ``--compile`` adds oztune int8 under torch.compile; ``--aot`` the same graphs compiled ahead of time
 (``oztune export --format aoti``), with their build and load times.
 
@@ -91,7 +92,7 @@ def oztune_peers(path: Path, work: Path, compile: bool, aot: bool = False) -> tu
     from oztune.api import Classifier
     from oztune.compress.int8_ops import WEIGHT_BITS
     from oztune.compress.quantize import QuantConfig, quantization_record, quantize_
-    from oztune.models import kernels
+    from oztune.models import kernels as fp32_kernels
     from oztune.models.hub import load_classifier, save_classifier
 
     for bits in sorted({WEIGHT_BITS, 8}):
@@ -103,9 +104,9 @@ def oztune_peers(path: Path, work: Path, compile: bool, aot: bool = False) -> tu
     int8 = Classifier.from_pretrained(work / f"oz-int8-{WEIGHT_BITS}")
     mb = file_mb(work / f"oz-int8-{WEIGHT_BITS}" / "model.safetensors")
     peers = {"oztune fp32": (fp32.logits, file_mb(path / "model.safetensors")), "oztune int8": (int8.logits, mb)}
-    if kernels.ONEDNN_LINEAR:  # and with PyTorch's F.linear (MKL), as before oneDNN's (oztune.models.kernels)
+    if fp32_kernels.ONEDNN_LINEAR:  # and with PyTorch's F.linear (MKL), as before oneDNN's (oztune.models.kernels)
         mkl = Classifier.from_pretrained(path)
-        kernels.thaw_(mkl.model)
+        fp32_kernels.thaw_(mkl.model)
         peers["oztune fp32, F.linear"] = (mkl.logits, file_mb(path / "model.safetensors"))
     if WEIGHT_BITS != 8:
         peers["oztune int8 8-bit weights"] = (Classifier.from_pretrained(work / "oz-int8-8").logits, mb)
@@ -172,6 +173,7 @@ def linear_ops(model) -> tuple[int, int]:
 def kernels(tokens: int) -> list[dict]:
     """ms per call of each matmul candidate for MiniLM's four Linear shapes, at a batch-64 and a batch-1 M."""
     from oztune.compress import int8_ops
+    from oztune.models import kernels as fp32_kernels
 
     def onednn(x, wq, sw, b, packed):  # oztune's kernel above ONEDNN_MIN_ROWS rows, at any M
         rows, int8_ops.ONEDNN_MIN_ROWS = int8_ops.ONEDNN_MIN_ROWS, 0
@@ -186,15 +188,20 @@ def kernels(tokens: int) -> list[dict]:
             x, w, b = torch.randn(M, K), torch.randn(N, K) * 0.05, torch.randn(N)
             wq, sw = int8_ops.quantize_per_channel(w, int8_ops.WEIGHT_BITS)  # (7-bit where only they are exact)
             packed, wb, bb = int8_ops.pack_weight(wq), w.bfloat16(), b.bfloat16()
+            w_onednn = fp32_kernels._pack(w) if fp32_kernels.ONEDNN_LINEAR else None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 fb = torch.ao.nn.quantized.dynamic.Linear(K, N)
                 fb.set_weight_bias(torch.quantize_per_channel(w, sw.double(), torch.zeros(N, dtype=torch.long), 0,
                                                               torch.qint8), b)
-            cands = {"fp32": lambda: F.linear(x, w, b), "bf16": lambda: F.linear(x.bfloat16(), wb, bb),
+            cands = {"fp32": lambda: F.linear(x, w, b),
+                     "fp32 oneDNN": lambda: torch.ops.mkldnn._linear_pointwise(x, w_onednn, b, "none", [], ""),
+                     "bf16": lambda: F.linear(x.bfloat16(), wb, bb),
                      "fbgemm dynamic (torch.ao)": lambda: fb(x),
                      "int8 _int_mm": lambda: int8_ops.int8_linear(x, wq, sw, b, lambda: None),
                      "int8 oneDNN": lambda: onednn(x, wq, sw, b, packed)}
+            if w_onednn is None:
+                del cands["fp32 oneDNN"]
             for f in cands.values():
                 f()
             n = 20 if M < 100 else 5

@@ -1,11 +1,11 @@
 """The fp32 Linear kernel of CPU inference: oneDNN's, on a weight pre-packed once, in place of MKL's sgemm.
 
 PyTorch's ``F.linear`` on CPU calls MKL's sgemm, which on AMD CPUs takes its AVX2 path and at a few dozen rows
-(one SST-2 sentence is ~25 tokens) barely uses a second thread: on a 2-core AVX2 EPYC, 65-78 GFLOP/s with 2
-threads against 50-60 with one. oneDNN's kernel on a weight packed into its blocked layout
-(``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's inductor lowers bf16 linears to) splits the work:
-97-99 GFLOP/s on MiniLM's feed-forward shapes at 25 rows, and the bundled MiniLM at batch 1 takes 0.78-0.89x the
-time end to end; at batches of 64 the two are level (bench/inference.py, BENCHMARKS.md).
+(one SST-2 sentence is ~25 tokens) gains little from a second thread. oneDNN's kernel on a weight packed into its
+blocked layout (``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's inductor lowers bf16 linears to) splits
+the work: on a 2-core AVX2 EPYC (session 25's ``bench/int8.py --kernels``) MiniLM's four Linear shapes at 25 rows
+take 0.73-0.96x MKL's time, at 2,560 rows 0.94-1.12x; end to end the fine-tuned MiniLM runs batch 1 at 1.10-1.23x
+MKL's speed, batches of 64 level (``bench/inference.py``, ``bench/int8.py``; BENCHMARKS.md).
 
 Where it applies (:func:`fast`): a plain ``nn.Linear`` of a model whose weights are final (:func:`freeze_`: a
 model loaded for inference by ``oztune.Classifier``, a variant timed by ``oztune compress``), with fp32 weight

@@ -7,7 +7,8 @@ matmul-softmax-matmul on CPUs (``EXPLICIT_ATTENTION_ON_CPU``). Shapes: B batch, 
 H heads, D head width, F feed-forward width.
 
 Parameter names are oztune's own (``layers.0.attn.qkv.weight``); :mod:`oztune.models.families`
-maps them to and from each family's Hugging Face names.
+maps them to and from each family's Hugging Face names. Linear layers are called through
+:func:`oztune.models.kernels.linear` (oneDNN's kernel at CPU inference on a model whose weights are final).
 """
 
 from __future__ import annotations
