@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 ONEDNN_LINEAR = (os.environ.get("OZTUNE_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
 
 def cached_pack(packs: dict, w: torch.Tensor, pack: Callable[[torch.Tensor], object]):
     """``pack(w)``, kept in ``packs`` while ``w`` lives and is unchanged: packed again after an in-place change
@@ -60,9 +61,9 @@ def forget(packs: dict, w: torch.Tensor) -> None:
 _PACKS: dict[int, tuple] = {}  # fp32 weights packed for oneDNN (cached_pack)
 
 # Multiply-adds (rows x in x out) from which a layer runs oneDNN's kernel. A call of it costs ~40 us more than
-# MKL's (35-50 us for a 2 x 8 x 8 product, against 6-8): a tiny layer (a head's output row) stays with MKL. In the
-# whole model the bound mattered little: at batch 1, 2^20, 2^22, 2^23 and no bound took 0.81-0.91x MKL's time in
-# two scratch runs of 400 sentences taking turns (the machine's noise is as large as their differences).
+# MKL's (scratch timings: 35-50 us for a 2 x 8 x 8 product, against 6-8): a tiny layer (a head's output row) stays
+# with MKL. In the whole model the bound mattered little: at batch 1, 2^20, 2^22, 2^23 and no bound took 0.81-0.91x
+# MKL's time in two scratch runs of 400 sentences taking turns (the machine's noise is as large as their differences).
 MIN_WORK = 1 << 20
 
 
