@@ -86,7 +86,7 @@ def main() -> None:
         return out
 
     rows = {}
-    watch = Contention(torch.get_num_threads()).__enter__()
+    watch = Contention(torch.get_num_threads()).start()
     for mode, size, sort in (("batch 64 unsorted", 64, False), ("batch 64 sorted", 64, True), ("batch 1", 1, False)):
         bs = batches(texts, lengths, size, sort)
         reps = max(1, a.repeats - 1) if size == 1 else a.repeats
@@ -96,7 +96,7 @@ def main() -> None:
                       "speedup_mkl": t_hf / t_mkl, "hf_accuracy": float((p_hf == gold).mean()),
                       "oztune_accuracy": float((p_oz == gold).mean()), "agreement": float((p_hf == p_oz).mean()),
                       "agreement_mkl": float((p_mkl == p_oz).mean())}
-    watch.__exit__(None, None, None)
+    watch.stop()
     print(f"\nfp32 inference, SST-2 dev ({len(texts)} sentences), end to end, {torch.get_num_threads()} threads, model {a.model or 'bundled MiniLM'}")
     print(load_words(watch))
     print(f"oztune's Linear kernel: {'oneDNN' if kernels.ONEDNN_LINEAR else 'MKL (turned off)'}; "

@@ -246,7 +246,7 @@ def main() -> None:
     repeats = 1 if a.quick else a.repeats
     path = Path(a.model)
     load0 = os.getloadavg()[0]
-    watch = Contention(a.threads).__enter__()
+    watch = Contention(a.threads).start()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         oz, int8, warm, aot_times = oztune_peers(path, work, a.compile, a.aot)
@@ -283,7 +283,7 @@ def main() -> None:
         profiles = {"batch64_sorted": profile(lambda: batch64("oztune int8")),
                     "batch1": profile(lambda: [peers["oztune int8"][0]([t]) for t in texts])} if a.profile else {}
         kernel_rows = kernels(int(np.median([len(i) * lengths[i].max() for i in batches]))) if a.kernels else []
-    watch.__exit__(None, None, None)
+    watch.stop()
     load1 = os.getloadavg()[0]
 
     def same_as_fp32(name: str) -> float:  # % of sentences labelled as by the same model in fp32

@@ -122,7 +122,7 @@ def main() -> None:
         return
 
     rows = {}
-    watch = Contention(torch.get_num_threads()).__enter__()
+    watch = Contention(torch.get_num_threads()).start()
     with tempfile.TemporaryDirectory() as tmp:
         rows[HF_ROW] = run_hf_trainer(train, dev, tmp)
     # oztune keeps freed memory in the process (oztune.runtime.tune_malloc, process-wide and for good):
@@ -148,7 +148,7 @@ def main() -> None:
             print(f"{i:<24} {p['hf']['examples_per_s']:>12.1f} {p['oztune']['examples_per_s']:>12.1f} {p['ratio']:>5.2f}x "
                   f"{100 * p['hf']['dev_accuracy']:>6.1f}/{100 * p['oztune']['dev_accuracy']:.1f}%")
         print(f"median ratio of the {len(pairs)} pairs: {float(np.median([p['ratio'] for p in pairs])):.2f}x")
-    watch.__exit__(None, None, None)
+    watch.stop()
     print(load_words(watch))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"examples": n, "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -96,9 +96,11 @@ def test_contention_counts_the_child_processes_waited_for_as_its_own(tmp_path, m
     stat.write_text(stat_text({0: 1000, 1: 1000}))
     load = Contention(threads=2, stat=str(stat))
     load.cpus = {0, 1}
-    with load:  # 2 s: both cores busy throughout; this process 0.5 s of it, a child it waited for 1.25 s
-        stat.write_text(stat_text({0: 1000 + 2 * tick, 1: 1000 + 2 * tick}))
-        clock.process += 0.5
-        children[0] = 1.25  # user; its system time stays at 0.25, counted before and after alike
-        clock.wall += 2.0
+    assert load.start() is load  # (start/stop: the with block's two halves, for a long block)
+    # 2 s: both cores busy throughout; this process 0.5 s of it, a child it waited for 1.25 s
+    stat.write_text(stat_text({0: 1000 + 2 * tick, 1: 1000 + 2 * tick}))
+    clock.process += 0.5
+    children[0] = 1.25  # user; its system time stays at 0.25, counted before and after alike
+    clock.wall += 2.0
+    load.stop()
     assert load.others == pytest.approx((4 - 0.5 - 1.25) / 2)

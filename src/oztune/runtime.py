@@ -82,7 +82,8 @@ class Contention:
     This process's own CPU time counts every thread of it and the child processes it waited for inside the
     block (a benchmark's server or fresh training processes); children still running at the end count as others.
 
-    ``with Contention(threads) as c: ...`` then ``c.others``, ``c.busy``.
+    ``with Contention(threads) as c: ...`` then ``c.others``, ``c.busy``; or ``c = Contention(threads).start()``,
+    ``...``, ``c.stop()`` around a long block.
     """
 
     SLACK = 0.25  # cores: the background of an idle machine stays under it
@@ -92,15 +93,21 @@ class Contention:
         self.cpus = usable_cpus()
         self.others: float | None = None
 
-    def __enter__(self) -> Contention:
+    def start(self) -> Contention:
         self._start = (_busy_seconds(self.cpus, self.stat), _own_seconds(), time.perf_counter())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         busy, own, wall = _busy_seconds(self.cpus, self.stat), _own_seconds(), time.perf_counter()
         busy0, own0, wall0 = self._start
         if busy is not None and busy0 is not None and wall > wall0:
             self.others = max(0.0, ((busy - busy0) - (own - own0)) / (wall - wall0))
+
+    def __enter__(self) -> Contention:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     @property
     def busy(self) -> bool:
