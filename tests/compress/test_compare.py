@@ -13,6 +13,8 @@ from oztune.models.hub import load_classifier, save_classifier
 from oztune.serve.backends import OnnxClassifier
 from oztune.serve.export import export_onnx
 
+from conftest import QuietMachine
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -88,7 +90,7 @@ def test_compare_warns_when_other_processes_took_the_cores_while_it_timed(varian
     assert said in " ".join((tmp_path / "o" / "report.md").read_text().split())
     assert threads == [default_threads()]  # the ONNX export's threads: every core, whatever torch has
 
-    monkeypatch.setattr("oztune.compress.compare.Contention", Quiet)
+    monkeypatch.setattr("oztune.compress.compare.Contention", QuietMachine)
     assert main(["compare", str(fp32), str(int8), "--eval", str(dev)]) == 0
     assert "busy" not in capsys.readouterr().out
 
@@ -107,19 +109,6 @@ def test_compare_marks_the_fastest_by_latency_when_asked(variants, sentiment_fil
                for line in capsys.readouterr().out.splitlines())
     assert main(["compare", str(fp32), "--eval", str(dev), "--fastest", "p50"]) == 2
     assert "--fastest must be one of throughput, latency, not 'p50'" in capsys.readouterr().err
-
-
-class Quiet:
-    """Contention on an idle machine."""
-
-    def __init__(self, threads):
-        self.others, self.busy = 0.05, False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 def test_the_budget_counts_from_the_first_model(variants, sentiment_files):
