@@ -89,13 +89,14 @@ def thaw_(model: nn.Module) -> nn.Module:
 
 
 def fast(m: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``linear(m, x)`` runs oneDNN's kernel (the conditions above, and :data:`MIN_WORK`)."""
+    """Whether ``linear(m, x)`` runs oneDNN's kernel (the conditions above, and :data:`MIN_WORK`; only a plain
+    ``nn.Linear`` is ever frozen)."""
     if not (ONEDNN_LINEAR and m.__dict__.get("_frozen", False)) or torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     w = m._parameters["weight"]
-    return (type(m) is nn.Linear and x.numel() * w.shape[0] >= MIN_WORK and x.dtype == torch.float32
+    return (x.numel() * w.shape[0] >= MIN_WORK and x.dtype == torch.float32
             and w.dtype == torch.float32 and x.device.type == "cpu" and not (m._forward_hooks or m._forward_pre_hooks))
 
 

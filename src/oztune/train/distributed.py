@@ -52,10 +52,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def cpu_cores() -> int:
-    return len(usable_cpus())
-
-
 def init_from_env() -> DistEnv:
     """Join the process group described by torchrun's environment (idempotent); one process: nothing to do.
 
@@ -74,7 +70,7 @@ def init_from_env() -> DistEnv:
     global _waits
     _waits = dist.new_group(timeout=WAIT_FOR_RANK_0)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    torch.set_num_threads(max(1, cpu_cores() // local))
+    torch.set_num_threads(max(1, len(usable_cpus()) // local))
     return DistEnv(dist.get_rank(), dist.get_world_size())
 
 
