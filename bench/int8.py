@@ -12,7 +12,8 @@ share of it the int8 model reaches on useful (non-padding) tokens. ``--profile``
 self time. ``--kernels`` adds a per-layer
 comparison of the matmul kernels, quantization and dequantization included (the measurements behind
 oztune.compress.int8_ops: torch._int_mm for few rows, oneDNN's pre-packed kernel for many; and, in fp32,
-behind oztune.models.kernels: F.linear against oneDNN's kernel on a packed weight).
+behind oztune.models.kernels: F.linear against oneDNN's kernel on a packed weight), and both oneDNN kernels again
+on one thread (what the second thread gives at each size).
 ``--compile`` adds oztune int8 under torch.compile; ``--aot`` the same graphs compiled ahead of time
 (``oztune export --format aoti``), with their build and load times.
 
@@ -170,6 +171,18 @@ def linear_ops(model) -> tuple[int, int]:
     return per_token, per_text
 
 
+def one_thread(fn):
+    """``fn`` run with one compute thread (the caller's thread count restored after)."""
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
 def kernels(tokens: int) -> list[dict]:
     """ms per call of each matmul candidate for MiniLM's four Linear shapes, at a batch-64 and a batch-1 M."""
     from oztune.compress import int8_ops
@@ -202,6 +215,10 @@ def kernels(tokens: int) -> list[dict]:
                      "int8 oneDNN": lambda: onednn(x, wq, sw, b, packed)}
             if w_onednn is None:
                 del cands["fp32 oneDNN"]
+            # the same two kernels on one thread: how much the second thread gives at this M
+            cands["int8 oneDNN, 1 thread"] = one_thread(cands["int8 oneDNN"])
+            if w_onednn is not None:
+                cands["fp32 oneDNN, 1 thread"] = one_thread(cands["fp32 oneDNN"])
             for f in cands.values():
                 f()
             n = 20 if M < 100 else 5
