@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +48,17 @@ def test_evaluate_json_in_a_fresh_process(trained, sentiment_files):
     metrics = json.loads(r.stdout)
     assert metrics["accuracy"] == pytest.approx(json.loads((trained / "run.json").read_text())["metrics"]["accuracy"])
     assert metrics["examples"] == 100
+    # and how far its scores can be trusted: the calibration of the same model's probabilities, in this process
+    from oztune import Classifier
+    from oztune.train.metrics import calibration_metrics
+
+    clf = Classifier.from_pretrained(trained)
+    rows = [line.split("\t") for line in sentiment_files[1].read_text().splitlines()[1:]]
+    ids = {name: i for i, name in clf.id2label.items()}
+    gold = np.array([int(g) if g.isdigit() else ids[g] for _, g in rows])
+    want = calibration_metrics(np.asarray(clf.logits([t for t, _ in rows])), gold)
+    assert metrics["log_loss"] == pytest.approx(want["log_loss"], rel=1e-4) and metrics["log_loss"] > 0
+    assert metrics["ece"] == pytest.approx(want["ece"], abs=1e-4)
 
 
 def test_evaluate_per_label_and_mistakes_file(trained, sentiment_files, tmp_path):

@@ -94,6 +94,8 @@ def test_evaluate_and_predict_run_an_onnx_export_like_the_model(tmp_path, capsys
         results.append(json.loads(capsys.readouterr().out))
     assert results[0]["accuracy"] == results[1]["accuracy"] == 25 / 30
     assert results[0]["confusion_matrix"] == results[1]["confusion_matrix"]
+    assert results[0]["log_loss"] == pytest.approx(results[1]["log_loss"], rel=1e-4)  # the same scores' calibration
+    assert results[0]["ece"] == pytest.approx(results[1]["ece"], abs=1e-4)
     assert main(["predict", "--model", str(out), *texts[:3], "--all-scores"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     ref = Classifier.from_pretrained(model_dir).predict(texts[:3], all_scores=True)

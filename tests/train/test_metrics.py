@@ -139,3 +139,42 @@ def test_label_report_names_a_label_missing_from_id2label_by_its_index_as_text()
     r = label_report("single_label", logits, np.array([2, 0]), {0: "a", 1: "b"})
     assert list(r["per_label"]) == ["a", "b", "2"]
     assert r["per_label"]["2"]["support"] == 1
+
+
+def test_calibration_by_hand():
+    from oztune.train.metrics import calibration_metrics
+
+    three = np.log(3.0)
+    # both predictions say 0.75 (one bin), one is right: accuracy 0.5 against confidence 0.75
+    logits = np.array([[0.0, three], [three, 0.0]])
+    m = calibration_metrics(logits, np.array([1, 1]))
+    assert m["ece"] == pytest.approx(0.25)
+    assert m["log_loss"] == pytest.approx(-(np.log(0.75) + np.log(0.25)) / 2)
+    # four at 0.75, three right: calibrated
+    four = np.array([[0.0, three]] * 4)
+    assert calibration_metrics(four, np.array([1, 1, 1, 0]))["ece"] == pytest.approx(0.0, abs=1e-12)
+    # bins are weighted by their share: 0.75 right (gap 0.25), and two at 0.99 both right (gap 0.01 each)
+    sure = np.log(99.0)
+    m = calibration_metrics(np.array([[0.0, three], [sure, 0.0], [0.0, sure]]), np.array([1, 0, 1]))
+    assert m["ece"] == pytest.approx((0.25 + 2 * 0.01) / 3)
+    assert calibration_metrics(np.zeros((0, 2)), np.zeros(0)) == {"log_loss": 0.0, "ece": 0.0}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_calibration_log_loss_matches_sklearn_and_ece_a_loop(seed):
+    from oztune.train.metrics import CALIBRATION_BINS, calibration_metrics
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (300, 4)).astype(np.float32)
+    gold = rng.integers(0, 4, 300)
+    m = calibration_metrics(logits, gold)
+    p = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))  # (float64: sklearn clips at its eps)
+    p /= p.sum(1, keepdims=True)
+    assert m["log_loss"] == pytest.approx(sk.log_loss(gold, p, labels=range(4)), rel=1e-5)
+    conf, right, ece = p.max(1), p.argmax(1) == gold, 0.0  # the textbook loop over the bins
+    for i in range(CALIBRATION_BINS):
+        lo, hi = i / CALIBRATION_BINS, (i + 1) / CALIBRATION_BINS
+        inside = (conf >= lo) & ((conf < hi) if i < CALIBRATION_BINS - 1 else (conf <= hi))
+        if inside.any():
+            ece += inside.mean() * abs(right[inside].mean() - conf[inside].mean())
+    assert m["ece"] == pytest.approx(ece, rel=1e-5, abs=1e-9)

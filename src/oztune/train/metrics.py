@@ -1,6 +1,7 @@
 """Metrics of each problem type, in numpy (small enough that a dependency would not pay its way).
 
-single_label: accuracy, macro-F1, MCC (multi-class Matthews); multi_label: subset accuracy,
+single_label: accuracy, macro-F1, MCC (multi-class Matthews), and (``oztune evaluate``, not per epoch) the
+probabilities' log loss and expected calibration error; multi_label: subset accuracy,
 micro-/macro-F1; regression: Pearson, Spearman, MSE. ``MAIN_METRIC`` names the one early stopping uses.
 Of zero rows (not from a file, which the readers refuse empty: data encoded or filtered in Python) every metric is
 0, a number (not nan, which JSON does not take), as single-label's always were; regression's then carry a ``note``
@@ -144,6 +145,30 @@ def label_report(problem_type: str, logits: np.ndarray, gold: np.ndarray, id2lab
     if problem_type == "single_label":
         out["confusion_matrix"] = cm.tolist()
     return out
+
+
+CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al., 2017)
+
+
+def calibration_metrics(logits: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """How far a single-label model's probabilities (softmax of ``logits`` (N, L)) can be taken at their word,
+    against gold class ids (N,): ``log_loss``, the mean negative log-probability of the gold label (natural log;
+    scikit-learn's ``log_loss``), and ``ece``, the expected calibration error: the predictions grouped by their
+    confidence (the top probability) into :data:`CALIBRATION_BINS` bins [i/15, (i+1)/15), each bin's
+    |accuracy - mean confidence| weighted by its share of the examples (0: a score of 0.9 is right 90% of the
+    time). Quantization or pruning can keep the accuracy and still move these. Of zero rows both are 0."""
+    if not len(gold):
+        return {"log_loss": 0.0, "ece": 0.0}
+    z = logits.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (N, L) log-softmax
+    gold = gold.astype(int)
+    conf = np.exp(log_p.max(-1))  # (N,)
+    right = (log_p.argmax(-1) == gold).astype(np.float64)
+    bins = np.minimum((conf * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    n = np.bincount(bins, minlength=CALIBRATION_BINS)
+    gap = np.abs(np.bincount(bins, right, CALIBRATION_BINS) - np.bincount(bins, conf, CALIBRATION_BINS))
+    return {"log_loss": float(-log_p[np.arange(len(gold)), gold].mean()), "ece": float(gap.sum() / n.sum())}
 
 
 def labels_on(logits: np.ndarray) -> np.ndarray:
