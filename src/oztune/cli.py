@@ -268,10 +268,22 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+class _CommandList(argparse.HelpFormatter):
+    """The top-level help, with every command's help beside its name: argparse measures the command names at the
+    section's indent, but lists them 2 columns further in, so a name one letter longer than the others (calibrate)
+    went on a line of its own."""
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            self._action_max_length += 2
+
+
 def make_parser() -> argparse.ArgumentParser:
     from oztune import commands  # noqa: F401  (registers the commands; no torch)
 
-    parser = _Parser(prog="oztune", description="Fine-tune, compress and serve transformer classifiers on CPU.")
+    parser = _Parser(prog="oztune", description="Fine-tune, compress and serve transformer classifiers on CPU.",
+                     formatter_class=_CommandList)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = {}

@@ -163,6 +163,52 @@ def _print_metrics(a: EvaluateArgs, metrics: dict) -> None:
         _print_label_report(metrics)
 
 
+@dataclass
+class CalibrateArgs:
+    """Calibrate a single-label classifier's scores by temperature scaling: one temperature T fitted on a
+    labelled file, the model's logits divided by it (folded into its output layer), the labels unchanged.
+
+    Args:
+        model: fine-tuned model directory (from oztune finetune, quantize, prune, distill or compress).
+        data: labelled file to fit the temperature on: held-out data (an evaluation split), not the training
+            file, on which a model is overconfident by construction.
+        output: directory to write the calibrated model to (replaced atomically).
+        batch_size: examples per forward pass.
+        max_length: longest input in tokens (default: the length the model was fine-tuned with).
+        text_column: column holding the text.
+        text_pair_column: column holding the second text of a pair.
+        label_column: column holding the label.
+    """
+
+    model: str = ""
+    data: str = ""
+    output: str = ""
+    batch_size: int = 64
+    max_length: int | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+
+
+@command("calibrate", CalibrateArgs, "fit a temperature so that a classifier's scores match how often it is right",
+         needs=("oztune.train.calibrate",))
+def calibrate_cmd(a: CalibrateArgs) -> int:
+    from oztune.train.calibrate import run_calibrate
+
+    if not a.model or not a.output:
+        raise OztuneError("--model and --output are required")
+    run = run_calibrate(a)
+    b, m = run["metrics_before"], run["metrics"]
+    bound = " (the end of the range searched)" if run["temperature_at_bound"] else ""
+    print(f"temperature {run['temperature']:.4f}{bound}, fitted on {a.data} ({run['examples']:,} examples): the "
+          f"scores are the logits divided by it, the labels unchanged; saved to {a.output}")
+    print(f"  {'':<10} {'before':>8} {'after':>8}")
+    for k in ("log_loss", "ece", "accuracy"):
+        print(f"  {k:<10} {b[k]:>8.4f} {m[k]:>8.4f}")
+    print("(on the file it was fitted on: measure it on other data with oztune evaluate)")
+    return 0
+
+
 def _print_label_report(metrics: dict) -> None:
     """The per-label table and, for a few labels, the confusion matrix."""
     names = list(metrics["per_label"])

@@ -1,0 +1,127 @@
+"""Temperature scaling (Guo et al., 2017): one number T, fitted on labelled data, so that a single-label classifier's
+scores say how often it is right; folded into the model's last layer.
+
+``softmax(z / T)`` keeps each row's arg max, so the labels (and accuracy, F1, the confusion matrix) stay what they
+were; only the scores move. T minimises the mean negative log-likelihood of the gold labels on the given file
+(:func:`fit_temperature`: the loss is convex in 1/T, so a golden-section search over log(1/T) finds it).
+:func:`scale_output_` then divides the head's output layer by T (its weight and bias, or an int8 layer's weight
+scales and bias), so the saved model is an ordinary one: every way of running it (oztune, its ONNX export, the
+server, Hugging Face transformers for an fp32 model) gives the calibrated scores without knowing about T.
+
+Fit T on held-out data, not on the training file (where the model is overconfident by construction), and measure
+the result on other data again: ``oztune evaluate`` reports ``log_loss`` and ``ece``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from oztune.errors import OztuneError
+
+T_RANGE = (0.05, 20.0)  # the temperatures searched: a fit at either end is said (see run_calibrate)
+STEPS = 80  # golden-section steps: the log-interval shrinks by 0.618^80 (~1e-17 of its width)
+
+
+def nll(logits: np.ndarray, gold: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of the gold class ids (N,) under ``softmax(logits / temperature)`` (N, L)."""
+    z = logits.astype(np.float64) / temperature
+    top = z.max(-1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(z - top).sum(-1))
+    return float((log_norm - z[np.arange(len(gold)), gold.astype(int)]).mean())
+
+
+def fit_temperature(logits: np.ndarray, gold: np.ndarray) -> float:
+    """The temperature in :data:`T_RANGE` whose softmax gives the gold class ids (N,) the least mean negative
+    log-likelihood, for single-label ``logits`` (N, L), N >= 1."""
+    if not len(gold):
+        raise ValueError("fit_temperature needs at least one example")
+    lo, hi = -math.log(T_RANGE[1]), -math.log(T_RANGE[0])  # over log(1/T), where the loss is unimodal
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(logits, gold, math.exp(-a)), nll(logits, gold, math.exp(-b))
+    for _ in range(STEPS):
+        if fa <= fb:  # the minimum is in [lo, b]
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(logits, gold, math.exp(-a))
+        else:  # in [a, hi]
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(logits, gold, math.exp(-b))
+    return math.exp(-(lo + hi) / 2)
+
+
+@torch.no_grad()
+def scale_output_(model: nn.Module, factor: float) -> None:
+    """Multiply the model's logits by ``factor`` (> 0), in place, by scaling its head's output layer: an
+    ``nn.Linear``'s weight and bias, or an int8 layer's per-row weight scales and bias (its codes unchanged)."""
+    if not factor > 0:
+        raise ValueError(f"the factor must be positive, not {factor}")
+    from oztune.compress.quantize import Int8Linear
+
+    out = model.head.out
+    if isinstance(out, Int8Linear):
+        out.weight_scale.mul_(factor)
+        if out.bias is not None:
+            out.bias.mul_(factor)
+        out.sum_weights()  # (weight_sums derive from the scales)
+    elif type(out) is nn.Linear:
+        out.weight.mul_(factor)
+        if out.bias is not None:
+            out.bias.mul_(factor)
+    else:
+        raise TypeError(f"the head's output layer is a {type(out).__name__}; expected nn.Linear or Int8Linear")
+
+
+def run_calibrate(a) -> dict:
+    """Load ``a.model``, fit its temperature on ``a.data``, scale its output layer, save it to ``a.output``;
+    returns the run record (the temperature, the metrics before and after)."""
+    from oztune.compress.distillation import load_trained, recipe_card
+    from oztune.data.labels import gold_label2id
+    from oztune.data.load import Columns, encode_examples, read_labelled
+    from oztune.errors import check_at_least_1
+    from oztune.models.hub import read_config, save_classifier
+    from oztune.outdir import check_output_dir
+    from oztune.train.loop import predict_logits
+    from oztune.train.metrics import calibration_metrics, compute_metrics
+
+    for option, count in (("--batch-size", a.batch_size), ("--max-length", a.max_length)):
+        check_at_least_1(option, count)
+    if not a.data:
+        raise OztuneError("--data is required: the labelled file to fit the temperature on")
+    check_output_dir(a.output, inputs=(a.model, a.data))
+    model, enc, meta = load_trained(a.model, "--model", a.max_length, int8_ok=True)
+    kind = model.head_cfg.problem_type
+    if kind != "single_label":
+        raise OztuneError(f"--model {a.model}: a {kind} model; temperature scaling here calibrates the softmax "
+                          "scores of a single-label classifier")
+    examples = read_labelled(a.data, Columns(a.text_column, a.text_pair_column, a.label_column), problem_type=kind,
+                             text_pairs=meta["text_pairs"])
+    data = encode_examples(examples, enc, gold_label2id(meta["id2label"], [e.label for e in examples]), kind, a.data)
+    gold = data.labels.numpy()
+
+    def metrics() -> dict:
+        logits = predict_logits(model, data, a.batch_size)
+        return {**compute_metrics(kind, logits, gold), **calibration_metrics(logits, gold)}
+
+    before = metrics()
+    temperature = fit_temperature(predict_logits(model, data, a.batch_size), gold)
+    scale_output_(model, 1 / temperature)
+    after = metrics()
+    at_bound = min(abs(math.log(temperature / t)) for t in T_RANGE) < 1e-6
+    run = {"command": "calibrate", "source": str(a.model), "args": asdict(a), "temperature": temperature,
+           "temperature_at_bound": at_bound, "examples": len(examples), "metrics_before": before, "metrics": after,
+           "torch": torch.__version__, "source_run": meta.get("run", {})}
+    quantization = read_config(meta["path"]).get("oztune", {}).get("quantization")
+    card = recipe_card("Calibrated classifier (oztune calibrate)", [
+        f"Source: `{a.model}`; scores divided by the temperature {temperature:.4f} (the labels are the source's)",
+        f"Temperature fitted on `{a.data}` ({len(examples):,} examples; the table's metrics are on that file too)"],
+        before, after, a.output, columns=("source", "calibrated"), text_pairs=meta["text_pairs"])
+    save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=quantization, card=card,
+                    text_pairs=meta["text_pairs"])
+    return run
