@@ -19,7 +19,7 @@ from oztune.models.kernels import freeze_
 from oztune.models.transformer import SequenceClassifier, scores
 from oztune.data.tokenize import TextEncoder
 from oztune.train.loop import predict_logits
-from oztune.train.metrics import calibration_metrics, compute_metrics, label_report, labels_on
+from oztune.train.metrics import evaluation_metrics, label_report, labels_on
 
 
 def format_predictions(logits: np.ndarray, problem_type: str, id2label: dict[int, str],
@@ -162,9 +162,9 @@ class Predictor:
     def evaluate(self, path: str, columns: Columns | None = None, per_label: bool = False,
                  mistakes: bool = False) -> dict:
         """Metrics on a labelled file (a label the model does not know is a DataError, and so is a file of the
-        other kind, text pairs or single texts, than the model was fine-tuned on): those of the problem type
-        (:func:`~oztune.train.metrics.compute_metrics`), for single-label also ``log_loss`` and ``ece``
-        (:func:`~oztune.train.metrics.calibration_metrics`), and ``examples``.
+        other kind, text pairs or single texts, than the model was fine-tuned on): those of the problem type,
+        for single-label also ``log_loss`` and ``ece`` (:func:`~oztune.train.metrics.evaluation_metrics`), and
+        ``examples``.
 
         Args:
             path: labelled file (.csv, .tsv or .jsonl).
@@ -186,10 +186,7 @@ class Predictor:
                               f"({logits[bad[0]].tolist()}; {len(bad)} of {len(examples)} examples): no metric means "
                               "anything (weights gone to nan in training?)")
         gold = data.labels.numpy()
-        out = compute_metrics(self.problem_type, logits, gold)
-        if self.problem_type == "single_label":
-            out.update(calibration_metrics(logits, gold))
-        out["examples"] = len(examples)
+        out = {**evaluation_metrics(self.problem_type, logits, gold), "examples": len(examples)}
         if per_label:
             out.update(label_report(self.problem_type, logits, gold, self.id2label))
         if mistakes:

@@ -48,6 +48,7 @@ def test_compare_scores_weighs_and_times_every_model_as_evaluate_does(variants, 
     assert all(v == 0 for v in want.values()) and len(printed) == 3
     for row, metrics in zip(rows.values(), printed):  # the scores oztune evaluate gives
         assert row["score"] == pytest.approx(100 * metrics["accuracy"])
+        assert row["ece"] == pytest.approx(metrics["ece"], abs=1e-6)  # and their calibration, a column of its own
         assert row["throughput"] > 0 and 0 < row["latency_p50_ms"] <= row["latency_p95_ms"]
         assert row["latency_texts"] == 100  # no more eval texts than --latency-texts' 256: batch 1 on every one
     assert rows["int8"]["file_mb"] < rows[fp32.name]["file_mb"] / 2  # int8 weights: about a quarter
@@ -56,6 +57,7 @@ def test_compare_scores_weighs_and_times_every_model_as_evaluate_does(variants, 
     fastest = max(rows.values(), key=lambda r: r["throughput"])["name"]  # budget 100: every model is within it
     assert report["chosen"] == fastest
     md = (out / "report.md").read_text()
+    assert f"| {rows['int8']['ece']:.3f} |" in md and "| ECE |" in md
     assert f"**{fastest}** (fastest in budget)" in md and "| onnx | onnxruntime |" in md.replace(
         "**onnx** (fastest in budget)", "onnx")
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "notes.txt").read_text() == "mine"

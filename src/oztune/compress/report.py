@@ -26,20 +26,20 @@ from oztune.errors import OztuneError
 from oztune.models.hub import format_size, weights_mb
 from oztune.models.kernels import freeze_, thaw_
 from oztune.runtime import Contention
-from oztune.train.loop import evaluate
-from oztune.train.metrics import MAIN_METRIC
+from oztune.train.loop import predict_logits
+from oztune.train.metrics import MAIN_METRIC, evaluation_metrics
 
 COLUMNS = [  # (key, header, value -> cell)
     ("name", "variant", str), ("shape", "layers heads FFN vocab", str), ("score", "{points}", "{:.2f}".format),
     ("change", "change (pt)", "{:+.2f}".format),  # signed: -8.00 is 8 points below the baseline
-    ("macro_f1", "macro-F1", "{:.2f}".format), ("file_mb", "file size", format_size),
+    ("macro_f1", "macro-F1", "{:.2f}".format), ("ece", "ECE", "{:.3f}".format), ("file_mb", "file size", format_size),
     ("parameters", "params (M)", "{:.2f}".format),
     ("latency_p50_ms", "batch-1 p50 ms", "{:.2f}".format), ("latency_p95_ms", "batch-1 p95 ms", "{:.2f}".format),
     ("throughput", "batch-64 texts/s", "{:.0f}".format), ("speedup", "speed-up", "{:.2f}x".format),
 ]
 MAX_DROP_UNIT = "points: percent of accuracy, micro-F1 or Pearson x100"  # (--max-drop's errors)
 UNITS = ("points: the main metric x100 (score, change: signed, against the baseline, macro_f1, max_drop); "
-         "metrics: as oztune evaluate gives them")
+         "ece: expected calibration error, 0 to 1 (single-label); metrics: as oztune evaluate gives them")
 
 
 def points_of(metric: str) -> str:
@@ -104,6 +104,11 @@ def time_batches(run: Callable, texts: list[str], pairs: list[str] | None, batch
     return time.perf_counter() - t0
 
 
+def evaluate(model: torch.nn.Module, data: EncodedData) -> dict:
+    """One variant's metrics on labelled ``data``, as ``oztune evaluate`` gives them (single-label: calibration too)."""
+    return evaluation_metrics(model.head_cfg.problem_type, predict_logits(model, data), data.labels.numpy())
+
+
 def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list[str], pairs: list[str] | None,
             model_dir: Path, parameters: int, repeats: int = 3) -> dict:
     """Quality and speed of one variant: metrics on ``eval_data``, file size, latency (on
@@ -160,7 +165,8 @@ def row(metrics: dict, kind: str, file_mb: float, parameters: int | None, texts:
     """One variant's report row from its ``metrics`` (of problem type ``kind``), size and timings: ``seconds``
     for the ``texts`` in batches of 64, batch-1 latency percentiles over ``latency_texts`` of them."""
     return {"score": 100 * metrics[MAIN_METRIC[kind]], "metric": MAIN_METRIC[kind],
-            "macro_f1": 100 * metrics["macro_f1"] if "macro_f1" in metrics else None, "metrics": metrics,
+            "macro_f1": 100 * metrics["macro_f1"] if "macro_f1" in metrics else None, "ece": metrics.get("ece"),
+            "metrics": metrics,
             "file_mb": file_mb, "parameters": None if parameters is None else parameters / 1e6,
             "latency_p50_ms": p50_ms, "latency_p95_ms": p95_ms, "latency_texts": latency_texts,
             "batch64_seconds": seconds,

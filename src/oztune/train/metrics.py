@@ -178,6 +178,15 @@ def labels_on(logits: np.ndarray) -> np.ndarray:
     return logits > 0
 
 
+def evaluation_metrics(problem_type: str, logits: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """What ``oztune evaluate`` and the compression reports give: :func:`compute_metrics`, and for single-label
+    also :func:`calibration_metrics` (the training loop's evaluations, every epoch, give the first only)."""
+    out = compute_metrics(problem_type, logits, gold)
+    if problem_type == "single_label":
+        out.update(calibration_metrics(logits, gold))
+    return out
+
+
 def compute_metrics(problem_type: str, logits: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     """Metrics of ``problem_type`` from raw logits (N, L) and gold labels."""
     if problem_type == "single_label":
