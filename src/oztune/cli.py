@@ -275,8 +275,8 @@ class _CommandList(argparse.HelpFormatter):
 
     def add_argument(self, action):
         super().add_argument(action)
-        if isinstance(action, argparse._SubParsersAction):
-            self._action_max_length += 2
+        if isinstance(action, argparse._SubParsersAction) and hasattr(self, "_action_max_length"):
+            self._action_max_length += 2  # (argparse's own measure, private: left alone where it is not there)
 
 
 def make_parser() -> argparse.ArgumentParser:

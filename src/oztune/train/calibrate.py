@@ -88,7 +88,7 @@ def run_calibrate(a) -> dict:
     from oztune.models.hub import read_config, save_classifier
     from oztune.outdir import check_output_dir
     from oztune.train.loop import predict_logits
-    from oztune.train.metrics import calibration_metrics, compute_metrics
+    from oztune.train.metrics import evaluation_metrics
 
     for option, count in (("--batch-size", a.batch_size), ("--max-length", a.max_length)):
         check_at_least_1(option, count)
@@ -105,14 +105,11 @@ def run_calibrate(a) -> dict:
     data = encode_examples(examples, enc, gold_label2id(meta["id2label"], [e.label for e in examples]), kind, a.data)
     gold = data.labels.numpy()
 
-    def metrics() -> dict:
-        logits = predict_logits(model, data, a.batch_size)
-        return {**compute_metrics(kind, logits, gold), **calibration_metrics(logits, gold)}
-
-    before = metrics()
-    temperature = fit_temperature(predict_logits(model, data, a.batch_size), gold)
+    logits = predict_logits(model, data, a.batch_size)
+    before = evaluation_metrics(kind, logits, gold)
+    temperature = fit_temperature(logits, gold)
     scale_output_(model, 1 / temperature)
-    after = metrics()
+    after = evaluation_metrics(kind, predict_logits(model, data, a.batch_size), gold)  # (the model as saved)
     at_bound = min(abs(math.log(temperature / t)) for t in T_RANGE) < 1e-6
     run = {"command": "calibrate", "source": str(a.model), "args": asdict(a), "temperature": temperature,
            "temperature_at_bound": at_bound, "examples": len(examples), "metrics_before": before, "metrics": after,

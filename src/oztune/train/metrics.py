@@ -1,7 +1,8 @@
 """Metrics of each problem type, in numpy (small enough that a dependency would not pay its way).
 
-single_label: accuracy, macro-F1, MCC (multi-class Matthews), and (``oztune evaluate``, not per epoch) the
-probabilities' log loss and expected calibration error; multi_label: subset accuracy,
+single_label: accuracy, macro-F1, MCC (multi-class Matthews), and (``oztune evaluate`` and the compression reports,
+not the training loop's evaluations) the probabilities' log loss and expected calibration error; multi_label: subset
+accuracy,
 micro-/macro-F1; regression: Pearson, Spearman, MSE. ``MAIN_METRIC`` names the one early stopping uses.
 Of zero rows (not from a file, which the readers refuse empty: data encoded or filtered in Python) every metric is
 0, a number (not nan, which JSON does not take), as single-label's always were; regression's then carry a ``note``
