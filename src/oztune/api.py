@@ -163,7 +163,7 @@ class Predictor:
                  mistakes: bool = False) -> dict:
         """Metrics on a labelled file (a label the model does not know is a DataError, and so is a file of the
         other kind, text pairs or single texts, than the model was fine-tuned on): those of the problem type,
-        for single-label also ``log_loss`` and ``ece`` (:func:`~oztune.train.metrics.evaluation_metrics`), and
+        for a classifier also ``log_loss`` and ``ece`` (:func:`~oztune.train.metrics.evaluation_metrics`), and
         ``examples``.
 
         Args:

@@ -165,8 +165,8 @@ def _print_metrics(a: EvaluateArgs, metrics: dict) -> None:
 
 @dataclass
 class CalibrateArgs:
-    """Calibrate a single-label classifier's scores by temperature scaling: one temperature T fitted on a
-    labelled file, the model's logits divided by it (folded into its output layer), the labels unchanged.
+    """Calibrate a classifier's scores by temperature scaling: one temperature T fitted on a labelled file, the
+    model's logits divided by it (folded into its output layer), the labels unchanged (single- or multi-label).
 
     Args:
         model: fine-tuned model directory (from oztune finetune, quantize, prune, distill or compress).
@@ -203,7 +203,7 @@ def calibrate_cmd(a: CalibrateArgs) -> int:
     print(f"temperature {run['temperature']:.4f}{bound}, fitted on {a.data} ({run['examples']:,} examples): the "
           f"scores are the logits divided by it, the labels unchanged; saved to {a.output}")
     print(f"  {'':<10} {'before':>8} {'after':>8}")
-    for k in ("log_loss", "ece", "accuracy"):
+    for k in ("log_loss", "ece", run["metric"]):
         print(f"  {k:<10} {b[k]:>8.4f} {m[k]:>8.4f}")
     print("(on the file it was fitted on: measure it on other data with oztune evaluate)")
     return 0

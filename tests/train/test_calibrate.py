@@ -34,6 +34,15 @@ def test_fit_recovers_the_temperature_the_labels_were_drawn_at(true_t):
     assert nll(logits, gold, t) <= min(nll(logits, gold, t * 1.02), nll(logits, gold, t / 1.02))
 
 
+def test_fit_recovers_a_multi_label_temperature():
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 2, (3000, 3))
+    gold = (rng.random(z.shape) < 1 / (1 + np.exp(-z))).astype(np.float32)  # each label drawn from sigmoid(z)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(z * 2 / 1.5), torch.tensor(gold).double())
+    assert nll(z * 2, gold, 1.5, "multi_label") == pytest.approx(float(want), rel=1e-12)
+    assert fit_temperature((z * 2).astype(np.float32), gold, "multi_label") == pytest.approx(2.0, rel=0.08)
+
+
 def test_fit_stops_at_the_end_of_the_range_for_separable_data():
     logits = np.array([[0.1, -0.1], [-0.1, 0.1]] * 10)  # (small: the loss still falls at the range's end)
     assert fit_temperature(logits, np.array([0, 1] * 10)) == pytest.approx(T_RANGE[0], rel=1e-6)  # sharper is better
@@ -121,3 +130,24 @@ def test_calibrate_refuses_what_it_cannot_calibrate_in_one_line(tiny_hf_dir, tin
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_calibrate_a_multi_label_model_keeps_its_labels(tiny_hf_dir, tmp_path, capsys):
+    from oztune import Classifier
+
+    model, _ = tiny_hf_dir("bert", num_labels=2, problem_type="multi_label_classification")
+    rng = np.random.default_rng(0)
+    words = ["good", "plot", "film", "a", "the", "dull"]
+    rows = [{"text": " ".join(rng.choice(words, 4)), "labels": [n for n in ("LABEL_0", "LABEL_1") if rng.random() < .5]}
+            for _ in range(60)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--model", str(model), "--data", str(data), "--output", str(out)]) == 0
+    assert "micro_f1" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert run["metric"] == "micro_f1" and run["metrics"]["log_loss"] <= run["metrics_before"]["log_loss"] + 1e-9
+    src, cal = Classifier.from_pretrained(model), Classifier.from_pretrained(out)
+    texts = [r["text"] for r in rows]
+    np.testing.assert_allclose(cal.logits(texts), src.logits(texts) / run["temperature"], atol=1e-5, rtol=1e-4)
+    assert [p["label"] for p in cal.predict(texts)] == [p["label"] for p in src.predict(texts)]

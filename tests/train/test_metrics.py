@@ -178,3 +178,24 @@ def test_calibration_log_loss_matches_sklearn_and_ece_a_loop(seed):
         if inside.any():
             ece += inside.mean() * abs(right[inside].mean() - conf[inside].mean())
     assert m["ece"] == pytest.approx(ece, rel=1e-5, abs=1e-9)
+
+
+def test_multi_label_calibration_is_over_every_yes_no_decision():
+    from oztune.train.metrics import CALIBRATION_BINS, calibration_metrics, evaluation_metrics
+
+    three = np.log(3.0)
+    m = calibration_metrics(np.array([[three, -three]]), np.array([[1.0, 0.0]]), "multi_label")
+    assert m["ece"] == pytest.approx(0.25) and m["log_loss"] == pytest.approx(-np.log(0.75))  # both right at 0.75
+    rng = np.random.default_rng(3)
+    logits, gold = rng.normal(0, 3, (200, 4)), (rng.random((200, 4)) < 0.4).astype(float)
+    m = evaluation_metrics("multi_label", logits, gold)
+    p = 1 / (1 + np.exp(-logits.ravel()))
+    assert m["log_loss"] == pytest.approx(sk.log_loss(gold.ravel(), p, labels=[0, 1]), rel=1e-6)
+    conf, right, ece = np.maximum(p, 1 - p), (p > 0.5) == (gold.ravel() > 0.5), 0.0
+    for i in range(CALIBRATION_BINS):
+        lo, hi = i / CALIBRATION_BINS, (i + 1) / CALIBRATION_BINS
+        inside = (conf >= lo) & ((conf < hi) if i < CALIBRATION_BINS - 1 else (conf <= hi))
+        if inside.any():
+            ece += inside.mean() * abs(right[inside].mean() - conf[inside].mean())
+    assert m["ece"] == pytest.approx(ece, rel=1e-6, abs=1e-9) and "micro_f1" in m
+    assert "ece" not in evaluation_metrics("regression", logits[:, :1], gold[:, 0])

@@ -39,7 +39,7 @@ COLUMNS = [  # (key, header, value -> cell)
 ]
 MAX_DROP_UNIT = "points: percent of accuracy, micro-F1 or Pearson x100"  # (--max-drop's errors)
 UNITS = ("points: the main metric x100 (score, change: signed, against the baseline, macro_f1, max_drop); "
-         "ece: expected calibration error, 0 to 1 (single-label); metrics: as oztune evaluate gives them")
+         "ece: expected calibration error, 0 to 1 (classifiers); metrics: as oztune evaluate gives them")
 
 
 def points_of(metric: str) -> str:
@@ -105,7 +105,7 @@ def time_batches(run: Callable, texts: list[str], pairs: list[str] | None, batch
 
 
 def evaluate(model: torch.nn.Module, data: EncodedData) -> dict:
-    """One variant's metrics on labelled ``data``, as ``oztune evaluate`` gives them (single-label: calibration too)."""
+    """One variant's metrics on labelled ``data``, as ``oztune evaluate`` gives them (a classifier's: calibration too)."""
     return evaluation_metrics(model.head_cfg.problem_type, predict_logits(model, data), data.labels.numpy())
 
 

@@ -1,9 +1,11 @@
-"""Temperature scaling (Guo et al., 2017): one number T, fitted on labelled data, so that a single-label classifier's
-scores say how often it is right; folded into the model's last layer.
+"""Temperature scaling (Guo et al., 2017): one number T, fitted on labelled data, so that a classifier's scores say
+how often it is right; folded into the model's last layer.
 
-``softmax(z / T)`` keeps each row's arg max, so the labels (and accuracy, F1, the confusion matrix) stay what they
-were; only the scores move. T minimises the mean negative log-likelihood of the gold labels on the given file
-(:func:`fit_temperature`: the loss is convex in 1/T, so a golden-section search over log(1/T) finds it).
+``softmax(z / T)`` keeps each row's arg max, and ``sigmoid(z / T)`` each multi-label logit's sign (the labels are those
+with a logit above 0), so the labels (and accuracy, F1, the confusion matrix) stay what they were; only the scores
+move. T minimises the mean negative log-likelihood of the gold labels on the given file (softmax cross-entropy, or
+multi-label binary cross-entropy; :func:`fit_temperature`: the loss is convex in 1/T, so a golden-section search
+over log(1/T) finds it).
 :func:`scale_output_` then divides the head's output layer by T (its weight and bias, or an int8 layer's weight
 scales and bias), so the saved model is an ordinary one: every way of running it (oztune, its ONNX export, the
 server, Hugging Face transformers for an fp32 model) gives the calibrated scores without knowing about T.
@@ -27,32 +29,36 @@ T_RANGE = (0.05, 20.0)  # the temperatures searched: a fit at either end is said
 STEPS = 80  # golden-section steps: the log-interval shrinks by 0.618^80 (~1e-17 of its width)
 
 
-def nll(logits: np.ndarray, gold: np.ndarray, temperature: float) -> float:
-    """Mean negative log-likelihood of the gold class ids (N,) under ``softmax(logits / temperature)`` (N, L)."""
+def nll(logits: np.ndarray, gold: np.ndarray, temperature: float, problem_type: str = "single_label") -> float:
+    """Mean negative log-likelihood of the gold class ids (N,) under ``softmax(logits / temperature)`` (N, L); for
+    ``multi_label``, of gold 0/1 (N, L) under each label's sigmoid (the mean binary cross-entropy)."""
     z = logits.astype(np.float64) / temperature
+    if problem_type == "multi_label":
+        return float((np.logaddexp(0, z) - (gold > 0.5) * z).mean())
     top = z.max(-1, keepdims=True)
     log_norm = top[:, 0] + np.log(np.exp(z - top).sum(-1))
     return float((log_norm - z[np.arange(len(gold)), gold.astype(int)]).mean())
 
 
-def fit_temperature(logits: np.ndarray, gold: np.ndarray) -> float:
-    """The temperature in :data:`T_RANGE` whose softmax gives the gold class ids (N,) the least mean negative
-    log-likelihood, for single-label ``logits`` (N, L), N >= 1."""
+def fit_temperature(logits: np.ndarray, gold: np.ndarray, problem_type: str = "single_label") -> float:
+    """The temperature in :data:`T_RANGE` that gives the gold labels the least :func:`nll`, for ``logits`` (N, L) and
+    gold class ids (N,), or multi-label 0/1 (N, L); N >= 1."""
     if not len(gold):
         raise ValueError("fit_temperature needs at least one example")
     lo, hi = -math.log(T_RANGE[1]), -math.log(T_RANGE[0])  # over log(1/T), where the loss is unimodal
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(logits, gold, math.exp(-a)), nll(logits, gold, math.exp(-b))
+    loss = lambda log_beta: nll(logits, gold, math.exp(-log_beta), problem_type)  # noqa: E731
+    fa, fb = loss(a), loss(b)
     for _ in range(STEPS):
         if fa <= fb:  # the minimum is in [lo, b]
             hi, b, fb = b, a, fa
             a = hi - g * (hi - lo)
-            fa = nll(logits, gold, math.exp(-a))
+            fa = loss(a)
         else:  # in [a, hi]
             lo, a, fa = a, b, fb
             b = lo + g * (hi - lo)
-            fb = nll(logits, gold, math.exp(-b))
+            fb = loss(b)
     return math.exp(-(lo + hi) / 2)
 
 
@@ -88,7 +94,7 @@ def run_calibrate(a) -> dict:
     from oztune.models.hub import read_config, save_classifier
     from oztune.outdir import check_output_dir
     from oztune.train.loop import predict_logits
-    from oztune.train.metrics import evaluation_metrics
+    from oztune.train.metrics import MAIN_METRIC, evaluation_metrics
 
     for option, count in (("--batch-size", a.batch_size), ("--max-length", a.max_length)):
         check_at_least_1(option, count)
@@ -97,9 +103,9 @@ def run_calibrate(a) -> dict:
     check_output_dir(a.output, inputs=(a.model, a.data))
     model, enc, meta = load_trained(a.model, "--model", a.max_length, int8_ok=True)
     kind = model.head_cfg.problem_type
-    if kind != "single_label":
-        raise OztuneError(f"--model {a.model}: a {kind} model; temperature scaling here calibrates the softmax "
-                          "scores of a single-label classifier")
+    if kind not in ("single_label", "multi_label"):
+        raise OztuneError(f"--model {a.model}: a {kind} model; temperature scaling calibrates the scores of a "
+                          "classifier (single- or multi-label)")
     examples = read_labelled(a.data, Columns(a.text_column, a.text_pair_column, a.label_column), problem_type=kind,
                              text_pairs=meta["text_pairs"])
     data = encode_examples(examples, enc, gold_label2id(meta["id2label"], [e.label for e in examples]), kind, a.data)
@@ -107,11 +113,12 @@ def run_calibrate(a) -> dict:
 
     logits = predict_logits(model, data, a.batch_size)
     before = evaluation_metrics(kind, logits, gold)
-    temperature = fit_temperature(logits, gold)
+    temperature = fit_temperature(logits, gold, kind)
     scale_output_(model, 1 / temperature)
     after = evaluation_metrics(kind, predict_logits(model, data, a.batch_size), gold)  # (the model as saved)
     at_bound = min(abs(math.log(temperature / t)) for t in T_RANGE) < 1e-6
     run = {"command": "calibrate", "source": str(a.model), "args": asdict(a), "temperature": temperature,
+           "metric": MAIN_METRIC[kind],
            "temperature_at_bound": at_bound, "examples": len(examples), "metrics_before": before, "metrics": after,
            "torch": torch.__version__, "source_run": meta.get("run", {})}
     quantization = read_config(meta["path"]).get("oztune", {}).get("quantization")

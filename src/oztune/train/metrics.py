@@ -1,10 +1,9 @@
 """Metrics of each problem type, in numpy (small enough that a dependency would not pay its way).
 
-single_label: accuracy, macro-F1, MCC (multi-class Matthews), and (``oztune evaluate`` and the compression reports,
-not the training loop's evaluations) the probabilities' log loss and expected calibration error; multi_label: subset
-accuracy,
-micro-/macro-F1; regression: Pearson, Spearman, MSE. ``MAIN_METRIC`` names the one early stopping uses.
-Of zero rows (not from a file, which the readers refuse empty: data encoded or filtered in Python) every metric is
+single_label: accuracy, macro-F1, MCC (multi-class Matthews); multi_label: subset accuracy, micro-/macro-F1; both
+(in ``oztune evaluate`` and the compression reports, not the training loop's evaluations) the probabilities' log
+loss and expected calibration error; regression: Pearson, Spearman, MSE. ``MAIN_METRIC`` names the one early
+stopping uses. Of zero rows (not from a file, which the readers refuse empty: data encoded or filtered in Python) every metric is
 0, a number (not nan, which JSON does not take), as single-label's always were; regression's then carry a ``note``
 saying so (its mse of 0 would otherwise read as a perfect fit).
 :func:`label_report` breaks a classification down by label (``oztune evaluate --per-label``).
@@ -151,25 +150,35 @@ def label_report(problem_type: str, logits: np.ndarray, gold: np.ndarray, id2lab
 CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al., 2017)
 
 
-def calibration_metrics(logits: np.ndarray, gold: np.ndarray) -> dict[str, float]:
-    """How far a single-label model's probabilities (softmax of ``logits`` (N, L)) can be taken at their word,
-    against gold class ids (N,): ``log_loss``, the mean negative log-probability of the gold label (natural log;
-    scikit-learn's ``log_loss``), and ``ece``, the expected calibration error: the predictions grouped by their
-    confidence (the top probability) into :data:`CALIBRATION_BINS` bins [i/15, (i+1)/15), each bin's
-    |accuracy - mean confidence| weighted by its share of the examples (0: a score of 0.9 is right 90% of the
-    time). Quantization or pruning can keep the accuracy and still move these. Of zero rows both are 0."""
+def calibration_metrics(logits: np.ndarray, gold: np.ndarray, problem_type: str = "single_label") -> dict[str, float]:
+    """How far a classifier's probabilities can be taken at their word: ``log_loss`` and ``ece``.
+
+    Single-label (softmax of ``logits`` (N, L), gold class ids (N,)): ``log_loss`` is the mean negative
+    log-probability of the gold label (natural log; scikit-learn's ``log_loss``); ``ece``, the expected calibration
+    error, groups the predictions by their confidence (the top probability) into :data:`CALIBRATION_BINS` bins
+    [i/15, (i+1)/15) and weights each bin's |accuracy - mean confidence| by its share of the examples (0: a score of
+    0.9 is right 90% of the time). Multi-label (each label's sigmoid, gold 0/1 (N, L)): the same over the N x L
+    yes/no decisions, the log loss their mean binary cross-entropy, the confidence of a decision max(p, 1 - p).
+    Quantization or pruning can keep the accuracy and still move these. Of zero rows both are 0."""
     if not len(gold):
         return {"log_loss": 0.0, "ece": 0.0}
     z = logits.astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (N, L) log-softmax
-    gold = gold.astype(int)
-    conf = np.exp(log_p.max(-1))  # (N,)
-    right = (log_p.argmax(-1) == gold).astype(np.float64)
+    if problem_type == "multi_label":
+        y = gold.astype(np.float64) > 0.5
+        log_loss = float((np.logaddexp(0, z) - y * z).mean())  # binary cross-entropy with logits
+        conf = 1 / (1 + np.exp(-np.abs(z))).ravel()  # sigmoid(|z|) = max(p, 1 - p)
+        right = ((z > 0) == y).astype(np.float64).ravel()  # (the labels' rule: logit > 0, labels_on)
+    else:
+        z = z - z.max(-1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (N, L) log-softmax
+        gold = gold.astype(int)
+        log_loss = float(-log_p[np.arange(len(gold)), gold].mean())
+        conf = np.exp(log_p.max(-1))  # (N,)
+        right = (log_p.argmax(-1) == gold).astype(np.float64)
     bins = np.minimum((conf * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
     n = np.bincount(bins, minlength=CALIBRATION_BINS)
     gap = np.abs(np.bincount(bins, right, CALIBRATION_BINS) - np.bincount(bins, conf, CALIBRATION_BINS))
-    return {"log_loss": float(-log_p[np.arange(len(gold)), gold].mean()), "ece": float(gap.sum() / n.sum())}
+    return {"log_loss": log_loss, "ece": float(gap.sum() / n.sum())}
 
 
 def labels_on(logits: np.ndarray) -> np.ndarray:
@@ -180,11 +189,11 @@ def labels_on(logits: np.ndarray) -> np.ndarray:
 
 
 def evaluation_metrics(problem_type: str, logits: np.ndarray, gold: np.ndarray) -> dict[str, float]:
-    """What ``oztune evaluate`` and the compression reports give: :func:`compute_metrics`, and for single-label
+    """What ``oztune evaluate`` and the compression reports give: :func:`compute_metrics`, and for a classifier
     also :func:`calibration_metrics` (the training loop's evaluations, every epoch, give the first only)."""
     out = compute_metrics(problem_type, logits, gold)
-    if problem_type == "single_label":
-        out.update(calibration_metrics(logits, gold))
+    if problem_type in ("single_label", "multi_label"):
+        out.update(calibration_metrics(logits, gold, problem_type))
     return out
 
 
