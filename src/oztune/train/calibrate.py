@@ -24,20 +24,15 @@ import torch
 from torch import nn
 
 from oztune.errors import OztuneError
+from oztune.train.metrics import log_loss
 
 T_RANGE = (0.05, 20.0)  # the temperatures searched: a fit at either end is said (see run_calibrate)
 STEPS = 80  # golden-section steps: the log-interval shrinks by 0.618^80 (~1e-17 of its width)
 
 
 def nll(logits: np.ndarray, gold: np.ndarray, temperature: float, problem_type: str = "single_label") -> float:
-    """Mean negative log-likelihood of the gold class ids (N,) under ``softmax(logits / temperature)`` (N, L); for
-    ``multi_label``, of gold 0/1 (N, L) under each label's sigmoid (the mean binary cross-entropy)."""
-    z = logits.astype(np.float64) / temperature
-    if problem_type == "multi_label":
-        return float((np.logaddexp(0, z) - (gold > 0.5) * z).mean())
-    top = z.max(-1, keepdims=True)
-    log_norm = top[:, 0] + np.log(np.exp(z - top).sum(-1))
-    return float((log_norm - z[np.arange(len(gold)), gold.astype(int)]).mean())
+    """:func:`~oztune.train.metrics.log_loss` of ``logits / temperature``: the loss the temperature is fitted on."""
+    return log_loss(logits.astype(np.float64) / temperature, gold, problem_type)
 
 
 def fit_temperature(logits: np.ndarray, gold: np.ndarray, problem_type: str = "single_label") -> float:

@@ -150,35 +150,45 @@ def label_report(problem_type: str, logits: np.ndarray, gold: np.ndarray, id2lab
 CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al., 2017)
 
 
-def calibration_metrics(logits: np.ndarray, gold: np.ndarray, problem_type: str = "single_label") -> dict[str, float]:
-    """How far a classifier's probabilities can be taken at their word: ``log_loss`` and ``ece``.
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of float64 ``z`` (N, L)."""
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
-    Single-label (softmax of ``logits`` (N, L), gold class ids (N,)): ``log_loss`` is the mean negative
-    log-probability of the gold label (natural log; scikit-learn's ``log_loss``); ``ece``, the expected calibration
-    error, groups the predictions by their confidence (the top probability) into :data:`CALIBRATION_BINS` bins
-    [i/15, (i+1)/15) and weights each bin's |accuracy - mean confidence| by its share of the examples (0: a score of
-    0.9 is right 90% of the time). Multi-label (each label's sigmoid, gold 0/1 (N, L)): the same over the N x L
-    yes/no decisions, the log loss their mean binary cross-entropy, the confidence of a decision max(p, 1 - p).
+
+def log_loss(logits: np.ndarray, gold: np.ndarray, problem_type: str = "single_label") -> float:
+    """Mean negative log-likelihood (natural log) of the gold labels: of class ids (N,) under the softmax of
+    ``logits`` (N, L) (scikit-learn's ``log_loss``), or for ``multi_label`` of 0/1 (N, L) under each label's sigmoid
+    (the mean binary cross-entropy). N >= 1."""
+    z = logits.astype(np.float64)
+    if problem_type == "multi_label":
+        return float((np.logaddexp(0, z) - (gold > 0.5) * z).mean())  # binary cross-entropy with logits
+    return float(-_log_softmax(z)[np.arange(len(gold)), gold.astype(int)].mean())
+
+
+def calibration_metrics(logits: np.ndarray, gold: np.ndarray, problem_type: str = "single_label") -> dict[str, float]:
+    """How far a classifier's probabilities can be taken at their word: ``log_loss`` (:func:`log_loss`) and ``ece``.
+
+    ``ece``, the expected calibration error, groups the predictions by their confidence into
+    :data:`CALIBRATION_BINS` bins [i/15, (i+1)/15) and weights each bin's |accuracy - mean confidence| by its share
+    of the predictions (0: a score of 0.9 is right 90% of the time). Single-label (softmax of ``logits`` (N, L), gold
+    class ids (N,)): a prediction's confidence is its top probability. Multi-label (each label's sigmoid, gold 0/1
+    (N, L)): the N x L yes/no decisions, each of confidence max(p, 1 - p).
     Quantization or pruning can keep the accuracy and still move these. Of zero rows both are 0."""
     if not len(gold):
         return {"log_loss": 0.0, "ece": 0.0}
     z = logits.astype(np.float64)
     if problem_type == "multi_label":
-        y = gold.astype(np.float64) > 0.5
-        log_loss = float((np.logaddexp(0, z) - y * z).mean())  # binary cross-entropy with logits
         conf = 1 / (1 + np.exp(-np.abs(z))).ravel()  # sigmoid(|z|) = max(p, 1 - p)
-        right = ((z > 0) == y).astype(np.float64).ravel()  # (the labels' rule: logit > 0, labels_on)
+        right = ((z > 0) == (gold > 0.5)).astype(np.float64).ravel()  # (the labels' rule: logit > 0, labels_on)
     else:
-        z = z - z.max(-1, keepdims=True)
-        log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (N, L) log-softmax
-        gold = gold.astype(int)
-        log_loss = float(-log_p[np.arange(len(gold)), gold].mean())
+        log_p = _log_softmax(z)
         conf = np.exp(log_p.max(-1))  # (N,)
-        right = (log_p.argmax(-1) == gold).astype(np.float64)
+        right = (log_p.argmax(-1) == gold.astype(int)).astype(np.float64)
     bins = np.minimum((conf * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
     n = np.bincount(bins, minlength=CALIBRATION_BINS)
     gap = np.abs(np.bincount(bins, right, CALIBRATION_BINS) - np.bincount(bins, conf, CALIBRATION_BINS))
-    return {"log_loss": log_loss, "ece": float(gap.sum() / n.sum())}
+    return {"log_loss": log_loss(logits, gold, problem_type), "ece": float(gap.sum() / n.sum())}
 
 
 def labels_on(logits: np.ndarray) -> np.ndarray:
