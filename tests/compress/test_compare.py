@@ -38,8 +38,11 @@ def test_compare_scores_weighs_and_times_every_model_as_evaluate_does(variants, 
     (out / "notes.txt").write_text("mine")
     assert main(["compare", str(fp32), str(int8), str(onnx), "--eval", str(dev), "--output", str(out),
                  "--max-drop", "100"]) == 0
+    table = capsys.readouterr().out.splitlines()
     report = json.loads((out / "report.json").read_text())
     rows = {r["name"]: r for r in report["variants"]}
+    int8_line = next(line.split() for line in table if line.startswith("int8 "))  # the console table: ECE 4th
+    assert table[0].split()[3] == "ECE" and int8_line[3] == f"{rows['int8']['ece']:.3f}"
     assert list(rows) == [fp32.name, "int8", "onnx"] and report["variants"][0]["change"] == 0
     assert [rows[n]["runtime"] for n in rows] == ["torch", "torch", "onnxruntime"]
     want = {n: main(["evaluate", "--model", str(p), "--data", str(dev), "--json"]) for n, p in
@@ -207,7 +210,7 @@ def test_the_printed_table_lines_up_under_its_header_with_short_names(variants, 
     assert main(["compare", str(fp32), str(int8), "--eval", str(dev)]) == 0
     header, *rows, timed = capsys.readouterr().out.splitlines()
     assert timed == "batch-1 ms: p50 over every eval text; texts/s: batch 64 over every eval text"
-    for column in ("accuracy", "change", "texts/s"):
+    for column in ("accuracy", "change", "ECE", "texts/s"):
         end = header.index(column) + len(column)  # right-aligned: each value ends where its header does
         assert all(r[end - 1].isdigit() and r[end] == " " for r in rows), (header, rows)
 

@@ -102,13 +102,17 @@ def compare_cmd(a: CompareArgs) -> int:
     width = max(len("model"), *(len(r["name"]) for r in rows))  # (the header, were every name shorter)
     points = points_of(rows[0]["metric"])  # accuracy, or pearson x100 and micro_f1 x100
     score = max(9, len(points))
-    print(f"{'model':<{width}}  {points:>{score}}  {'change':>6}  {'size':>8}  {'batch-1 ms':>10}  "
+    ece = all(r.get("ece") is not None for r in rows)  # (a classifier's: regression has none)
+    ece_head = f"  {'ECE':>5}" if ece else ""
+    print(f"{'model':<{width}}  {points:>{score}}  {'change':>6}{ece_head}  {'size':>8}  {'batch-1 ms':>10}  "
           f"{'texts/s':>8}  {'speed-up':>8}")
     for r in rows:
         by = " (batch 1)" if a.fastest == "latency" else ""
         flag = f"  <- {MARK}{by}" if r["name"] == report["chosen"] else ""
-        print(f"{r['name']:<{width}}  {r['score']:>{score}.2f}  {r['change']:>+6.2f}  {format_size(r['file_mb']):>8}  "
-              f"{r['latency_p50_ms']:>10.2f}  {r['throughput']:>8.0f}  {r['speedup']:>7.2f}x{flag}")
+        ece_cell = f"  {r['ece']:>5.3f}" if ece else ""
+        print(f"{r['name']:<{width}}  {r['score']:>{score}.2f}  {r['change']:>+6.2f}{ece_cell}  "
+              f"{format_size(r['file_mb']):>8}  {r['latency_p50_ms']:>10.2f}  {r['throughput']:>8.0f}  "
+              f"{r['speedup']:>7.2f}x{flag}")
     timed, total = rows[0]["latency_texts"], report["settings"]["eval_examples"]
     every = "every eval text" if timed >= total else f"all {total}"
     print(f"batch-1 ms: p50 over {latency_words(timed, total)}; texts/s: batch 64 over {every}")
