@@ -163,10 +163,14 @@ def _print_metrics(a: EvaluateArgs, metrics: dict) -> None:
         _print_label_report(metrics)
 
 
+CALIBRATE_SHOWN = 12  # per-label temperatures printed (all in run.json)
+
+
 @dataclass
 class CalibrateArgs:
     """Calibrate a classifier's scores by temperature scaling: one temperature T fitted on a labelled file, the
-    model's logits divided by it (folded into its output layer), the labels unchanged (single- or multi-label).
+    model's logits divided by it (folded into its output layer), the labels unchanged (single- or multi-label;
+    --per-label: one temperature per label of a multi-label model).
 
     Args:
         model: fine-tuned model directory (from oztune finetune, quantize, prune, distill or compress).
@@ -178,11 +182,15 @@ class CalibrateArgs:
         text_column: column holding the text.
         text_pair_column: column holding the second text of a pair.
         label_column: column holding the label.
+        per_label: multi-label models: one temperature per label, each fitted on that label's yes/no decisions
+            alone (labels can be over- and under-confident in different measure); needs enough examples of each
+            label in --data.
     """
 
     model: str = ""
     data: str = ""
     output: str = ""
+    per_label: bool = False
     batch_size: int = 64
     max_length: int | None = None
     text_column: str | None = None
@@ -193,15 +201,26 @@ class CalibrateArgs:
 @command("calibrate", CalibrateArgs, "fit a temperature so that a classifier's scores match how often it is right",
          needs=("oztune.train.calibrate",))
 def calibrate_cmd(a: CalibrateArgs) -> int:
-    from oztune.train.calibrate import run_calibrate
+    from oztune.train.calibrate import T_RANGE, run_calibrate
 
     if not a.model or not a.output:
         raise OztuneError("--model and --output are required")
     run = run_calibrate(a)
     b, m = run["metrics_before"], run["metrics"]
-    bound = " (the end of the range searched)" if run["temperature_at_bound"] else ""
-    print(f"temperature {run['temperature']:.4f}{bound}, fitted on {a.data} ({run['examples']:,} examples): the "
-          f"scores are the logits divided by it, the labels unchanged; saved to {a.output}")
+    if run["temperatures"] is None:
+        bound = " (the end of the range searched)" if run["temperature_at_bound"] else ""
+        print(f"temperature {run['temperature']:.4f}{bound}, fitted on {a.data} ({run['examples']:,} examples): the "
+              f"scores are the logits divided by it, the labels unchanged; saved to {a.output}")
+    else:
+        shown = list(run["temperatures"].items())[:CALIBRATE_SHOWN]
+        more = len(run["temperatures"]) - len(shown)
+        print(f"a temperature per label, fitted on {a.data} ({run['examples']:,} examples): each label's logit is "
+              f"divided by its own, the labels unchanged; saved to {a.output}")
+        print("  " + ", ".join(f"{n} {t:.4f}" for n, t in shown) + (f", ... ({more} more in run.json)" if more else ""))
+        if run["labels_at_bound"]:
+            print(f"  at the end of the range searched, {T_RANGE[0]:g} or {T_RANGE[1]:g} (the fit wanted sharper or "
+                  f"flatter still: too few examples, all one way, or logits that say little): "
+                  f"{', '.join(run['labels_at_bound'])}")
     print(f"  {'':<10} {'before':>8} {'after':>8}")
     for k in ("log_loss", "ece", run["metric"]):
         print(f"  {k:<10} {b[k]:>8.4f} {m[k]:>8.4f}")

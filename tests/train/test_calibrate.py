@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from oztune.cli import main
-from oztune.train.calibrate import T_RANGE, fit_temperature, nll, scale_output_
+from oztune.train.calibrate import T_RANGE, fit_temperature, fit_temperatures, nll, scale_output_
 
 
 def test_nll_is_torch_cross_entropy_of_the_scaled_logits():
@@ -67,9 +67,12 @@ def test_scaling_the_output_layer_scales_the_logits(tiny_finetuned, int8):
         before = model(**_batch(enc))
         scale_output_(model, 0.4)
         after = model(**_batch(enc))
-    torch.testing.assert_close(after, before * 0.4, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError):
-        scale_output_(model, 0.0)
+        torch.testing.assert_close(after, before * 0.4, atol=1e-5, rtol=1e-5)
+        scale_output_(model, np.array([0.5, 3.0]))  # one factor per output: each column its own
+        torch.testing.assert_close(model(**_batch(enc)), after * torch.tensor([0.5, 3.0]), atol=1e-5, rtol=1e-5)
+    for bad in (0.0, np.array([1.0, -1.0]), np.array([1.0, 2.0, 3.0])):
+        with pytest.raises(ValueError):
+            scale_output_(model, bad)
 
 
 def test_calibrate_command_writes_a_model_whose_scores_moved_and_labels_did_not(tiny_finetuned, sentiment_files,
@@ -133,6 +136,8 @@ def test_calibrate_refuses_what_it_cannot_calibrate_in_one_line(tiny_hf_dir, tin
 
 
 def test_calibrate_a_multi_label_model_keeps_its_labels(tiny_hf_dir, tmp_path, capsys):
+    """One temperature, and one per label (--per-label): each logit divided by its label's, the labels the same,
+    and the per-label fit's loss no higher than the one temperature's (which is one of its choices)."""
     from oztune import Classifier
 
     model, _ = tiny_hf_dir("bert", num_labels=2, problem_type="multi_label_classification")
@@ -142,12 +147,42 @@ def test_calibrate_a_multi_label_model_keeps_its_labels(tiny_hf_dir, tmp_path, c
             for _ in range(60)]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "cal"
-    assert main(["calibrate", "--model", str(model), "--data", str(data), "--output", str(out)]) == 0
-    assert "micro_f1" in capsys.readouterr().out
-    run = json.loads((out / "run.json").read_text())
-    assert run["metric"] == "micro_f1" and run["metrics"]["log_loss"] <= run["metrics_before"]["log_loss"] + 1e-9
-    src, cal = Classifier.from_pretrained(model), Classifier.from_pretrained(out)
+    src = Classifier.from_pretrained(model)
     texts = [r["text"] for r in rows]
-    np.testing.assert_allclose(cal.logits(texts), src.logits(texts) / run["temperature"], atol=1e-5, rtol=1e-4)
-    assert [p["label"] for p in cal.predict(texts)] == [p["label"] for p in src.predict(texts)]
+    runs = {}
+    for per_label in (False, True):
+        out = tmp_path / f"cal-{per_label}"
+        assert main(["calibrate", "--model", str(model), "--data", str(data), "--output", str(out),
+                     *(["--per-label"] if per_label else [])]) == 0
+        printed = capsys.readouterr().out
+        run = runs[per_label] = json.loads((out / "run.json").read_text())
+        assert "micro_f1" in printed and run["metric"] == "micro_f1"
+        assert run["metrics"]["log_loss"] <= run["metrics_before"]["log_loss"] + 1e-9
+        cal = Classifier.from_pretrained(out)
+        t = np.array(list(run["temperatures"].values())) if per_label else run["temperature"]
+        if per_label:
+            assert list(run["temperatures"]) == ["LABEL_0", "LABEL_1"] and run["temperature"] is None
+            assert all(f"{n} {v:.4f}" in printed for n, v in run["temperatures"].items())
+        np.testing.assert_allclose(cal.logits(texts), src.logits(texts) / t, atol=1e-5, rtol=1e-4)
+        assert [p["label"] for p in cal.predict(texts)] == [p["label"] for p in src.predict(texts)]
+    assert runs[True]["metrics"]["log_loss"] <= runs[False]["metrics"]["log_loss"] + 1e-7
+
+
+def test_fit_temperatures_recovers_each_labels_own():
+    """Label 0's logits twice too sharp, label 1's half as sharp as the probabilities they were drawn from."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 2, (4000, 2))
+    gold = (rng.random(z.shape) < 1 / (1 + np.exp(-z))).astype(np.float32)
+    fitted = fit_temperatures((z * [2.0, 0.5]).astype(np.float32), gold)
+    assert fitted.shape == (2,)
+    np.testing.assert_allclose(fitted, [2.0, 0.5], rtol=0.08)
+    assert fitted[0] == pytest.approx(fit_temperature((z[:, [0]] * 2).astype(np.float32), gold[:, [0]], "multi_label"))
+
+
+def test_per_label_is_refused_for_a_single_label_model(tiny_finetuned, sentiment_files, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["calibrate", "--model", str(tiny_finetuned), "--data", str(sentiment_files[1]), "--output", str(out),
+                 "--per-label"]) == 2
+    err = capsys.readouterr().err
+    assert "--per-label" in err and "single-label" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -10,6 +10,11 @@ over log(1/T) finds it).
 scales and bias), so the saved model is an ordinary one: every way of running it (oztune, its ONNX export, the
 server, Hugging Face transformers for an fp32 model) gives the calibrated scores without knowing about T.
 
+A multi-label model can instead get one temperature per label (``per_label``: :func:`fit_temperatures`), each
+fitted on that label's yes/no decisions alone, since its labels are separate binary classifiers that may be over-
+and under-confident in different measure; its labels are still those with a logit above 0. (Per-class
+temperatures for a single-label model would change which class scores highest, so it gets one.)
+
 Fit T on held-out data, not on the training file (where the model is overconfident by construction), and measure
 the result on other data again: ``oztune evaluate`` reports ``log_loss`` and ``ece``.
 """
@@ -57,31 +62,41 @@ def fit_temperature(logits: np.ndarray, gold: np.ndarray, problem_type: str = "s
     return math.exp(-(lo + hi) / 2)
 
 
+def fit_temperatures(logits: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """One temperature per label of a multi-label model, (L,): each label's :func:`fit_temperature` on its own
+    column of ``logits`` (N, L) and 0/1 ``gold`` (N, L)."""
+    return np.array([fit_temperature(logits[:, [i]], gold[:, [i]], "multi_label") for i in range(logits.shape[1])])
+
+
 @torch.no_grad()
-def scale_output_(model: nn.Module, factor: float) -> None:
+def scale_output_(model: nn.Module, factor: float | np.ndarray) -> None:
     """Multiply the model's logits by ``factor`` (> 0), in place, by scaling its head's output layer: an
-    ``nn.Linear``'s weight and bias, or an int8 layer's per-row weight scales and bias (its codes unchanged)."""
-    if not factor > 0:
-        raise ValueError(f"the factor must be positive, not {factor}")
+    ``nn.Linear``'s weight and bias, or an int8 layer's per-row weight scales and bias (its codes unchanged).
+    ``factor`` is one number, or one per output (L,)."""
     from oztune.compress.quantize import Int8Linear
 
     out = model.head.out
+    if not (isinstance(out, Int8Linear) or type(out) is nn.Linear):
+        raise TypeError(f"the head's output layer is a {type(out).__name__}; expected nn.Linear or Int8Linear")
+    factor = torch.as_tensor(np.asarray(factor, dtype=np.float32))
+    if not bool((factor > 0).all()):
+        raise ValueError(f"the factor must be positive, not {factor.tolist()}")
+    if factor.ndim and factor.shape != (out.out_features,):
+        raise ValueError(f"{factor.numel()} factors for {out.out_features} outputs")
     if isinstance(out, Int8Linear):
         out.weight_scale.mul_(factor)
         if out.bias is not None:
             out.bias.mul_(factor)
         out.sum_weights()  # (weight_sums derive from the scales)
-    elif type(out) is nn.Linear:
-        out.weight.mul_(factor)
+    else:
+        out.weight.mul_(factor[:, None] if factor.ndim else factor)  # (L, in): row i by factor i
         if out.bias is not None:
             out.bias.mul_(factor)
-    else:
-        raise TypeError(f"the head's output layer is a {type(out).__name__}; expected nn.Linear or Int8Linear")
 
 
 def run_calibrate(a) -> dict:
-    """Load ``a.model``, fit its temperature on ``a.data``, scale its output layer, save it to ``a.output``;
-    returns the run record (the temperature, the metrics before and after)."""
+    """Load ``a.model``, fit its temperature (``a.per_label``: one per label) on ``a.data``, scale its output layer,
+    save it to ``a.output``; returns the run record (the temperature or temperatures, the metrics before and after)."""
     from oztune.compress.distillation import load_trained, recipe_card
     from oztune.data.labels import gold_label2id
     from oztune.data.load import Columns, encode_examples, read_labelled
@@ -101,6 +116,9 @@ def run_calibrate(a) -> dict:
     if kind not in ("single_label", "multi_label"):
         raise OztuneError(f"--model {a.model}: a {kind} model; temperature scaling calibrates the scores of a "
                           "classifier (single- or multi-label)")
+    if a.per_label and kind != "multi_label":
+        raise OztuneError(f"--per-label: --model {a.model} is a single-label model, whose classes share one "
+                          "temperature (one each would change which class scores highest); it is for multi-label ones")
     examples = read_labelled(a.data, Columns(a.text_column, a.text_pair_column, a.label_column), problem_type=kind,
                              text_pairs=meta["text_pairs"])
     data = encode_examples(examples, enc, gold_label2id(meta["id2label"], [e.label for e in examples]), kind, a.data)
@@ -108,18 +126,29 @@ def run_calibrate(a) -> dict:
 
     logits = predict_logits(model, data, a.batch_size)
     before = evaluation_metrics(kind, logits, gold)
-    temperature = fit_temperature(logits, gold, kind)
-    scale_output_(model, 1 / temperature)
+    if a.per_label:
+        names = [meta["id2label"][i] for i in range(logits.shape[1])]
+        fitted = fit_temperatures(logits, gold)
+        temperature, temperatures = None, dict(zip(names, fitted.tolist()))
+        scale_output_(model, 1 / fitted)
+        said = "each label's scores divided by its own temperature: " + ", ".join(
+            f"{n} {t:.4f}" for n, t in temperatures.items())
+    else:
+        temperature, temperatures = fit_temperature(logits, gold, kind), None
+        scale_output_(model, 1 / temperature)
+        said = f"scores divided by the temperature {temperature:.4f}"
     after = evaluation_metrics(kind, predict_logits(model, data, a.batch_size), gold)  # (the model as saved)
-    at_bound = min(abs(math.log(temperature / t)) for t in T_RANGE) < 1e-6
+    at_bound = [n for n, t in (temperatures or {"": temperature}).items()
+                if min(abs(math.log(t / end)) for end in T_RANGE) < 1e-6]
     run = {"command": "calibrate", "source": str(a.model), "args": asdict(a), "temperature": temperature,
-           "metric": MAIN_METRIC[kind],
-           "temperature_at_bound": at_bound, "examples": len(examples), "metrics_before": before, "metrics": after,
+           "temperatures": temperatures, "metric": MAIN_METRIC[kind],
+           "temperature_at_bound": bool(at_bound), "labels_at_bound": at_bound if a.per_label else [],
+           "examples": len(examples), "metrics_before": before, "metrics": after,
            "torch": torch.__version__, "source_run": meta.get("run", {})}
     quantization = read_config(meta["path"]).get("oztune", {}).get("quantization")
     card = recipe_card("Calibrated classifier (oztune calibrate)", [
-        f"Source: `{a.model}`; scores divided by the temperature {temperature:.4f} (the labels are the source's)",
-        f"Temperature fitted on `{a.data}` ({len(examples):,} examples; the table's metrics are on that file too)"],
+        f"Source: `{a.model}`; {said} (the labels are the source's)",
+        f"Fitted on `{a.data}` ({len(examples):,} examples; the table's metrics are on that file too)"],
         before, after, a.output, columns=("source", "calibrated"), text_pairs=meta["text_pairs"])
     save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=quantization, card=card,
                     text_pairs=meta["text_pairs"])
