@@ -104,6 +104,11 @@ def test_compress_says_the_score_is_the_metric_x100(task, tmp_path, capsys):
     base = report["variants"][0]
     assert base["score"] == pytest.approx(100 * base["metrics"][metric])
     assert f"fp32: {metric} x100 {base['score']:.2f}, " in shown and f"kept {report['chosen']}: {metric} x100 " in shown
+    kept = next(v for v in report["variants"] if v["name"] == report["chosen"])
+    if kind == "regression":  # a classifier's calibration beside its score; a regression model has none
+        assert kept["ece"] is None and "ECE" not in shown
+    else:
+        assert f"pt), ECE {kept['ece']:.3f}, " in shown
     # the last line names every report file it wrote (report.json was left out)
     assert shown.rstrip().endswith(f"saved to {out} (report.md, report.json, pareto.png)"), shown
     assert report["units"].startswith("points: the main metric x100")

@@ -57,7 +57,7 @@ def test_compress_end_to_end(tiny_finetuned, sentiment_files, tmp_path, capsys):
     shown = capsys.readouterr().out  # a tiny model's sizes in kB (one decimal in MB: 0.1 MB for each)
     for v in variants.values():
         assert f"{v['name']}: accuracy {v['score']:.2f}, {v['file_mb'] * 1e3:.3g} kB, " in shown
-    assert f"({chosen['change']:+.2f} pt), {chosen['file_mb'] * 1e3:.3g} kB, " in shown
+    assert f"({chosen['change']:+.2f} pt), ECE {chosen['ece']:.3f}, {chosen['file_mb'] * 1e3:.3g} kB, " in shown
 
     r = subprocess.run([sys.executable, "-m", "oztune", "evaluate", "--model", str(out), "--data", str(dev), "--json"],
                        capture_output=True, text=True, timeout=120)
