@@ -124,7 +124,7 @@ def test_class_weights_with_grad_accum_weigh_the_whole_step(tiny_base, sentiment
         if isinstance(m, Dropout):
             m.p = 0.0
     start, w, batches, grads, real = copy.deepcopy(model), [1.0, 5.0], [], [], loop.weighted_loss
-    monkeypatch.setattr(loop, "weighted_loss", lambda ws: (lambda m, b: (batches.append(b), real(ws)(m, b))[1]))
+    monkeypatch.setattr(loop, "weighted_loss", lambda *a: (lambda m, b: (batches.append(b), real(*a)(m, b))[1]))
     monkeypatch.setattr(loop, "clipped_step", lambda opt, ps, mx: (grads.append(
         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}), opt.step()))
     loop.fit(model, train, loop.TrainConfig(epochs=1, batch_size=8, grad_accum=2, precision="fp32",

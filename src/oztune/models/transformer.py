@@ -389,22 +389,30 @@ class SequenceClassifier(nn.Module):
         how = self.head_cfg.pooling
         return None if how == "mean" else pooled_positions(attention_mask, how, *input_ids.shape, input_ids.device)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+             label_smoothing: float = 0.0) -> torch.Tensor:
         """The loss of the problem type: cross-entropy, BCE-with-logits or MSE.
 
         ``weights`` (L,): single-label, each example's loss times its class's weight; multi-label, each label's
         weight of its positive examples (BCE's ``pos_weight``). Either way the mean divides by the number of
         examples (not by their weights, as ``cross_entropy(weight=...)`` would): a step's loss is then the
         same however its examples are split into micro-batches (``--grad-accum``) or processes.
+        ``label_smoothing`` e in [0, 1): single-label, the target puts 1 - e on the gold class and spreads e evenly
+        over all L classes (``cross_entropy``'s); multi-label, each yes/no target is pulled toward 1/2: y (1 - e)
+        + e / 2. Regression has no labels to smooth (0 only).
         """
         logits = logits.float()
         kind = self.head_cfg.problem_type
         if kind == "single_label":
             if weights is not None:
-                return (F.cross_entropy(logits, labels, reduction="none") * weights[labels]).mean()
-            return F.cross_entropy(logits, labels)
+                return (F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+                        * weights[labels]).mean()
+            return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         if kind == "multi_label":
-            return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
+            target = labels.float() * (1 - label_smoothing) + label_smoothing / 2
+            return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weights)
+        if label_smoothing:
+            raise ValueError("label smoothing is for classification heads; a regression head has no labels to smooth")
         return F.mse_loss(logits.squeeze(-1), labels.float())
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:

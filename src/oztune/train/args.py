@@ -80,6 +80,10 @@ class FinetuneArgs(RecipeOptions):
         patience: stop after this many evaluations without improvement on --eval (0: never).
         eval_every: evaluate on --eval every this many optimizer steps too, not only at each epoch's end
             (0: epoch ends only); the best evaluation's weights are kept.
+        label_smoothing: smooth the training targets by this much, in [0, 1) (0: off; 0.1 is usual):
+            single-label, the gold class's target is 1 - e and e is spread over all the classes; multi-label,
+            each yes/no target is pulled toward 1/2. A regulariser that keeps the scores from growing
+            overconfident (see the ece of oztune evaluate). Not for regression.
         rdrop: R-Drop weight: run each batch twice with different dropout and add this weight x the two
             predictions' symmetric KL divergence to the loss, a regulariser (0: off; 0.5-1 is usual; a step
             costs about twice as much).
@@ -130,6 +134,7 @@ class FinetuneArgs(RecipeOptions):
     eval_every: int = 0
     tensorboard: str | None = None
     ema_decay: float = 0.0
+    label_smoothing: float = 0.0
     rdrop: float = 0.0
     freeze_embeddings: bool = True
     checkpoint_every: int = 500

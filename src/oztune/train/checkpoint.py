@@ -260,6 +260,7 @@ class Checkpointer:
                        "layer_lr_decay": cfg.layer_lr_decay, "precision": cfg.precision, "ema_decay": cfg.ema_decay,
                        "freeze_embeddings": cfg.freeze_embeddings, "class_weights": cfg.class_weights,
                        "rdrop": cfg.rdrop,
+                       **({"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}),  # (newer key)
                        "eval_every": cfg.eval_every, "patience": cfg.patience,
                        "eval_data": data_digest(eval_data) if eval_data is not None else None,
                        "parameters": sum(t.numel() for t in model.state_dict().values()),

@@ -45,7 +45,7 @@ def train_config(a: FinetuneArgs) -> TrainConfig:
                        max_grad_norm=a.max_grad_norm, grad_accum=a.grad_accum,
                        precision=a.precision, seed=a.seed, patience=a.patience,
                        eval_every=a.eval_every, tensorboard=a.tensorboard,
-                       ema_decay=a.ema_decay, rdrop=a.rdrop,
+                       ema_decay=a.ema_decay, rdrop=a.rdrop, label_smoothing=a.label_smoothing,
                        freeze_embeddings=a.freeze_embeddings, progress=a.progress,
                        checkpoint_dir=a.checkpoints_dir(), checkpoint_every=a.checkpoint_every,
                        keep_checkpoints=a.keep_checkpoints, resume=a.resume)
@@ -86,7 +86,7 @@ def check_args(a: FinetuneArgs) -> None:
     if not (a.lora_rank >= 0 and math.isfinite(a.lora_rank)):
         raise OztuneError(f"--lora-rank must be 0 or more, not {a.lora_rank}")
     for name in ("checkpoint_every", "eval_every", "patience", "weight_decay", "max_grad_norm", "rdrop", "warmup_ratio",
-                 "ema_decay", "layer_lr_decay", "keep_checkpoints"):  # (TrainConfig's rules: the same in Python)
+                 "ema_decay", "layer_lr_decay", "keep_checkpoints", "label_smoothing"):  # (TrainConfig's rules: the same in Python)
         error = out_of_range(name, getattr(a, name))
         if error:
             raise OztuneError(f"--{name.replace('_', '-')} {error}")
@@ -202,6 +202,9 @@ def _finetune(a: FinetuneArgs, env: distributed.DistEnv) -> dict:
     problem_type, label2id = label_setup(train_ex, a.problem_type, a.train)
     if a.label_names and problem_type == "regression":
         raise OztuneError(regression_label_names(a.label_names, f"{a.train} holds regression targets"))
+    if a.label_smoothing and problem_type == "regression":
+        raise OztuneError(f"--label-smoothing smooths class labels, but {a.train} holds regression targets (numbers "
+                          "to predict): drop --label-smoothing")
     if a.label_names and label2id and not are_class_ids(label2id):
         # names for names: the model would know only the new ones, and this very --eval file (and every file
         # labelled like it) would no longer evaluate against it
@@ -333,6 +336,7 @@ def model_card(a: FinetuneArgs, run: dict, id2label: dict, text_pairs: bool | No
     else:
         evaluated = f" on `{a.eval}`{kept}" if a.eval else " (no --eval file: the training loss)"
     extras = f", R-Drop {a.rdrop:g}" if a.rdrop else ""
+    extras += f", label smoothing {a.label_smoothing:g}" if a.label_smoothing else ""
     if a.lora_rank:
         extras += (f", LoRA rank {a.lora_rank} on {', '.join(a.lora_targets)} "
                    f"(alpha {lora_alpha(a.lora_rank, a.lora_alpha):g}, merged into the weights)")

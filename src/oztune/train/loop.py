@@ -47,6 +47,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "weight_decay": (_finite_from_0, "0 or more"),
     "max_grad_norm": (lambda v: v is None or _finite_from_0(v), "0 or more (0: no clipping)"),
     "rdrop": (_finite_from_0, "0 or more"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "layer_lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -90,6 +91,9 @@ class TrainConfig:
         class_weights: per-label weights of the default loss (see ``SequenceClassifier.loss``; None: none),
             e.g. from :func:`balanced_class_weights`: one per label of a classification head, 0 or more
             (``fit`` checks the count against the model).
+        label_smoothing: smooth the default loss's targets by this much, in [0, 1) (classification heads; see
+            ``SequenceClassifier.loss``; 0: off): a regulariser that also keeps the model from growing
+            overconfident.
         rdrop: R-Drop: run each batch twice with different dropout and add this weight x the symmetric KL
             divergence of the two predictions to the loss (:mod:`oztune.train.rdrop`; 0: off; a step costs ~2x).
         layer_lr_decay: layer-wise learning-rate decay: the task head trains at ``lr``, the top block at
@@ -122,6 +126,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     freeze_embeddings: bool = False
     class_weights: list[float] | None = None
+    label_smoothing: float = 0.0
     rdrop: float = 0.0
     layer_lr_decay: float = 1.0
     bucket: int = 50
@@ -184,13 +189,14 @@ def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model.loss(logits, batch["labels"])
 
 
-def weighted_loss(weights: list[float]) -> LossFn:
-    """The default loss with per-label weights (``TrainConfig.class_weights``)."""
-    w = torch.tensor(weights, dtype=torch.float32)
+def weighted_loss(weights: list[float] | None, label_smoothing: float = 0.0) -> LossFn:
+    """The default loss with per-label weights (``TrainConfig.class_weights``; None: none) and label smoothing
+    (``TrainConfig.label_smoothing``)."""
+    w = None if weights is None else torch.tensor(weights, dtype=torch.float32)
 
     def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
         logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        return model.loss(logits, batch["labels"], w)
+        return model.loss(logits, batch["labels"], w, label_smoothing)
 
     return loss_fn
 
@@ -354,14 +360,18 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
     if train.labels is None and loss_fn is default_loss:  # (a KeyError 'labels' at the first step)
         raise ValueError("fit: the training data has no labels, which the default loss trains on: encode it with its "
                          "labels (a loss_fn of your own may do without)")
+    if cfg.label_smoothing and model.head_cfg.problem_type == "regression":
+        raise ValueError("TrainConfig.label_smoothing is for classification heads; a regression head has no labels "
+                         "to smooth: leave it 0")
     if cfg.rdrop:
         if loss_fn is not default_loss:
             raise ValueError("TrainConfig.rdrop adds to the default loss; this recipe has its own loss_fn")
-        loss_fn = rdrop_loss(cfg.rdrop, cfg.class_weights)
-    elif cfg.class_weights is not None:
+        loss_fn = rdrop_loss(cfg.rdrop, cfg.class_weights, cfg.label_smoothing)
+    elif cfg.class_weights is not None or cfg.label_smoothing:
         if loss_fn is not default_loss:
-            raise ValueError("TrainConfig.class_weights weighs the default loss; this recipe has its own loss_fn")
-        loss_fn = weighted_loss(cfg.class_weights)
+            what = "class_weights weighs" if cfg.class_weights is not None else "label_smoothing smooths"
+            raise ValueError(f"TrainConfig.{what} the default loss; this recipe has its own loss_fn")
+        loss_fn = weighted_loss(cfg.class_weights, cfg.label_smoothing)
     tune_malloc()
     env = distributed.init_from_env()
     seed_everything(cfg.seed + env.rank)

@@ -31,10 +31,10 @@ def consistency(a: torch.Tensor, b: torch.Tensor, problem_type: str) -> torch.Te
     return ((a - b) ** 2).mean()
 
 
-def rdrop_loss(alpha: float, class_weights: list[float] | None = None):
+def rdrop_loss(alpha: float, class_weights: list[float] | None = None, label_smoothing: float = 0.0):
     """A ``loss_fn(model, batch)`` for :func:`oztune.train.loop.fit`: the mean task loss of two dropout passes
-    (with ``class_weights`` as ``SequenceClassifier.loss`` takes them) plus ``alpha`` x their
-    :func:`consistency`."""
+    (with ``class_weights`` and ``label_smoothing`` as ``SequenceClassifier.loss`` takes them) plus ``alpha`` x
+    their :func:`consistency`."""
     w = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
 
     def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -43,8 +43,7 @@ def rdrop_loss(alpha: float, class_weights: list[float] | None = None):
                        None if tt is None else tt.repeat(2, 1))  # (2B, L): two passes, two dropout masks
         a, b = logits.chunk(2)
         labels = batch["labels"]
-        task = (model.loss(a, labels) + model.loss(b, labels) if w is None
-                else model.loss(a, labels, w) + model.loss(b, labels, w)) / 2
+        task = (model.loss(a, labels, w, label_smoothing) + model.loss(b, labels, w, label_smoothing)) / 2
         return task + alpha * consistency(a, b, model.head_cfg.problem_type)
 
     return loss_fn
