@@ -28,7 +28,7 @@ from oztune.train import distributed
 from oztune.train.args import PRECISIONS
 from oztune.train.checkpoint import Checkpointer, HeldSigterm, Progress
 from oztune.train.ema import WeightEMA
-from oztune.train.metrics import MAIN_METRIC, compute_metrics, metric_values
+from oztune.train.metrics import MAIN_METRIC, evaluation_metrics, metric_values
 from oztune.train.rdrop import rdrop_loss
 from oztune.train.tensorboard import Board
 
@@ -63,7 +63,7 @@ def out_of_range(name: str, value) -> str | None:
     return None if ok(value) else f"must be {must}, not {value}"
 
 
-LOWER_IS_BETTER = ("mse", "train_loss")  # metrics where a smaller value is the better model
+LOWER_IS_BETTER = ("mse", "train_loss", "log_loss", "ece")  # metrics where a smaller value is the better model
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 
 
@@ -320,9 +320,10 @@ def predict_logits(model: nn.Module, data: EncodedData, batch_size: int = 64, pr
 
 
 def evaluate(model: nn.Module, data: EncodedData, batch_size: int = 64, precision: str = "fp32") -> dict:
-    """Metrics of the model's problem type on labelled data."""
+    """Metrics of the model's problem type on labelled data, as ``oztune evaluate`` gives them (a classifier's
+    log loss and ECE too: :func:`~oztune.train.metrics.evaluation_metrics`)."""
     logits = predict_logits(model, data, batch_size, precision)
-    return compute_metrics(model.head_cfg.problem_type, logits, data.labels.numpy())
+    return evaluation_metrics(model.head_cfg.problem_type, logits, data.labels.numpy())
 
 
 def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: EncodedData | None = None,
@@ -338,7 +339,7 @@ def fit(model: nn.Module, train: EncodedData, cfg: TrainConfig, eval_data: Encod
         eval_data: encoded evaluation data; without it the last weights are kept.
         loss_fn: ``loss_fn(model, batch) -> loss``; distillation passes its own.
         main_metric: metric that decides the best epoch (default: by problem type); higher is better, except
-            for those in :data:`LOWER_IS_BETTER` (mse, train_loss).
+            for those in :data:`LOWER_IS_BETTER` (mse, train_loss, log_loss, ece).
         on_step: called as ``on_step(step, total_steps)`` after each optimizer step (pruning schedules).
 
     Under torchrun each process trains on its slice of every global batch of ``batch_size x processes``

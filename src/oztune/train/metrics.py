@@ -199,8 +199,8 @@ def labels_on(logits: np.ndarray) -> np.ndarray:
 
 
 def evaluation_metrics(problem_type: str, logits: np.ndarray, gold: np.ndarray) -> dict[str, float]:
-    """What ``oztune evaluate`` and the compression reports give: :func:`compute_metrics`, and for a classifier
-    also :func:`calibration_metrics` (the training loop's evaluations, every epoch, give the first only)."""
+    """What ``oztune evaluate``, the training loop's evaluations and the compression reports give:
+    :func:`compute_metrics`, and for a classifier also :func:`calibration_metrics`."""
     out = compute_metrics(problem_type, logits, gold)
     if problem_type in ("single_label", "multi_label"):
         out.update(calibration_metrics(logits, gold, problem_type))
