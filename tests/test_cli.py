@@ -95,6 +95,31 @@ def test_evaluate_per_label_and_mistakes_file(trained, sentiment_files, tmp_path
     assert "confusion matrix" in table.stdout and "support" in table.stdout
 
 
+def test_evaluate_reliability_diagram(trained, sentiment_files, tmp_path, tiny_hf_dir, capsys):
+    """--reliability FILE.png: a PNG of the diagram beside the usual output (--json stays one object on standard
+    output); refused for a regression model, and for an input file, before anything runs."""
+    from oztune.cli import main
+
+    png = tmp_path / "rel.png"
+    assert main(["evaluate", "--model", str(trained), "--data", str(sentiment_files[1]), "--json",
+                 "--reliability", str(png)]) == 0
+    out, err = capsys.readouterr()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "ece" in json.loads(out) and f"reliability diagram written to {png}" in err
+    reg, _ = tiny_hf_dir("bert", num_labels=1, problem_type="regression")
+    data = tmp_path / "reg.jsonl"
+    data.write_text('{"text": "good", "label": 1.0}\n{"text": "bad film", "label": 0.0}\n')
+    capsys.readouterr()  # (transformers' save_pretrained draws a progress bar)
+    for model, dev, target, words in [
+            (reg, data, tmp_path / "r.png", "a reliability diagram (--reliability) is for classification models"),
+            (trained, sentiment_files[1], sentiment_files[1], "which would be replaced")]:
+        before = target.read_bytes() if target.exists() else None
+        assert main(["evaluate", "--model", str(model), "--data", str(dev), "--reliability", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+        assert (target.read_bytes() if target.exists() else None) == before
+
+
 def test_predict_texts_and_all_scores(trained):
     r = run("predict", "--model", str(trained), "good movie", "an awful plot", "--all-scores")
     assert r.returncode == 0, r.stderr

@@ -20,6 +20,7 @@ from oztune.models.transformer import SequenceClassifier, scores
 from oztune.data.tokenize import TextEncoder
 from oztune.train.loop import predict_logits
 from oztune.train.metrics import evaluation_metrics, label_report, labels_on
+from oztune.train.metrics import reliability as reliability_bins
 
 
 def format_predictions(logits: np.ndarray, problem_type: str, id2label: dict[int, str],
@@ -50,13 +51,14 @@ def format_predictions(logits: np.ndarray, problem_type: str, id2label: dict[int
 
 
 def check_classification_only(problem_type: str, all_scores: bool = False, per_label: bool = False,
-                              mistakes: bool = False) -> None:
+                              mistakes: bool = False, reliability: bool = False) -> None:
     """Refuse what only a classification model has (a regression model has no labels): every label's score,
     a per-label report, a list of mistakes; one OztuneError, in one wording, before the model runs."""
     if problem_type != "regression":
         return
     for asked, what in ((all_scores, "every label's score (--all-scores)"),
-                        (per_label, "a per-label report (--per-label)"), (mistakes, "listing mistakes (--mistakes)")):
+                        (per_label, "a per-label report (--per-label)"), (mistakes, "listing mistakes (--mistakes)"),
+                        (reliability, "a reliability diagram (--reliability)")):
         if asked:
             raise OztuneError(f"{what} is for classification models; this one is a regression model")
 
@@ -160,7 +162,7 @@ class Predictor:
         return format_predictions(logits, self.problem_type, self.id2label, all_scores)
 
     def evaluate(self, path: str, columns: Columns | None = None, per_label: bool = False,
-                 mistakes: bool = False) -> dict:
+                 mistakes: bool = False, reliability: bool = False) -> dict:
         """Metrics on a labelled file (a label the model does not know is a DataError, and so is a file of the
         other kind, text pairs or single texts, than the model was fine-tuned on): those of the problem type,
         for a classifier also ``log_loss`` and ``ece`` (:func:`~oztune.train.metrics.evaluation_metrics`), and
@@ -174,8 +176,11 @@ class Predictor:
             mistakes: also the examples the model gets wrong (``mistakes``, classification only): file
                 line, text, gold ``label``, ``predicted`` and its ``score``; single-label ones most
                 confident first (where label noise and systematic errors show).
+            reliability: also the reliability diagram's data (``reliability``, classification only): per
+                confidence bin, how many decisions, their mean confidence and the share right
+                (:func:`~oztune.train.metrics.reliability`).
         """
-        check_classification_only(self.problem_type, per_label=per_label, mistakes=mistakes)
+        check_classification_only(self.problem_type, per_label=per_label, mistakes=mistakes, reliability=reliability)
         examples = read_labelled(path, columns or Columns(), problem_type=self.problem_type, text_pairs=self.text_pairs)
         label2id = None if self.problem_type == "regression" else self.gold_label_ids([e.label for e in examples])
         data = encode_examples(examples, self.encoder, label2id, self.problem_type, path)
@@ -191,6 +196,8 @@ class Predictor:
             out.update(label_report(self.problem_type, logits, gold, self.id2label))
         if mistakes:
             out["mistakes"] = self._mistakes(examples, logits, gold)
+        if reliability:
+            out["reliability"] = reliability_bins(logits, gold, self.problem_type)
         return out
 
     def _mistakes(self, examples: list, logits: np.ndarray, gold: np.ndarray) -> list[dict]:

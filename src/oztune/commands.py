@@ -102,6 +102,8 @@ class EvaluateArgs:
         mistakes: write the examples the model gets wrong to this JSONL file (line, text, label, predicted,
             score; single-label: most confident first); '-': to stdout, the metrics table then to stderr (not with
             --json).
+        reliability: write a reliability diagram of the scores (PNG) to this file: in each confidence bin, the
+            share of predictions that are right against their mean confidence (classifiers).
     """
 
     model: str = ""
@@ -113,6 +115,7 @@ class EvaluateArgs:
     label_column: str | None = None
     per_label: bool = False
     mistakes: str | None = None
+    reliability: str | None = None
 
 
 # The confusion matrix is printed for at most this many labels (--json always holds it).
@@ -131,9 +134,19 @@ def evaluate_cmd(a: EvaluateArgs) -> int:
         raise OztuneError("--mistakes - and --json would both write to standard output; write the mistakes to a file")
     if a.mistakes and not to_stdout:
         _check_output_file(a.mistakes, "--mistakes", inputs=(a.data,), model=a.model)
+    if a.reliability:
+        _check_output_file(a.reliability, "--reliability", inputs=(a.data, a.mistakes), model=a.model)
     clf = _open(a.model, a.batch_size)
     metrics = clf.evaluate(a.data, Columns(a.text_column, a.text_pair_column, a.label_column),
-                           per_label=a.per_label, mistakes=bool(a.mistakes))
+                           per_label=a.per_label, mistakes=bool(a.mistakes), reliability=bool(a.reliability))
+    bins = metrics.pop("reliability", None)
+    if bins is not None:
+        from oztune.train.calibrate import reliability_png
+
+        _write_atomically(a.reliability, reliability_png(
+            {Path(a.model).name: (bins, metrics["ece"])}, clf.problem_type, len(clf.id2label),
+            f"Reliability of {Path(a.model).name} on {Path(a.data).name} ({metrics['examples']:,} examples)"),
+            "--reliability")
     wrong = metrics.pop("mistakes", None)
     lines = None if wrong is None else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in wrong)
     if lines is not None and not to_stdout:
@@ -148,6 +161,8 @@ def evaluate_cmd(a: EvaluateArgs) -> int:
     if wrong is not None:
         where = "standard output" if to_stdout else a.mistakes
         print(f"{len(wrong):,} mistakes written to {where}", file=sys.stderr if a.json or to_stdout else sys.stdout)
+    if bins is not None:
+        print(f"reliability diagram written to {a.reliability}", file=sys.stderr if a.json or to_stdout else sys.stdout)
     return 0
 
 

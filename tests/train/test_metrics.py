@@ -3,6 +3,8 @@ missing one fails here; skipped when missing, they took every test of this file 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.stats as stats
@@ -199,3 +201,24 @@ def test_multi_label_calibration_is_over_every_yes_no_decision():
             ece += inside.mean() * abs(right[inside].mean() - conf[inside].mean())
     assert m["ece"] == pytest.approx(ece, rel=1e-6, abs=1e-9) and "micro_f1" in m
     assert "ece" not in evaluation_metrics("regression", logits[:, :1], gold[:, 0])
+
+
+@pytest.mark.parametrize("problem_type", ["single_label", "multi_label"])
+def test_reliability_bins_count_every_decision_and_give_the_ece(problem_type):
+    """The diagram's data: each bin's count, mean confidence and share right; the count-weighted mean of their
+    gaps is calibration_metrics' ECE; an empty bin is None, not nan (JSON)."""
+    from oztune.train.metrics import CALIBRATION_BINS, calibration_metrics, reliability
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2, (120, 3))
+    gold = (rng.random((120, 3)) < 0.5).astype(float) if problem_type == "multi_label" else rng.integers(0, 3, 120)
+    r = reliability(logits, gold, problem_type)
+    assert len(r["count"]) == CALIBRATION_BINS and len(r["edges"]) == CALIBRATION_BINS + 1
+    assert sum(r["count"]) == (360 if problem_type == "multi_label" else 120)
+    full = [i for i, c in enumerate(r["count"]) if c]
+    assert all(r["edges"][i] <= r["confidence"][i] <= r["edges"][i + 1] for i in full)
+    empty = [i for i, c in enumerate(r["count"]) if not c]
+    assert empty and all(r["accuracy"][i] is None and r["confidence"][i] is None for i in empty)  # (below 1/3)
+    ece = sum(r["count"][i] * abs(r["accuracy"][i] - r["confidence"][i]) for i in full) / sum(r["count"])
+    assert ece == pytest.approx(calibration_metrics(logits, gold, problem_type)["ece"], rel=1e-9)
+    json.dumps(r)  # as it is

@@ -418,7 +418,7 @@ def check_id2label(id2label: dict[int, str], num_labels: int, empty_ok: bool = F
 
 def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | os.PathLike,
                     id2label: dict[int, str], run: dict | None = None, card: str | None = None,
-                    quantization: dict | None = None, extra_files: dict[str, str] | None = None,
+                    quantization: dict | None = None, extra_files: dict[str, str | bytes] | None = None,
                     text_pairs: bool | None = None) -> Path:
     """Write model, config, tokenizer and run record to ``out`` atomically.
 
@@ -434,7 +434,7 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
             ``quantization_record(config)`` of the QuantConfig it was quantized with (one that would not
             rebuild them on load is an OztuneError, as is one for a model without int8 layers). A model
             prepared for quantization-aware fine-tuning (``prepare_qat_``) is refused: ``quantize_`` it first.
-        extra_files: more text files to write into the directory (name -> content).
+        extra_files: more files to write into the directory (name -> text, or bytes).
         text_pairs: whether the model was fine-tuned on text pairs (config.json's ``oztune.text_pairs``: the other
             kind of input is then refused, see :func:`oztune.errors.check_text_pairs`); None: unknown. A model
             made from another (quantized, pruned, distilled) passes on its source's ``meta["text_pairs"]``, or for
@@ -493,8 +493,11 @@ def save_classifier(model: SequenceClassifier, encoder: TextEncoder, out: str | 
         encoder.save(tmp)
         if card:
             (tmp / "README.md").write_text(card)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -94,6 +95,47 @@ def scale_output_(model: nn.Module, factor: float | np.ndarray) -> None:
             out.bias.mul_(factor)
 
 
+def reliability_png(curves: dict[str, tuple[dict, float]], problem_type: str, num_labels: int, title: str) -> bytes:
+    """A reliability diagram, as PNG bytes: for each curve (name -> (:func:`~oztune.train.metrics.reliability`'s
+    data, its ECE)), the share right against the mean confidence in each non-empty bin, beside the diagonal of
+    perfect calibration (a point below it: overconfident); underneath, how the decisions spread over the bins.
+    The axes start at the lowest confidence there can be: 1/2 for multi-label, 1/``num_labels`` otherwise."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    multi = problem_type == "multi_label"
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7.5), dpi=110, sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], color="#888888", ls="--", lw=1, label="perfectly calibrated")
+    width = 1 / (len(next(iter(curves.values()))[0]["count"]) * (len(curves) + 1))
+    for i, (name, (bins, ece)) in enumerate(curves.items()):
+        full = [k for k, c in enumerate(bins["count"]) if c]
+        x, y = [bins["confidence"][k] for k in full], [bins["accuracy"][k] for k in full]
+        top.plot(x, y, marker="o", ms=5, lw=1.5, label=f"{name} (ECE {ece:.3f})")
+        share = np.array(bins["count"]) / max(sum(bins["count"]), 1)
+        bottom.bar(np.array(bins["edges"][:-1]) + (i + 0.5) * width, share, width=width, label=name)
+    lo = 0.5 if multi else 1 / max(num_labels, 1)
+    top.set_xlim(lo - 0.02, 1.01)
+    top.set_ylim(min([lo] + [v for bins, _ in curves.values() for v in bins["accuracy"] if v is not None]) - 0.02,
+                 1.02)
+    top.set_ylabel("share right")
+    top.set_title(title, fontsize=11)
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=9)
+    bottom.set_ylabel("share of\ndecisions")
+    bottom.set_xlabel("confidence: each label's max(p, 1 - p)" if multi else "confidence: the top class's probability")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def run_calibrate(a) -> dict:
     """Load ``a.model``, fit its temperature (``a.per_label``: one per label) on ``a.data``, scale its output layer,
     save it to ``a.output``; returns the run record (the temperature or temperatures, the metrics before and after)."""
@@ -104,7 +146,7 @@ def run_calibrate(a) -> dict:
     from oztune.models.hub import read_config, save_classifier
     from oztune.outdir import check_output_dir
     from oztune.train.loop import predict_logits
-    from oztune.train.metrics import MAIN_METRIC, evaluation_metrics
+    from oztune.train.metrics import MAIN_METRIC, evaluation_metrics, reliability
 
     for option, count in (("--batch-size", a.batch_size), ("--max-length", a.max_length)):
         check_at_least_1(option, count)
@@ -125,7 +167,7 @@ def run_calibrate(a) -> dict:
     gold = data.labels.numpy()
 
     logits = predict_logits(model, data, a.batch_size)
-    before = evaluation_metrics(kind, logits, gold)
+    before, reliability_before = evaluation_metrics(kind, logits, gold), reliability(logits, gold, kind)
     if a.per_label:
         names = [meta["id2label"][i] for i in range(logits.shape[1])]
         fitted = fit_temperatures(logits, gold)
@@ -137,7 +179,8 @@ def run_calibrate(a) -> dict:
         temperature, temperatures = fit_temperature(logits, gold, kind), None
         scale_output_(model, 1 / temperature)
         said = f"scores divided by the temperature {temperature:.4f}"
-    after = evaluation_metrics(kind, predict_logits(model, data, a.batch_size), gold)  # (the model as saved)
+    after_logits = predict_logits(model, data, a.batch_size)  # (the model as saved)
+    after = evaluation_metrics(kind, after_logits, gold)
     at_bound = [n for n, t in (temperatures or {"": temperature}).items()
                 if min(abs(math.log(t / end)) for end in T_RANGE) < 1e-6]
     run = {"command": "calibrate", "source": str(a.model), "args": asdict(a), "temperature": temperature,
@@ -150,6 +193,9 @@ def run_calibrate(a) -> dict:
         f"Source: `{a.model}`; {said} (the labels are the source's)",
         f"Fitted on `{a.data}` ({len(examples):,} examples; the table's metrics are on that file too)"],
         before, after, a.output, columns=("source", "calibrated"), text_pairs=meta["text_pairs"])
+    png = reliability_png({"before": (reliability_before, before["ece"]), "after": (reliability(
+        after_logits, gold, kind), after["ece"])}, kind, logits.shape[1],
+        f"Reliability on {Path(a.data).name} ({len(examples):,} examples), before and after calibration")
     save_classifier(model, enc, a.output, meta["id2label"], run=run, quantization=quantization, card=card,
-                    text_pairs=meta["text_pairs"])
+                    text_pairs=meta["text_pairs"], extra_files={"reliability.png": png})
     return run

@@ -166,6 +166,24 @@ def log_loss(logits: np.ndarray, gold: np.ndarray, problem_type: str = "single_l
     return float(-_log_softmax(z)[np.arange(len(gold)), gold.astype(int)].mean())
 
 
+def _decisions(logits: np.ndarray, gold: np.ndarray, problem_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each decision's confidence and whether it was right (1.0 or 0.0), as :func:`calibration_metrics` counts them."""
+    z = logits.astype(np.float64)
+    if problem_type == "multi_label":
+        conf = 1 / (1 + np.exp(-np.abs(z))).ravel()  # sigmoid(|z|) = max(p, 1 - p)
+        right = ((z > 0) == (gold > 0.5)).astype(np.float64).ravel()  # (the labels' rule: logit > 0, labels_on)
+        return conf, right
+    log_p = _log_softmax(z)
+    return np.exp(log_p.max(-1)), (log_p.argmax(-1) == gold.astype(int)).astype(np.float64)  # (N,) each
+
+
+def _bin_sums(conf: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin [i/15, (i+1)/15): how many decisions, how many right, their confidences' sum."""
+    bins = np.minimum((conf * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    return (np.bincount(bins, minlength=CALIBRATION_BINS), np.bincount(bins, right, CALIBRATION_BINS),
+            np.bincount(bins, conf, CALIBRATION_BINS))
+
+
 def calibration_metrics(logits: np.ndarray, gold: np.ndarray, problem_type: str = "single_label") -> dict[str, float]:
     """How far a classifier's probabilities can be taken at their word: ``log_loss`` (:func:`log_loss`) and ``ece``.
 
@@ -177,18 +195,18 @@ def calibration_metrics(logits: np.ndarray, gold: np.ndarray, problem_type: str 
     Quantization or pruning can keep the accuracy and still move these. Of zero rows both are 0."""
     if not len(gold):
         return {"log_loss": 0.0, "ece": 0.0}
-    z = logits.astype(np.float64)
-    if problem_type == "multi_label":
-        conf = 1 / (1 + np.exp(-np.abs(z))).ravel()  # sigmoid(|z|) = max(p, 1 - p)
-        right = ((z > 0) == (gold > 0.5)).astype(np.float64).ravel()  # (the labels' rule: logit > 0, labels_on)
-    else:
-        log_p = _log_softmax(z)
-        conf = np.exp(log_p.max(-1))  # (N,)
-        right = (log_p.argmax(-1) == gold.astype(int)).astype(np.float64)
-    bins = np.minimum((conf * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
-    n = np.bincount(bins, minlength=CALIBRATION_BINS)
-    gap = np.abs(np.bincount(bins, right, CALIBRATION_BINS) - np.bincount(bins, conf, CALIBRATION_BINS))
-    return {"log_loss": log_loss(logits, gold, problem_type), "ece": float(gap.sum() / n.sum())}
+    n, right, conf = _bin_sums(*_decisions(logits, gold, problem_type))
+    return {"log_loss": log_loss(logits, gold, problem_type), "ece": float(np.abs(right - conf).sum() / n.sum())}
+
+
+def reliability(logits: np.ndarray, gold: np.ndarray, problem_type: str = "single_label") -> dict[str, list]:
+    """The reliability diagram's data, per confidence bin of :func:`calibration_metrics`: ``count`` (decisions),
+    ``confidence`` (their mean confidence) and ``accuracy`` (the share right), None where a bin is empty; and the
+    bins' ``edges``. JSON as it is; the ECE is the count-weighted mean of |accuracy - confidence|."""
+    n, right, conf = _bin_sums(*_decisions(logits, gold, problem_type))
+    mean = lambda v: [float(x / k) if k else None for x, k in zip(v, n)]  # noqa: E731
+    return {"count": n.tolist(), "confidence": mean(conf), "accuracy": mean(right),
+            "edges": [i / CALIBRATION_BINS for i in range(CALIBRATION_BINS + 1)]}
 
 
 def labels_on(logits: np.ndarray) -> np.ndarray:
