@@ -122,6 +122,20 @@ def test_printed_confusion_matrix_rows_are_gold_labels(capsys):
     assert rows == {"l0": ["7", "1"], "l1": ["30", "500"]}
 
 
+def test_a_multi_label_report_has_each_labels_ece_column(capsys):
+    from oztune.commands import _print_label_report
+
+    per = {"toxic": {"precision": 0.5, "recall": 1.0, "f1": 0.6667, "support": 4, "ece": 0.1751},
+           "spam": {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2, "ece": 0.0125}}
+    _print_label_report({"per_label": per})
+    lines = capsys.readouterr().out.split("\n")
+    header = next(ln for ln in lines if "precision" in ln)
+    assert header.split() == ["label", "precision", "recall", "f1", "support", "ece"]
+    assert [ln.split()[-1] for ln in lines if ln.split()[:1] in (["toxic"], ["spam"])] == ["0.1751", "0.0125"]
+    _print_label_report(_report(2))  # single-label rows: no such column
+    assert "ece" not in capsys.readouterr().out
+
+
 def test_bert_relative_position_embeddings_are_refused(tiny_hf_dir):
     from oztune.models.hub import load_classifier
 

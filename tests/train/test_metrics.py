@@ -91,6 +91,13 @@ def test_label_report_matches_sklearn_multi_label():
     assert [r["per_label"][n]["recall"] for n in "xyz"] == pytest.approx(rc)
     assert [r["per_label"][n]["support"] for n in "xyz"] == list(s)
     assert "confusion_matrix" not in r
+    from oztune.train.metrics import calibration_metrics  # each label's ECE, of its own decisions
+
+    eces = [r["per_label"][n]["ece"] for n in "xyz"]
+    assert eces == pytest.approx([calibration_metrics(logits[:, [i]], gold[:, [i]], "multi_label")["ece"]
+                                  for i in range(3)], rel=1e-12)
+    assert len(set(eces)) == 3 and "ece" not in label_report("single_label", logits, gold.argmax(-1), {})["per_label"][
+        "0"]
     assert label_report("regression", logits[:, :1], gold[:, 0], {}) == {}
 
 

@@ -121,8 +121,10 @@ def label_report(problem_type: str, logits: np.ndarray, gold: np.ndarray, id2lab
 
     Returns:
         ``{"per_label": {name: {"precision", "recall", "f1", "support"}}}``, plus ``"confusion_matrix"``
-        (a list of rows: gold label, then predicted label, both in output order) for single-label. An undefined
-        precision or recall is 0, but 1 for a label neither in gold nor predicted (whose F1 is 1, see :func:`_f1`).
+        (a list of rows: gold label, then predicted label, both in output order) for single-label, and for
+        multi-label each label's ``"ece"`` (:func:`calibration_metrics` of its yes/no decisions alone: what a
+        temperature per label, ``oztune calibrate --per-label``, works on). An undefined precision or recall is
+        0, but 1 for a label neither in gold nor predicted (whose F1 is 1, see :func:`_f1`).
     """
     if problem_type not in ("single_label", "multi_label"):
         return {}
@@ -144,6 +146,9 @@ def label_report(problem_type: str, logits: np.ndarray, gold: np.ndarray, id2lab
                              "support": int(tp[i] + fn[i])} for i, n in enumerate(names)}}
     if problem_type == "single_label":
         out["confusion_matrix"] = cm.tolist()
+    else:
+        for i, n in enumerate(names):
+            out["per_label"][n]["ece"] = calibration_metrics(logits[:, [i]], gold[:, [i]], "multi_label")["ece"]
     return out
 
 
