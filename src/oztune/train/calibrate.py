@@ -119,7 +119,8 @@ def reliability_png(curves: dict[str, tuple[dict, float]], problem_type: str, nu
         share = np.array(bins["count"]) / max(sum(bins["count"]), 1)
         bottom.bar(np.array(bins["edges"][:-1]) + (i + 0.5) * width, share, width=width, label=name)
     lo = 0.5 if multi else 1 / max(num_labels, 1)
-    top.set_xlim(lo - 0.02, 1.01)
+    first = min(bins["edges"][k] for bins, _ in curves.values() for k, c in enumerate(bins["count"]) if c)
+    top.set_xlim(min(lo, first) - 0.01, 1.01)  # (the lowest bin that holds any, [7/15, 8/15) say, is drawn whole)
     top.set_ylim(min([lo] + [v for bins, _ in curves.values() for v in bins["accuracy"] if v is not None]) - 0.02,
                  1.02)
     top.set_ylabel("share right")
