@@ -82,8 +82,9 @@ class FinetuneArgs(RecipeOptions):
             (0: epoch ends only); the best evaluation's weights are kept.
         label_smoothing: smooth the training targets by this much, in [0, 1) (0: off; 0.1 is usual):
             single-label, the gold class's target is 1 - e and e is spread over all the classes; multi-label,
-            each yes/no target is pulled toward 1/2. A regulariser that keeps the scores from growing
-            overconfident (see the ece of oztune evaluate). Not for regression.
+            each yes/no target is pulled toward 1/2. A regulariser that pulls the scores toward the middle (it
+            can overshoot: the ece of the evaluations says; oztune calibrate is the step that calibrates). Not
+            for regression.
         rdrop: R-Drop weight: run each batch twice with different dropout and add this weight x the two
             predictions' symmetric KL divergence to the loss, a regulariser (0: off; 0.5-1 is usual; a step
             costs about twice as much).

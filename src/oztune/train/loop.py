@@ -92,8 +92,7 @@ class TrainConfig:
             e.g. from :func:`balanced_class_weights`: one per label of a classification head, 0 or more
             (``fit`` checks the count against the model).
         label_smoothing: smooth the default loss's targets by this much, in [0, 1) (classification heads; see
-            ``SequenceClassifier.loss``; 0: off): a regulariser that also keeps the model from growing
-            overconfident.
+            ``SequenceClassifier.loss``; 0: off): a regulariser that also pulls the scores toward the middle.
         rdrop: R-Drop: run each batch twice with different dropout and add this weight x the symmetric KL
             divergence of the two predictions to the loss (:mod:`oztune.train.rdrop`; 0: off; a step costs ~2x).
         layer_lr_decay: layer-wise learning-rate decay: the task head trains at ``lr``, the top block at
