@@ -93,7 +93,8 @@ def main() -> None:
     print(f"{'model':<40} {'accuracy':>8} {'log loss':>16} {'ECE':>16} temperatures")
     for r in rows:
         b, t = r["before"], r["after"]
-        print(f"{Path(r['model']).name:<40} {100 * b['accuracy']:>7.2f}% {b['log_loss']:>6.4f} -> {t['log_loss']:<6.4f} "
+        print(f"{Path(r['model']).name:<40} {100 * b['accuracy']:>7.2f}% "
+              f"{b['log_loss']:>6.4f} -> {t['log_loss']:<6.4f} "
               f"{b['ece']:>6.4f} -> {t['ece']:<6.4f} {', '.join(f'{x:.3f}' for x in r['temperatures'])}")
     smooth = smoothing_rows(a.label_smoothing, a.examples, a.data) if a.label_smoothing else []
     if smooth:

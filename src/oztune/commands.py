@@ -248,7 +248,8 @@ def _print_label_report(metrics: dict) -> None:
     names = list(metrics["per_label"])
     w = max(12, *(len(n) + 2 for n in names))
     ece = all("ece" in r for r in metrics["per_label"].values())  # (multi-label: each label's own)
-    print(f"\n  {'label':<{w}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}" + (f" {'ece':>9}" if ece else ""))
+    print(f"\n  {'label':<{w}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}"
+          + (f" {'ece':>9}" if ece else ""))
     for n, r in metrics["per_label"].items():
         print(f"  {n:<{w}} {r['precision']:>9.4f} {r['recall']:>9.4f} {r['f1']:>9.4f} {r['support']:>9,}"
               + (f" {r['ece']:>9.4f}" if ece else ""))

@@ -78,7 +78,8 @@ def compress_cmd(a: CompressArgs) -> int:
     best = next(r for r in report["variants"] if r["name"] == report["chosen"])
     ece = f", ECE {best['ece']:.3f}" if best.get("ece") is not None else ""  # (a classifier's)
     print(f"{gap(a)}kept {best['name']}: {points_of(best['metric'])} {best['score']:.2f} ({best['change']:+.2f} pt)"
-          f"{ece}, {format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput, {best['latency_speedup']:.2f}x "
+          f"{ece}, {format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput, "
+          f"{best['latency_speedup']:.2f}x "
           f"its batch-1 speed; saved to {a.output} (report.md, report.json, pareto.png)")
     _say_busy(busy_words(report["variants"], in_turns=False))
     return 0

@@ -86,7 +86,8 @@ def check_args(a: FinetuneArgs) -> None:
     if not (a.lora_rank >= 0 and math.isfinite(a.lora_rank)):
         raise OztuneError(f"--lora-rank must be 0 or more, not {a.lora_rank}")
     for name in ("checkpoint_every", "eval_every", "patience", "weight_decay", "max_grad_norm", "rdrop", "warmup_ratio",
-                 "ema_decay", "layer_lr_decay", "keep_checkpoints", "label_smoothing"):  # (TrainConfig's rules: the same in Python)
+                 "ema_decay", "layer_lr_decay", "keep_checkpoints",
+                 "label_smoothing"):  # (TrainConfig's rules: the same in Python)
         error = out_of_range(name, getattr(a, name))
         if error:
             raise OztuneError(f"--{name.replace('_', '-')} {error}")
