@@ -28,9 +28,10 @@ MODEL_MARKERS = ("config.json", "model.onnx")  # a model directory holds one of 
 MODEL_FILES = frozenset({
     # oztune's saves: models/hub.py save_classifier (finetune, quantize, prune, distill, compress), with
     # train/finetune.py's step log; data/tokenize.py TextEncoder.save (TOKENIZER_FILES); compress/report.py
-    # and compress/search.py (the report, every variant under variants/); serve/export.py (ONNX: model.onnx and
-    # its external weights; AOT: the model copied, its graphs under aoti/, models/aot.py AOT_DIR)
-    "config.json", "model.safetensors", "run.json", "README.md", "train_log.csv",
+    # and compress/search.py (the report, every variant under variants/); train/calibrate.py's reliability
+    # diagram; serve/export.py (ONNX: model.onnx and its external weights; AOT: the model copied, its graphs
+    # under aoti/, models/aot.py AOT_DIR)
+    "config.json", "model.safetensors", "run.json", "README.md", "train_log.csv", "reliability.png",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
     "report.md", "report.json", "pareto.png", "variants",
     "model.onnx", "model.onnx.data", "aoti",

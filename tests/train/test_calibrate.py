@@ -102,6 +102,7 @@ def test_calibrate_command_writes_a_model_whose_scores_moved_and_labels_did_not(
     assert run["metrics_before"]["log_loss"] == pytest.approx(before["log_loss"], rel=1e-4)
     assert "temperature" in (out / "README.md").read_text()
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"  # the diagram, before and after
+    assert main(["calibrate", "--model", str(tiny_finetuned), "--data", dev, "--output", str(out)]) == 0  # replaced
 
 
 def test_calibrate_keeps_an_int8_model_int8(tiny_finetuned, sentiment_files, tmp_path):
