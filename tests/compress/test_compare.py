@@ -64,6 +64,8 @@ def test_compare_scores_weighs_and_times_every_model_as_evaluate_does(variants, 
     assert f"**{fastest}** (fastest in budget)" in md and "| onnx | onnxruntime |" in md.replace(
         "**onnx** (fastest in budget)", "onnx")
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "notes.txt").read_text() == "mine"
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG" and "](reliability.png)" in md  # every model's
+    assert [len(r["metrics"]["reliability"]["count"]) for r in report["variants"]] == [15, 15, 15]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 

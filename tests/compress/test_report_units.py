@@ -110,7 +110,9 @@ def test_compress_says_the_score_is_the_metric_x100(task, tmp_path, capsys):
     else:
         assert f"pt), ECE {kept['ece']:.3f}, " in shown
     # the last line names every report file it wrote (report.json was left out)
-    assert shown.rstrip().endswith(f"saved to {out} (report.md, report.json, pareto.png)"), shown
+    files = "report.md, report.json, pareto.png" + ("" if kind == "regression" else ", reliability.png")
+    assert shown.rstrip().endswith(f"saved to {out} ({files})"), shown
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f for f in files.split(", ") if f.endswith(".png"))
     assert report["units"].startswith("points: the main metric x100")
     md = " ".join((out / "report.md").read_text().split())
     assert f"| variant | layers heads FFN vocab | {metric} x100 | change (pt) |" in md

@@ -159,7 +159,8 @@ class CompressArgs(RecipeOptions):
         model: fine-tuned model directory (from oztune finetune).
         train: training file for importance ranking and distillation (the model's labels).
         eval: evaluation file (required): every variant is scored and timed on it.
-        output: directory for the kept model, variants/<name>/, report.md, report.json and pareto.png.
+        output: directory for the kept model, variants/<name>/, report.md, report.json, pareto.png and (for a
+            classifier) reliability.png.
         max_drop: budget: at most this many points of the model's main metric below the fp32 model; points are
             percent of accuracy (single-label), micro-F1 x100 (multi-label) or Pearson x100 (regression):
             1 point = 0.01 of the metric.
@@ -208,7 +209,8 @@ class CompareArgs:
         models: model directories (from finetune, quantize, prune, distill, compress) or exports (ONNX, aoti);
             the first is the baseline the others are compared with.
         eval: labelled file (.csv, .tsv or .jsonl) every model is scored and timed on.
-        output: directory to write report.md, report.json and pareto.png into (other files in it are kept).
+        output: directory to write report.md, report.json, pareto.png and (classifiers) reliability.png into
+            (other files in it are kept).
         max_drop: budget: the fastest model at most this many points of the main metric below the first one is
             marked; points are percent of accuracy (single-label), micro-F1 x100 (multi-label) or Pearson x100
             (regression): 1 point = 0.01 of the metric.

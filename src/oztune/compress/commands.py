@@ -67,7 +67,7 @@ def distill_cmd(a: DistillArgs) -> int:
 @command("compress", CompressArgs, "try int8, pruning and both; keep the fastest model within an accuracy budget",
          needs=("oztune.compress.search",))
 def compress_cmd(a: CompressArgs) -> int:
-    from oztune.compress.report import busy_words, points_of
+    from oztune.compress.report import busy_words, points_of, report_files
     from oztune.compress.search import compress
     from oztune.models.hub import format_size
     from oztune.train.distributed import is_main_process
@@ -80,7 +80,7 @@ def compress_cmd(a: CompressArgs) -> int:
     print(f"{gap(a)}kept {best['name']}: {points_of(best['metric'])} {best['score']:.2f} ({best['change']:+.2f} pt)"
           f"{ece}, {format_size(best['file_mb'])}, {best['speedup']:.2f}x fp32 throughput, "
           f"{best['latency_speedup']:.2f}x "
-          f"its batch-1 speed; saved to {a.output} (report.md, report.json, pareto.png)")
+          f"its batch-1 speed; saved to {a.output} ({', '.join(report_files(report['variants']))})")
     _say_busy(busy_words(report["variants"], in_turns=False))
     return 0
 
@@ -96,7 +96,7 @@ def _say_busy(words: str | None) -> None:
          needs=("oztune.compress.compare",))
 def compare_cmd(a: CompareArgs) -> int:
     from oztune.compress.compare import MARK, compare
-    from oztune.compress.report import busy_words, latency_words, points_of
+    from oztune.compress.report import busy_words, latency_words, points_of, report_files
     from oztune.models.hub import format_size
 
     report = compare(a)
@@ -123,5 +123,5 @@ def compare_cmd(a: CompareArgs) -> int:
             print(f"note, {r['name']}: {r['metrics']['note']}")
     _say_busy(busy_words(rows, in_turns=True))
     if a.output:
-        print(f"report: {a.output}/report.md, report.json, pareto.png")
+        print(f"report: {a.output}/{', '.join(report_files(rows))}")
     return 0

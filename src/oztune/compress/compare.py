@@ -25,8 +25,8 @@ from oztune.api import Classifier
 from oztune.compress.args import CompareArgs
 from oztune.compress.report import (COLUMNS, MAX_DROP_UNIT, UNITS, add_relative, budget_words, busy_item,
                                    busy_words, check_fastest, fastest_words, latency_sample, latency_words, load_of,
-                                   pareto_png, pick_fastest, points_of, round_robin, row, scale_words,
-                                   sorted_batches, table)
+                                   pareto_png, pick_fastest, points_of, reliability_figure, reliability_md,
+                                   round_robin, row, scale_words, sorted_batches, table)
 from oztune.data.load import Columns, holds_pairs, read_labelled
 from oztune.errors import OztuneError, check_at_least_1
 from oztune.models.compiled import CompiledClassifier
@@ -89,7 +89,7 @@ def scored(clf, given: str, eval_file: str, cols: Columns) -> dict:
     """``clf``'s metrics on ``eval_file``, as ``oztune evaluate`` gives them; an error names the model
     (``given``), which one of several refused the file (text pairs for a single-text model, say)."""
     try:
-        return clf.evaluate(eval_file, cols)
+        return clf.evaluate(eval_file, cols, reliability=clf.problem_type != "regression")
     except OztuneError as e:
         raise type(e)(f"{given}: {e}") from None
 
@@ -169,7 +169,7 @@ def markdown(report: dict) -> str:
   ONNX export's are not counted). Total time {s['seconds']:.0f} s.
 {busy_item(busy_words(rows, in_turns=True))}
 {notes(rows)}![{metric} against latency](pareto.png)
-"""
+{reliability_md(rows)}"""
 
 
 def notes(rows: list[dict]) -> str:
@@ -179,7 +179,8 @@ def notes(rows: list[dict]) -> str:
 
 
 def write_compare_report(out: Path, report: dict) -> None:
-    """report.json, report.md and pareto.png into ``out`` (made if missing), each replaced whole or kept."""
+    """report.json, report.md, pareto.png and for classifiers reliability.png into ``out`` (made if missing), each
+    replaced whole or kept."""
     rows, png = report["variants"], io.BytesIO()
     pareto_png(rows, report["chosen"], report["max_drop"], png, rows[0]["name"], MARK)
     try:
@@ -189,3 +190,6 @@ def write_compare_report(out: Path, report: dict) -> None:
     write_atomically(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     write_atomically(out / "report.md", markdown(report))
     write_atomically(out / "pareto.png", png.getvalue())
+    diagram = reliability_figure(rows, f"Reliability of each model on {Path(report['settings']['eval']).name}")
+    if diagram is not None:
+        write_atomically(out / "reliability.png", diagram)

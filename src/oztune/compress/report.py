@@ -1,4 +1,5 @@
-"""Measure model variants the same way and write the trade-off report: report.md, report.json, pareto.png.
+"""Measure model variants the same way and write the trade-off report: report.md, report.json, pareto.png, and
+for classifiers reliability.png.
 
 Timings are end to end, tokenization included, with the threads torch has. Throughput: the eval texts
 sorted by token length and cut into batches of 64 (the same batches for every variant and peer).
@@ -27,7 +28,7 @@ from oztune.models.hub import format_size, weights_mb
 from oztune.models.kernels import freeze_, thaw_
 from oztune.runtime import Contention
 from oztune.train.loop import predict_logits
-from oztune.train.metrics import MAIN_METRIC, evaluation_metrics
+from oztune.train.metrics import MAIN_METRIC, evaluation_metrics, reliability
 
 COLUMNS = [  # (key, header, value -> cell)
     ("name", "variant", str), ("shape", "layers heads FFN vocab", str), ("score", "{points}", "{:.2f}".format),
@@ -105,8 +106,39 @@ def time_batches(run: Callable, texts: list[str], pairs: list[str] | None, batch
 
 
 def evaluate(model: torch.nn.Module, data: EncodedData) -> dict:
-    """One variant's metrics on labelled ``data``, as ``oztune evaluate`` gives them (a classifier's: calibration too)."""
-    return evaluation_metrics(model.head_cfg.problem_type, predict_logits(model, data), data.labels.numpy())
+    """One variant's metrics on labelled ``data``, as ``oztune evaluate`` gives them (a classifier's: calibration too,
+    and its reliability diagram's data, ``reliability``, as ``evaluate --reliability`` draws it)."""
+    kind, logits, gold = model.head_cfg.problem_type, predict_logits(model, data), data.labels.numpy()
+    out = evaluation_metrics(kind, logits, gold)
+    if kind != "regression":
+        out["reliability"] = reliability(logits, gold, kind)
+    return out
+
+
+def has_reliability(rows: list[dict]) -> bool:
+    """Whether every row holds its reliability data (classifiers), so that reliability.png is drawn."""
+    return bool(rows) and all("reliability" in r.get("metrics", {}) for r in rows)
+
+
+def report_files(rows: list[dict]) -> list[str]:
+    """The files a report of ``rows`` writes."""
+    return ["report.md", "report.json", "pareto.png"] + (["reliability.png"] if has_reliability(rows) else [])
+
+
+def reliability_figure(rows: list[dict], title: str) -> bytes | None:
+    """Every row's reliability curve in one diagram (PNG bytes), or None where the rows have none (regression)."""
+    if not has_reliability(rows):
+        return None
+    from oztune.train.calibrate import reliability_png
+
+    kind = "multi_label" if rows[0]["metric"] == "micro_f1" else "single_label"
+    return reliability_png({r["name"]: (r["metrics"]["reliability"], r["ece"]) for r in rows}, kind, None, title)
+
+
+def reliability_md(rows: list[dict]) -> str:
+    """report.md's image of reliability.png, where it is drawn."""
+    return ("\n![how far the scores can be trusted: share right against confidence](reliability.png)\n"
+            if has_reliability(rows) else "")
 
 
 def measure(model: torch.nn.Module, encoder, eval_data: EncodedData, texts: list[str], pairs: list[str] | None,
@@ -233,7 +265,8 @@ def add_relative(rows: list[dict], baseline: dict, max_drop: float) -> None:
 
 
 def write_report(out: Path, rows: list[dict], chosen: str, max_drop: float, settings: dict) -> None:
-    """report.json (everything), report.md (a table and the choice) and pareto.png into ``out``.
+    """report.json (everything), report.md (a table and the choice), pareto.png and for classifiers
+    reliability.png into ``out``.
 
     Args:
         out: directory to write to.
@@ -247,6 +280,9 @@ def write_report(out: Path, rows: list[dict], chosen: str, max_drop: float, sett
                                                  "variants": rows, "settings": settings}, indent=2, default=str) + "\n")
     (out / "report.md").write_text(markdown(rows, chosen, max_drop, settings))
     pareto_png(rows, chosen, max_drop, out / "pareto.png")
+    png = reliability_figure(rows, f"Reliability of each variant on {Path(str(settings.get('eval'))).name}")
+    if png is not None:
+        (out / "reliability.png").write_bytes(png)
 
 
 def table(rows: list[dict], chosen: str, mark: str = "kept", columns: list[tuple] = COLUMNS) -> str:
@@ -285,7 +321,7 @@ budget: at most {budget_words(max_drop, metric)} below fp32 ({base['score']:.2f}
 - Recipes: {settings.get('recipes')}{pruning}; total time {settings.get('seconds', 0):.0f} s.
 {busy_item(busy_words(rows, in_turns=False))}
 ![{metric} against latency](pareto.png)
-"""
+{reliability_md(rows)}"""
 
 
 def busy_item(words: str | None) -> str:

@@ -95,11 +95,13 @@ def scale_output_(model: nn.Module, factor: float | np.ndarray) -> None:
             out.bias.mul_(factor)
 
 
-def reliability_png(curves: dict[str, tuple[dict, float]], problem_type: str, num_labels: int, title: str) -> bytes:
+def reliability_png(curves: dict[str, tuple[dict, float]], problem_type: str, num_labels: int | None,
+                    title: str) -> bytes:
     """A reliability diagram, as PNG bytes: for each curve (name -> (:func:`~oztune.train.metrics.reliability`'s
     data, its ECE)), the share right against the mean confidence in each non-empty bin, beside the diagonal of
     perfect calibration (a point below it: overconfident); underneath, how the decisions spread over the bins.
-    The axes start at the lowest confidence there can be: 1/2 for multi-label, 1/``num_labels`` otherwise."""
+    The axes start at the lowest confidence there can be: 1/2 for multi-label, 1/``num_labels`` otherwise (None:
+    at the lowest bin that holds any)."""
     import io
 
     import matplotlib
@@ -118,7 +120,7 @@ def reliability_png(curves: dict[str, tuple[dict, float]], problem_type: str, nu
         top.plot(x, y, marker="o", ms=5, lw=1.5, label=f"{name} (ECE {ece:.3f})")
         share = np.array(bins["count"]) / max(sum(bins["count"]), 1)
         bottom.bar(np.array(bins["edges"][:-1]) + (i + 0.5) * width, share, width=width, label=name)
-    lo = 0.5 if multi else 1 / max(num_labels, 1)
+    lo = 0.5 if multi else 1 / num_labels if num_labels else 1.0
     first = min(bins["edges"][k] for bins, _ in curves.values() for k, c in enumerate(bins["count"]) if c)
     top.set_xlim(min(lo, first) - 0.01, 1.01)  # (the lowest bin that holds any, [7/15, 8/15) say, is drawn whole)
     top.set_ylim(min([lo] + [v for bins, _ in curves.values() for v in bins["accuracy"] if v is not None]) - 0.02,
