@@ -99,7 +99,8 @@ def reliability_png(curves: dict[str, tuple[dict, float]], problem_type: str, nu
                     title: str) -> bytes:
     """A reliability diagram, as PNG bytes: for each curve (name -> (:func:`~oztune.train.metrics.reliability`'s
     data, its ECE)), the share right against the mean confidence in each non-empty bin, beside the diagonal of
-    perfect calibration (a point below it: overconfident); underneath, how the decisions spread over the bins.
+    perfect calibration (a point below it: overconfident; its area: how many decisions the bin holds, so that the
+    few-decision bins, whose share right is noisy, show as small); underneath, how the decisions spread over the bins.
     The axes start at the lowest confidence there can be: 1/2 for multi-label, 1/``num_labels`` otherwise (None:
     at the lowest bin that holds any)."""
     import io
@@ -117,7 +118,9 @@ def reliability_png(curves: dict[str, tuple[dict, float]], problem_type: str, nu
     for i, (name, (bins, ece)) in enumerate(curves.items()):
         full = [k for k, c in enumerate(bins["count"]) if c]
         x, y = [bins["confidence"][k] for k in full], [bins["accuracy"][k] for k in full]
-        top.plot(x, y, marker="o", ms=5, lw=1.5, label=f"{name} (ECE {ece:.3f})")
+        line, = top.plot(x, y, lw=1.5, label=f"{name} (ECE {ece:.3f})")
+        counts = np.array([bins["count"][k] for k in full], dtype=float)  # a point's area: its bin's decisions
+        top.scatter(x, y, s=12 + 160 * counts / counts.max(), color=line.get_color(), zorder=3)
         share = np.array(bins["count"]) / max(sum(bins["count"]), 1)
         bottom.bar(np.array(bins["edges"][:-1]) + (i + 0.5) * width, share, width=width, label=name)
     lo = 0.5 if multi else 1 / num_labels if num_labels else 1.0
@@ -125,7 +128,7 @@ def reliability_png(curves: dict[str, tuple[dict, float]], problem_type: str, nu
     top.set_xlim(min(lo, first) - 0.01, 1.01)  # (the lowest bin that holds any, [7/15, 8/15) say, is drawn whole)
     top.set_ylim(min([lo] + [v for bins, _ in curves.values() for v in bins["accuracy"] if v is not None]) - 0.02,
                  1.02)
-    top.set_ylabel("share right")
+    top.set_ylabel("share right (point area: decisions in the bin)")
     top.set_title(title, fontsize=11)
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize=9)
