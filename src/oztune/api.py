@@ -19,8 +19,7 @@ from oztune.models.kernels import freeze_
 from oztune.models.transformer import SequenceClassifier, scores
 from oztune.data.tokenize import TextEncoder
 from oztune.train.loop import predict_logits
-from oztune.train.metrics import evaluation_metrics, label_report, labels_on
-from oztune.train.metrics import reliability as reliability_bins
+from oztune.train.metrics import evaluation_metrics, label_report, labels_on, reliability as reliability_bins
 
 
 def format_predictions(logits: np.ndarray, problem_type: str, id2label: dict[int, str],

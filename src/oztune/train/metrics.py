@@ -1,8 +1,8 @@
 """Metrics of each problem type, in numpy (small enough that a dependency would not pay its way).
 
 single_label: accuracy, macro-F1, MCC (multi-class Matthews); multi_label: subset accuracy, micro-/macro-F1; both
-(in ``oztune evaluate`` and the compression reports, not the training loop's evaluations) the probabilities' log
-loss and expected calibration error; regression: Pearson, Spearman, MSE. ``MAIN_METRIC`` names the one early
+(:func:`evaluation_metrics`: ``oztune evaluate``, the training loop's evaluations, the compression reports) the
+probabilities' log loss and expected calibration error; regression: Pearson, Spearman, MSE. ``MAIN_METRIC`` names the one early
 stopping uses. Of zero rows (not from a file, which the readers refuse empty: data encoded or filtered in Python) every metric is
 0, a number (not nan, which JSON does not take), as single-label's always were; regression's then carry a ``note``
 saying so (its mse of 0 would otherwise read as a perfect fit).
